@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh clone:  `make run` (the app)  and  `make test` (the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup bench sample-data clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) app.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+bench: setup
+	$(PY) bench/benchmark.py $(ARGS)
+
+sample-data: setup
+	$(PY) -m finetune sample-data data
+
+clean:
+	rm -rf $(VENV) .pytest_cache

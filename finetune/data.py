@@ -1,0 +1,389 @@
+"""Finding, checking, splitting and decoding the user's images.
+
+The user's folder is only ever read: nothing here writes, renames or re-saves a file in it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from .config import FinetuneError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+VAL_DIR_NAMES = ("val", "valid", "validation")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMBALANCE_RATIO = 3.0  # warn when the largest class has this many times the images of the smallest
+
+
+def is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS and not is_ignored(Path(path).name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white, as they look in a browser or photo viewer."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode a camera, phone or scanner produces -> 8-bit RGB with the intended colours."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        return _flatten_alpha(image)
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # PIL's own convert clips 16-bit values at 255 (a white image): rescale instead.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if (mode.startswith("I;16") or array.max(initial=0) > 255) else 255.0
+        if mode == "F" and array.max(initial=0) <= 1.0:
+            peak = 1.0
+        array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK (PIL undoes Adobe's inverted CMYK), YCbCr, LAB, HSV
+
+
+def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
+    """Decode an image file to RGB with its EXIF orientation applied (first frame of an animation).
+
+    `min_size` lets JPEG decoding skip detail that a resize to that short side would throw away
+    (libjpeg's DCT scaling), which makes a 24-megapixel photo as cheap as a small one.
+    """
+    with Image.open(path) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            image.seek(0)
+        if min_size and image.format == "JPEG":
+            image.draft("RGB", (min_size, min_size))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+
+
+def check_image(path: str | Path) -> str | None:
+    """None if the file decodes completely, else a short reason it does not."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = load_rgb(path, min_size=64)
+        if image.width < 1 or image.height < 1:
+            return "image has no pixels"
+        return None
+    except Image.DecompressionBombError:
+        return "image too large (decompression bomb guard)"
+    except Image.UnidentifiedImageError:
+        return "not a readable image"
+    except OSError as error:
+        text = str(error)
+        return "truncated image" if "truncated" in text else f"cannot decode ({text})"
+    except Exception as error:  # noqa: BLE001 - any decoder failure means: skip this file, name it
+        return f"cannot decode ({type(error).__name__}: {error})"
+
+
+def check_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, str]:
+    """Decode every file in parallel; returns {relpath: reason} for those that fail."""
+    workers = workers or min(32, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
+        reasons = pool.map(lambda rel: check_image(root / rel), relpaths, chunksize=8)
+        return {rel: reason for rel, reason in zip(relpaths, reasons) if reason is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning a dataset folder
+
+
+@dataclass
+class DatasetScan:
+    """What is in the user's folder, how it is split, and what was skipped.
+
+    Paths are relative to `root`, so the split (saved as split.json) can be reproduced.
+    """
+
+    root: str
+    layout: str  # "class-folders" (split by us) or "train-val" (split given)
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    val_fraction: float | None = None
+    seed: int | None = None
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        result = {}
+        for split in ("train", "val", "test"):
+            items = getattr(self, split)
+            if items or split != "test":
+                tally = Counter(label for _, label in items)
+                result[split] = {name: tally.get(index, 0) for index, name in enumerate(self.classes)}
+        return result
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["counts"] = self.counts()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DatasetScan":
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for key in ("train", "val", "test", "skipped"):
+            fields[key] = [tuple(item) for item in fields.get(key, [])]
+        return cls(**fields)
+
+    def report(self) -> str:
+        """A human-readable data report (terminal, data_report.txt, UI)."""
+        counts = self.counts()
+        splits = list(counts)
+        width = max([len(c) for c in self.classes] + [5])
+        lines = [f"Data: {self.root}  ({self.layout}, {len(self.classes)} classes)"]
+        lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
+        for name in self.classes:
+            lines.append("  " + name.ljust(width) + "".join(str(counts[s][name]).rjust(8) for s in splits))
+        lines.append("  " + "total".ljust(width) + "".join(str(sum(counts[s].values())).rjust(8) for s in splits))
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} file(s):")
+            lines.extend(f"  {path}: {reason}" for path, reason in self.skipped)
+        lines.extend(f"Warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(
+        (p for p in split_dir.iterdir() if p.is_dir() and not is_ignored(p.name)), key=lambda p: p.name
+    )
+
+
+def _image_files(class_dir: Path, root: Path) -> list[str]:
+    """Image files anywhere under a class folder (nested folders belong to the class)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        for name in sorted(filenames):
+            if is_image_file(name):
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return found
+
+
+def find_splits(root: Path) -> dict[str, Path]:
+    """{'train': dir, 'val': dir, 'test': dir} for a train/val layout, or {'all': root}."""
+    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not is_ignored(p.name)}
+    if "train" not in children:
+        return {"all": root}
+    splits = {"train": children["train"]}
+    for name in VAL_DIR_NAMES:
+        if name in children:
+            splits["val"] = children[name]
+            break
+    if "test" in children:
+        splits["test"] = children["test"]
+    return splits
+
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices for train and val: each class split in proportion, at least one val image per class."""
+    from sklearn.model_selection import train_test_split
+
+    labels_array = np.asarray(labels)
+    train_idx, val_idx = [], []
+    for label in np.unique(labels_array):
+        members = np.flatnonzero(labels_array == label)
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction)))
+        tr, va = train_test_split(members, test_size=n_val, random_state=seed + int(label))
+        train_idx.extend(tr.tolist())
+        val_idx.extend(va.tolist())
+    return sorted(train_idx), sorted(val_idx)
+
+
+def scan_dataset(
+    data: str | Path, val_fraction: float = 0.2, seed: int = 0, check: bool = True
+) -> DatasetScan:
+    """Find classes and images, check every image, and split train/val when no split is given."""
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise FinetuneError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise FinetuneError(f"data path is not a folder: {root}")
+    root = root.resolve()
+    splits = find_splits(root)
+
+    per_split: dict[str, dict[str, list[str]]] = {}
+    for split, split_dir in splits.items():
+        per_split[split] = {d.name: _image_files(d, root) for d in _class_dirs(split_dir)}
+
+    main_split = "all" if "all" in splits else "train"
+    train_classes = set(per_split[main_split])
+    for split in ("val", "test"):
+        extra = sorted(set(per_split.get(split, {})) - train_classes)
+        if extra:
+            raise FinetuneError(
+                f"class {extra[0]!r} is in {splits[split].name}/ but not in {splits[main_split].name}/"
+            )
+    classes = sorted(train_classes)
+    if len(classes) < 2:
+        where = splits[main_split]
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise FinetuneError(f"need at least 2 class folders in {where}, found {found}")
+
+    all_files = [rel for split in per_split.values() for files in split.values() for rel in files]
+    bad = check_images(root, all_files) if check else {}
+    skipped = sorted(bad.items())
+    good = {
+        split: {c: [r for r in files if r not in bad] for c, files in by_class.items()}
+        for split, by_class in per_split.items()
+    }
+    for name in classes:
+        if not good[main_split][name]:
+            total = len(per_split[main_split][name])
+            detail = f"{total} file(s), none decodable" if total else "no image files"
+            raise FinetuneError(f"class {name!r} has no valid image in {splits[main_split]} ({detail})")
+
+    index = {name: i for i, name in enumerate(classes)}
+
+    def items(split: str) -> list[tuple[str, int]]:
+        return [(rel, index[c]) for c in classes for rel in good.get(split, {}).get(c, [])]
+
+    notes: list[str] = []
+    if "val" in splits:
+        layout, train, val = "train-val", items("train"), items("val")
+        used_fraction = None
+        for name in classes:
+            if not good["val"].get(name):
+                notes.append(f"class {name!r} has no validation image; its metrics will be empty")
+    else:
+        layout, pool = "class-folders", items(main_split)
+        for name in classes:
+            if len(good[main_split][name]) < 2:
+                raise FinetuneError(
+                    f"class {name!r} has only 1 valid image: at least 2 are needed to split train/val "
+                    f"(add images or give a val/ folder)"
+                )
+        train_idx, val_idx = stratified_split([label for _, label in pool], val_fraction, seed)
+        train, val = [pool[i] for i in train_idx], [pool[i] for i in val_idx]
+        used_fraction = val_fraction
+    test = items("test") if "test" in splits else []
+
+    train_counts = Counter(label for _, label in train)
+    largest, smallest = max(train_counts.values()), min(train_counts.values())
+    if smallest and largest / smallest >= IMBALANCE_RATIO:
+        big = classes[max(train_counts, key=train_counts.get)]
+        small = classes[min(train_counts, key=train_counts.get)]
+        notes.append(
+            f"classes are imbalanced ({big!r}: {largest} vs {small!r}: {smallest} training images); "
+            f"consider --class-weighted-loss"
+        )
+    return DatasetScan(
+        root=str(root), layout=layout, classes=classes, train=train, val=val, test=test,
+        skipped=skipped, warnings=notes, val_fraction=used_fraction, seed=seed if used_fraction else None,
+    )
+
+
+def list_images(paths: list[str | Path]) -> list[Path]:
+    """Image files from a mix of files and folders (folders searched recursively, sorted)."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise FinetuneError(f"not found: {path}")
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+                found.extend(Path(dirpath, n) for n in sorted(filenames) if is_image_file(n))
+        else:
+            found.append(path)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms and datasets
+
+
+def resize_size(image_size: int) -> int:
+    """Short side before the centre crop, in the ImageNet ratio 256/224."""
+    return int(round(image_size * 256 / 224))
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(resize_size(image_size), antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+class ImageListDataset(Dataset):
+    """(image tensor, label) for a list of (path relative to root, label)."""
+
+    def __init__(self, root: str | Path, items: list[tuple[str, int]], transform, min_size: int | None = None):
+        self.root = Path(root)
+        self.items = list(items)
+        self.transform = transform
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        rel, label = self.items[index]
+        return self.transform(load_rgb(self.root / rel, self.min_size)), label
+
+
+def scan_labelled_folder(data: str | Path, classes: list[str]) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
+    """Images to evaluate a trained model on: (root, [(relpath, label)], skipped).
+
+    Takes the folder's test/ split if it has one, else its val/ split, else every class folder.
+    Class folders must use the model's class names (a subset is fine).
+    """
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise FinetuneError(f"data folder not found: {root}" if not root.exists() else f"not a folder: {root}")
+    root = root.resolve()
+    splits = find_splits(root)
+    split_dir = splits.get("test") or splits.get("val") or splits.get("all") or splits["train"]
+    index = {name: i for i, name in enumerate(classes)}
+    per_class = {d.name: _image_files(d, root) for d in _class_dirs(split_dir)}
+    unknown = sorted(set(per_class) - set(index))
+    if unknown:
+        raise FinetuneError(f"class {unknown[0]!r} in {split_dir} is not one of the model's classes: "
+                            f"{', '.join(classes)}")
+    files = [rel for rels in per_class.values() for rel in rels]
+    bad = check_images(root, files)
+    items = [(rel, index[c]) for c, rels in per_class.items() for rel in rels if rel not in bad]
+    if not items:
+        raise FinetuneError(f"no valid images in class folders under {split_dir}")
+    return str(root), items, sorted(bad.items())

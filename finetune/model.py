@@ -1,0 +1,212 @@
+"""ResNet-34/50 with a new head, ImageNet weights, and the three freezing strategies.
+
+A model is split in two for training: `frozen` (computes features that never change, run
+without gradients in eval mode) and `trainable` (everything that learns). Their composition is
+the plain torchvision model, so `model.pth` stays a classic state_dict.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from .config import FinetuneError
+
+# ImageNet weights: the classic IMAGENET1K_V1 checkpoints (those the classic scripts download).
+IMAGENET_WEIGHTS = {
+    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
+}
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+# Which stages each strategy freezes (the head `fc` always trains).
+FROZEN_STAGES = {"all": (), "last": ("stem", "layer1", "layer2", "layer3"), "head": STAGES}
+# Pretrained stages learn at head_lr * backbone_lr_scale * this: earlier, more generic layers slower
+# (fastai's discriminative learning rates).
+STAGE_LR_FACTOR = {"layer4": 1.0, "layer3": 0.5, "layer2": 0.25, "layer1": 0.1, "stem": 0.1}
+
+
+def stage_modules(model: models.ResNet) -> dict[str, list[nn.Module]]:
+    return {
+        "stem": [model.conv1, model.bn1],
+        "layer1": [model.layer1], "layer2": [model.layer2],
+        "layer3": [model.layer3], "layer4": [model.layer4],
+    }
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision keeps (and looks for) the downloaded ImageNet checkpoint."""
+    url = IMAGENET_WEIGHTS[arch].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def safe_load(path: str | Path, what: str = "file") -> object:
+    """torch.load that never runs code from the file; clear one-line errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FinetuneError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise FinetuneError(
+            f"refusing to load {path}: it holds pickled Python objects, not plain tensors "
+            f"(only weights_only files are loaded){': ' + first if first else ''}"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - corrupt zip, wrong format, truncated file
+        raise FinetuneError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
+
+
+def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """From the torch hub cache, downloading it there when online; clear error when neither."""
+    path = imagenet_weights_path(arch)
+    if not path.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(IMAGENET_WEIGHTS[arch].url, progress=True, check_hash=True)
+        except Exception as error:  # noqa: BLE001 - offline, proxy, disk full: all mean "not available"
+            raise FinetuneError(
+                f"ImageNet weights for {arch} are not available: expected {path} and the download "
+                f"failed ({type(error).__name__}). Put {path.name} there (or set TORCH_HOME), pass "
+                f"--weights PATH to a state_dict file, or --weights none to train from scratch"
+            ) from None
+    return state_dict_from(safe_load(path, "ImageNet weights"), path)
+
+
+def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a plain state_dict, or a checkpoint dict that holds one under 'model'/'state_dict'."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {k.removeprefix("module."): v for k, v in obj.items()}
+    raise FinetuneError(f"{path} is not a state_dict (a dict of parameter name -> tensor)")
+
+
+def weights_available(arch: str, weights: str) -> tuple[bool, str]:
+    """(ok, message) for the UI and CLI to say before training whether the weights can be had."""
+    if weights == "none":
+        return True, "training from scratch (no pretrained weights)"
+    if weights == "imagenet":
+        path = imagenet_weights_path(arch)
+        if path.is_file():
+            return True, f"ImageNet weights found at {path}"
+        return False, f"ImageNet weights not cached: expected {path} (downloaded on first use when online)"
+    path = Path(weights).expanduser()
+    return path.is_file(), (f"weights file {path}" if path.is_file() else f"weights file not found: {path}")
+
+
+def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> models.ResNet:
+    """torchvision ResNet with pretrained backbone (ImageNet, a local file, or none) and a new head."""
+    if arch not in IMAGENET_WEIGHTS:
+        raise FinetuneError(f"unknown architecture {arch!r}: choose one of {', '.join(IMAGENET_WEIGHTS)}")
+    model = getattr(models, arch)(weights=None)
+    if weights == "imagenet":
+        backbone = load_imagenet_state_dict(arch)
+    elif weights in ("none", "", None):
+        backbone = None
+    else:
+        path = Path(weights).expanduser()
+        backbone = state_dict_from(safe_load(path, "weights file"), path)
+    if backbone is not None:
+        load_backbone(model, backbone, source=str(weights))
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    if backbone is not None and backbone["fc.weight"].shape == model.fc.weight.shape:
+        # a fine-tuned model with the same classes: keep its head too
+        model.fc.load_state_dict({"weight": backbone["fc.weight"], "bias": backbone["fc.bias"]})
+    return model
+
+
+def load_backbone(model: models.ResNet, state_dict: dict, source: str) -> None:
+    body = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    expected = {k for k in model.state_dict() if not k.startswith("fc.")}
+    missing = sorted(expected - set(body))
+    if missing or "fc.weight" not in state_dict:
+        raise FinetuneError(
+            f"weights {source} do not fit {type(model).__name__}: missing {missing[:3] or ['fc.weight']}"
+            f"{' ...' if len(missing) > 3 else ''} (wrong --arch?)"
+        )
+    try:
+        model.load_state_dict(body, strict=False)
+    except RuntimeError as error:
+        detail = next((ln.strip() for ln in str(error).splitlines() if "size mismatch" in ln), str(error))
+        raise FinetuneError(f"weights {source} do not fit this architecture: {detail} (wrong --arch?)") from None
+
+
+def load_classifier(arch: str, state_dict: dict, num_classes: int, source: str) -> models.ResNet:
+    """A fine-tuned model for prediction; the head must match the class list."""
+    head = state_dict.get("fc.weight")
+    if head is None:
+        raise FinetuneError(f"{source} has no classifier head (fc.weight): not a fine-tuned {arch}")
+    if head.shape[0] != num_classes:
+        raise FinetuneError(
+            f"{source} has a {head.shape[0]}-class head but the class list has {num_classes} classes"
+        )
+    model = getattr(models, arch)(weights=None, num_classes=num_classes)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        detail = next((ln.strip() for ln in str(error).splitlines() if "size mismatch" in ln), "keys differ")
+        raise FinetuneError(f"{source} does not fit {arch}: {detail} (wrong --arch?)") from None
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+
+
+class Frozen(nn.Module):
+    """The frozen front of the network: always eval mode, never gradients."""
+
+    def __init__(self, modules: list[nn.Module]):
+        super().__init__()
+        self.body = nn.Sequential(*modules)
+        self.body.requires_grad_(False)
+        self.train(False)  # torchvision builds models in training mode
+
+    def train(self, mode: bool = True) -> "Frozen":
+        return super().train(False)  # BatchNorm running statistics must not move
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def split_model(model: models.ResNet, strategy: str) -> tuple[nn.Module, nn.Module]:
+    """(frozen, trainable) modules sharing the model's parameters; trainable(frozen(x)) == model(x)."""
+    stem = [model.conv1, model.bn1, model.relu, model.maxpool]
+    pool = [model.avgpool, nn.Flatten(1)]
+    if strategy == "all":
+        return nn.Identity(), nn.Sequential(*stem, model.layer1, model.layer2, model.layer3, model.layer4,
+                                            *pool, model.fc)
+    if strategy == "last":
+        return Frozen([*stem, model.layer1, model.layer2, model.layer3]), nn.Sequential(model.layer4, *pool,
+                                                                                        model.fc)
+    if strategy == "head":
+        return Frozen([*stem, model.layer1, model.layer2, model.layer3, model.layer4, *pool]), model.fc
+    raise FinetuneError(f"unknown strategy {strategy!r}")
+
+
+def apply_strategy(model: models.ResNet, strategy: str) -> None:
+    """requires_grad off for every frozen parameter (fc always trains)."""
+    model.requires_grad_(True)
+    stages = stage_modules(model)
+    for stage in FROZEN_STAGES[strategy]:
+        for module in stages[stage]:
+            module.requires_grad_(False)
+
+
+def param_groups(model: models.ResNet, strategy: str, head_lr: float, backbone_scale: float,
+                 pretrained: bool) -> list[dict]:
+    """AdamW groups: the head at head_lr, each trainable pretrained stage slower (none frozen)."""
+    groups = [{"params": list(model.fc.parameters()), "lr": head_lr, "name": "head"}]
+    for stage, modules in stage_modules(model).items():
+        if stage in FROZEN_STAGES[strategy]:
+            continue
+        scale = backbone_scale * STAGE_LR_FACTOR[stage] if pretrained else 1.0
+        params = [p for m in modules for p in m.parameters()]
+        groups.append({"params": params, "lr": head_lr * scale, "name": stage})
+    return groups

@@ -1,0 +1,203 @@
+"""Load a trained model once and predict: one image (live, low latency) or many (batched, parallel decoding)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .config import FinetuneError
+from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, resize_size, to_rgb
+from .model import load_classifier, safe_load
+
+
+def read_class_indices(path: str | Path) -> list[str]:
+    """Class names in index order from a classic class_indices.json ({"0": "daisy", ...})."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FinetuneError(f"class file not found: {path}")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FinetuneError(f"{path} is not valid JSON: {error}") from None
+    if isinstance(mapping, list) and all(isinstance(c, str) for c in mapping):
+        return mapping
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise FinetuneError(f'{path} is not a class map like {{"0": "daisy", "1": "roses"}}')
+    try:
+        indices = sorted(int(k) for k in mapping)
+    except ValueError:
+        raise FinetuneError(f"{path}: keys must be class indices 0..N-1") from None
+    if indices != list(range(len(mapping))):
+        raise FinetuneError(f"{path}: keys must be the indices 0..{len(mapping) - 1} without gaps")
+    return [mapping[str(i)] for i in range(len(mapping))]
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), best first
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    @property
+    def confidence(self) -> float | None:
+        return self.top[0][1] if self.top else None
+
+
+class _Files(Dataset):
+    """Decodes in DataLoader workers; an unreadable file becomes an error row, not a crash."""
+
+    def __init__(self, paths: list[Path], transform, min_size: int):
+        self.paths, self.transform, self.min_size = paths, transform, min_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(load_rgb(self.paths[index], self.min_size)), index, None
+        except Exception as error:  # noqa: BLE001
+            return None, index, f"cannot decode ({type(error).__name__}: {error})"
+
+
+def _collate(batch):
+    good = [(tensor, index) for tensor, index, _ in batch if tensor is not None]
+    failed = [(index, error) for tensor, index, error in batch if tensor is None]
+    images = torch.stack([t for t, _ in good]) if good else None
+    return images, [i for _, i in good], failed
+
+
+class Predictor:
+    """A model kept loaded and warm, with its class names and preprocessing."""
+
+    def __init__(self, model: torch.nn.Module, classes: list[str], arch: str, image_size: int = 224,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, device: str | torch.device = "auto", source: str = ""):
+        from .train import amp_dtype_for, resolve_device
+
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = amp_dtype_for(self.device, True)
+        self.classes, self.arch, self.image_size, self.source = list(classes), arch, image_size, source
+        self.transform = eval_transform(image_size, mean, std)
+        self.min_size = resize_size(image_size)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "model.pth") -> "Predictor":
+        run_dir = Path(run_dir).expanduser()
+        info_path = run_dir / "run.json"
+        if not info_path.is_file():
+            raise FinetuneError(f"not a run folder (no run.json): {run_dir}")
+        info = json.loads(info_path.read_text())
+        weights = run_dir / checkpoint
+        if not weights.is_file():
+            raise FinetuneError(f"{run_dir} has no {checkpoint} yet (training has not finished an epoch)")
+        state = safe_load(weights, "model")
+        classes = info["classes"]
+        class_file = run_dir / "class_indices.json"
+        if class_file.is_file() and read_class_indices(class_file) != classes:
+            raise FinetuneError(f"{class_file} does not match the classes in {info_path}")
+        model = load_classifier(info["arch"], state, len(classes), str(weights))
+        return cls(model, classes, info["arch"], info.get("image_size", 224), info.get("mean", IMAGENET_MEAN),
+                   info.get("std", IMAGENET_STD), device, source=str(run_dir))
+
+    @classmethod
+    def from_files(cls, weights: str | Path, class_indices: str | Path, arch: str, image_size: int = 224,
+                   device: str = "auto") -> "Predictor":
+        """A plain state_dict + class_indices.json, as the classic train.py/predict.py scripts use."""
+        from .model import state_dict_from
+
+        classes = read_class_indices(class_indices)
+        state = state_dict_from(safe_load(weights, "model"), Path(weights))
+        model = load_classifier(arch, state, len(classes), str(weights))
+        return cls(model, classes, arch, image_size, device=device, source=str(weights))
+
+    @classmethod
+    def load(cls, source: str | Path, classes: str | Path | None = None, arch: str | None = None,
+             image_size: int = 224, device: str = "auto") -> "Predictor":
+        """A run folder, or a .pth file with a class file beside it (or given) and --arch."""
+        source = Path(source).expanduser()
+        if source.is_dir():
+            return cls.from_run(source, device)
+        if not source.exists():
+            raise FinetuneError(f"model not found: {source}")
+        classes = Path(classes) if classes else source.with_name("class_indices.json")
+        if arch is None:
+            raise FinetuneError(f"{source} is a plain weights file: say which architecture with --arch")
+        return cls.from_files(source, classes, arch, image_size, device)
+
+    def _top(self, probs: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
+        k = max(1, min(top_k, len(self.classes)))
+        values, indices = probs.topk(k, dim=1)
+        return [[(self.classes[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]
+                for vs, ix in zip(values, indices)]
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(images)
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+    def predict_image(self, image: Image.Image | str | Path, top_k: int = 5) -> list[tuple[str, float]]:
+        """One image (a PIL image in any mode, or a path): [(class, probability)] best first."""
+        if isinstance(image, (str, Path)):
+            try:
+                image = load_rgb(image, self.min_size)
+            except Exception as error:  # noqa: BLE001
+                raise FinetuneError(f"cannot read image {image}: {error}") from None
+        else:
+            image = to_rgb(image)
+        return self._top(self.probabilities(self.transform(image).unsqueeze(0)), top_k)[0]
+
+    def predict_paths(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 64,
+                      workers: int | None = None, on_progress=None) -> list[Prediction]:
+        """Batched (the last partial batch included), decoded in parallel; bad files become error rows."""
+        from .train import default_workers
+
+        paths = [Path(p) for p in paths]
+        if workers is None:
+            workers = min(default_workers(self.device), max(0, len(paths) // batch_size))
+        results: list[Prediction] = [Prediction(str(p)) for p in paths]
+        loader = DataLoader(_Files(paths, self.transform, self.min_size), batch_size=batch_size,
+                            num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda")
+        done = 0
+        for images, indices, failed in loader:
+            for index, error in failed:
+                results[index].error = error
+            if images is not None:
+                for index, top in zip(indices, self._top(self.probabilities(images), top_k)):
+                    results[index].top = top
+            done += len(indices) + len(failed)
+            if on_progress:
+                on_progress(done, len(paths))
+        return results
+
+
+def write_csv(predictions: list[Prediction], path: str | Path, top_k: int) -> Path:
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        header = ["path", "prediction", "confidence"]
+        for k in range(2, top_k + 1):
+            header += [f"class_{k}", f"probability_{k}"]
+        writer.writerow(header + ["error"])
+        for p in predictions:
+            row = [p.path, p.label or "", f"{p.confidence:.6f}" if p.top else ""]
+            for k in range(1, top_k):
+                row += [p.top[k][0], f"{p.top[k][1]:.6f}"] if k < len(p.top) else ["", ""]
+            writer.writerow(row + [p.error or ""])
+    return path
