@@ -347,6 +347,7 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
     classes = scan.classes
     if ctx.is_main and state is None:
         write_json(run_dir / "split.json", scan.to_dict())
+        log(scan.report())
         (run_dir / "data_report.txt").write_text(scan.report() + "\n")
         (run_dir / "class_indices.json").write_text(class_indices_json(classes))
         write_json(run_dir / "run.json", {

@@ -1,0 +1,190 @@
+"""The training loop and the run folder it leaves."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from torchvision import models
+
+from conftest import make_class_folders, tree_digest
+from finetune.config import FinetuneError, TrainConfig
+from finetune.train import read_events, resume_config, train
+
+FROZEN_PREFIXES = {"head": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
+                   "last": ("conv1", "bn1", "layer1", "layer2", "layer3"), "all": ()}
+
+
+def tiny_config(data, runs, **overrides) -> TrainConfig:
+    values = dict(data=str(data), runs_dir=str(runs), weights="none", epochs=2, batch_size=4, image_size=64,
+                  workers=0, seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_class_folders(tmp_path_factory.mktemp("data") / "pets", classes=("cats", "dogs", "owls"),
+                              per_class=6)
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """Pretrained-looking weights: random, but BatchNorm statistics far from their defaults."""
+    torch.manual_seed(7)
+    model = models.resnet34(weights=None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("weights") / "standin.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["head", "last", "all"])
+def test_frozen_parameters_and_buffers_are_bit_identical(dataset, standin, tmp_path, strategy):
+    run = train(tiny_config(dataset, tmp_path, strategy=strategy, weights=str(standin), lr=1e-2))
+    before = torch.load(standin, weights_only=True)
+    after = torch.load(run / "model.pth", weights_only=True)
+    frozen = [k for k in after if k.startswith(FROZEN_PREFIXES[strategy])]
+    trained = [k for k in after if not k.startswith(FROZEN_PREFIXES[strategy]) and not k.startswith("fc.")]
+    assert len(frozen) + len(trained) + 2 == len(after)
+    for key in frozen:  # weights, BatchNorm running stats and num_batches_tracked alike
+        assert torch.equal(before[key], after[key]), f"{strategy}: frozen {key} changed"
+    if strategy == "last":
+        assert not torch.equal(before["layer4.0.conv1.weight"], after["layer4.0.conv1.weight"])
+        assert not torch.equal(before["layer4.0.bn1.running_mean"], after["layer4.0.bn1.running_mean"])
+    if strategy == "all":
+        assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+        assert not torch.equal(before["layer1.0.bn1.running_var"], after["layer1.0.bn1.running_var"])
+    assert after["fc.weight"].shape == (3, 512)
+
+
+def test_run_folder_has_everything_needed(dataset, tmp_path):
+    events = []
+    run = train(tiny_config(dataset, tmp_path, strategy="last"), on_event=events.append)
+    assert run.parent == tmp_path and run.name.endswith("-resnet34-last")
+    assert (run / "class_indices.json").read_text() == json.dumps({"0": "cats", "1": "dogs", "2": "owls"}, indent=4)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed"
+    assert info["classes"] == ["cats", "dogs", "owls"]
+    assert (info["arch"], info["strategy"], info["image_size"]) == ("resnet34", "last", 64)
+    assert info["mean"] == [0.485, 0.456, 0.406] and info["versions"]["torch"] == torch.__version__
+    assert [h["epoch"] for h in info["history"]] == [1, 2]
+    assert TrainConfig.from_dict(info["config"]) == tiny_config(dataset, tmp_path, strategy="last")
+
+    state = torch.load(run / "model.pth", weights_only=True)  # a plain torchvision state_dict
+    classic = models.resnet34(num_classes=3)
+    classic.load_state_dict(state)
+    checkpoint = torch.load(run / "last.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_images"] == 3
+    assert set(metrics["per_class"]) == {"cats", "dogs", "owls"}
+    assert {"precision", "recall", "f1", "support"} <= set(metrics["per_class"]["cats"])
+    assert sum(map(sum, metrics["confusion_matrix"])) == 3
+    assert "balanced_accuracy" in metrics and "1" in metrics["top_k_accuracy"]
+    for item in metrics["misclassified"]:
+        assert {"path", "true", "predicted", "confidence"} <= set(item)
+    split = json.loads((run / "split.json").read_text())
+    assert split["root"] == str(dataset.resolve())
+    assert all(not path.startswith("/") for path, _ in split["train"] + split["val"])
+    assert not {p for p, _ in split["train"]} & {p for p, _ in split["val"]}
+    for name in ("confusion_matrix.png", "training_curves.png", "data_report.txt"):
+        assert (run / name).stat().st_size > 0
+
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "log" or kinds[0] == "start"
+    assert kinds.count("epoch") == 2 and kinds[-1] == "end" and "batch" in kinds
+    batch = next(e for e in events if e["type"] == "batch")
+    assert {"epoch", "batch", "batches", "loss", "acc", "images_per_s", "eta_s"} <= set(batch)
+    written = read_events(run)
+    assert [e["type"] for e in written] == kinds  # the event file holds the same events
+    # no pickled Python objects anywhere: every .pth loads with weights_only
+    for path in run.glob("*.pth"):
+        torch.load(path, weights_only=True)
+
+
+def test_same_seed_gives_same_metrics(dataset, tmp_path):
+    first = train(tiny_config(dataset, tmp_path / "a", strategy="all", epochs=1))
+    second = train(tiny_config(dataset, tmp_path / "b", strategy="all", epochs=1))
+    history = [json.loads((run / "run.json").read_text())["history"] for run in (first, second)]
+    for a, b in zip(*history):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert a[key] == b[key]
+
+
+def test_resume_continues_from_the_saved_epoch(dataset, tmp_path):
+    run = train(tiny_config(dataset, tmp_path, strategy="last", epochs=1))
+    cfg = resume_config(run, epochs=3)
+    events = []
+    assert train(cfg, on_event=events.append, resume=run) == run
+    start = next(e for e in events if e["type"] == "start")
+    assert start["start_epoch"] == 2
+    assert [e["epoch"] for e in events if e["type"] == "epoch"] == [2, 3]
+    info = json.loads((run / "run.json").read_text())
+    assert [h["epoch"] for h in info["history"]] == [1, 2, 3]
+    assert info["config"]["epochs"] == 3 and info["status"] == "completed"
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3
+
+
+def test_stop_ends_at_the_next_batch_and_leaves_a_usable_run(dataset, tmp_path):
+    from finetune.predict import Predictor
+
+    stop = threading.Event()
+    batches = []
+
+    def on_event(event):
+        if event["type"] == "batch":
+            batches.append(event)
+            stop.set()
+
+    run = train(tiny_config(dataset, tmp_path, epochs=5), on_event=on_event, stop=stop)
+    assert len(batches) == 1
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "stopped" and len(info["history"]) == 1
+    predictor = Predictor.from_run(run, device="cpu")
+    assert predictor.classes == ["cats", "dogs", "owls"]
+    assert (run / "metrics.json").exists()
+
+
+def test_early_stopping_and_class_weighted_loss(dataset, tmp_path):
+    cfg = tiny_config(dataset, tmp_path, strategy="head", epochs=6, early_stopping=1, lr=1e-12,
+                      class_weighted_loss=True)
+    run = train(cfg)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "early-stopped"
+    assert len(info["history"]) == 2
+
+
+def test_bad_files_are_reported_and_the_users_folder_is_untouched(tmp_path):
+    data = make_class_folders(tmp_path / "photos", per_class=5)
+    (data / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a full jpeg")
+    (data / "dogs" / "empty.png").write_bytes(b"")
+    before = tree_digest(data)
+    events = []
+    run = train(tiny_config(data, tmp_path / "runs", epochs=1), on_event=events.append)
+    assert tree_digest(data) == before
+    report = (run / "data_report.txt").read_text()
+    assert "cats/broken.jpg" in report and "dogs/empty.png: empty file" in report
+    split = json.loads((run / "split.json").read_text())
+    assert {path for path, _ in split["skipped"]} == {"cats/broken.jpg", "dogs/empty.png"}
+    logged = "\n".join(e["message"] for e in events if e["type"] == "log")
+    assert "cats/broken.jpg" in logged
+
+
+def test_bad_config_and_data_are_one_line_errors(tmp_path):
+    with pytest.raises(FinetuneError, match="unknown strategy 'some'"):
+        train(tiny_config(tmp_path, tmp_path, strategy="some"))
+    with pytest.raises(FinetuneError, match="data folder not found"):
+        train(tiny_config(tmp_path / "nope", tmp_path))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resnet50_head_trains(dataset, tmp_path):
+    run = train(tiny_config(dataset, tmp_path, arch="resnet50", strategy="head", epochs=1))
+    assert torch.load(run / "model.pth", weights_only=True)["fc.weight"].shape == (3, 2048)
