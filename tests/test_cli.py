@@ -1,0 +1,85 @@
+"""`python -m finetune ...` as a user runs it: helpful output, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, make_class_folders
+
+
+def cli(*args, cwd=None):
+    result = subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd or REPO, timeout=300)
+    return result
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "/no/such/folder", "--weights", "none"), "error: data folder not found: /no/such/folder"),
+    (("train",), "error: give a DATA folder"),
+    (("predict", "/no/such/run", "x.jpg"), "error: model not found: /no/such/run"),
+    (("evaluate", "/no/such/run", "data"), "error: not a run folder"),
+    (("export", "/no/such/run"), "error: not a run folder"),
+    (("train", "data", "--epochs", "0"), "error: epochs must be at least 1, got 0"),
+])
+def test_errors_are_one_line_without_traceback(args, message):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message or result.stderr.strip().startswith(message)
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
+    data = make_class_folders(tmp_path / "d")
+    env_home = tmp_path / "torch-home"
+    result = subprocess.run(
+        [sys.executable, "-c", "import torch.hub, urllib.error, sys\n"
+         "def offline(*a, **k): raise urllib.error.URLError('offline')\n"
+         "torch.hub.load_state_dict_from_url = offline\n"
+         "from finetune.cli import main; sys.exit(main(sys.argv[1:]))",
+         "train", str(data), "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, cwd=REPO, env={"TORCH_HOME": str(env_home), "PATH": "/usr/bin:/bin"},
+        timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert f"{env_home}/hub/checkpoints/resnet34-b627a593.pth" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_command():
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("train", "predict", "evaluate", "export", "scan"):
+        assert command in result.stdout
+    train_help = cli("train", "--help").stdout
+    assert "--strategy {all,last,head}" in train_help and "--resume RUN" in train_help
+
+
+def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
+    data = make_class_folders(tmp_path / "photos", per_class=5)
+    result = cli("train", data, "--weights", "none", "--epochs", "1", "--image-size", "64", "--batch-size", "4",
+                 "--runs-dir", tmp_path / "runs", "--workers", "0", "--strategy", "head")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / result.stdout.strip().splitlines()[-1].split("run folder: ")[1].split("/")[-1]
+    assert (run / "model.pth").exists()
+    assert "epoch   1:" in result.stdout and "val: " in result.stdout
+
+    out_csv = tmp_path / "p.csv"
+    predicted = cli("predict", run, data / "cats", "--top-k", "2", "--csv", out_csv)
+    assert predicted.returncode == 0, predicted.stderr
+    rows = list(csv.DictReader(open(out_csv)))
+    assert len(rows) == 5 and {r["prediction"] for r in rows} <= {"cats", "dogs"}
+
+    evaluated = cli("evaluate", run, data, "--out", tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 10 and (tmp_path / "eval" / "confusion_matrix.png").exists()
+
+    exported = cli("export", run, "--format", "torchscript")
+    assert exported.returncode == 0 and (run / "model.torchscript.pt").exists()
+
+    scanned = cli("scan", data, "--json")
+    assert json.loads(scanned.stdout)["classes"] == ["cats", "dogs"]

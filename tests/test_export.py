@@ -1,0 +1,62 @@
+"""Exported TorchScript and ONNX models give the same outputs as PyTorch on real images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SHARED_DATASETS
+from finetune.config import FinetuneError, TrainConfig
+from finetune.data import eval_transform, list_images, load_rgb
+from finetune.export import export
+from finetune.predict import Predictor
+from finetune.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, sample_data):
+    cfg = TrainConfig(data=str(sample_data), runs_dir=str(tmp_path_factory.mktemp("runs")), weights="none",
+                      strategy="last", epochs=1, batch_size=16, image_size=96, workers=0)
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def real_images(sample_data):
+    """A batch of real photos when the shared datasets are here, plus the bundled samples."""
+    paths = list_images([sample_data])[::12]
+    bees = SHARED_DATASETS / "hymenoptera_data" / "val" / "bees"
+    if bees.is_dir():
+        paths += list_images([bees])[:4]
+    return torch.stack([eval_transform(96)(load_rgb(p)) for p in paths])
+
+
+def reference(run, images):
+    predictor = Predictor.from_run(run, device="cpu")
+    with torch.inference_mode():
+        return predictor.model(images)
+
+
+def test_torchscript_matches_pytorch(run, real_images):
+    path = export(run, "torchscript")
+    assert path == run / "model.torchscript.pt"
+    scripted = torch.jit.load(str(path))
+    with torch.inference_mode():
+        got = scripted(real_images)
+    torch.testing.assert_close(got, reference(run, real_images), atol=1e-4, rtol=0)
+
+
+def test_onnx_matches_pytorch_with_any_batch_size(run, real_images, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = export(run, "onnx", tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = reference(run, real_images)
+    for batch in (real_images, real_images[:1]):
+        (got,) = session.run(["logits"], {"image": batch.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), expected[: len(batch)], atol=1e-4, rtol=0)
+
+
+def test_unknown_format_and_missing_run(run, tmp_path):
+    with pytest.raises(FinetuneError, match="unknown export format"):
+        export(run, "tflite")
+    with pytest.raises(FinetuneError, match="not a run folder"):
+        export(tmp_path, "onnx")

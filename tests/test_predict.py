@@ -1,0 +1,147 @@
+"""Prediction: class order from train to predict, classic files, any image mode, batching, CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import models
+
+from conftest import make_class_folders, make_image
+from finetune.config import FinetuneError, TrainConfig
+from finetune.data import eval_transform, list_images, load_rgb
+from finetune.predict import Predictor, read_class_indices, write_csv
+from finetune.train import train
+
+CLASSES = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A model trained from scratch to tell three colours apart.
+
+    `last` rather than `head`: random (not pretrained) backbone features are huge (norms ~500), which a
+    lone linear head learns from badly; the trainable layer4 BatchNorm rescales them.
+    """
+    data = make_class_folders(tmp_path_factory.mktemp("data") / "colours", classes=("red", "green", "blue"),
+                              per_class=8)
+    cfg = TrainConfig(data=str(data), runs_dir=str(tmp_path_factory.mktemp("runs")), weights="none",
+                      strategy="last", epochs=6, lr=1e-3, batch_size=4, image_size=64, workers=0, seed=0,
+                      label_smoothing=0.0)
+    return train(cfg), data
+
+
+def test_class_order_survives_from_training_folders_to_predictions(trained_run):
+    run, data = trained_run
+    predictor = Predictor.from_run(run, device="cpu")
+    assert predictor.classes == ["blue", "green", "red"]  # sorted folder names, saved with the model
+    assert read_class_indices(run / "class_indices.json") == predictor.classes
+    predictions = predictor.predict_paths(list_images([data]), top_k=3)
+    for p in predictions:
+        assert p.error is None
+        assert p.label == p.path.split("/")[-2], p.path
+
+
+def test_predictor_matches_a_plain_torchvision_forward(trained_run):
+    run, data = trained_run
+    predictor = Predictor.from_run(run, device="cpu")
+    model = models.resnet34(num_classes=3)
+    model.load_state_dict(torch.load(run / "model.pth", weights_only=True))
+    model.eval()
+    names = json.loads((run / "class_indices.json").read_text())
+    paths = list_images([data])[:5]
+    batch = torch.stack([eval_transform(64)(load_rgb(p)) for p in paths])
+    with torch.no_grad():
+        probs = torch.softmax(model(batch), dim=1)
+    for path, row, p in zip(paths, probs, predictor.predict_paths(paths, top_k=3)):
+        assert p.label == names[str(int(row.argmax()))]
+        assert p.confidence == pytest.approx(float(row.max()), abs=1e-5)
+        assert sum(prob for _, prob in p.top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_classic_state_dict_and_class_file(tmp_path):
+    """model.pth + class_indices.json as the classic scripts write them; the head picks index 2."""
+    model = models.resnet34(num_classes=3)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    (tmp_path / "class_indices.json").write_text(json.dumps({"0": "zebra", "1": "apple", "2": "mango"}, indent=4))
+    image = make_image(tmp_path / "x.png")
+    predictor = Predictor.load(tmp_path / "model.pth", arch="resnet34", device="cpu")
+    assert predictor.classes == ["zebra", "apple", "mango"]  # the file's order, never re-sorted
+    assert predictor.predict_image(image, top_k=1)[0][0] == "mango"
+
+    (tmp_path / "two.json").write_text(json.dumps({"0": "a", "1": "b"}))
+    with pytest.raises(FinetuneError, match="3-class head but the class list has 2 classes"):
+        Predictor.load(tmp_path / "model.pth", classes=tmp_path / "two.json", arch="resnet34")
+    with pytest.raises(FinetuneError, match="wrong --arch"):
+        Predictor.load(tmp_path / "model.pth", arch="resnet50")
+    with pytest.raises(FinetuneError, match="--arch"):
+        Predictor.load(tmp_path / "model.pth")
+    (tmp_path / "gaps.json").write_text(json.dumps({"0": "a", "2": "b", "3": "c"}))
+    with pytest.raises(FinetuneError, match="without gaps"):
+        Predictor.load(tmp_path / "model.pth", classes=tmp_path / "gaps.json", arch="resnet34")
+
+
+def test_any_image_mode_predicts(trained_run, tmp_path):
+    run, _ = trained_run
+    predictor = Predictor.from_run(run, device="cpu")
+    red = Image.new("RGB", (50, 40), (220, 40, 40))
+    red.convert("RGBA").save(tmp_path / "rgba.png")
+    red.convert("LA").save(tmp_path / "la.png")
+    red.convert("L").save(tmp_path / "gray.jpg")
+    red.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    red.convert("P").save(tmp_path / "palette.gif")
+    Image.fromarray(np.full((30, 30), 40000, dtype=np.uint16)).save(tmp_path / "gray16.png")
+    predictions = predictor.predict_paths(list_images([tmp_path]), top_k=2)
+    assert len(predictions) == 6
+    assert all(p.error is None and len(p.top) == 2 for p in predictions)
+    by_name = {p.path.split("/")[-1]: p.label for p in predictions}
+    assert by_name["rgba.png"] == by_name["cmyk.jpg"] == by_name["palette.gif"] == "red"
+    assert predictor.predict_image(red.convert("RGBA"), top_k=1)[0][0] == "red"
+
+
+def test_batches_include_the_last_partial_one_and_bad_files_become_rows(trained_run, tmp_path):
+    run, data = trained_run
+    predictor = Predictor.from_run(run, device="cpu")
+    paths = list_images([data])[:7]
+    shutil.copy(paths[0], tmp_path / "ok.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    paths = paths + [tmp_path / "broken.jpg"]
+    small = predictor.predict_paths(paths, top_k=3, batch_size=3)
+    whole = predictor.predict_paths(paths, top_k=3, batch_size=64)
+    assert len(small) == 8 and [p.path for p in small] == [str(p) for p in paths]
+    for a, b in zip(small[:7], whole[:7]):
+        assert a.label == b.label and a.confidence == pytest.approx(b.confidence, abs=1e-5)
+    assert small[7].error and "broken.jpg" in small[7].path and small[7].top == []
+
+    out = write_csv(small, tmp_path / "predictions.csv", top_k=3)
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["path", "prediction", "confidence", "class_2", "probability_2", "class_3",
+                             "probability_3", "error"]
+    assert rows[0]["prediction"] == small[0].label and float(rows[0]["confidence"]) == pytest.approx(
+        small[0].confidence, abs=1e-6)
+    assert rows[7]["prediction"] == "" and rows[7]["error"]
+
+
+def test_malicious_model_file_in_a_run_is_refused(trained_run, tmp_path):
+    import os
+
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"fc.weight": Exploit()}, copy / "model.pth")
+    with pytest.raises(FinetuneError, match="refusing to load"):
+        Predictor.from_run(copy)
+    assert not (tmp_path / "pwned").exists()
