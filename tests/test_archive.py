@@ -1,0 +1,139 @@
+"""Safe zip extraction: nothing leaves the target folder, bombs and junk are refused with one clear line."""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from finetune.archive import check_zip, extract_zip
+from finetune.config import FinetuneError
+from finetune.data import scan_dataset
+
+from conftest import make_class_folders
+
+
+def zip_folder(folder: Path, out: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, prefix + path.relative_to(folder).as_posix())
+    return out
+
+
+def zip_entries(out: Path, entries: dict[str, bytes], compression=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(out, "w", compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return out
+
+
+def test_class_folders_zip_extracts_and_scans(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=3)
+    archive = zip_folder(data, tmp_path / "shapes.zip")
+    root = extract_zip(archive, tmp_path / "uploads")
+    assert root.parent == tmp_path / "uploads" and root.name.startswith("shapes-")
+    assert scan_dataset(root).classes == ["cats", "dogs"]
+
+
+def test_one_top_folder_is_the_dataset_root(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=3)
+    archive = zip_folder(data, tmp_path / "pets.zip", prefix="my pets/")
+    root = extract_zip(archive, tmp_path / "uploads")
+    assert root.name == "my pets"
+    assert sorted(p.name for p in root.iterdir()) == ["cats", "dogs"]
+
+
+def test_macosx_and_hidden_entries_are_skipped(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    archive = zip_folder(data, tmp_path / "mac.zip")
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("__MACOSX/cats/._img_0.png", b"junk")
+        z.writestr("cats/.DS_Store", b"junk")
+    root = extract_zip(archive, tmp_path / "uploads")
+    assert not (root / "__MACOSX").exists() and not (root / "cats" / ".DS_Store").exists()
+    assert scan_dataset(root).classes == ["cats", "dogs"]
+
+
+def test_extracts_into_a_fresh_folder_and_reuses_it(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    archive = zip_folder(data, tmp_path / "d.zip")
+    first = extract_zip(archive, tmp_path / "uploads")
+    marker = first / "cats" / "img_0.png"
+    before = marker.stat().st_mtime_ns
+    second = extract_zip(archive, tmp_path / "uploads")
+    assert first == second and marker.stat().st_mtime_ns == before
+    assert [p.name for p in (tmp_path / "uploads").iterdir()] == [first.name]  # no partial folders left
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "cats/../../evil.png", "..\\evil.png"])
+def test_traversal_is_refused(tmp_path, name):
+    archive = zip_entries(tmp_path / "t.zip", {"cats/a.png": b"x", name: b"x"})
+    with pytest.raises(FinetuneError, match="leaves the folder"):
+        extract_zip(archive, tmp_path / "uploads")
+    assert not (tmp_path / "evil.png").exists()
+    assert not any((tmp_path / "uploads").iterdir()) if (tmp_path / "uploads").exists() else True
+
+
+@pytest.mark.parametrize("name", ["/etc/evil.png", "C:/evil.png", "c:\\evil.png"])
+def test_absolute_paths_are_refused(tmp_path, name):
+    archive = zip_entries(tmp_path / "a.zip", {name: b"x"})
+    with pytest.raises(FinetuneError, match="absolute path"):
+        check_zip(archive)
+
+
+def test_symlink_entries_are_refused(tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("cats/a.png", b"x")
+        info = zipfile.ZipInfo("cats/link.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        z.writestr(info, "/etc/passwd")
+    with pytest.raises(FinetuneError, match="symbolic link"):
+        extract_zip(archive, tmp_path / "uploads")
+
+
+def test_compression_bomb_is_refused(tmp_path):
+    archive = zip_entries(tmp_path / "bomb.zip", {"cats/a.png": b"\0" * (20 * 1024 * 1024)}, zipfile.ZIP_DEFLATED)
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(FinetuneError, match="zip bomb"):
+        extract_zip(archive, tmp_path / "uploads")
+
+
+def test_total_size_limit(tmp_path):
+    archive = zip_entries(tmp_path / "big.zip", {f"cats/{i}.png": bytes(1000) for i in range(5)})
+    with pytest.raises(FinetuneError, match="over the limit"):
+        check_zip(archive, max_total_bytes=3000)
+
+
+def test_too_many_entries(tmp_path):
+    archive = zip_entries(tmp_path / "many.zip", {f"cats/{i}.png": b"x" for i in range(30)})
+    with pytest.raises(FinetuneError, match="30 entries; at most 20"):
+        check_zip(archive, max_entries=20)
+
+
+def test_not_a_zip(tmp_path):
+    fake = tmp_path / "photo.zip"
+    fake.write_bytes(b"this is not a zip file at all")
+    with pytest.raises(FinetuneError, match="not a .zip archive"):
+        extract_zip(fake, tmp_path / "uploads")
+    with pytest.raises(FinetuneError, match="not found"):
+        extract_zip(tmp_path / "missing.zip", tmp_path / "uploads")
+
+
+def test_empty_zip(tmp_path):
+    archive = zip_entries(tmp_path / "empty.zip", {"__MACOSX/x": b"x"})
+    with pytest.raises(FinetuneError, match="no files"):
+        check_zip(archive)
+
+
+def test_truncated_zip_is_a_clear_error(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    good = zip_folder(data, tmp_path / "good.zip").read_bytes()
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(good[: len(good) // 2] + good[-200:])  # central directory kept, data cut
+    with pytest.raises(FinetuneError):
+        extract_zip(bad, tmp_path / "uploads")
+
