@@ -1,0 +1,193 @@
+"""Caches: frozen features computed once, images decoded once, and the same numbers as streaming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from PIL import Image
+
+from conftest import make_class_folders
+from finetune import cache
+from finetune.config import TrainConfig
+from finetune.data import ImageListDataset, eval_transform, resize_size, scan_dataset
+from finetune.model import build_model, split_model
+from finetune.train import read_events, train
+
+SIZE = 64
+
+
+def config(data, **overrides) -> TrainConfig:
+    values = dict(data=str(data), weights="none", epochs=1, batch_size=4, image_size=SIZE, workers=0, seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Photo-like images: varied sizes and aspect ratios, textured, so crops and resizes matter."""
+    root = tmp_path_factory.mktemp("photos") / "data"
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(97, 61), (64, 128), (150, 150), (33, 47), (120, 80)]
+    for c, name in enumerate(("ants", "bees", "wasps")):
+        for i in range(5):
+            w, h = sizes[(c + i) % len(sizes)]
+            pixels = (torch.rand(h, w, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            path = root / name / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path, quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = build_model("resnet34", 3, "none")
+    for module in model.modules():  # BatchNorm statistics like a trained network's, so the maps are not all zero
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def pipeline_for(cfg, model, log=None, strategy=None):
+    scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    frozen, trainable = split_model(model, strategy or cfg.strategy)
+    built = cache.build_pipeline(cfg, scan, frozen, torch.device("cpu"), None, torch.preserve_format, 0,
+                                 log or (lambda message: None))
+    return scan, frozen, trainable, built
+
+
+def eval_images(scan, items):
+    """What streamed validation and prediction feed the model (JPEG draft decoding included)."""
+    dataset = ImageListDataset(scan.root, items, eval_transform(SIZE), min_size=resize_size(SIZE))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("strategy, kind", [("head", "features"), ("last", "features"), ("all", "pixels")])
+def test_each_strategy_gets_its_cache(photos, model, strategy, kind):
+    messages = []
+    *_, built = pipeline_for(config(photos, strategy=strategy), model, messages.append)
+    assert built.kind == kind
+    assert any(message.startswith("data pipeline: ") for message in messages)
+
+
+def test_cache_off_and_over_budget_stream_and_say_why(photos, model):
+    *_, off = pipeline_for(config(photos, strategy="head", cache="off"), model)
+    assert off.kind == "stream" and "cache off" in off.description
+    messages = []
+    *_, tight = pipeline_for(config(photos, strategy="last", memory_budget_gb=1e-6), model, messages.append)
+    assert tight.kind == "stream"
+    assert "over the memory budget" in tight.description
+    assert any("over the memory budget" in message for message in messages)
+
+
+def test_head_cache_gives_the_same_logits_as_the_full_model(photos, model):
+    scan, frozen, trainable, built = pipeline_for(config(photos, strategy="head"), model)
+    images = eval_images(scan, scan.val)
+    with torch.no_grad():
+        expected = model(images)
+        features = torch.stack([built.val[i][0] for i in range(len(built.val))])
+        cached = trainable(built.prepare_eval(features))
+    assert torch.allclose(cached, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_last_cache_in_half_precision_stays_close(photos, model):
+    scan, frozen, trainable, built = pipeline_for(config(photos, strategy="last"), model)
+    images = eval_images(scan, scan.val)
+    with torch.no_grad():
+        expected = model(images)
+        features = torch.stack([built.val[i][0] for i in range(len(built.val))])
+        assert features.dtype == torch.float16
+        cached = trainable(built.prepare_eval(features))
+    scale = expected.abs().max()
+    assert (cached - expected).abs().max() <= 1e-2 * scale
+    assert torch.equal(cached.argmax(1), expected.argmax(1))
+
+
+def test_cached_training_views_are_centre_and_its_flip(photos, model):
+    scan, frozen, trainable, built = pipeline_for(config(photos, strategy="head", cache_views=2), model)
+    images = eval_images(scan, scan.train)
+    with torch.no_grad():
+        centre, flipped = frozen(images), frozen(images.flip(-1))
+    assert built.train.features.shape[:2] == (2, len(scan.train))
+    assert torch.allclose(built.train.features[0], centre, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(built.train.features[1], flipped, atol=1e-4, rtol=1e-4)
+
+
+def test_view_choice_is_seeded_per_epoch(photos, model):
+    *_, built = pipeline_for(config(photos, strategy="head", cache_views=3), model)
+    choices = []
+    for epoch in (1, 2, 1):
+        built.set_epoch(epoch)
+        choices.append(built.train.choice.clone())
+    assert torch.equal(choices[0], choices[2])
+    assert not torch.equal(choices[0], choices[1])
+    assert set(torch.cat(choices).tolist()) <= {0, 1, 2}
+
+
+def test_random_crop_views_do_not_depend_on_worker_processes(photos):
+    scan = scan_dataset(photos, 0.2, 0)
+    views = cache.ImageViews(scan.root, scan.train, list(range(len(scan.train))), SIZE, views=4, seed=3)
+    in_process = [views[i][0] for i in range(len(views))]
+    with_workers = [item[0][0] for item in DataLoader(views, batch_size=1, num_workers=2)]
+    for a, b in zip(in_process, with_workers):
+        assert torch.equal(a, b)
+    assert not torch.equal(in_process[0][2], in_process[0][3])  # two different random crops
+
+
+def test_pixel_cache_validation_is_exactly_the_eval_transform(photos, model):
+    scan, _, _, built = pipeline_for(config(photos, strategy="all"), model)
+    expected = eval_images(scan, scan.val)
+    pixels = torch.stack([built.val[i][0] for i in range(len(built.val))])
+    assert pixels.dtype == torch.uint8
+    assert torch.allclose(built.prepare_eval(pixels), expected, atol=1e-6)
+
+
+def test_pixel_cache_on_disk_when_over_budget_holds_the_same_pixels(photos):
+    cfg = config(photos, strategy="all")
+    scan = scan_dataset(photos, 0.2, 0)
+    args = (cfg, scan, torch.device("cpu"), torch.preserve_format, 0, lambda message: None)
+    in_memory = cache.pixel_pipeline(*args, budget=10**12, shard=cache.Shard())
+    val_bytes = 3 * SIZE * SIZE * len(scan.val)
+    on_disk = cache.pixel_pipeline(*args, budget=val_bytes + 1, shard=cache.Shard())
+    assert "memory-mapped" in on_disk.description and "memory-mapped" not in in_memory.description
+    for i in range(len(scan.train)):
+        assert torch.equal(in_memory.train.store[i], on_disk.train.store[i])
+    # short side resized to resize_size(SIZE), uint8: later epochs never decode a JPEG again
+    assert min(in_memory.train.store[0].shape[1:]) == 73
+
+
+def test_training_crops_come_from_the_cache(photos, model):
+    *_, built = pipeline_for(config(photos, strategy="all"), model)
+    image, label = built.train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE)
+    batch = built.prepare_train(torch.stack([built.train[i][0] for i in range(4)]))
+    assert batch.dtype == torch.float32 and batch.shape == (4, 3, SIZE, SIZE)
+
+
+def test_shards_cover_every_image_with_equal_batches():
+    shards = [cache.Shard(rank, 3) for rank in range(3)]
+    train = [s.train_indices(10) for s in shards]
+    assert {len(t) for t in train} == {4}
+    assert set(sum(train, [])) == set(range(10))
+    val = [s.val_indices(10) for s in shards]
+    assert sorted(sum(val, [])) == list(range(10))
+
+
+@pytest.mark.slow
+def test_cached_and_streamed_training_reach_the_same_accuracy(tmp_path):
+    """Same seed and hyperparameters: the cached path learns what the streamed path learns."""
+    data = make_class_folders(tmp_path / "colours", classes=("red", "green", "blue"), per_class=10)
+    results = {}
+    for mode in ("auto", "off"):
+        run = train(config(data, strategy="last", epochs=5, lr=1e-3, cache=mode, runs_dir=str(tmp_path / mode)))
+        info = json.loads((run / "run.json").read_text())
+        start = next(event for event in read_events(run) if event["type"] == "start")
+        results[mode] = (info["summary"]["accuracy"], start.get("pipeline", ""))
+    assert results["auto"][1].startswith("cached frozen features")
+    assert results["off"][1].startswith("streamed images")
+    assert results["auto"][0] >= 0.8 and results["off"][0] >= 0.8, results
