@@ -192,36 +192,46 @@ def cmd_sample_data(args) -> int:
 # Parser
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when there is one worth reading (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if any(action.default is v for v in (None, False, True)) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune",
                                      description="Fine-tune an ImageNet ResNet on a folder of labelled images.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model on an image folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Train on DATA: a folder of class subfolders, or with train/ and val/ "
                                    "(valid/, validation/; optional test/) of class subfolders.")
     d = TrainConfig()
     t.add_argument("data", nargs="?", help="image folder")
-    t.add_argument("--arch", choices=ARCHS, default=d.arch)
+    t.add_argument("--arch", choices=ARCHS, default=d.arch, help="ImageNet ResNet to fine-tune")
     t.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()))
     t.add_argument("--weights", default=d.weights,
                    help="imagenet (torch hub cache, downloaded when online), none (from scratch), or a .pth path")
     t.add_argument("--epochs", type=int, default=None, help=f"epochs (default {d.epochs}; on --resume: as saved)")
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per training step")
     t.add_argument("--lr", type=float, default=None,
                    help="head learning rate (default per strategy: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     t.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
                    help="pretrained layers learn at lr x this (earlier stages less)")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    t.add_argument("--image-size", type=int, default=d.image_size)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
+    t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help="linear learning-rate warmup, then cosine decay")
+    t.add_argument("--image-size", type=int, default=d.image_size, help="crop size in pixels (train and eval)")
     t.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="share of each class held out for validation when DATA has no val/ folder")
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=int, default=d.seed, help="for the split, initialisation, augmentation")
     t.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto)")
     t.add_argument("--workers", type=int, default=None, help="data loader processes (default: sized to the cores)")
     t.add_argument("--class-weighted-loss", action="store_true", default=None,
@@ -229,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--early-stopping", type=int, default=d.early_stopping, metavar="PATIENCE",
                    help="stop after this many epochs without improvement (0: off)")
     t.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
-    t.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    t.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="keep the NCHW memory layout (channels_last is faster on CUDA and x86 CPUs)")
     t.add_argument("--compile", action="store_true", default=None, help="torch.compile the trainable layers")
     t.add_argument("--cache", choices=("auto", "off"), default=d.cache,
                    help="auto: compute frozen layers once and decode images once when it fits in memory")
@@ -243,30 +254,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="classify images or folders with a trained model",
+                       formatter_class=DefaultsHelpFormatter,
                        description="MODEL is a run folder, or a classic state_dict .pth (then --arch, and "
                                    "--classes unless class_indices.json lies beside it).")
     p.add_argument("model", help="run folder or .pth file")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=3, help="classes listed per image")
     p.add_argument("--csv", help="also write the predictions to this CSV file")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--arch", choices=ARCHS, help="architecture of a plain .pth")
     p.add_argument("--classes", help="class_indices.json for a plain .pth")
     p.add_argument("--image-size", type=int, default=224, help="input size of a plain .pth")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder")
+    e = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder",
+                       formatter_class=DefaultsHelpFormatter)
     e.add_argument("run", help="run folder")
     e.add_argument("data", help="folder of class subfolders (its test/ or val/ split if it has one)")
     e.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     e.set_defaults(func=cmd_evaluate)
 
-    x = sub.add_parser("export", help="export a run's model to TorchScript or ONNX")
+    x = sub.add_parser("export", help="export a run's model to TorchScript or ONNX",
+                       formatter_class=DefaultsHelpFormatter)
     x.add_argument("run", help="run folder")
-    x.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    x.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
     x.add_argument("--out", help="output file (default: in the run folder)")
     x.set_defaults(func=cmd_export)
 
