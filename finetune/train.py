@@ -419,7 +419,7 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
           "trainable_params": trainable_count, "total_params": sum(p.numel() for p in model.parameters()),
           "pipeline": pipeline.description, "strategy": cfg.strategy, "arch": cfg.arch})
     if ctx.is_main:
-        _update_run_json(run_dir, status="running", config=cfg.to_dict())
+        _update_run_json(run_dir, status="running", config=cfg.to_dict(), pipeline=pipeline.description)
 
     run_start = time.perf_counter()
     batches_done, stopped_early, stopped = 0, False, False
@@ -430,7 +430,11 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
         pipeline.set_epoch(epoch)
         trainable.train()
         frozen.eval()  # its BatchNorm statistics must not move
-        totals = [0.0, 0.0, 0.0]  # loss sum, correct, count
+        # loss sum and correct stay on the device: reading them every batch would make the host wait
+        # for the GPU each step; they are read only when a batch event goes out (throttled below)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        count_sum, last_emit = 0, 0.0
         epoch_start = time.perf_counter()
         for batch_index, (inputs, targets) in enumerate(train_loader, start=1):
             inputs = inputs.to(device, non_blocking=True)
@@ -445,21 +449,24 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
             scaler.update()
             scheduler.step()
             count = targets.numel()
-            totals[0] += loss.item() * count
-            totals[1] += (logits.argmax(1) == targets).sum().item()
-            totals[2] += count
+            loss_sum += loss.detach().double() * count
+            correct += (logits.detach().argmax(1) == targets).sum()
+            count_sum += count
             batches_done += 1
-            elapsed = time.perf_counter() - epoch_start
-            remaining = steps_per_epoch * (cfg.epochs - start_epoch + 1) - batches_done
-            emit({"type": "batch", "epoch": epoch, "epochs": cfg.epochs, "batch": batch_index,
-                  "batches": steps_per_epoch, "loss": totals[0] / totals[2], "acc": totals[1] / totals[2],
-                  "images_per_s": totals[2] * ctx.world_size / max(elapsed, 1e-9),
-                  "eta_s": (time.perf_counter() - run_start) / batches_done * remaining,
-                  "lr": optimizer.param_groups[0]["lr"]})
+            now = time.perf_counter()
+            if batch_index == 1 or batch_index == steps_per_epoch or now - last_emit >= 0.5:
+                last_emit = now
+                remaining = steps_per_epoch * (cfg.epochs - start_epoch + 1) - batches_done
+                emit({"type": "batch", "epoch": epoch, "epochs": cfg.epochs, "batch": batch_index,
+                      "batches": steps_per_epoch, "loss": loss_sum.item() / count_sum,
+                      "acc": correct.item() / count_sum,
+                      "images_per_s": count_sum * ctx.world_size / max(now - epoch_start, 1e-9),
+                      "eta_s": (now - run_start) / batches_done * remaining,
+                      "lr": optimizer.param_groups[0]["lr"]})
             if ctx.any(stop.is_set()):
                 stopped = True
                 break
-        train_loss_sum, train_correct, train_count = ctx.sum(totals)
+        train_loss_sum, train_correct, train_count = ctx.sum([loss_sum.item(), float(correct.item()), float(count_sum)])
         if train_count == 0:
             break
         val_loss, val_acc = _validate(trainable, pipeline, val_loader, val_criterion, device, amp_dtype, ctx)
@@ -509,16 +516,18 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
 @torch.inference_mode()
 def _validate(trainable, pipeline, loader, criterion, device, amp_dtype, ctx) -> tuple[float, float]:
     trainable.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = trainable(pipeline.prepare_eval(inputs)).float()
-        loss_sum += criterion(logits, targets).item()
-        correct += (logits.argmax(1) == targets).sum().item()
+        loss_sum += criterion(logits, targets).double()
+        correct += (logits.argmax(1) == targets).sum()
         count += targets.numel()
-    loss_sum, correct, count = ctx.sum([loss_sum, correct, count])
+    loss_sum, correct, count = ctx.sum([loss_sum.item(), float(correct.item()), float(count)])
     return (loss_sum / count, correct / count) if count else (float("nan"), 0.0)
 
 
