@@ -60,3 +60,63 @@ def tiny_dataset(tmp_path) -> Path:
 def sample_data() -> Path:
     """The bundled sample dataset (data/ in the repo)."""
     return REPO / "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# The browser app (app.py), started once per test session on a free loopback port
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    def __init__(self, url: str, runs_dir: Path, workspace: Path, log: Path, process):
+        self.url, self.runs_dir, self.workspace, self.log, self.process = url, runs_dir, workspace, log, process
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """`python app.py` on 127.0.0.1:<free port> with its own runs folder and workspace."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    base = tmp_path_factory.mktemp("app")
+    runs_dir, workspace, log = base / "runs", base / "workspace", base / "app.log"
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("FINETUNE_AUTH", None)
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs_dir),
+             "--workspace", str(workspace), "--browse-root", str(REPO)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = AppServer(f"http://127.0.0.1:{port}", runs_dir, workspace, log, process)
+    deadline = time.time() + 120
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            with urllib.request.urlopen(server.url + "/config", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            process.kill()
+            pytest.fail(f"app.py did not answer within 120 s:\n{server.log_tail()}")
+        time.sleep(0.3)
+    yield server
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()

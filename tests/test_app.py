@@ -1,0 +1,345 @@
+"""app.py through gradio_client: every endpoint, including errors arriving as clear messages.
+
+The app runs as `python app.py` on a free loopback port with a temporary runs folder (see
+conftest.app_server). Trainings use weights none, 64-pixel images and the `head` strategy: seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import make_class_folders
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+FAST = dict(arch="resnet34", strategy="head", weights="none", weights_file=None, batch_size=16, lr=0.01,
+            image_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def client(app_server, tmp_path_factory):
+    return Client(app_server.url, analytics_enabled=False, verbose=False,
+                  download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def follow(client, until=None, timeout=240):
+    """Stream /follow_training; returns the list of updates (each a tuple of outputs)."""
+    job = client.submit(api_name="/follow_training")
+    updates, start = [], time.time()
+    for out in job:
+        updates.append(out)
+        if until is not None and until(out):
+            job.cancel()
+            break
+        assert time.time() - start < timeout, "training did not end in time"
+    if until is None:
+        updates.extend(o for o in job.outputs()[len(updates):])
+    return updates
+
+
+def status_text(update) -> str:
+    return update[0]  # the progress HTML (bar + status line)
+
+
+def train(client, data, epochs=1, **overrides):
+    settings = dict(FAST, **overrides)
+    client.predict(str(data), settings["arch"], settings["strategy"], settings["weights"], settings["weights_file"],
+                   epochs, settings["batch_size"], settings["lr"], settings["image_size"], settings["seed"],
+                   api_name="/start_training")
+
+
+@pytest.fixture(scope="module")
+def trained(client, app_server, sample_data):
+    """One short training on the sample data; returns (run path, streamed updates)."""
+    train(client, sample_data, epochs=1)
+    updates = follow(client)
+    runs = sorted(p for p in app_server.runs_dir.iterdir() if (p / "run.json").is_file())
+    assert runs, app_server.log_tail()
+    return runs[-1], updates
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_scan_sample_data(client, sample_data):
+    summary, counts, gallery, skipped, warnings, ready = client.predict(str(sample_data), api_name="/scan_folder")
+    assert "3 classes" in summary and "57 training and 15 validation images" in summary
+    assert counts["headers"] == ["class", "train", "val", "total"]
+    assert counts["data"][0] == ["circle", 19, 5, 24] and counts["data"][-1][0] == "total"
+    assert len(gallery) == 18 and {item["caption"] for item in gallery} == {"circle", "square", "triangle"}
+    assert Path(gallery[0]["image"]).is_file()
+    assert "No warnings" in warnings
+    assert "3 classes" in ready and str(sample_data) in ready
+
+
+def test_scan_reports_skipped_files_and_imbalance(client, tmp_path):
+    data = make_class_folders(tmp_path / "d", classes=("cats", "dogs"), per_class=2)
+    make_class_folders(tmp_path / "more", classes=("cats",), per_class=12)
+    for path in (tmp_path / "more" / "cats").iterdir():
+        path.rename(data / "cats" / f"more_{path.name}")
+    (data / "dogs" / "broken.jpg").write_bytes(b"not an image")
+    summary, counts, gallery, skipped, warnings, ready = client.predict(str(data), api_name="/scan_folder")
+    assert "1 file(s) skipped" in summary
+    assert skipped["visible"] is True  # the table is shown only when something was skipped
+    assert skipped["value"]["data"] == [["dogs/broken.jpg", "not a readable image"]]
+    assert "imbalanced" in warnings
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/no/such/folder", "data folder not found: /no/such/folder"),
+    ("", "Type a folder path"),
+])
+def test_scan_errors_are_messages(client, path, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(path, api_name="/scan_folder")
+
+
+def test_scan_one_class_folder(client, tmp_path):
+    data = make_class_folders(tmp_path / "one", classes=("cats",), per_class=3)
+    with pytest.raises(AppError, match="need at least 2 class folders"):
+        client.predict(str(data), api_name="/scan_folder")
+
+
+def test_upload_zip_with_one_top_folder(client, app_server, sample_data, tmp_path):
+    archive = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(sample_data.rglob("*.jpg"))[::4]:
+            z.write(path, "my shapes/" + path.relative_to(sample_data).as_posix())
+    summary, counts, gallery, skipped, warnings, ready = client.predict(handle_file(str(archive)),
+                                                                       api_name="/upload_zip")
+    assert "3 classes" in summary and "my shapes" in summary
+    uploads = app_server.workspace / "uploads"
+    assert str(uploads) in summary and len(list(uploads.iterdir())) == 1
+
+
+def test_upload_bad_zip_is_a_message(client, tmp_path):
+    fake = tmp_path / "holiday.zip"
+    fake.write_bytes(b"PK but not really a zip")
+    with pytest.raises(AppError, match="holiday.zip is not a .zip archive"):
+        client.predict(handle_file(str(fake)), api_name="/upload_zip")
+
+
+def test_upload_traversal_zip_is_refused(client, tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("cats/a.png", b"x")
+        z.writestr("../../escape.png", b"x")
+    with pytest.raises(AppError, match="refusing entry that leaves the folder"):
+        client.predict(handle_file(str(evil)), api_name="/upload_zip")
+
+
+def test_pick_folder_fills_the_path(client, sample_data):
+    # the server's folder browser is rooted at the repository in these tests (--browse-root)
+    assert client.predict([["data", "circle"]], api_name="/pick_folder") == str(sample_data / "circle")
+
+
+# ---------------------------------------------------------------------------------------------
+# Train settings
+
+
+def test_weights_check_names_the_expected_file(client):
+    from finetune.model import imagenet_weights_path, weights_available
+
+    note = client.predict("resnet50", "imagenet", None, api_name="/check_weights")
+    if weights_available("resnet50", "imagenet")[0]:
+        assert note.startswith("✅")
+    else:
+        assert "not on this machine" in note and str(imagenet_weights_path("resnet50")) in note
+        assert "None: train from scratch" in note and "weights file" in note
+    assert client.predict("resnet34", "none", None, api_name="/check_weights").startswith("✅")
+    assert "Upload a `.pth`" in client.predict("resnet34", "file", None, api_name="/check_weights")
+
+
+def test_strategy_sets_its_learning_rate(client):
+    from finetune.config import DEFAULT_LR
+
+    assert client.predict("head", api_name="/strategy_lr") == DEFAULT_LR["head"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(data="/no/such/folder"), "data folder not found"),
+    (dict(epochs=0), "Value 0 is less than minimum value 1"),
+    (dict(weights="file"), "Upload a weights file"),
+])
+def test_start_refuses_bad_settings(client, sample_data, change, message):
+    settings = dict(FAST, data=str(sample_data), epochs=1)
+    settings.update(change)
+    with pytest.raises(AppError, match=message):
+        client.predict(settings["data"], settings["arch"], settings["strategy"], settings["weights"],
+                       settings["weights_file"], settings["epochs"], settings["batch_size"], settings["lr"],
+                       settings["image_size"], settings["seed"], api_name="/start_training")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, live
+
+
+def test_training_streams_progress_curves_and_result(trained):
+    run_dir, updates = trained
+    assert len(updates) >= 3
+    assert any("batch" in status_text(u) and "images/s" in status_text(u) for u in updates)
+    progress, loss, acc, log, result, matrix = updates[-1]
+    assert "completed" in progress and 'width:100%' in progress
+    series = {row[2] for row in loss["value"]["data"]}
+    assert series == {"train", "val"}
+    assert "epoch 1: train loss" in log
+    assert "Completed" in result and run_dir.name in result
+    assert matrix and Path(matrix).name == "confusion_matrix.png"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+
+
+def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, trained, app_server, sample_data):
+    run_dir, _ = trained
+    train(client, sample_data, epochs=300)
+    with pytest.raises(AppError, match="already running"):
+        train(client, sample_data, epochs=1)
+    follow(client, until=lambda u: "batch" in status_text(u), timeout=120)
+    # prediction with the earlier run while the training runs
+    started = time.time()
+    label = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("circle/*.jpg")))), 3,
+                           api_name="/predict_image")
+    assert label["label"] in ("circle", "square", "triangle") and time.time() - started < 30
+    assert "Stopping" in client.predict(api_name="/stop_training")
+    updates = follow(client, timeout=120)
+    assert "stopped" in status_text(updates[-1])
+    assert "kept" in updates[-1][4]
+    newest = sorted(p for p in app_server.runs_dir.iterdir() if (p / "run.json").is_file())[-1]
+    info = json.loads((newest / "run.json").read_text())
+    assert info["status"] == "stopped" and (newest / "model.pth").is_file()
+    assert client.predict(api_name="/stop_training") == "No training is running."
+
+
+def test_failed_training_is_a_message_and_the_app_keeps_working(client, tmp_path, sample_data):
+    data = make_class_folders(tmp_path / "one", classes=("cats",), per_class=3)
+    train(client, data, epochs=1)
+    updates = follow(client, timeout=120)
+    progress, result = updates[-1][0], updates[-1][4]
+    assert "Training failed: need at least 2 class folders" in progress
+    assert "The app still works" in result
+    summary = client.predict(str(sample_data), api_name="/scan_folder")[0]
+    assert "3 classes" in summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs, evaluate
+
+
+def test_list_runs_newest_first(client, trained, app_server):
+    usable = [p for p in app_server.runs_dir.iterdir() if (p / "model.pth").is_file()]
+    newest = max(usable, key=lambda p: json.loads((p / "run.json").read_text())["created"] + p.name)
+    # every tab (Evaluate, Predict, Export) preselects the newest usable run
+    dropdowns = client.predict(None, None, None, api_name="/list_runs")
+    assert [d["value"] for d in dropdowns] == [str(newest)] * 3
+    labels = [label for label, _ in dropdowns[0]["choices"]]
+    assert labels[0].startswith(newest.name) and "val acc" in labels[0]
+    # a run a tab already shows stays selected
+    run_dir, _ = trained
+    assert client.predict(str(run_dir), None, None, api_name="/list_runs")[0]["value"] == str(run_dir)
+
+
+def test_evaluate_run(client, trained):
+    run_dir, _ = trained
+    summary, matrix, table, gallery, note, curves = client.predict(str(run_dir), api_name="/evaluate_run")
+    assert run_dir.name in summary and "accuracy" in summary and "top-1" in summary
+    assert Path(matrix).name == "confusion_matrix.png" and Path(curves).name == "training_curves.png"
+    assert table["headers"] == ["class", "precision", "recall", "f1", "support"]
+    assert [row[0] for row in table["data"]] == ["circle", "square", "triangle"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    wrong = len(metrics["misclassified"])
+    assert len(gallery) == min(wrong, 60)
+    if wrong:
+        assert gallery[0]["caption"].startswith("true: ") and "predicted: " in gallery[0]["caption"]
+        assert f"{wrong} of 15" in note
+    else:
+        assert "correctly" in note
+
+
+@pytest.mark.parametrize("run, message", [
+    (None, "no run chosen"),
+    ("/etc", "not a run in"),
+    ("no-such-run", "not a run folder"),
+])
+def test_evaluate_errors(client, run, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(run, api_name="/evaluate_run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict
+
+
+def test_predict_image(client, trained, sample_data):
+    run_dir, _ = trained
+    label = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("square/*.jpg")))), 2,
+                           api_name="/predict_image")
+    assert label["label"] in ("circle", "square", "triangle")
+    assert len(label["confidences"]) == 2
+    assert 0 <= label["confidences"][0]["confidence"] <= 1
+
+
+def test_predict_batch_images_and_zip(client, trained, sample_data, tmp_path):
+    run_dir, _ = trained
+    images = sorted(sample_data.glob("triangle/*.jpg"))[:2]
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(sample_data.glob("circle/*.jpg"))[:3]:
+            z.write(path, "batch/" + path.name)
+    table, csv_file = client.predict(str(run_dir), [handle_file(str(p)) for p in images] + [handle_file(str(archive))],
+                                     3, api_name="/predict_batch")
+    assert len(table["data"]) == 5
+    assert table["headers"][:3] == ["file", "prediction", "confidence"]
+    assert table["data"][0][0] == images[0].name and table["data"][2][0].startswith("more.zip/")
+    lines = Path(csv_file).read_text().splitlines()
+    assert lines[0].startswith("path,prediction,confidence") and len(lines) == 6
+
+
+def test_predict_batch_errors(client, trained, tmp_path):
+    run_dir, _ = trained
+    note = tmp_path / "notes.txt"
+    note.write_text("hello")
+    with pytest.raises(AppError, match="Invalid file type"):
+        client.predict(str(run_dir), [handle_file(str(note))], 3, api_name="/predict_batch")
+    fake = tmp_path / "broken.jpg"
+    fake.write_text("not really a picture")
+    table, csv_file = client.predict(str(run_dir), [handle_file(str(fake))], 3, api_name="/predict_batch")
+    assert table["data"][0][0] == "broken.jpg" and table["data"][0][1] == "" and table["data"][0][-1]
+    with pytest.raises(AppError, match="Drop image files"):
+        client.predict(str(run_dir), None, 3, api_name="/predict_batch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def test_export_downloads(client, trained):
+    from finetune.train import class_indices_json
+
+    run_dir, _ = trained
+    classes, model, made = client.predict(str(run_dir), api_name="/export_files")
+    assert classes["interactive"] and model["interactive"]  # download buttons enabled with their files
+    classes, model = classes["value"], model["value"]
+    assert Path(classes).read_bytes() == class_indices_json(["circle", "square", "triangle"]).encode()
+    assert Path(classes).read_text() == json.dumps({"0": "circle", "1": "square", "2": "triangle"}, indent=4)
+    assert Path(model).stat().st_size == (run_dir / "model.pth").stat().st_size
+    files = client.predict(str(run_dir), api_name="/export_torchscript")
+    assert any(Path(f).name == "model.torchscript.pt" for f in files)
+    files = client.predict(str(run_dir), api_name="/export_onnx")
+    assert any(Path(f).name == "model.onnx" for f in files)
+    files = client.predict(str(run_dir), api_name="/export_zip")
+    zipped = next(Path(f) for f in files if f.endswith(".zip"))
+    with zipfile.ZipFile(zipped) as z:
+        names = z.namelist()
+    assert f"{run_dir.name}/class_indices.json" in names and f"{run_dir.name}/model.pth" in names
+
+
+def test_export_without_run_is_a_message(client):
+    with pytest.raises(AppError, match="no run chosen"):
+        client.predict(None, api_name="/export_files")
