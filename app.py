@@ -145,7 +145,7 @@ def build_app(studio: Studio):
                    + (f", {len(result.test)} test images" if result.test else "") + ".")
         if result.skipped:
             summary += f" {len(result.skipped)} file(s) skipped (listed below)."
-        warnings = "\n".join(f"⚠️ {w}" for w in result.warnings) or "No warnings: classes are balanced."
+        warnings = "\n\n".join(f"**Warning:** {w}" for w in result.warnings) or "No warnings: classes are balanced."
         gallery = []
         by_class: dict[int, list[str]] = {}
         for rel, label in result.train + result.val:
@@ -186,23 +186,24 @@ def build_app(studio: Studio):
     # ---- Train ------------------------------------------------------------------------------
 
     def check_weights(arch: str = "resnet34", weights: str = "imagenet", weights_file=None):
-        from finetune.model import weights_available
+        """Say before training whether the chosen weights can be had (and, offline, what to do)."""
+        from finetune.model import imagenet_weights_path, weights_available
 
+        imagenet_ok = weights_available(arch, "imagenet")[0]
+        expected = imagenet_weights_path(arch)
+        missing = (f"**ImageNet weights for {arch} are not on this machine.** The engine looks for "
+                   f"`{expected}` and downloads it there on first use, which needs internet access. "
+                   f"Offline, copy `{expected.name}` there, choose *A weights file I upload*, or choose "
+                   f"*None: train from scratch* (works anywhere, but learns much less from small data).")
         if weights == "file":
             if not weights_file:
-                return "⬆️ Upload a `.pth` file holding a ResNet state_dict of the chosen architecture."
+                return "**Upload a `.pth` file** holding a ResNet state_dict of the chosen architecture."
             ok, message = weights_available(arch, str(weights_file))
-            return ("✅ " if ok else "❌ ") + message
-        ok, message = weights_available(arch, weights)
-        if ok:
-            return "✅ " + message
-        from finetune.model import imagenet_weights_path
-
-        expected = imagenet_weights_path(arch)
-        return (f"⚠️ **ImageNet weights for {arch} are not on this machine.** The engine looks for "
-                f"`{expected}` and downloads it there on first use, which needs internet access. "
-                f"Offline, copy `{expected.name}` there, choose *A weights file I upload*, or choose "
-                f"*None: train from scratch*.")
+            return ("Ready: " if ok else "**Problem:** ") + message
+        if weights == "imagenet":
+            return f"Ready: ImageNet weights found at `{expected}`." if imagenet_ok else "**Warning:** " + missing
+        note = "Ready: training from scratch (no pretrained weights)."
+        return note if imagenet_ok else note + "\n\nNote: " + missing
 
     def default_weights(arch: str = "resnet34"):
         from finetune.model import weights_available
@@ -307,7 +308,7 @@ def build_app(studio: Studio):
             matrix = str(matrix_path) if matrix_path.is_file() else None
         elif view.status == "failed":
             result = f"### Training failed\n{view.error}\n\nThe app still works: change the settings and start again."
-        outputs += [result, matrix]
+        outputs += [result, gr.Image(value=matrix, visible=matrix is not None)]
         return tuple(outputs)
 
     def stop_training():
@@ -538,7 +539,8 @@ def build_app(studio: Studio):
                                            x_title="epoch", y_title="accuracy", y_lim=[0, 1], elem_id="acc_plot",
                                            height=260)
                 train_matrix = gr.Image(label="Confusion matrix (validation, best epoch)", type="filepath",
-                                        interactive=False, elem_id="train_matrix", buttons=["download"])
+                                        interactive=False, elem_id="train_matrix", buttons=["download"],
+                                        visible=False)
                 log = gr.Textbox(label="Log", lines=10, max_lines=20, autoscroll=True, interactive=False,
                                  elem_id="train_log")
 

@@ -120,3 +120,11 @@ def app_server(tmp_path_factory):
         process.wait(20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so fixtures can see whether the test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

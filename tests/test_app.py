@@ -150,11 +150,14 @@ def test_weights_check_names_the_expected_file(client):
 
     note = client.predict("resnet50", "imagenet", None, api_name="/check_weights")
     if weights_available("resnet50", "imagenet")[0]:
-        assert note.startswith("✅")
+        assert note.startswith("Ready: ImageNet weights found")
     else:
         assert "not on this machine" in note and str(imagenet_weights_path("resnet50")) in note
         assert "None: train from scratch" in note and "weights file" in note
-    assert client.predict("resnet34", "none", None, api_name="/check_weights").startswith("✅")
+    none_note = client.predict("resnet50", "none", None, api_name="/check_weights")
+    assert none_note.startswith("Ready: training from scratch")
+    if not weights_available("resnet50", "imagenet")[0]:
+        assert "not on this machine" in none_note  # said even when None is chosen (it was preselected)
     assert "Upload a `.pth`" in client.predict("resnet34", "file", None, api_name="/check_weights")
 
 
@@ -192,7 +195,9 @@ def test_training_streams_progress_curves_and_result(trained):
     assert series == {"train", "val"}
     assert "epoch 1: train loss" in log
     assert "Completed" in result and run_dir.name in result
-    assert matrix and Path(matrix).name == "confusion_matrix.png"
+    assert matrix["visible"] is True  # the matrix appears when the training has ended
+    image = matrix["value"]
+    assert Path(image if isinstance(image, str) else image["path"]).name == "confusion_matrix.png"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
