@@ -243,21 +243,20 @@ class FeatureCache(Dataset):
 
 
 class Progress:
-    """A log line when a tenth of the work is done or 10 s passed, whichever is first."""
+    """A log line every 10 s while the work lasts, and one when it is done (quick work: just that one)."""
 
     def __init__(self, log: Callable[[str], None], what: str, total: int):
         self.log, self.what, self.total = log, what, total
         self.start = self.last_time = time.perf_counter()
-        self.last_done = 0
 
     def update(self, done: int) -> None:
         now = time.perf_counter()
-        if done >= self.total or done - self.last_done >= max(1, self.total // 10) or now - self.last_time >= 10:
+        if done >= self.total or now - self.last_time >= 10:
             rate = done / max(now - self.start, 1e-9)
             eta = (self.total - done) / rate if rate > 0 else 0.0
             self.log(f"{self.what}: {done}/{self.total} images ({100 * done // max(1, self.total)}%, "
                      f"{rate:.1f} images/s{f', about {eta:.0f} s left' if done < self.total else ''})")
-            self.last_time, self.last_done = now, done
+            self.last_time = now
 
 
 @torch.no_grad()  # not inference_mode: cached tensors must be usable as inputs of trainable layers later

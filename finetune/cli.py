@@ -48,7 +48,10 @@ class TerminalProgress:
         elif kind == "batch":
             if self.bar is None:
                 self.bar = tqdm(total=event["batches"], desc=f"epoch {event['epoch']}/{event['epochs']}",
-                                unit="batch", leave=False, dynamic_ncols=True, disable=self.quiet)
+                                unit="batch", leave=False, dynamic_ncols=True, disable=self.quiet,
+                                # tqdm's own rate would count throttled events: show the loop's instead
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                           "[{elapsed}{postfix}]")
             self.bar.n = event["batch"]
             self.bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['acc']:.3f}",
                                  img_s=f"{event['images_per_s']:.0f}", eta=_duration(event["eta_s"]),

@@ -290,9 +290,12 @@ def _train(cfg, ctx: Distributed, device, on_event, stop, resume_dir) -> Path:
     # --- data and run folder (rank 0 scans; every rank uses the same split)
     if resume_dir is not None:
         run_dir, state, scan = _load_resume(resume_dir)
+        model = None
     else:
         scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed) if ctx.is_main else None
         scan = ctx.broadcast(scan)
+        # the weights before the run folder: unavailable or wrong weights leave no failed run behind
+        model = build_model(cfg.arch, len(scan.classes), cfg.weights)
         run_dir = new_run_dir(cfg) if ctx.is_main else None
         run_dir = ctx.broadcast(run_dir)
         state = None
@@ -303,7 +306,7 @@ def _train(cfg, ctx: Distributed, device, on_event, stop, resume_dir) -> Path:
         listeners.append(on_event)
 
     try:
-        return _train_in_run(cfg, ctx, device, scan, run_dir, state, emit, log, stop)
+        return _train_in_run(cfg, ctx, device, scan, run_dir, state, emit, log, stop, model)
     except Exception as error:
         emit({"type": "error", "message": f"{type(error).__name__}: {error}" if not isinstance(error, FinetuneError)
               else str(error)})
@@ -346,7 +349,7 @@ def _update_run_json(run_dir: Path, **changes) -> None:
     write_json(path, info)
 
 
-def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emit, log, stop) -> Path:
+def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emit, log, stop, model=None) -> Path:
     classes = scan.classes
     if ctx.is_main and state is None:
         write_json(run_dir / "split.json", scan.to_dict())
@@ -363,8 +366,8 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
 
     # --- model
     pretrained = cfg.weights != "none"
-    model = build_model(cfg.arch, len(classes), "none" if state is not None else cfg.weights)
-    if state is not None:
+    if model is None:  # resuming: the architecture, then the saved weights
+        model = build_model(cfg.arch, len(classes), "none")
         model.load_state_dict(state["model"])
     apply_strategy(model, cfg.strategy)
     frozen, trainable = split_model(model, cfg.strategy)

@@ -47,6 +47,8 @@ def test_missing_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
     assert result.returncode == 2, result.stderr
     assert f"{env_home}/hub/checkpoints/resnet34-b627a593.pth" in result.stderr
     assert "Traceback" not in result.stderr
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), "no failed run folder left behind"
 
 
 def test_help_lists_every_command():
