@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -101,6 +102,20 @@ def install_stop_handlers(stop: threading.Event) -> None:
 # Commands
 
 
+def dataset_folder(data: str, quiet: bool = False) -> str:
+    """DATA as given, or, for a .zip, the folder it was safely extracted to (kept: runs refer to it)."""
+    path = Path(data).expanduser()
+    if path.suffix.lower() != ".zip" or not path.is_file():
+        return data
+    from .archive import extract_zip
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "datasets"
+    root = extract_zip(path, Path(os.environ.get("FINETUNE_DATASETS", cache)))
+    if not quiet:
+        print(f"{path.name}: extracted to {root}", file=sys.stderr)
+    return str(root)
+
+
 def cmd_train(args) -> int:
     from .train import resume_config, train
 
@@ -109,6 +124,7 @@ def cmd_train(args) -> int:
     else:
         if not args.data:
             raise FinetuneError("give a DATA folder to train on (or --resume RUN)")
+        args.data = dataset_folder(args.data, args.quiet)
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                   if f.name != "extra" and getattr(args, f.name, None) is not None}
         cfg = TrainConfig(**values)
@@ -145,7 +161,7 @@ def cmd_evaluate(args) -> int:
     from .predict import Predictor
 
     predictor = Predictor.from_run(args.run, args.device)
-    root, items, skipped = scan_labelled_folder(args.data, predictor.classes)
+    root, items, skipped = scan_labelled_folder(dataset_folder(args.data), predictor.classes)
     for rel, reason in skipped:
         print(f"skipped {rel}: {reason}")
     predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=len(predictor.classes),
@@ -178,7 +194,7 @@ def cmd_export(args) -> int:
 def cmd_scan(args) -> int:
     from .data import scan_dataset
 
-    scan = scan_dataset(args.data, args.val_fraction, args.seed)
+    scan = scan_dataset(dataset_folder(args.data, args.json), args.val_fraction, args.seed)
     print(json.dumps(scan.to_dict(), indent=2) if args.json else scan.report())
     return 0
 
@@ -214,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train on DATA: a folder of class subfolders, or with train/ and val/ "
                                    "(valid/, validation/; optional test/) of class subfolders.")
     d = TrainConfig()
-    t.add_argument("data", nargs="?", help="image folder")
+    t.add_argument("data", nargs="?", help="image folder, or a .zip of one (extracted safely to "
+                   "~/.cache/finetune/datasets, or $FINETUNE_DATASETS)")
     t.add_argument("--arch", choices=ARCHS, default=d.arch, help="ImageNet ResNet to fine-tune")
     t.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()))
@@ -274,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder",
                        formatter_class=DefaultsHelpFormatter)
     e.add_argument("run", help="run folder")
-    e.add_argument("data", help="folder of class subfolders (its test/ or val/ split if it has one)")
+    e.add_argument("data", help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)")
     e.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
     e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -288,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("scan", help="check an image folder and show its classes, split and skipped files")
-    s.add_argument("data")
+    s.add_argument("data", help="image folder or .zip")
     s.add_argument("--val-fraction", type=float, default=d.val_fraction)
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -313,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
-        import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

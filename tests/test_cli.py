@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
+import zipfile
 import sys
 
 import pytest
@@ -12,9 +14,9 @@ import pytest
 from conftest import REPO, make_class_folders
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     result = subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd or REPO, timeout=300)
+                            cwd=cwd or REPO, timeout=300, env=None if env is None else {**os.environ, **env})
     return result
 
 
@@ -85,3 +87,27 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
 
     scanned = cli("scan", data, "--json")
     assert json.loads(scanned.stdout)["classes"] == ["cats", "dogs"]
+
+
+def test_a_zip_of_class_folders_is_extracted_safely_and_used(tmp_path):
+    data = make_class_folders(tmp_path / "photos", per_class=3)
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(data.rglob("*.png")):
+            z.write(path, "photos/" + path.relative_to(data).as_posix())
+    before = archive.read_bytes()
+    env = {"FINETUNE_DATASETS": str(tmp_path / "extracted")}
+    scanned = cli("scan", archive, "--json", env=env)
+    assert scanned.returncode == 0, scanned.stderr
+    info = json.loads(scanned.stdout)
+    assert info["classes"] == ["cats", "dogs"] and len(info["train"]) + len(info["val"]) == 6
+    assert info["root"].startswith(str(tmp_path / "extracted"))
+    assert archive.read_bytes() == before
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../outside/cats/a.png", b"x")
+    refused = cli("scan", evil, env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: evil.zip: refusing entry that leaves the folder")
+    assert not (tmp_path / "outside").exists()
