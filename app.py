@@ -43,6 +43,7 @@ STRATEGY_CHOICES = [(f"{name}: {text}", name) for name, text in STRATEGY_HELP.it
 ARCH_CHOICES = [("ResNet-34 (faster)", "resnet34"), ("ResNet-50 (more accurate, slower)", "resnet50")]
 IMAGE_TYPES = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
 THUMBS_PER_CLASS = 6
+SERIES_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e"}  # named in the plot labels: blue, orange
 MAX_MISCLASSIFIED = 60
 
 CSS = """
@@ -160,7 +161,7 @@ def build_app(studio: Studio):
         ready = (f"Training data: `{result.root}` · {len(result.classes)} classes "
                  f"({', '.join(result.classes[:8])}{'…' if len(result.classes) > 8 else ''}) · "
                  f"{len(result.train)} train / {len(result.val)} val images")
-        return (result.root, summary, pd.DataFrame(rows), gallery, gr.Dataframe(value=skipped, visible=bool(result.skipped)),
+        return (summary, pd.DataFrame(rows), gallery, gr.Dataframe(value=skipped, visible=bool(result.skipped)),
                 warnings, ready)
 
     def upload_zip(file=None):
@@ -173,7 +174,7 @@ def build_app(studio: Studio):
             root = extract_zip(path, studio.workspace / "uploads")
         except FinetuneError as error:
             raise fail(error) from None
-        return scan(str(root))
+        return (*scan(str(root)), str(root))  # the extracted folder becomes the chosen data
 
     def pick_folder(selected=None):
         if isinstance(selected, list):
@@ -222,8 +223,6 @@ def build_app(studio: Studio):
         percent = round(view.fraction() * 100) if view else 0
         failed = bool(error) or (view is not None and view.status == "failed")
         text = error or (view.progress_text() if view else "")
-        if view is not None and view.status in ("completed", "stopped", "early-stopped"):
-            text = f"{view.status}: {view.summary}" if view.summary else view.status
         css = "ft-progress failed" if failed else "ft-progress"
         klass = "ft-status ft-error" if failed else "ft-status"
         from html import escape
@@ -282,19 +281,27 @@ def build_app(studio: Studio):
                 last_key = key
                 yield render_view(job, view)
             if job.finished():
-                if key != last_key:
-                    yield render_view(job, view)
                 return
             time.sleep(0.4)
 
     def render_view(job, view):
+        """Outputs for one state of a training. The plots fix their colour scale when first drawn,
+        so every plot carries both series from the start (val as an empty point until epoch 1 ends)."""
         outputs = [progress_html(view, f"Training failed: {view.error}" if view.status == "failed" else None)]
         if view.curves:
             frame = pd.DataFrame(view.curves)
             x_lim = [0, max(1, view.epochs)]
             for metric in ("loss", "accuracy"):
                 part = frame[frame.metric == metric][["epoch", "value", "series"]]
-                outputs.append(gr.LinePlot(value=part, x_lim=x_lim) if len(part) else gr.skip())
+                if not len(part):
+                    outputs.append(gr.skip())
+                    continue
+                missing = [{"epoch": 0.0, "value": float("nan"), "series": name} for name in ("train", "val")
+                           if name not in set(part.series)]
+                if missing:  # train first, so it keeps the first colour
+                    part = pd.concat([part, pd.DataFrame(missing)], ignore_index=True)
+                    part = part.astype({"epoch": float, "value": float})
+                outputs.append(gr.LinePlot(value=part, x_lim=x_lim))
         else:
             outputs += [gr.skip(), gr.skip()]
         outputs.append("\n".join(view.log))
@@ -320,6 +327,9 @@ def build_app(studio: Studio):
     # ---- Evaluate ---------------------------------------------------------------------------
 
     def evaluate_run(run=None):
+        if not run:  # no run yet (first start): a hint, not an error
+            return ("No trained run yet: train one on the **2. Train** tab, then pick it here.", None, None, [],
+                    "", None)
         try:
             run_dir = runs.resolve_run(run, studio.runs_dir)
             metrics = runs.read_metrics(run_dir)
@@ -339,7 +349,7 @@ def build_app(studio: Studio):
         root = Path(_split_root(run_dir) or "")
         gallery = []
         for item in metrics.get("misclassified", [])[:MAX_MISCLASSIFIED]:
-            caption = f"true: {item['true']} · predicted: {item['predicted']} ({item['confidence']:.0%})"
+            caption = f"{item['true']} → {item['predicted']} ({item['confidence']:.0%})"
             try:
                 gallery.append((thumbnail(root / item["path"], 200), caption))
             except Exception:  # noqa: BLE001 - the image may have moved since training
@@ -417,6 +427,8 @@ def build_app(studio: Studio):
 
     def export_files(run=None):
         """The files a run offers for download now (class map, weights, exports made so far)."""
+        if not run:  # no run yet: buttons stay disabled
+            return gr.DownloadButton(value=None, interactive=False), gr.DownloadButton(value=None, interactive=False), None
         try:
             run_dir = runs.resolve_run(run, studio.runs_dir)
         except FinetuneError as error:
@@ -500,7 +512,6 @@ def build_app(studio: Studio):
                                            elem_id="skipped_files", scale=3)
                 thumbs = gr.Gallery(label="A few images of each class", columns=8, height="auto",
                                     object_fit="contain", allow_preview=True, elem_id="class_thumbs")
-                scanned_root = gr.State(None)
 
             # -- Train
             with gr.Tab("2. Train", id="train", elem_id="tab_train") as tab_train:
@@ -534,13 +545,17 @@ def build_app(studio: Studio):
                 result_md = gr.Markdown(elem_id="train_result")
                 with gr.Row():
                     loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Loss",
-                                            x_title="epoch", y_title="loss", elem_id="loss_plot", height=260)
+                                            x_title="epoch", y_title="loss", elem_id="loss_plot", height=260,
+                                            color_map=SERIES_COLOURS, colors_in_legend=[],
+                                            label="Loss: blue = training (running mean in the epoch), "
+                                                  "orange = validation (end of each epoch)")
                     acc_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Accuracy",
                                            x_title="epoch", y_title="accuracy", y_lim=[0, 1], elem_id="acc_plot",
-                                           height=260)
+                                           height=260, color_map=SERIES_COLOURS, colors_in_legend=[],
+                                           label="Accuracy: blue = training, orange = validation")
                 train_matrix = gr.Image(label="Confusion matrix (validation, best epoch)", type="filepath",
                                         interactive=False, elem_id="train_matrix", buttons=["download"],
-                                        visible=False)
+                                        visible=False, show_label=False, height=380)
                 log = gr.Textbox(label="Log", lines=10, max_lines=20, autoscroll=True, interactive=False,
                                  elem_id="train_log")
 
@@ -550,14 +565,17 @@ def build_app(studio: Studio):
                     eval_run = gr.Dropdown(label="Run", elem_id="eval_run", scale=4, allow_custom_value=True)
                     eval_refresh = gr.Button("Refresh runs", elem_id="eval_refresh", scale=1)
                 eval_summary = gr.Markdown(elem_id="eval_summary")
-                eval_matrix = gr.Image(label="Confusion matrix: counts and row-normalised (rows: true class)",
-                                       type="filepath", interactive=False, elem_id="eval_matrix")
+                gr.Markdown("#### Confusion matrix\nRows are the true classes, columns the predictions; left "
+                            "counts, right the share of each true class.", elem_id="eval_matrix_help")
+                eval_matrix = gr.Image(label="Confusion matrix", show_label=False, type="filepath",
+                                       interactive=False, elem_id="eval_matrix", height=420)
                 eval_table = gr.Dataframe(label="Per class", interactive=False, elem_id="eval_table")
                 eval_note = gr.Markdown(elem_id="eval_note")
-                eval_gallery = gr.Gallery(label="Misclassified validation images", columns=6, height="auto",
-                                          object_fit="contain", elem_id="eval_gallery")
-                eval_curves = gr.Image(label="Training curves", type="filepath", interactive=False,
-                                       elem_id="eval_curves")
+                eval_gallery = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)",
+                                          columns=5, height="auto", object_fit="contain", elem_id="eval_gallery")
+                gr.Markdown("#### Training curves", elem_id="eval_curves_help")
+                eval_curves = gr.Image(label="Training curves", show_label=False, type="filepath", interactive=False,
+                                       elem_id="eval_curves", height=360)
 
             # -- Predict
             with gr.Tab("4. Predict", id="predict", elem_id="tab_predict") as tab_predict:
@@ -595,13 +613,12 @@ def build_app(studio: Studio):
                                    interactive=False, elem_id="exported_files")
 
         # ---- Wiring -------------------------------------------------------------------------
-        data_outputs = [scanned_root, data_summary, counts, thumbs, skipped, data_warnings, data_ready]
+        data_outputs = [data_summary, counts, thumbs, skipped, data_warnings, data_ready]
         scan_btn.click(scan, data_path, data_outputs, api_name="scan_folder")
         data_path.submit(scan, data_path, data_outputs, api_name="scan_folder_submit")
         sample_btn.click(lambda: studio.default_data, None, data_path, api_name="use_sample_data").then(
             scan, data_path, data_outputs, api_name="scan_sample")
-        zip_in.upload(upload_zip, zip_in, data_outputs, api_name="upload_zip").success(
-            lambda root=None: root or gr.skip(), scanned_root, data_path, api_name="show_zip_root")
+        zip_in.upload(upload_zip, zip_in, data_outputs + [data_path], api_name="upload_zip")
         browser.change(pick_folder, browser, data_path, api_name="pick_folder")
 
         weights_inputs = [arch, weights, weights_file]

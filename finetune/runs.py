@@ -145,6 +145,7 @@ class TrainingView:
     metrics: dict | None = None
     error: str | None = None
     device: str = ""
+    seconds: float | None = None
 
     def add(self, event: dict) -> None:
         kind = event.get("type")
@@ -177,7 +178,7 @@ class TrainingView:
             self.status = event["status"]
             self.summary = event.get("summary", "")
             self.metrics = event.get("metrics")
-            self.eta_s = 0
+            self.eta_s, self.seconds = 0, event.get("seconds")
             self.log.append(f"{event['status']} in {duration(event.get('seconds'))}; best epoch "
                             f"{event['best']['epoch']}: {self.summary}")
         elif kind == "error":
@@ -204,6 +205,8 @@ class TrainingView:
             return text + f" · about {duration(self.eta_s)} left"
         if self.status == "evaluating":
             return text + " · evaluating the best model on the validation images…"
+        if self.status in ("completed", "stopped", "early-stopped"):
+            return f"{self.status} after {self.epoch}/{self.epochs} epochs in {duration(self.seconds)}"
         return text
 
 

@@ -113,11 +113,12 @@ def test_upload_zip_with_one_top_folder(client, app_server, sample_data, tmp_pat
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted(sample_data.rglob("*.jpg"))[::4]:
             z.write(path, "my shapes/" + path.relative_to(sample_data).as_posix())
-    summary, counts, gallery, skipped, warnings, ready = client.predict(handle_file(str(archive)),
-                                                                       api_name="/upload_zip")
+    summary, counts, gallery, skipped, warnings, ready, path = client.predict(handle_file(str(archive)),
+                                                                             api_name="/upload_zip")
     assert "3 classes" in summary and "my shapes" in summary
     uploads = app_server.workspace / "uploads"
-    assert str(uploads) in summary and len(list(uploads.iterdir())) == 1
+    assert path.startswith(str(uploads)) and path.endswith("my shapes") and path in summary
+    assert [p.name for p in uploads.iterdir()] == [Path(path).parent.name]
 
 
 def test_upload_bad_zip_is_a_message(client, tmp_path):
@@ -261,14 +262,14 @@ def test_evaluate_run(client, trained):
     wrong = len(metrics["misclassified"])
     assert len(gallery) == min(wrong, 60)
     if wrong:
-        assert gallery[0]["caption"].startswith("true: ") and "predicted: " in gallery[0]["caption"]
+        first = metrics["misclassified"][0]
+        assert gallery[0]["caption"].startswith(f"{first['true']} → {first['predicted']} (")
         assert f"{wrong} of 15" in note
     else:
         assert "correctly" in note
 
 
 @pytest.mark.parametrize("run, message", [
-    (None, "no run chosen"),
     ("/etc", "not a run in"),
     ("no-such-run", "not a run folder"),
 ])
@@ -345,6 +346,9 @@ def test_export_downloads(client, trained):
     assert f"{run_dir.name}/class_indices.json" in names and f"{run_dir.name}/model.pth" in names
 
 
-def test_export_without_run_is_a_message(client):
+def test_no_run_yet_is_a_hint_not_an_error(client):
+    assert "No trained run yet" in client.predict(None, api_name="/evaluate_run")[0]
+    classes, model, made = client.predict(None, api_name="/export_files")
+    assert classes["interactive"] is False and model["interactive"] is False and made is None
     with pytest.raises(AppError, match="no run chosen"):
-        client.predict(None, api_name="/export_files")
+        client.predict(None, api_name="/export_torchscript")
