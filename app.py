@@ -724,8 +724,13 @@ def main(argv=None) -> int:
               f"could train, read and download here. Add --auth user:password (or set FINETUNE_AUTH), or use "
               f"--host 127.0.0.1.", file=sys.stderr)
         return 2
+    import signal
+
     import gradio as gr
 
+    # SIGTERM (service managers, `kill`) ends the app like Ctrl-C: a running training is stopped
+    # cleanly (its best checkpoint kept) instead of being left running on its own.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     studio = Studio(args.runs_dir, args.workspace, args.data, args.browse_root)
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)

@@ -352,3 +352,66 @@ def test_no_run_yet_is_a_hint_not_an_error(client):
     assert classes["interactive"] is False and model["interactive"] is False and made is None
     with pytest.raises(AppError, match="no run chosen"):
         client.predict(None, api_name="/export_torchscript")
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting the app: loopback by default, a log-in required beyond it
+
+
+def run_app(*args, env=None, timeout=60):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    full_env = dict(os.environ)
+    full_env.pop("FINETUNE_AUTH", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(REPO / "app.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def test_non_loopback_host_without_auth_is_refused():
+    result = run_app("--host", "0.0.0.0", "--port", "1")
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a log-in" in result.stderr and "--auth" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_auth_is_refused():
+    result = run_app("--auth", "nopassword", "--port", "1")
+    assert result.returncode != 0 and "--auth must look like user:password" in result.stderr
+
+
+def test_auth_from_the_environment_is_required(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import REPO, free_port
+
+    port = free_port()
+    env = dict(os.environ, FINETUNE_AUTH="ada:secret-pass")
+    process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir",
+                                str(tmp_path / "runs"), "--workspace", str(tmp_path / "ws")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/login_check", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # answering: 401 without a log-in
+            except OSError:
+                time.sleep(0.3)
+        with pytest.raises(Exception):
+            Client(url, analytics_enabled=False, verbose=False)
+        logged_in = Client(url, auth=("ada", "secret-pass"), analytics_enabled=False, verbose=False)
+        assert "3 classes" in logged_in.predict(api_name="/scan_folder")[0]
+    finally:
+        process.terminate()
+        process.wait(30)
