@@ -384,18 +384,26 @@ def build_app(studio: Studio):
             raise fail(error) from None
         return {name: float(p) for name, p in top}
 
-    def predict_batch(run=None, files=None, top_k=3):
+    def predict_batch(run=None, files=None, top_k=3, folder=None):
         from finetune.archive import extract_zip
         from finetune.data import is_image_file, list_images
         from finetune.predict import write_csv
 
-        if not files:
-            raise gr.Error("Drop image files or a .zip of images first.")
+        folder = (folder or "").strip()
+        if not files and not folder:
+            raise gr.Error("Drop image files or a .zip of images first (or give a folder on the server).")
         try:
             run_dir = runs.resolve_run(run, studio.runs_dir)
             predictor = studio.predictor(run_dir)
             paths, names = [], []
-            for file in files:
+            if folder:
+                root = Path(folder).expanduser()
+                if not root.is_dir():
+                    raise FinetuneError(f"folder not found: {folder}")
+                for image in list_images([root]):
+                    paths.append(image)
+                    names.append(image.relative_to(root).as_posix())
+            for file in files or []:
                 path = Path(file if isinstance(file, str) else file.name)
                 if path.suffix.lower() == ".zip":
                     root = extract_zip(path, studio.workspace / "predict")
@@ -408,7 +416,7 @@ def build_app(studio: Studio):
                 else:
                     raise FinetuneError(f"{path.name} is neither an image nor a .zip")
             if not paths:
-                raise FinetuneError("no image files found in the upload")
+                raise FinetuneError("no image files found in the upload" + (f" or in {folder}" if folder else ""))
             predictions = predictor.predict_paths(paths, top_k=int(top_k))
         except FinetuneError as error:
             raise fail(error) from None
@@ -588,8 +596,11 @@ def build_app(studio: Studio):
                     label_out = gr.Label(label="Prediction", elem_id="predict_label")
                 gr.Markdown("#### Many images at once", elem_id="batch_heading")
                 with gr.Row():
-                    batch_in = gr.File(label="Image files and/or .zip files of images", file_count="multiple",
-                                       file_types=IMAGE_TYPES + [".zip"], type="filepath", elem_id="batch_files")
+                    with gr.Column():
+                        batch_in = gr.File(label="Image files and/or .zip files of images", file_count="multiple",
+                                           file_types=IMAGE_TYPES + [".zip"], type="filepath", elem_id="batch_files")
+                        batch_folder = gr.Textbox(label="…and/or a folder on the server (searched recursively)",
+                                                  placeholder="/path/to/images", elem_id="batch_folder")
                     with gr.Column():
                         batch_btn = gr.Button("Classify all", variant="primary", elem_id="batch_btn")
                         batch_csv = gr.File(label="Predictions as CSV", interactive=False, elem_id="batch_csv")
@@ -654,7 +665,7 @@ def build_app(studio: Studio):
                       **predict_kwargs)
         predict_run.change(predict_image, [predict_run, image_in, top_k], label_out, api_name="predict_image_run",
                            **predict_kwargs)
-        batch_btn.click(predict_batch, [predict_run, batch_in, top_k], [batch_table, batch_csv],
+        batch_btn.click(predict_batch, [predict_run, batch_in, top_k, batch_folder], [batch_table, batch_csv],
                         api_name="predict_batch", **predict_kwargs)
 
         export_run.change(export_files, export_run, [dl_classes, dl_model, exported], api_name="export_files")

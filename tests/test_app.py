@@ -299,7 +299,7 @@ def test_predict_batch_images_and_zip(client, trained, sample_data, tmp_path):
         for path in sorted(sample_data.glob("circle/*.jpg"))[:3]:
             z.write(path, "batch/" + path.name)
     table, csv_file = client.predict(str(run_dir), [handle_file(str(p)) for p in images] + [handle_file(str(archive))],
-                                     3, api_name="/predict_batch")
+                                     3, None, api_name="/predict_batch")
     assert len(table["data"]) == 5
     assert table["headers"][:3] == ["file", "prediction", "confidence"]
     assert table["data"][0][0] == images[0].name and table["data"][2][0].startswith("more.zip/")
@@ -312,13 +312,22 @@ def test_predict_batch_errors(client, trained, tmp_path):
     note = tmp_path / "notes.txt"
     note.write_text("hello")
     with pytest.raises(AppError, match="Invalid file type"):
-        client.predict(str(run_dir), [handle_file(str(note))], 3, api_name="/predict_batch")
+        client.predict(str(run_dir), [handle_file(str(note))], 3, None, api_name="/predict_batch")
     fake = tmp_path / "broken.jpg"
     fake.write_text("not really a picture")
-    table, csv_file = client.predict(str(run_dir), [handle_file(str(fake))], 3, api_name="/predict_batch")
+    table, csv_file = client.predict(str(run_dir), [handle_file(str(fake))], 3, None, api_name="/predict_batch")
     assert table["data"][0][0] == "broken.jpg" and table["data"][0][1] == "" and table["data"][0][-1]
     with pytest.raises(AppError, match="Drop image files"):
-        client.predict(str(run_dir), None, 3, api_name="/predict_batch")
+        client.predict(str(run_dir), None, 3, "", api_name="/predict_batch")
+    with pytest.raises(AppError, match="folder not found: /no/such/images"):
+        client.predict(str(run_dir), None, 3, "/no/such/images", api_name="/predict_batch")
+
+
+def test_predict_batch_server_folder(client, trained, sample_data):
+    run_dir, _ = trained
+    table, csv_file = client.predict(str(run_dir), None, 2, str(sample_data / "square"), api_name="/predict_batch")
+    assert len(table["data"]) == 24 and table["data"][0][0] == "square_00.jpg"
+    assert table["headers"][3] == "top 2"
 
 
 # ---------------------------------------------------------------------------------------------
