@@ -186,7 +186,7 @@ def build_app(studio: Studio):
 
     # ---- Train ------------------------------------------------------------------------------
 
-    def check_weights(arch: str = "resnet34", weights: str = "imagenet", weights_file=None):
+    def check_weights(arch: str = "resnet34", weights: str = "imagenet", weights_file=None, strategy: str = "all"):
         """Say before training whether the chosen weights can be had (and, offline, what to do)."""
         from finetune.model import imagenet_weights_path, weights_available
 
@@ -204,6 +204,9 @@ def build_app(studio: Studio):
         if weights == "imagenet":
             return f"Ready: ImageNet weights found at `{expected}`." if imagenet_ok else "**Warning:** " + missing
         note = "Ready: training from scratch (no pretrained weights)."
+        if strategy != "all":
+            note += (f" **Tip:** without pretrained weights the layers that strategy *{strategy}* freezes stay "
+                     f"random, so it learns little; choose strategy *all* to train every layer.")
         return note if imagenet_ok else note + "\n\nNote: " + missing
 
     def default_weights(arch: str = "resnet34"):
@@ -222,7 +225,7 @@ def build_app(studio: Studio):
     def progress_html(view, error: str | None = None) -> str:
         percent = round(view.fraction() * 100) if view else 0
         failed = bool(error) or (view is not None and view.status == "failed")
-        text = error or (view.progress_text() if view else "")
+        text = error or (view.progress_text() if view else "Not started: choose the settings and press Start training.")
         css = "ft-progress failed" if failed else "ft-progress"
         klass = "ft-status ft-error" if failed else "ft-status"
         from html import escape
@@ -632,10 +635,10 @@ def build_app(studio: Studio):
         zip_in.upload(upload_zip, zip_in, data_outputs + [data_path], api_name="upload_zip")
         browser.change(pick_folder, browser, data_path, api_name="pick_folder")
 
-        weights_inputs = [arch, weights, weights_file]
+        weights_inputs = [arch, weights, weights_file, strategy]
         weights.change(lambda w=None: gr.File(visible=w == "file"), weights, weights_file, api_name="weights_file_visible")
         for trigger, name in ((arch.change, "check_weights"), (weights.change, "check_weights_on_choice"),
-                              (weights_file.change, "check_weights_file")):
+                              (weights_file.change, "check_weights_file"), (strategy.change, "check_weights_strategy")):
             trigger(check_weights, weights_inputs, weights_note, api_name=name)
         strategy.change(strategy_lr, strategy, lr, api_name="strategy_lr")
 

@@ -155,8 +155,9 @@ def test_weights_check_names_the_expected_file(client):
     else:
         assert "not on this machine" in note and str(imagenet_weights_path("resnet50")) in note
         assert "None: train from scratch" in note and "weights file" in note
-    none_note = client.predict("resnet50", "none", None, api_name="/check_weights")
-    assert none_note.startswith("Ready: training from scratch")
+    none_note = client.predict("resnet50", "none", None, "all", api_name="/check_weights")
+    assert none_note.startswith("Ready: training from scratch") and "Tip" not in none_note
+    assert "choose strategy *all*" in client.predict("resnet50", "none", None, "head", api_name="/check_weights")
     if not weights_available("resnet50", "imagenet")[0]:
         assert "not on this machine" in none_note  # said even when None is chosen (it was preselected)
     assert "Upload a `.pth`" in client.predict("resnet34", "file", None, api_name="/check_weights")
