@@ -742,21 +742,29 @@ def main(argv=None) -> int:
 
     import gradio as gr
 
-    # SIGTERM (service managers, `kill`) ends the app like Ctrl-C: a running training is stopped
-    # cleanly (its best checkpoint kept) instead of being left running on its own.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     studio = Studio(args.runs_dir, args.workspace, args.data, args.browse_root)
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1)
-    print(f"Finetune Studio: runs in {studio.runs_dir}, uploads in {studio.workspace}", flush=True)
     try:
         demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
                     allowed_paths=[str(studio.runs_dir), str(studio.workspace)], ssr_mode=False, pwa=False,
                     mcp_server=False, enable_monitoring=False, css=CSS, theme=gr.themes.Default(),
-                    footer_links=["settings"], quiet=False)
+                    footer_links=["settings"], quiet=True, prevent_thread_lock=True)
+        # SIGTERM (service managers, `kill`) ends the app like Ctrl-C: a running training is stopped
+        # cleanly (its best checkpoint kept) instead of being left running on its own. Installed after
+        # launch(), which sets handlers of its own.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+        shown_host = "127.0.0.1" if args.host in ("", "0.0.0.0", "::") else args.host
+        print(f"Finetune Studio is running: open http://{shown_host}:{args.port} in a browser"
+              f"{' (log-in required)' if auth else ''}. Ctrl-C stops it.\n"
+              f"  runs: {studio.runs_dir}\n  uploads and exports: {studio.workspace}", flush=True)
+        demo.block_thread()
+    except SystemExit:
+        pass
     finally:
         if studio.job is not None:
             studio.job.kill()
+        demo.close()  # stops the server thread, so the process can end
     return 0
 
 

@@ -425,3 +425,39 @@ def test_auth_from_the_environment_is_required(tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_ending_the_app_stops_its_training(tmp_path, sample_data):
+    """SIGTERM to the app (a service manager, `kill`): the training is stopped cleanly, not orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("FINETUNE_AUTH", None)
+    runs_dir = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir",
+                                str(runs_dir), "--workspace", str(tmp_path / "ws")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}", analytics_enabled=False, verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - not answering yet
+                assert time.time() < deadline and process.poll() is None, "app did not start"
+                time.sleep(0.5)
+        train(client, sample_data, epochs=300)
+        follow(client, until=lambda u: "batch" in status_text(u), timeout=120)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        info = json.loads(next(runs_dir.glob("*/run.json")).read_text())
+        assert info["status"] == "stopped"
+    finally:
+        if process.poll() is None:
+            process.kill()
