@@ -394,41 +394,9 @@ def test_malformed_auth_is_refused():
     assert result.returncode != 0 and "--auth must look like user:password" in result.stderr
 
 
-def test_auth_from_the_environment_is_required(tmp_path):
-    import os
-    import subprocess
-    import sys
-    import urllib.request
-
-    from conftest import REPO, free_port
-
-    port = free_port()
-    env = dict(os.environ, FINETUNE_AUTH="ada:secret-pass")
-    process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir",
-                                str(tmp_path / "runs"), "--workspace", str(tmp_path / "ws")], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(url + "/login_check", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # answering: 401 without a log-in
-            except OSError:
-                time.sleep(0.3)
-        with pytest.raises(Exception):
-            Client(url, analytics_enabled=False, verbose=False)
-        logged_in = Client(url, auth=("ada", "secret-pass"), analytics_enabled=False, verbose=False)
-        assert "3 classes" in logged_in.predict(api_name="/scan_folder")[0]
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
-def test_ending_the_app_stops_its_training(tmp_path, sample_data):
-    """SIGTERM to the app (a service manager, `kill`): the training is stopped cleanly, not orphaned."""
+def test_auth_from_the_environment_and_ending_the_app_stops_its_training(tmp_path, sample_data):
+    """FINETUNE_AUTH requires a log-in. SIGTERM to the app (a service manager, `kill`) stops its
+    training cleanly (status stopped, best model kept) instead of leaving it running on its own."""
     import os
     import signal
     import subprocess
@@ -437,27 +405,31 @@ def test_ending_the_app_stops_its_training(tmp_path, sample_data):
     from conftest import REPO, free_port
 
     port = free_port()
-    env = dict(os.environ)
-    env.pop("FINETUNE_AUTH", None)
+    env = dict(os.environ, FINETUNE_AUTH="ada:secret-pass")
     runs_dir = tmp_path / "runs"
     process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir",
                                 str(runs_dir), "--workspace", str(tmp_path / "ws")], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
         while True:
             try:
-                client = Client(f"http://127.0.0.1:{port}", analytics_enabled=False, verbose=False)
+                client = Client(url, auth=("ada", "secret-pass"), analytics_enabled=False, verbose=False)
                 break
             except Exception:  # noqa: BLE001 - not answering yet
                 assert time.time() < deadline and process.poll() is None, "app did not start"
                 time.sleep(0.5)
+        with pytest.raises(Exception):
+            Client(url, analytics_enabled=False, verbose=False)  # no log-in: refused
+        assert "3 classes" in client.predict(api_name="/scan_folder")[0]
         train(client, sample_data, epochs=300)
         follow(client, until=lambda u: "batch" in status_text(u), timeout=120)
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
-        info = json.loads(next(runs_dir.glob("*/run.json")).read_text())
-        assert info["status"] == "stopped"
+        run_dir = next(runs_dir.glob("*/run.json")).parent
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
+        assert (run_dir / "model.pth").is_file()
     finally:
         if process.poll() is None:
             process.kill()
