@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: finetune is importable
 RESULTS = REPO / "bench" / "results"
 DEFAULT_EPOCHS = {"head": 10, "last": 10, "all": 2}
 
@@ -43,7 +44,7 @@ def worker(kind: str, cfg_values: dict) -> dict:
 
     from finetune.config import TrainConfig
 
-    cfg = TrainConfig(**cfg_values)
+    cfg = TrainConfig(**cfg_values) if kind in ("baseline", "ours") else None
     if kind == "baseline":
         sys.path.insert(0, str(REPO / "bench"))
         from baseline import run_baseline
