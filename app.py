@@ -217,10 +217,17 @@ def build_app(studio: Studio):
     def strategy_lr(strategy: str):
         return DEFAULT_LR.get(strategy, 1e-3)
 
+    def visible_gpus() -> int:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
     def device_text():
         from finetune.train import describe_device, resolve_device
 
-        return f"**Device:** {describe_device(resolve_device('auto'))}"
+        count = visible_gpus()
+        return (f"**Device:** {describe_device(resolve_device('auto'))}"
+                + (f" ({count} GPUs visible)" if count > 1 else ""))
 
     def progress_html(view, error: str | None = None) -> str:
         percent = round(view.fraction() * 100) if view else 0
@@ -234,7 +241,7 @@ def build_app(studio: Studio):
                 f'<div class="{klass}" id="train_status_text">{escape(text)}</div>')
 
     def start_training(data=None, arch="resnet34", strategy="last", weights="none", weights_file=None, epochs=5,
-                       batch_size=32, lr=None, image_size=224, seed=0):
+                       batch_size=32, lr=None, image_size=224, seed=0, gpus=1):
         from finetune.model import weights_available
 
         with studio.job_lock:
@@ -263,7 +270,8 @@ def build_app(studio: Studio):
                                   epochs=int(epochs), batch_size=int(batch_size), lr=float(lr) if lr else None,
                                   image_size=int(image_size), seed=int(seed), runs_dir=str(studio.runs_dir))
                 cfg.validate()
-                studio.job = runs.TrainingJob(cfg, cwd=REPO)
+                processes = max(1, min(int(gpus or 1), visible_gpus()))
+                studio.job = runs.TrainingJob(cfg, cwd=REPO, processes=processes)
             except FinetuneError as error:
                 raise fail(error) from None
             except (TypeError, ValueError) as error:
@@ -548,6 +556,10 @@ def build_app(studio: Studio):
                                                precision=0, elem_id="image_size")
                         seed = gr.Number(value=0, label="Seed", precision=0, elem_id="seed")
                         device = gr.Markdown(device_text(), elem_id="device")
+                        # several GPUs: one training process per GPU (torchrun, DistributedDataParallel)
+                        gpus = gr.Number(value=max(1, visible_gpus()), minimum=1, maximum=max(1, visible_gpus()),
+                                         precision=0, label="GPUs to train on", visible=visible_gpus() > 1,
+                                         elem_id="gpus")
                 with gr.Row():
                     start_btn = gr.Button("Start training", variant="primary", elem_id="start_btn")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop_btn")
@@ -645,7 +657,7 @@ def build_app(studio: Studio):
         follow_outputs = [progress, loss_plot, acc_plot, log, result_md, train_matrix]
         start_btn.click(
             start_training, [data_path, arch, strategy, weights, weights_file, epochs, batch_size, lr, image_size,
-                             seed], [progress, train_message], api_name="start_training",
+                             seed, gpus], [progress, train_message], api_name="start_training",
             concurrency_id="train_start", concurrency_limit=1,
         ).success(
             follow_training, None, follow_outputs, api_name="follow_training", concurrency_limit=None,

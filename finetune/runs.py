@@ -223,9 +223,13 @@ def new_run_name(arch: str, strategy: str, runs_dir: str | Path) -> str:
     return name
 
 
-def train_command(cfg: TrainConfig) -> list[str]:
-    """argv for `python -m finetune train` with this configuration."""
-    cmd = [sys.executable, "-m", "finetune", "train", cfg.data, "--arch", cfg.arch, "--strategy", cfg.strategy,
+def train_command(cfg: TrainConfig, processes: int = 1) -> list[str]:
+    """argv for `python -m finetune train` with this configuration; `processes` > 1: under torchrun
+    (one process per GPU, DistributedDataParallel)."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd = [*launcher, "-m", "finetune", "train", cfg.data, "--arch", cfg.arch, "--strategy", cfg.strategy,
            "--weights", cfg.weights, "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
            "--image-size", str(cfg.image_size), "--seed", str(cfg.seed), "--runs-dir", cfg.runs_dir, "--quiet"]
     if cfg.lr is not None:
@@ -239,16 +243,31 @@ def train_command(cfg: TrainConfig) -> list[str]:
     return cmd
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of pid (Linux /proc; empty elsewhere)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields_after_name = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields_after_name[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 class TrainingJob:
     """One `python -m finetune train` process and what it has written so far."""
 
-    def __init__(self, cfg: TrainConfig, cwd: str | Path | None = None, env: dict | None = None):
+    def __init__(self, cfg: TrainConfig, cwd: str | Path | None = None, env: dict | None = None,
+                 processes: int = 1):
         cfg.validate()
+        self.processes = max(1, int(processes))
         if not cfg.run_name:
             cfg.run_name = new_run_name(cfg.arch, cfg.strategy, cfg.runs_dir)
         self.cfg = cfg
         self.run_dir = Path(cfg.runs_dir) / cfg.run_name
-        self.command = train_command(cfg)
+        self.command = train_command(cfg, self.processes)
         self.view = TrainingView(run_dir=str(self.run_dir))
         self.started = time.time()
         self.stop_requested = False
@@ -277,7 +296,16 @@ class TrainingJob:
         if not self.running():
             return False
         self.stop_requested = True
-        self.process.send_signal(signal.SIGINT)
+        if self.processes > 1:
+            # the training processes themselves, which stop together at the next batch; torchrun then
+            # exits on its own (a SIGINT to torchrun would make it tear its workers down)
+            for pid in _children(self.process.pid) or [self.process.pid]:
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        else:
+            self.process.send_signal(signal.SIGINT)
         return True
 
     def kill(self, timeout: float = 10.0) -> None:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import REPO, make_class_folders
 from finetune.config import FinetuneError, TrainConfig
 from finetune.runs import (EventFollower, TrainingJob, TrainingView, list_runs, read_metrics, resolve_run, run_choices,
                            train_command)
@@ -103,3 +104,28 @@ def test_killed_process_says_so(tmp_path):
     job.process.wait(10)
     view = job.update()
     assert view.status == "failed" and "killed by SIGKILL" in view.error and "out of memory" in view.error
+
+
+@pytest.mark.slow
+def test_two_process_training_under_torchrun_stops_cleanly(tmp_path):
+    """What the app launches when several GPUs are visible (here 2 CPU processes, gloo)."""
+    data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
+    cfg = TrainConfig(data=str(data), weights="none", epochs=50, batch_size=2, image_size=32, workers=0,
+                      device="cpu", runs_dir=str(tmp_path / "runs"))
+    assert train_command(cfg, processes=2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
+                                                   "--nproc_per_node", "2"]
+    job = TrainingJob(cfg, cwd=REPO, processes=2)
+    deadline = time.time() + 180
+    while job.update().batch == 0 and job.running() and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.view.batch > 0, job.failure_message()
+    assert job.stop()
+    while not job.finished() and time.time() < deadline:
+        job.update()
+        time.sleep(0.2)
+    assert job.view.status == "stopped", job.view.error
+    assert job.process.returncode == 0
+    info = json.loads((job.run_dir / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "stopped"
+    assert (job.run_dir / "model.pth").is_file()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [job.run_dir.name]
