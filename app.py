@@ -492,6 +492,14 @@ def build_app(studio: Studio):
         return (run_dropdown(True, current_eval), run_dropdown(True, current_predict),
                 run_dropdown(True, current_export))
 
+    def select_trained_run(current_eval=None, current_predict=None, current_export=None):
+        """After a training: the new run in Evaluate, Predict and Export (when it has a model)."""
+        trained = str(studio.job.run_dir.resolve()) if studio.job is not None else None
+        paths = [path for _, path in runs.run_choices(studio.runs_dir, usable_only=True)]
+        if trained not in paths:
+            return refresh_runs(current_eval, current_predict, current_export)
+        return tuple(run_dropdown(True, trained) for _ in range(3))
+
     def latest_runs():
         return refresh_runs()
 
@@ -619,7 +627,8 @@ def build_app(studio: Studio):
                     with gr.Column():
                         batch_btn = gr.Button("Classify all", variant="primary", elem_id="batch_btn")
                         batch_csv = gr.File(label="Predictions as CSV", interactive=False, elem_id="batch_csv")
-                batch_table = gr.Dataframe(label="Predictions", interactive=False, elem_id="batch_table")
+                batch_table = gr.Dataframe(label="Predictions", interactive=False, elem_id="batch_table",
+                                           headers=["file", "prediction", "confidence"])
 
             # -- Export
             with gr.Tab("5. Export", id="export", elem_id="tab_export") as tab_export:
@@ -662,7 +671,7 @@ def build_app(studio: Studio):
         ).success(
             follow_training, None, follow_outputs, api_name="follow_training", concurrency_limit=None,
             show_progress="hidden",
-        ).then(refresh_runs, [eval_run, predict_run, export_run], [eval_run, predict_run, export_run],
+        ).then(select_trained_run, [eval_run, predict_run, export_run], [eval_run, predict_run, export_run],
                api_name="refresh_runs_after_training")
         stop_btn.click(stop_training, None, train_message, api_name="stop_training", concurrency_limit=None)
 

@@ -130,6 +130,11 @@ def test_train_one_epoch_curves_and_confusion_matrix(page, app_server):
     assert page.locator("#acc_plot svg path[aria-roledescription='line mark']").count() >= 1
     page.locator("#train_matrix img").wait_for()
     assert "epoch 1: train loss" in page.locator("#train_log textarea").input_value()
+    # the new run is what Predict now uses
+    name = page.locator("#train_result").inner_text().split("Completed:")[1].split()[0]
+    open_tab(page, "4. Predict")
+    page.wait_for_function("name => document.querySelector('#predict_run input')?.value.startsWith(name)",
+                           arg=name, timeout=15_000)
 
 
 def test_evaluate_shows_confusion_matrix_and_table(page):
