@@ -51,7 +51,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .config import TrainConfig
 from .data import (IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb,
-                   resize_size, train_transform)
+                   resize_size, train_transform, usable_cores)
 
 GiB = 1024**3
 
@@ -121,11 +121,6 @@ def _gb(nbytes: float) -> str:
 class Shard:
     rank: int = 0
     world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Shard":
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        return cls(int(os.environ.get("RANK", "0") or 0), world) if world > 1 else cls()
 
     def train_indices(self, n: int) -> list[int]:
         """This rank's training images, padded (wrapping around) so every rank has ceil(n / world)."""
@@ -408,7 +403,7 @@ class PixelCache(Dataset):
 def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: Callable[[torch.Tensor], None],
                log: Callable[[str], None], what: str) -> None:
     """Decode in parallel threads (PIL and torch release the GIL), keep the order."""
-    threads = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    threads = min(16, usable_cores())
     progress = Progress(log, what, len(paths))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for done, image in enumerate(pool.map(decode, paths), start=1):
@@ -494,14 +489,15 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
 
 
 def build_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
-                   memory_format, workers: int, log: Callable[[str], None]) -> Pipeline:
-    """The fastest pipeline that fits: cached features (head, last), cached pixels (all), else streamed."""
+                   memory_format, workers: int, log: Callable[[str], None], shard: Shard | None = None) -> Pipeline:
+    """The fastest pipeline that fits: cached features (head, last), cached pixels (all), else streamed.
+    `shard`: this process's place among several (torchrun); None for a single process."""
     reason = ""
     if cfg.cache == "off":
         reason = "cache off"
     else:
         budget = memory_budget_bytes(cfg)
-        shard = Shard.from_env()
+        shard = shard or Shard()
         if isinstance(frozen, nn.Identity):
             built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard)
         else:

@@ -28,6 +28,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMBALANCE_RATIO = 3.0  # warn when the largest class has this many times the images of the smallest
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, e.g. under taskset or a container), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES
 
@@ -105,7 +112,7 @@ def check_image(path: str | Path) -> str | None:
 
 def check_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, str]:
     """Decode every file in parallel; returns {relpath: reason} for those that fail."""
-    workers = workers or min(32, (os.cpu_count() or 1) * 2)
+    workers = workers or min(32, usable_cores() * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
         reasons = pool.map(lambda rel: check_image(root / rel), relpaths, chunksize=8)
         return {rel: reason for rel, reason in zip(relpaths, reasons) if reason is not None}

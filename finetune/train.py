@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import cache
 from .config import FinetuneError, TrainConfig
 from .data import (IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size,
-                   scan_dataset)
+                   scan_dataset, usable_cores)
 from .evaluate import compute_metrics, plot_history, predict_batches, summary_line, write_reports
 from .model import apply_strategy, build_model, param_groups, split_model
 
@@ -121,7 +121,7 @@ def describe_device(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (cuda:{device.index or 0})"
     if device.type == "mps":
         return "Apple GPU (mps)"
-    return f"CPU ({os.cpu_count()} cores)"
+    return f"CPU ({usable_cores()} cores)"
 
 
 def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
@@ -131,7 +131,7 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 
 def default_workers(device: torch.device) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return min(8, cores) if device.type == "cuda" else min(4, max(0, cores - 1))
 
 
@@ -241,12 +241,12 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: t
                 ctx: Distributed, drop_last: bool = False, sharded: bool = False) -> DataLoader:
     """`sharded`: the dataset already holds only this rank's part (a cache built per rank)."""
     sampler = None
-    if sharded:
-        pass
-    elif ctx.enabled and shuffle:
-        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed, drop_last=drop_last)
-    elif ctx.enabled:
-        dataset = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
+    if ctx.enabled and not sharded:
+        if shuffle:
+            sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed,
+                                         drop_last=drop_last)
+        else:
+            dataset = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
@@ -379,7 +379,8 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
 
     # --- data pipeline: cached frozen features / decoded pixels when they fit, else streamed images
-    pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log)
+    pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log,
+                                    cache.Shard(ctx.rank, ctx.world_size))
     per_rank = len(pipeline.train) if pipeline.sharded else len(pipeline.train) // ctx.world_size
     train_loader = make_loader(pipeline.train, cfg.batch_size, True, pipeline.workers, device, cfg.seed, ctx,
                                drop_last=per_rank > cfg.batch_size, sharded=pipeline.sharded)
