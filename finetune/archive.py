@@ -1,33 +1,79 @@
 """Safe extraction of a dataset .zip (uploaded in the browser or given on the command line).
 
 Every entry is checked before anything is written: no entry may leave the target folder
-(`../`, absolute paths, drive letters), symlinks are refused, and the number of entries, the total
-uncompressed size and the compression ratio are limited (zip bombs). The archive is extracted into
-a fresh folder that did not exist before, so nothing the user has is ever overwritten.
+(`../`, absolute paths, drive letters), symlinks are refused, entries may not share their data
+(overlapping entries, CVE-2024-0450), and the number of entries, the total uncompressed size and
+the compression ratio (claimed per entry, and against the archive's real size on disk) are limited
+(zip bombs). Only image files are written: anything else (.html, .svg, .js, ...) could be served
+back to a browser by the app, so it is left in the archive and reported as skipped, with a reason.
+
+The archive is extracted into a fresh temporary folder that is renamed into place once complete,
+so nothing the user has is ever overwritten and no one sees a half-written dataset. The manifest
+written last (`.complete`) records the archive's full sha256, what was written and what was skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import stat
+import struct
+import tempfile
+import uuid
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .config import FinetuneError
+from .data import IMAGE_EXTENSIONS, is_ignored
 
 MAX_ENTRIES = 100_000
 MAX_TOTAL_BYTES = 8 * 1024**3  # 8 GiB uncompressed
 MAX_RATIO = 200  # uncompressed / compressed, per entry and overall (images hardly compress)
 RATIO_MIN_BYTES = 1024 * 1024  # ratios of entries smaller than this are not checked (tiny text files)
-SKIPPED_PARTS = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+MANIFEST = ".complete"  # hidden, so scans never take it for data
+BLOCK = 4096  # a file takes whole blocks on disk, however small it is
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, fixed fields, file name length, extra field length
+_LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
-def _skipped(parts: tuple[str, ...]) -> bool:
-    return any(p in SKIPPED_PARTS or p.startswith(".") for p in parts)
+class QuotaExceeded(FinetuneError):
+    """The extraction would take a folder over its disk quota (the numbers are there to reword it)."""
+
+    def __init__(self, message: str, folder: Path, used: int, need: int, limit: int):
+        super().__init__(message)
+        self.folder, self.used, self.need, self.limit = folder, used, need, limit
+
+
+@dataclass
+class ZipContents:
+    files: list[tuple[zipfile.ZipInfo, tuple[str, ...]]]  # (entry, safe relative parts) to write
+    skipped: list[tuple[str, str]]  # (entry name, reason) of what is not written
+    total_bytes: int  # uncompressed size of the files to write
+
+
+@dataclass
+class Extraction:
+    root: Path  # the dataset root: the folder, or its single top folder (my_data/cats/...)
+    folder: Path  # dest_parent/<name>-<hash>
+    archive: str
+    sha256: str
+    files: int
+    bytes: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    reused: bool = False  # an earlier, complete extraction of the same archive
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
 
 
 def _entry_parts(info: zipfile.ZipInfo, source: str) -> tuple[str, ...]:
@@ -44,9 +90,53 @@ def _entry_parts(info: zipfile.ZipInfo, source: str) -> tuple[str, ...]:
     return parts
 
 
+def _skip_reason(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """(what to name, why) when an entry is not written; None for an image file."""
+    for depth, part in enumerate(parts[:-1]):
+        if is_ignored(part):  # __MACOSX/ holds one ._ file per image: name the folder once
+            return "/".join(parts[: depth + 1]) + "/", "hidden or system folder"
+    if is_ignored(parts[-1]):
+        return "/".join(parts), "hidden or system file"
+    suffix = PurePosixPath(parts[-1]).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        return "/".join(parts), f"not an image file ({suffix or 'no extension'})"
+    return None
+
+
+def _check_overlaps(path: Path, infos: list[zipfile.ZipInfo], source: str) -> None:
+    """Refuse entries whose bytes (local header, name, extra field and data) overlap another's or
+    run past the end of the file: the central directory can point many entries at one block, and
+    then every claimed size and ratio looks harmless (CVE-2024-0450)."""
+    real_size = path.stat().st_size
+    spans = []
+    try:
+        with open(path, "rb") as f:
+            for info in infos:
+                if info.header_offset < 0:
+                    raise FinetuneError(f"{source} is not a readable .zip archive (entry {info.filename!r} "
+                                        f"starts before the file)")
+                f.seek(info.header_offset)
+                header = f.read(_LOCAL_HEADER.size)
+                if len(header) < _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
+                    raise FinetuneError(f"{source} is not a readable .zip archive (entry {info.filename!r} "
+                                        f"has no local header)")
+                _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+                end = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length + info.compress_size
+                if end > real_size:
+                    raise FinetuneError(f"{source} is truncated: entry {info.filename!r} ends past the end of the file")
+                spans.append((info.header_offset, end, info.filename))
+    except OSError as error:
+        raise FinetuneError(f"{source} is not a readable .zip archive ({error})") from None
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise FinetuneError(f"{source}: entries {first!r} and {second!r} overlap (the same data listed "
+                                f"twice, a zip bomb?); refusing the archive")
+
+
 def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes: int = MAX_TOTAL_BYTES,
-              max_ratio: float = MAX_RATIO) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
-    """Validate every entry; returns [(info, safe parts)] of the files to extract."""
+              max_ratio: float = MAX_RATIO) -> ZipContents:
+    """Validate every entry; returns the image files to write and what is skipped (with reasons)."""
     path = Path(path)
     source = path.name
     if not path.is_file():
@@ -60,12 +150,20 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
         raise FinetuneError(f"{source} is not a readable .zip archive ({error})") from None
     if len(infos) > max_entries:
         raise FinetuneError(f"{source} has {len(infos):,} entries; at most {max_entries:,} are accepted")
-    total, compressed, files = 0, 0, []
+    total, compressed, files, skipped, named, not_images = 0, 0, [], [], set(), 0
     for info in infos:
         parts = _entry_parts(info, source)
         if info.flag_bits & 0x1:
             raise FinetuneError(f"{source} is encrypted ({info.filename!r}); use a zip without a password")
-        if not parts or info.is_dir() or _skipped(parts):
+        if not parts or info.is_dir():
+            continue
+        reason = _skip_reason(parts)
+        if reason is not None:
+            if not reason[1].startswith("hidden"):
+                not_images += 1
+            if reason[0] not in named:
+                named.add(reason[0])
+                skipped.append(reason)
             continue
         total += info.file_size
         compressed += info.compress_size
@@ -79,15 +177,32 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
     if total >= RATIO_MIN_BYTES and total > max_ratio * max(compressed, 1):
         raise FinetuneError(f"{source} is compressed {total / max(compressed, 1):.0f}:1 overall (a zip bomb?); "
                             f"at most {max_ratio:.0f}:1 is accepted")
+    # The claimed compressed sizes may all describe one shared block: only the file itself is real.
+    real_size = path.stat().st_size
+    if total >= RATIO_MIN_BYTES and total > max_ratio * max(real_size, 1):
+        raise FinetuneError(f"{source} unpacks to {_size(total)} from {_size(real_size)} on disk "
+                            f"({total / max(real_size, 1):.0f}:1, a zip bomb?); at most {max_ratio:.0f}:1 is accepted")
+    _check_overlaps(path, infos, source)
     if not files:
+        if not_images:
+            example = next(name for name, why in skipped if not why.startswith("hidden"))
+            raise FinetuneError(f"{source} contains no image files ({not_images} other file(s), e.g. {example!r}; "
+                                f"accepted: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         raise FinetuneError(f"{source} contains no files")
-    return files
+    return ZipContents(files, skipped, total)
+
+
+def skipped_summary(skipped: list[tuple[str, str]], limit: int = 5) -> str:
+    """'index.html (not an image file (.html)), ... and 3 more' for a log line or a message."""
+    shown = [f"{name} ({why})" for name, why in skipped[:limit]]
+    more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return ", ".join(shown) + more
 
 
 def dataset_root(folder: Path) -> Path:
     """The folder itself, or its single sub-folder when the zip held one top folder (my_data/cats/...)."""
     while True:
-        children = [p for p in folder.iterdir() if not _skipped((p.name,))]
+        children = [p for p in folder.iterdir() if not is_ignored(p.name)]
         if len(children) == 1 and children[0].is_dir():
             inner = children[0]
             # one top folder that itself holds class folders (or train/val): descend
@@ -110,25 +225,117 @@ def safe_name(name: str) -> str:
     return cleaned[:60] or "data"
 
 
-def extract_zip(path: str | Path, dest_parent: str | Path, **limits) -> Path:
-    """Extract into a new folder `dest_parent/<name>-<hash>/` and return the dataset root inside it.
+def disk_usage(folder: str | Path) -> int:
+    """Bytes the files and folders under `folder` take on disk (as `du` counts them: whole blocks,
+    each hard-linked file once, symlinks not followed); 0 if it does not exist."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in dirnames + filenames + ["."]:
+            try:
+                info = os.lstat(os.path.join(dirpath, name))
+            except OSError:  # removed while we walk (another extraction cleaning up)
+                continue
+            if name != "." and stat.S_ISDIR(info.st_mode):
+                continue  # counted when the walk enters it
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            blocks = getattr(info, "st_blocks", None)
+            total += blocks * 512 if blocks is not None else info.st_size
+    return total
 
-    The same archive extracted twice reuses the first, complete extraction."""
+
+def _disk_estimate(contents: ZipContents) -> int:
+    """What writing the files will take on disk: whole blocks, and a block per folder."""
+    folders = {parts[:-1] for _, parts in contents.files}
+    return sum(max(BLOCK, -(-info.file_size // BLOCK) * BLOCK) for info, _ in contents.files) + BLOCK * (len(folders) + 2)
+
+
+def read_extraction(folder: str | Path) -> Extraction | None:
+    """The manifest of a complete extraction (given its folder or the dataset root inside it),
+    or None when there is none, or it is from before manifests recorded the archive's sha256."""
+    folder = Path(folder)
+    for candidate in (folder, *folder.parents):
+        marker = candidate / MANIFEST
+        if marker.is_file():
+            break
+    else:
+        return None
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        sha = data["sha256"]
+        if not isinstance(sha, str) or len(sha) != 64:
+            return None
+        return Extraction(root=dataset_root(candidate), folder=candidate, archive=str(data["archive"]), sha256=sha,
+                          files=int(data["files"]), bytes=int(data["bytes"]),
+                          skipped=[(str(name), str(why)) for name, why in data.get("skipped", [])], reused=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _install(tmp: Path, target: Path, sha: str) -> None:
+    """Rename the complete `tmp` to `target` (atomic). When another extraction of the same archive got
+    there first, keep that one and drop ours; an incomplete or outdated folder in the way is moved aside."""
+    for _ in range(10):
+        try:
+            os.rename(tmp, target)  # fails when target is a folder that is not empty
+            return
+        except OSError:
+            if not os.path.lexists(target):
+                raise
+        done = read_extraction(target)
+        if done is not None and done.folder == target and done.sha256 == sha:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:  # someone else moved it aside: try again
+            continue
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
+    raise FinetuneError(f"could not put the extracted files in place at {target} (other extractions kept "
+                        f"replacing it); try again")
+
+
+def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | None = None,
+            quota_folder: str | Path | None = None, **limits) -> Extraction:
+    """Extract the image files into a new folder `dest_parent/<name>-<hash>/`; what was skipped is in
+    the result (and in the folder's manifest, see `read_extraction`).
+
+    The same archive extracted again reuses the earlier extraction when it is complete and its manifest
+    records this archive's sha256. `max_dest_bytes` is a disk quota for `quota_folder` (default
+    `dest_parent`): an extraction that would take the folder over it is refused (QuotaExceeded).
+    `limits` go to `check_zip`.
+    """
     path = Path(path)
-    files = check_zip(path, **limits)
+    contents = check_zip(path, **limits)
     dest_parent = Path(dest_parent)
     dest_parent.mkdir(parents=True, exist_ok=True)
-    target = dest_parent / f"{safe_name(path.stem)}-{file_digest(path)}"
-    if (target / ".complete").is_file():
-        return dataset_root(target)
-    tmp = dest_parent / f".{target.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    sha = file_digest(path, length=64)
+    target = dest_parent / f"{safe_name(path.stem)}-{sha[:12]}"
+    earlier = read_extraction(target)
+    if earlier is not None and earlier.folder == target and earlier.sha256 != sha:
+        # another archive whose hash starts the same (made to collide?): never mix the two
+        target = dest_parent / f"{safe_name(path.stem)}-{sha}"
+        earlier = read_extraction(target)
+    if earlier is not None and earlier.folder == target and earlier.sha256 == sha:
+        return earlier
+    if max_dest_bytes is not None:
+        folder = Path(quota_folder) if quota_folder is not None else dest_parent
+        used, need = disk_usage(folder), _disk_estimate(contents)
+        if used + need > max_dest_bytes:
+            raise QuotaExceeded(f"{path.name} unpacks to {_size(need)}, and {folder} already holds {_size(used)}: "
+                                f"that is over its limit of {_size(max_dest_bytes)}", folder, used, need, max_dest_bytes)
+    # unique per call, so concurrent extractions of one archive never share (or delete) a folder
+    tmp = Path(tempfile.mkdtemp(dir=dest_parent, prefix=f".{target.name}.partial-"))
     try:
         real_tmp = tmp.resolve()
         with zipfile.ZipFile(path) as archive:
-            for info, parts in files:
+            for info, parts in contents.files:
                 out = tmp.joinpath(*parts)
                 if not out.resolve().is_relative_to(real_tmp):  # belt and braces after the checks above
                     raise FinetuneError(f"{path.name}: refusing entry that leaves the folder: {info.filename!r}")
@@ -140,10 +347,10 @@ def extract_zip(path: str | Path, dest_parent: str | Path, **limits) -> Path:
                         if written > info.file_size:  # the header lied about the size
                             raise FinetuneError(f"{path.name}: entry {info.filename!r} is larger than it says")
                         dst.write(block)
-        (tmp / ".complete").write_text(path.name + "\n")
-        if target.exists():  # an incomplete earlier attempt
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        manifest = {"archive": path.name, "sha256": sha, "files": len(contents.files), "bytes": contents.total_bytes,
+                    "skipped": [list(item) for item in contents.skipped]}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        _install(tmp, target, sha)
     except FileExistsError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FinetuneError(f"{path.name} lists the same file twice: {Path(error.filename).name}") from None
@@ -153,4 +360,13 @@ def extract_zip(path: str | Path, dest_parent: str | Path, **limits) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dataset_root(target)
+    done = read_extraction(target)
+    if done is None:  # only if someone removed it in the instant since
+        raise FinetuneError(f"the extraction of {path.name} at {target} disappeared; try again")
+    done.reused = False
+    return done
+
+
+def extract_zip(path: str | Path, dest_parent: str | Path, **limits) -> Path:
+    """Extract (see `extract`) and return the dataset root inside the new folder."""
+    return extract(path, dest_parent, **limits).root
