@@ -6,9 +6,12 @@ The user's folder is only ever read: nothing here writes, renames or re-saves a 
 from __future__ import annotations
 
 import os
+import re
+import threading
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from torchvision.transforms import v2
 from .config import FinetuneError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# What Image.open may decode: only these, whatever a file's name or first bytes claim (an EPS
+# named .jpg must not reach Ghostscript).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 VAL_DIR_NAMES = ("val", "valid", "validation")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,37 +78,146 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK (PIL undoes Adobe's inverted CMYK), YCbCr, LAB, HSV
 
 
+# The most pixels one image may have, read from its header before anything is decoded: a PNG of a
+# few hundred KB can claim 100+ megapixels and take more than 1 GB to decode. A 40-megapixel photo
+# is more than most cameras take, and still well inside what a scan can afford.
+DEFAULT_MAX_PIXELS = 40_000_000
+MAX_PIXELS_ENV = "FINETUNE_MAX_PIXELS"  # an environment variable, so training processes inherit it
+
+
+class ImageTooLarge(Image.DecompressionBombError):
+    """An image over the pixel limit (a DecompressionBombError, so PIL's own handlers catch it too)."""
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f}".removesuffix(".0")
+
+
+def max_pixels() -> int:
+    """The pixel limit per image: FINETUNE_MAX_PIXELS if set, else DEFAULT_MAX_PIXELS.
+
+    PIL is held to the same limit, for every decoder in this process (the app's too): PIL warns
+    above MAX_IMAGE_PIXELS and refuses above twice it, so it gets half of ours.
+    """
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    limit = DEFAULT_MAX_PIXELS
+    if text:
+        try:
+            limit = int(float(text))
+        except (ValueError, OverflowError):
+            limit = 0
+        if limit < 1:
+            raise FinetuneError(f"{MAX_PIXELS_ENV} must be a number of pixels such as 40000000, not {text!r}")
+    Image.MAX_IMAGE_PIXELS = (limit + 1) // 2
+    return limit
+
+
+try:
+    max_pixels()
+except FinetuneError:  # said again, as one line, where an image is first opened
+    pass
+# PIL's warning band (half the limit up to the limit) is within what we accept: not a bomb to warn about.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file lazily (the header only), as one of ACCEPTED_FORMATS whatever its name or
+    content claims (an EPS named .jpg never reaches Ghostscript); ImageTooLarge over the pixel limit."""
+    limit = max_pixels()
+    try:
+        image = Image.open(path, formats=ACCEPTED_FORMATS)
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own guard, at the same limit
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{_megapixels(int(claimed.group(1)))} megapixels" if claimed else "more pixels than allowed"
+        raise ImageTooLarge(f"image too large: {size}, over the limit of {_megapixels(limit)} megapixels") from None
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise ImageTooLarge(f"image too large: {width} x {height} pixels, over the limit of "
+                            f"{_megapixels(limit)} megapixels")
+    return image
+
+
+def _prepare(image: Image.Image, min_size: int | None) -> None:
+    """First frame of an animation; JPEGs decoded at a reduced scale when `min_size` allows."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    if min_size and image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with a second picture
+        image.draft("RGB", (min_size, min_size))
+
+
+def _decode(image: Image.Image) -> Image.Image:
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
 def load_rgb(path: str | Path, min_size: int | None = None) -> Image.Image:
     """Decode an image file to RGB with its EXIF orientation applied (first frame of an animation).
 
     `min_size` lets JPEG decoding skip detail that a resize to that short side would throw away
     (libjpeg's DCT scaling), which makes a 24-megapixel photo as cheap as a small one.
+    Only ACCEPTED_FORMATS are opened, and nothing over the pixel limit is decoded (ImageTooLarge).
     """
-    with Image.open(path) as image:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
-        if min_size and image.format == "JPEG":
-            image.draft("RGB", (min_size, min_size))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+    with open_image(path) as image:
+        _prepare(image, min_size)
+        return _decode(image)
 
 
-def check_image(path: str | Path) -> str | None:
-    """None if the file decodes completely, else a short reason it does not."""
+class PixelBudget:
+    """Lets decodes run together while the pixels they hold add up to at most `capacity`; one image
+    alone always gets through (it is within the per-image limit), so this bounds memory, not progress."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        with self._changed:
+            while self.used and self.used + pixels > self.capacity:
+                self._changed.wait()
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
+def check_image(path: str | Path, budget: PixelBudget | None = None) -> str | None:
+    """None if the file decodes completely, else a short reason it does not.
+
+    The size is read from the header first: an image over the pixel limit is refused undecoded, and
+    with a `budget` the decode waits until its pixels fit beside those of other threads.
+    """
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = load_rgb(path, min_size=64)
-        if image.width < 1 or image.height < 1:
+            with open_image(path) as opened:
+                _prepare(opened, 64)
+                width, height = opened.size
+                with budget.hold(width * height) if budget else nullcontext():
+                    image = _decode(opened)
+                    width, height = image.size
+                    del image
+        if width < 1 or height < 1:
             return "image has no pixels"
         return None
+    except ImageTooLarge as error:
+        return str(error)
     except Image.DecompressionBombError:
-        return "image too large (decompression bomb guard)"
+        return f"image too large: over the limit of {_megapixels(max_pixels())} megapixels"
     except Image.UnidentifiedImageError:
         return "not a readable image"
+    except FinetuneError as error:
+        return str(error)
     except OSError as error:
         text = str(error)
         return "truncated image" if "truncated" in text else f"cannot decode ({text})"
@@ -111,10 +226,15 @@ def check_image(path: str | Path) -> str | None:
 
 
 def check_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, str]:
-    """Decode every file in parallel; returns {relpath: reason} for those that fail."""
+    """Decode every file in parallel; returns {relpath: reason} for those that fail.
+
+    Threads decode together only while their images' pixels add up to one image at the pixel limit,
+    so a folder of huge (but allowed) images costs the memory of one of them, not of one per thread.
+    """
     workers = workers or min(32, usable_cores() * 2)
+    budget = PixelBudget(max_pixels())
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        reasons = pool.map(lambda rel: check_image(root / rel), relpaths, chunksize=8)
+        reasons = pool.map(lambda rel: check_image(root / rel, budget), relpaths, chunksize=8)
         return {rel: reason for rel, reason in zip(relpaths, reasons) if reason is not None}
 
 
