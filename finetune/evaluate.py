@@ -131,12 +131,22 @@ def plot_history(history: list[dict], path: Path) -> Path:
 
 
 def write_reports(out_dir: Path, metrics: dict, prefix: str = "") -> None:
-    """metrics.json and confusion_matrix.png (rows = true class, columns = predicted)."""
+    """metrics.json, confusion_matrix.png (rows = true class, columns = predicted), per_class.csv and,
+    when the metrics name the images, misclassified.csv (most confident mistakes first)."""
+    from .csvfile import number, write_csv
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{prefix}metrics.json").write_text(json.dumps(metrics, indent=2))
     if metrics.get("num_images"):
         plot_confusion_matrix(metrics["confusion_matrix"], metrics["classes"],
                               out_dir / f"{prefix}confusion_matrix.png")
+        write_csv(out_dir / f"{prefix}per_class.csv", ["class", "precision", "recall", "f1", "support"],
+                  ([name, number(m["precision"], ".4f"), number(m["recall"], ".4f"), number(m["f1"], ".4f"),
+                    int(m["support"])] for name, m in metrics["per_class"].items()))
+    if "misclassified" in metrics:
+        write_csv(out_dir / f"{prefix}misclassified.csv", ["path", "true", "predicted", "confidence"],
+                  ([m["path"], m["true"], m["predicted"], number(m["confidence"], ".6f")]
+                   for m in metrics["misclassified"]))
 
 
 @torch.inference_mode()

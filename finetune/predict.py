@@ -189,16 +189,17 @@ class Predictor:
 
 
 def write_csv(predictions: list[Prediction], path: str | Path, top_k: int) -> Path:
-    path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        header = ["path", "prediction", "confidence"]
-        for k in range(2, top_k + 1):
-            header += [f"class_{k}", f"probability_{k}"]
-        writer.writerow(header + ["error"])
-        for p in predictions:
-            row = [p.path, p.label or "", f"{p.confidence:.6f}" if p.top else ""]
-            for k in range(1, top_k):
-                row += [p.top[k][0], f"{p.top[k][1]:.6f}"] if k < len(p.top) else ["", ""]
-            writer.writerow(row + [p.error or ""])
-    return path
+    """One row per image; names are escaped for spreadsheets (see csvfile), probabilities are numbers."""
+    from .csvfile import number
+    from .csvfile import write_csv as write_rows
+
+    header = ["path", "prediction", "confidence"]
+    for k in range(2, top_k + 1):
+        header += [f"class_{k}", f"probability_{k}"]
+    rows = []
+    for p in predictions:
+        row = [p.path, p.label or "", number(p.confidence, ".6f") if p.top else ""]
+        for k in range(1, top_k):
+            row += [p.top[k][0], number(p.top[k][1], ".6f")] if k < len(p.top) else ["", ""]
+        rows.append(row + [p.error or ""])
+    return write_rows(path, header + ["error"], rows)

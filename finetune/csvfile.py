@@ -1,0 +1,45 @@
+"""CSV files that are safe to open in a spreadsheet.
+
+File and class names come from the user (or from whoever made their zip). A cell that starts with
+`=`, `+`, `-` or `@` is a formula to Excel, LibreOffice and Google Sheets (`=HYPERLINK(...)` sends
+data away when clicked, DDE formulas can run programs), and a leading tab or carriage return can
+hide such a start. As OWASP recommends, those text cells get a leading `'`, which spreadsheets
+show as text. Numbers the project formats itself are written as numbers, never escaped.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterable
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+class Number(str):
+    """A number formatted by us (e.g. "0.912345"): written as it is, never escaped."""
+
+
+def number(value: float | int, spec: str = "") -> Number:
+    return Number(format(value, spec))
+
+
+def escape_cell(value):
+    """The cell as a spreadsheet should see it: text that would start a formula gets a leading '."""
+    if value is None:
+        return ""
+    if isinstance(value, (Number, bool, int, float)):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def write_csv(path: str | Path, header: list[str], rows: Iterable[Iterable]) -> Path:
+    """Write a header and rows (UTF-8, one line per row), escaping every text cell."""
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([escape_cell(cell) for cell in header])
+        for row in rows:
+            writer.writerow([escape_cell(cell) for cell in row])
+    return path
