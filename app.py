@@ -66,7 +66,7 @@ class Studio:
         self.browse_root = str(Path(browse_root or Path.home()).expanduser().resolve())
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.job = None  # finetune.runs.TrainingJob
+        self.job = None  # finetune.jobs.TrainingJob
         self.job_lock = threading.Lock()
         self.predictors: dict[str, tuple[float, object]] = {}
         self.predictor_lock = threading.Lock()
@@ -99,7 +99,8 @@ def build_app(studio: Studio):
     import gradio as gr
     import pandas as pd
 
-    from finetune import runs
+    from finetune import jobs
+    from finetune import rundir as runs
 
     def fail(error: Exception):
         """FinetuneError -> a message in the UI (and AppError for API clients)."""
@@ -223,7 +224,7 @@ def build_app(studio: Studio):
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
     def device_text():
-        from finetune.train import describe_device, resolve_device
+        from finetune.device import describe_device, resolve_device
 
         count = visible_gpus()
         return (f"**Device:** {describe_device(resolve_device('auto'))}"
@@ -271,7 +272,7 @@ def build_app(studio: Studio):
                                   image_size=int(image_size), seed=int(seed), runs_dir=str(studio.runs_dir))
                 cfg.validate()
                 processes = max(1, min(int(gpus or 1), visible_gpus()))
-                studio.job = runs.TrainingJob(cfg, cwd=REPO, processes=processes)
+                studio.job = jobs.TrainingJob(cfg, cwd=REPO, processes=processes)
             except FinetuneError as error:
                 raise fail(error) from None
             except (TypeError, ValueError) as error:

@@ -24,7 +24,8 @@ from torchvision import transforms
 from finetune.config import TrainConfig
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, resize_size, scan_dataset
 from finetune.model import FROZEN_STAGES, apply_strategy, build_model, param_groups, stage_modules
-from finetune.train import default_workers, lr_lambda, resolve_device, seed_everything
+from finetune.device import default_workers, resolve_device, seed_everything
+from finetune.train import lr_lambda
 
 
 class ClassicImages(Dataset):

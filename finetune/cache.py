@@ -50,8 +50,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .config import TrainConfig
-from .data import (IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb,
-                   resize_size, train_transform, usable_cores)
+from .data import (ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb,
+                   resize_size, train_transform)
+from .device import Distributed, decode_threads, non_blocking, pin_memory
 
 GiB = 1024**3
 
@@ -98,15 +99,14 @@ def available_memory_bytes() -> int:
         return 4 * GiB
 
 
-def memory_budget_bytes(cfg: TrainConfig) -> int:
-    """The cache budget of this process: cfg.memory_budget_gb (GiB), or half the available RAM;
-    shared by the processes torchrun started on this machine."""
+def memory_budget_bytes(cfg: TrainConfig, local_processes: int = 1) -> int:
+    """The cache budget of one process: cfg.memory_budget_gb (GiB), or half the available RAM;
+    shared by the `local_processes` training processes on this machine."""
     if cfg.memory_budget_gb is not None:
         budget = cfg.memory_budget_gb * GiB
     else:
         budget = 0.5 * available_memory_bytes()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
-    return int(max(0.0, budget) / max(1, local_world))
+    return int(max(0.0, budget) / max(1, local_processes))
 
 
 def _gb(nbytes: float) -> str:
@@ -262,14 +262,14 @@ def compute_features(frozen: nn.Module, source: ImageViews, shape: tuple[int, ..
     views, count = source.views, len(source)
     features = torch.empty((views, count, *shape), dtype=store_dtype)
     per_batch = max(1, batch_size // views)
-    loader = DataLoader(source, batch_size=per_batch, num_workers=workers, pin_memory=device.type == "cuda",
+    loader = DataLoader(source, batch_size=per_batch, num_workers=workers, pin_memory=pin_memory(device),
                         persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
     progress = Progress(log, what, count)
     done = 0
     frozen.eval()
     for images, _, _ in loader:
         b = images.shape[0]
-        images = images.view(b * views, *images.shape[2:]).to(device, non_blocking=True)
+        images = images.view(b * views, *images.shape[2:]).to(device, non_blocking=non_blocking(device))
         if memory_format == torch.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -289,7 +289,7 @@ def frozen_output_shape(frozen: nn.Module, image_size: int, device: torch.device
 
 def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
                      memory_format, workers: int, log: Callable[[str], None], budget: int,
-                     shard: Shard) -> Pipeline | str:
+                     shard: Shard, agree: Callable[[bool], bool]) -> Pipeline | str:
     """Cached frozen features, or the reason they are not cached (the caller then streams)."""
     shape = frozen_output_shape(frozen, cfg.image_size, device)
     # head: pooled vectors, tiny -> float32 (exact); last: layer3 maps -> float16 (half the memory)
@@ -298,8 +298,8 @@ def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, dev
     train_idx, val_idx = shard.train_indices(len(scan.train)), shard.val_indices(len(scan.val))
     need = per_image * (cfg.cache_views * len(train_idx) + len(val_idx))
     what = f"{'x'.join(map(str, shape))} {str(store_dtype).removeprefix('torch.')}"
-    if need > budget:
-        return f"frozen features ({what}) need {_gb(need)}, over the memory budget of {_gb(budget)}"
+    if not agree(need <= budget):
+        return f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of {_gb(budget)}"
 
     views_text = {1: "centre", 2: "centre + flip"}.get(cfg.cache_views, f"centre + flip + {cfg.cache_views - 2} random crops")
     log(f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
@@ -336,7 +336,7 @@ def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, dev
 
 def _header_size(path: Path) -> tuple[int, int]:
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=ACCEPTED_FORMATS) as image:
             return image.size
     except Exception:  # noqa: BLE001 - decodable files were checked by the scan; assume a 4:3 photo
         return (4, 3)
@@ -403,7 +403,7 @@ class PixelCache(Dataset):
 def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: Callable[[torch.Tensor], None],
                log: Callable[[str], None], what: str) -> None:
     """Decode in parallel threads (PIL and torch release the GIL), keep the order."""
-    threads = min(16, usable_cores())
+    threads = decode_threads()
     progress = Progress(log, what, len(paths))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for done, image in enumerate(pool.map(decode, paths), start=1):
@@ -412,7 +412,8 @@ def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: 
 
 
 def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, memory_format, workers: int,
-                   log: Callable[[str], None], budget: int, shard: Shard) -> Pipeline | str:
+                   log: Callable[[str], None], budget: int, shard: Shard,
+                   agree: Callable[[bool], bool]) -> Pipeline | str:
     """Images decoded and resized once (uint8); the augmentation still runs every epoch."""
     size, short = cfg.image_size, resize_size(cfg.image_size)
     root = Path(scan.root)
@@ -422,10 +423,11 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
     need_train = sum(3 * short * math.ceil(short * max(w, h) / max(1, min(w, h))) for w, h in headers)
     need_val = 3 * size * size * len(val_idx)
     need = need_train + need_val
-    on_disk = need > budget
+    # every process must take the same path (or their batch counts differ and the collectives hang)
+    on_disk = not agree(need <= budget)
     if on_disk:
         free = shutil.disk_usage(tempfile.gettempdir()).free
-        if need_train > 0.8 * free or need_val > budget:
+        if not agree(need_train <= 0.8 * free and need_val <= budget):
             return (f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
                     f"and the free disk space in {tempfile.gettempdir()}")
     where = f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)" if on_disk \
@@ -471,7 +473,7 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
 
     def prepare_train(images: torch.Tensor) -> torch.Tensor:
         # random horizontal flip per image, batched on the device (seeded on the CPU: reproducible)
-        flip = (torch.rand(images.shape[0], generator=flips) < 0.5).to(images.device, non_blocking=True)
+        flip = (torch.rand(images.shape[0], generator=flips) < 0.5).to(images.device)
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         return scale(images)
 
@@ -489,20 +491,28 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
 
 
 def build_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
-                   memory_format, workers: int, log: Callable[[str], None], shard: Shard | None = None) -> Pipeline:
+                   memory_format, workers: int, log: Callable[[str], None],
+                   ctx: Distributed | None = None) -> Pipeline:
     """The fastest pipeline that fits: cached features (head, last), cached pixels (all), else streamed.
-    `shard`: this process's place among several (torchrun); None for a single process."""
+
+    `ctx`: this process's place among several (torchrun). The memory budget is measured on rank 0
+    only and every choice is agreed by all ranks, so they all take the same pipeline."""
+    ctx = ctx or Distributed()
     reason = ""
     if cfg.cache == "off":
         reason = "cache off"
     else:
-        budget = memory_budget_bytes(cfg)
-        shard = shard or Shard()
+        budget = ctx.broadcast(memory_budget_bytes(cfg, ctx.local_world_size) if ctx.is_main else None)
+        shard = Shard(ctx.rank, ctx.world_size)
+
+        def agree(ok: bool) -> bool:  # True only when it holds on every rank
+            return not ctx.any(not ok)
+
         if isinstance(frozen, nn.Identity):
-            built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard)
+            built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard, agree)
         else:
             built = feature_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, budget,
-                                     shard)
+                                     shard, agree)
         if isinstance(built, Pipeline):
             log(f"data pipeline: {built.description}")
             return built

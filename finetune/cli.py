@@ -11,22 +11,23 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
-from .config import ARCHS, DEFAULT_LR, STRATEGIES, STRATEGY_HELP, FinetuneError, TrainConfig
+from .config import ARCHS, GROUPS, FinetuneError, TrainConfig, cli_fields
+from .events import duration, format_event
 
 # ---------------------------------------------------------------------------------------------
 # Terminal progress: one consumer of the training events
 
 
 class TerminalProgress:
-    """A tqdm bar per epoch (loss, accuracy, images/s, ETA) and a line per epoch."""
+    """A tqdm bar per epoch (loss, accuracy, images/s, ETA) and the events' own lines."""
 
     def __init__(self, quiet: bool = False):
         self.bar = None
         self.quiet = quiet
+        self.run_dir: str | None = None
 
     def write(self, text: str) -> None:
         from tqdm import tqdm
@@ -37,16 +38,7 @@ class TerminalProgress:
         from tqdm import tqdm
 
         kind = event["type"]
-        if kind == "log":
-            self.write(event["message"])
-        elif kind == "start":
-            self.write(f"run folder: {event['run_dir']}")
-            self.write(f"{event['arch']} / {event['strategy']} on {event['device']}"
-                       f"{' x' + str(event['world_size']) if event['world_size'] > 1 else ''}: "
-                       f"{event['train_images']} train / {event['val_images']} val images, "
-                       f"{len(event['classes'])} classes, {event['trainable_params']:,} of "
-                       f"{event['total_params']:,} parameters train")
-        elif kind == "batch":
+        if kind == "batch":
             if self.bar is None:
                 self.bar = tqdm(total=event["batches"], desc=f"epoch {event['epoch']}/{event['epochs']}",
                                 unit="batch", leave=False, dynamic_ncols=True, disable=self.quiet,
@@ -55,23 +47,22 @@ class TerminalProgress:
                                            "[{elapsed}{postfix}]")
             self.bar.n = event["batch"]
             self.bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['acc']:.3f}",
-                                 img_s=f"{event['images_per_s']:.0f}", eta=_duration(event["eta_s"]),
+                                 img_s=f"{event['images_per_s']:.0f}", eta=duration(event["eta_s"]),
                                  refresh=True)
-        elif kind == "epoch":
-            self._close_bar()
-            self.write(f"epoch {event['epoch']:>3}: train loss {event['train_loss']:.4f} acc {event['train_acc']:.4f}"
-                       f" | val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}"
-                       f" | {event['seconds']:.1f}s{'  *best' if event['best'] else ''}")
-        elif kind == "end":
-            self._close_bar()
-            self.write(f"{event['status']} in {_duration(event['seconds'])}; best epoch {event['best']['epoch']}")
-            self.write(f"val: {event['summary']}")
-            if event.get("metrics"):
-                from .evaluate import per_class_table
+            return
+        self._close_bar()
+        if kind == "start":
+            self.run_dir = event["run_dir"]
+            self.write(f"run folder: {event['run_dir']}")
+        if kind == "error":
+            return  # main() prints it once, as "error: ..."
+        line = format_event(event)
+        if line is not None:
+            self.write(line)
+        if kind == "end" and event.get("metrics"):
+            from .evaluate import per_class_table
 
-                self.write(per_class_table(event["metrics"]))
-        elif kind == "error":
-            self._close_bar()
+            self.write(per_class_table(event["metrics"]))
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -79,19 +70,35 @@ class TerminalProgress:
             self.bar = None
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+# torchrun sends SIGKILL 30 s after SIGTERM: a process that cannot stop in time (stuck in a collective)
+# marks its run and exits a little before that.
+SIGTERM_GRACE_S = 25.0
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
-    """First Ctrl-C (or SIGTERM): finish the current batch and keep a usable run. Second: abort."""
+def install_stop_handlers(stop: threading.Event, progress: TerminalProgress | None = None) -> None:
+    """First Ctrl-C (or SIGTERM): finish the current batch and keep a usable run. Second: abort.
+
+    After a SIGTERM the process has SIGTERM_GRACE_S seconds; if it is still running then, it marks
+    its run as ended (never left at "running") and exits."""
+
+    def give_up() -> None:
+        if progress is not None and progress.run_dir and int(os.environ.get("RANK", "0")) == 0:
+            from .jobs import mark_ended
+            from .rundir import RunDir
+
+            mark_ended(RunDir(progress.run_dir), f"terminated: did not stop within {SIGTERM_GRACE_S:.0f} s "
+                                                 f"of SIGTERM")
+        print("error: terminated: could not stop in time", file=sys.stderr, flush=True)
+        os._exit(143)
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
+        if signum == signal.SIGTERM:
+            timer = threading.Timer(SIGTERM_GRACE_S, give_up)
+            timer.daemon = True
+            timer.start()
         print("\nstopping after the current batch (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGINT, handler)
@@ -122,18 +129,24 @@ def cmd_train(args) -> int:
     if args.resume:
         cfg = resume_config(args.resume, epochs=args.epochs, device=args.device)
     else:
-        if not args.data:
-            raise FinetuneError("give a DATA folder to train on (or --resume RUN)")
-        args.data = dataset_folder(args.data, args.quiet)
-        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                  if f.name != "extra" and getattr(args, f.name, None) is not None}
-        cfg = TrainConfig(**values)
+        if not args.data and not args.config:
+            raise FinetuneError("give a DATA folder to train on (or --config FILE, or --resume RUN)")
+        cfg = config_from_args(args)
+        cfg.data = dataset_folder(cfg.data, args.quiet)
     cfg.validate()
     stop = threading.Event()
-    install_stop_handlers(stop)
-    run_dir = train(cfg, on_event=TerminalProgress(quiet=args.quiet), stop=stop, resume=args.resume)
+    progress = TerminalProgress(quiet=args.quiet)
+    install_stop_handlers(stop, progress)
+    run_dir = train(cfg, on_event=progress, stop=stop, resume=args.resume)
     print(f"run folder: {run_dir}")
     return 0
+
+
+def config_from_args(args) -> TrainConfig:
+    """--config FILE (or the defaults), then every option given on the command line on top."""
+    base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    given = {f.name: getattr(args, f.name) for f in cli_fields() if getattr(args, f.name, None) is not None}
+    return TrainConfig.from_dict({**base.to_dict(), **given})
 
 
 def cmd_predict(args) -> int:
@@ -220,102 +233,92 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, generated from its metadata, in argument groups.
+
+    Every default is None here: only what the user gives overrides --config (or the defaults),
+    which the help text shows."""
+    groups = {key: parser.add_argument_group(f"{title} options") for key, title in GROUPS.items()}
+    types = {"int": int, "float": float, "str": str}
+    for f in cli_fields():
+        meta = f.metadata
+        group = groups[meta["group"]]
+        base = str(f.type).partition(" | ")[0]
+        shown = "" if f.default is None or base == "bool" else f" (default {f.default})"
+        if meta["positional"]:
+            group.add_argument(f.name, nargs="?", default=None, help=meta["help"])
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if base == "bool":
+            group.add_argument(flag, dest=f.name, default=None, help=meta["help"],
+                               action="store_false" if f.default else "store_true")
+        else:
+            group.add_argument(flag, dest=f.name, default=None, type=types[base], choices=meta["choices"],
+                               metavar=meta["metavar"], help=meta["help"] + shown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune",
                                      description="Fine-tune an ImageNet ResNet on a folder of labelled images.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = TrainConfig()
 
-    t = sub.add_parser("train", help="fine-tune a model on an image folder",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="Train on DATA: a folder of class subfolders, or with train/ and val/ "
-                                   "(valid/, validation/; optional test/) of class subfolders.")
-    d = TrainConfig()
-    t.add_argument("data", nargs="?", help="image folder, or a .zip of one (extracted safely to "
-                   "~/.cache/finetune/datasets, or $FINETUNE_DATASETS)")
-    t.add_argument("--arch", choices=ARCHS, default=d.arch, help="ImageNet ResNet to fine-tune")
-    t.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
-                   help="; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()))
-    t.add_argument("--weights", default=d.weights,
-                   help="imagenet (torch hub cache, downloaded when online), none (from scratch), or a .pth path")
-    t.add_argument("--epochs", type=int, default=None, help=f"epochs (default {d.epochs}; on --resume: as saved)")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="images per training step")
-    t.add_argument("--lr", type=float, default=None,
-                   help="head learning rate (default per strategy: "
-                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    t.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
-                   help="pretrained layers learn at lr x this (earlier stages less)")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
-    t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
-                   help="linear learning-rate warmup, then cosine decay")
-    t.add_argument("--image-size", type=int, default=d.image_size, help="crop size in pixels (train and eval)")
-    t.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="share of each class held out for validation when DATA has no val/ folder")
-    t.add_argument("--seed", type=int, default=d.seed, help="for the split, initialisation, augmentation")
-    t.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    t.add_argument("--workers", type=int, default=None, help="data loader processes (default: sized to the cores)")
-    t.add_argument("--class-weighted-loss", action="store_true", default=None,
-                   help="weight the loss by inverse class frequency (for imbalanced classes)")
-    t.add_argument("--early-stopping", type=int, default=d.early_stopping, metavar="PATIENCE",
-                   help="stop after this many epochs without improvement (0: off)")
-    t.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
-    t.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
-                   help="keep the NCHW memory layout (channels_last is faster on CUDA and x86 CPUs)")
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the trainable layers")
-    t.add_argument("--cache", choices=("auto", "off"), default=d.cache,
-                   help="auto: compute frozen layers once and decode images once when it fits in memory")
-    t.add_argument("--cache-views", type=int, default=d.cache_views,
-                   help="augmented views per image kept in a frozen-feature cache")
-    t.add_argument("--memory-budget-gb", type=float, default=None, help="memory for caches (default: from free RAM)")
-    t.add_argument("--runs-dir", default=d.runs_dir, help="where run folders are created")
-    t.add_argument("--run-name", default=None, help="run folder name (default <time>-<arch>-<strategy>)")
-    t.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
+    train_parser = sub.add_parser(
+        "train", help="fine-tune a model on an image folder", formatter_class=DefaultsHelpFormatter,
+        description="Train on DATA: a folder of class subfolders, or with train/ and val/ (valid/, validation/; "
+                    "optional test/) of class subfolders. Put -- before DATA if its name starts with a dash.")
+    add_config_options(train_parser)
+    train_parser.add_argument("--config", metavar="FILE.json",
+                              help="a whole configuration (as the studio writes it, or a run's run.json); options "
+                                   "given on the command line override it")
+    train_parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed "
+                              "epoch (only --epochs and --device may change)")
+    train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_parser.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="classify images or folders with a trained model",
+    predict_parser = sub.add_parser("predict", help="classify images or folders with a trained model",
                        formatter_class=DefaultsHelpFormatter,
                        description="MODEL is a run folder, or a classic state_dict .pth (then --arch, and "
                                    "--classes unless class_indices.json lies beside it).")
-    p.add_argument("model", help="run folder or .pth file")
-    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=3, help="classes listed per image")
-    p.add_argument("--csv", help="also write the predictions to this CSV file")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--arch", choices=ARCHS, help="architecture of a plain .pth")
-    p.add_argument("--classes", help="class_indices.json for a plain .pth")
-    p.add_argument("--image-size", type=int, default=224, help="input size of a plain .pth")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.set_defaults(func=cmd_predict)
+    predict_parser.add_argument("model", help="run folder or .pth file")
+    predict_parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    predict_parser.add_argument("--top-k", type=int, default=3, help="classes listed per image")
+    predict_parser.add_argument("--csv", help="also write the predictions to this CSV file")
+    predict_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    predict_parser.add_argument("--arch", choices=ARCHS, help="architecture of a plain .pth")
+    predict_parser.add_argument("--classes", help="class_indices.json for a plain .pth")
+    predict_parser.add_argument("--image-size", type=int, default=224, help="input size of a plain .pth")
+    predict_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    predict_parser.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder",
+    evaluate_parser = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder",
                        formatter_class=DefaultsHelpFormatter)
-    e.add_argument("run", help="run folder")
-    e.add_argument("data", help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)")
-    e.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
-    e.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    e.set_defaults(func=cmd_evaluate)
+    evaluate_parser.add_argument("run", help="run folder")
+    evaluate_parser.add_argument("data", help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)")
+    evaluate_parser.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
+    evaluate_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    evaluate_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    evaluate_parser.set_defaults(func=cmd_evaluate)
 
-    x = sub.add_parser("export", help="export a run's model to TorchScript or ONNX",
+    export_parser = sub.add_parser("export", help="export a run's model to TorchScript or ONNX",
                        formatter_class=DefaultsHelpFormatter)
-    x.add_argument("run", help="run folder")
-    x.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
-    x.add_argument("--out", help="output file (default: in the run folder)")
-    x.set_defaults(func=cmd_export)
+    export_parser.add_argument("run", help="run folder")
+    export_parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
+    export_parser.add_argument("--out", help="output file (default: in the run folder)")
+    export_parser.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("scan", help="check an image folder and show its classes, split and skipped files")
-    s.add_argument("data", help="image folder or .zip")
-    s.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    s.add_argument("--seed", type=int, default=d.seed)
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.set_defaults(func=cmd_scan)
+    scan_parser = sub.add_parser("scan", help="check an image folder and show its classes, split and skipped files")
+    scan_parser.add_argument("data", help="image folder or .zip")
+    scan_parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+    scan_parser.add_argument("--seed", type=int, default=defaults.seed)
+    scan_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    scan_parser.set_defaults(func=cmd_scan)
 
-    g = sub.add_parser("sample-data", help="(re)generate the small bundled sample dataset")
-    g.add_argument("out", nargs="?", default="data")
-    g.add_argument("--per-class", type=int, default=24)
-    g.add_argument("--seed", type=int, default=0)
-    g.set_defaults(func=cmd_sample_data)
+    sample_parser = sub.add_parser("sample-data", help="(re)generate the small bundled sample dataset")
+    sample_parser.add_argument("out", nargs="?", default="data")
+    sample_parser.add_argument("--per-class", type=int, default=24)
+    sample_parser.add_argument("--seed", type=int, default=0)
+    sample_parser.set_defaults(func=cmd_sample_data)
     return parser
 
 

@@ -1,9 +1,16 @@
-"""The one configuration shared by the CLI, the UI and the run folder (`run.json`)."""
+"""The one configuration shared by the CLI, the studio and the run folder (`run.json`).
+
+Each field carries its command-line help in its metadata (`option(...)`): `cli.build_parser`
+generates the `train` options from it, so a field added here is at once an option, part of
+`--config FILE.json`, recorded in run.json and passed on by the studio.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ARCHS = ("resnet34", "resnet50")
 STRATEGIES = ("all", "last", "head")
@@ -15,48 +22,79 @@ STRATEGY_HELP = {
 }
 
 # Head learning rate per strategy when --lr is not given (AdamW). Pretrained layers
-# learn slower than the new head: see BACKBONE_LR_SCALE and model.param_groups.
+# learn slower than the new head: see model.param_groups.
 DEFAULT_LR = {"all": 1e-3, "last": 1e-3, "head": 3e-3}
+
+# Argument groups of `finetune train --help`, in this order.
+GROUPS = {
+    "data": "data",
+    "model": "model and weights",
+    "optim": "optimisation",
+    "speed": "devices and speed",
+    "output": "run folder",
+}
 
 
 class FinetuneError(Exception):
     """A problem with the user's input: shown as one line, never as a traceback."""
 
 
+def option(default, help: str, group: str, *, choices=None, metavar: str | None = None, flag: str | None = None,
+           positional: bool = False):
+    """A TrainConfig field with what the command line needs to offer it.
+
+    `flag` overrides the option name (e.g. "--no-amp" for a field that defaults to True)."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar,
+                                            "flag": flag, "positional": positional})
+
+
 @dataclass
 class TrainConfig:
-    data: str = "data"
-    arch: str = "resnet34"
-    strategy: str = "last"
-    weights: str = "imagenet"  # "imagenet", "none", or a path to a state_dict .pth
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float | None = None  # head learning rate; None = DEFAULT_LR[strategy]
-    backbone_lr_scale: float = 0.1  # pretrained layers learn at lr * this (less for earlier stages)
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    warmup_epochs: float = 1.0
-    image_size: int = 224
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    workers: int | None = None  # DataLoader workers; None = sized to the cores
-    class_weighted_loss: bool = False
-    early_stopping: int = 0  # stop after this many epochs without val improvement; 0 = off
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler)
-    channels_last: bool = True  # on CUDA
-    compile: bool = False  # torch.compile the trainable part
-    cache: str = "auto"  # auto: cache frozen features / decoded pixels within memory budget; off: stream
-    cache_views: int = 2  # augmented views cached per image for frozen-feature caches (original + flipped)
-    memory_budget_gb: float | None = None  # cache budget; None = a share of available RAM
-    runs_dir: str = "runs"
-    run_name: str | None = None  # folder name under runs_dir; None = <time>-<arch>-<strategy>
-    extra: dict = field(default_factory=dict)
+    data: str = option("data", "image folder (class sub-folders, or train/ and val/ of them), or a .zip of one "
+                       "(extracted safely to ~/.cache/finetune/datasets, or $FINETUNE_DATASETS)", "data",
+                       positional=True)
+    val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val/ folder",
+                                 "data")
+    seed: int = option(0, "for the split, initialisation and augmentation", "data")
+    image_size: int = option(224, "crop size in pixels (train and eval)", "data")
+    arch: str = option("resnet34", "ImageNet ResNet to fine-tune", "model", choices=ARCHS)
+    strategy: str = option("last", "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()), "model",
+                           choices=STRATEGIES)
+    weights: str = option("imagenet", "imagenet (torch hub cache, downloaded when online), none (from scratch), "
+                          "or a .pth state_dict path", "model")
+    epochs: int = option(5, "epochs (on --resume: the new total)", "optim")
+    batch_size: int = option(32, "images per training step", "optim")
+    lr: float | None = option(None, "head learning rate (default per strategy: "
+                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim")
+    backbone_lr_scale: float = option(0.1, "pretrained layers learn at lr x this (earlier stages less)", "optim")
+    weight_decay: float = option(0.05, "AdamW weight decay", "optim")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", "optim")
+    warmup_epochs: float = option(1.0, "linear learning-rate warmup, then cosine decay", "optim")
+    class_weighted_loss: bool = option(False, "weight the loss by inverse class frequency (imbalanced classes)",
+                                       "optim")
+    early_stopping: int = option(0, "stop after this many epochs without improvement (0: off)", "optim",
+                                 metavar="PATIENCE")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", "speed")
+    workers: int | None = option(None, "data loader processes (default: sized to this process's share of the "
+                                 "cores)", "speed")
+    amp: bool = option(True, "no mixed precision on CUDA (default: bf16 on GPUs with bf16 units, else fp16 with "
+                       "a gradient scaler)", "speed", flag="--no-amp")
+    channels_last: bool = option(True, "keep the NCHW memory layout (channels_last is faster on CUDA and x86 "
+                                 "CPUs)", "speed", flag="--no-channels-last")
+    compile: bool = option(False, "torch.compile the trainable layers", "speed")
+    cache: str = option("auto", "auto: compute frozen layers once and decode images once when it fits in memory; "
+                        "off: stream", "speed", choices=("auto", "off"))
+    cache_views: int = option(2, "augmented views per image kept in a frozen-feature cache", "speed")
+    memory_budget_gb: float | None = option(None, "memory for caches in GiB (default: half the free RAM)", "speed")
+    runs_dir: str = option("runs", "where run folders are created", "output")
+    run_name: str | None = option(None, "run folder name (default <time>-<arch>-<strategy>)", "output")
+    extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option
 
     def head_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
 
     def validate(self) -> "TrainConfig":
+        self._check_types()
         if self.arch not in ARCHS:
             raise FinetuneError(f"unknown architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
         if self.strategy not in STRATEGIES:
@@ -69,11 +107,26 @@ class TrainConfig:
             (0 < self.val_fraction < 1, f"val fraction must be between 0 and 1, got {self.val_fraction}"),
             (self.cache in ("auto", "off"), f"cache must be 'auto' or 'off', got {self.cache!r}"),
             (self.cache_views >= 1, f"cache views must be at least 1, got {self.cache_views}"),
+            (self.workers is None or self.workers >= 0, f"workers must be 0 or more, got {self.workers}"),
+            (self.early_stopping >= 0, f"early stopping must be 0 or more, got {self.early_stopping}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise FinetuneError(message)
         return self
+
+    def _check_types(self) -> None:
+        """Values from a config file or the studio must have the field's type ("5" is not an epoch count)."""
+        accepted = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            base, _, optional = str(f.type).partition(" | ")
+            if value is None and optional:
+                continue
+            kinds = accepted[base]
+            if not isinstance(value, kinds) or (base != "bool" and isinstance(value, bool)):
+                raise FinetuneError(f"option {f.name} must be {'a number' if base in ('int', 'float') else 'a ' + base}"
+                                    f"{' (whole)' if base == 'int' else ''}, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,3 +135,37 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """A configuration file (as `save` or run.json's "config" writes it); unknown keys are an error,
+        so a typo is not silently ignored."""
+        path = Path(path).expanduser()
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FinetuneError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FinetuneError(f"cannot read config file {path}: {error}") from None
+        if isinstance(values, dict) and isinstance(values.get("config"), dict):
+            values = values["config"]  # a run.json
+        if not isinstance(values, dict):
+            raise FinetuneError(f"{path} must hold a JSON object of training options")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise FinetuneError(f"{path}: unknown option {unknown[0]!r}")
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise FinetuneError(f"{path}: {error}") from None
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields offered on the command line, in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if "group" in f.metadata]

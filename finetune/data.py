@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .config import FinetuneError
+from .device import usable_cores
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # What Image.open may decode: only these, whatever a file's name or first bytes claim (an EPS
@@ -32,13 +33,6 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMBALANCE_RATIO = 3.0  # warn when the largest class has this many times the images of the smallest
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity, e.g. under taskset or a container), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def is_ignored(name: str) -> bool:

@@ -155,7 +155,7 @@ def predict_batches(model, loader, device: torch.device, amp_dtype=None, channel
     all_probs, all_targets = [], []
     model.eval()
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=device.type == "cuda")  # pinned memory on CUDA only
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

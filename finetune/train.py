@@ -1,7 +1,13 @@
-"""The training loop. It emits events (dicts) that the CLI's progress bar and the UI both consume.
+"""The training loop, as named steps: set up a session, train an epoch, validate, save, evaluate.
 
-Events, in order: "start", per batch "batch", per epoch "epoch", and "end" (or "error"); "log" lines
-in between. The same events are appended as JSON lines to <run>/events.jsonl.
+    train(cfg)                      scan, build the session, run the epochs, final evaluation
+      setup_session(...)            model, frozen/trainable parts, pipeline, loaders, optimizer, ...
+      train_one_epoch(session, ...) one pass over the training data (batch events)
+      validate(session)             val loss and accuracy with the trainable part
+      save_checkpoint(...)          model.pth when improved, last.pth to resume
+      final_evaluation(...)         metrics, confusion matrix and curves of the best model
+
+It emits events (events.py) that the CLI's progress bar and the studio both consume.
 
 Several GPUs: `torchrun --nproc_per_node N -m finetune train ...` runs this same code under
 DistributedDataParallel; rank 0 alone writes the run folder and emits events.
@@ -9,208 +15,113 @@ DistributedDataParallel; rank 0 alone writes the run folder and emits events.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
-import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import cache
 from .config import FinetuneError, TrainConfig
-from .data import (IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size,
-                   scan_dataset, usable_cores)
+from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
+from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
+                     pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_batches, summary_line, write_reports
-from .model import apply_strategy, build_model, param_groups, split_model
+from .events import Event, EventCallback, EventWriter
+from .model import apply_strategy, build_model, param_groups, safe_load, split_model
+from .rundir import RunDir, save_atomic
 
-Event = dict
-EventCallback = Callable[[Event], None]
+# Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
+# done every this many batches, not every batch.
+STOP_CHECK_EVERY = 10
+BATCH_EVENTS_PER_SECOND = 2
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices and processes
+# State that survives an epoch, and the things a training works with
 
 
 @dataclass
-class Distributed:
-    """This process's place among the processes torchrun started (a single process: rank 0 of 1)."""
+class TrainState:
+    """Where a training is: completed epochs, their records, the best one and the patience left."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    epoch: int = 0  # the last completed epoch
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")})
+    epochs_without_gain: int = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    def add(self, record: dict) -> bool:
+        """Record an epoch; True when it is the best so far (val accuracy, ties broken by val loss)."""
+        improved = record["val_acc"] > self.best["val_acc"] or (
+            record["val_acc"] == self.best["val_acc"] and record["val_loss"] < self.best["val_loss"])
+        if improved:
+            self.best = {"epoch": record["epoch"], "val_acc": record["val_acc"], "val_loss": record["val_loss"]}
+            self.epochs_without_gain = 0
+        else:
+            self.epochs_without_gain += 1
+        record["best"] = improved
+        self.history.append(record)
+        self.epoch = record["epoch"]
+        return improved
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "history": self.history, "best": self.best,
+                "epochs_without_gain": self.epochs_without_gain}
 
     @classmethod
-    def from_env(cls) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    def broadcast(self, value):
-        if not self.enabled:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if any rank says True (a Ctrl-C on one stops all together)."""
-        if not self.enabled:
-            return flag
-        tensor = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-        dist.all_reduce(tensor)
-        return bool(tensor.item() > 0)
-
-    def sum(self, values: list[float]) -> list[float]:
-        if not self.enabled:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(tensor)
-        return tensor.tolist()
+    def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
+        return cls(epoch=checkpoint["epoch"], history=list(checkpoint["history"]), best=dict(checkpoint["best"]),
+                   epochs_without_gain=checkpoint.get("epochs_without_gain", 0))
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+@dataclass
+class Session:
+    """Everything one training process works with."""
+
+    cfg: TrainConfig
+    ctx: Distributed
+    device: torch.device
+    run: RunDir
+    scan: DatasetScan
+    model: nn.Module
+    frozen: nn.Module
+    trainable: nn.Module
+    step_module: nn.Module  # trainable, wrapped in DDP and/or compiled
+    pipeline: cache.Pipeline
+    train_loader: DataLoader
+    val_loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    workers: int
+    emit: EventCallback
+
+    def log(self, message: str) -> None:
+        self.emit({"type": "log", "message": message})
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train_loader))
 
 
-def resolve_device(name: str, ctx: Distributed | None = None) -> torch.device:
-    ctx = ctx or Distributed()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", ctx.local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() and not ctx.enabled:
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FinetuneError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FinetuneError(f"device {name!r} requested but CUDA is not available here")
-        index = ctx.local_rank if ctx.enabled else (device.index or 0)
-        if index >= torch.cuda.device_count():
-            raise FinetuneError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return torch.device("cuda", index)
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise FinetuneError("device 'mps' requested but Apple MPS is not available here")
-    return device
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (cuda:{device.index or 0})"
-    if device.type == "mps":
-        return "Apple GPU (mps)"
-    return f"CPU ({usable_cores()} cores)"
-
-
-def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def default_workers(device: torch.device) -> int:
-    cores = usable_cores()
-    return min(8, cores) if device.type == "cuda" else min(4, max(0, cores - 1))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def versions() -> dict:
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "platform": platform.platform()}
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """Running sums kept on the device: float64 on the CPU, float32 elsewhere (MPS has no float64)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
-# The run folder
-
-
-def class_indices_json(classes: list[str]) -> str:
-    """The classic predict.py class map: {"0": "daisy", ...} with 4-space indentation."""
-    return json.dumps({str(i): name for i, name in enumerate(classes)}, indent=4)
-
-
-def new_run_dir(cfg: TrainConfig) -> Path:
-    runs = Path(cfg.runs_dir)
-    name = cfg.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}-{cfg.strategy}"
-    run_dir = runs / name
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = runs / f"{name}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def write_json(path: Path, data) -> None:
-    """Write via a temporary file so a reader (the UI) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class EventFile:
-    """Appends each event as one JSON line; flushed so a follower sees it at once."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
-
-    def __call__(self, event: Event) -> None:
-        self.file.write(json.dumps(event) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def read_events(run_dir: str | Path) -> list[Event]:
-    path = Path(run_dir) / "events.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line still being written
-    return events
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
+# Setting up
 
 
 def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -247,140 +158,28 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: t
                                          drop_last=drop_last)
         else:
             dataset = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-        drop_last=drop_last, generator=generator, prefetch_factor=4 if workers > 0 else None,
+        num_workers=workers, pin_memory=pin_memory(device), persistent_workers=workers > 0,
+        drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4 if workers > 0 else None,
     )
 
 
-def train(cfg: TrainConfig, on_event: EventCallback | None = None, stop: threading.Event | None = None,
-          resume: str | Path | None = None) -> Path:
-    """Fine-tune and write a run folder; returns its path. `stop.set()` ends at the next batch."""
-    cfg.validate()
-    stop = stop or threading.Event()
-    ctx = Distributed.from_env()
-    device = resolve_device(cfg.device, ctx)
-    if ctx.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    try:
-        return _train(cfg, ctx, device, on_event, stop, Path(resume) if resume else None)
-    finally:
-        if ctx.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(cfg, ctx: Distributed, device, on_event, stop, resume_dir) -> Path:
-    seed_everything(cfg.seed)
-    listeners: list[EventCallback] = []
-
-    def emit(event: Event) -> None:
-        if ctx.is_main:
-            event.setdefault("time", time.time())
-            for listener in listeners:
-                listener(event)
-
-    def log(message: str) -> None:
-        emit({"type": "log", "message": message})
-
-    # --- data and run folder (rank 0 scans; every rank uses the same split)
-    if resume_dir is not None:
-        run_dir, state, scan = _load_resume(resume_dir)
-        model = None
-    else:
-        scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed) if ctx.is_main else None
-        scan = ctx.broadcast(scan)
-        # the weights before the run folder: unavailable or wrong weights leave no failed run behind
-        model = build_model(cfg.arch, len(scan.classes), cfg.weights)
-        run_dir = new_run_dir(cfg) if ctx.is_main else None
-        run_dir = ctx.broadcast(run_dir)
-        state = None
-    if ctx.is_main:
-        event_file = EventFile(run_dir / "events.jsonl")
-        listeners.append(event_file)
-    if on_event is not None:
-        listeners.append(on_event)
-
-    try:
-        return _train_in_run(cfg, ctx, device, scan, run_dir, state, emit, log, stop, model)
-    except Exception as error:
-        emit({"type": "error", "message": f"{type(error).__name__}: {error}" if not isinstance(error, FinetuneError)
-              else str(error)})
-        if ctx.is_main:
-            _update_run_json(run_dir, status="failed", error=str(error))
-        raise
-    finally:
-        if ctx.is_main:
-            event_file.close()
-
-
-def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | None = None) -> TrainConfig:
-    """The saved configuration of a run; only the number of epochs and the device may change."""
-    run_json = Path(run_dir) / "run.json"
-    if not run_json.is_file():
-        raise FinetuneError(f"not a run folder (no run.json): {run_dir}")
-    cfg = TrainConfig.from_dict(json.loads(run_json.read_text())["config"])
-    if epochs is not None:
-        cfg.epochs = epochs
-    if device is not None:
-        cfg.device = device
-    return cfg
-
-
-def _load_resume(resume_dir: Path):
-    from .model import safe_load
-
-    checkpoint = resume_dir / "last.pth"
-    if not checkpoint.is_file():
-        raise FinetuneError(f"{resume_dir} has no last.pth to resume from (it stopped before its first epoch)")
-    state = safe_load(checkpoint, "checkpoint")
-    scan = DatasetScan.from_dict(json.loads((resume_dir / "split.json").read_text()))
-    return resume_dir, state, scan
-
-
-def _update_run_json(run_dir: Path, **changes) -> None:
-    path = run_dir / "run.json"
-    info = json.loads(path.read_text()) if path.exists() else {}
-    info.update(changes)
-    write_json(path, info)
-
-
-def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emit, log, stop, model=None) -> Path:
-    classes = scan.classes
-    if ctx.is_main and state is None:
-        write_json(run_dir / "split.json", scan.to_dict())
-        log(scan.report())
-        (run_dir / "data_report.txt").write_text(scan.report() + "\n")
-        (run_dir / "class_indices.json").write_text(class_indices_json(classes))
-        write_json(run_dir / "run.json", {
-            "format": "finetune-run/1", "status": "running", "created": datetime.now().isoformat(timespec="seconds"),
-            "arch": cfg.arch, "strategy": cfg.strategy, "num_classes": len(classes), "classes": classes,
-            "image_size": cfg.image_size, "resize_size": resize_size(cfg.image_size),
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
-            "versions": versions(), "device": describe_device(device), "world_size": ctx.world_size,
-        })
-
-    # --- model
-    pretrained = cfg.weights != "none"
-    if model is None:  # resuming: the architecture, then the saved weights
-        model = build_model(cfg.arch, len(classes), "none")
-        model.load_state_dict(state["model"])
+def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run: RunDir, scan: DatasetScan,
+                  model: nn.Module, emit: EventCallback) -> Session:
+    """Model on the device, the fastest data pipeline that fits, loaders, optimizer and schedule."""
     apply_strategy(model, cfg.strategy)
     frozen, trainable = split_model(model, cfg.strategy)
-    # channels_last: faster convolutions on CUDA and also on x86 CPUs (oneDNN), measured ~1.3x for resnet50
-    memory_format = torch.channels_last if (cfg.channels_last and device.type in ("cuda", "cpu")) \
-        else torch.preserve_format
+    memory_format = torch.channels_last if channels_last_for(device, cfg.channels_last) else torch.preserve_format
     model.to(device, memory_format=memory_format)
     amp_dtype = amp_dtype_for(device, cfg.amp)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
 
-    # --- data pipeline: cached frozen features / decoded pixels when they fit, else streamed images
-    pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log,
-                                    cache.Shard(ctx.rank, ctx.world_size))
+    def log(message: str) -> None:
+        emit({"type": "log", "message": message})
+
+    pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, ctx)
     per_rank = len(pipeline.train) if pipeline.sharded else len(pipeline.train) // ctx.world_size
     train_loader = make_loader(pipeline.train, cfg.batch_size, True, pipeline.workers, device, cfg.seed, ctx,
                                drop_last=per_rank > cfg.batch_size, sharded=pipeline.sharded)
@@ -394,181 +193,354 @@ def _train_in_run(cfg, ctx, device, scan: DatasetScan, run_dir: Path, state, emi
     if cfg.compile:  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs at buckets)
         step_module = torch.compile(step_module)
 
-    groups = param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale, pretrained)
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(train_loader))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = max(1, min(round(cfg.warmup_epochs * steps_per_epoch), total_steps // 5))
+    pretrained = cfg.weights != "none"
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale, pretrained),
+                                  weight_decay=cfg.weight_decay)
+    steps = max(1, len(train_loader))
+    total_steps = steps * cfg.epochs
+    warmup = max(1, min(round(cfg.warmup_epochs * steps), total_steps // 5))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    # fp16 needs loss scaling against underflowing gradients; bf16 (and float32) do not
+    scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=amp_dtype == torch.float16)
     weight = class_weights(scan).to(device) if cfg.class_weighted_loss else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss(reduction="sum")
+    return Session(cfg, ctx, device, run, scan, model, frozen, trainable, step_module, pipeline, train_loader,
+                   val_loader, optimizer, scheduler, scaler, criterion, amp_dtype, memory_format, workers, emit)
 
-    start_epoch, history = 1, []
-    best = {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")}
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])  # keeps the lambdas built for this run's length
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, history, best = state["epoch"] + 1, list(state["history"]), dict(state["best"])
-        torch.set_rng_state(state["rng"])
-        log(f"resuming {run_dir} at epoch {start_epoch}")
 
-    trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    emit({"type": "start", "run_dir": str(run_dir), "epochs": cfg.epochs, "start_epoch": start_epoch,
-          "batches_per_epoch": steps_per_epoch, "train_images": len(scan.train), "val_images": len(scan.val),
-          "classes": classes, "device": describe_device(device), "world_size": ctx.world_size,
-          "trainable_params": trainable_count, "total_params": sum(p.numel() for p in model.parameters()),
-          "pipeline": pipeline.description, "strategy": cfg.strategy, "arch": cfg.arch})
-    if ctx.is_main:
-        _update_run_json(run_dir, status="running", config=cfg.to_dict(), pipeline=pipeline.description)
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
 
-    run_start = time.perf_counter()
-    batches_done, stopped_early, stopped = 0, False, False
-    epochs_without_gain = 0
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        pipeline.set_epoch(epoch)
-        trainable.train()
-        frozen.eval()  # its BatchNorm statistics must not move
-        # loss sum and correct stay on the device: reading them every batch would make the host wait
-        # for the GPU each step; they are read only when a batch event goes out (throttled below)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        count_sum, last_emit = 0, 0.0
-        epoch_start = time.perf_counter()
-        for batch_index, (inputs, targets) in enumerate(train_loader, start=1):
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                inputs = pipeline.prepare_train(inputs)
-                logits = step_module(inputs)
-                loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            count = targets.numel()
-            loss_sum += loss.detach().double() * count
-            correct += (logits.detach().argmax(1) == targets).sum()
-            count_sum += count
-            batches_done += 1
-            now = time.perf_counter()
-            if batch_index == 1 or batch_index == steps_per_epoch or now - last_emit >= 0.5:
-                last_emit = now
-                remaining = steps_per_epoch * (cfg.epochs - start_epoch + 1) - batches_done
-                emit({"type": "batch", "epoch": epoch, "epochs": cfg.epochs, "batch": batch_index,
-                      "batches": steps_per_epoch, "loss": loss_sum.item() / count_sum,
-                      "acc": correct.item() / count_sum,
-                      "images_per_s": count_sum * ctx.world_size / max(now - epoch_start, 1e-9),
-                      "eta_s": (now - run_start) / batches_done * remaining,
-                      "lr": optimizer.param_groups[0]["lr"]})
-            if ctx.any(stop.is_set()):
-                stopped = True
-                break
-        train_loss_sum, train_correct, train_count = ctx.sum([loss_sum.item(), float(correct.item()), float(count_sum)])
-        if train_count == 0:
+
+def to_cpu(obj):
+    """The same nested structure with every tensor on the CPU: a checkpoint written on cuda:1 must
+    load with a plain torch.load on a machine without a GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(session: Session, state: TrainState, improved: bool, complete: bool) -> None:
+    """model.pth when the epoch improved; last.pth (to resume) after every complete epoch. Rank 0 only."""
+    if not session.ctx.is_main:
+        return
+    model_state = to_cpu(session.model.state_dict())
+    if improved:
+        save_atomic(model_state, session.run.model)
+    if complete:
+        save_atomic({"model": model_state, "optimizer": to_cpu(session.optimizer.state_dict()),
+                     "scheduler": session.scheduler.state_dict(), "scaler": session.scaler.state_dict(),
+                     "rng": torch.get_rng_state(), **state.state_dict()}, session.run.last)
+
+
+def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
+    """Optimizer, schedule, scaler and random state from last.pth; the optimizer's tensors move to the
+    training device (Optimizer.load_state_dict puts them beside their parameters)."""
+    session.optimizer.load_state_dict(checkpoint["optimizer"])
+    session.scheduler.load_state_dict(checkpoint["scheduler"])  # keeps the lambdas built for this run's length
+    if checkpoint.get("scaler"):
+        session.scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"])
+    return TrainState.from_checkpoint(checkpoint)
+
+
+def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | None = None) -> TrainConfig:
+    """The saved configuration of a run; only the number of epochs and the device may change."""
+    cfg = TrainConfig.from_dict(RunDir(run_dir).require_info()["config"])
+    if epochs is not None:
+        cfg.epochs = epochs
+    if device is not None:
+        cfg.device = device
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch, validation
+
+
+def train_one_epoch(session: Session, epoch: int, stop: threading.Event, progress: "_Progress") -> tuple[dict, bool]:
+    """One pass over the training data. Returns (train loss and accuracy over all ranks, stopped)."""
+    s = session
+    if isinstance(s.train_loader.sampler, DistributedSampler):
+        s.train_loader.sampler.set_epoch(epoch)
+    s.pipeline.set_epoch(epoch)
+    s.trainable.train()
+    s.frozen.eval()  # its BatchNorm statistics must not move
+    # running sums stay on the device: reading them every batch would make the host wait for the GPU
+    # each step; they are read only when a batch event goes out (rank 0, throttled)
+    loss_sum = torch.zeros((), device=s.device, dtype=accumulator_dtype(s.device))
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    count, stopped, copy_async = 0, False, non_blocking(s.device)
+    progress.start_epoch()
+    for batch, (inputs, targets) in enumerate(s.train_loader, start=1):
+        inputs = inputs.to(s.device, non_blocking=copy_async)
+        targets = targets.to(s.device, non_blocking=copy_async)
+        with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+            logits = s.step_module(s.pipeline.prepare_train(inputs))
+            loss = s.criterion(logits.float(), targets)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.scheduler.step()
+        loss_sum += loss.detach().to(loss_sum.dtype) * targets.numel()
+        correct += (logits.detach().argmax(1) == targets).sum()
+        count += targets.numel()
+        progress.batch(epoch, batch, count, loss_sum, correct, s.optimizer.param_groups[0]["lr"])
+        if _should_stop(s.ctx, stop, batch):
+            stopped = True
             break
-        val_loss, val_acc = _validate(trainable, pipeline, val_loader, val_criterion, device, amp_dtype, ctx)
-        record = {"epoch": epoch, "train_loss": train_loss_sum / train_count, "train_acc": train_correct / train_count,
-                  "val_loss": val_loss, "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": time.perf_counter() - epoch_start, "complete": not stopped}
-        improved = val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"])
-        if improved:
-            best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
-            epochs_without_gain = 0
-        else:
-            epochs_without_gain += 1
-        record["best"] = improved
-        history.append(record)
-        if ctx.is_main:
-            if improved:
-                save_atomic(model.state_dict(), run_dir / "model.pth")
-            if not stopped:
-                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "epoch": epoch, "history": history, "best": best, "rng": torch.get_rng_state()},
-                            run_dir / "last.pth")
-            _update_run_json(run_dir, history=history, best=best, epochs_done=epoch)
-        emit({"type": "epoch", **record, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"]})
-        if stopped:
-            log(f"stopped during epoch {epoch}; keeping the best model so far (epoch {best['epoch']})")
-            break
-        if cfg.early_stopping and epochs_without_gain >= cfg.early_stopping:
-            stopped_early = True
-            log(f"early stopping: no improvement for {epochs_without_gain} epochs (best epoch {best['epoch']})")
-            break
+    loss_total, correct_total, count_total = s.ctx.sum([float(loss_sum.item()), float(correct.item()), float(count)])
+    return {"train_loss": loss_total / max(count_total, 1), "train_acc": correct_total / max(count_total, 1),
+            "images": count_total}, stopped
 
-    status = "stopped" if stopped else ("early-stopped" if stopped_early else "completed")
-    metrics = _final_evaluation(cfg, ctx, model, scan, run_dir, device, amp_dtype, memory_format, workers, history,
-                                pipeline, trainable)
-    if ctx.is_main:
-        _update_run_json(run_dir, status=status, summary=metrics and {
-            k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
-            if k in metrics})
-    emit({"type": "end", "status": status, "run_dir": str(run_dir), "best": best,
-          "metrics": metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
-          "summary": summary_line(metrics) if metrics else "no epoch completed",
-          "seconds": time.perf_counter() - run_start})
-    return run_dir
+
+def _should_stop(ctx: Distributed, stop: threading.Event, batch: int) -> bool:
+    """A single process looks at its flag every batch; several agree every STOP_CHECK_EVERY batches
+    (a Ctrl-C on one rank stops them all at the same batch)."""
+    if not ctx.enabled:
+        return stop.is_set()
+    return batch % STOP_CHECK_EVERY == 0 and ctx.any(stop.is_set())
 
 
 @torch.inference_mode()
-def _validate(trainable, pipeline, loader, criterion, device, amp_dtype, ctx) -> tuple[float, float]:
-    trainable.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    count = 0
-    for inputs, targets in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = trainable(pipeline.prepare_eval(inputs)).float()
-        loss_sum += criterion(logits, targets).double()
+def validate(session: Session) -> tuple[float, float]:
+    """(val loss, val accuracy) of the trainable part on the cached or streamed val inputs, over all ranks."""
+    s = session
+    # DDP's forward leaves each rank with its own BatchNorm statistics; score rank 0's (the saved model)
+    s.ctx.broadcast_module_buffers(s.trainable)
+    s.trainable.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum = torch.zeros((), device=s.device, dtype=accumulator_dtype(s.device))
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    count, copy_async = 0, non_blocking(s.device)
+    for inputs, targets in s.val_loader:
+        inputs = inputs.to(s.device, non_blocking=copy_async)
+        targets = targets.to(s.device, non_blocking=copy_async)
+        with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+            logits = s.trainable(s.pipeline.prepare_eval(inputs)).float()
+        loss_sum += criterion(logits, targets).to(loss_sum.dtype)
         correct += (logits.argmax(1) == targets).sum()
         count += targets.numel()
-    loss_sum, correct, count = ctx.sum([loss_sum.item(), float(correct.item()), float(count)])
-    return (loss_sum / count, correct / count) if count else (float("nan"), 0.0)
+    loss_total, correct_total, count_total = s.ctx.sum([float(loss_sum.item()), float(correct.item()), float(count)])
+    return (loss_total / count_total, correct_total / count_total) if count_total else (float("nan"), 0.0)
 
 
-def _final_evaluation(cfg, ctx, model, scan, run_dir, device, amp_dtype, memory_format, workers, history,
-                      pipeline=None, trainable=None):
-    """Metrics of the best model on val (and test, when given): rank 0 only, full images.
+class _Progress:
+    """Batch events: rank 0 only, at most BATCH_EVENTS_PER_SECOND (each reads the device's sums)."""
+
+    def __init__(self, session: Session, start_epoch: int):
+        self.session = session
+        self.remaining_batches = session.steps_per_epoch * (session.cfg.epochs - start_epoch + 1)
+        self.done = 0
+        self.run_start = time.perf_counter()
+        self.epoch_start = self.last_emit = 0.0
+
+    def start_epoch(self) -> None:
+        self.epoch_start, self.last_emit = time.perf_counter(), 0.0
+
+    def batch(self, epoch: int, batch: int, count: int, loss_sum: torch.Tensor, correct: torch.Tensor,
+              lr: float) -> None:
+        self.done += 1
+        s = self.session
+        if not s.ctx.is_main:
+            return
+        now = time.perf_counter()
+        steps = s.steps_per_epoch
+        if not (batch == 1 or batch == steps or now - self.last_emit >= 1 / BATCH_EVENTS_PER_SECOND):
+            return
+        self.last_emit = now
+        s.emit({"type": "batch", "epoch": epoch, "epochs": s.cfg.epochs, "batch": batch, "batches": steps,
+                "loss": loss_sum.item() / count, "acc": correct.item() / count,
+                "images_per_s": count * s.ctx.world_size / max(now - self.epoch_start, 1e-9),
+                "eta_s": (now - self.run_start) / self.done * (self.remaining_batches - self.done), "lr": lr})
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole training
+
+
+def train(cfg: TrainConfig, on_event: EventCallback | None = None, stop: threading.Event | None = None,
+          resume: str | Path | None = None) -> Path:
+    """Fine-tune and write a run folder; returns its path. `stop.set()` ends at the next batch."""
+    cfg.validate()
+    stop = stop or threading.Event()
+    ctx = Distributed.from_env()
+    device = resolve_device(cfg.device, ctx)
+    ctx.init(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    try:
+        return _train(cfg, ctx, device, on_event, stop, Path(resume) if resume else None)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, stop, resume_dir) -> Path:
+    seed_everything(cfg.seed)
+    listeners: list[EventCallback] = []
+
+    def emit(event: Event) -> None:
+        if ctx.is_main:
+            event.setdefault("time", time.time())
+            for listener in listeners:
+                listener(event)
+
+    # data and run folder: rank 0 scans while the others wait (patiently: a scan of many images takes
+    # longer than a collective's timeout), every rank then uses the same split
+    checkpoint = None
+    if resume_dir is not None:
+        run = RunDir(resume_dir)
+        if not run.last.is_file():
+            raise FinetuneError(f"{resume_dir} has no last.pth to resume from (it stopped before its first epoch)")
+        checkpoint = safe_load(run.last, "checkpoint")
+        scan = run.read_split()
+        model = build_model(cfg.arch, len(scan.classes), "none")
+        model.load_state_dict(checkpoint["model"])
+    else:
+        scan = ctx.broadcast(scan_dataset(cfg.data, cfg.val_fraction, cfg.seed) if ctx.is_main else None, patient=True)
+        # the weights before the run folder: unavailable or wrong weights leave no failed run behind
+        model = build_model(cfg.arch, len(scan.classes), cfg.weights)
+        run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
+    pids = ctx.all_gather(os.getpid())
+    event_file = EventWriter(run.events) if ctx.is_main else None
+    if event_file:
+        listeners.append(event_file)
+    if on_event is not None:
+        listeners.append(on_event)
+    try:
+        if ctx.is_main and checkpoint is None:
+            start_run_folder(run, cfg, scan, device, ctx)
+            emit({"type": "log", "message": scan.report()})
+        if ctx.is_main:  # who is training: after a restart the studio checks whether they are still alive
+            run.update_info(status="running", pids=pids, launcher_pid=os.getppid() if ctx.enabled else None,
+                            host=os.uname().nodename)
+        return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop)
+    except BaseException as error:
+        message = str(error) if isinstance(error, FinetuneError) else \
+            "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        emit({"type": "error", "message": message})
+        if ctx.is_main:
+            run.update_info(status="failed", error=message)
+        raise
+    finally:
+        if event_file:
+            event_file.close()
+
+
+def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: torch.device,
+                     ctx: Distributed) -> None:
+    """What a run folder holds before the first epoch: split, report, class map, run.json."""
+    run.write_split(scan)
+    run.write_class_indices(scan.classes)
+    run.write_info({
+        "status": "running", "created": datetime.now().isoformat(timespec="seconds"),
+        "arch": cfg.arch, "strategy": cfg.strategy, "num_classes": len(scan.classes), "classes": scan.classes,
+        "image_size": cfg.image_size, "resize_size": resize_size(cfg.image_size),
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
+        "versions": versions(), "device": describe_device(device), "world_size": ctx.world_size,
+    })
+
+
+def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpoint, emit, stop) -> Path:
+    session = setup_session(cfg, ctx, device, run, scan, model, emit)
+    state = TrainState()
+    if checkpoint is not None:
+        state = restore_checkpoint(session, checkpoint)
+        session.log(f"resuming {run.path} at epoch {state.epoch + 1}")
+    start_epoch = state.epoch + 1
+    emit({"type": "start", "run_dir": str(run.path), "epochs": cfg.epochs, "start_epoch": start_epoch,
+          "batches_per_epoch": session.steps_per_epoch, "train_images": len(scan.train), "val_images": len(scan.val),
+          "classes": scan.classes, "device": describe_device(device), "world_size": ctx.world_size,
+          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+          "total_params": sum(p.numel() for p in model.parameters()),
+          "pipeline": session.pipeline.description, "strategy": cfg.strategy, "arch": cfg.arch})
+    if ctx.is_main:
+        run.update_info(config=cfg.to_dict(), pipeline=session.pipeline.description)
+
+    progress = _Progress(session, start_epoch)
+    status = "completed"
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        train_stats, stopped = train_one_epoch(session, epoch, stop, progress)
+        if not train_stats["images"]:
+            break
+        val_loss, val_acc = validate(session)
+        record = {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
+                  "val_loss": val_loss, "val_acc": val_acc, "lr": session.optimizer.param_groups[0]["lr"],
+                  "seconds": time.perf_counter() - epoch_start, "complete": not stopped}
+        improved = state.add(record)
+        save_checkpoint(session, state, improved, complete=not stopped)
+        if ctx.is_main:
+            run.update_info(history=state.history, best=state.best, epochs_done=epoch)
+        emit({"type": "epoch", **record, "best_epoch": state.best["epoch"], "best_val_acc": state.best["val_acc"]})
+        if stopped:
+            status = "stopped"
+            session.log(f"stopped during epoch {epoch}; keeping the best model so far (epoch {state.best['epoch']})")
+            break
+        if cfg.early_stopping and state.epochs_without_gain >= cfg.early_stopping:
+            status = "early-stopped"
+            session.log(f"early stopping: no improvement for {state.epochs_without_gain} epochs "
+                        f"(best epoch {state.best['epoch']})")
+            break
+
+    metrics = final_evaluation(session, state)
+    if ctx.is_main:
+        run.update_info(status=status, summary=metrics and {
+            k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
+            if k in metrics})
+    emit({"type": "end", "status": status, "run_dir": str(run.path), "best": state.best,
+          "metrics": metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
+          "summary": summary_line(metrics) if metrics else "no epoch completed",
+          "seconds": time.perf_counter() - progress.run_start})
+    return run.path
+
+
+# ---------------------------------------------------------------------------------------------
+# Final evaluation
+
+
+def final_evaluation(session: Session, state: TrainState) -> dict | None:
+    """Metrics of the best model on val (and test, when given): rank 0 only.
 
     When the pipeline cached every validation image (frozen features or eval crops), val reuses that
     cache through the trainable part: the same numbers (within float16 for layer3 features) at a
-    fraction of the cost."""
-    if not ctx.is_main or not (run_dir / "model.pth").exists():
+    fraction of the cost. Returns the val metrics (None when no epoch completed)."""
+    s = session
+    if not s.ctx.is_main or not s.run.model.is_file():
         return None
-    model.load_state_dict(torch.load(run_dir / "model.pth", map_location=device, weights_only=True))
-    model.eval()
-    plot_history(history, run_dir / "training_curves.png")
+    s.model.load_state_dict(torch.load(s.run.model, map_location=s.device, weights_only=True))
+    s.model.eval()
+    plot_history(state.history, s.run.curves)
     results = {}
     for split in ("val", "test"):
-        items = getattr(scan, split)
+        items = getattr(s.scan, split)
         if not items:
             continue
-        if split == "val" and pipeline is not None and pipeline.val_covers_all:
-            loader = DataLoader(pipeline.val, batch_size=cfg.batch_size * 2, num_workers=pipeline.workers,
-                                pin_memory=device.type == "cuda")
-            with torch.inference_mode():
-                probs, targets = predict_batches(_Prepared(trainable, pipeline.prepare_eval), loader, device,
-                                                 amp_dtype)
-        else:
-            dataset = ImageListDataset(scan.root, items, eval_transform(cfg.image_size),
-                                       min_size=resize_size(cfg.image_size))
-            loader = DataLoader(dataset, batch_size=cfg.batch_size * 2, num_workers=workers,
-                                pin_memory=device.type == "cuda")
-            probs, targets = predict_batches(model, loader, device, amp_dtype, memory_format == torch.channels_last)
-        metrics = compute_metrics(targets, probs, scan.classes, [rel for rel, _ in items])
-        metrics["history"] = history if split == "val" else None
-        write_reports(run_dir, metrics, prefix="" if split == "val" else "test_")
+        probs, targets = _split_probabilities(s, split, items)
+        metrics = compute_metrics(targets, probs, s.scan.classes, [rel for rel, _ in items])
+        metrics["history"] = state.history if split == "val" else None
+        write_reports(s.run.path, metrics, prefix="" if split == "val" else "test_")
         results[split] = metrics
     return results.get("val")
+
+
+def _split_probabilities(s: Session, split: str, items: list[tuple[str, int]]):
+    if split == "val" and s.pipeline.val_covers_all:
+        loader = DataLoader(s.pipeline.val, batch_size=s.cfg.batch_size * 2, num_workers=s.pipeline.workers,
+                            pin_memory=pin_memory(s.device))
+        with torch.inference_mode():
+            return predict_batches(_Prepared(s.trainable, s.pipeline.prepare_eval), loader, s.device, s.amp_dtype)
+    dataset = ImageListDataset(s.scan.root, items, eval_transform(s.cfg.image_size),
+                               min_size=resize_size(s.cfg.image_size))
+    loader = DataLoader(dataset, batch_size=s.cfg.batch_size * 2, num_workers=s.workers,
+                        pin_memory=pin_memory(s.device))
+    return predict_batches(s.model, loader, s.device, s.amp_dtype, s.memory_format == torch.channels_last)
 
 
 class _Prepared(nn.Module):

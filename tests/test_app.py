@@ -196,7 +196,7 @@ def test_training_streams_progress_curves_and_result(trained):
     assert "completed" in progress and 'width:100%' in progress
     series = {row[2] for row in loss["value"]["data"]}
     assert series == {"train", "val"}
-    assert "epoch 1: train loss" in log
+    assert "epoch   1: train loss" in log
     assert "Completed" in result and run_dir.name in result
     assert matrix["visible"] is True  # the matrix appears when the training has ended
     image = matrix["value"]
@@ -337,7 +337,7 @@ def test_predict_batch_server_folder(client, trained, sample_data):
 
 
 def test_export_downloads(client, trained):
-    from finetune.train import class_indices_json
+    from finetune.rundir import class_indices_json
 
     run_dir, _ = trained
     classes, model, made = client.predict(str(run_dir), api_name="/export_files")

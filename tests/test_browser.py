@@ -129,7 +129,7 @@ def test_train_one_epoch_curves_and_confusion_matrix(page, app_server):
     assert "completed" in page.locator("#train_status_text").inner_text()
     assert page.locator("#acc_plot svg path[aria-roledescription='line mark']").count() >= 1
     page.locator("#train_matrix img").wait_for()
-    assert "epoch 1: train loss" in page.locator("#train_log textarea").input_value()
+    assert "epoch   1: train loss" in page.locator("#train_log textarea").input_value()
     # the new run is what Predict now uses
     name = page.locator("#train_result").inner_text().split("Completed:")[1].split()[0]
     open_tab(page, "4. Predict")

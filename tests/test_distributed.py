@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, make_class_folders
 from finetune.predict import Predictor
-from finetune.train import read_events
+from finetune.events import read_events
 
 
 @pytest.mark.slow

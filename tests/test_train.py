@@ -11,7 +11,8 @@ from torchvision import models
 
 from conftest import make_class_folders, tree_digest
 from finetune.config import FinetuneError, TrainConfig
-from finetune.train import read_events, resume_config, train
+from finetune.events import read_events
+from finetune.train import resume_config, train
 
 FROZEN_PREFIXES = {"head": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
                    "last": ("conv1", "bn1", "layer1", "layer2", "layer3"), "all": ()}

@@ -1,0 +1,106 @@
+"""Training events: what the loop emits, their one text format, and the file that carries them.
+
+A training emits dicts with a "type":
+
+* ``log``: ``message``
+* ``start``: run_dir, arch, strategy, device, world_size, epochs, start_epoch, batches_per_epoch,
+  train_images, val_images, classes, trainable_params, total_params, pipeline
+* ``batch`` (throttled to about 2 a second): epoch, epochs, batch, batches, loss, acc, images_per_s,
+  eta_s, lr
+* ``epoch``: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, complete, best,
+  best_epoch, best_val_acc
+* ``end``: status, run_dir, best, metrics, summary, seconds
+* ``error``: message
+
+Rank 0 appends each one as a JSON line to ``<run>/events.jsonl`` (`EventWriter`); the terminal
+progress bar consumes them directly, the studio follows the file (`EventFollower`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+Event = dict
+EventCallback = Callable[[Event], None]
+
+EVENTS_FILE = "events.jsonl"
+
+
+def duration(seconds: float | None) -> str:
+    """'1:05' or '2:03:04'; '?' when unknown."""
+    if seconds is None or seconds != seconds:
+        return "?"
+    seconds = int(round(max(0, seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def format_event(event: Event) -> str | None:
+    """The one-line text of a log, start, epoch, end or error event (None for batch events)."""
+    kind = event.get("type")
+    if kind == "log":
+        return event["message"]
+    if kind == "start":
+        workers = f" x{event['world_size']}" if event.get("world_size", 1) > 1 else ""
+        return (f"{event['arch']} / {event['strategy']} on {event['device']}{workers}: "
+                f"{event['train_images']} train / {event['val_images']} val images, "
+                f"{len(event['classes'])} classes, {event['trainable_params']:,} of "
+                f"{event['total_params']:,} parameters train")
+    if kind == "epoch":
+        return (f"epoch {event['epoch']:>3}: train loss {event['train_loss']:.4f} acc {event['train_acc']:.4f}"
+                f" | val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}"
+                f" | {event['seconds']:.1f}s{'  *best' if event.get('best') else ''}")
+    if kind == "end":
+        return (f"{event['status']} in {duration(event.get('seconds'))}; best epoch {event['best']['epoch']}\n"
+                f"val: {event.get('summary', '')}")
+    if kind == "error":
+        return f"error: {event.get('message')}"
+    return None
+
+
+class EventWriter:
+    """Appends each event as one JSON line, flushed at once so a follower sees it."""
+
+    def __init__(self, path: str | Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, event: Event) -> None:
+        self.file.write(json.dumps(event) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class EventFollower:
+    """Reads only the new complete lines of an events.jsonl on every call (a line still being
+    written is left for the next call)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.offset = 0
+
+    def poll(self) -> list[Event]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        events = []
+        for line in data[: end + 1].splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+
+def read_events(run_dir: str | Path) -> list[Event]:
+    """Every complete event a run has written so far."""
+    return EventFollower(Path(run_dir) / EVENTS_FILE).poll()

@@ -1,0 +1,356 @@
+"""A training as the studio sees it: a process it started (or found still running), followed
+through the events it writes. No gradio here.
+
+The studio launches `python -m finetune train --config FILE.json` (under torchrun for several
+GPUs) in a session of its own, reads only what it writes (events.jsonl, run.json), sends SIGINT to
+stop it, and signals every process group of the training (torchrun's workers run in sessions of
+their own) when it must end it for good.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import FinetuneError, TrainConfig
+from .events import EventFollower, duration, format_event
+from .rundir import FINAL_STATUSES, RunDir, list_runs, run_name
+
+USABLE_STATUSES = ("completed", "stopped", "early-stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a training looks like from its events
+
+
+@dataclass
+class TrainingView:
+    """Everything the UI shows about one training, built up from its events."""
+
+    run_dir: str | None = None
+    epochs: int = 0
+    epoch: int = 0
+    batch: int = 0
+    batches: int = 0
+    images_per_s: float = 0.0
+    eta_s: float | None = None
+    status: str = "starting"
+    curves: list[dict] = field(default_factory=list)  # {"epoch": x, "value": v, "series": name, "metric": m}
+    log: deque = field(default_factory=lambda: deque(maxlen=400))
+    summary: str = ""
+    metrics: dict | None = None
+    error: str | None = None
+    device: str = ""
+    seconds: float | None = None
+
+    def add(self, event: dict) -> None:
+        kind = event.get("type")
+        line = format_event(event)
+        if line is not None:
+            self.log.append(line)
+        if kind == "start":
+            self.run_dir = event["run_dir"]
+            self.epochs, self.batches = event["epochs"], event["batches_per_epoch"]
+            self.status, self.device = "training", event.get("device", "")
+        elif kind == "batch":
+            self.epoch, self.epochs = event["epoch"], event["epochs"]
+            self.batch, self.batches = event["batch"], event["batches"]
+            self.images_per_s, self.eta_s = event["images_per_s"], event["eta_s"]
+            x = event["epoch"] - 1 + event["batch"] / max(1, event["batches"])
+            self.curves.append({"epoch": x, "value": event["loss"], "series": "train", "metric": "loss"})
+            self.curves.append({"epoch": x, "value": event["acc"], "series": "train", "metric": "accuracy"})
+        elif kind == "epoch":
+            x = float(event["epoch"])
+            self.curves.append({"epoch": x, "value": event["val_loss"], "series": "val", "metric": "loss"})
+            self.curves.append({"epoch": x, "value": event["val_acc"], "series": "val", "metric": "accuracy"})
+            self.status = "evaluating" if event["epoch"] == self.epochs else "training"
+        elif kind == "end":
+            self.status = event["status"]
+            self.summary = event.get("summary", "")
+            self.metrics = event.get("metrics")
+            self.eta_s, self.seconds = 0, event.get("seconds")
+        elif kind == "error":
+            self.status = "failed"
+            self.error = event.get("message")
+
+    def fraction(self) -> float:
+        if self.status in USABLE_STATUSES:
+            return 1.0
+        if not self.epochs or not self.batches:
+            return 0.0
+        return min(1.0, ((self.epoch - 1) * self.batches + self.batch) / (self.epochs * self.batches)) \
+            if self.epoch else 0.0
+
+    def progress_text(self) -> str:
+        if self.status == "starting":
+            return "preparing: checking the images and building the model…"
+        if self.epoch == 0 and self.status == "training":
+            return "preparing the data pipeline…"
+        text = (f"epoch {self.epoch}/{self.epochs} · batch {self.batch}/{self.batches} · "
+                f"{self.images_per_s:.0f} images/s")
+        if self.status == "training":
+            return text + f" · about {duration(self.eta_s)} left"
+        if self.status == "evaluating":
+            return text + " · evaluating the best model on the validation images…"
+        if self.status in USABLE_STATUSES:
+            return f"{self.status} after {self.epoch}/{self.epochs} epochs in {duration(self.seconds)}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def train_command(config_file: str | Path, processes: int = 1) -> list[str]:
+    """argv for `python -m finetune train --config FILE`; `processes` > 1: under torchrun (one process
+    per GPU, DistributedDataParallel). Nothing the user typed becomes an argument of its own."""
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return [*launcher, "-m", "finetune", "train", "--config", str(config_file), "--quiet"]
+
+
+def absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
+    """The same configuration with its paths resolved once, here, against `base` (default: the
+    current folder): the training process may run in another working directory."""
+    base = Path(base or os.getcwd())
+
+    def resolve(path: str) -> str:
+        path = Path(path).expanduser()
+        return str((path if path.is_absolute() else base / path).resolve())
+
+    values = cfg.to_dict()
+    values["data"] = resolve(cfg.data)
+    values["runs_dir"] = resolve(cfg.runs_dir)
+    if cfg.weights not in ("imagenet", "none"):
+        values["weights"] = resolve(cfg.weights)
+    return TrainConfig.from_dict(values)
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of pid (Linux /proc; empty elsewhere)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields_after_name = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields_after_name[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def is_training_process(pid: int) -> bool:
+    """A live process that is a finetune training (not another program that got the pid since)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (macOS): trust the signal check
+    return b"finetune" in b" ".join(cmdline) and b"train" in cmdline
+
+
+def _signal_groups(pids: list[int], sig: int) -> None:
+    """Signal each process group (a training process and its DataLoader workers)."""
+    for pid in pids:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class TrainingJob:
+    """One training: a `python -m finetune train` process this studio started, or (`attach`) one
+    that an earlier studio process started and that is still running."""
+
+    def __init__(self, cfg: TrainConfig, cwd: str | Path | None = None, env: dict | None = None,
+                 processes: int = 1):
+        cfg = absolute_paths(cfg.validate())
+        self.processes = max(1, int(processes))
+        if not cfg.run_name:
+            cfg.run_name = run_name(cfg.arch, cfg.strategy, cfg.runs_dir)
+        self.cfg = cfg
+        self.run_dir = Path(cfg.runs_dir) / cfg.run_name
+        # the whole configuration travels as a file (mode 0600), not as a command line to re-parse
+        handle, config_path = tempfile.mkstemp(prefix="finetune-train-", suffix=".json")
+        os.close(handle)
+        self.config_file = cfg.save(config_path)
+        self.command = train_command(self.config_file, self.processes)
+        self.view = TrainingView(run_dir=str(self.run_dir))
+        self.started = time.time()
+        self.stop_requested = False
+        self._stderr: deque = deque(maxlen=50)
+        self._lock = threading.Lock()
+        child_env = dict(os.environ if env is None else env)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.process = subprocess.Popen(
+            self.command, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        self.follower = EventFollower(RunDir(self.run_dir).events)
+        self.attached_pids: list[int] = []
+
+    @classmethod
+    def attach(cls, run_dir: str | Path) -> "TrainingJob":
+        """Follow (and be able to stop) a training an earlier studio process started."""
+        job = cls.__new__(cls)
+        run = RunDir(run_dir)
+        info = run.info()
+        job.processes = int(info.get("world_size", 1))
+        job.cfg = TrainConfig.from_dict(info.get("config", {}))
+        job.run_dir = run.path
+        job.config_file = None
+        job.command = []
+        job.view = TrainingView(run_dir=str(run.path))
+        job.started = time.time()
+        job.stop_requested = False
+        job._stderr = deque(maxlen=50)
+        job._lock = threading.Lock()
+        job.process = None
+        job._reader = None
+        job.follower = EventFollower(run.events)
+        job.attached_pids = training_pids(info)
+        return job
+
+    def _read_stderr(self) -> None:
+        for line in self.process.stderr:
+            line = line.rstrip()
+            if line:
+                self._stderr.append(line)
+
+    def pids(self) -> list[int]:
+        """The training processes (not torchrun itself)."""
+        if self.process is None:
+            return [pid for pid in self.attached_pids if is_training_process(pid)]
+        if self.processes > 1:
+            return children(self.process.pid)
+        return [self.process.pid]
+
+    def running(self) -> bool:
+        if self.process is None:
+            return bool(self.pids())
+        return self.process.poll() is None
+
+    def stop(self) -> bool:
+        """SIGINT to every training process: they end together at the next batch check and keep the best
+        checkpoint; torchrun then exits on its own (a SIGINT to torchrun would tear its workers down)."""
+        if not self.running():
+            return False
+        self.stop_requested = True
+        for pid in self.pids() or ([self.process.pid] if self.process else []):
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        return True
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """Stop, and if that does not end it within `timeout` s, kill every process group of the
+        training (torchrun's, and each worker's with its DataLoader processes)."""
+        if not self.running():
+            return
+        self.stop()
+        deadline = time.time() + timeout
+        while self.running() and time.time() < deadline:
+            time.sleep(0.1)
+        if self.running():
+            groups = self.pids() + ([self.process.pid] if self.process is not None else [])
+            _signal_groups(groups, signal.SIGKILL)
+            if self.process is not None:
+                self.process.wait(10)
+        mark_ended(RunDir(self.run_dir), "the training was killed because it did not stop in time")
+
+    def update(self) -> TrainingView:
+        """Read new events; when the process has ended, settle the final status."""
+        with self._lock:
+            alive = self.running()
+            for event in self.follower.poll():
+                self.view.add(event)
+            if not alive:
+                if self._reader is not None:
+                    self._reader.join(timeout=2)
+                for event in self.follower.poll():
+                    self.view.add(event)
+                if self.view.status not in FINAL_STATUSES:
+                    self.view.status = "failed"
+                if self.view.status == "failed":
+                    self.view.error = self.failure_message() or self.view.error
+                if self.config_file is not None:
+                    self.config_file.unlink(missing_ok=True)
+            return self.view
+
+    def failure_message(self) -> str:
+        if self.process is None:
+            return self.view.error or RunDir(self.run_dir).info().get("error") or "the training process ended"
+        code = self.process.returncode
+        errors = [line for line in self._stderr if line.startswith("error:")]
+        if errors:
+            return errors[-1].removeprefix("error:").strip()
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            hint = " (probably out of memory: try a smaller batch size or image size)" if -code == 9 else ""
+            return f"the training process was killed by {name}{hint}"
+        tail = [line for line in self._stderr if line.strip()]
+        last = tail[-1] if tail else ""
+        return f"the training process exited with status {code}" + (f": {last}" if last else "")
+
+    def finished(self) -> bool:
+        return not self.running() and self.view.status in FINAL_STATUSES
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainings left behind by an earlier studio process
+
+
+def training_pids(info: dict) -> list[int]:
+    return [int(pid) for pid in info.get("pids") or ([info["pid"]] if info.get("pid") else [])]
+
+
+def mark_ended(run: RunDir, reason: str) -> None:
+    """A run whose processes are gone but whose run.json still says "running": stopped when it has a
+    model to use, failed otherwise. Never left at "running"."""
+    info = run.info()
+    if info.get("status") != "running":
+        return
+    run.update_info(status="stopped" if run.has_model() else "failed", error=reason)
+
+
+def running_trainings(runs_dir: str | Path) -> list[Path]:
+    """Runs whose training processes are still alive on this machine (started by an earlier studio,
+    or from a terminal); runs marked running whose processes are gone are marked ended on the way."""
+    alive = []
+    host = os.uname().nodename
+    for path in list_runs(runs_dir):
+        run = RunDir(path)
+        info = run.info()
+        if info.get("status") != "running" or info.get("host", host) != host:
+            continue
+        if any(is_training_process(pid) for pid in training_pids(info)):
+            alive.append(path)
+        else:
+            mark_ended(run, "the training process ended without finishing (killed, or the machine restarted)")
+    return alive
+
+
+def require_no_training(runs_dir: str | Path) -> None:
+    """FinetuneError when a training is already running in this runs folder."""
+    alive = running_trainings(runs_dir)
+    if alive:
+        raise FinetuneError(f"a training is already running ({alive[0].name}): wait for it or stop it first")

@@ -1,0 +1,103 @@
+"""finetune.jobs: a training process as the studio sees it (no gradio, no browser)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, make_class_folders
+from finetune.config import TrainConfig
+from finetune.jobs import TrainingJob, TrainingView, train_command
+
+
+def test_training_view_progress_and_curves():
+    view = TrainingView()
+    assert "preparing" in view.progress_text()
+    view.add({"type": "start", "run_dir": "/r", "epochs": 2, "batches_per_epoch": 4, "train_images": 8,
+              "val_images": 2, "classes": ["a", "b"], "device": "CPU", "trainable_params": 10,
+              "total_params": 100, "arch": "resnet34", "strategy": "head"})
+    view.add({"type": "batch", "epoch": 1, "epochs": 2, "batch": 2, "batches": 4, "loss": 1.0, "acc": 0.5,
+              "images_per_s": 12.0, "eta_s": 65})
+    assert view.fraction() == pytest.approx(0.25)
+    assert view.progress_text() == "epoch 1/2 · batch 2/4 · 12 images/s · about 1:05 left"
+    view.add({"type": "epoch", "epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 0.9, "val_acc": 0.6,
+              "seconds": 1.0, "best": True})
+    assert {(c["series"], c["metric"]) for c in view.curves} == {
+        ("train", "loss"), ("train", "accuracy"), ("val", "loss"), ("val", "accuracy")}
+    view.add({"type": "end", "status": "stopped", "summary": "2 images: accuracy 0.5", "best": {"epoch": 1},
+              "seconds": 3})
+    assert view.fraction() == 1.0 and view.progress_text().startswith("stopped after 1/2 epochs")
+
+
+def test_train_command_passes_the_whole_config_as_a_file(tmp_path):
+    assert train_command(tmp_path / "c.json") == [sys.executable, "-m", "finetune", "train", "--config",
+                                                  str(tmp_path / "c.json"), "--quiet"]
+
+
+def test_every_option_reaches_the_training_process(tmp_path, monkeypatch):
+    """The studio's launch path: the config file the job writes is what `train --config` reads,
+    with every path made absolute against the studio's working directory (not the training's)."""
+    from finetune.cli import build_parser, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data="photos", arch="resnet50", strategy="head", weights="w.pth", epochs=2, batch_size=3,
+                      lr=0.02, backbone_lr_scale=0.3, weight_decay=0.01, label_smoothing=0.0, warmup_epochs=0.5,
+                      image_size=64, val_fraction=0.3, seed=7, device="cpu", workers=0, class_weighted_loss=True,
+                      early_stopping=2, amp=False, channels_last=False, compile=True, cache="off", cache_views=3,
+                      memory_budget_gb=1.5, runs_dir="runs", run_name="n")
+    job = TrainingJob(cfg, cwd=REPO)
+    job.kill()
+    launched = job.command[job.command.index("--config") + 1]
+    args = build_parser().parse_args(["train", "--config", launched])
+    received = config_from_args(args)
+    expected = dict(cfg.to_dict(), data=str(tmp_path / "photos"), weights=str(tmp_path / "w.pth"),
+                    runs_dir=str(tmp_path / "runs"))
+    assert received.to_dict() == expected
+
+
+def test_failed_process_is_a_one_line_message(tmp_path):
+    job = TrainingJob(TrainConfig(data=str(tmp_path / "missing"), weights="none", runs_dir=str(tmp_path / "runs")))
+    deadline = time.time() + 60
+    while not job.finished() and time.time() < deadline:
+        job.update()
+        time.sleep(0.1)
+    assert job.view.status == "failed"
+    assert job.view.error.startswith("data folder not found")
+
+
+def test_killed_process_says_so(tmp_path):
+    job = TrainingJob(TrainConfig(data=str(tmp_path), weights="none", runs_dir=str(tmp_path / "runs")))
+    job.process.send_signal(signal.SIGKILL)
+    job.process.wait(10)
+    view = job.update()
+    assert view.status == "failed" and "killed by SIGKILL" in view.error and "out of memory" in view.error
+
+
+@pytest.mark.slow
+def test_two_process_training_under_torchrun_stops_cleanly(tmp_path):
+    """What the app launches when several GPUs are visible (here 2 CPU processes, gloo)."""
+    data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
+    cfg = TrainConfig(data=str(data), weights="none", epochs=50, batch_size=2, image_size=32, workers=0,
+                      device="cpu", runs_dir=str(tmp_path / "runs"))
+    assert train_command("c.json", processes=2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
+                                                        "--nproc_per_node", "2"]
+    job = TrainingJob(cfg, cwd=REPO, processes=2)
+    deadline = time.time() + 180
+    while job.update().batch == 0 and job.running() and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.view.batch > 0, job.failure_message()
+    assert job.stop()
+    while not job.finished() and time.time() < deadline:
+        job.update()
+        time.sleep(0.2)
+    assert job.view.status == "stopped", job.view.error
+    assert job.process.returncode == 0
+    info = json.loads((job.run_dir / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "stopped"
+    assert (job.run_dir / "model.pth").is_file()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [job.run_dir.name]
