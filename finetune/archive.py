@@ -97,9 +97,8 @@ def _skip_reason(parts: tuple[str, ...]) -> tuple[str, str] | None:
             return "/".join(parts[: depth + 1]) + "/", "hidden or system folder"
     if is_ignored(parts[-1]):
         return "/".join(parts), "hidden or system file"
-    suffix = PurePosixPath(parts[-1]).suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS:
-        return "/".join(parts), f"not an image file ({suffix or 'no extension'})"
+    if PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_EXTENSIONS:
+        return "/".join(parts), "not an image file"
     return None
 
 
@@ -193,7 +192,7 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
 
 
 def skipped_summary(skipped: list[tuple[str, str]], limit: int = 5) -> str:
-    """'index.html (not an image file (.html)), ... and 3 more' for a log line or a message."""
+    """'index.html (not an image file), ... and 3 more' for a log line or a message."""
     shown = [f"{name} ({why})" for name, why in skipped[:limit]]
     more = f" and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return ", ".join(shown) + more
@@ -314,7 +313,6 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
     path = Path(path)
     contents = check_zip(path, **limits)
     dest_parent = Path(dest_parent)
-    dest_parent.mkdir(parents=True, exist_ok=True)
     sha = file_digest(path, length=64)
     target = dest_parent / f"{safe_name(path.stem)}-{sha[:12]}"
     earlier = read_extraction(target)
@@ -330,6 +328,7 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
         if used + need > max_dest_bytes:
             raise QuotaExceeded(f"{path.name} unpacks to {_size(need)}, and {folder} already holds {_size(used)}: "
                                 f"that is over its limit of {_size(max_dest_bytes)}", folder, used, need, max_dest_bytes)
+    dest_parent.mkdir(parents=True, exist_ok=True)
     # unique per call, so concurrent extractions of one archive never share (or delete) a folder
     tmp = Path(tempfile.mkdtemp(dir=dest_parent, prefix=f".{target.name}.partial-"))
     try:

@@ -114,13 +114,15 @@ def dataset_folder(data: str, quiet: bool = False) -> str:
     path = Path(data).expanduser()
     if path.suffix.lower() != ".zip" or not path.is_file():
         return data
-    from .archive import extract_zip
+    from .archive import extract, skipped_summary
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "datasets"
-    root = extract_zip(path, Path(os.environ.get("FINETUNE_DATASETS", cache)))
+    extraction = extract(path, Path(os.environ.get("FINETUNE_DATASETS", cache)))
     if not quiet:
-        print(f"{path.name}: extracted to {root}", file=sys.stderr)
-    return str(root)
+        print(f"{path.name}: extracted to {extraction.root}", file=sys.stderr)
+        if extraction.skipped:  # only image files are extracted: say what was left in the archive
+            print(f"{path.name}: skipped {skipped_summary(extraction.skipped)}", file=sys.stderr)
+    return str(extraction.root)
 
 
 def cmd_train(args) -> int:

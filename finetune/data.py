@@ -84,7 +84,8 @@ class ImageTooLarge(Image.DecompressionBombError):
 
 
 def _megapixels(pixels: int) -> str:
-    return f"{pixels / 1e6:.1f}".removesuffix(".0")
+    megapixels = pixels / 1e6
+    return f"{megapixels:,.0f}" if megapixels >= 100 else f"{megapixels:.3g}"
 
 
 def max_pixels() -> int:
@@ -129,8 +130,8 @@ def open_image(path: str | Path) -> Image.Image:
     width, height = image.size
     if width * height > limit:
         image.close()
-        raise ImageTooLarge(f"image too large: {width} x {height} pixels, over the limit of "
-                            f"{_megapixels(limit)} megapixels")
+        raise ImageTooLarge(f"image too large: {width} x {height} pixels ({_megapixels(width * height)} megapixels), "
+                            f"over the limit of {_megapixels(limit)} megapixels")
     return image
 
 
