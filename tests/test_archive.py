@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.archive import check_zip, extract_zip
+from finetune.archive import check_zip, extract, extract_zip, read_extraction, skipped_summary
 from finetune.config import FinetuneError
 from finetune.data import scan_dataset
 
@@ -137,3 +137,25 @@ def test_truncated_zip_is_a_clear_error(tmp_path):
     with pytest.raises(FinetuneError):
         extract_zip(bad, tmp_path / "uploads")
 
+
+
+def test_check_zip_lists_the_images_to_write_and_what_it_skips(tmp_path):
+    archive = zip_entries(tmp_path / "mixed.zip", {"cats/a.png": b"x" * 10, "cats/b.JPG": b"y" * 5,
+                                                   "notes.md": b"#", "cats/Thumbs.db": b"", "cats/.git/HEAD": b""})
+    contents = check_zip(archive)
+    assert [parts for _, parts in contents.files] == [("cats", "a.png"), ("cats", "b.JPG")]
+    assert contents.total_bytes == 15
+    assert contents.skipped == [("notes.md", "not an image file"), ("cats/Thumbs.db", "hidden or system file"),
+                                ("cats/.git/", "hidden or system folder")]
+    assert skipped_summary(contents.skipped, limit=1) == "notes.md (not an image file) and 2 more"
+
+
+def test_manifest_is_read_back_only_from_an_extraction(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    assert read_extraction(data) is None and read_extraction(data / "cats") is None
+    archive = zip_folder(data, tmp_path / "pets.zip", prefix="my pets/")
+    result = extract(archive, tmp_path / "uploads")
+    assert result.root.name == "my pets" and result.folder.parent == tmp_path / "uploads"
+    for where in (result.folder, result.root, result.root / "cats"):
+        found = read_extraction(where)
+        assert found.folder == result.folder and found.root == result.root and found.files == 4

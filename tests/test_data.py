@@ -249,3 +249,53 @@ def test_hymenoptera_gif_placeholder_is_a_valid_ant():
     assert scan.classes == ["ants", "bees"]
     assert (len(scan.train), len(scan.val), scan.skipped) == (245, 153, [])
     assert ("train/ants/imageNotFound.gif", 0) in scan.train
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats by content, and the pixel limit
+
+
+def test_only_the_accepted_formats_are_opened_whatever_the_name(tmp_path):
+    make_image(tmp_path / "png_named.jpg", fmt="PNG")  # a wrong extension is common and harmless
+    assert check_image(tmp_path / "png_named.jpg") is None
+    for fmt in ("PCX", "TGA", "PPM", "ICO"):  # formats PIL knows but a dataset has no need for
+        make_image(tmp_path / f"{fmt}.png", fmt=fmt)
+        assert check_image(tmp_path / f"{fmt}.png") == "not a readable image", fmt
+
+
+@pytest.fixture
+def pixel_limit(monkeypatch):
+    """Set FINETUNE_MAX_PIXELS for one test; PIL's own limit is put back after it."""
+    from finetune.data import max_pixels
+
+    yield lambda value: monkeypatch.setenv("FINETUNE_MAX_PIXELS", value)
+    monkeypatch.delenv("FINETUNE_MAX_PIXELS", raising=False)
+    max_pixels()
+
+
+def test_pixel_limit_option_refuses_from_the_header_and_holds_pil_to_it(tmp_path, pixel_limit):
+    from finetune.data import DEFAULT_MAX_PIXELS, max_pixels
+
+    assert max_pixels() == DEFAULT_MAX_PIXELS == 40_000_000
+    root = make_class_folders(tmp_path / "d", per_class=3, size=(40, 25))  # 1,000 pixels each
+    make_image(root / "cats" / "wide.png", size=(200, 100))
+    before = tree_digest(root)
+    pixel_limit("10000")
+    assert max_pixels() == 10_000 and 2 * Image.MAX_IMAGE_PIXELS >= 10_000 > Image.MAX_IMAGE_PIXELS
+    reason = "image too large: 0.02 megapixels, over the limit of 0.01 megapixels"
+    assert check_image(root / "cats" / "wide.png") == reason
+    assert dict(scan_dataset(root).skipped) == {"cats/wide.png": reason}
+    with pytest.raises(Image.DecompressionBombError, match="over the limit of 0.01 megapixels"):
+        load_rgb(root / "cats" / "wide.png")
+    pixel_limit("1e6")
+    assert check_image(root / "cats" / "wide.png") is None
+    assert tree_digest(root) == before
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5"])
+def test_bad_pixel_limit_is_a_one_line_error(tmp_path, pixel_limit, value):
+    root = make_class_folders(tmp_path / "d", per_class=2)
+    pixel_limit(value)
+    with pytest.raises(FinetuneError, match=f"FINETUNE_MAX_PIXELS must be a number of pixels .*{value!r}") as error:
+        scan_dataset(root)
+    assert "\n" not in str(error.value)

