@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -220,17 +221,29 @@ def check_image(path: str | Path, budget: PixelBudget | None = None) -> str | No
         return f"cannot decode ({type(error).__name__}: {error})"
 
 
-def check_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, str]:
+def check_images(root: Path, relpaths: list[str], workers: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
     """Decode every file in parallel; returns {relpath: reason} for those that fail.
 
     Threads decode together only while their images' pixels add up to one image at the pixel limit,
     so a folder of huge (but allowed) images costs the memory of one of them, not of one per thread.
+    `on_progress(done, total)` is called now and then; an exception it raises ends the check at once
+    (the decodes not yet started are cancelled), which is how a caller cancels a scan.
     """
     workers = workers or min(32, usable_cores() * 2)
     budget = PixelBudget(max_pixels())
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while decoding
-        reasons = pool.map(lambda rel: check_image(root / rel, budget), relpaths, chunksize=8)
-        return {rel: reason for rel, reason in zip(relpaths, reasons) if reason is not None}
+    found: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=workers)  # PIL releases the GIL while decoding
+    try:
+        reasons = pool.map(lambda rel: check_image(root / rel, budget), relpaths)
+        for done, (rel, reason) in enumerate(zip(relpaths, reasons), 1):
+            if reason is not None:
+                found[rel] = reason
+            if on_progress is not None and (done % 50 == 0 or done == len(relpaths)):
+                on_progress(done, len(relpaths))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,11 +312,29 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     )
 
 
-def _image_files(class_dir: Path, root: Path) -> list[str]:
+class _FileCount:
+    """Files seen while walking a dataset: over `limit` is an error (a scan of / or of a huge tree
+    stops early); `on_progress("walk", seen, 0)` now and then."""
+
+    def __init__(self, root: Path, limit: int | None, on_progress=None):
+        self.root, self.limit, self.on_progress, self.seen = root, limit, on_progress, 0
+
+    def add(self, n: int) -> None:
+        before, self.seen = self.seen, self.seen + n
+        if self.limit is not None and self.seen > self.limit:
+            raise FinetuneError(f"{self.root} holds more than {self.limit:,} files: choose a smaller folder "
+                                f"(at most {self.limit:,} files are scanned)")
+        if self.on_progress is not None and self.seen // 1000 > before // 1000:
+            self.on_progress("walk", self.seen, 0)
+
+
+def _image_files(class_dir: Path, root: Path, count: _FileCount | None = None) -> list[str]:
     """Image files anywhere under a class folder (nested folders belong to the class)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+        if count is not None:
+            count.add(len(filenames))
         for name in sorted(filenames):
             if is_image_file(name):
                 found.append(Path(dirpath, name).relative_to(root).as_posix())
@@ -341,9 +372,15 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
 
 
 def scan_dataset(
-    data: str | Path, val_fraction: float = 0.2, seed: int = 0, check: bool = True
+    data: str | Path, val_fraction: float = 0.2, seed: int = 0, check: bool = True,
+    max_files: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
 ) -> DatasetScan:
-    """Find classes and images, check every image, and split train/val when no split is given."""
+    """Find classes and images, check every image, and split train/val when no split is given.
+
+    `max_files`: refuse a folder holding more files than this (counted while walking, so a huge tree
+    is refused early). `on_progress(stage, done, total)`: stage "walk" (files seen so far) or "check"
+    (images decoded of total); an exception it raises ends the scan (a cancel).
+    """
     root = Path(data).expanduser()
     if not root.exists():
         raise FinetuneError(f"data folder not found: {root}")
@@ -353,8 +390,9 @@ def scan_dataset(
     splits = find_splits(root)
 
     per_split: dict[str, dict[str, list[str]]] = {}
+    count = _FileCount(root, max_files, on_progress)
     for split, split_dir in splits.items():
-        per_split[split] = {d.name: _image_files(d, root) for d in _class_dirs(split_dir)}
+        per_split[split] = {d.name: _image_files(d, root, count) for d in _class_dirs(split_dir)}
 
     main_split = "all" if "all" in splits else "train"
     train_classes = set(per_split[main_split])
@@ -371,7 +409,8 @@ def scan_dataset(
         raise FinetuneError(f"need at least 2 class folders in {where}, found {found}")
 
     all_files = [rel for split in per_split.values() for files in split.values() for rel in files]
-    bad = check_images(root, all_files) if check else {}
+    check_progress = (lambda done, total: on_progress("check", done, total)) if on_progress else None
+    bad = check_images(root, all_files, on_progress=check_progress) if check else {}
     skipped = sorted(bad.items())
     good = {
         split: {c: [r for r in files if r not in bad] for c, files in by_class.items()}
