@@ -22,6 +22,7 @@ import shutil
 import stat
 import struct
 import tempfile
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ MAX_RATIO = 200  # uncompressed / compressed, per entry and overall (images hard
 RATIO_MIN_BYTES = 1024 * 1024  # ratios of entries smaller than this are not checked (tiny text files)
 MANIFEST = ".complete"  # hidden, so scans never take it for data
 BLOCK = 4096  # a file takes whole blocks on disk, however small it is
+STALE_AFTER_S = 24 * 3600  # temporary folders older than this were left by a process that died
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, fixed fields, file name length, extra field length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
@@ -273,20 +275,37 @@ def read_extraction(folder: str | Path) -> Extraction | None:
         return None
 
 
-def _install(tmp: Path, target: Path, sha: str) -> None:
-    """Rename the complete `tmp` to `target` (atomic). When another extraction of the same archive got
-    there first, keep that one and drop ours; an incomplete or outdated folder in the way is moved aside."""
+def _remove_stale(dest_parent: Path, name: str) -> None:
+    """Temporary folders of this archive left by a process that died (no extraction takes a day)."""
+    now = time.time()
+    for leftover in [*dest_parent.glob(f".{name}.partial-*"), *dest_parent.glob(f".{name}.old-*")]:
+        try:
+            if leftover.is_dir() and not leftover.is_symlink() and now - leftover.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _install(tmp: Path, target: Path, sha: str, fallback: Path) -> Path:
+    """Rename the complete `tmp` to `target` (atomic) and return where it is. When another extraction
+    of the same archive got there first, keep that one and drop ours; a complete extraction of another
+    archive (same hash prefix) is never touched: ours goes to `fallback`; an incomplete or outdated
+    folder in the way is moved aside."""
     for _ in range(10):
         try:
             os.rename(tmp, target)  # fails when target is a folder that is not empty
-            return
+            return target
         except OSError:
             if not os.path.lexists(target):
                 raise
         done = read_extraction(target)
-        if done is not None and done.folder == target and done.sha256 == sha:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
+        if done is not None and done.folder == target:
+            if done.sha256 == sha:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            if target != fallback:
+                target = fallback
+                continue
         aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         try:
             os.rename(target, aside)
@@ -315,10 +334,11 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
     dest_parent = Path(dest_parent)
     sha = file_digest(path, length=64)
     target = dest_parent / f"{safe_name(path.stem)}-{sha[:12]}"
+    # for another archive whose hash starts the same (made to collide?): the two are never mixed
+    fallback = dest_parent / f"{safe_name(path.stem)}-{sha}"
     earlier = read_extraction(target)
     if earlier is not None and earlier.folder == target and earlier.sha256 != sha:
-        # another archive whose hash starts the same (made to collide?): never mix the two
-        target = dest_parent / f"{safe_name(path.stem)}-{sha}"
+        target = fallback
         earlier = read_extraction(target)
     if earlier is not None and earlier.folder == target and earlier.sha256 == sha:
         return earlier
@@ -329,6 +349,7 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
             raise QuotaExceeded(f"{path.name} unpacks to {_size(need)}, and {folder} already holds {_size(used)}: "
                                 f"that is over its limit of {_size(max_dest_bytes)}", folder, used, need, max_dest_bytes)
     dest_parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dest_parent, target.name)
     # unique per call, so concurrent extractions of one archive never share (or delete) a folder
     tmp = Path(tempfile.mkdtemp(dir=dest_parent, prefix=f".{target.name}.partial-"))
     try:
@@ -349,7 +370,7 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
         manifest = {"archive": path.name, "sha256": sha, "files": len(contents.files), "bytes": contents.total_bytes,
                     "skipped": [list(item) for item in contents.skipped]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        _install(tmp, target, sha)
+        target = _install(tmp, target, sha, fallback)
     except FileExistsError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FinetuneError(f"{path.name} lists the same file twice: {Path(error.filename).name}") from None

@@ -159,3 +159,38 @@ def test_manifest_is_read_back_only_from_an_extraction(tmp_path):
     for where in (result.folder, result.root, result.root / "cats"):
         found = read_extraction(where)
         assert found.folder == result.folder and found.root == result.root and found.files == 4
+
+
+def test_temporary_folders_left_by_a_dead_process_are_removed(tmp_path):
+    import os
+    import time
+
+    data = make_class_folders(tmp_path / "src", per_class=2)
+    archive = zip_folder(data, tmp_path / "d.zip")
+    dest = tmp_path / "uploads"
+    name = extract(archive, dest).folder.name
+    old, recent = dest / f".{name}.partial-dead", dest / f".{name}.partial-busy"
+    for folder in (old, recent):
+        (folder / "cats").mkdir(parents=True)
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    (dest / name / ".complete").unlink()  # make it extract again
+    extract(archive, dest)
+    assert not old.exists() and recent.exists()  # a recent one may belong to a running extraction
+
+
+def test_install_never_replaces_a_complete_extraction_of_another_archive(tmp_path):
+    import json
+
+    from finetune.archive import MANIFEST, _install
+
+    # the race behind the collision case: another archive with the same hash prefix lands first
+    target, fallback = tmp_path / "d-abc", tmp_path / "d-abc-full"
+    make_class_folders(target, per_class=1)
+    (target / MANIFEST).write_text(json.dumps({"archive": "other.zip", "sha256": "e" * 64, "files": 2, "bytes": 1}))
+    ours = tmp_path / ".d-abc.partial-1"
+    make_class_folders(ours, per_class=1)
+    (ours / MANIFEST).write_text(json.dumps({"archive": "d.zip", "sha256": "a" * 64, "files": 2, "bytes": 1}))
+    assert _install(ours, target, "a" * 64, fallback) == fallback
+    assert read_extraction(target).sha256 == "e" * 64 and read_extraction(fallback).sha256 == "a" * 64
+    assert not ours.exists()
