@@ -5,10 +5,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test setup bench sample-data clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .   # the `finetune` and `finetune-studio` commands
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,4 +1,4 @@
-"""`python -m finetune train|predict|evaluate|export|scan|sample-data`: the command line.
+"""`python -m finetune train|predict|evaluate|export|scan|selftest|sample-data`: the command line.
 
 Every error the user can cause is one line on stderr and exit status 2; never a traceback.
 """
@@ -214,6 +214,12 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def cmd_selftest(args) -> int:
+    from .selftest import main as selftest
+
+    return selftest(args)
+
+
 def cmd_sample_data(args) -> int:
     from .sample import make_sample_dataset
 
@@ -316,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     scan_parser.add_argument("--json", action="store_true", help="machine-readable output")
     scan_parser.set_defaults(func=cmd_scan)
 
+    selftest_parser = sub.add_parser(
+        "selftest", help="check training, caches, checkpoints, prediction and export on this machine's device",
+        formatter_class=DefaultsHelpFormatter,
+        description="Trains each strategy briefly on a generated sample dataset with the settings of the device, "
+                    "checks what the test suite checks on a CPU, and prints a pass/fail table (exit status 0 only "
+                    "when everything passes). Paste its output into a bug report.")
+    selftest_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    selftest_parser.add_argument("--arch", choices=ARCHS, default="resnet34", help="architecture to test")
+    selftest_parser.add_argument("--nproc", type=int, default=0, metavar="N",
+                                 help="also a short torchrun training with N processes (one per GPU)")
+    selftest_parser.add_argument("--image-size", type=int, default=None,
+                                 help="input size (default 224 on a GPU, 96 on a CPU)")
+    selftest_parser.add_argument("--epochs", type=int, default=1, help="epochs per strategy")
+    selftest_parser.add_argument("--compile", action="store_true", help="also torch.compile the trainable layers")
+    selftest_parser.set_defaults(func=cmd_selftest)
+
     sample_parser = sub.add_parser("sample-data", help="(re)generate the small bundled sample dataset")
     sample_parser.add_argument("out", nargs="?", default="data")
     sample_parser.add_argument("--per-class", type=int, default=24)
@@ -346,3 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: out of GPU memory: try a smaller --batch-size or --image-size", file=sys.stderr)
             return 3
         raise
+
+
+def console() -> None:
+    """The `finetune` command (pip install -e . puts it on PATH)."""
+    sys.exit(main())

@@ -290,6 +290,8 @@ class TrainingJob:
                     self.view.add(event)
                 if self.view.status not in FINAL_STATUSES:
                     self.view.status = "failed"
+                    # a process killed outright cannot mark its run: do it for it
+                    mark_ended(RunDir(self.run_dir), self.failure_message())
                 if self.view.status == "failed":
                     self.view.error = self.failure_message() or self.view.error
                 if self.config_file is not None:

@@ -115,6 +115,11 @@ class Session:
         return max(1, len(self.train_loader))
 
 
+def uses_grad_scaler(amp_dtype: torch.dtype | None) -> bool:
+    """fp16 needs loss scaling against underflowing gradients; bf16 (and float32) do not."""
+    return amp_dtype == torch.float16
+
+
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """Running sums kept on the device: float64 on the CPU, float32 elsewhere (MPS has no float64)."""
     return torch.float64 if device.type == "cpu" else torch.float32
@@ -200,8 +205,7 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
     total_steps = steps * cfg.epochs
     warmup = max(1, min(round(cfg.warmup_epochs * steps), total_steps // 5))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
-    # fp16 needs loss scaling against underflowing gradients; bf16 (and float32) do not
-    scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=uses_grad_scaler(amp_dtype))
     weight = class_weights(scan).to(device) if cfg.class_weighted_loss else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     return Session(cfg, ctx, device, run, scan, model, frozen, trainable, step_module, pipeline, train_loader,

@@ -50,3 +50,94 @@ def test_torchrun_two_cpu_processes_write_one_normal_run(tmp_path, strategy):
     assert not any(key.startswith("module.") for key in state), "saved without the DDP wrapper"
     predictor = Predictor.from_run(run, device="cpu")
     assert predictor.classes == ["blue", "green", "red"]
+
+
+def torchrun(script_or_module: list[str], tmp_path, nproc=2, **popen):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *script_or_module]
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **popen)
+
+
+@pytest.mark.slow
+def test_ranks_with_different_memory_readings_agree_on_one_pipeline(tmp_path):
+    """Rank 0 reads plenty of free memory, rank 1 almost none: they must still build the same
+    pipeline (else their batch counts differ and the collectives hang)."""
+    data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
+    script = tmp_path / "rank_memory.py"
+    script.write_text(
+        "import os, sys\n"
+        "from finetune import cache\n"
+        "rank = int(os.environ['RANK'])\n"
+        "cache.available_memory_bytes = lambda: [8 * 1024**3, 1024][rank]\n"
+        "from finetune.cli import main\n"
+        f"sys.exit(main(['train', '--weights', 'none', '--strategy', 'last', '--epochs', '2', '--batch-size', '4',"
+        f" '--image-size', '64', '--workers', '0', '--device', 'cpu', '--runs-dir', {str(tmp_path / 'runs')!r},"
+        f" '--quiet', '--', {str(data)!r}]))\n")
+    process = torchrun([str(script)], tmp_path)
+    try:
+        out, err = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        pytest.fail("the ranks hung (different pipelines?)")
+    assert process.returncode == 0, err[-3000:]
+    run = next((tmp_path / "runs").iterdir())
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["pipeline"].startswith("cached frozen features"), info["pipeline"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for_training(run_dir_parent, timeout=180):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = [p for p in run_dir_parent.iterdir()] if run_dir_parent.is_dir() else []
+        if runs and any(e["type"] == "batch" for e in read_events(runs[0])):
+            info = json.loads((runs[0] / "run.json").read_text())
+            if info.get("pids"):
+                return runs[0], info
+        time.sleep(0.3)
+    pytest.fail("the training did not start in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm-torchrun", "sigkill-rank-1"])
+def test_torchrun_shutdown_leaves_no_process_and_no_running_run(tmp_path, how):
+    import signal
+    import time
+
+    data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
+    runs = tmp_path / "runs"
+    process = torchrun(["-m", "finetune", "train", "--weights", "none", "--strategy", "all", "--epochs", "200",
+                        "--batch-size", "2", "--image-size", "32", "--workers", "0", "--device", "cpu",
+                        "--runs-dir", str(runs), "--quiet", "--", str(data)], tmp_path)
+    try:
+        run, info = _wait_for_training(runs)
+        pids = info["pids"]
+        assert len(pids) == 2 and info["launcher_pid"] == process.pid
+        if how == "sigterm-torchrun":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.kill(pids[1], signal.SIGKILL)
+        process.communicate(timeout=90)
+        deadline = time.time() + 30
+        while any(_alive(pid) for pid in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), "a training process was left behind"
+        status = json.loads((run / "run.json").read_text())["status"]
+        assert status in ("stopped", "failed"), status
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)

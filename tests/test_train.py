@@ -189,3 +189,40 @@ def test_bad_config_and_data_are_one_line_errors(tmp_path):
 def test_resnet50_head_trains(dataset, tmp_path):
     run = train(tiny_config(dataset, tmp_path, arch="resnet50", strategy="head", epochs=1))
     assert torch.load(run / "model.pth", weights_only=True)["fc.weight"].shape == (3, 2048)
+
+
+@pytest.mark.parametrize("strategy", ["last", "all"])
+def test_no_float64_tensor_where_a_gpu_would_hold_it(dataset, tmp_path, monkeypatch, strategy):
+    """Apple MPS has no float64. With the accumulators chosen as for a GPU, nothing the training and
+    its evaluation create with torch may be float64 (on MPS it would be on the device and crash)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from finetune import train as train_module
+
+    monkeypatch.setattr(train_module, "accumulator_dtype", lambda device: torch.float32)
+    found = []
+
+    class Float64Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64:
+                    found.append(str(func))
+            return out
+
+    with Float64Watch():
+        train(tiny_config(dataset, tmp_path, strategy=strategy, epochs=1))
+    assert not found, f"float64 tensors created by {sorted(set(found))[:5]}"
+
+
+def test_checkpoints_hold_cpu_tensors_only(dataset, tmp_path):
+    from finetune.train import to_cpu
+
+    run = train(tiny_config(dataset, tmp_path, strategy="head", epochs=1))
+    for name in ("model.pth", "last.pth"):
+        loaded = torch.load(run / name, weights_only=True)  # no map_location: as on a CPU-only machine
+        tensors = list(loaded.values()) if name == "model.pth" else \
+            list(loaded["model"].values()) + [t for s in loaded["optimizer"]["state"].values() for t in s.values()]
+        assert tensors and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    nested = {"a": [torch.ones(1), (torch.zeros(2), 3)], "b": "x"}
+    assert to_cpu(nested)["a"][1][1] == 3 and to_cpu(nested)["b"] == "x"

@@ -1,0 +1,66 @@
+"""finetune.device: the choices made for GPUs this machine does not have, simulated on the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from finetune import device as dev
+from finetune.config import FinetuneError
+
+
+def test_turing_gets_fp16_with_a_scaler_and_ampere_bf16(monkeypatch):
+    gpus = {0: (7, 5), 1: (8, 0)}
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(torch.device(d).index)
+                        or gpus[torch.device(d).index])
+    current = {}
+
+    @contextlib.contextmanager
+    def on_device(d):
+        current["index"] = torch.device(d).index
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    # emulation counts by default: True even on a T4 (7.5); only the native answer tells them apart
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or gpus[current["index"]][0] >= 8)
+    dtype, why = dev.amp_choice(torch.device("cuda", 0))
+    assert dtype == torch.float16 and "7.5" in why and "scaler" in why
+    assert dev.amp_choice(torch.device("cuda", 1))[0] == torch.bfloat16
+    assert asked == [0, 1], "the capability of the device that will run, not of the current one"
+    assert dev.amp_choice(torch.device("cuda", 1), enabled=False)[0] is None
+    assert dev.amp_choice(torch.device("cpu"))[0] is None and dev.amp_choice(torch.device("mps"))[0] is None
+
+    from finetune.train import uses_grad_scaler
+
+    assert uses_grad_scaler(torch.float16) and not uses_grad_scaler(torch.bfloat16) and not uses_grad_scaler(None)
+
+
+def test_pinned_memory_and_async_copies_only_on_cuda():
+    for name, expected in (("cuda", True), ("mps", False), ("cpu", False)):
+        assert dev.pin_memory(torch.device(name)) is expected
+        assert dev.non_blocking(torch.device(name)) is expected
+    assert not dev.channels_last_for(torch.device("mps")) and dev.channels_last_for(torch.device("cpu"))
+
+
+def test_more_torchrun_processes_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    ctx = dev.Distributed(rank=2, world_size=4, local_rank=2, local_world_size=4)
+    with pytest.raises(FinetuneError, match="torchrun started 4 processes on this machine but only 2 GPU"):
+        dev.resolve_device("auto", ctx)
+    assert dev.resolve_device("auto", dev.Distributed(1, 2, 1, 2)) == torch.device("cuda", 1)
+    with pytest.raises(FinetuneError, match="only 2 CUDA device"):
+        dev.resolve_device("cuda:5")
+
+
+def test_workers_and_threads_are_shared_by_the_local_processes(monkeypatch):
+    monkeypatch.setattr(dev, "usable_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert dev.cores_per_process() == 2
+    assert dev.default_workers(torch.device("cuda")) == 2 and dev.decode_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert dev.default_workers(torch.device("cuda")) == 8
