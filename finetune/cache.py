@@ -57,6 +57,10 @@ from .device import Distributed, decode_threads, non_blocking, pin_memory
 GiB = 1024**3
 
 
+class DoesNotFit(Exception):
+    """A cache would exceed the memory budget (and the disk): stream instead, for this reason."""
+
+
 @dataclass
 class Pipeline:
     train: Dataset
@@ -289,8 +293,8 @@ def frozen_output_shape(frozen: nn.Module, image_size: int, device: torch.device
 
 def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
                      memory_format, workers: int, log: Callable[[str], None], budget: int,
-                     shard: Shard, agree: Callable[[bool], bool]) -> Pipeline | str:
-    """Cached frozen features, or the reason they are not cached (the caller then streams)."""
+                     shard: Shard, agree: Callable[[bool], bool]) -> Pipeline:
+    """Cached frozen features; DoesNotFit (with the reason) when they would not fit."""
     shape = frozen_output_shape(frozen, cfg.image_size, device)
     # head: pooled vectors, tiny -> float32 (exact); last: layer3 maps -> float16 (half the memory)
     store_dtype = torch.float32 if len(shape) == 1 else torch.float16
@@ -299,7 +303,8 @@ def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, dev
     need = per_image * (cfg.cache_views * len(train_idx) + len(val_idx))
     what = f"{'x'.join(map(str, shape))} {str(store_dtype).removeprefix('torch.')}"
     if not agree(need <= budget):
-        return f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of {_gb(budget)}"
+        raise DoesNotFit(f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of "
+                         f"{_gb(budget)}")
 
     views_text = {1: "centre", 2: "centre + flip"}.get(cfg.cache_views, f"centre + flip + {cfg.cache_views - 2} random crops")
     log(f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
@@ -413,8 +418,9 @@ def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: 
 
 def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, memory_format, workers: int,
                    log: Callable[[str], None], budget: int, shard: Shard,
-                   agree: Callable[[bool], bool]) -> Pipeline | str:
-    """Images decoded and resized once (uint8); the augmentation still runs every epoch."""
+                   agree: Callable[[bool], bool]) -> Pipeline:
+    """Images decoded and resized once (uint8); the augmentation still runs every epoch. DoesNotFit
+    (with the reason) when they fit neither in the memory budget nor on the disk."""
     size, short = cfg.image_size, resize_size(cfg.image_size)
     root = Path(scan.root)
     train_idx, val_idx = shard.train_indices(len(scan.train)), shard.val_indices(len(scan.val))
@@ -428,8 +434,8 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
     if on_disk:
         free = shutil.disk_usage(tempfile.gettempdir()).free
         if not agree(need_train <= 0.8 * free and need_val <= budget):
-            return (f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
-                    f"and the free disk space in {tempfile.gettempdir()}")
+            raise DoesNotFit(f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
+                             f"and the free disk space in {tempfile.gettempdir()}")
     where = f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)" if on_disk \
         else f"memory ({_gb(budget)} budget)"
     log(f"decoding images once: {len(unique_train)} training images at short side {short} and "
@@ -508,15 +514,16 @@ def build_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, devic
         def agree(ok: bool) -> bool:  # True only when it holds on every rank
             return not ctx.any(not ok)
 
-        if isinstance(frozen, nn.Identity):
-            built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard, agree)
-        else:
-            built = feature_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, budget,
-                                     shard, agree)
-        if isinstance(built, Pipeline):
+        try:
+            if isinstance(frozen, nn.Identity):
+                built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard, agree)
+            else:
+                built = feature_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, budget,
+                                         shard, agree)
             log(f"data pipeline: {built.description}")
             return built
-        reason = built
+        except DoesNotFit as why:
+            reason = str(why)
     pipeline = streaming_pipeline(cfg, scan, frozen, memory_format, workers, reason)
     log(f"data pipeline: {pipeline.description}")
     return pipeline
