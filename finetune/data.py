@@ -122,14 +122,12 @@ def open_image(path: str | Path) -> Image.Image:
     limit = max_pixels()
     try:
         image = Image.open(path, formats=ACCEPTED_FORMATS)
-    except ImageTooLarge:
-        raise
     except Image.DecompressionBombError as error:  # PIL's own guard, at the same limit
         claimed = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{_megapixels(int(claimed.group(1)))} megapixels" if claimed else "more pixels than allowed"
         raise ImageTooLarge(f"image too large: {size}, over the limit of {_megapixels(limit)} megapixels") from None
     width, height = image.size
-    if width * height > limit:
+    if width * height > limit:  # PIL's guard is global: other code may have switched it off
         image.close()
         raise ImageTooLarge(f"image too large: {width} x {height} pixels ({_megapixels(width * height)} megapixels), "
                             f"over the limit of {_megapixels(limit)} megapixels")
