@@ -201,9 +201,9 @@ def amp_choice(device: torch.device, enabled: bool = True) -> tuple[torch.dtype 
     """(autocast dtype or None, why) for this device: bf16 on GPUs with bf16 hardware, else fp16
     (with a gradient scaler in training), none on the CPU and MPS."""
     if not enabled:
-        return None, "mixed precision off (--no-amp)"
+        return None, "float32: mixed precision turned off (--no-amp)"
     if device.type != "cuda":
-        return None, f"float32 on {device.type} (mixed precision is used on CUDA only)"
+        return None, f"float32 on {device.type}: mixed precision is used on CUDA only"
     major, minor = torch.cuda.get_device_capability(device)
     with torch.cuda.device(device):
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
