@@ -311,6 +311,12 @@ def _should_stop(ctx: Distributed, stop: threading.Event, batch: int) -> bool:
     return batch % STOP_CHECK_EVERY == 0 and ctx.any(stop.is_set())
 
 
+def _stop_requested(ctx: Distributed, stop: threading.Event) -> bool:
+    """At the end of an epoch: a stop asked for during validation (or, under DDP, after the last
+    batch check) ends the training now, not somewhere in the next epoch."""
+    return ctx.any(stop.is_set()) if ctx.enabled else stop.is_set()
+
+
 @torch.inference_mode()
 def validate(session: Session) -> tuple[float, float]:
     """(val loss, val accuracy) of the trainable part on the cached or streamed val inputs, over all ranks."""
@@ -483,9 +489,10 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
         if ctx.is_main:
             run.update_info(history=state.history, best=state.best, epochs_done=epoch)
         emit({"type": "epoch", **record, "best_epoch": state.best["epoch"], "best_val_acc": state.best["val_acc"]})
-        if stopped:
+        if stopped or (epoch < cfg.epochs and _stop_requested(ctx, stop)):
             status = "stopped"
-            session.log(f"stopped during epoch {epoch}; keeping the best model so far (epoch {state.best['epoch']})")
+            session.log(f"stopped {'during' if stopped else 'after'} epoch {epoch}; keeping the best model so far "
+                        f"(epoch {state.best['epoch']})")
             break
         if cfg.early_stopping and state.epochs_without_gain >= cfg.early_stopping:
             status = "early-stopped"
