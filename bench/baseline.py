@@ -7,6 +7,14 @@ split (finetune's scan, so the same files), the model construction, the AdamW pa
 the warmup + cosine schedule, label smoothing, batch size and seed. One deliberate difference from
 the classic script: the frozen layers are kept in eval mode (as finetune does), so their BatchNorm
 statistics do not drift and both loops train the same function.
+
+By default it is the classic script: float32 and the NCHW layout. `amp=True` adds autocast with the
+dtype finetune would choose on that device (finetune.device.amp_choice: bf16 on GPUs with bf16
+units, fp16 with a GradScaler on older ones, nothing on the CPU or MPS) and `channels_last=True`
+the channels_last layout for the model and the inputs where finetune uses it (CUDA and x86 CPUs):
+with both on, the baseline runs at the precision and layout finetune ships with (like-for-like).
+Pinned memory and non_blocking copies, as the classic ImageNet example has them, are used on CUDA
+only (MPS rejects them).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from torchvision import transforms
 from finetune.config import TrainConfig
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, resize_size, scan_dataset
 from finetune.model import FROZEN_STAGES, apply_strategy, build_model, param_groups, stage_modules
-from finetune.device import default_workers, resolve_device, seed_everything
+from finetune.device import (amp_choice, channels_last_for, default_workers, non_blocking, pin_memory,
+                             resolve_device, seed_everything)
 from finetune.train import lr_lambda
 
 
@@ -44,9 +53,22 @@ class ClassicImages(Dataset):
         return self.transform(image), label
 
 
-def run_baseline(cfg: TrainConfig, on_epoch=None) -> dict:
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
+
+
+def run_baseline(cfg: TrainConfig, on_epoch=None, amp: bool = False, channels_last: bool = False) -> dict:
+    """Train as the classic script does (amp and channels_last off) or like-for-like with finetune
+    (both on: finetune's autocast dtype and memory layout for this device). The result names the
+    precision and layout that were actually used and, on CUDA, the peak GPU memory."""
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    amp_dtype, amp_reason = amp_choice(device, amp) if amp else (None, "float32 (the classic script)")
+    memory_format = torch.channels_last if channels_last_for(device, channels_last) else torch.preserve_format
+    scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=amp_dtype == torch.float16)
+    pinned, copy_async = pin_memory(device), non_blocking(device)
     started = time.perf_counter()
     scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, check=False)
     size = cfg.image_size
@@ -58,15 +80,15 @@ def run_baseline(cfg: TrainConfig, on_epoch=None) -> dict:
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     loaders = {
         "train": DataLoader(ClassicImages(scan.root, scan.train, train_tf), batch_size=cfg.batch_size, shuffle=True,
-                            num_workers=workers, drop_last=len(scan.train) > cfg.batch_size,
+                            num_workers=workers, drop_last=len(scan.train) > cfg.batch_size, pin_memory=pinned,
                             generator=torch.Generator().manual_seed(cfg.seed)),
         "val": DataLoader(ClassicImages(scan.root, scan.val, val_tf), batch_size=cfg.batch_size * 2,
-                          num_workers=workers),
+                          num_workers=workers, pin_memory=pinned),
     }
 
     model = build_model(cfg.arch, len(scan.classes), cfg.weights)
     apply_strategy(model, cfg.strategy)  # requires_grad off on the frozen layers
-    model.to(device)
+    model.to(device, memory_format=memory_format)
     frozen_modules = [m for stage in FROZEN_STAGES[cfg.strategy] for m in stage_modules(model)[stage]]
     optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale,
                                                cfg.weights != "none"), weight_decay=cfg.weight_decay)
@@ -84,14 +106,17 @@ def run_baseline(cfg: TrainConfig, on_epoch=None) -> dict:
                 module.eval()
             correct, count = 0, 0
             for inputs, labels in loaders[phase]:
-                inputs, labels = inputs.to(device), labels.to(device)
+                inputs = inputs.to(device, memory_format=memory_format, non_blocking=copy_async)
+                labels = labels.to(device, non_blocking=copy_async)
                 optimizer.zero_grad()
                 with torch.set_grad_enabled(phase == "train"):
-                    outputs = model(inputs)
-                    loss = criterion(outputs, labels)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        outputs = model(inputs)
+                        loss = criterion(outputs, labels)
                     if phase == "train":
-                        loss.backward()
-                        optimizer.step()
+                        scaler.scale(loss).backward()  # without fp16: backward, step as in the classic loop
+                        scaler.step(optimizer)
+                        scaler.update()
                         scheduler.step()
                 correct += (outputs.argmax(1) == labels).sum().item()
                 count += labels.numel()
@@ -106,4 +131,8 @@ def run_baseline(cfg: TrainConfig, on_epoch=None) -> dict:
             on_epoch(epoch, history[-1])
     return {"seconds": time.perf_counter() - started, "first_epoch_s": first_epoch_s, "best_val_acc": best_acc,
             "val_acc_history": history, "train_images": len(scan.train), "val_images": len(scan.val),
-            "workers": workers, "has_best_weights": best_weights is not None}
+            "workers": workers, "has_best_weights": best_weights is not None, "device": str(device),
+            "precision": precision_name(amp_dtype), "amp_reason": amp_reason, "grad_scaler": scaler.is_enabled(),
+            "memory_layout": "channels_last" if model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            else "NCHW", "pin_memory": pinned, "non_blocking": copy_async,
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None}

@@ -1,10 +1,20 @@
 """Benchmark: finetune's engine against a classic fine-tuning loop (bench/baseline.py).
 
     python bench/benchmark.py [--data DIR] [--archs resnet50] [--strategies head,last,all]
-                              [--epochs N] [--device cpu] [--weights none]
+                              [--epochs N] [--device cpu] [--weights none] [--image-size 224]
+                              [--no-like-for-like]
 
-Every training run (ours or the baseline) runs in a fresh subprocess so its peak RSS is its own.
-Prints a markdown table and writes JSON + markdown under bench/results/ (git-ignored). Epochs
+The baseline runs twice per arch and strategy:
+  classic        the classic script: float32, NCHW layout;
+  like-for-like  the same loop at the precision and memory layout finetune uses on this device
+                 (autocast with finetune's dtype, bf16 or fp16 + GradScaler on CUDA, none on the CPU;
+                 channels_last on CUDA and x86 CPUs), so the speed-up it gives is the engine's own;
+and ours is finetune as shipped. --no-like-for-like skips the second baseline run; it is skipped
+anyway where it would be the classic run again (e.g. on Apple MPS: fp32 and NCHW there).
+
+Every training run runs in a fresh subprocess so its peak RSS is its own; on CUDA each also reports
+its peak GPU memory (torch.cuda.max_memory_allocated, reset at its start). Prints a markdown table
+and writes JSON (every field of every run) + markdown under bench/results/ (git-ignored). Epochs
 default per strategy: 10 for head and last, 2 for all.
 """
 
@@ -40,16 +50,26 @@ def peak_rss_mb() -> dict:
 
 
 def worker(kind: str, cfg_values: dict) -> dict:
+    """One run in this process: "baseline" (cfg_values may hold baseline_options: amp, channels_last),
+    "ours" or "predict". Adds peak RSS, torch threads and peak_gpu_mb (None off CUDA) to its result."""
     import torch
 
     from finetune.config import TrainConfig
+    from finetune.device import amp_choice, channels_last_for, resolve_device
 
+    cfg_values = dict(cfg_values)
+    baseline_options = cfg_values.pop("baseline_options", None) or {}
     cfg = TrainConfig(**cfg_values) if kind in ("baseline", "ours") else None
+    device = resolve_device(cfg.device if cfg else cfg_values.get("device", "auto"))
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     if kind == "baseline":
         sys.path.insert(0, str(REPO / "bench"))
         from baseline import run_baseline
 
-        result = run_baseline(cfg)
+        result = run_baseline(cfg, amp=bool(baseline_options.get("amp", False)),
+                              channels_last=bool(baseline_options.get("channels_last", False)))
     elif kind == "ours":
         from finetune.train import train
 
@@ -71,13 +91,39 @@ def worker(kind: str, cfg_values: dict) -> dict:
                   "val_acc_history": [h["val_acc"] for h in info["history"]], "train_images": start["train_images"],
                   "val_images": start["val_images"], "pipeline": start["pipeline"], "run_dir": str(run),
                   "status": info["status"], "final_val_accuracy": (info.get("summary") or {}).get("accuracy")}
+        amp_dtype, amp_reason = amp_choice(device, cfg.amp)  # what train chose (the same helpers)
+        result.update(precision=precision_name(amp_dtype), amp_reason=amp_reason,
+                      grad_scaler=amp_dtype == torch.float16,
+                      memory_layout="channels_last" if channels_last_for(device, cfg.channels_last) else "NCHW",
+                      device=str(device))
     elif kind == "predict":
         result = predict_worker(cfg_values["run_dir"], cfg_values["device"], cfg_values["images"])
     else:
         raise SystemExit(f"unknown worker kind {kind}")
     result.update(peak_rss_mb())
     result["torch_threads"] = torch.get_num_threads()
+    result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if on_cuda else None
     return result
+
+
+def precision_name(amp_dtype) -> str:
+    import torch
+
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
+
+
+CLASSIC = {"amp": False, "channels_last": False}
+
+
+def like_for_like_options(device_name: str, amp: bool = True, channels_last: bool = True) -> dict | None:
+    """The baseline options that match ours (TrainConfig's amp and channels_last) on this device, or
+    None where they would change nothing (no autocast and NCHW there too: the classic run again)."""
+    from finetune.device import amp_dtype_for, channels_last_for, resolve_device
+
+    device = resolve_device(device_name)
+    if amp_dtype_for(device, amp) is None and not channels_last_for(device, channels_last):
+        return None
+    return {"amp": amp, "channels_last": channels_last}
 
 
 def predict_worker(run_dir: str, device: str, images: list[str]) -> dict:
@@ -143,17 +189,58 @@ def machine() -> str:
             f"{platform.platform()}")
 
 
+VARIANTS = (("baseline", "classic"), ("like_for_like", "like-for-like"), ("ours", "ours"))
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _settings(result: dict | None) -> str:
+    if not result:
+        return "-"
+    return f"{result.get('precision', 'fp32')}, {result.get('memory_layout', 'NCHW')}"
+
+
 def markdown(results: list[dict], predicts: list[dict]) -> str:
-    lines = ["| arch | strategy | epochs | time base / ours (s) | speed-up | images/s base / ours | "
-             "first epoch base / ours (s) | peak RSS base / ours (MB) | best val acc base / ours | ours: pipeline |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The table: per arch and strategy, classic / like-for-like / ours for each measure (the
+    like-for-like part only when some row has it), the speed-ups, and peak GPU memory ("-" off CUDA)."""
+    with_lfl = any(r.get("like_for_like") for r in results)
+    variants = [v for v in VARIANTS if with_lfl or v[0] != "like_for_like"]
+    names = " / ".join(label for _, label in variants)
+
+    def cells(row: dict, key: str, spec: str) -> str:
+        values = [(row.get(v) or {}).get(key) for v, _ in variants]
+        if all(value is None for value in values):
+            return "-"
+        return " / ".join(_num(value, spec) for value in values)
+
+    def speedup(row: dict, against: str) -> str:
+        base, ours = row.get(against), row["ours"]
+        return f"**{base['seconds'] / ours['seconds']:.2f}x**" if base else "-"
+
+    header = ["arch", "strategy", "epochs", f"time {names} (s)", "speed-up vs classic"]
+    if with_lfl:
+        header.append("speed-up vs like-for-like")
+    header += [f"images/s {names}", f"first epoch {names} (s)", f"peak RSS {names} (MB)",
+               f"peak GPU memory {names} (MB)", f"best val acc {names}", "ours: pipeline"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        b, o = r["baseline"], r["ours"]
-        lines.append(
-            f"| {r['arch']} | {r['strategy']} | {r['epochs']} | {b['seconds']:.1f} / {o['seconds']:.1f} | "
-            f"**{b['seconds'] / o['seconds']:.2f}x** | {b['images_per_s']:.1f} / {o['images_per_s']:.1f} | "
-            f"{b['first_epoch_s']:.1f} / {o['first_epoch_s']:.1f} | {b['peak_rss_mb']:.0f} / {o['peak_rss_mb']:.0f} | "
-            f"{b['best_val_acc']:.3f} / {o['best_val_acc']:.3f} | {o['pipeline'].split(' (')[0]} |")
+        row = [r["arch"], r["strategy"], str(r["epochs"]), cells(r, "seconds", ".1f"), speedup(r, "baseline")]
+        if with_lfl:
+            row.append(speedup(r, "like_for_like"))
+        row += [cells(r, "images_per_s", ".1f"), cells(r, "first_epoch_s", ".1f"), cells(r, "peak_rss_mb", ".0f"),
+                cells(r, "peak_gpu_mb", ".0f"), cells(r, "best_val_acc", ".3f"), r["ours"]["pipeline"].split(" (")[0]]
+        lines.append("| " + " | ".join(row) + " |")
+    if results:
+        legend = {}
+        for v, label in variants:
+            seen = sorted({_settings(r.get(v)) for r in results if r.get(v)})
+            legend[label] = " or ".join(seen) or "not run"
+        lines += ["", "Precision and memory layout: " + "; ".join(f"{label} ({how})" for label, how in legend.items())
+                  + ". Speed-up: the baseline's time / ours."]
+        if not with_lfl:
+            lines[-1] += " (like-for-like baseline not run.)"
     if predicts:
         lines += ["", "| arch | single-image predict p50 / p95 (ms) | folder predict (images/s) |", "|---|---|---|"]
         for p in predicts:
@@ -175,6 +262,9 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-predict", action="store_true")
+    parser.add_argument("--no-like-for-like", action="store_true",
+                        help="run the baseline only as the classic script (fp32, NCHW), not also at our precision "
+                        "and memory layout")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_config", help=argparse.SUPPRESS)
     parser.add_argument("--_out", help=argparse.SUPPRESS)
@@ -191,6 +281,13 @@ def main(argv=None) -> int:
     results, predicts = [], []
     started = time.time()
     print(f"machine: {machine()}", flush=True)
+    from finetune.config import TrainConfig
+
+    shipped = TrainConfig(data=args.data)
+    lfl = None if args.no_like_for_like else like_for_like_options(args.device, shipped.amp, shipped.channels_last)
+    if lfl is None and not args.no_like_for_like:
+        print("like-for-like baseline skipped: on this device it would be the classic run (fp32, NCHW)", flush=True)
+    runs = [("baseline", CLASSIC), ("like_for_like", lfl), ("ours", None)]
     for arch in args.archs.split(","):
         for strategy in args.strategies.split(","):
             epochs = args.epochs or DEFAULT_EPOCHS[strategy]
@@ -198,14 +295,25 @@ def main(argv=None) -> int:
                           batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
                           device=args.device, runs_dir=str(runs_dir), run_name=f"{arch}-{strategy}")
             row = {"arch": arch, "strategy": strategy, "epochs": epochs}
-            for kind in ("baseline", "ours"):
-                print(f"[{time.time() - started:7.0f}s] {arch} {strategy} {kind} ({epochs} epochs) ...", flush=True)
-                result = run_subprocess(kind, values)
+            for name, options in runs:
+                if name != "ours" and options is None:
+                    row[name] = None
+                    continue
+                label = dict(VARIANTS)[name]
+                print(f"[{time.time() - started:7.0f}s] {arch} {strategy} {label} ({epochs} epochs) ...", flush=True)
+                if name == "ours":
+                    result = run_subprocess("ours", values)
+                else:
+                    result = run_subprocess("baseline", dict(values, baseline_options=options))
                 result["images_per_s"] = result["train_images"] * epochs / result["seconds"]
-                row[kind] = result
-                print(f"    {result['seconds']:.1f}s, best val acc {result['best_val_acc']:.3f}, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+                result["baseline_options"] = options
+                row[name] = result
+                gpu = f", peak GPU {result['peak_gpu_mb']:.0f} MB" if result.get("peak_gpu_mb") is not None else ""
+                print(f"    {result['seconds']:.1f}s ({_settings(result)}), best val acc {result['best_val_acc']:.3f}, "
+                      f"peak RSS {result['peak_rss_mb']:.0f} MB{gpu}", flush=True)
             row["speedup"] = row["baseline"]["seconds"] / row["ours"]["seconds"]
+            row["speedup_vs_like_for_like"] = (row["like_for_like"]["seconds"] / row["ours"]["seconds"]
+                                               if row["like_for_like"] else None)
             results.append(row)
             partial = {"machine": machine(), "args": vars(args), "results": results, "predict": predicts}
             (RESULTS / f"benchmark-{stamp}.json").write_text(json.dumps(partial, indent=2))
