@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from finetune.config import TrainConfig
-from finetune.data import IMAGENET_MEAN, IMAGENET_STD, resize_size, scan_dataset
+from finetune.data import ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, resize_size, scan_dataset
 from finetune.model import FROZEN_STAGES, apply_strategy, build_model, param_groups, stage_modules
 from finetune.device import (amp_choice, channels_last_for, default_workers, non_blocking, pin_memory,
                              resolve_device, seed_everything)
@@ -49,7 +49,7 @@ class ClassicImages(Dataset):
     def __getitem__(self, index: int):
         rel, label = self.items[index]
         with open(self.root / rel, "rb") as f:
-            image = Image.open(f).convert("RGB")
+            image = Image.open(f, formats=ACCEPTED_FORMATS).convert("RGB")  # as finetune: no EPS by content
         return self.transform(image), label
 
 
