@@ -1,0 +1,301 @@
+"""The data doctor finds planted problems: mislabeled files, duplicates, leaks, odd images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tree_digest
+from finetune.config import FinetuneError
+from finetune.data import scan_dataset
+from finetune.doctor import (Backbone, DoctorReport, compute_embeddings, find_label_issues, hamming, load_backbone,
+                             near_hash_pairs, phash, records_of, run_doctor, similar_pairs, write_csv, write_json)
+
+COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 215)}
+SIZE = 56
+
+
+def textured(colour, seed: int, size: int = SIZE) -> Image.Image:
+    """A plain colour with a smooth random pattern of its own: distinct hashes, the same colour class."""
+    rng = np.random.default_rng(seed)
+    low = np.asarray(Image.fromarray((rng.random((5, 5)) * 255).astype(np.uint8)).resize((size, size),
+                                                                                           Image.BICUBIC), np.float32)
+    pixels = np.asarray(colour, np.float32)[None, None, :] * (0.55 + 0.9 * low[..., None] / 255)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def save(image: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+MOVED = [f"train/green/moved_red_{k}.png" for k in range(3)]
+
+
+def make_problem_dataset(root: Path) -> Path:
+    """train/ and val/ of three colour classes, with problems planted (see the names)."""
+    seed = 0
+    for name, colour in COLOURS.items():
+        for split, count in (("train", 20), ("val", 5)):
+            for i in range(count):
+                seed += 1
+                save(textured(colour, seed), root / split / name / f"img_{i}.png")
+    for k, rel in enumerate(MOVED):  # red pictures filed as green
+        save(textured(COLOURS["red"], 1000 + k), root / rel)
+    shutil.copyfile(root / "train/blue/img_0.png", root / "train/blue/exact_copy.png")
+    shutil.copyfile(root / "train/red/img_1.png", root / "val/red/leaked_copy.png")
+    smaller = Image.open(root / "train/green/img_2.png").resize((44, 44), Image.BICUBIC)
+    save(smaller, root / "val/green/resized_copy.jpg", quality=90)
+    shutil.copyfile(root / "train/blue/img_3.png", root / "train/red/conflicting_copy.png")
+    save(Image.new("RGB", (SIZE, SIZE), (120, 120, 120)), root / "train/blue/flat.png")
+    save(textured(COLOURS["blue"], 2000, size=20), root / "train/blue/tiny.png")
+    wide = textured(COLOURS["green"], 2001).resize((250, 50))
+    save(wide, root / "train/green/wide.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def problem_data(tmp_path_factory) -> Path:
+    return make_problem_dataset(tmp_path_factory.mktemp("doctor") / "data")
+
+
+@pytest.fixture(scope="module")
+def doctored(problem_data, tmp_path_factory) -> tuple[DoctorReport, Path, float]:
+    before = tree_digest(problem_data)
+    cache = tmp_path_factory.mktemp("cache")
+    started = time.perf_counter()
+    report = run_doctor(problem_data, arch="resnet34", weights="none", image_size=64, device="cpu", cache_dir=cache)
+    seconds = time.perf_counter() - started
+    assert tree_digest(problem_data) == before  # the doctor only reads
+    return report, cache, seconds
+
+
+def test_mislabeled_files_are_among_the_top_issues(doctored):
+    report, _, _ = doctored
+    top = report.label_issues[: len(MOVED) + 3]
+    top_paths = [issue["path"] for issue in top]
+    assert set(MOVED) <= set(top_paths), top
+    for issue in report.label_issues:
+        if issue["path"] in MOVED:
+            assert issue == {**issue, "split": "train", "given": "green", "suggested": "red"}
+            assert 0.0 <= issue["score"] < 0.5
+    scores = [issue["score"] for issue in report.label_issues]
+    assert scores == sorted(scores)  # most suspicious (lowest label quality) first
+
+
+def _group_with(report: DoctorReport, path: str) -> dict:
+    groups = [g for g in report.duplicate_groups if path in g["paths"]]
+    assert len(groups) == 1, f"{path} in {len(groups)} groups: {report.duplicate_groups}"
+    return groups[0]
+
+
+def test_exact_duplicates_and_leaks_and_conflicts(doctored):
+    report, _, _ = doctored
+    copy = _group_with(report, "train/blue/exact_copy.png")
+    assert copy["kind"] == "exact" and set(copy["paths"]) == {"train/blue/img_0.png", "train/blue/exact_copy.png"}
+    assert not copy["leak"] and not copy["conflict"] and "sha256" in copy["methods"]
+
+    leak = _group_with(report, "val/red/leaked_copy.png")
+    assert leak["kind"] == "exact" and leak["leak"] and not leak["conflict"]
+    assert sorted(zip(leak["paths"], leak["splits"])) == [("train/red/img_1.png", "train"),
+                                                          ("val/red/leaked_copy.png", "val")]
+
+    conflict = _group_with(report, "train/red/conflicting_copy.png")
+    assert conflict["conflict"] and sorted(conflict["classes"]) == ["blue", "red"]
+    # leaks and conflicts come first
+    flagged = [g["leak"] or g["conflict"] for g in report.duplicate_groups]
+    assert flagged == sorted(flagged, reverse=True)
+
+
+def test_resized_reencoded_copy_is_a_near_duplicate(doctored):
+    report, _, _ = doctored
+    near = _group_with(report, "val/green/resized_copy.jpg")
+    assert near["kind"] == "near" and near["leak"] and near["methods"] == ["phash"]
+    assert set(near["paths"]) == {"train/green/img_2.png", "val/green/resized_copy.jpg"}
+    planted = {"exact_copy", "leaked_copy", "resized_copy", "conflicting_copy"}
+    assert len(report.duplicate_groups) == len(planted), report.duplicate_groups  # no false alarms
+
+
+def test_other_problems(doctored):
+    report, _, _ = doctored
+    found = {(i["path"], i["problem"]) for i in report.other_issues}
+    assert ("train/blue/flat.png", "near-constant") in found
+    assert ("train/blue/tiny.png", "tiny") in found
+    assert ("train/green/wide.png", "aspect ratio") in found
+    assert not any(i["problem"] == "small class" for i in report.other_issues)
+
+
+def test_report_json_csv_and_summary(doctored, tmp_path):
+    report, _, seconds = doctored
+    data = json.loads(write_json(report, tmp_path / "doctor.json").read_text())
+    assert data["format"] == "finetune-doctor/1"
+    assert {"label_issues", "duplicate_groups", "other_issues", "summary"} <= set(data)
+    assert set(data["label_issues"][0]) >= {"path", "given", "suggested", "score"}
+    assert set(data["duplicate_groups"][0]) >= {"paths", "splits", "classes", "kind", "leak", "conflict"}
+    rows = list(csv.DictReader(open(write_csv(report, tmp_path / "doctor.csv"), encoding="utf-8")))
+    assert {r["finding"] for r in rows} >= {"label issue", "exact duplicate", "near duplicate", "tiny"}
+    text = report.summary_text()
+    assert "Likely label errors" in text and "LEAK" in text and "CONFLICT" in text
+    assert seconds < 60
+    with pytest.raises(FinetuneError, match="inside the dataset"):
+        write_json(report, Path(report.data) / "doctor.json")
+    with pytest.raises(FinetuneError, match="inside the dataset"):
+        write_csv(report, Path(report.data) / "train" / "doctor.csv")
+
+
+def test_csv_cells_that_look_like_formulas_are_escaped(tmp_path):
+    report = DoctorReport(str(tmp_path / "data"), ["a", "=b"], "test", label_issues=[
+        {"path": "=HYPERLINK(\"http://x\")", "split": "train", "given": "a", "suggested": "=b", "score": 0.1,
+         "suggested_probability": 0.8}])
+    rows = list(csv.reader(open(write_csv(report, tmp_path / "out.csv"), encoding="utf-8")))
+    assert rows[1][1].startswith("'=") and rows[1][4] == "'=b" and rows[1][5] == "0.100000"
+
+
+def test_feature_cache_reuses_unchanged_files(tmp_path):
+    root = tmp_path / "data"
+    paths = [f"a/{i}.png" for i in range(4)]
+    for i, rel in enumerate(paths):
+        save(textured((200, 50, 50), i), root / rel)
+    backbone = load_backbone(None, "resnet34", "none", 32)
+    messages: list[str] = []
+    first = compute_embeddings((root, paths), backbone, "cpu", cache_dir=tmp_path / "cache", log=messages.append)
+    assert first.shape == (4, 512) and first.dtype == np.float32
+    assert len(list((tmp_path / "cache").glob("resnet34-*.npz"))) == 1
+    save(textured((10, 200, 50), 99), root / paths[2])  # changed content: a new size or mtime
+    messages.clear()
+    second = compute_embeddings((root, paths), backbone, "cpu", cache_dir=tmp_path / "cache", log=messages.append)
+    assert any("3 of 4 images from" in m for m in messages), messages
+    np.testing.assert_allclose(second[[0, 1, 3]], first[[0, 1, 3]], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(second[2], first[2])
+    # the same weights again (seeded random init): the same features
+    again = compute_embeddings((root, paths), load_backbone(None, "resnet34", "none", 32), "cpu")
+    np.testing.assert_allclose(again, second, rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_from_a_run_folder(tmp_path):
+    from finetune.model import build_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = build_model("resnet34", 3, "none")
+    torch.save(model.state_dict(), run / "model.pth")
+    (run / "run.json").write_text(json.dumps({"arch": "resnet34", "classes": ["a", "b", "c"], "image_size": 48,
+                                              "config": {"weights": "imagenet"}}))
+    backbone = load_backbone(run)
+    assert isinstance(backbone, Backbone) and backbone.image_size == 48 and backbone.pretrained
+    assert backbone.identity.startswith("run:")
+    with torch.no_grad():
+        x = torch.randn(2, 3, 48, 48)
+        model.eval()
+        expected = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
+        np.testing.assert_allclose(backbone.module(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    (run / "model.pth").unlink()
+    with pytest.raises(FinetuneError, match="no model.pth"):
+        load_backbone(run)
+    with pytest.raises(FinetuneError, match="not a run folder"):
+        load_backbone(tmp_path)
+
+
+def test_label_ranking_on_given_features():
+    """K-fold + cleanlab alone, on features where the planted errors are known."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 30)
+    centres = rng.normal(0, 1, (3, 16)) * 4
+    features = (centres[labels] + rng.normal(0, 1, (90, 16))).astype(np.float32)
+    given = labels.copy()
+    given[[0, 31, 62]] = [1, 2, 0]
+    from finetune.doctor import Record
+
+    records = [Record(f"{i}.png", "train", int(g)) for i, g in enumerate(given)]
+    issues, info = find_label_issues(features, records, ["a", "b", "c"], folds=5)
+    assert [i["path"] for i in issues[:3]] and {i["path"] for i in issues[:3]} == {"0.png", "31.png", "62.png"}
+    assert {(i["path"], i["suggested"]) for i in issues[:3]} == {("0.png", "a"), ("31.png", "b"), ("62.png", "c")}
+    assert info["folds"] == 5 and info["out_of_sample_accuracy"] > 0.9
+
+
+def test_small_class_and_tiny_classes_in_the_label_check(tmp_path):
+    rng = np.random.default_rng(1)
+    from finetune.doctor import Record, other_issues
+
+    records = [Record(f"{i}.png", "train", 0) for i in range(20)] + [Record("s.png", "train", 1)]
+    features = rng.normal(size=(21, 8)).astype(np.float32)
+    issues, info = find_label_issues(features, records, ["big", "small"])
+    assert issues == [] and info["classes"] == 1  # one class with >= 2 images: nothing to compare
+    found = other_issues(records, [None] * len(records), ["big", "small"], [("x.png", "truncated image")])
+    assert {"path": None, "split": None, "class": "small", "problem": "small class",
+            "detail": "1 images; the other classes have 20 (median)"} in found
+    assert any(i["problem"] == "unreadable" and i["path"] == "x.png" for i in found)
+
+
+def test_perceptual_hash_blocking_finds_exactly_the_close_pairs():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 300, dtype=np.int64).astype(np.uint64)
+    # plant close relatives: flip a few bits of some hashes
+    close = base.copy()
+    for i in range(0, 300, 7):
+        bits = rng.choice(64, size=rng.integers(0, 10), replace=False)
+        close[i] = base[i] ^ np.uint64(sum(1 << int(b) for b in bits))
+    hashes = np.concatenate([base, close[::7]])
+    for distance in (0, 4, 8, 12):
+        d = hamming(hashes[:, None], hashes[None, :])
+        brute = {(i, j) for i, j in zip(*np.nonzero(d <= distance)) if i < j}
+        assert near_hash_pairs(hashes, distance, chunk_bytes=4096) == brute
+    with pytest.raises(FinetuneError):
+        near_hash_pairs(hashes, 40)
+
+
+def test_phash_survives_resizing_and_jpeg(tmp_path):
+    image = textured((90, 140, 200), 5, size=200)
+    small = image.resize((70, 70), Image.BICUBIC)
+    save(small, tmp_path / "small.jpg", quality=80)
+    other = textured((90, 140, 200), 6, size=200)
+    h = np.asarray([phash(image), phash(Image.open(tmp_path / "small.jpg")), phash(other)], dtype=np.uint64)
+    assert hamming(h[0], h[1]) <= 4 < 16 <= hamming(h[0], h[2])
+
+
+def test_embedding_similarity_chunked_equals_full():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(120, 32)).astype(np.float32)
+    features[60] = features[3] * 2 + 0.01  # same direction: cosine ~1
+    features[90] = features[10] + rng.normal(0, 0.05, 32)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    full = {(i, j) for i, j in zip(*np.nonzero(sims > 0.97)) if i < j}
+    assert full == {(3, 60), (10, 90)}
+    assert similar_pairs(features, 0.97, chunk_bytes=4 * 120 * 7) == full  # 7 rows at a time
+    eligible = np.ones(120, dtype=bool)
+    eligible[60] = False
+    assert similar_pairs(features, 0.97, eligible=eligible) == {(10, 90)}
+
+
+def test_second_run_uses_the_feature_cache_and_embedding_similarity(problem_data, doctored):
+    report, cache, _ = doctored
+    messages: list[str] = []
+    again = run_doctor(problem_data, weights="none", image_size=64, device="cpu", cache_dir=cache,
+                       use_embeddings=True, similarity=0.9999, log=messages.append)
+    assert any(f"{again.summary['images']} of {again.summary['images']} images from" in m for m in messages)
+    assert again.summary["seconds"]["features"] < 1.0
+    assert again.label_issues == report.label_issues
+    leak = _group_with(again, "val/red/leaked_copy.png")  # identical pixels: identical features
+    assert leak["methods"] == ["embedding", "phash", "sha256"]
+
+
+def test_scan_given_directly_and_user_errors(problem_data):
+    scan = scan_dataset(problem_data)
+    assert len(records_of(scan)) == len(scan.train) + len(scan.val)
+    with pytest.raises(FinetuneError, match="folds"):
+        run_doctor(scan, weights="none", folds=1)
+    with pytest.raises(FinetuneError, match="unknown architecture"):
+        run_doctor(scan, arch="vgg", weights="none")
+    with pytest.raises(FinetuneError, match="not found"):
+        run_doctor(problem_data / "missing", weights="none")
