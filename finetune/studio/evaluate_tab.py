@@ -1,0 +1,84 @@
+"""3. Evaluate: a run's metrics on its validation images, confusion matrix, per-class table,
+misclassified images and training curves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from ..config import FinetuneError
+from ..rundir import RunDir, resolve_run
+from . import views
+from .common import bind, error, output_list, thumbnail
+from .state import Studio
+
+
+@dataclass
+class EvaluateTab:
+    tab: gr.Tab
+    run: gr.Dropdown
+    refresh: gr.Button
+    summary: gr.Markdown
+    matrix: gr.Image
+    table: gr.Dataframe
+    note: gr.Markdown
+    gallery: gr.Gallery
+    curves: gr.Image
+
+
+def build(studio: Studio) -> EvaluateTab:
+    with gr.Tab("3. Evaluate", id="evaluate", elem_id="tab_evaluate") as tab:
+        with gr.Row():
+            run = gr.Dropdown(label="Run", elem_id="eval_run", scale=4, allow_custom_value=True)
+            refresh = gr.Button("Refresh runs", elem_id="eval_refresh", scale=1)
+        summary = gr.Markdown(elem_id="eval_summary")
+        gr.Markdown("#### Confusion matrix\nRows are the true classes, columns the predictions; left counts, right "
+                    "the share of each true class.", elem_id="eval_matrix_help")
+        matrix = gr.Image(label="Confusion matrix", show_label=False, type="filepath", interactive=False,
+                          elem_id="eval_matrix", height=420)
+        table = gr.Dataframe(label="Per class", interactive=False, elem_id="eval_table")
+        note = gr.Markdown(elem_id="eval_note")
+        gallery = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=5,
+                             height="auto", object_fit="contain", elem_id="eval_gallery")
+        gr.Markdown("#### Training curves", elem_id="eval_curves_help")
+        curves = gr.Image(label="Training curves", show_label=False, type="filepath", interactive=False,
+                          elem_id="eval_curves", height=360)
+    return EvaluateTab(tab, run, refresh, summary, matrix, table, note, gallery, curves)
+
+
+def evaluate_run(studio: Studio, run: str | None = None) -> dict:
+    if not run:  # no run yet (first start): a hint, not an error
+        return {"summary": views.NO_RUN_YET, "matrix": None, "table": None, "gallery": [], "note": "",
+                "curves": None}
+    try:
+        run_dir = RunDir(resolve_run(run, studio.runs_dir))
+        metrics = run_dir.metrics()
+    except FinetuneError as problem:
+        raise error(problem) from None
+    if not metrics.get("num_images"):
+        raise error(f"{run_dir.name} has no validation images to evaluate")
+    root = Path(run_dir.data_root() or "")
+    misclassified = metrics.get("misclassified", [])
+    gallery = []
+    for item in misclassified[:views.MAX_MISCLASSIFIED]:
+        try:
+            gallery.append((thumbnail(root / item["path"], 200), views.misclassified_caption(item)))
+        except Exception:  # noqa: BLE001 - the image may have moved since training
+            continue
+    return {
+        "summary": views.eval_summary(run_dir.name, run_dir.info(), metrics),
+        "matrix": studio.serve_run_file(run_dir.confusion_matrix),
+        "table": pd.DataFrame(views.eval_rows(metrics)),
+        "gallery": gallery,
+        "note": views.misclassified_note(len(misclassified), metrics["num_images"], len(gallery)),
+        "curves": studio.serve_run_file(run_dir.curves),
+    }
+
+
+def wire(studio: Studio, c: EvaluateTab) -> None:
+    outputs = {"summary": c.summary, "matrix": c.matrix, "table": c.table, "gallery": c.gallery, "note": c.note,
+               "curves": c.curves}
+    c.run.change(bind(studio, evaluate_run, outputs), c.run, output_list(outputs), api_name="evaluate_run")

@@ -1,0 +1,118 @@
+"""5. Export: download a run's class map and weights, export TorchScript or ONNX, zip the run folder.
+Every file handed out is a file of the run (or a zip made of one), served from the workspace's
+served/ folder, never from the runs folder itself."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from ..archive import disk_usage
+from ..config import FinetuneError
+from ..rundir import RunDir, resolve_run
+from .common import bind, error, output_list
+from .state import Studio
+
+EXPORTS = dict(concurrency_id="export", concurrency_limit=1)
+EXPORTED_NAMES = ("model.torchscript.pt", "model.onnx")
+
+
+@dataclass
+class ExportTab:
+    tab: gr.Tab
+    run: gr.Dropdown
+    classes: gr.DownloadButton
+    model: gr.DownloadButton
+    torchscript_btn: gr.Button
+    onnx_btn: gr.Button
+    zip_btn: gr.Button
+    files: gr.File
+
+
+def build(studio: Studio) -> ExportTab:
+    with gr.Tab("5. Export", id="export", elem_id="tab_export") as tab:
+        run = gr.Dropdown(label="Run", elem_id="export_run", allow_custom_value=True)
+        gr.Markdown("`class_indices.json` is the classic class map (`{\"0\": \"name\", …}`) that goes with "
+                    "`model.pth` (a plain state_dict) in the classic `predict.py`.", elem_id="export_help")
+        with gr.Row():
+            classes = gr.DownloadButton("Download class_indices.json", interactive=False,
+                                        elem_id="download_class_indices")
+            model = gr.DownloadButton("Download model.pth", interactive=False, elem_id="download_model")
+        with gr.Row():
+            torchscript_btn = gr.Button("Export TorchScript", elem_id="export_torchscript_btn")
+            onnx_btn = gr.Button("Export ONNX", elem_id="export_onnx_btn")
+            zip_btn = gr.Button("Zip the whole run folder", elem_id="export_zip_btn")
+        files = gr.File(label="Exported files (click a name to download)", file_count="multiple", interactive=False,
+                        elem_id="exported_files")
+    return ExportTab(tab, run, classes, model, torchscript_btn, onnx_btn, zip_btn, files)
+
+
+def _run(studio: Studio, run: str | None) -> RunDir:
+    try:
+        return RunDir(resolve_run(run, studio.runs_dir))
+    except FinetuneError as problem:
+        raise error(problem) from None
+
+
+def exported(studio: Studio, run: RunDir) -> list[str] | None:
+    """The exports made so far for this run, ready to download."""
+    made = [studio.serve_run_file(run.path / name) for name in EXPORTED_NAMES]
+    archive = studio.workspace.served / "exports" / f"{run.name}.zip"
+    made.append(str(archive) if archive.is_file() else None)
+    return [path for path in made if path] or None
+
+
+def export_files(studio: Studio, run: str | None = None) -> dict:
+    """The files a run offers for download now (class map, weights, exports made so far)."""
+    if not run:  # no run yet: buttons stay disabled
+        return {"classes": gr.DownloadButton(value=None, interactive=False),
+                "model": gr.DownloadButton(value=None, interactive=False), "files": None}
+    run_dir = _run(studio, run)
+    classes, model = studio.serve_run_file(run_dir.class_indices), studio.serve_run_file(run_dir.model)
+    return {"classes": gr.DownloadButton(value=classes, interactive=classes is not None),
+            "model": gr.DownloadButton(value=model, interactive=model is not None),
+            "files": exported(studio, run_dir)}
+
+
+def export_model(studio: Studio, run: str | None, fmt: str) -> list[str] | None:
+    from ..export import export
+
+    run_dir = _run(studio, run)
+    try:
+        export(run_dir.path, fmt)
+    except FinetuneError as problem:
+        raise error(problem) from None
+    return exported(studio, run_dir)
+
+
+def export_torchscript(studio: Studio, run: str | None = None):
+    return export_model(studio, run, "torchscript")
+
+
+def export_onnx(studio: Studio, run: str | None = None):
+    return export_model(studio, run, "onnx")
+
+
+def export_zip(studio: Studio, run: str | None = None):
+    run_dir = _run(studio, run)
+    if studio.training() and studio.job.run_dir.resolve() == run_dir.path:
+        raise error(f"{run_dir.name} is still training: zip it when it has finished")
+    try:
+        target = studio.workspace.output("exports", f"{run_dir.name}.zip", need=disk_usage(run_dir.path))
+    except FinetuneError as problem:
+        raise error(problem) from None
+    made = shutil.make_archive(str(target.with_name(f".{target.stem}-partial")), "zip", root_dir=run_dir.path.parent,
+                               base_dir=run_dir.name)
+    Path(made).replace(target)
+    return exported(studio, run_dir)
+
+
+def wire(studio: Studio, c: ExportTab) -> None:
+    outputs = {"classes": c.classes, "model": c.model, "files": c.files}
+    c.run.change(bind(studio, export_files, outputs), c.run, output_list(outputs), api_name="export_files")
+    c.torchscript_btn.click(bind(studio, export_torchscript), c.run, c.files, api_name="export_torchscript", **EXPORTS)
+    c.onnx_btn.click(bind(studio, export_onnx), c.run, c.files, api_name="export_onnx", **EXPORTS)
+    c.zip_btn.click(bind(studio, export_zip), c.run, c.files, api_name="export_zip", **EXPORTS)

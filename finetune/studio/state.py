@@ -1,0 +1,185 @@
+"""The studio's state: where runs and uploads live, the one training job, and the loaded predictors.
+
+One Studio per app process; every handler takes it as its first argument. No gradio here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from .. import jobs
+from ..config import FinetuneError, TrainConfig
+from ..rundir import RunDir
+from .workspace import Workspace
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds the finetune package
+MAX_SCAN_FILES = 200_000
+MAX_BATCH_IMAGES = 10_000
+PREDICTORS_KEPT = 3
+
+
+def resolved_device(choice: str) -> str:
+    """'auto' -> the device it means here ('cuda:0', 'mps', 'cpu')."""
+    from ..device import resolve_device
+
+    return str(resolve_device(choice))
+
+
+def load_predictor(run_dir: Path, device: str):
+    from ..predict import Predictor
+
+    return Predictor.from_run(run_dir, device=device)
+
+
+class PredictorCache:
+    """Loaded models, kept warm: an LRU of a few, keyed by (run, model.pth version, device), so a
+    better model.pth or another device loads afresh and the cache never grows past `size`."""
+
+    def __init__(self, size: int = PREDICTORS_KEPT, loader: Callable = load_predictor):
+        self.size, self.loader = max(1, size), loader
+        self._items: OrderedDict[tuple[str, int, str], object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(run_dir: str | Path, device: str) -> tuple[str, int, str]:
+        run = RunDir(Path(run_dir).resolve())
+        try:
+            version = run.model.stat().st_mtime_ns
+        except OSError:
+            raise FinetuneError(f"{run.name} has no model yet (it has not finished an epoch)") from None
+        return str(run.path), version, device
+
+    def get(self, run_dir: str | Path, device: str):
+        key = self.key(run_dir, device)
+        with self._lock:  # one load at a time: two requests for one model load it once
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            for stale in [k for k in self._items if k[0] == key[0] and k[2] == device]:
+                del self._items[stale]  # an older model.pth of this run
+            predictor = self.loader(Path(key[0]), device)
+            self._items[key] = predictor
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return predictor
+
+    def keys(self) -> list[tuple[str, int, str]]:
+        with self._lock:
+            return list(self._items)
+
+    def drop_accelerated(self) -> int:
+        """Forget the predictors that hold GPU (or MPS) memory; returns how many."""
+        with self._lock:
+            gone = [k for k in self._items if not k[2].startswith("cpu")]
+            for k in gone:
+                del self._items[k]
+            return len(gone)
+
+
+class Studio:
+    """The app's state; `base_dir` (the app's working directory) is what relative paths mean."""
+
+    def __init__(self, runs_dir: str | Path, workspace: str | Path, default_data: str | Path,
+                 browse_root: str | Path | None = None, *, base_dir: str | Path | None = None,
+                 quota_bytes: int | None = None, max_scan_files: int = MAX_SCAN_FILES,
+                 max_batch_images: int = MAX_BATCH_IMAGES, predictors: int = PREDICTORS_KEPT,
+                 predictor_loader: Callable = load_predictor):
+        self.base_dir = Path(base_dir or os.getcwd()).resolve()
+        self.runs_dir = self.resolve_path(runs_dir)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.workspace = Workspace(self.resolve_path(workspace), quota_bytes)
+        self.default_data = str(self.resolve_path(default_data))
+        self.browse_root = str(self.resolve_path(browse_root or Path.home()))
+        self.max_scan_files, self.max_batch_images = max_scan_files, max_batch_images
+        self.job: jobs.TrainingJob | None = None
+        self.job_lock = threading.Lock()
+        self.predictors = PredictorCache(predictors, predictor_loader)
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """A path the user typed, made absolute once: relative to the app's working directory."""
+        path = Path(str(path).strip()).expanduser()
+        return (path if path.is_absolute() else self.base_dir / path).resolve()
+
+    # -- the training
+    def training(self) -> bool:
+        return self.job is not None and self.job.running()
+
+    def attach_running(self) -> Path | None:
+        """At start-up: follow a training an earlier app process (or a terminal) left running in this
+        runs folder, so it can be watched and stopped and no second one starts beside it. Runs left
+        at "running" whose processes are gone are marked ended on the way."""
+        alive = jobs.running_trainings(self.runs_dir)
+        if not alive:
+            return None
+        with self.job_lock:
+            self.job = jobs.TrainingJob.attach(alive[0])
+        return alive[0]
+
+    def require_idle(self) -> None:
+        """FinetuneError while a training runs: this studio's, or one started elsewhere (a terminal)
+        in the same runs folder."""
+        if self.training():
+            view = self.job.update()
+            raise FinetuneError(f"A training is already running ({Path(view.run_dir).name}: "
+                                f"{view.progress_text()}). Wait for it to finish or press Stop first. "
+                                f"One training at a time.")
+        jobs.require_no_training(self.runs_dir)
+
+    def start(self, cfg: TrainConfig, processes: int = 1) -> jobs.TrainingJob:
+        """Start `cfg` (every field passed on, paths made absolute against base_dir) as a training
+        process; FinetuneError while another one runs."""
+        with self.job_lock:
+            self.require_idle()
+            cfg = jobs.absolute_paths(cfg, self.base_dir)
+            self.release_accelerator()
+            self.workspace.touch(cfg.data)
+            self.job = jobs.TrainingJob(cfg, cwd=PACKAGE_PARENT, processes=processes)
+            return self.job
+
+    def release_accelerator(self) -> None:
+        """Before a training: drop the predictors on the GPU and give their memory back."""
+        if self.predictors.drop_accelerated():
+            from ..device import release_gpu_memory
+
+            release_gpu_memory()
+
+    def stop(self) -> str:
+        if not self.training():
+            return "No training is running."
+        self.job.stop()
+        return f"Stopping {self.job.run_dir.name} after the current batch; the best model so far is kept."
+
+    def shutdown(self) -> None:
+        """The app is ending: end its training too (SIGINT, then every process group is killed)."""
+        if self.job is not None:
+            self.job.kill()
+
+    def in_use(self) -> tuple[Path, ...]:
+        """Data a running training reads (kept by the workspace clean-up)."""
+        return (Path(self.job.cfg.data),) if self.training() and self.job.cfg is not None else ()
+
+    # -- predictions
+    def prediction_device(self) -> str:
+        """The CPU while a training runs (the GPU is its), otherwise what 'auto' means here."""
+        return "cpu" if self.training() else resolved_device("auto")
+
+    def predictor(self, run_dir: str | Path):
+        return self.predictors.get(run_dir, self.prediction_device())
+
+    def serve_run_file(self, path: str | Path | None) -> str | None:
+        """A file of a run (in the runs folder), made downloadable; None when there is none."""
+        if path is None or not Path(path).is_file():
+            return None
+        path = Path(path).resolve()
+        if not path.is_relative_to(self.runs_dir):
+            raise FinetuneError(f"not a file of a run in {self.runs_dir}: {path}")
+        return str(self.workspace.publish(path, f"runs/{path.parent.name}"))
+
+    def visible_gpus(self) -> int:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,198 @@
+"""Pure formatting for the studio: text, HTML and table rows from engine results. No gradio here
+and no events: each function takes values and returns text or rows."""
+
+from __future__ import annotations
+
+import re
+from html import escape
+from pathlib import Path
+
+THUMBS_PER_CLASS = 6
+MAX_MISCLASSIFIED = 60
+SERIES_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e"}  # named in the plot labels: blue, orange
+USABLE_STATUSES = ("completed", "stopped", "early-stopped")
+
+CSS = """
+.ft-progress { height: 14px; background: var(--neutral-200); border-radius: 7px; overflow: hidden; }
+.ft-progress > div { height: 100%; background: var(--color-accent); transition: width 0.4s; }
+.ft-progress.failed > div { background: #d33; }
+.ft-status { margin-top: 6px; font-size: 0.95em; }
+.ft-error { color: #b00020; font-weight: 600; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Text that came from users (folder, file and class names) shown in Markdown: as plain text, so a
+# class folder named "[click](http://...)" or "<img ...>" is shown, never rendered.
+
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>&~|])")
+
+
+def md(text) -> str:
+    """`text` as literal Markdown text: the characters Markdown or HTML act on inline are escaped
+    (and a leading one that would start a heading, list or quote)."""
+    text = _MARKDOWN_INLINE.sub(r"\\\1", str(text))
+    return "\\" + text if text[:1] in ("#", "+", "-") else text
+
+
+def code(text) -> str:
+    """`text` in a code span (shown literally); a backtick in it falls back to escaped text."""
+    text = str(text)
+    return f"`{text}`" if "`" not in text else md(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def data_summary(scan, archive_skipped: int = 0) -> str:
+    layout = ("its own train/ and val/ folders" if scan.layout == "train-val" else
+              f"one folder per class; {round((scan.val_fraction or 0) * 100)}% of each class held out "
+              f"for validation")
+    text = (f"**{len(scan.classes)} classes** in {code(scan.root)} ({layout}): "
+            f"{len(scan.train)} training and {len(scan.val)} validation images"
+            + (f", {len(scan.test)} test images" if scan.test else "") + ".")
+    skipped = len(scan.skipped) + archive_skipped
+    if skipped:
+        text += f" {skipped} file(s) skipped (listed below)."
+    return text
+
+
+def counts_rows(scan) -> list[dict]:
+    """One row per class with its images per split and in total, then a total row."""
+    counts = scan.counts()
+    rows = [{"class": name, **{split: counts[split][name] for split in counts},
+             "total": sum(counts[split][name] for split in counts)} for name in scan.classes]
+    rows.append({"class": "total", **{split: sum(counts[split].values()) for split in counts},
+                 "total": sum(sum(c.values()) for c in counts.values())})
+    return rows
+
+
+def skipped_rows(scan, archive_skipped: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """(file, reason): files of an uploaded zip that were not extracted, then images that do not decode."""
+    return [(name, f"{why}: not extracted from the zip") for name, why in archive_skipped] + list(scan.skipped)
+
+
+def data_warnings(scan) -> str:
+    return "\n\n".join(f"**Warning:** {md(w)}" for w in scan.warnings) or "No warnings: classes are balanced."
+
+
+def data_ready(scan) -> str:
+    names = ", ".join(md(name) for name in scan.classes[:8]) + ("…" if len(scan.classes) > 8 else "")
+    return (f"Training data: {code(scan.root)} · {len(scan.classes)} classes ({names}) · "
+            f"{len(scan.train)} train / {len(scan.val)} val images")
+
+
+def thumbnail_picks(scan, per_class: int = THUMBS_PER_CLASS) -> list[tuple[str, str]]:
+    """(relative path, class name): the first few images of each class."""
+    by_class: dict[int, list[str]] = {}
+    for rel, label in scan.train + scan.val:
+        by_class.setdefault(label, []).append(rel)
+    return [(rel, name) for label, name in enumerate(scan.classes) for rel in by_class.get(label, [])[:per_class]]
+
+
+def scan_progress(stage: str, done: int, total: int) -> str:
+    if stage == "walk":
+        return f"Looking for images: {done:,} files so far"
+    return f"Checking images: {done:,} of {total:,}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+
+
+def device_text(description: str, gpus: int) -> str:
+    return f"**Device:** {description}" + (f" ({gpus} GPUs visible)" if gpus > 1 else "")
+
+
+def progress_html(view, error: str | None = None) -> str:
+    """The progress bar and one status line for a training view (None: not started)."""
+    percent = round(view.fraction() * 100) if view else 0
+    failed = bool(error) or (view is not None and view.status == "failed")
+    text = error or (view.progress_text() if view else "Not started: choose the settings and press Start training.")
+    bar = "ft-progress failed" if failed else "ft-progress"
+    line = "ft-status ft-error" if failed else "ft-status"
+    return (f'<div class="{bar}"><div style="width:{percent}%"></div></div>'
+            f'<div class="{line}" id="train_status_text">{escape(text)}</div>')
+
+
+def training_progress(view) -> str:
+    return progress_html(view, f"Training failed: {view.error}" if view.status == "failed" else None)
+
+
+def curve_frame(view, metric: str):
+    """The curve of one metric as a DataFrame with both series (train first, so it keeps the first
+    colour; val as an empty point until the first epoch ends), or None while there is none."""
+    import pandas as pd
+
+    if not view.curves:
+        return None
+    frame = pd.DataFrame(view.curves)
+    part = frame[frame.metric == metric][["epoch", "value", "series"]]
+    if not len(part):
+        return None
+    missing = [{"epoch": 0.0, "value": float("nan"), "series": name} for name in ("train", "val")
+               if name not in set(part.series)]
+    if missing:
+        part = pd.concat([part, pd.DataFrame(missing)], ignore_index=True).astype({"epoch": float, "value": float})
+    return part
+
+
+def training_result(view) -> tuple[str, Path | None]:
+    """(markdown, confusion matrix file or None) once a training has ended; ("", None) before."""
+    if view.status in USABLE_STATUSES:
+        name = Path(view.run_dir).name
+        text = f"### {view.status.capitalize()}: {md(name)}\n{md(view.summary)}"
+        if view.status == "stopped":
+            text += "\n\nStopped on request; the best model so far was kept and can be used."
+        matrix = Path(view.run_dir) / "confusion_matrix.png"
+        return text, matrix if matrix.is_file() else None
+    if view.status == "failed":
+        return f"### Training failed\n{md(view.error)}\n\nThe app still works: change the settings and start again.", None
+    return "", None
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate
+
+
+def eval_summary(name: str, info: dict, metrics: dict) -> str:
+    topk = ", ".join(f"top-{k} {v:.1%}" for k, v in metrics["top_k_accuracy"].items())
+    return (f"**{md(name)}** ({md(info.get('status', '?'))}, {md(info.get('arch', '?'))} / "
+            f"{md(info.get('strategy', '?'))}): "
+            f"on {metrics['num_images']} validation images, accuracy **{metrics['accuracy']:.1%}**, "
+            f"balanced accuracy {metrics['balanced_accuracy']:.1%}, macro F1 {metrics['macro_f1']:.3f}; {topk}.")
+
+
+def eval_rows(metrics: dict) -> list[dict]:
+    return [{"class": name, "precision": round(m["precision"], 3), "recall": round(m["recall"], 3),
+             "f1": round(m["f1"], 3), "support": m["support"]} for name, m in metrics["per_class"].items()]
+
+
+def misclassified_caption(item: dict) -> str:
+    return f"{item['true']} → {item['predicted']} ({item['confidence']:.0%})"
+
+
+def misclassified_note(wrong: int, total: int, shown: int) -> str:
+    if not wrong:
+        return "Every validation image was classified correctly."
+    return f"{wrong} of {total} validation images misclassified" + (f" (showing {shown})" if wrong > shown else "")
+
+
+NO_RUN_YET = "No trained run yet: train one on the **2. Train** tab, then pick it here."
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict
+
+
+def batch_rows(predictions, top_k: int) -> list[dict]:
+    return [{"file": p.path, "prediction": p.label or "", "confidence": round(p.confidence, 4) if p.top else None,
+             f"top {top_k}": ", ".join(f"{n} {v:.2f}" for n, v in p.top), "error": p.error or ""}
+            for p in predictions]
+
+
+def batch_limit_note(limit: int) -> str:
+    return (f"Only the first {limit:,} images were classified: at most {limit:,} per request. "
+            f"Classify the rest in another request (a smaller folder or fewer files), or use "
+            f"`python -m finetune predict` in a terminal, which has no limit.")

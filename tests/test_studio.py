@@ -1,0 +1,466 @@
+"""The studio's handlers, state and workspace on a temporary runs folder: no server, no browser.
+
+Runs here are fake run folders (run.json, metrics.json, a few PNGs); predictors are fake where only
+the cache is tested. The same handlers run behind the app's API (tests/test_app.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import make_class_folders, make_image, tree_digest
+
+gr = pytest.importorskip("gradio")
+
+from finetune import jobs  # noqa: E402
+from finetune.config import FinetuneError, TrainConfig  # noqa: E402
+from finetune.predict import Prediction  # noqa: E402
+from finetune.studio import app as studio_app  # noqa: E402
+from finetune.studio import common, data_tab, evaluate_tab, export_tab, predict_tab, train_tab  # noqa: E402
+from finetune.studio.state import PredictorCache, Studio  # noqa: E402
+from finetune.studio.workspace import UNUSED_SECONDS, Workspace  # noqa: E402
+
+CLASSES = ["circle", "square", "triangle"]
+
+
+def last(generator):
+    """The final output of a generator handler (what the API returns)."""
+    result = None
+    for result in generator:
+        pass
+    return result
+
+
+def fake_run(runs_dir: Path, name: str, data: Path | None = None, model: bool = True,
+             created: str = "2025-01-01T10:00:00", status: str = "completed", **info) -> Path:
+    run = runs_dir / name
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": "finetune-run/1", "status": status, "arch": "resnet34",
+                                              "strategy": "head", "classes": CLASSES, "created": created,
+                                              "summary": {"accuracy": 0.9}, **info}))
+    (run / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(CLASSES)}, indent=4))
+    if model:
+        (run / "model.pth").write_bytes(b"weights")
+    if data is not None:
+        (run / "split.json").write_text(json.dumps({"root": str(data)}))
+        wrong = [{"path": "circle/circle_00.jpg", "true": "circle", "predicted": "square", "confidence": 0.8}]
+        (run / "metrics.json").write_text(json.dumps({
+            "num_images": 15, "accuracy": 0.9333, "balanced_accuracy": 0.93, "macro_f1": 0.931,
+            "top_k_accuracy": {"1": 0.9333, "2": 1.0},
+            "per_class": {c: {"precision": 0.9, "recall": 0.95, "f1": 0.92, "support": 5} for c in CLASSES},
+            "misclassified": wrong}))
+        make_image(run / "confusion_matrix.png", size=(20, 20))
+        make_image(run / "training_curves.png", size=(20, 10))
+    return run
+
+
+@pytest.fixture
+def studio(tmp_path, sample_data):
+    (tmp_path / "cwd").mkdir()
+    return Studio(tmp_path / "runs", tmp_path / "ws", sample_data, browse_root=tmp_path, base_dir=tmp_path / "cwd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_scan_resolves_a_relative_folder_against_the_apps_working_directory(studio, tmp_path):
+    make_class_folders(tmp_path / "cwd" / "photos", classes=("cats", "dogs"), per_class=4)
+    out = last(data_tab.scan(studio, "photos"))
+    folder = str(tmp_path / "cwd" / "photos")
+    assert f"`{folder}`" in out["summary"] and folder in out["ready"] and "2 classes" in out["summary"]
+    assert data_tab.absolute_path(studio, " photos ") == folder  # what the path box then shows
+    assert list(out["counts"]["class"]) == ["cats", "dogs", "total"]
+
+
+def test_scan_of_too_many_files_is_refused_early(studio, tmp_path):
+    make_class_folders(tmp_path / "cwd" / "many", classes=("a", "b"), per_class=6)
+    studio.max_scan_files = 5
+    with pytest.raises(gr.Error, match="holds more than 5 files: choose a smaller folder"):
+        last(data_tab.scan(studio, "many"))
+
+
+def test_cancelled_scan_stops_its_work(studio, monkeypatch):
+    """Closing the event's generator (what gradio does on Cancel) ends the engine's scan at its next
+    progress report, instead of leaving it to decode a whole tree in the background."""
+    import finetune.data
+
+    ended, reports = threading.Event(), []
+
+    def endless_scan(root, max_files=None, on_progress=None, **_):
+        try:
+            while True:
+                reports.append(1)
+                on_progress("check", len(reports), 10**6)
+                time.sleep(0.01)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(finetune.data, "scan_dataset", endless_scan)
+    scanning = data_tab.scan(studio, str(studio.default_data))
+    assert next(scanning) == gr.skip()  # a cancellation point while the scan runs
+    scanning.close()
+    assert ended.wait(5) and reports
+
+
+def test_zip_with_html_and_svg_riders_extracts_only_images(studio, sample_data, tmp_path):
+    archive = tmp_path / "shapes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(sample_data.rglob("*.jpg"))[::4]:
+            z.write(path, "shapes/" + path.relative_to(sample_data).as_posix())
+        z.writestr("shapes/index.html", "<script>alert(document.cookie)</script>")
+        z.writestr("shapes/circle/logo.svg", "<svg onload='alert(1)'/>")
+        z.writestr("shapes/square/run.js", "alert(1)")
+    out = last(data_tab.upload_zip(studio, str(archive)))
+    root = Path(out["path"])
+    assert root.is_relative_to(studio.workspace.uploads) and root.name == "shapes"
+    files = {p.suffix for p in root.parent.rglob("*") if p.is_file() and p.name != ".complete"}
+    assert files == {".jpg"}
+    skipped = out["skipped"]
+    rows = skipped.value["data"] if isinstance(skipped.value, dict) else skipped.value.values.tolist()
+    named = {row[0]: row[1] for row in rows}
+    assert {"shapes/index.html", "shapes/circle/logo.svg", "shapes/square/run.js"} <= set(named)
+    assert all("not extracted" in why for name, why in named.items() if not name.endswith(".jpg"))
+    assert "3 file(s) skipped" in out["summary"] and skipped.visible is True
+
+
+def test_full_workspace_refuses_an_upload_with_a_clear_message(tmp_path, sample_data):
+    studio = Studio(tmp_path / "runs", tmp_path / "ws", sample_data, base_dir=tmp_path, quota_bytes=20_000)
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(sample_data.rglob("*.jpg")):
+            z.write(path, path.relative_to(sample_data).as_posix())
+    with pytest.raises(gr.Error, match="The workspace is full: big.zip needs .* --workspace-quota-gb"):
+        last(data_tab.upload_zip(studio, str(archive)))
+    assert not any(studio.workspace.uploads.iterdir())
+
+
+def test_cleanup_removes_unused_uploads_leftovers_and_old_downloads(tmp_path):
+    space = Workspace(tmp_path / "ws")
+    old = time.time() - UNUSED_SECONDS - 60
+    stale, fresh, training = (space.uploads / n for n in ("stale-1", "fresh-2", "training-3"))
+    for folder in (stale, fresh, training):
+        make_image(folder / "cats" / "a.png")
+    leftover = space.inputs / "batch-x"
+    leftover.mkdir()
+    served_old = space.output("predictions", "old.csv")
+    served_old.write_text("x")
+    for path in (stale, training, leftover, served_old):
+        os.utime(path, (old, old))
+    removed = space.cleanup(keep=(training / "cats",))
+    assert set(removed) == {stale, leftover, served_old}
+    assert fresh.is_dir() and training.is_dir()
+    space.touch(fresh / "cats" / "a.png")
+    assert time.time() - fresh.stat().st_mtime < 60
+
+
+def test_only_safe_files_are_served_and_a_changed_run_file_is_served_anew(tmp_path):
+    space = Workspace(tmp_path / "ws")
+    evil = tmp_path / "page.html"
+    evil.write_text("<script>alert(1)</script>")
+    with pytest.raises(FinetuneError, match="refusing to serve page.html"):
+        space.publish(evil, "runs/x")
+    with pytest.raises(FinetuneError, match="refusing to serve"):
+        space.output("../../elsewhere", "a.csv")
+    source = tmp_path / "model.pth"
+    source.write_bytes(b"one")
+    served = space.publish(source, "runs/r1")
+    assert served.read_bytes() == b"one" and served.is_relative_to(space.served)
+    replacement = tmp_path / "new.pth"
+    replacement.write_bytes(b"two")
+    os.replace(replacement, source)  # how the training writes a better model.pth
+    assert space.publish(source, "runs/r1").read_bytes() == b"two"
+
+
+# ---------------------------------------------------------------------------------------------
+# Train
+
+
+class FakeJob:
+    def __init__(self, cfg, cwd=None, env=None, processes=1):
+        self.cfg, self.processes = cfg, processes
+        self.run_dir = Path(cfg.runs_dir) / "fake-run"
+        self.view = jobs.TrainingView(run_dir=str(self.run_dir))
+        self.alive = True
+
+    def running(self):
+        return self.alive
+
+    def update(self):
+        return self.view
+
+
+def test_start_passes_every_setting_and_releases_the_gpu(studio, tmp_path, monkeypatch):
+    import finetune.device
+
+    make_class_folders(tmp_path / "cwd" / "photos", classes=("cats", "dogs"), per_class=3)
+    monkeypatch.setattr(jobs, "TrainingJob", FakeJob)
+    released = []
+    monkeypatch.setattr(finetune.device, "release_gpu_memory", lambda: released.append(True))
+    studio.predictors = PredictorCache(3, loader=lambda run, device: object())
+    run = fake_run(studio.runs_dir, "r1")
+    studio.predictors.get(run, "cuda:0")
+    studio.predictors.get(run, "cpu")
+    out = train_tab.start_training(studio, "photos", "resnet50", "all", "none", None, 7, 16, 0.02, 96, 3, 1)
+    assert out["message"] == "Started fake-run" and "train_status_text" in out["progress"]
+    expected = TrainConfig(data=str(tmp_path / "cwd" / "photos"), arch="resnet50", strategy="all", weights="none",
+                           epochs=7, batch_size=16, lr=0.02, image_size=96, seed=3, runs_dir=str(studio.runs_dir))
+    assert studio.job.cfg.to_dict() == expected.to_dict()  # every field, the rest at their defaults
+    assert [k[2] for k in studio.predictors.keys()] == ["cpu"] and released == [True]
+    with pytest.raises(gr.Error, match="already running \\(fake-run"):
+        train_tab.start_training(studio, "photos", "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0)
+
+
+@pytest.mark.parametrize("data, message", [("", "Choose the training data first"),
+                                           ("missing", "data folder not found: .*cwd/missing")])
+def test_start_refuses_missing_data(studio, data, message):
+    with pytest.raises(gr.Error, match=message):
+        train_tab.start_training(studio, data, "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0)
+
+
+def test_render_of_a_finished_training_serves_its_matrix(studio, sample_data):
+    run = fake_run(studio.runs_dir, "r1", data=sample_data)
+    view = jobs.TrainingView(run_dir=str(run), epochs=1, epoch=1, batch=4, batches=4, status="completed",
+                             summary="15 images: accuracy 0.93")
+    view.curves = [{"epoch": 0.5, "value": 1.0, "series": "train", "metric": "loss"}]
+    out = train_tab.render(studio, view)
+    assert "width:100%" in out["progress"] and out["result"].startswith("### Completed: r1")
+    assert set(out["loss_plot"].value["data"][0][2:]) == {"train"} and out["acc_plot"] == gr.skip()
+    assert out["matrix"].visible is True
+    assert Path(out["matrix"].value["path"]).read_bytes() == (run / "confusion_matrix.png").read_bytes()
+    assert (studio.workspace.served / "runs" / "r1" / "confusion_matrix.png").samefile(run / "confusion_matrix.png")
+
+
+def running_process(tmp_path: Path) -> subprocess.Popen:
+    """A process that looks like a finetune training to the studio (argv: ... finetune train) and
+    ends on SIGINT, as a training does."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "finetune", "train"],
+                               start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while not jobs.is_training_process(process.pid):  # /proc shows the new command line a moment later
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return process
+
+
+def test_start_up_attaches_to_a_training_left_running_and_marks_dead_ones(studio, tmp_path):
+    process = running_process(tmp_path)
+    try:
+        alive = fake_run(studio.runs_dir, "alive", model=False, status="running", pids=[process.pid],
+                         host=os.uname().nodename, created="2025-01-02T10:00:00")
+        dead = fake_run(studio.runs_dir, "dead", model=True, status="running", pids=[2**22 + 12345],
+                        host=os.uname().nodename)
+        (alive / "events.jsonl").write_text(json.dumps({"type": "log", "message": "hello from before"}) + "\n")
+        assert studio.attach_running() == alive
+        assert json.loads((dead / "run.json").read_text())["status"] == "stopped"  # it has a model
+        assert studio.training() and studio.prediction_device() == "cpu"
+        with pytest.raises(gr.Error, match="already running \\(alive"):
+            train_tab.start_training(studio, str(studio.default_data), "resnet34", "head", "none", None, 1, 16,
+                                     0.01, 64, 0)
+        first = next(train_tab.follow_training(studio))
+        assert "hello from before" in first["log"]
+        assert train_tab.stop_training(studio).startswith("Stopping alive")
+        assert process.wait(10) == -signal.SIGINT or process.returncode in (1, 130)
+        view = last(train_tab.follow_training(studio))
+        assert view["result"].startswith("### Training failed")
+        assert json.loads((alive / "run.json").read_text())["status"] == "failed"
+        assert not studio.training() and train_tab.stop_training(studio) == "No training is running."
+    finally:
+        process.kill()
+
+
+def test_shutdown_ends_the_training(studio, tmp_path):
+    process = running_process(tmp_path)
+    try:
+        run = fake_run(studio.runs_dir, "alive", model=True, status="running", pids=[process.pid],
+                       host=os.uname().nodename)
+        studio.attach_running()
+        studio.shutdown()
+        assert process.wait(10) is not None
+        assert json.loads((run / "run.json").read_text())["status"] == "stopped"
+    finally:
+        process.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs, evaluate, export
+
+
+def test_refresh_runs_lists_usable_runs_newest_first(studio):
+    older = fake_run(studio.runs_dir, "older", created="2025-01-01T10:00:00")
+    newer = fake_run(studio.runs_dir, "newer", created="2025-01-02T10:00:00")
+    fake_run(studio.runs_dir, "no-model", model=False, created="2025-01-03T10:00:00")
+    lists = common.refresh_runs(studio, None, str(older), "/elsewhere")
+    assert [d.value for d in lists] == [str(newer), str(older), str(newer)]
+    assert [path for _, path in lists[0].choices] == [str(newer), str(older)]
+    assert common.latest_runs(studio)[0].value == str(newer)
+
+
+def test_evaluate_view_of_a_fake_run(studio, sample_data):
+    run = fake_run(studio.runs_dir, "r1", data=sample_data)
+    out = evaluate_tab.evaluate_run(studio, str(run))
+    assert out["summary"].startswith("**r1** (completed, resnet34 / head)") and "accuracy **93.3%**" in out["summary"]
+    assert "top-2 100.0%" in out["summary"]
+    assert list(out["table"]["class"]) == CLASSES
+    (image, caption), = out["gallery"]
+    assert caption == "circle → square (80%)" and image.size[0] <= 200
+    assert out["note"] == "1 of 15 validation images misclassified"
+    for key, name in (("matrix", "confusion_matrix.png"), ("curves", "training_curves.png")):
+        served = Path(out[key])
+        assert served.name == name and served.is_relative_to(studio.workspace.served)
+    assert evaluate_tab.evaluate_run(studio, None)["summary"].startswith("No trained run yet")
+    with pytest.raises(gr.Error, match="not a run in"):
+        evaluate_tab.evaluate_run(studio, "/etc")
+
+
+def test_export_files_and_zip(studio, sample_data, monkeypatch):
+    run = fake_run(studio.runs_dir, "r1", data=sample_data)
+    out = export_tab.export_files(studio, str(run))
+    assert out["classes"].interactive and out["model"].interactive and out["files"] is None
+    for button, name in ((out["classes"], "class_indices.json"), (out["model"], "model.pth")):
+        assert Path(button.value["path"]).read_bytes() == (run / name).read_bytes()  # gradio's copy
+        assert (studio.workspace.served / "runs" / "r1" / name).samefile(run / name)
+    (run / "model.onnx").write_bytes(b"onnx")
+    assert [Path(p).name for p in export_tab.export_files(studio, str(run))["files"]] == ["model.onnx"]
+    files = export_tab.export_zip(studio, str(run))
+    zipped = Path(files[-1])
+    assert zipped == studio.workspace.served / "exports" / "r1.zip"
+    with zipfile.ZipFile(zipped) as z:
+        assert "r1/model.pth" in z.namelist() and "r1/run.json" in z.namelist()
+    studio.job = FakeJob(TrainConfig(runs_dir=str(studio.runs_dir)))
+    studio.job.run_dir = run
+    with pytest.raises(gr.Error, match="r1 is still training"):
+        export_tab.export_zip(studio, str(run))
+    nothing = export_tab.export_files(studio, None)
+    assert nothing["classes"].interactive is False and nothing["files"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict
+
+
+class FakePredictor:
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def predict_paths(self, paths, top_k=5, on_progress=None):
+        if on_progress:
+            on_progress(len(paths), len(paths))
+        return [Prediction(str(p), [("circle", 0.7), ("square", 0.3)][:top_k]) for p in paths]
+
+
+def test_predictor_cache_key_and_eviction(tmp_path):
+    loads = []
+
+    def loader(run, device):
+        loads.append((run.name, device))
+        return FakePredictor(device)
+
+    cache = PredictorCache(2, loader)
+    a, b, c = (fake_run(tmp_path / "runs", name) for name in "abc")
+    first = cache.get(a, "cpu")
+    assert cache.get(a, "cpu") is first and loads == [("a", "cpu")]
+    assert PredictorCache.key(a, "cpu") == (str(a.resolve()), (a / "model.pth").stat().st_mtime_ns, "cpu")
+    cache.get(b, "cpu")
+    cache.get(a, "cpu")  # a is now the most recently used
+    cache.get(c, "cpu")  # evicts b
+    assert [k[0] for k in cache.keys()] == [str(a), str(c)]
+    cache.get(a, "cuda:0")  # another device: loaded again
+    assert loads[-1] == ("a", "cuda:0") and len(cache.keys()) == 2
+    stamp = (a / "model.pth").stat().st_mtime_ns + 10**9
+    os.utime(a / "model.pth", ns=(stamp, stamp))  # a better model.pth
+    cache.get(a, "cuda:0")
+    assert loads[-1] == ("a", "cuda:0") and [k[1] for k in cache.keys() if k[2] == "cuda:0"] == [stamp]
+    assert cache.drop_accelerated() == 1 and all(k[2] == "cpu" for k in cache.keys())
+    with pytest.raises(FinetuneError, match="has no model yet"):
+        cache.get(fake_run(tmp_path / "runs", "empty", model=False), "cpu")
+
+
+def test_prediction_device_is_the_cpu_only_while_training(studio):
+    from finetune.studio.state import resolved_device
+
+    assert studio.prediction_device() == resolved_device("auto")
+    studio.job = FakeJob(TrainConfig(runs_dir=str(studio.runs_dir)))
+    assert studio.prediction_device() == "cpu"
+    studio.job.alive = False
+    assert studio.prediction_device() == resolved_device("auto")
+
+
+def test_batch_predict_is_bounded_and_removes_its_temporary_inputs(studio, sample_data, tmp_path):
+    studio.predictors = PredictorCache(3, loader=lambda run, device: FakePredictor(device))
+    studio.max_batch_images = 4
+    run = fake_run(studio.runs_dir, "r1")
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(sample_data.glob("circle/*.jpg"))[:3]:
+            z.write(path, "batch/" + path.name)
+    images = sorted(sample_data.glob("square/*.jpg"))[:2]
+    before = tree_digest(sample_data)
+    with pytest.warns(UserWarning, match="Only the first 4 images were classified: at most 4 per request"):
+        out = predict_tab.predict_batch(studio, str(run), [str(p) for p in images] + [str(archive)], 2, None)
+    assert list(out["table"]["file"]) == [images[0].name, images[1].name, "more.zip/batch/circle_00.jpg",
+                                          "more.zip/batch/circle_01.jpg"]
+    assert not any(studio.workspace.inputs.iterdir())  # the extracted zip is gone
+    assert Path(out["csv"]).parent == studio.workspace.served / "predictions"
+    with pytest.warns(UserWarning, match="Only the first 4 images were classified: at most 4 per request"):
+        out = predict_tab.predict_batch(studio, str(run), None, 2, str(sample_data))
+    assert len(out["table"]) == 4 and out["table"]["file"][0] == "circle/circle_00.jpg"
+    assert tree_digest(sample_data) == before
+    with pytest.raises(gr.Error, match="is neither an image nor a .zip"):
+        predict_tab.predict_batch(studio, str(run), [str(tmp_path / "notes.txt")], 2, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up options
+
+
+@pytest.mark.parametrize("given, host", [("", "127.0.0.1"), ("  ", "127.0.0.1"), (None, "127.0.0.1"),
+                                         ("[::1]", "::1"), (" 0.0.0.0 ", "0.0.0.0")])
+def test_host_is_normalised(given, host):
+    assert studio_app.normalise_host(given) == host
+
+
+def test_empty_host_from_the_environment_means_loopback(monkeypatch):
+    monkeypatch.setenv("FINETUNE_HOST", "")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    args = studio_app.parse_args([])
+    assert args.host == "127.0.0.1" and studio_app.is_loopback(args.host)
+    assert not studio_app.is_loopback("0.0.0.0") and not studio_app.is_loopback("")
+    assert "all IPv4 interfaces" in studio_app.where("0.0.0.0", 7860)
+    assert "all interfaces" in studio_app.where("::", 7860)
+    assert studio_app.where("127.0.0.1", 7860) == ("listening on 127.0.0.1, port 7860 (this computer only): "
+                                                   "open http://127.0.0.1:7860")
+
+
+def test_limits_from_options_and_environment(monkeypatch):
+    monkeypatch.setenv("FINETUNE_MAX_UPLOAD_MB", "5")
+    monkeypatch.setenv("FINETUNE_WORKSPACE_QUOTA_GB", "1.5")
+    args = studio_app.parse_args([])
+    assert (args.max_upload_mb, args.workspace_quota_gb) == (5, 1.5)
+    args = studio_app.parse_args(["--max-upload-mb", "7", "--workspace-quota-gb", "0"])
+    assert (args.max_upload_mb, args.workspace_quota_gb) == (7, 0)
+    monkeypatch.delenv("FINETUNE_MAX_UPLOAD_MB")
+    monkeypatch.delenv("FINETUNE_WORKSPACE_QUOTA_GB")
+    args = studio_app.parse_args([])
+    assert (args.max_upload_mb, args.workspace_quota_gb) == (2048, 20)
+
+
+def test_names_from_users_are_shown_not_rendered(studio, tmp_path):
+    """Class folders and paths are the user's (or a downloaded zip's) text: Markdown shows them
+    literally and error toasts (which gradio renders as HTML) escape them."""
+    make_class_folders(tmp_path / "cwd" / "hostile", classes=("[click](http:evil)", "<img src=x>"), per_class=3)
+    out = last(data_tab.scan(studio, "hostile"))
+    assert "\\<img src=x\\>" in out["ready"] and "\\[click\\](http:evil)" in out["ready"]
+    with pytest.raises(gr.Error) as raised:
+        last(data_tab.scan(studio, "/no/<img src=x onerror=alert(1)>"))
+    assert "&lt;img src=x onerror=alert(1)&gt;" in raised.value.message
