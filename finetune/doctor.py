@@ -6,9 +6,9 @@ Everything here only reads the user's folder. What it costs, and how it scales:
   `fc`) over every image at the eval transform, through the same `ImageViews`/`compute_features` as
   the training's feature cache. They are kept in an on-disk cache (`.npz`, one per backbone and data
   folder, rows keyed by path, size and mtime), so a second run only computes new or changed files.
-* **Label issues**: a K-fold logistic regression on the standardised features gives every image an
-  out-of-sample probability per class (seconds for thousands of images); cleanlab ranks the images
-  whose given label the probabilities disagree with.
+* **Label issues**: a K-fold logistic regression on the standardised features (PCA to 99% of the
+  variance) gives every image an out-of-sample probability per class (seconds for thousands of
+  images); cleanlab ranks the images whose given label the probabilities disagree with.
 * **Duplicates**: exact copies by sha256 (only files sharing a byte size are hashed); near copies by
   a 64-bit perceptual hash (DCT of a 32x32 grayscale). Pairs within `d` bits are found by blocking,
   not all pairs: the hash is cut into d + 1 bands and two hashes within d bits agree on at least one
@@ -224,6 +224,8 @@ def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbon
     else:
         root, rels = Path(data[0]), list(data[1])
     device = resolve_device(device)
+    if not rels:
+        return np.zeros((0, 0), dtype=np.float32)
     keys = [_row_key(root, rel) for rel in rels]
     store = cache_path(cache_dir, backbone, root) if cache_dir is not None else None
     cached = _read_cache(store) if store is not None else {}
@@ -260,6 +262,7 @@ def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbon
 def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
     """[N, K] probabilities, each image's from a logistic regression that did not see it (K = labels.max()+1;
     every class needs at least 2 images). Folds: at most the size of the smallest class."""
+    from sklearn.decomposition import PCA
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -271,7 +274,8 @@ def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, folds: int = 5
     splits = max(2, min(folds, smallest))
     probs = np.zeros((len(labels), num_classes), dtype=np.float64)
     for fit_idx, held_idx in StratifiedKFold(splits, shuffle=True, random_state=seed).split(features, labels):
-        head = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500))
+        # PCA keeping 99% of the variance: the same probe, several times faster on correlated features
+        head = make_pipeline(StandardScaler(), PCA(n_components=0.99), LogisticRegression(C=0.1, max_iter=500))
         with warnings.catch_warnings():  # a probe not fully converged still ranks labels well
             warnings.simplefilter("ignore", ConvergenceWarning)
             head.fit(features[fit_idx], labels[fit_idx])
@@ -536,9 +540,10 @@ def other_issues(records: list[Record], stats: list[ImageStats | None], classes:
         others = [counts.get(i, 0) for i in range(len(classes)) if i != label]
         typical = float(np.median(others)) if others else 0.0
         if counts.get(label, 0) * IMBALANCE_RATIO <= typical:
+            count = counts.get(label, 0)
             issues.append({"path": None, "split": None, "class": name, "problem": "small class",
-                           "detail": f"{counts.get(label, 0)} images; the other classes have {typical:.0f} "
-                                     f"(median)"})
+                           "detail": f"{count} image{'' if count == 1 else 's'}; the other classes have "
+                                     f"{typical:.0f} (median)"})
     return issues
 
 

@@ -233,7 +233,7 @@ def test_small_class_and_tiny_classes_in_the_label_check(tmp_path):
     assert issues == [] and info["classes"] == 1  # one class with >= 2 images: nothing to compare
     found = other_issues(records, [None] * len(records), ["big", "small"], [("x.png", "truncated image")])
     assert {"path": None, "split": None, "class": "small", "problem": "small class",
-            "detail": "1 images; the other classes have 20 (median)"} in found
+            "detail": "1 image; the other classes have 20 (median)"} in found
     assert any(i["problem"] == "unreadable" and i["path"] == "x.png" for i in found)
 
 
