@@ -464,3 +464,18 @@ def test_names_from_users_are_shown_not_rendered(studio, tmp_path):
     with pytest.raises(gr.Error) as raised:
         last(data_tab.scan(studio, "/no/<img src=x onerror=alert(1)>"))
     assert "&lt;img src=x onerror=alert(1)&gt;" in raised.value.message
+
+
+def test_followers_share_a_small_limit_and_scans_can_be_cancelled(studio):
+    """Many open pages each follow the training: together they get a few workers, so Stop (no limit)
+    and Predict (its own) are never starved; the Cancel button cancels every kind of scan."""
+    demo = studio_app.build_app(studio)
+    fns = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
+    followers = [fns["follow_training"], fns["attach_training"]]
+    assert {fn.concurrency_id for fn in followers} == {"follow"}
+    assert {fn.concurrency_limit for fn in followers} == {train_tab.FOLLOWERS} and train_tab.FOLLOWERS <= 10
+    assert fns["stop_training"].concurrency_limit is None
+    assert fns["predict_batch"].concurrency_id == "predict" != "follow"
+    cancel = next(fn for fn in demo.fns.values() if fn.cancels)
+    cancelled = {demo.fns[i].api_name for i in cancel.cancels}
+    assert {"scan_folder", "scan_folder_submit", "scan_sample", "upload_zip", "initial_scan"} <= cancelled

@@ -81,7 +81,7 @@ def predict_batch(studio: Studio, run=None, files=None, top_k=3, folder=None, pr
         run_dir = resolve_run(run, studio.runs_dir)
         predictor = studio.predictor(run_dir)
         with studio.workspace.temporary() as scratch:
-            progress(None, desc="Collecting the images")
+            progress((0, None), desc="Collecting the images", unit="images")
             batch = gather_images(files, studio.resolve_path(folder) if folder else None, studio.workspace, scratch,
                                   studio.max_batch_images, studio.max_scan_files)
             if not batch.paths:
