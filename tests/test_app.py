@@ -7,6 +7,7 @@ conftest.app_server). Trainings use weights none, 64-pixel images and the `head`
 from __future__ import annotations
 
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -434,3 +435,193 @@ def test_auth_from_the_environment_and_ending_the_app_stops_its_training(tmp_pat
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: files never served, limits, host, paths, a training left running
+
+
+def get(url: str):
+    """(status, headers) of a GET."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers
+    except urllib.error.HTTPError as problem:
+        return problem.code, problem.headers
+
+
+def file_url(server_url: str, path) -> str:
+    from urllib.parse import quote
+
+    return f"{server_url}/gradio_api/file={quote(str(path))}"
+
+
+def test_zip_riders_are_skipped_and_nothing_of_the_users_is_served(client, app_server, trained, sample_data,
+                                                                   tmp_path):
+    """A zip with .html/.svg/.js riders: only its images are extracted, the rest is listed as skipped,
+    and the server serves nothing from the uploads or the runs folder (only workspace/served)."""
+    import httpx
+
+    archive = tmp_path / "riders.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(sample_data.rglob("*.jpg"))[::5]:
+            z.write(path, "riders/" + path.relative_to(sample_data).as_posix())
+        z.writestr("riders/index.html", "<script>fetch('/steal?c=' + document.cookie)</script>")
+        z.writestr("riders/circle/logo.svg", "<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>")
+    summary, counts, gallery, skipped, warnings, ready, path = client.predict(handle_file(str(archive)),
+                                                                             api_name="/upload_zip")
+    root = Path(path)
+    named = {row[0]: row[1] for row in skipped["value"]["data"]}
+    assert skipped["visible"] and "2 file(s) skipped" in summary
+    assert "not an image file" in named["riders/index.html"] and "riders/circle/logo.svg" in named
+    on_disk = [p for p in root.parent.rglob("*") if p.is_file()]
+    assert on_disk and all(p.suffix == ".jpg" or p.name == ".complete" for p in on_disk)
+    # neither the riders (where they would have been), nor the user's images, nor run files are served
+    run_dir, _ = trained
+    for refused in (root / "index.html", root / "circle" / "logo.svg", next(root.rglob("*.jpg")),
+                    run_dir / "run.json", run_dir / "class_indices.json", sample_data / "circle" / "circle_00.jpg"):
+        assert get(file_url(app_server.url, refused))[0] == 403, refused
+    # what a handler published is served
+    status, headers = get(file_url(app_server.url, app_server.workspace / "served" / "runs" / run_dir.name /
+                                   "confusion_matrix.png"))
+    assert status == 200 and headers["content-type"] == "image/png"
+    # an .html posted straight to gradio's upload route is kept in gradio's cache, served only as a download
+    uploaded = httpx.post(f"{app_server.url}/gradio_api/upload",
+                          files={"files": ("page.html", b"<script>alert(1)</script>", "text/html")}).json()[0]
+    status, headers = get(file_url(app_server.url, uploaded))
+    assert status == 200 and "text/html" not in headers["content-type"]
+    assert headers["content-disposition"].startswith("attachment")
+
+
+@pytest.fixture(scope="module")
+def elsewhere_app(tmp_path_factory):
+    """A second app: started in another working directory (with a `photos` folder in it), with
+    --host "" while GRADIO_SERVER_NAME=0.0.0.0, 1 MB uploads, a 0.3 MB workspace quota, and a
+    training left running in its runs folder by an earlier app process."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, AppServer, free_port
+
+    base = tmp_path_factory.mktemp("elsewhere")
+    cwd, runs_dir = base / "cwd", base / "runs"
+    make_class_folders(cwd / "photos", classes=("cats", "dogs"), per_class=6, size=(64, 64))
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "finetune", "train"],
+                            start_new_session=True)
+    from finetune.jobs import is_training_process
+
+    while not is_training_process(left.pid):
+        time.sleep(0.02)
+    run = runs_dir / "20250101-100000-resnet34-head"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": "finetune-run/1", "status": "running", "pids": [left.pid],
+                                              "host": os.uname().nodename, "created": "2025-01-01T10:00:00",
+                                              "arch": "resnet34", "strategy": "head", "classes": ["a", "b"]}))
+    (run / "events.jsonl").write_text(json.dumps({"type": "log", "message": "epoch 7 of a training from before"})
+                                      + "\n")
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_SERVER_NAME="0.0.0.0", FINETUNE_HOST="  ")
+    env.pop("FINETUNE_AUTH", None)
+    log = base / "app.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--host", "", "--port", str(port), "--runs-dir", "../runs",
+             "--workspace", "ws", "--max-upload-mb", "1", "--workspace-quota-gb", "0.0003"], cwd=cwd, env=env,
+            stdout=out, stderr=subprocess.STDOUT)
+    server = AppServer(f"http://127.0.0.1:{port}", runs_dir, cwd / "ws", log, process)
+    server.port, server.cwd, server.left, server.left_run = port, cwd, left, run
+    deadline = time.time() + 120
+    while "Ctrl-C stops it" not in log.read_text():
+        assert process.poll() is None and time.time() < deadline, server.log_tail()
+        time.sleep(0.3)
+    yield server
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    left.kill()
+
+
+@pytest.fixture(scope="module")
+def elsewhere(elsewhere_app, tmp_path_factory):
+    return Client(elsewhere_app.url, analytics_enabled=False, verbose=False,
+                  download_files=str(tmp_path_factory.mktemp("downloads-elsewhere")))
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on `port` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                raw = bytes.fromhex(address)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host order per word
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+def test_empty_host_listens_on_loopback_only_and_says_so(elsewhere_app):
+    if not Path("/proc/net/tcp").is_file():
+        pytest.skip("no /proc/net/tcp to read the listening sockets from")
+    assert listening_addresses(elsewhere_app.port) == {"127.0.0.1"}
+    banner = elsewhere_app.log.read_text()
+    assert f"listening on 127.0.0.1, port {elsewhere_app.port} (this computer only)" in banner
+    assert "0.0.0.0" not in banner and "all interfaces" not in banner
+    assert f"following the training still running in {elsewhere_app.left_run}" in banner
+
+
+def test_upload_size_and_workspace_quota(elsewhere_app, elsewhere, tmp_path):
+    import httpx
+
+    big = httpx.post(f"{elsewhere_app.url}/gradio_api/upload",
+                     files={"files": ("big.zip", b"0" * 1_500_000, "application/zip")})
+    assert big.status_code == 413
+    from PIL import Image
+
+    archive = tmp_path / "noise.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name in ("cats/a.png", "dogs/b.png"):
+            noise = tmp_path / "noise.png"
+            Image.frombytes("RGB", (220, 220), os.urandom(220 * 220 * 3)).save(noise)
+            z.write(noise, name)
+    with pytest.raises(AppError, match="The workspace is full: noise.zip needs .* --workspace-quota-gb"):
+        elsewhere.predict(handle_file(str(archive)), api_name="/upload_zip")
+    assert not any((elsewhere_app.workspace / "uploads").iterdir())
+
+
+def test_a_training_left_running_is_followed_and_stopped_then_a_relative_folder_trains(elsewhere_app, elsewhere):
+    """Start-up found the training an earlier app left running: the Train tab follows it, a second
+    training is refused, Stop ends it. Then `photos`, relative to the app's working directory, is
+    what is scanned and what trains."""
+    first = next(iter(elsewhere.submit(api_name="/attach_training")))
+    assert "epoch 7 of a training from before" in first[3]
+    with pytest.raises(AppError, match="already running \\(20250101-100000-resnet34-head"):
+        train(elsewhere, "photos", epochs=1)
+    assert "Stopping 20250101-100000-resnet34-head" in elsewhere.predict(api_name="/stop_training")
+    elsewhere_app.left.wait(10)
+    updates = follow(elsewhere, timeout=60)
+    assert "Training failed" in updates[-1][4]
+    assert json.loads((elsewhere_app.left_run / "run.json").read_text())["status"] == "failed"
+
+    photos = elsewhere_app.cwd / "photos"
+    summary = elsewhere.predict("photos", api_name="/scan_folder")[0]
+    assert f"`{photos}`" in summary and "2 classes" in summary
+    train(elsewhere, "photos", epochs=1)
+    updates = follow(elsewhere, timeout=180)
+    assert "completed" in status_text(updates[-1]), updates[-1]
+    run = sorted(p for p in elsewhere_app.runs_dir.iterdir() if p != elsewhere_app.left_run)[-1]
+    assert json.loads((run / "split.json").read_text())["root"] == str(photos)
+    assert json.loads((run / "run.json").read_text())["config"]["data"] == str(photos)
