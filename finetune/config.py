@@ -55,6 +55,8 @@ class TrainConfig:
                        positional=True)
     val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val/ folder",
                                  "data")
+    curation: str | None = option(None, "a curation.json of review decisions (exclude, relabel) to apply to DATA; "
+                                  "the folder itself is never changed", "data", metavar="FILE")
     seed: int = option(0, "for the split, initialisation and augmentation", "data")
     image_size: int = option(224, "crop size in pixels (train and eval)", "data")
     arch: str = option("resnet34", "ImageNet ResNet to fine-tune", "model", choices=ARCHS)

@@ -130,6 +130,8 @@ def absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainCon
     values = cfg.to_dict()
     values["data"] = resolve(cfg.data)
     values["runs_dir"] = resolve(cfg.runs_dir)
+    if cfg.curation:
+        values["curation"] = resolve(cfg.curation)
     if cfg.weights not in ("imagenet", "none"):
         values["weights"] = resolve(cfg.weights)
     return TrainConfig.from_dict(values)

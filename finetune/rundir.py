@@ -164,7 +164,12 @@ class RunDir:
         from .data import DatasetScan
 
         try:
-            return DatasetScan.from_dict(json.loads(self.split_path.read_text()))
+            data = json.loads(self.split_path.read_text())
+            if isinstance(data, dict) and data.get("curation"):
+                from .curation import CuratedScan
+
+                return CuratedScan.from_dict(data)
+            return DatasetScan.from_dict(data)
         except (OSError, json.JSONDecodeError, TypeError) as error:
             raise FinetuneError(f"cannot read the split of {self.path}: {error}") from None
 

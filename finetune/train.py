@@ -413,7 +413,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         model = build_model(cfg.arch, len(scan.classes), "none")
         model.load_state_dict(checkpoint["model"])
     else:
-        scan = ctx.broadcast(scan_dataset(cfg.data, cfg.val_fraction, cfg.seed) if ctx.is_main else None, patient=True)
+        scan = ctx.broadcast(scan_for_training(cfg) if ctx.is_main else None, patient=True)
         # the weights before the run folder: unavailable or wrong weights leave no failed run behind
         model = build_model(cfg.arch, len(scan.classes), cfg.weights)
         run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
@@ -443,6 +443,17 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
             event_file.close()
 
 
+def scan_for_training(cfg: TrainConfig) -> DatasetScan:
+    """The split to train on: the folder's scan, with the curation file's decisions applied (the
+    folder itself is never changed; split.json and the data report say what was excluded or relabelled)."""
+    scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    if cfg.curation:
+        from .curation import apply_curation, load_curation
+
+        scan = apply_curation(scan, load_curation(cfg.curation))
+    return scan
+
+
 def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: torch.device,
                      ctx: Distributed) -> None:
     """What a run folder holds before the first epoch: split, report, class map, run.json."""
@@ -454,7 +465,15 @@ def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: t
         "image_size": cfg.image_size, "resize_size": resize_size(cfg.image_size),
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
         "versions": versions(), "device": describe_device(device), "world_size": ctx.world_size,
+        **({"curation": curation_summary(scan.curation)} if getattr(scan, "curation", None) else {}),
     })
+
+
+def curation_summary(record: dict) -> dict:
+    """What run.json keeps of an applied curation (split.json has the full list)."""
+    leaks = [e["path"] for e in record["excluded"] if (e.get("note") or "").startswith("leak")]
+    return {"file": record.get("file"), "excluded": len(record["excluded"]),
+            "relabelled": len(record["relabelled"]), "leaks_removed": leaks, "unknown_paths": len(record["unknown"])}
 
 
 def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpoint, emit, stop) -> Path:
@@ -534,11 +553,27 @@ def final_evaluation(session: Session, state: TrainState) -> dict | None:
         if not items:
             continue
         probs, targets = _split_probabilities(s, split, items)
+        if split == "val":
+            calibrate_run(s, probs, targets)
         metrics = compute_metrics(targets, probs, s.scan.classes, [rel for rel, _ in items])
         metrics["history"] = state.history if split == "val" else None
         write_reports(s.run.path, metrics, prefix="" if split == "val" else "test_")
         results[split] = metrics
     return results.get("val")
+
+
+def calibrate_run(s: Session, probs: np.ndarray, targets: np.ndarray) -> dict:
+    """Temperature scaling on the validation set: the temperature, ECE before and after and the
+    suggested min_confidence go into run.json ("calibration"), the reliability plot beside it.
+    Prediction applies the temperature; the reported metrics stay those of the raw model."""
+    from .calibrate import calibrate, logits_from_probs
+
+    record = calibrate(logits_from_probs(probs), targets, s.run.path / "reliability.png")
+    s.run.update_info(calibration=record)
+    s.log(f"calibration on {record['val_images']} val images: temperature {record['temperature']:.3f}, "
+          f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}; suggested min confidence "
+          f"{record['suggested_min_confidence']:.2f} ({record['at_suggested']['answered']:.0%} of val answered)")
+    return record
 
 
 def _split_probabilities(s: Session, split: str, items: list[tuple[str, int]]):

@@ -95,7 +95,10 @@ def test_run_folder_has_everything_needed(dataset, tmp_path):
     assert split["root"] == str(dataset.resolve())
     assert all(not path.startswith("/") for path, _ in split["train"] + split["val"])
     assert not {p for p, _ in split["train"]} & {p for p, _ in split["val"]}
-    for name in ("confusion_matrix.png", "training_curves.png", "data_report.txt"):
+    calibration = info["calibration"]  # temperature scaling on val, recorded for prediction
+    assert calibration["val_images"] == 3 and calibration["temperature"] > 0
+    assert 0 <= calibration["suggested_min_confidence"] <= 1 and calibration["plot"] == "reliability.png"
+    for name in ("confusion_matrix.png", "training_curves.png", "data_report.txt", "reliability.png"):
         assert (run / name).stat().st_size > 0
 
     kinds = [e["type"] for e in events]
@@ -108,6 +111,55 @@ def test_run_folder_has_everything_needed(dataset, tmp_path):
     # no pickled Python objects anywhere: every .pth loads with weights_only
     for path in run.glob("*.pth"):
         torch.load(path, weights_only=True)
+
+
+def test_curation_is_applied_recorded_and_survives_resume(dataset, tmp_path):
+    from finetune.curation import load_curation, new_curation, save_curation
+    from finetune.data import scan_dataset
+
+    before = tree_digest(dataset)
+    scan = scan_dataset(dataset, 0.2, 0)
+    excluded_train, relabelled, leaked_val = scan.train[0][0], scan.train[1][0], scan.val[0][0]
+    curation = new_curation(dataset)
+    curation.set(excluded_train, "exclude")
+    curation.set(relabelled, "relabel", "owls")
+    curation.set(leaked_val, "exclude", note=f"leak: exact duplicate in val of train file {scan.train[2][0]}")
+    curation.set("cats/gone.png", "exclude")  # deleted since the review: reported, not an error
+    path = save_curation(curation, tmp_path / "curation.json")
+    assert load_curation(path).by_path()[relabelled].label == "owls"
+
+    events = []
+    run = train(tiny_config(dataset, tmp_path / "runs", strategy="head", epochs=1, curation=str(path)),
+                on_event=events.append)
+    split = json.loads((run / "split.json").read_text())
+    train_paths = dict((p, label) for p, label in split["train"])
+    assert excluded_train not in train_paths and leaked_val not in {p for p, _ in split["val"]}
+    assert train_paths[relabelled] == 2  # owls
+    assert len(split["train"]) == len(scan.train) - 1 and len(split["val"]) == len(scan.val) - 1
+    info = json.loads((run / "run.json").read_text())
+    assert info["curation"]["excluded"] == 3 - 1 and info["curation"]["relabelled"] == 1
+    assert info["curation"]["leaks_removed"] == [leaked_val] and info["curation"]["unknown_paths"] == 1
+    assert info["config"]["curation"] == str(path)
+    report = (run / "data_report.txt").read_text()
+    assert f"excluded {excluded_train}" in report and f"relabelled {relabelled}" in report
+    assert any(e["type"] == "log" and "Curation:" in e["message"] for e in events)
+    assert tree_digest(dataset) == before  # the folder itself is never changed
+
+    resumed = train(resume_config(run, epochs=2), resume=run)  # the curated split, not a fresh scan
+    assert json.loads((resumed / "split.json").read_text())["train"] == split["train"]
+
+
+def test_a_curation_that_does_not_fit_fails_before_a_run_folder(dataset, tmp_path):
+    from finetune.curation import new_curation, save_curation
+
+    curation = new_curation(dataset)
+    curation.set("cats/img_0.png", "relabel", "ferrets")
+    path = save_curation(curation, tmp_path / "curation.json")
+    with pytest.raises(FinetuneError, match="'ferrets': not a class"):
+        train(tiny_config(dataset, tmp_path / "runs", curation=str(path)))
+    with pytest.raises(FinetuneError, match="curation file not found"):
+        train(tiny_config(dataset, tmp_path / "runs", curation=str(tmp_path / "missing.json")))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_same_seed_gives_same_metrics(dataset, tmp_path):
