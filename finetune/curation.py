@@ -242,3 +242,20 @@ def add_decisions(curation: Curation, decisions: list[Decision]) -> Curation:
     for decision in decisions:
         curation.set(decision.path, decision.action, decision.label, decision.note)
     return curation
+
+
+def default_curation_path(runs_dir: str | Path, data_root: str | Path) -> Path:
+    """Where the Review tab (and `doctor --leaks-to` by default) keeps decisions: `curation.json` next
+    to the runs, or `curation-<data folder name>.json` when curation.json already belongs to another
+    data folder (two datasets reviewed from one studio do not mix their decisions)."""
+    runs = Path(runs_dir).expanduser()
+    root = Path(data_root).expanduser().resolve()
+    plain = runs / CURATION_FILE
+    try:
+        owner = json.loads(plain.read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError, AttributeError):
+        return plain  # absent or unreadable: the plain name (an unreadable one fails clearly on load)
+    if owner is None or Path(owner).expanduser().resolve() == root:
+        return plain
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in root.name) or "data"
+    return runs / f"curation-{slug}.json"
