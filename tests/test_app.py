@@ -213,8 +213,8 @@ def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, tr
     follow(client, until=lambda u: "batch" in status_text(u), timeout=120)
     # prediction with the earlier run while the training runs
     started = time.time()
-    label = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("circle/*.jpg")))), 3,
-                           api_name="/predict_image")
+    label, _ = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("circle/*.jpg")))), 3,
+                              api_name="/predict_image")
     assert label["label"] in ("circle", "square", "triangle") and time.time() - started < 30
     assert "Stopping" in client.predict(api_name="/stop_training")
     updates = follow(client, timeout=120)
@@ -287,11 +287,23 @@ def test_evaluate_errors(client, run, message):
 
 def test_predict_image(client, trained, sample_data):
     run_dir, _ = trained
-    label = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("square/*.jpg")))), 2,
-                           api_name="/predict_image")
+    label, heatmap = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("square/*.jpg")))), 2,
+                                    api_name="/predict_image")  # no minimum confidence given: 0, an answer
     assert label["label"] in ("circle", "square", "triangle")
     assert len(label["confidences"]) == 2
     assert 0 <= label["confidences"][0]["confidence"] <= 1
+
+
+def test_predict_image_unknown_why_and_a_refused_format(client, trained, sample_data, tmp_path):
+    run_dir, _ = trained
+    image = handle_file(str(next(sample_data.glob("circle/*.jpg"))))
+    label, heatmap = client.predict(str(run_dir), image, 3, 1.0, True, api_name="/predict_image")
+    assert label["label"].startswith("unknown (best guess: ") and label["label"].endswith("%)")
+    assert Path(heatmap["value"] if isinstance(heatmap, dict) and "value" in heatmap else heatmap).is_file()
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n(pwned) print\nshowpage\n%%EOF\n")
+    with pytest.raises(AppError, match="drawing.eps is not an image this app reads: only JPEG"):
+        client.predict(str(run_dir), handle_file(str(eps)), 3, 0.0, False, api_name="/predict_image")
 
 
 def test_predict_batch_images_and_zip(client, trained, sample_data, tmp_path):
@@ -304,10 +316,10 @@ def test_predict_batch_images_and_zip(client, trained, sample_data, tmp_path):
     table, csv_file = client.predict(str(run_dir), [handle_file(str(p)) for p in images] + [handle_file(str(archive))],
                                      3, None, api_name="/predict_batch")
     assert len(table["data"]) == 5
-    assert table["headers"][:3] == ["file", "prediction", "confidence"]
+    assert table["headers"][:4] == ["file", "prediction", "best guess", "confidence"]
     assert table["data"][0][0] == images[0].name and table["data"][2][0].startswith("more.zip/")
     lines = Path(csv_file).read_text().splitlines()
-    assert lines[0].startswith("path,prediction,confidence") and len(lines) == 6
+    assert lines[0].startswith("path,prediction,best_guess,confidence") and len(lines) == 6
 
 
 def test_predict_batch_errors(client, trained, tmp_path):
@@ -330,7 +342,7 @@ def test_predict_batch_server_folder(client, trained, sample_data):
     run_dir, _ = trained
     table, csv_file = client.predict(str(run_dir), None, 2, str(sample_data / "square"), api_name="/predict_batch")
     assert len(table["data"]) == 24 and table["data"][0][0] == "square_00.jpg"
-    assert table["headers"][3] == "top 2"
+    assert table["headers"][4] == "top 2"
 
 
 # ---------------------------------------------------------------------------------------------

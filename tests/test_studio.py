@@ -352,11 +352,14 @@ def test_export_files_and_zip(studio, sample_data, monkeypatch):
 class FakePredictor:
     def __init__(self, device="cpu"):
         self.device = device
+        self.thresholds = []
 
-    def predict_paths(self, paths, top_k=5, on_progress=None):
+    def predict_paths(self, paths, top_k=5, on_progress=None, min_confidence=None):
+        self.thresholds.append(min_confidence)
         if on_progress:
             on_progress(len(paths), len(paths))
-        return [Prediction(str(p), [("circle", 0.7), ("square", 0.3)][:top_k]) for p in paths]
+        return [Prediction(str(p), [("circle", 0.7), ("square", 0.3)][:top_k], unknown=0.7 < (min_confidence or 0))
+                for p in paths]
 
 
 def test_predictor_cache_key_and_eviction(tmp_path):
@@ -415,6 +418,10 @@ def test_batch_predict_is_bounded_and_removes_its_temporary_inputs(studio, sampl
     with pytest.warns(UserWarning, match="Only the first 4 images were classified: at most 4 per request"):
         out = predict_tab.predict_batch(studio, str(run), None, 2, str(sample_data))
     assert len(out["table"]) == 4 and out["table"]["file"][0] == "circle/circle_00.jpg"
+    out = predict_tab.predict_batch(studio, str(run), [str(images[0])], 2, None, 0.8)
+    row = out["table"].iloc[0]
+    assert (row["prediction"], row["best guess"], row["confidence"]) == ("unknown", "circle", 0.7)
+    assert studio.predictors.get(run, "cpu").thresholds[-1] == 0.8
     assert tree_digest(sample_data) == before
     with pytest.raises(gr.Error, match="is neither an image nor a .zip"):
         predict_tab.predict_batch(studio, str(run), [str(tmp_path / "notes.txt")], 2, None)
@@ -479,3 +486,73 @@ def test_followers_share_a_small_limit_and_scans_can_be_cancelled(studio):
     cancel = next(fn for fn in demo.fns.values() if fn.cancels)
     cancelled = {demo.fns[i].api_name for i in cancel.cancels}
     assert {"scan_folder", "scan_folder_submit", "scan_sample", "upload_zip", "initial_scan"} <= cancelled
+
+
+@pytest.fixture(scope="module")
+def small_predictor():
+    """A real (random) ResNet-34 at 64 pixels with a high suggested threshold: every answer is unknown."""
+    import torch
+
+    from finetune.model import build_model
+    from finetune.predict import Predictor
+
+    torch.manual_seed(0)
+    return Predictor(build_model("resnet34", len(CLASSES), "none"), CLASSES, "resnet34", image_size=64,
+                     device="cpu", suggested_min_confidence=0.95)
+
+
+def test_unknown_below_the_threshold_and_why_shows_the_heatmap_at_the_images_size(studio, tmp_path, small_predictor):
+    studio.predictors = PredictorCache(3, loader=lambda run, device: small_predictor)
+    run = fake_run(studio.runs_dir, "r1", calibration={"temperature": 1.3, "suggested_min_confidence": 0.95})
+    picture = make_image(tmp_path / "up" / "photo.png", (30, 200, 90), size=(90, 70))
+    assert predict_tab.run_threshold(studio, str(run)) == {
+        "min_conf": 0.95, "min_note": "Suggested from validation: 0.95 (below it the answer is *unknown*, with "
+                                      "the best guess)."}
+    old = fake_run(studio.runs_dir, "old")
+    assert predict_tab.run_threshold(studio, str(old))["min_conf"] == 0.0
+    assert "no calibration" in predict_tab.run_threshold(studio, str(old))["min_note"]
+    out = predict_tab.predict_image(studio, str(run), str(picture), 2, 0.95, False)
+    guess, confidence = out["label"]["confidences"][0]
+    assert out["label"]["label"] == f"unknown (best guess: {guess}, {confidence:.0%})" and confidence < 0.95
+    assert len(out["label"]["confidences"]) == 2 and out["heatmap"].visible is False
+    out = predict_tab.predict_image(studio, str(run), str(picture), 3, 0.0, True)
+    assert out["label"]["label"] in CLASSES  # no minimum: always an answer
+    from PIL import Image
+
+    assert out["heatmap"].visible is True
+    with Image.open(out["heatmap"].value["path"]) as overlay:  # gradio's copy of the PIL image
+        assert overlay.size == (90, 70)
+    label = predict_tab.answer_label().postprocess(out["label"])
+    assert label.label == out["label"]["label"] and [c.label for c in label.confidences][0] == guess
+    assert predict_tab.predict_image(studio, str(run), None, 3, 0.5, True)["label"] is None
+
+
+def test_an_upload_in_another_format_is_refused_without_decoding(studio, tmp_path, monkeypatch):
+    """EPS (Ghostscript), or any format but the accepted ones, is a one-line message: the upload is
+    never handed to PIL's other decoders, by the Predict tab nor (once pruned) by anyone in the app."""
+    from PIL import EpsImagePlugin, Image
+
+    from finetune.data import ACCEPTED_FORMATS
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: calls.append(args) or 1 / 0)
+    studio.predictors = PredictorCache(3, loader=lambda run, device: pytest.fail("no model needed"))
+    run = fake_run(studio.runs_dir, "r1")
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n(pwned) print\nshowpage\n%%EOF\n")
+    with pytest.raises(gr.Error) as raised:
+        predict_tab.predict_image(studio, str(run), str(eps), 3, 0.0, False)
+    assert raised.value.message == ("drawing.eps is not an image this app reads: only JPEG, PNG, BMP, GIF, WEBP, "
+                                    "TIFF files are opened")
+    upload = predict_tab.image_upload()
+    assert upload.type == "filepath" and upload.image_mode is None
+    assert upload.preprocess(gr.data_classes.ImageData(path=str(eps), orig_name="drawing.eps")) == str(eps)
+    monkeypatch.setattr(Image, "OPEN", dict(Image.OPEN))  # restored after the test: other tests open EPS
+    monkeypatch.setattr(Image, "ID", list(Image.ID))
+    removed = studio_app.restrict_image_openers()
+    assert "EPS" in removed and set(Image.ID) == set(Image.OPEN) == set(ACCEPTED_FORMATS)
+    with pytest.raises(Image.UnidentifiedImageError):
+        Image.open(eps)  # gradio's own Image.open, too
+    with Image.open(make_image(tmp_path / "ok.png")) as fine:
+        assert fine.format == "PNG"
+    assert calls == [] and Image.MAX_IMAGE_PIXELS is not None

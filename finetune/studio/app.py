@@ -52,6 +52,23 @@ def build_app(studio):
     return demo
 
 
+def restrict_image_openers() -> list[str]:
+    """In the app's process, PIL may open only the accepted formats (finetune.data.ACCEPTED_FORMATS),
+    whoever calls Image.open (gradio, too): every plugin is registered first (Image.init), then the
+    others' openers are removed, so an EPS upload never reaches Ghostscript, nor a rare format its
+    decoder. Importing finetune.data also sets PIL's pixel limit. Returns the formats removed."""
+    from PIL import Image
+
+    from ..data import ACCEPTED_FORMATS
+
+    Image.init()
+    removed = sorted(set(Image.OPEN) - set(ACCEPTED_FORMATS))
+    for name in removed:  # in place: whoever holds these objects sees the same restriction
+        del Image.OPEN[name]
+    Image.ID[:] = [name for name in Image.ID if name in ACCEPTED_FORMATS]
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -139,6 +156,7 @@ def main(argv=None) -> int:
               f"shows to other users), or use --host 127.0.0.1.", file=sys.stderr)
         return 2
     os.environ["GRADIO_SERVER_NAME"] = args.host  # whatever gradio falls back to is this host too
+    from .. import data  # noqa: F401 - PIL's pixel limit, before anything decodes
     import gradio as gr
 
     from .state import Studio
@@ -149,6 +167,7 @@ def main(argv=None) -> int:
     studio.workspace.cleanup()
     attached = studio.attach_running()
     demo = build_app(studio)
+    restrict_image_openers()  # after every import that might register a PIL plugin
     demo.queue(default_concurrency_limit=1)
     try:
         # Served: only the files handlers put in workspace/served (never uploads, data or run folders).

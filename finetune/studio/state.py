@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -80,6 +82,48 @@ class PredictorCache:
             return len(gone)
 
 
+class ModelLock:
+    """Who may use one loaded model at a time: any number of predictions together (shared), or one
+    Grad-CAM alone (exclusive: it hooks the model and runs a backward pass, so a forward pass of
+    another request would feed its hooks). A waiting Grad-CAM holds back new predictions."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self):
+        with self._changed:
+            while self._writing or self._writers_waiting:
+                self._changed.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._changed:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._changed.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
 class Studio:
     """The app's state; `base_dir` (the app's working directory) is what relative paths mean."""
 
@@ -98,6 +142,8 @@ class Studio:
         self.job: jobs.TrainingJob | None = None
         self.job_lock = threading.Lock()
         self.predictors = PredictorCache(predictors, predictor_loader)
+        self._model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._model_locks_lock = threading.Lock()
 
     def resolve_path(self, path: str | Path) -> Path:
         """A path the user typed, made absolute once: relative to the app's working directory."""
@@ -169,6 +215,14 @@ class Studio:
 
     def predictor(self, run_dir: str | Path):
         return self.predictors.get(run_dir, self.prediction_device())
+
+    def model_lock(self, predictor) -> ModelLock:
+        """The lock of one loaded predictor: `shared()` around predictions, `exclusive()` around Grad-CAM."""
+        with self._model_locks_lock:
+            lock = self._model_locks.get(predictor)
+            if lock is None:
+                lock = self._model_locks[predictor] = ModelLock()
+            return lock
 
     def serve_run_file(self, path: str | Path | None) -> str | None:
         """A file of a run (in the runs folder), made downloadable; None when there is none."""

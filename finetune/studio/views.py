@@ -187,9 +187,23 @@ NO_RUN_YET = "No trained run yet: train one on the **2. Train** tab, then pick i
 
 
 def batch_rows(predictions, top_k: int) -> list[dict]:
-    return [{"file": p.path, "prediction": p.label or "", "confidence": round(p.confidence, 4) if p.top else None,
+    """One row per image: the answer ("unknown" below the minimum confidence), the best guess beside it."""
+    return [{"file": p.path, "prediction": p.answer or "", "best guess": p.label or "",
+             "confidence": round(p.confidence, 4) if p.top else None,
              f"top {top_k}": ", ".join(f"{n} {v:.2f}" for n, v in p.top), "error": p.error or ""}
             for p in predictions]
+
+
+def answer_headline(answer: str, guess: str, confidence: float) -> str:
+    """The label's headline: the class, or "unknown (best guess: roses, 41%)" below the threshold."""
+    return answer if answer == guess else f"{answer} (best guess: {guess}, {confidence:.0%})"
+
+
+def threshold_note(suggested: float | None) -> str:
+    if suggested is None:
+        return ("This run has no calibration (trained before calibration existed): every image gets an answer "
+                "unless you raise the minimum.")
+    return f"Suggested from validation: {suggested:.2f} (below it the answer is *unknown*, with the best guess)."
 
 
 def batch_limit_note(limit: int) -> str:
