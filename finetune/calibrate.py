@@ -64,6 +64,10 @@ def fit_temperature(logits, targets) -> float:
     targets = np.asarray(targets, dtype=np.int64)
     if len(targets) == 0 or logits.ndim != 2 or logits.shape[1] < 2:
         return 1.0
+    if (logits.argmax(axis=1) == targets).all():
+        # no mistake to calibrate against: the NLL only falls as T -> 0, and a sharpened model would
+        # answer everything, noise included, with a confidence of exactly 1
+        return 1.0
     low, high = (math.log(b) for b in T_BOUNDS)
     result = minimize_scalar(lambda log_t: nll(logits, targets, math.exp(log_t)), bounds=(low, high),
                              method="bounded", options={"xatol": 1e-4})
