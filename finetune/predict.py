@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .calibrate import UNKNOWN
 from .config import FinetuneError
 from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, resize_size, to_rgb
 from .device import amp_dtype_for, channels_last_for, default_workers, non_blocking, pin_memory, resolve_device
@@ -42,12 +43,19 @@ def read_class_indices(path: str | Path) -> list[str]:
 @dataclass
 class Prediction:
     path: str
-    top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), best first
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class, calibrated probability), best first
     error: str | None = None
+    unknown: bool = False  # the best guess's confidence is below the minimum confidence
 
     @property
     def label(self) -> str | None:
+        """The best guess (a class, even when the answer is unknown)."""
         return self.top[0][0] if self.top else None
+
+    @property
+    def answer(self) -> str | None:
+        """What to tell the user: the best guess, or "unknown" below the minimum confidence."""
+        return UNKNOWN if self.unknown and self.top else self.label
 
     @property
     def confidence(self) -> float | None:
@@ -78,10 +86,16 @@ def _collate(batch):
 
 
 class Predictor:
-    """A model kept loaded and warm, with its class names and preprocessing."""
+    """A model kept loaded and warm, with its class names, preprocessing and calibration.
+
+    Probabilities are calibrated: softmax(logits / temperature), the temperature fitted on the
+    validation set after training (run.json "calibration"; 1.0 for plain weights files). Below
+    `min_confidence` an answer is "unknown" (with the best guess kept); the default is the
+    threshold suggested from validation (see finetune.calibrate), 0 means always answer."""
 
     def __init__(self, model: torch.nn.Module, classes: list[str], arch: str, image_size: int = 224,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, device: str | torch.device = "auto", source: str = ""):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, device: str | torch.device = "auto", source: str = "",
+                 temperature: float = 1.0, suggested_min_confidence: float | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.channels_last = channels_last_for(self.device)
@@ -90,7 +104,24 @@ class Predictor:
         self.amp_dtype = amp_dtype_for(self.device, True)
         self.classes, self.arch, self.image_size, self.source = list(classes), arch, image_size, source
         self.transform = eval_transform(image_size, mean, std)
+        self.transform_mean, self.transform_std = tuple(mean), tuple(std)
         self.min_size = resize_size(image_size)
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise FinetuneError(f"{source or 'model'}: temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.suggested_min_confidence = suggested_min_confidence
+
+    def min_confidence(self, given: float | None = None) -> float:
+        """The threshold in use: `given`, else the suggestion from validation, else 0 (always answer)."""
+        value = given if given is not None else (self.suggested_min_confidence or 0.0)
+        if not 0.0 <= value <= 1.0:
+            raise FinetuneError(f"min confidence must be between 0 and 1, got {value}")
+        return float(value)
+
+    def answer(self, top: list[tuple[str, float]], min_confidence: float | None = None) -> tuple[str, str, float]:
+        """(answer, best guess, confidence) for one image's top list: answer is "unknown" below the threshold."""
+        guess, confidence = top[0]
+        return (UNKNOWN if confidence < self.min_confidence(min_confidence) else guess), guess, confidence
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "model.pth") -> "Predictor":
@@ -106,8 +137,11 @@ class Predictor:
         if class_file.is_file() and read_class_indices(class_file) != classes:
             raise FinetuneError(f"{class_file} does not match the classes in {info_path}")
         model = load_classifier(info["arch"], state, len(classes), str(weights))
+        calibration = info.get("calibration") or {}
         return cls(model, classes, info["arch"], info.get("image_size", 224), info.get("mean", IMAGENET_MEAN),
-                   info.get("std", IMAGENET_STD), device, source=str(run_dir))
+                   info.get("std", IMAGENET_STD), device, source=str(run_dir),
+                   temperature=calibration.get("temperature", 1.0),
+                   suggested_min_confidence=calibration.get("suggested_min_confidence"))
 
     @classmethod
     def from_files(cls, weights: str | Path, class_indices: str | Path, arch: str, image_size: int = 224,
@@ -147,7 +181,7 @@ class Predictor:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.model(images)
-        return torch.softmax(logits.float(), dim=1).cpu()
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
 
     def predict_image(self, image: Image.Image | str | Path, top_k: int = 5) -> list[tuple[str, float]]:
         """One image (a PIL image in any mode, or a path): [(class, probability)] best first."""
@@ -161,8 +195,11 @@ class Predictor:
         return self._top(self.probabilities(self.transform(image).unsqueeze(0)), top_k)[0]
 
     def predict_paths(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 64,
-                      workers: int | None = None, on_progress=None) -> list[Prediction]:
-        """Batched (the last partial batch included), decoded in parallel; bad files become error rows."""
+                      workers: int | None = None, on_progress=None,
+                      min_confidence: float | None = None) -> list[Prediction]:
+        """Batched (the last partial batch included), decoded in parallel; bad files become error rows;
+        a confidence below `min_confidence` (default: the run's suggestion) marks the row unknown."""
+        threshold = self.min_confidence(min_confidence)
         paths = [Path(p) for p in paths]
         if workers is None:
             workers = min(default_workers(self.device), max(0, len(paths) // batch_size))
@@ -176,6 +213,7 @@ class Predictor:
             if images is not None:
                 for index, top in zip(indices, self._top(self.probabilities(images), top_k)):
                     results[index].top = top
+                    results[index].unknown = top[0][1] < threshold
             done += len(indices) + len(failed)
             if on_progress:
                 on_progress(done, len(paths))
@@ -183,16 +221,17 @@ class Predictor:
 
 
 def write_csv(predictions: list[Prediction], path: str | Path, top_k: int) -> Path:
-    """One row per image; names are escaped for spreadsheets (see csvfile), probabilities are numbers."""
+    """One row per image: the answer ("unknown" below the minimum confidence) and the best guess beside it;
+    names are escaped for spreadsheets (see csvfile), probabilities are numbers."""
     from .csvfile import number
     from .csvfile import write_csv as write_rows
 
-    header = ["path", "prediction", "confidence"]
+    header = ["path", "prediction", "best_guess", "confidence"]
     for k in range(2, top_k + 1):
         header += [f"class_{k}", f"probability_{k}"]
     rows = []
     for p in predictions:
-        row = [p.path, p.label or "", number(p.confidence, ".6f") if p.top else ""]
+        row = [p.path, p.answer or "", p.label or "", number(p.confidence, ".6f") if p.top else ""]
         for k in range(1, top_k):
             row += [p.top[k][0], number(p.top[k][1], ".6f")] if k < len(p.top) else ["", ""]
         rows.append(row + [p.error or ""])

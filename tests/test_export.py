@@ -8,7 +8,7 @@ import torch
 from conftest import SHARED_DATASETS
 from finetune.config import FinetuneError, TrainConfig
 from finetune.data import eval_transform, list_images, load_rgb
-from finetune.export import export
+from finetune.export import export, read_metadata
 from finetune.predict import Predictor
 from finetune.train import train
 
@@ -53,6 +53,21 @@ def test_onnx_matches_pytorch_with_any_batch_size(run, real_images, tmp_path):
     for batch in (real_images, real_images[:1]):
         (got,) = session.run(["logits"], {"image": batch.numpy()})
         torch.testing.assert_close(torch.from_numpy(got), expected[: len(batch)], atol=1e-4, rtol=0)
+
+
+def test_exports_carry_classes_and_calibration(run, tmp_path):
+    import json
+
+    info = json.loads((run / "run.json").read_text())
+    paths = [export(run, "torchscript", tmp_path / "m.pt")]
+    if __import__("importlib").util.find_spec("onnx"):
+        paths.append(export(run, "onnx", tmp_path / "m.onnx"))
+    for path in paths:
+        meta = read_metadata(path)
+        assert meta["classes"] == info["classes"] and meta["image_size"] == 96
+        assert meta["temperature"] == info["calibration"]["temperature"]
+        assert meta["min_confidence"] == info["calibration"]["suggested_min_confidence"]
+        assert meta["mean"] == info["mean"] and meta["std"] == info["std"]
 
 
 def test_unknown_format_and_missing_run(run, tmp_path):

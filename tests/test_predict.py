@@ -123,9 +123,9 @@ def test_batches_include_the_last_partial_one_and_bad_files_become_rows(trained_
 
     out = write_csv(small, tmp_path / "predictions.csv", top_k=3)
     rows = list(csv.DictReader(open(out)))
-    assert list(rows[0]) == ["path", "prediction", "confidence", "class_2", "probability_2", "class_3",
+    assert list(rows[0]) == ["path", "prediction", "best_guess", "confidence", "class_2", "probability_2", "class_3",
                              "probability_3", "error"]
-    assert rows[0]["prediction"] == small[0].label and float(rows[0]["confidence"]) == pytest.approx(
+    assert rows[0]["best_guess"] == small[0].label and rows[0]["prediction"] == small[0].answer and float(rows[0]["confidence"]) == pytest.approx(
         small[0].confidence, abs=1e-6)
     assert rows[7]["prediction"] == "" and rows[7]["error"]
 
@@ -145,3 +145,67 @@ def test_malicious_model_file_in_a_run_is_refused(trained_run, tmp_path):
     with pytest.raises(FinetuneError, match="refusing to load"):
         Predictor.from_run(copy)
     assert not (tmp_path / "pwned").exists()
+
+
+def with_calibration(run, tmp_path, temperature: float, suggested: float | None):
+    """A copy of the run whose run.json says the given calibration."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["calibration"] = {"temperature": temperature, "suggested_min_confidence": suggested}
+    (copy / "run.json").write_text(json.dumps(info))
+    return copy
+
+
+def test_the_runs_temperature_calibrates_every_probability(trained_run, tmp_path):
+    run, data = trained_run
+    assert json.loads((run / "run.json").read_text())["calibration"]["temperature"] > 0  # training fitted one
+    paths = list_images([data])[:4]
+    raw = Predictor.from_run(with_calibration(run, tmp_path, 1.0, None), device="cpu")
+    batch = torch.stack([raw.transform(load_rgb(p)) for p in paths])
+    with torch.no_grad():
+        logits = raw.model(batch)
+    hot = Predictor.from_run(with_calibration(run, tmp_path / "t", 3.0, None), device="cpu")
+    expected = torch.softmax(logits / 3.0, dim=1)
+    torch.testing.assert_close(hot.probabilities(batch), expected, atol=1e-5, rtol=0)
+    for path, row, p in zip(paths, expected, hot.predict_paths(paths, top_k=3)):
+        assert p.confidence == pytest.approx(float(row.max()), abs=1e-5)
+        assert hot.predict_image(path, top_k=1)[0][1] == pytest.approx(float(row.max()), abs=1e-5)
+
+
+def test_below_the_min_confidence_the_answer_is_unknown_with_the_best_guess(trained_run, tmp_path):
+    run, data = trained_run
+    predictor = Predictor.from_run(with_calibration(run, tmp_path, 1.0, 0.999999), device="cpu")
+    assert predictor.min_confidence() == 0.999999 and predictor.min_confidence(0.0) == 0.0
+    paths = list_images([data])[:6]
+    default = predictor.predict_paths(paths, top_k=2)  # the run's suggestion applies by default
+    assert all(p.unknown and p.answer == "unknown" and p.label in CLASSES for p in default)
+    always = predictor.predict_paths(paths, top_k=2, min_confidence=0.0)
+    assert not any(p.unknown for p in always) and [p.answer for p in always] == [p.label for p in default]
+    answer, guess, confidence = predictor.answer(always[0].top, min_confidence=1.0)
+    assert (answer, guess) == ("unknown", always[0].label) and confidence == always[0].confidence
+    with pytest.raises(FinetuneError, match="min confidence must be between 0 and 1"):
+        predictor.min_confidence(1.5)
+    out = write_csv(default, tmp_path / "p.csv", top_k=2)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["prediction"] for r in rows] == ["unknown"] * 6
+    assert [r["best_guess"] for r in rows] == [p.label for p in default]
+
+
+def test_noise_is_answered_unknown_more_often_than_validation_images(tmp_path):
+    """End to end, with the engine's defaults (label smoothing): the temperature and threshold the
+    training fitted on val, on images unlike any class."""
+    data = make_class_folders(tmp_path / "colours", classes=("red", "green", "blue"), per_class=10)
+    run = train(TrainConfig(data=str(data), runs_dir=str(tmp_path / "runs"), weights="none", strategy="all",
+                            epochs=4, batch_size=4, image_size=64, workers=0, seed=0))
+    predictor = Predictor.from_run(run, device="cpu")
+    split = json.loads((run / "split.json").read_text())
+    val = [data / rel for rel, _ in split["val"]]
+    rng = np.random.default_rng(0)
+    noise = [tmp_path / f"noise_{i}.png" for i in range(20)]
+    for path in noise:
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path)
+    threshold = predictor.min_confidence()
+    assert 1 / 3 < threshold < 1  # a real suggestion from validation
+    unknown = [np.mean([p.unknown for p in predictor.predict_paths(paths)]) for paths in (val, noise)]
+    assert unknown[0] <= 0.2 and unknown[1] >= unknown[0] + 0.3, (unknown, threshold)
