@@ -1,4 +1,4 @@
-"""`python -m finetune train|predict|evaluate|export|scan|selftest|sample-data`: the command line.
+"""`python -m finetune train|predict|evaluate|export|doctor|scan|selftest|sample-data`: the command line.
 
 Every error the user can cause is one line on stderr and exit status 2; never a traceback.
 """
@@ -156,18 +156,68 @@ def cmd_predict(args) -> int:
     from .predict import Predictor, write_csv
 
     predictor = Predictor.load(args.model, args.classes, args.arch, args.image_size, args.device)
+    threshold = predictor.min_confidence(args.min_confidence)
     paths = list_images(args.images)
     if not paths:
         raise FinetuneError(f"no image files found in {', '.join(args.images)}")
-    predictions = predictor.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size)
+    if args.explain_class is not None and not args.explain:
+        raise FinetuneError("--explain-class needs --explain DIR (where the heatmaps go)")
+    print(min_confidence_line(predictor, threshold, args.min_confidence))
+    predictions = predictor.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size,
+                                          min_confidence=threshold)
     for p in predictions:
         if p.error:
             print(f"{p.path}: error: {p.error}")
         else:
-            print(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+            answer = f"unknown (best guess {p.label} {p.confidence:.3f})" if p.unknown else \
+                f"{p.label} {p.confidence:.3f}"
+            print(f"{p.path}: " + ", ".join([answer] + [f"{name} {prob:.3f}" for name, prob in p.top[1:]]))
     if args.csv:
         print(f"wrote {write_csv(predictions, args.csv, args.top_k)}")
+    if args.explain:
+        from .explain import explain_paths
+
+        readable = [Path(p.path) for p in predictions if p.error is None]
+        written = explain_paths(predictor, readable, args.explain, args.explain_class)
+        print(f"wrote {len(written)} heatmap(s) ({args.explain_class or 'the predicted class'}) to {args.explain}")
     return 0 if all(p.error is None for p in predictions) else 1
+
+
+def min_confidence_line(predictor, threshold: float, given: float | None) -> str:
+    suggested = predictor.suggested_min_confidence
+    if given is not None:
+        source = f"given; the run suggests {suggested:.2f}" if suggested is not None else "given"
+    elif suggested is not None:
+        source = "suggested from validation; --min-confidence 0 always answers"
+    else:
+        source = "this model has no calibration: always answers"
+    return f"min confidence {threshold:.2f} ({source}); below it the answer is 'unknown'"
+
+
+def cmd_doctor(args) -> int:
+    from .curation import add_decisions, default_curation_path, leak_decisions, load_curation, new_curation, \
+        save_curation
+    from .doctor import default_cache_dir, run_doctor, write_csv, write_json
+
+    if args.run and (args.arch or args.weights):
+        raise FinetuneError("--run uses the run's own backbone: give either --run or --arch/--weights")
+    data = dataset_folder(args.data, args.quiet)
+    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    report = run_doctor(data, run=args.run, arch=args.arch or "resnet34", weights=args.weights or "imagenet",
+                        image_size=args.image_size, folds=args.folds, device=args.device, batch_size=args.batch_size,
+                        cache_dir=None if args.no_cache else default_cache_dir(), log=log)
+    print(report.summary_text(limit=args.show))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    if args.csv:
+        print(f"wrote {write_csv(report, args.csv)}")
+    if args.leaks_to is not None:
+        decisions = leak_decisions(report.duplicate_groups)
+        target = Path(args.leaks_to or default_curation_path("runs", report.data))
+        curation = load_curation(target) if target.is_file() else new_curation(report.data)
+        path = save_curation(add_decisions(curation, decisions), target)
+        print(f"wrote {len(decisions)} leak exclusion(s) to {path}: train with --curation {path}")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -230,6 +280,16 @@ def cmd_sample_data(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Parser
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -297,7 +357,38 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--classes", help="class_indices.json for a plain .pth")
     predict_parser.add_argument("--image-size", type=int, default=224, help="input size of a plain .pth")
     predict_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    predict_parser.add_argument("--min-confidence", type=probability, metavar="P",
+                                help="answer 'unknown' (with the best guess beside it) below this calibrated "
+                                     "confidence (default: the run's suggestion from validation; 0: always answer)")
+    predict_parser.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM heatmap per image to DIR")
+    predict_parser.add_argument("--explain-class", metavar="CLASS",
+                                help="the class the heatmaps explain (default: each image's predicted class)")
     predict_parser.set_defaults(func=cmd_predict)
+
+    doctor_parser = sub.add_parser(
+        "doctor", help="find likely label errors, duplicates leaking between splits, and odd images",
+        formatter_class=DefaultsHelpFormatter,
+        description="Reads DATA (never changes it): features from a backbone (the run's with --run, else ImageNet), "
+                    "a K-fold linear probe ranked by cleanlab for label errors, exact and perceptual-hash "
+                    "duplicates, tiny, flat and extreme-aspect images, small classes. Features are cached in "
+                    "~/.cache/finetune/features ($FINETUNE_FEATURE_CACHE).")
+    doctor_parser.add_argument("data", help="image folder or .zip")
+    doctor_parser.add_argument("--run", help="a run trained on DATA: its backbone and split settings")
+    doctor_parser.add_argument("--arch", choices=ARCHS, help="backbone without --run (default resnet34)")
+    doctor_parser.add_argument("--weights", help="imagenet (default), none (random: rough), or a .pth state_dict")
+    doctor_parser.add_argument("--image-size", type=int, help="input size of the backbone (default: the run's, or 224)")
+    doctor_parser.add_argument("--folds", type=int, default=5, help="folds of the out-of-sample linear probe")
+    doctor_parser.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
+    doctor_parser.add_argument("--csv", metavar="FILE", help="write one row per finding as CSV")
+    doctor_parser.add_argument("--leaks-to", metavar="FILE", nargs="?", const="",
+                               help="add 'exclude' decisions for the val/test copies of leaking duplicates to this "
+                                    "curation file (default runs/curation.json), for train --curation")
+    doctor_parser.add_argument("--show", type=int, default=10, help="findings listed per kind in the summary")
+    doctor_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    doctor_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    doctor_parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    doctor_parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    doctor_parser.set_defaults(func=cmd_doctor)
 
     evaluate_parser = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder",
                        formatter_class=DefaultsHelpFormatter)

@@ -44,6 +44,7 @@ from PIL import Image
 from torch import nn
 
 from .config import FinetuneError
+from .device import amp_dtype_for, channels_last_for, resolve_device
 from .data import (IMAGENET_MEAN, IMAGENET_STD, IMBALANCE_RATIO, DatasetScan, load_rgb, open_image, scan_dataset,
                    usable_cores)
 
@@ -151,20 +152,6 @@ def load_backbone(run: str | Path | None = None, arch: str = "resnet34", weights
     return Backbone(module=frozen, arch=arch, image_size=size, mean=tuple(mean), std=tuple(std), **backbone_of)
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FinetuneError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return device
-
-
 # ---------------------------------------------------------------------------------------------
 # Embeddings with an on-disk cache
 
@@ -205,12 +192,6 @@ def _write_cache(path: Path, keys: list[str], features: np.ndarray) -> None:
         pass  # a read-only or full cache folder costs speed next time, nothing else
 
 
-def _amp_dtype(device: torch.device):
-    if device.type != "cuda":
-        return None  # CPU autocast is slower than float32 on most CPUs without AMX
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbone: Backbone,
                        device: str | torch.device = "auto", batch_size: int = 64, cache_dir: str | Path | None = None,
                        workers: int | None = None, log: Log | None = None) -> np.ndarray:
@@ -223,7 +204,7 @@ def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbon
         root, rels = Path(data.root), [r.path for r in records_of(data)]
     else:
         root, rels = Path(data[0]), list(data[1])
-    device = resolve_device(device)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     if not rels:
         return np.zeros((0, 0), dtype=np.float32)
     keys = [_row_key(root, rel) for rel in rels]
@@ -235,7 +216,7 @@ def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbon
     computed = np.zeros((0, 0), dtype=np.float32)
     if missing:
         module = backbone.module.to(device).eval()
-        memory_format = torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
+        memory_format = torch.channels_last if channels_last_for(device) else torch.contiguous_format
         module = module.to(memory_format=memory_format)
         with torch.no_grad():
             shape = tuple(module(torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device)).shape[1:])
@@ -243,7 +224,7 @@ def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbon
                             backbone.mean, backbone.std)
         if workers is None:  # on the CPU the model needs the cores; a GPU needs decoding in parallel
             workers = min(8, usable_cores()) if device.type == "cuda" else 0
-        computed = compute_features(module, source, shape, torch.float32, device, _amp_dtype(device), memory_format,
+        computed = compute_features(module, source, shape, torch.float32, device, amp_dtype_for(device), memory_format,
                                     batch_size, workers, log, "computing features")[0].numpy()
     dim = computed.shape[1] if missing else len(next(iter(cached.values())))
     features = np.empty((len(rels), dim), dtype=np.float32)

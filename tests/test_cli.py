@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, make_class_folders
+from PIL import Image
+
+from conftest import REPO, make_class_folders, tree_digest
 
 
 def cli(*args, cwd=None, env=None):
@@ -56,7 +58,7 @@ def test_missing_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
 def test_help_lists_every_command():
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("train", "predict", "evaluate", "export", "scan"):
+    for command in ("train", "predict", "evaluate", "export", "doctor", "scan", "selftest"):
         assert command in result.stdout
     train_help = cli("train", "--help").stdout
     assert "--strategy {all,last,head}" in train_help and "--resume RUN" in train_help
@@ -75,7 +77,24 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
     predicted = cli("predict", run, data / "cats", "--top-k", "2", "--csv", out_csv)
     assert predicted.returncode == 0, predicted.stderr
     rows = list(csv.DictReader(open(out_csv)))
-    assert len(rows) == 5 and {r["prediction"] for r in rows} <= {"cats", "dogs"}
+    assert len(rows) == 5 and {r["best_guess"] for r in rows} <= {"cats", "dogs"}
+    assert {r["prediction"] for r in rows} <= {"cats", "dogs", "unknown"}
+    suggested = json.loads((run / "run.json").read_text())["calibration"]["suggested_min_confidence"]
+    assert f"min confidence {suggested:.2f} (suggested from validation" in predicted.stdout
+
+    # above every confidence: all unknown, the best guess kept; heatmaps at each image's size
+    cautious = cli("predict", run, data / "cats", "--min-confidence", "1", "--csv", out_csv,
+                   "--explain", tmp_path / "why", "--explain-class", "dogs")
+    assert cautious.returncode == 0, cautious.stderr
+    rows = list(csv.DictReader(open(out_csv)))
+    assert {r["prediction"] for r in rows} == {"unknown"} and all(r["best_guess"] for r in rows)
+    assert "unknown (best guess " in cautious.stdout
+    heatmaps = sorted((tmp_path / "why").glob("*.gradcam.png"))
+    assert len(heatmaps) == 5 and Image.open(heatmaps[0]).size == (40, 32)
+    assert "wrote 5 heatmap(s) (dogs)" in cautious.stdout
+    wrong = cli("predict", run, data / "cats", "--explain", tmp_path / "why", "--explain-class", "ferrets")
+    assert wrong.returncode == 2 and "ferrets" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert cli("predict", run, data, "--min-confidence", "1.5").returncode == 2
 
     evaluated = cli("evaluate", run, data, "--out", tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -87,6 +106,28 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
 
     scanned = cli("scan", data, "--json")
     assert json.loads(scanned.stdout)["classes"] == ["cats", "dogs"]
+
+
+def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path):
+    from test_doctor import make_problem_dataset
+
+    data = make_problem_dataset(tmp_path / "data")
+    before = tree_digest(data)
+    curation = tmp_path / "runs" / "curation.json"
+    result = cli("doctor", data, "--weights", "none", "--image-size", "64", "--device", "cpu", "--no-cache",
+                 "--json", tmp_path / "report.json", "--csv", tmp_path / "report.csv", "--leaks-to", curation)
+    assert result.returncode == 0, result.stderr
+    assert "Likely label errors:" in result.stdout and "Duplicate groups:" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"label_issues", "duplicate_groups"} <= set(report)
+    assert {"path", "given", "suggested", "score"} <= set(report["label_issues"][0])
+    assert {"paths", "splits", "classes", "kind"} <= set(report["duplicate_groups"][0])
+    decisions = json.loads(curation.read_text())["decisions"]
+    assert "val/red/leaked_copy.png" in {d["path"] for d in decisions if d["action"] == "exclude"}
+    assert f"train with --curation {curation}" in result.stdout
+    assert tree_digest(data) == before
+    inside = cli("doctor", data, "--weights", "none", "--image-size", "64", "--json", data / "r.json")
+    assert inside.returncode == 2 and "inside the dataset" in inside.stderr and not (data / "r.json").exists()
 
 
 def test_a_zip_of_class_folders_is_extracted_safely_and_used(tmp_path):
