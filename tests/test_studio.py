@@ -26,7 +26,8 @@ from finetune import jobs  # noqa: E402
 from finetune.config import FinetuneError, TrainConfig  # noqa: E402
 from finetune.predict import Prediction  # noqa: E402
 from finetune.studio import app as studio_app  # noqa: E402
-from finetune.studio import common, data_tab, evaluate_tab, export_tab, predict_tab, train_tab  # noqa: E402
+from finetune.studio import (common, data_tab, evaluate_tab, export_tab, predict_tab, review_tab,  # noqa: E402
+                             train_tab)
 from finetune.studio.state import PredictorCache, Studio  # noqa: E402
 from finetune.studio.workspace import UNUSED_SECONDS, Workspace  # noqa: E402
 
@@ -556,3 +557,83 @@ def test_an_upload_in_another_format_is_refused_without_decoding(studio, tmp_pat
     with Image.open(make_image(tmp_path / "ok.png")) as fine:
         assert fine.format == "PNG"
     assert calls == [] and Image.MAX_IMAGE_PIXELS is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Review
+
+
+def test_review_decisions_go_to_the_curation_file_and_the_data_is_untouched(studio, tmp_path, monkeypatch):
+    """The doctor (random features at 64 px: seconds) on planted problems; Keep, Exclude, Relabel and the
+    leak button write curation.json next to the runs; a kept image is not shown again; the folder is
+    byte-for-byte the same; images go to the browser as PIL thumbnails, never as dataset paths."""
+    from PIL import Image
+
+    from finetune.curation import load_curation
+    from test_doctor import make_problem_dataset
+
+    monkeypatch.setattr(review_tab, "IMAGE_SIZE", 64)
+    monkeypatch.setenv("FINETUNE_FEATURE_CACHE", str(tmp_path / "features"))
+    data = make_problem_dataset(tmp_path / "cwd" / "colours")
+    before = tree_digest(data)
+    steps = list(review_tab.run_review(studio, "colours", "none"))
+    assert any(isinstance(s, dict) and "data doctor" in s.get("log", "") for s in steps[:-1])  # progress lines
+    out = steps[-1]
+    review, path = out["state"], studio.runs_dir / "curation.json"
+    kinds = [item["kind"] for item in review["items"]]
+    assert kinds == sorted(kinds, key=["label", "duplicate", "other"].index) and {"label", "duplicate"} <= set(kinds)
+    labels = [item["score"] for item in review["items"] if item["kind"] == "label"]
+    assert labels == sorted(labels)  # most suspicious first
+    duplicates = [item for item in review["items"] if item["kind"] == "duplicate"]
+    leaks = [item["path"] for item in duplicates if item["leak"]]
+    assert duplicates[:len(leaks)] == [item for item in duplicates if item["leak"]]  # leaks first
+    assert "val/red/leaked_copy.png" in leaks  # shown on the val copy, its train original beside it
+    assert "likely label errors" in out["summary"] and "leak between splits" in out["summary"]
+    assert f"`{path}`" in out["curation"] and out["leak_btn"].interactive
+    assert isinstance(out["image"], Image.Image) and all(isinstance(p, Image.Image) for p, _ in out["others"])
+    first = review["items"][0]
+    assert first["path"] in out["details"] and out["relabel_to"].value == first["suggested"]
+
+    out = review_tab.keep_item(studio, review)
+    assert out["train_curation"] == str(path) and out["state"]["index"] == 1
+    second = out["state"]["items"][1]
+    out = review_tab.exclude_item(studio, out["state"])
+    third = out["state"]["items"][2]
+    other_class = next(c for c in review["classes"] if c != third["given"])
+    out = review_tab.relabel_item(studio, out["state"], other_class)
+    out = review_tab.exclude_leaks(studio, out["state"])
+    decisions = {d.path: d for d in load_curation(path).decisions}
+    assert decisions[first["path"]].action == "keep" and decisions[second["path"]].action == "exclude"
+    assert (decisions[third["path"]].action, decisions[third["path"]].label) == ("relabel", other_class)
+    assert decisions["val/red/leaked_copy.png"].action == "exclude"
+    assert "leak" in decisions["val/red/leaked_copy.png"].note
+    assert f"({len(decisions)} so far)" in out["curation"]
+    with pytest.raises(gr.Error, match="choose the class"):
+        review_tab.relabel_item(studio, out["state"], None)
+
+    again = last(review_tab.run_review(studio, str(data), "none"))
+    paths = [item["path"] for item in again["state"]["items"]]
+    assert first["path"] not in paths and second["path"] in paths  # kept: not shown again; excluded: marked
+    at = paths.index(second["path"])
+    shown = review_tab.step(studio, {**again["state"], "index": at}, 0)
+    assert "Decided: excluded" in shown["details"]
+    assert "1 flagged image(s) you kept" in again["summary"]
+    assert review_tab.curation_for(studio, str(data)) == str(path)
+    assert review_tab.curation_for(studio, str(tmp_path)) == ""
+    cfg = train_tab.training_config(studio, str(data), "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0, str(path))
+    assert cfg.curation == str(path)
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(FinetuneError, match="not a curation file"):
+        train_tab.training_config(studio, str(data), "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0,
+                                  str(tmp_path / "bad.json"))
+    assert tree_digest(data) == before
+
+
+def test_review_needs_a_folder_and_says_why_the_doctor_cannot_run(studio, tmp_path):
+    with pytest.raises(gr.Error, match="Choose a data folder"):
+        last(review_tab.run_review(studio, " ", "none"))
+    with pytest.raises(gr.Error, match="data folder not found"):
+        last(review_tab.run_review(studio, str(tmp_path / "missing"), "none"))
+    with pytest.raises(gr.Error, match="Run the doctor first"):
+        review_tab.keep_item(studio, None)
+    assert [value for _, value in review_tab.backbone_choices(studio)][:2] == ["imagenet", "none"]

@@ -23,18 +23,25 @@ ALL_INTERFACES = {"0.0.0.0": "all IPv4 interfaces", "::": "all interfaces"}
 def build_app(studio):
     import gradio as gr
 
-    from . import data_tab, evaluate_tab, export_tab, predict_tab, train_tab
+    from . import data_tab, evaluate_tab, export_tab, predict_tab, review_tab, train_tab
     from .common import bind, latest_runs, refresh_runs, select_trained_run
 
     with gr.Blocks(title="Finetune Studio", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
         gr.Markdown("# Finetune Studio\nTeach a ResNet your own image classes: **1. Data** → **2. Train** → "
                     "**3. Evaluate** → **4. Predict** → **5. Export**. The sample shapes dataset is already "
-                    "selected: go to *Train* and press *Start training*.", elem_id="intro")
+                    "selected: go to *Train* and press *Start training*. *Review data* finds mislabelled, "
+                    "duplicated and leaking images before you train.", elem_id="intro")
         with gr.Tabs(elem_id="tabs"):
-            data, train = data_tab.build(studio), train_tab.build(studio)
+            data, review = data_tab.build(studio), review_tab.build(studio)
+            train = train_tab.build(studio)
             evaluate, predict, export = evaluate_tab.build(studio), predict_tab.build(studio), export_tab.build(studio)
         data_tab.wire(studio, data, demo, ready=train.data_ready)
+        review_tab.wire(studio, review, data_path=data.path, train_curation=train.curation)
         followed, weights_inputs = train_tab.wire(studio, train, data_path=data.path)
+        # The Train tab's curation file follows the data: the Review tab's file when it has decisions for it.
+        suggesting = bind(studio, review_tab.curation_for)
+        data.path.change(suggesting, data.path, train.curation, api_name="suggest_curation", show_progress="hidden")
+        demo.load(suggesting, data.path, train.curation, api_name="initial_curation", show_progress="hidden")
         train_tab.wire_page_load(studio, train, demo, weights_inputs)
         evaluate_tab.wire(studio, evaluate)
         predict_tab.wire(studio, predict)

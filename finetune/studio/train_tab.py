@@ -31,6 +31,7 @@ class TrainTab:
     weights: gr.Radio
     weights_file: gr.File
     weights_note: gr.Markdown
+    curation: gr.Textbox
     epochs: gr.Number
     batch_size: gr.Number
     lr: gr.Number
@@ -65,6 +66,11 @@ def build(studio: Studio) -> TrainTab:
                 weights_file = gr.File(label="Weights file (.pth)", file_types=[".pth", ".pt"], type="filepath",
                                        visible=False, elem_id="weights_file")
                 weights_note = gr.Markdown(elem_id="weights_note")
+                curation = gr.Textbox(label="Curation file (optional): review decisions to apply",
+                                      info="Filled in from the Review tab once it has decisions for this data. "
+                                           "Excluded images are left out and relabelled ones moved; the folder "
+                                           "is never changed. Empty: train on the folder as it is.",
+                                      placeholder="runs/curation.json", elem_id="train_curation")
             with gr.Column(scale=1):
                 epochs = gr.Number(value=5, label="Epochs", minimum=1, maximum=1000, precision=0, elem_id="epochs")
                 batch_size = gr.Number(value=32, label="Batch size", minimum=1, maximum=4096, precision=0,
@@ -98,7 +104,7 @@ def build(studio: Studio) -> TrainTab:
         matrix = gr.Image(label="Confusion matrix (validation, best epoch)", type="filepath", interactive=False,
                           elem_id="train_matrix", buttons=["download"], visible=False, show_label=False, height=380)
         log = gr.Textbox(label="Log", lines=10, max_lines=20, autoscroll=True, interactive=False, elem_id="train_log")
-    return TrainTab(tab, data_ready, arch, strategy, weights, weights_file, weights_note, epochs, batch_size, lr,
+    return TrainTab(tab, data_ready, arch, strategy, weights, weights_file, weights_note, curation, epochs, batch_size, lr,
                     image_size, seed, device, gpus, start_btn, stop_btn, message, progress, result, loss_plot,
                     acc_plot, matrix, log)
 
@@ -147,7 +153,7 @@ def strategy_lr(studio: Studio, strategy: str = "last") -> float:
 
 
 def training_config(studio: Studio, data=None, arch="resnet34", strategy="last", weights="none", weights_file=None,
-                    epochs=5, batch_size=32, lr=None, image_size=224, seed=0) -> TrainConfig:
+                    epochs=5, batch_size=32, lr=None, image_size=224, seed=0, curation=None) -> TrainConfig:
     """The TrainConfig the settings describe (data made absolute against the app's working
     directory, runs in the studio's runs folder); FinetuneError for settings that cannot work."""
     from ..model import weights_available
@@ -169,20 +175,26 @@ def training_config(studio: Studio, data=None, arch="resnet34", strategy="last",
         warning(f"{message}. The training will try to download them.")
     elif not ok:
         raise FinetuneError(message)
+    curation_file = None
+    if (curation or "").strip():
+        from ..curation import load_curation
+
+        curation_file = str(studio.resolve_path(curation))
+        load_curation(curation_file)  # a missing or malformed file: said now, not in the training's log
     try:
         return TrainConfig(data=str(folder), arch=arch, strategy=strategy, weights=weights_value, epochs=int(epochs),
                            batch_size=int(batch_size), lr=float(lr) if lr else None, image_size=int(image_size),
-                           seed=int(seed), runs_dir=str(studio.runs_dir)).validate()
+                           seed=int(seed), runs_dir=str(studio.runs_dir), curation=curation_file).validate()
     except (TypeError, ValueError) as problem:
         raise FinetuneError(f"check the training settings: {problem}") from None
 
 
 def start_training(studio: Studio, data=None, arch="resnet34", strategy="last", weights="none", weights_file=None,
-                   epochs=5, batch_size=32, lr=None, image_size=224, seed=0, gpus=1) -> dict:
+                   epochs=5, batch_size=32, lr=None, image_size=224, seed=0, gpus=1, curation=None) -> dict:
     try:
         studio.require_idle()  # said before anything about the settings
         cfg = training_config(studio, data, arch, strategy, weights, weights_file, epochs, batch_size, lr,
-                              image_size, seed)
+                              image_size, seed, curation)
         job = studio.start(cfg, processes=max(1, min(int(gpus or 1), studio.visible_gpus())))
     except FinetuneError as problem:
         raise error(problem) from None
@@ -251,7 +263,7 @@ def wire(studio: Studio, c: TrainTab, data_path: gr.Textbox):
     follow = c.start_btn.click(
         bind(studio, start_training, started),
         [data_path, c.arch, c.strategy, c.weights, c.weights_file, c.epochs, c.batch_size, c.lr, c.image_size,
-         c.seed, c.gpus], output_list(started), api_name="start_training", concurrency_id="train_start",
+         c.seed, c.gpus, c.curation], output_list(started), api_name="start_training", concurrency_id="train_start",
         concurrency_limit=1,
     ).success(bind(studio, follow_training, following), None, output_list(following), api_name="follow_training",
               concurrency_id="follow", concurrency_limit=FOLLOWERS, show_progress="hidden")

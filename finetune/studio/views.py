@@ -210,3 +210,72 @@ def batch_limit_note(limit: int) -> str:
     return (f"Only the first {limit:,} images were classified: at most {limit:,} per request. "
             f"Classify the rest in another request (a smaller folder or fewer files), or use "
             f"`python -m finetune predict` in a terminal, which has no limit.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Review
+
+NOTHING_TO_REVIEW = "**Nothing to review:** the doctor flagged no image (or every flagged one was kept before)."
+KINDS = {"label": "Likely label error", "duplicate": "Duplicate", "other": "Odd image"}
+
+
+def review_summary(report, kept_before: int = 0) -> str:
+    """The doctor's findings in a few lines (report: a finetune.doctor.DoctorReport)."""
+    s = report.summary
+    check = s.get("label_check", {})
+    accuracy = check.get("out_of_sample_accuracy")
+    groups = report.duplicate_groups
+    problems = s.get("other_issues", {})
+    lines = [f"**{s['images']} images, {len(report.classes)} classes** in {code(report.data)}; features from "
+             f"{md(report.backbone)}.",
+             f"- **{len(report.label_issues)}** likely label errors"
+             + (f" (a linear probe on the features gets {accuracy:.0%} right out of sample)" if accuracy is not None
+                else ""),
+             f"- **{len(groups)}** duplicate groups ({sum(g['kind'] == 'exact' for g in groups)} exact, "
+             f"{sum(g['kind'] == 'near' for g in groups)} near): **{s.get('leak_groups', 0)}** leak between "
+             f"splits, {s.get('conflict_groups', 0)} span classes",
+             "- other problems: " + (", ".join(f"{n} {md(p)}" for p, n in sorted(problems.items())) or "none")]
+    small = [i for i in report.other_issues if not i.get("path")]
+    lines += [f"- {md(i['problem'])}: class {md(i['class'])} ({md(i['detail'])})" for i in small[:5]]
+    if kept_before:
+        lines.append(f"- {kept_before} flagged image(s) you kept in an earlier review are not shown again")
+    lines += [f"\n*Note: {md(note)}*" for note in report.notes]
+    return "\n".join(lines)
+
+
+def curation_line(path, decisions: int) -> str:
+    return (f"Decisions are saved at once to {code(path)} ({decisions} so far). Training uses them when this file "
+            f"is given on the Train tab; the data folder itself is never changed.")
+
+
+def review_position(index: int, total: int, item: dict, decided: int) -> str:
+    return f"### {KINDS[item['kind']]} · {index + 1} of {total}  \n{decided} of {total} decided"
+
+
+def review_details(item: dict, decision=None) -> str:
+    lines = [f"**{code(item['path'])}** ({md(item['split'])}, class **{md(item['given'])}**)"]
+    if item["kind"] == "label":
+        lines.append(f"Suggested class: **{md(item['suggested'])}** (probability {item['probability']:.0%}; label "
+                     f"quality {item['score']:.3f}, lower is more suspicious). Beside it: images of "
+                     f"{md(item['suggested'])}.")
+    elif item["kind"] == "duplicate":
+        flags = [text for flag, text in (("leak", "**leaks between splits**: the model is validated on a picture it "
+                                                  "trained on"),
+                                         ("conflict", "**the copies are in different classes**")) if item[flag]]
+        lines.append(f"An {md(item['group_kind'])} duplicate; beside it, its copies. " + "; ".join(flags))
+    else:
+        lines.append(f"{md(item['problem'])}: {md(item['detail'])}")
+    if item.get("unreadable"):
+        lines.append(f"(cannot show it: {md(item['unreadable'])})")
+    if decision is not None:
+        what = {"keep": "kept", "exclude": "excluded"}.get(decision.action, f"relabelled to {md(decision.label)}")
+        lines.append(f"✔ **Decided: {what}**")
+    return "\n\n".join(lines)
+
+
+def decision_note(item: dict) -> str:
+    if item["kind"] == "label":
+        return f"review: given {item['given']}, doctor suggested {item['suggested']} ({item['score']:.3f})"
+    if item["kind"] == "duplicate":
+        return f"review: {item['group_kind']} duplicate" + (" (leak)" if item["leak"] else "")
+    return f"review: {item['problem']}"
