@@ -637,3 +637,20 @@ def test_review_needs_a_folder_and_says_why_the_doctor_cannot_run(studio, tmp_pa
     with pytest.raises(gr.Error, match="Run the doctor first"):
         review_tab.keep_item(studio, None)
     assert [value for _, value in review_tab.backbone_choices(studio)][:2] == ["imagenet", "none"]
+
+
+def test_evaluate_heatmaps_of_the_misclassified_images(studio, sample_data, small_predictor, monkeypatch):
+    studio.predictors = PredictorCache(3, loader=lambda run, device: small_predictor)
+    run = fake_run(studio.runs_dir, "r1", data=sample_data)
+    metrics = json.loads((run / "metrics.json").read_text())
+    wrong = [{"path": f"square/square_0{i}.jpg", "true": "square", "predicted": "circle", "confidence": 0.6}
+             for i in range(3)]
+    (run / "metrics.json").write_text(json.dumps({**metrics, "misclassified": metrics["misclassified"] + wrong}))
+    monkeypatch.setattr(evaluate_tab, "MAX_HEATMAPS", 2)
+    out = evaluate_tab.evaluate_run(studio, str(run), True)
+    captions = [caption for _, caption in out["gallery"]]
+    assert captions == ["circle → square (80%) · heatmap", "square → circle (60%) · heatmap",
+                        "square → circle (60%)", "square → circle (60%)"]
+    heat, plain = out["gallery"][0][0], out["gallery"][2][0]
+    assert heat.size == plain.size == (96, 96) and heat.tobytes() != plain.tobytes()
+    assert out["note"].endswith("· heatmaps on the first 2")

@@ -1,5 +1,5 @@
 """3. Evaluate: a run's metrics on its validation images, confusion matrix, per-class table,
-misclassified images and training curves."""
+misclassified images (optionally with Grad-CAM heatmaps of what the model saw) and training curves."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from . import views
 from .common import bind, error, output_list, thumbnail
 from .state import Studio
 
+MAX_HEATMAPS = 12  # Grad-CAM costs ~0.3 s per image on a CPU (more with the decode)
+
 
 @dataclass
 class EvaluateTab:
@@ -25,6 +27,7 @@ class EvaluateTab:
     matrix: gr.Image
     table: gr.Dataframe
     note: gr.Markdown
+    heatmaps: gr.Checkbox
     gallery: gr.Gallery
     curves: gr.Image
 
@@ -41,15 +44,30 @@ def build(studio: Studio) -> EvaluateTab:
                           elem_id="eval_matrix", height=420)
         table = gr.Dataframe(label="Per class", interactive=False, elem_id="eval_table")
         note = gr.Markdown(elem_id="eval_note")
+        heatmaps = gr.Checkbox(value=False, elem_id="eval_heatmaps",
+                               label=f"Heatmaps: where the model looked for its wrong answer (Grad-CAM; the first "
+                                     f"{MAX_HEATMAPS} images, about a second each on a CPU)")
         gallery = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=5,
                              height="auto", object_fit="contain", elem_id="eval_gallery")
         gr.Markdown("#### Training curves", elem_id="eval_curves_help")
         curves = gr.Image(label="Training curves", show_label=False, type="filepath", interactive=False,
                           elem_id="eval_curves", height=360)
-    return EvaluateTab(tab, run, refresh, summary, matrix, table, note, gallery, curves)
+    return EvaluateTab(tab, run, refresh, summary, matrix, table, note, heatmaps, gallery, curves)
 
 
-def evaluate_run(studio: Studio, run: str | None = None) -> dict:
+def heatmap_thumbnail(studio: Studio, predictor, path: Path, size: int = 200):
+    """The Grad-CAM overlay of the predicted class on one image (decoded small), as a thumbnail."""
+    from ..data import load_rgb
+    from ..explain import explain_image
+
+    image = load_rgb(path, min_size=predictor.min_size)
+    with studio.model_lock(predictor).exclusive():
+        overlay = explain_image(predictor, image).overlay
+    overlay.thumbnail((size, size))
+    return overlay
+
+
+def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False, progress=gr.Progress()) -> dict:
     if not run:  # no run yet (first start): a hint, not an error
         return {"summary": views.NO_RUN_YET, "matrix": None, "table": None, "gallery": [], "note": "",
                 "curves": None}
@@ -62,10 +80,22 @@ def evaluate_run(studio: Studio, run: str | None = None) -> dict:
         raise error(f"{run_dir.name} has no validation images to evaluate")
     root = Path(run_dir.data_root() or "")
     misclassified = metrics.get("misclassified", [])
-    gallery = []
+    gallery, explained = [], 0
+    predictor = None
+    if heatmaps and misclassified:
+        try:
+            predictor = studio.predictor(run_dir.path)
+        except FinetuneError as problem:
+            raise error(problem) from None
     for item in misclassified[:views.MAX_MISCLASSIFIED]:
         try:
-            gallery.append((thumbnail(root / item["path"], 200), views.misclassified_caption(item)))
+            if predictor is not None and explained < MAX_HEATMAPS:
+                progress((explained, min(MAX_HEATMAPS, len(misclassified))), desc="Heatmaps", unit="images")
+                picture = heatmap_thumbnail(studio, predictor, root / item["path"])
+                explained += 1
+                gallery.append((picture, views.misclassified_caption(item) + " · heatmap"))
+            else:
+                gallery.append((thumbnail(root / item["path"], 200), views.misclassified_caption(item)))
         except Exception:  # noqa: BLE001 - the image may have moved since training
             continue
     return {
@@ -73,7 +103,8 @@ def evaluate_run(studio: Studio, run: str | None = None) -> dict:
         "matrix": studio.serve_run_file(run_dir.confusion_matrix),
         "table": pd.DataFrame(views.eval_rows(metrics)),
         "gallery": gallery,
-        "note": views.misclassified_note(len(misclassified), metrics["num_images"], len(gallery)),
+        "note": views.misclassified_note(len(misclassified), metrics["num_images"], len(gallery))
+        + (f" · heatmaps on the first {explained}" if explained else ""),
         "curves": studio.serve_run_file(run_dir.curves),
     }
 
@@ -81,4 +112,7 @@ def evaluate_run(studio: Studio, run: str | None = None) -> dict:
 def wire(studio: Studio, c: EvaluateTab) -> None:
     outputs = {"summary": c.summary, "matrix": c.matrix, "table": c.table, "gallery": c.gallery, "note": c.note,
                "curves": c.curves}
-    c.run.change(bind(studio, evaluate_run, outputs), c.run, output_list(outputs), api_name="evaluate_run")
+    evaluating = bind(studio, evaluate_run, outputs)
+    c.run.change(evaluating, [c.run, c.heatmaps], output_list(outputs), api_name="evaluate_run")
+    c.heatmaps.change(evaluating, [c.run, c.heatmaps], output_list(outputs), api_name="evaluate_run_heatmaps",
+                      show_progress_on=[c.gallery])
