@@ -1,7 +1,7 @@
 """app.py in a real browser: Playwright driving Debian's Chromium headless.
 
 What a first-time user does: the sample data is already chosen, train one short epoch and watch the
-curves appear, see the confusion matrix, drop an image and read the label, download
+curves appear, see the confusion matrix, drop an image and read the label (and why), download
 class_indices.json, and stop a training. Every test fails if the page requests anything beyond
 127.0.0.1; a screenshot of a failing test is saved in test-artifacts/.
 """
@@ -155,6 +155,10 @@ def test_drop_an_image_and_read_the_label(page, sample_data):
     label = page.locator("#predict_label")
     label.filter(has_text=re.compile("circle|square|triangle")).wait_for(timeout=30_000)
     assert re.search(r"\d+%", label.inner_text())
+    threshold = re.compile(r"Suggested from validation: 0\.\d\d|no calibration")
+    page.locator("#min_conf_note").filter(has_text=threshold).wait_for(timeout=15_000)
+    page.locator("#predict_why input").check()  # Why?: the Grad-CAM overlay beside the label
+    page.locator("#predict_heatmap img").wait_for(timeout=30_000)
 
 
 def test_download_class_indices(page):
