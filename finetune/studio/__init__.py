@@ -4,7 +4,8 @@
     workspace.py   uploads, temporary inputs, the files handed to the browser, quota and clean-up
     inputs.py      the images of a batch prediction (files, zips, a server folder), bounded
     views.py       pure formatting: summaries, progress, results, tables
-    data_tab.py, train_tab.py, evaluate_tab.py, predict_tab.py, export_tab.py
+    components.py  an Image that hands over the upload's path undecoded, a Label with its own headline
+    data_tab.py, review_tab.py, train_tab.py, evaluate_tab.py, predict_tab.py, export_tab.py
                    one module per tab: build(studio) -> components (layout), wire(...) (events),
                    and module-level handlers of (studio, ...) that tests call without a server
     app.py         arguments, launch, the cross-tab wiring; main() is the `finetune-studio` command
