@@ -703,7 +703,10 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
     seconds["total"] = time.perf_counter() - started
 
     notes = []
-    if not backbone.pretrained:
+    if not backbone.pretrained and run is not None:
+        notes.append("the run was trained from scratch (weights none), not fine-tuned from ImageNet: its features "
+                     "are weaker and embedding similarity is off; label suggestions are rough")
+    elif not backbone.pretrained:
         notes.append("the features come from a backbone without pretraining: label suggestions are rough, and "
                      "embedding similarity is off (use --weights imagenet or --run RUN for better ones)")
     if check["classes"] < len(scan.classes):

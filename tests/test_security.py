@@ -407,11 +407,12 @@ def test_prediction_csv_escapes_formula_names_and_keeps_numbers(tmp_path):
         Prediction("plain.png", [("cats", 1.0), ("dogs", 0.0), ("\rowls", 0.0)]),
     ]
     rows = read_rows(write_csv(predictions, tmp_path / "p.csv", top_k=3))
-    assert rows[0] == ["path", "prediction", "confidence", "class_2", "probability_2", "class_3", "probability_3",
-                       "error"]
-    assert rows[1] == ["'" + FORMULA_FILE, "'+cmd", "0.750000", "'@SUM(1)", "0.200000", "'-2+3", "0.050000", ""]
-    assert rows[2] == ["'\t=1+1.png", "", "", "", "", "", "", "'=cannot decode"]
-    assert rows[3] == ["plain.png", "cats", "1.000000", "dogs", "0.000000", "'\rowls", "0.000000", ""]
+    assert rows[0] == ["path", "prediction", "best_guess", "confidence", "class_2", "probability_2", "class_3",
+                       "probability_3", "error"]
+    assert rows[1] == ["'" + FORMULA_FILE, "'+cmd", "'+cmd", "0.750000", "'@SUM(1)", "0.200000", "'-2+3", "0.050000",
+                       ""]
+    assert rows[2] == ["'\t=1+1.png", "", "", "", "", "", "", "", "'=cannot decode"]
+    assert rows[3] == ["plain.png", "cats", "cats", "1.000000", "dogs", "0.000000", "'\rowls", "0.000000", ""]
 
 
 def test_evaluation_csvs_escape_formula_names_and_keep_numbers(tmp_path):
@@ -449,6 +450,6 @@ def test_formula_file_and_class_names_from_a_real_folder(tmp_path):
     assert f"@SUM(1)/{on_disk}" in [rel for rel, _ in items]
     predictions = [Prediction(Path(rel).name, [(scan.classes[label], 0.875)]) for rel, label in items]
     rows = read_rows(write_csv(predictions, tmp_path / "p.csv", top_k=1))
-    assert ["'" + on_disk, "'@SUM(1)", "0.875000", ""] in rows
-    assert all(row[1] in ("'+cmd", "'@SUM(1)") and row[2] == "0.875000" for row in rows[1:])
+    assert ["'" + on_disk, "'@SUM(1)", "'@SUM(1)", "0.875000", ""] in rows
+    assert all(row[1] in ("'+cmd", "'@SUM(1)") and row[3] == "0.875000" for row in rows[1:])
     assert tree_digest(root) == before
