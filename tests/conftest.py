@@ -51,6 +51,20 @@ def make_class_folders(root: Path, classes=("cats", "dogs"), per_class=6, size=(
     return root
 
 
+def every_option_config():
+    """A TrainConfig with every command-line option away from its default (round-trip tests)."""
+    from finetune.config import TrainConfig, cli_fields
+
+    cfg = TrainConfig(data="photos", arch="resnet50", strategy="head", weights="w.pth", epochs=2, batch_size=3,
+                      lr=0.02, backbone_lr_scale=0.3, weight_decay=0.01, label_smoothing=0.0, warmup_epochs=0.5,
+                      image_size=64, val_fraction=0.3, seed=7, device="cpu", workers=0, class_weighted_loss=True,
+                      early_stopping=2, amp=False, channels_last=False, compile=True, cache="off", cache_views=3,
+                      memory_budget_gb=1.5, runs_dir="my-runs", run_name="n", curation="review/curation.json")
+    untested = [f.name for f in cli_fields() if getattr(cfg, f.name) == f.default]
+    assert not untested, f"give these options a non-default value in every_option_config: {untested}"
+    return cfg
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return make_class_folders(tmp_path / "tiny")

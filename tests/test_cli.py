@@ -13,7 +13,7 @@ import pytest
 
 from PIL import Image
 
-from conftest import REPO, make_class_folders, tree_digest
+from conftest import REPO, every_option_config, make_class_folders, tree_digest
 
 
 def cli(*args, cwd=None, env=None):
@@ -62,6 +62,27 @@ def test_help_lists_every_command():
         assert command in result.stdout
     train_help = cli("train", "--help").stdout
     assert "--strategy {all,last,head}" in train_help and "--resume RUN" in train_help
+
+
+def test_every_option_round_trips_through_the_command_line_and_a_config_file(tmp_path):
+    from finetune.cli import build_parser, config_from_args
+    from finetune.config import TrainConfig, cli_fields
+
+    cfg = every_option_config()
+    argv = ["train"]
+    for f in cli_fields():
+        value, meta = getattr(cfg, f.name), f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if meta["positional"]:
+            argv.append(str(value))
+        elif isinstance(value, bool):
+            argv.append(flag)  # every flag here is the non-default side
+        else:
+            argv += [flag, str(value)]
+    assert config_from_args(build_parser().parse_args(argv)) == cfg
+    saved = cfg.save(tmp_path / "config.json")
+    overridden = config_from_args(build_parser().parse_args(["train", "--config", str(saved), "--epochs", "9"]))
+    assert overridden == TrainConfig.from_dict({**cfg.to_dict(), "epochs": 9})
 
 
 def test_train_predict_evaluate_export_from_the_terminal(tmp_path):

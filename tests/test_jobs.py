@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, make_class_folders
+from conftest import REPO, every_option_config, make_class_folders
 from finetune.config import TrainConfig
 from finetune.jobs import TrainingJob, TrainingView, train_command
 
@@ -45,18 +45,14 @@ def test_every_option_reaches_the_training_process(tmp_path, monkeypatch):
     from finetune.cli import build_parser, config_from_args
 
     monkeypatch.chdir(tmp_path)
-    cfg = TrainConfig(data="photos", arch="resnet50", strategy="head", weights="w.pth", epochs=2, batch_size=3,
-                      lr=0.02, backbone_lr_scale=0.3, weight_decay=0.01, label_smoothing=0.0, warmup_epochs=0.5,
-                      image_size=64, val_fraction=0.3, seed=7, device="cpu", workers=0, class_weighted_loss=True,
-                      early_stopping=2, amp=False, channels_last=False, compile=True, cache="off", cache_views=3,
-                      memory_budget_gb=1.5, runs_dir="runs", run_name="n")
+    cfg = every_option_config()
     job = TrainingJob(cfg, cwd=REPO)
     job.kill()
     launched = job.command[job.command.index("--config") + 1]
     args = build_parser().parse_args(["train", "--config", launched])
     received = config_from_args(args)
     expected = dict(cfg.to_dict(), data=str(tmp_path / "photos"), weights=str(tmp_path / "w.pth"),
-                    runs_dir=str(tmp_path / "runs"))
+                    runs_dir=str(tmp_path / "my-runs"), curation=str(tmp_path / "review" / "curation.json"))
     assert received.to_dict() == expected
 
 
