@@ -98,20 +98,10 @@ def _file_identity(path: Path) -> str:
 
 
 def _read_run(run: str | Path) -> tuple[Path, dict]:
-    run_dir = Path(run).expanduser()
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise FinetuneError(f"not a run folder (no run.json): {run_dir}")
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinetuneError(f"{info_path} is not valid JSON: {error}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("arch"), str) or not info.get("classes"):
-        raise FinetuneError(f"{info_path} has no arch and classes: not a finetune run")
-    model_path = run_dir / "model.pth"
-    if not model_path.is_file():
-        raise FinetuneError(f"{run_dir} has no model.pth yet (training has not finished an epoch)")
-    return model_path, info
+    from .rundir import RunDir
+
+    run_dir = RunDir(Path(run).expanduser())
+    return run_dir.model, run_dir.require_trained()
 
 
 def load_backbone(run: str | Path | None = None, arch: str = "resnet34", weights: str = "imagenet",

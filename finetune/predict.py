@@ -126,11 +126,9 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "model.pth") -> "Predictor":
         run = RunDir(Path(run_dir).expanduser())
-        info = run.require_info()
+        info = run.require_trained(checkpoint)
         run_dir, info_path = run.path, run.info_path
         weights = run.path / checkpoint
-        if not weights.is_file():
-            raise FinetuneError(f"{run_dir} has no {checkpoint} yet (training has not finished an epoch)")
         state = safe_load(weights, "model")
         classes = info["classes"]
         class_file = run.class_indices

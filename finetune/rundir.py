@@ -147,6 +147,16 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as error:
             raise FinetuneError(f"cannot read {self.info_path}: {error}") from None
 
+    def require_trained(self, checkpoint: str = "model.pth") -> dict:
+        """run.json of a run that has a model to load (arch, classes and the checkpoint file), else a
+        one-line error saying what is missing."""
+        info = self.require_info()
+        if not isinstance(info, dict) or not isinstance(info.get("arch"), str) or not info.get("classes"):
+            raise FinetuneError(f"{self.info_path} has no arch and classes: not a finetune run")
+        if not (self.path / checkpoint).is_file():
+            raise FinetuneError(f"{self.path} has no {checkpoint} yet (training has not finished an epoch)")
+        return info
+
     def write_info(self, info: dict) -> None:
         write_json(self.info_path, {"format": RUN_FORMAT, **info})
 

@@ -64,3 +64,18 @@ def test_info_updates_keep_what_was_there(tmp_path):
     run.write_class_indices(["daisy", "roses"])
     assert run.class_indices.read_text() == '{\n    "0": "daisy",\n    "1": "roses"\n}'
 
+
+
+def test_require_trained_names_what_is_missing(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    with pytest.raises(FinetuneError, match="not a run folder"):
+        run.require_trained()
+    run.write_info({"status": "running"})
+    with pytest.raises(FinetuneError, match="has no arch and classes"):
+        run.require_trained()
+    run.update_info(arch="resnet34", classes=["a", "b"])
+    with pytest.raises(FinetuneError, match="has no model.pth yet"):
+        run.require_trained()
+    run.model.write_bytes(b"")
+    assert run.require_trained()["classes"] == ["a", "b"]
