@@ -698,7 +698,8 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
                      "are weaker and embedding similarity is off; label suggestions are rough")
     elif not backbone.pretrained:
         notes.append("the features come from a backbone without pretraining: label suggestions are rough, and "
-                     "embedding similarity is off (use --weights imagenet or --run RUN for better ones)")
+                     "embedding similarity is off (ImageNet weights, or a run trained on this data, give better "
+                     "ones)")
     if check["classes"] < len(scan.classes):
         notes.append("classes with fewer than 2 images are left out of the label check")
     summary = {
