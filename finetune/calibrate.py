@@ -198,3 +198,22 @@ def calibrate(logits, targets, plot_path: str | Path | None = None) -> dict:
     if plot_path is not None and len(targets):
         record["plot"] = Path(reliability_plot(before, after, targets, plot_path)).name
     return record
+
+
+def held_out_report(calibrated, targets, temperature: float, threshold: float) -> dict:
+    """What the run's calibration does on labelled images it was not fitted on: ECE of the raw model
+    and of the calibrated one, and what the threshold answers. `calibrated` are the predictor's
+    (tempered) probabilities; the raw ones are recovered exactly (softmax(T * log p) = softmax(logits))."""
+    calibrated = np.asarray(calibrated, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    raw = softmax(logits_from_probs(calibrated) * temperature)
+    return {"temperature": temperature, "ece_raw": expected_calibration_error(raw, targets),
+            "ece_calibrated": expected_calibration_error(calibrated, targets), "min_confidence": threshold,
+            **coverage(calibrated, targets, threshold)}
+
+
+def held_out_line(report: dict) -> str:
+    return (f"calibration (temperature {report['temperature']:.3f}): ECE {report['ece_raw']:.3f} raw, "
+            f"{report['ece_calibrated']:.3f} calibrated; at min confidence {report['min_confidence']:.2f}, "
+            f"{report['answered']:.0%} answered, {report['accuracy_answered']:.1%} of those right")
+

@@ -238,12 +238,22 @@ def cmd_evaluate(args) -> int:
     for row, p in enumerate(predictions):
         for name, prob in p.top:
             probs[row, index[name]] = prob
-    metrics = compute_metrics([label for _, label in items], probs, predictor.classes, [rel for rel, _ in items])
+    targets = [label for _, label in items]
+    metrics = compute_metrics(targets, probs, predictor.classes, [rel for rel, _ in items])
     metrics["data"] = root
     metrics["skipped"] = skipped
+    if items:
+        from .calibrate import held_out_report
+
+        metrics["calibration"] = held_out_report(probs, targets, predictor.temperature,
+                                                 predictor.min_confidence(args.min_confidence))
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
     write_reports(out, metrics)
     print(summary_line(metrics))
+    if "calibration" in metrics:
+        from .calibrate import held_out_line
+
+        print(held_out_line(metrics["calibration"]))
     print(per_class_table(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
     return 0
@@ -397,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
     evaluate_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     evaluate_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    evaluate_parser.add_argument("--min-confidence", type=probability, metavar="P",
+                                 help="the threshold whose coverage is reported (default: the run's suggestion)")
     evaluate_parser.set_defaults(func=cmd_evaluate)
 
     export_parser = sub.add_parser("export", help="export a run's model to TorchScript or ONNX",

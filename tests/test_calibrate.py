@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.calibrate import (UNKNOWN, UNKNOWN_INDEX, apply_unknown, calibrate, calibrated_probs,
-                                expected_calibration_error, fit_temperature, label_or_unknown, logits_from_probs,
-                                softmax, suggest_threshold)
+from finetune.calibrate import (UNKNOWN, UNKNOWN_INDEX, apply_unknown, calibrate, calibrated_probs, coverage,
+                                expected_calibration_error, fit_temperature, held_out_report, label_or_unknown,
+                                logits_from_probs, softmax, suggest_threshold)
 from finetune.data import eval_transform
 from finetune.model import build_model
 
@@ -144,3 +144,14 @@ def test_noise_is_answered_unknown_more_often_than_validation_images():
     # Softmax confidence is a weak detector of the unfamiliar: this held for 4 of the 5 seeds tried
     # (a model from scratch on 64 images); the margin here is what seed 0 gives, with room to spare.
     assert noise_unknown >= val_unknown + 0.3, (val_unknown, noise_unknown, record)
+
+
+def test_held_out_report_recovers_the_raw_model_exactly():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (200, 4))
+    targets = rng.integers(0, 4, 200)
+    report = held_out_report(softmax(logits, 2.5), targets, 2.5, 0.5)
+    assert report["ece_raw"] == pytest.approx(expected_calibration_error(softmax(logits), targets), abs=1e-9)
+    assert report["ece_calibrated"] == pytest.approx(expected_calibration_error(softmax(logits, 2.5), targets))
+    assert report == {**report, **coverage(softmax(logits, 2.5), targets, 0.5)}
+

@@ -121,6 +121,8 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 10 and (tmp_path / "eval" / "confusion_matrix.png").exists()
+    assert {"ece_raw", "ece_calibrated", "answered", "accuracy_answered"} <= set(metrics["calibration"])
+    assert "calibration (temperature " in evaluated.stdout
 
     exported = cli("export", run, "--format", "torchscript")
     assert exported.returncode == 0 and (run / "model.torchscript.pt").exists()
