@@ -125,6 +125,10 @@ class RunDir:
     def curves(self) -> Path:
         return self.path / "training_curves.png"
 
+    @property
+    def reliability(self) -> Path:
+        return self.path / "reliability.png"
+
     def is_run(self) -> bool:
         return self.info_path.is_file()
 

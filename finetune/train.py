@@ -568,7 +568,7 @@ def calibrate_run(s: Session, probs: np.ndarray, targets: np.ndarray) -> dict:
     Prediction applies the temperature; the reported metrics stay those of the raw model."""
     from .calibrate import calibrate, logits_from_probs
 
-    record = calibrate(logits_from_probs(probs), targets, s.run.path / "reliability.png")
+    record = calibrate(logits_from_probs(probs), targets, s.run.reliability)
     s.run.update_info(calibration=record)
     s.log(f"calibration on {record['val_images']} val images: temperature {record['temperature']:.3f}, "
           f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}; suggested min confidence "

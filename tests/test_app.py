@@ -256,8 +256,10 @@ def test_list_runs_newest_first(client, trained, app_server):
 
 def test_evaluate_run(client, trained):
     run_dir, _ = trained
-    summary, matrix, table, gallery, note, curves = client.predict(str(run_dir), api_name="/evaluate_run")
+    summary, matrix, table, gallery, note, calibration, reliability, curves = client.predict(
+        str(run_dir), api_name="/evaluate_run")
     assert run_dir.name in summary and "accuracy" in summary and "top-1" in summary
+    assert "**Calibration** on 15 validation images" in calibration and Path(reliability).name == "reliability.png"
     assert Path(matrix).name == "confusion_matrix.png" and Path(curves).name == "training_curves.png"
     assert table["headers"] == ["class", "precision", "recall", "f1", "support"]
     assert [row[0] for row in table["data"]] == ["circle", "square", "triangle"]

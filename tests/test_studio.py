@@ -319,6 +319,16 @@ def test_evaluate_view_of_a_fake_run(studio, sample_data):
     for key, name in (("matrix", "confusion_matrix.png"), ("curves", "training_curves.png")):
         served = Path(out[key])
         assert served.name == name and served.is_relative_to(studio.workspace.served)
+    assert out["calibration"].startswith("This run has no calibration") and out["reliability"] is None
+    calibrated = fake_run(studio.runs_dir, "r2", data=sample_data, calibration={
+        "temperature": 1.5, "temperature_at_bound": False, "val_images": 15, "ece_before": 0.12, "ece_after": 0.04,
+        "suggested_min_confidence": 0.55, "at_suggested": {"answered": 0.9, "accuracy_answered": 0.97}})
+    make_image(calibrated / "reliability.png", size=(20, 10))
+    out = evaluate_tab.evaluate_run(studio, str(calibrated))
+    assert "temperature 1.500" in out["calibration"] and "**0.040** after" in out["calibration"]
+    assert "minimum confidence **0.55**: 90% of validation answered" in out["calibration"]
+    assert Path(out["reliability"]).name == "reliability.png"
+    assert Path(out["reliability"]).is_relative_to(studio.workspace.served)
     assert evaluate_tab.evaluate_run(studio, None)["summary"].startswith("No trained run yet")
     with pytest.raises(gr.Error, match="not a run in"):
         evaluate_tab.evaluate_run(studio, "/etc")

@@ -29,6 +29,8 @@ class EvaluateTab:
     note: gr.Markdown
     heatmaps: gr.Checkbox
     gallery: gr.Gallery
+    calibration: gr.Markdown
+    reliability: gr.Image
     curves: gr.Image
 
 
@@ -49,10 +51,16 @@ def build(studio: Studio) -> EvaluateTab:
                                      f"{MAX_HEATMAPS} images, about a second each on a CPU)")
         gallery = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=5,
                              height="auto", object_fit="contain", elem_id="eval_gallery")
+        gr.Markdown("#### Calibration\nHow far the confidence can be trusted: accuracy against confidence, before "
+                    "and after temperature scaling (the diagonal is perfect).", elem_id="eval_calibration_help")
+        calibration = gr.Markdown(elem_id="eval_calibration")
+        reliability = gr.Image(label="Reliability", show_label=False, type="filepath", interactive=False,
+                               elem_id="eval_reliability", height=320)
         gr.Markdown("#### Training curves", elem_id="eval_curves_help")
         curves = gr.Image(label="Training curves", show_label=False, type="filepath", interactive=False,
                           elem_id="eval_curves", height=360)
-    return EvaluateTab(tab, run, refresh, summary, matrix, table, note, heatmaps, gallery, curves)
+    return EvaluateTab(tab, run, refresh, summary, matrix, table, note, heatmaps, gallery, calibration, reliability,
+                       curves)
 
 
 def heatmap_thumbnail(studio: Studio, predictor, path: Path, size: int = 200):
@@ -70,7 +78,7 @@ def heatmap_thumbnail(studio: Studio, predictor, path: Path, size: int = 200):
 def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False, progress=gr.Progress()) -> dict:
     if not run:  # no run yet (first start): a hint, not an error
         return {"summary": views.NO_RUN_YET, "matrix": None, "table": None, "gallery": [], "note": "",
-                "curves": None}
+                "calibration": "", "reliability": None, "curves": None}
     try:
         run_dir = RunDir(resolve_run(run, studio.runs_dir))
         metrics = run_dir.metrics()
@@ -105,13 +113,15 @@ def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False,
         "gallery": gallery,
         "note": views.misclassified_note(len(misclassified), metrics["num_images"], len(gallery))
         + (f" · heatmaps on the first {explained}" if explained else ""),
+        "calibration": views.calibration_text(run_dir.info()),
+        "reliability": studio.serve_run_file(run_dir.reliability),
         "curves": studio.serve_run_file(run_dir.curves),
     }
 
 
 def wire(studio: Studio, c: EvaluateTab) -> None:
     outputs = {"summary": c.summary, "matrix": c.matrix, "table": c.table, "gallery": c.gallery, "note": c.note,
-               "curves": c.curves}
+               "calibration": c.calibration, "reliability": c.reliability, "curves": c.curves}
     evaluating = bind(studio, evaluate_run, outputs)
     c.run.change(evaluating, [c.run, c.heatmaps], output_list(outputs), api_name="evaluate_run")
     c.heatmaps.change(evaluating, [c.run, c.heatmaps], output_list(outputs), api_name="evaluate_run_heatmaps",

@@ -179,6 +179,22 @@ def misclassified_note(wrong: int, total: int, shown: int) -> str:
     return f"{wrong} of {total} validation images misclassified" + (f" (showing {shown})" if wrong > shown else "")
 
 
+def calibration_text(info: dict) -> str:
+    """What the run's temperature scaling did on its validation images (run.json "calibration")."""
+    c = info.get("calibration")
+    if not c:
+        return ("This run has no calibration (trained before finetune calibrated its runs, or without "
+                "validation images): its probabilities are the raw model's, and it always answers.")
+    at = c.get("at_suggested", {})
+    return (f"**Calibration** on {c['val_images']} validation images: temperature {c['temperature']:.3f}, "
+            f"calibration error (ECE) {c['ece_before']:.3f} before, **{c['ece_after']:.3f}** after. "
+            f"Suggested minimum confidence **{c['suggested_min_confidence']:.2f}**: "
+            f"{at.get('answered', 0):.0%} of validation answered, {at.get('accuracy_answered', 0):.1%} of those "
+            f"right; below it Predict says *unknown*."
+            + (" (The temperature is at its bound: validation could not pin it down.)"
+               if c.get("temperature_at_bound") else ""))
+
+
 NO_RUN_YET = "No trained run yet: train one on the **2. Train** tab, then pick it here."
 
 
