@@ -233,6 +233,42 @@ def check_predict_agrees(run: Path, device: torch.device):
                                f"(allowed {allowed})"), None
 
 
+def check_calibration_and_heatmaps(run: Path, device: torch.device):
+    """run.json's calibration, and Grad-CAM on this device: the image's size, finite, and a different
+    map for another class (backward passes through hooks on the device)."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from .explain import explain_image
+    from .predict import Predictor
+    from .rundir import RunDir
+
+    rundir = RunDir(run)
+    calibration = rundir.info().get("calibration") or {}
+    temperature = calibration.get("temperature")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        return False, f"no usable temperature in run.json ({temperature!r})", None
+    if not rundir.reliability.is_file():
+        return False, "reliability.png missing", None
+    scan = rundir.read_split()
+    path = Path(scan.root) / scan.val[0][0]
+    predictor = Predictor.from_run(run, device=str(device))
+    first, second = (explain_image(predictor, path, name) for name in predictor.classes[:2])
+    size = Image.open(path).size
+    problems = []
+    if first.overlay.size != size:
+        problems.append(f"overlay {first.overlay.size} for an image of {size}")
+    if first.heatmap.shape != (predictor.image_size, predictor.image_size) or not np.isfinite(first.heatmap).all():
+        problems.append(f"heatmap {first.heatmap.shape}, finite: {bool(np.isfinite(first.heatmap).all())}")
+    if np.array_equal(first.heatmap, second.heatmap):
+        problems.append("the same heatmap for two classes")
+    detail = (f"temperature {temperature:.3f}, ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}; "
+              f"Grad-CAM on {device.type}")
+    return not problems, "; ".join(problems) or detail, None
+
+
 def check_exports(run: Path):
     import numpy as np
 
@@ -321,6 +357,7 @@ def run_selftest(device_name: str = "auto", arch: str = "resnet34", nproc: int =
             report.run(f"{strategy}: predict = evaluate", check_predict_agrees, run, device)
             if strategy == "last":
                 report.run(f"{strategy}: TorchScript/ONNX = PyTorch", check_exports, run)
+                report.run(f"{strategy}: calibration, heatmaps", check_calibration_and_heatmaps, run, device)
         if nproc > 1:
             print(f"torchrun with {nproc} processes:", flush=True)
             report.run(f"DDP x{nproc}", check_torchrun, data, tmp / "ddp-runs", nproc, device, arch, image_size)

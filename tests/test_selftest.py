@@ -21,6 +21,7 @@ def test_selftest_on_the_cpu_passes(tmp_path):
     assert "mixed precision: off" in out and "channels_last: on" in out
     for strategy in ("head", "last", "all"):
         assert f"{strategy}: frozen layers" in out and f"{strategy}: cached = full model" in out
+    assert "last: calibration, heatmaps" in out and "Grad-CAM on cpu" in out
     assert "FAIL" not in out and "all checks passed" in out
 
 
