@@ -203,7 +203,8 @@ def calibrate(logits, targets, plot_path: str | Path | None = None) -> dict:
 def held_out_report(calibrated, targets, temperature: float, threshold: float) -> dict:
     """What the run's calibration does on labelled images it was not fitted on: ECE of the raw model
     and of the calibrated one, and what the threshold answers. `calibrated` are the predictor's
-    (tempered) probabilities; the raw ones are recovered exactly (softmax(T * log p) = softmax(logits))."""
+    (tempered) probabilities; the raw ones are recovered as softmax(T * log p) = softmax(logits), exact
+    but for probabilities that float32 rounded to 0 or 1."""
     calibrated = np.asarray(calibrated, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
     raw = softmax(logits_from_probs(calibrated) * temperature)

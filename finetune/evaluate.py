@@ -150,9 +150,12 @@ def write_reports(out_dir: Path, metrics: dict, prefix: str = "") -> None:
 
 
 @torch.inference_mode()
-def predict_batches(model, loader, device: torch.device, amp_dtype=None, channels_last=False):
-    """(probabilities, targets) as numpy arrays over a DataLoader of (images, labels)."""
-    all_probs, all_targets = [], []
+def predict_logits(model, loader, device: torch.device, amp_dtype=None, channels_last=False):
+    """(logits as float32, targets) as numpy arrays over a DataLoader of (images, labels).
+
+    Logits, not probabilities: a float32 softmax saturates to exact 0 and 1 for a confident model,
+    and the temperature fitted afterwards needs what the softmax threw away."""
+    all_logits, all_targets = [], []
     model.eval()
     for images, targets in loader:
         images = images.to(device, non_blocking=device.type == "cuda")  # pinned memory on CUDA only
@@ -160,8 +163,8 @@ def predict_batches(model, loader, device: torch.device, amp_dtype=None, channel
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-        all_probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        all_logits.append(logits.float().cpu())
         all_targets.append(torch.as_tensor(targets))
-    if not all_probs:
+    if not all_logits:
         return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
-    return torch.cat(all_probs).numpy(), torch.cat(all_targets).numpy()
+    return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()

@@ -34,7 +34,7 @@ from .config import FinetuneError, TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
 from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
                      pin_memory, resolve_device, seed_everything, versions)
-from .evaluate import compute_metrics, plot_history, predict_batches, summary_line, write_reports
+from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import Event, EventCallback, EventWriter
 from .model import apply_strategy, build_model, param_groups, safe_load, split_model
 from .rundir import RunDir, save_atomic
@@ -547,14 +547,18 @@ def final_evaluation(session: Session, state: TrainState) -> dict | None:
     s.model.load_state_dict(torch.load(s.run.model, map_location=s.device, weights_only=True))
     s.model.eval()
     plot_history(state.history, s.run.curves)
-    results = {}
+    from .calibrate import softmax
+
+    results, temperature = {}, 1.0
     for split in ("val", "test"):
         items = getattr(s.scan, split)
         if not items:
             continue
-        probs, targets = _split_probabilities(s, split, items)
+        logits, targets = _split_logits(s, split, items)
         if split == "val":
-            calibrate_run(s, probs, targets)
+            temperature = calibrate_run(s, logits, targets)["temperature"]
+        # confidences as prediction gives them (accuracy, top-k and the confusion matrix do not change)
+        probs = softmax(logits, temperature)
         metrics = compute_metrics(targets, probs, s.scan.classes, [rel for rel, _ in items])
         metrics["history"] = state.history if split == "val" else None
         write_reports(s.run.path, metrics, prefix="" if split == "val" else "test_")
@@ -562,13 +566,13 @@ def final_evaluation(session: Session, state: TrainState) -> dict | None:
     return results.get("val")
 
 
-def calibrate_run(s: Session, probs: np.ndarray, targets: np.ndarray) -> dict:
+def calibrate_run(s: Session, logits: np.ndarray, targets: np.ndarray) -> dict:
     """Temperature scaling on the validation set: the temperature, ECE before and after and the
     suggested min_confidence go into run.json ("calibration"), the reliability plot beside it.
-    Prediction applies the temperature; the reported metrics stay those of the raw model."""
-    from .calibrate import calibrate, logits_from_probs
+    Prediction applies the temperature, and so do the confidences in metrics.json."""
+    from .calibrate import calibrate
 
-    record = calibrate(logits_from_probs(probs), targets, s.run.reliability)
+    record = calibrate(logits, targets, s.run.reliability)
     s.run.update_info(calibration=record)
     s.log(f"calibration on {record['val_images']} val images: temperature {record['temperature']:.3f}, "
           f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}; suggested min confidence "
@@ -576,17 +580,17 @@ def calibrate_run(s: Session, probs: np.ndarray, targets: np.ndarray) -> dict:
     return record
 
 
-def _split_probabilities(s: Session, split: str, items: list[tuple[str, int]]):
+def _split_logits(s: Session, split: str, items: list[tuple[str, int]]):
     if split == "val" and s.pipeline.val_covers_all:
         loader = DataLoader(s.pipeline.val, batch_size=s.cfg.batch_size * 2, num_workers=s.pipeline.workers,
                             pin_memory=pin_memory(s.device))
         with torch.inference_mode():
-            return predict_batches(_Prepared(s.trainable, s.pipeline.prepare_eval), loader, s.device, s.amp_dtype)
+            return predict_logits(_Prepared(s.trainable, s.pipeline.prepare_eval), loader, s.device, s.amp_dtype)
     dataset = ImageListDataset(s.scan.root, items, eval_transform(s.cfg.image_size),
                                min_size=resize_size(s.cfg.image_size))
     loader = DataLoader(dataset, batch_size=s.cfg.batch_size * 2, num_workers=s.workers,
                         pin_memory=pin_memory(s.device))
-    return predict_batches(s.model, loader, s.device, s.amp_dtype, s.memory_format == torch.channels_last)
+    return predict_logits(s.model, loader, s.device, s.amp_dtype, s.memory_format == torch.channels_last)
 
 
 class _Prepared(nn.Module):

@@ -162,6 +162,21 @@ def test_a_curation_that_does_not_fit_fails_before_a_run_folder(dataset, tmp_pat
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_metrics_confidences_are_the_calibrated_ones_prediction_shows(dataset, tmp_path):
+    from finetune.predict import Predictor
+
+    run = train(tiny_config(dataset, tmp_path, strategy="all", epochs=1, label_smoothing=0.0))
+    metrics = json.loads((run / "metrics.json").read_text())
+    predictor = Predictor.from_run(run, device="cpu")
+    split = json.loads((run / "split.json").read_text())
+    predictions = predictor.predict_paths([dataset / rel for rel, _ in split["val"]], top_k=1)
+    shown = {rel: p for (rel, _), p in zip(split["val"], predictions)}
+    assert metrics["misclassified"], "the test needs a mistake to compare"
+    for item in metrics["misclassified"]:
+        assert shown[item["path"]].label == item["predicted"]
+        assert shown[item["path"]].confidence == pytest.approx(item["confidence"], abs=1e-3)
+
+
 def test_same_seed_gives_same_metrics(dataset, tmp_path):
     first = train(tiny_config(dataset, tmp_path / "a", strategy="all", epochs=1))
     second = train(tiny_config(dataset, tmp_path / "b", strategy="all", epochs=1))
