@@ -200,15 +200,13 @@ def calibrate(logits, targets, plot_path: str | Path | None = None) -> dict:
     return record
 
 
-def held_out_report(calibrated, targets, temperature: float, threshold: float) -> dict:
+def held_out_report(logits, targets, temperature: float, threshold: float) -> dict:
     """What the run's calibration does on labelled images it was not fitted on: ECE of the raw model
-    and of the calibrated one, and what the threshold answers. `calibrated` are the predictor's
-    (tempered) probabilities; the raw ones are recovered as softmax(T * log p) = softmax(logits), exact
-    but for probabilities that float32 rounded to 0 or 1."""
-    calibrated = np.asarray(calibrated, dtype=np.float64)
+    and of the calibrated one (softmax(logits / temperature)), and what the threshold answers there."""
+    logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
-    raw = softmax(logits_from_probs(calibrated) * temperature)
-    return {"temperature": temperature, "ece_raw": expected_calibration_error(raw, targets),
+    calibrated = softmax(logits, temperature)
+    return {"temperature": temperature, "ece_raw": expected_calibration_error(softmax(logits), targets),
             "ece_calibrated": expected_calibration_error(calibrated, targets), "min_confidence": threshold,
             **coverage(calibrated, targets, threshold)}
 

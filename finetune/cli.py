@@ -229,30 +229,27 @@ def cmd_evaluate(args) -> int:
     root, items, skipped = scan_labelled_folder(dataset_folder(args.data), predictor.classes)
     for rel, reason in skipped:
         print(f"skipped {rel}: {reason}")
-    predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=len(predictor.classes),
-                                          batch_size=args.batch_size)
+    predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=1,
+                                          batch_size=args.batch_size, keep_logits=True)
     import numpy as np
 
-    probs = np.zeros((len(items), len(predictor.classes)))
-    index = {name: i for i, name in enumerate(predictor.classes)}
-    for row, p in enumerate(predictions):
-        for name, prob in p.top:
-            probs[row, index[name]] = prob
+    from .calibrate import held_out_line, held_out_report, softmax
+
+    # an unreadable image (rare: the scan decoded each one) counts as a uniform answer
+    logits = np.array([p.logits or [0.0] * len(predictor.classes) for p in predictions]).reshape(
+        len(items), len(predictor.classes))
     targets = [label for _, label in items]
-    metrics = compute_metrics(targets, probs, predictor.classes, [rel for rel, _ in items])
+    metrics = compute_metrics(targets, softmax(logits, predictor.temperature), predictor.classes,
+                              [rel for rel, _ in items])
     metrics["data"] = root
     metrics["skipped"] = skipped
     if items:
-        from .calibrate import held_out_report
-
-        metrics["calibration"] = held_out_report(probs, targets, predictor.temperature,
+        metrics["calibration"] = held_out_report(logits, targets, predictor.temperature,
                                                  predictor.min_confidence(args.min_confidence))
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
     write_reports(out, metrics)
     print(summary_line(metrics))
     if "calibration" in metrics:
-        from .calibrate import held_out_line
-
         print(held_out_line(metrics["calibration"]))
     print(per_class_table(metrics))
     print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")

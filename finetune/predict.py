@@ -46,6 +46,7 @@ class Prediction:
     top: list[tuple[str, float]] = field(default_factory=list)  # (class, calibrated probability), best first
     error: str | None = None
     unknown: bool = False  # the best guess's confidence is below the minimum confidence
+    logits: list[float] | None = None  # the raw model output, when asked for (predict_paths keep_logits)
 
     @property
     def label(self) -> str | None:
@@ -173,13 +174,17 @@ class Predictor:
                 for vs, ix in zip(values, indices)]
 
     @torch.inference_mode()
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The raw model output, float32 on the CPU."""
         images = images.to(self.device, non_blocking=non_blocking(self.device))
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.model(images)
-        return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+            return self.model(images).float().cpu()
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated: softmax(logits / temperature)."""
+        return torch.softmax(self.logits(images) / self.temperature, dim=1)
 
     def predict_image(self, image: Image.Image | str | Path, top_k: int = 5) -> list[tuple[str, float]]:
         """One image (a PIL image in any mode, or a path): [(class, probability)] best first."""
@@ -194,9 +199,10 @@ class Predictor:
 
     def predict_paths(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 64,
                       workers: int | None = None, on_progress=None,
-                      min_confidence: float | None = None) -> list[Prediction]:
+                      min_confidence: float | None = None, keep_logits: bool = False) -> list[Prediction]:
         """Batched (the last partial batch included), decoded in parallel; bad files become error rows;
-        a confidence below `min_confidence` (default: the run's suggestion) marks the row unknown."""
+        a confidence below `min_confidence` (default: the run's suggestion) marks the row unknown.
+        `keep_logits`: each row also keeps the raw model output (for calibration reports)."""
         threshold = self.min_confidence(min_confidence)
         paths = [Path(p) for p in paths]
         if workers is None:
@@ -209,9 +215,12 @@ class Predictor:
             for index, error in failed:
                 results[index].error = error
             if images is not None:
-                for index, top in zip(indices, self._top(self.probabilities(images), top_k)):
+                logits = self.logits(images)
+                tops = self._top(torch.softmax(logits / self.temperature, dim=1), top_k)
+                for index, top, raw in zip(indices, tops, logits.tolist()):
                     results[index].top = top
                     results[index].unknown = top[0][1] < threshold
+                    results[index].logits = raw if keep_logits else None
             done += len(indices) + len(failed)
             if on_progress:
                 on_progress(done, len(paths))
