@@ -195,8 +195,7 @@ def min_confidence_line(predictor, threshold: float, given: float | None) -> str
 
 
 def cmd_doctor(args) -> int:
-    from .curation import add_decisions, default_curation_path, leak_decisions, load_curation, new_curation, \
-        save_curation
+    from .curation import add_decisions, default_curation_path, leak_decisions, load_or_new_curation, save_curation
     from .doctor import default_cache_dir, run_doctor, write_csv, write_json
 
     if args.run and (args.arch or args.weights):
@@ -213,9 +212,8 @@ def cmd_doctor(args) -> int:
         print(f"wrote {write_csv(report, args.csv)}")
     if args.leaks_to is not None:
         decisions = leak_decisions(report.duplicate_groups)
-        target = Path(args.leaks_to or default_curation_path("runs", report.data))
-        curation = load_curation(target) if target.is_file() else new_curation(report.data)
-        path = save_curation(add_decisions(curation, decisions), target)
+        target = Path(args.leaks_to or default_curation_path(TrainConfig.runs_dir, report.data))
+        path = save_curation(add_decisions(load_or_new_curation(target, report.data), decisions), target)
         print(f"wrote {len(decisions)} leak exclusion(s) to {path}: train with --curation {path}")
     return 0
 

@@ -118,6 +118,11 @@ def load_curation(path: str | Path) -> Curation:
     return curation
 
 
+def load_or_new_curation(path: str | Path, data_root: str | Path) -> Curation:
+    """The curation file at `path`, or a new, empty one for `data_root` when there is none yet."""
+    return load_curation(path) if Path(path).expanduser().is_file() else new_curation(data_root)
+
+
 def save_curation(curation: Curation, path: str | Path) -> Path:
     """Write atomically (a reader never sees half a file); refuses a place inside the dataset."""
     path = Path(path).expanduser()

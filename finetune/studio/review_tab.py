@@ -16,6 +16,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import FinetuneError
+from ..curation import (SPLIT_ORDER, add_decisions, default_curation_path, leak_decisions, load_or_new_curation,
+                        save_curation)
 from ..rundir import RunDir, resolve_run, run_choices
 from . import views
 from .common import Cancelled, bind, error, output_list, run_cancellable, thumbnail
@@ -149,9 +151,8 @@ def review_items(report: dict, examples: dict[str, list[str]], kept: set[str] = 
 
 def duplicate_focus(group: dict) -> int:
     """The member a decision is about: the first copy outside the earliest split (a leak), else the second."""
-    order = ("train", "val", "test")
     splits = group["splits"]
-    first = min(splits, key=lambda s: order.index(s) if s in order else len(order))
+    first = min(splits, key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER))
     outside = [i for i, s in enumerate(splits) if s != first]
     return outside[0] if outside else min(1, len(splits) - 1)
 
@@ -171,16 +172,7 @@ def class_examples(scan, flagged: set[str], per_class: int = EXAMPLES_PER_CLASS)
 
 
 def curation_path(studio: Studio, root: str | Path) -> Path:
-    from ..curation import default_curation_path
-
     return default_curation_path(studio.runs_dir, root)
-
-
-def load_decisions(path: str | Path, root: str | Path):
-    """The curation at `path` (a new one for `root` when there is none yet)."""
-    from ..curation import load_curation, new_curation
-
-    return load_curation(path) if Path(path).is_file() else new_curation(root)
 
 
 def curation_for(studio: Studio, data: str | None) -> str:
@@ -191,7 +183,7 @@ def curation_for(studio: Studio, data: str | None) -> str:
     root = studio.resolve_path(text)
     path = curation_path(studio, root)
     try:
-        curation = load_decisions(path, root)
+        curation = load_or_new_curation(path, root)
     except FinetuneError:
         return ""
     same = Path(curation.data).expanduser().resolve() == root
@@ -261,7 +253,7 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
     studio.workspace.touch(scan.root)
     path = curation_path(studio, scan.root)
     try:
-        curation = load_decisions(path, scan.root)
+        curation = load_or_new_curation(path, scan.root)
     except FinetuneError as problem:
         raise error(problem) from None
     kept = {d.path for d in curation.decisions if d.action == "keep"}
@@ -289,7 +281,7 @@ def render(review: dict | None, curation=None) -> dict:
         return {"state": None, "curation": "", "position": "", "image": None, "others": [], "details": "",
                 "relabel_to": gr.Dropdown(choices=[], value=None), **_buttons(False, False, False)}
     if curation is None:
-        curation = load_decisions(review["curation"], review["data"])
+        curation = load_or_new_curation(review["curation"], review["data"])
     decisions = curation.by_path()
     items, index = review["items"], review["index"]
     outputs = {"state": review, "curation": views.curation_line(review["curation"], len(curation.decisions)),
@@ -360,10 +352,8 @@ def decide(studio: Studio, review=None, action: str = "keep", label: str | None 
                 raise FinetuneError(f"choose the class to relabel {item['path']} to")
             if label == item["given"]:
                 action, label = "keep", None  # the class it already has
-        curation = load_decisions(review["curation"], review["data"])
+        curation = load_or_new_curation(review["curation"], review["data"])
         curation.set(item["path"], action, label, note)
-        from ..curation import save_curation
-
         save_curation(curation, review["curation"])
     except FinetuneError as problem:
         raise error(problem) from None
@@ -385,15 +375,13 @@ def relabel_item(studio: Studio, review=None, label: str | None = None) -> dict:
 
 def exclude_leaks(studio: Studio, review=None) -> dict:
     """Exclude the val/test copy of every group that leaks between splits (curation.leak_decisions)."""
-    from ..curation import add_decisions, leak_decisions, save_curation
-
     if not review:
         raise gr.Error("Run the doctor first.")
     decisions = leak_decisions(review["groups"])
     if not decisions:
         raise gr.Error("No duplicates leak between the splits.")
     try:
-        curation = add_decisions(load_decisions(review["curation"], review["data"]), decisions)
+        curation = add_decisions(load_or_new_curation(review["curation"], review["data"]), decisions)
         save_curation(curation, review["curation"])
     except FinetuneError as problem:
         raise error(problem) from None
