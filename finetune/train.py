@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import cache
+from .calibrate import calibrate, softmax
 from .config import FinetuneError, TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
 from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
@@ -547,8 +548,6 @@ def final_evaluation(session: Session, state: TrainState) -> dict | None:
     s.model.load_state_dict(torch.load(s.run.model, map_location=s.device, weights_only=True))
     s.model.eval()
     plot_history(state.history, s.run.curves)
-    from .calibrate import softmax
-
     results, temperature = {}, 1.0
     for split in ("val", "test"):
         items = getattr(s.scan, split)
@@ -570,8 +569,6 @@ def calibrate_run(s: Session, logits: np.ndarray, targets: np.ndarray) -> dict:
     """Temperature scaling on the validation set: the temperature, ECE before and after and the
     suggested min_confidence go into run.json ("calibration"), the reliability plot beside it.
     Prediction applies the temperature, and so do the confidences in metrics.json."""
-    from .calibrate import calibrate
-
     record = calibrate(logits, targets, s.run.reliability)
     s.run.update_info(calibration=record)
     s.log(f"calibration on {record['val_images']} val images: temperature {record['temperature']:.3f}, "
