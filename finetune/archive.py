@@ -4,7 +4,9 @@ Every entry is checked before anything is written: no entry may leave the target
 (`../`, absolute paths, drive letters), symlinks are refused, entries may not share their data
 (overlapping entries, CVE-2024-0450), and the number of entries, the total uncompressed size and
 the compression ratio (claimed per entry, and against the archive's real size on disk) are limited
-(zip bombs). Only image files are written: anything else (.html, .svg, .js, ...) could be served
+(zip bombs), as are how deep entries are nested and how long their names are (a zip unpacking
+1,000 folders deep breaks every later walk of the folder). An image file whose name holds control
+or bidirectional-control characters is refused (see finetune.names). Only image files are written: anything else (.html, .svg, .js, ...) could be served
 back to a browser by the app, so it is left in the archive and reported as skipped, with a reason.
 
 The archive is extracted into a fresh temporary folder that is renamed into place once complete,
@@ -18,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import struct
 import tempfile
@@ -30,11 +31,16 @@ from pathlib import Path, PurePosixPath
 
 from .config import FinetuneError
 from .data import IMAGE_EXTENSIONS, is_ignored
+from .fsutil import remove_tree, walk
+from .names import printable, unsafe_name_reason
 
 MAX_ENTRIES = 100_000
 MAX_TOTAL_BYTES = 8 * 1024**3  # 8 GiB uncompressed
 MAX_RATIO = 200  # uncompressed / compressed, per entry and overall (images hardly compress)
 RATIO_MIN_BYTES = 1024 * 1024  # ratios of entries smaller than this are not checked (tiny text files)
+MAX_DEPTH = 32  # path parts of an entry (folders and the file): real datasets nest a few levels
+MAX_NAME_BYTES = 255  # one file or folder name, in UTF-8 (what Linux and macOS file systems allow)
+MAX_PATH_BYTES = 1024  # a whole entry's path, in UTF-8: well inside PATH_MAX (4096) under any folder
 MANIFEST = ".complete"  # hidden, so scans never take it for data
 BLOCK = 4096  # a file takes whole blocks on disk, however small it is
 STALE_AFTER_S = 24 * 3600  # temporary folders older than this were left by a process that died
@@ -89,7 +95,23 @@ def _entry_parts(info: zipfile.ZipInfo, source: str) -> tuple[str, ...]:
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         raise FinetuneError(f"{source}: refusing symbolic link entry: {info.filename!r}")
+    if len(parts) > MAX_DEPTH:
+        raise FinetuneError(f"{source}: refusing entry nested {len(parts)} levels deep (at most {MAX_DEPTH} "
+                            f"are accepted): {_shown(name)}")
+    longest = max((len(part.encode()) for part in parts), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise FinetuneError(f"{source}: refusing entry with a name of {longest} bytes (at most {MAX_NAME_BYTES} "
+                            f"are accepted): {_shown(name)}")
+    if len(name.encode()) > MAX_PATH_BYTES:
+        raise FinetuneError(f"{source}: refusing entry with a path of {len(name.encode())} bytes (at most "
+                            f"{MAX_PATH_BYTES} are accepted): {_shown(name)}")
     return parts
+
+
+def _shown(name: str, limit: int = 120) -> str:
+    """An entry's name for a one-line message: escaped, and cut short when long."""
+    shown = printable(name)
+    return f"'{shown if len(shown) <= limit else shown[:limit] + '...'}'"
 
 
 def _skip_reason(parts: tuple[str, ...]) -> tuple[str, str] | None:
@@ -159,13 +181,17 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
         if not parts or info.is_dir():
             continue
         reason = _skip_reason(parts)
-        if reason is not None:
+        if reason is not None:  # not written, so a strange name does no harm: shown escaped
+            reason = (printable(reason[0]), reason[1])
             if not reason[1].startswith("hidden"):
                 not_images += 1
             if reason[0] not in named:
                 named.add(reason[0])
                 skipped.append(reason)
             continue
+        unsafe = next(filter(None, map(unsafe_name_reason, parts)), None)
+        if unsafe is not None:
+            raise FinetuneError(f"{source}: refusing entry {_shown(info.filename)}: {unsafe}")
         total += info.file_size
         compressed += info.compress_size
         if total > max_total_bytes:
@@ -187,7 +213,7 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
     if not files:
         if not_images:
             example = next(name for name, why in skipped if not why.startswith("hidden"))
-            raise FinetuneError(f"{source} contains no image files ({not_images} other file(s), e.g. {example!r}; "
+            raise FinetuneError(f"{source} contains no image files ({not_images} other file(s), e.g. '{example}'; "
                                 f"accepted: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         raise FinetuneError(f"{source} contains no files")
     return ZipContents(files, skipped, total)
@@ -231,7 +257,7 @@ def disk_usage(folder: str | Path) -> int:
     each hard-linked file once, symlinks not followed); 0 if it does not exist."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    for dirpath, dirnames, filenames in walk(folder):
         for name in dirnames + filenames + ["."]:
             try:
                 info = os.lstat(os.path.join(dirpath, name))
@@ -281,7 +307,7 @@ def _remove_stale(dest_parent: Path, name: str) -> None:
     for leftover in [*dest_parent.glob(f".{name}.partial-*"), *dest_parent.glob(f".{name}.old-*")]:
         try:
             if leftover.is_dir() and not leftover.is_symlink() and now - leftover.stat().st_mtime > STALE_AFTER_S:
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(leftover)
         except OSError:
             pass
 
@@ -301,7 +327,7 @@ def _install(tmp: Path, target: Path, sha: str, fallback: Path) -> Path:
         done = read_extraction(target)
         if done is not None and done.folder == target:
             if done.sha256 == sha:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp)
                 return target
             if target != fallback:
                 target = fallback
@@ -311,10 +337,7 @@ def _install(tmp: Path, target: Path, sha: str, fallback: Path) -> Path:
             os.rename(target, aside)
         except FileNotFoundError:  # someone else moved it aside: try again
             continue
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink(missing_ok=True)
+        remove_tree(aside)  # a link in the way is unlinked, never followed
     raise FinetuneError(f"could not put the extracted files in place at {target} (other extractions kept "
                         f"replacing it); try again")
 
@@ -372,13 +395,13 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         target = _install(tmp, target, sha, fallback)
     except FileExistsError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise FinetuneError(f"{path.name} lists the same file twice: {Path(error.filename).name}") from None
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise FinetuneError(f"{path.name} could not be extracted: {error}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     done = read_extraction(target)
     if done is None:  # only if someone removed it in the instant since

@@ -1,0 +1,177 @@
+"""Walking and removing folder trees of any depth.
+
+Python 3.11's os.walk, shutil.rmtree and Path.rglob recurse once per folder level, so a tree about
+1,000 levels deep (a zip made to unpack that way, or a folder someone made) raises RecursionError in
+whatever walks it: a scan, a disk-usage count, a clean-up. These two never recurse, never follow a
+symbolic link, and carry on past files that vanish or cannot be read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Callable, Iterator
+
+_NOFOLLOW_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# Removal by file descriptors (openat, unlinkat) reaches any depth: a path longer than PATH_MAX
+# (4096 bytes) cannot be named, but each folder can be opened relative to its parent.
+_BY_FD = ({os.open, os.unlink, os.rmdir} <= os.supports_dir_fd and os.scandir in os.supports_fd
+          and hasattr(os, "O_DIRECTORY"))
+
+
+def walk(top: str | Path, max_depth: int | None = None,
+         on_too_deep: Callable[[str], None] | None = None,
+         on_error: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(dirpath, dirnames, filenames) for `top` and every folder under it, top-down and depth-first in
+    the order of dirnames, like os.walk(top): sort or prune dirnames in place to choose what is entered.
+
+    Unlike os.walk it keeps an explicit stack (no recursion), and dirnames holds real folders only:
+    a symbolic link, to a folder or not, is among filenames and is never entered. Folders more than
+    `max_depth` levels below `top` are not entered: each one passes its path to `on_too_deep`.
+    A folder that cannot be read goes to `on_error` (ignored by default) and the walk goes on.
+    `top` itself is read even when it is a link to a folder, as os.walk does.
+    """
+    stack: list[tuple[str, int]] = [(os.fspath(top), 0)]
+    while stack:
+        dirpath, depth = stack.pop()
+        dirnames, filenames = [], []
+        try:
+            with os.scandir(dirpath) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        is_dir = False
+                    (dirnames if is_dir else filenames).append(entry.name)
+        except OSError as error:
+            if on_error is not None:
+                on_error(error)
+            continue
+        yield dirpath, dirnames, filenames
+        if max_depth is not None and depth >= max_depth:
+            for name in dirnames:
+                if on_too_deep is not None:
+                    on_too_deep(os.path.join(dirpath, name))
+            continue
+        stack.extend((os.path.join(dirpath, name), depth + 1) for name in reversed(dirnames))
+
+
+def remove_tree(path: str | Path) -> bool:
+    """Delete `path` and everything under it, deepest first; True when it is gone.
+
+    A symbolic link is unlinked, never followed (not the top, not one inside). Files that vanish
+    meanwhile are fine; what cannot be removed (permissions) is left, the rest still removed.
+    """
+    path = os.fspath(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode):
+        return _unlink(path)
+    if _BY_FD:
+        _clear_by_fd(path)
+    else:
+        _clear_by_path(path)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _unlink(name: str, dir_fd: int | None = None) -> bool:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _clear(fd: int) -> list[str]:
+    """Unlink every non-folder in the open folder `fd`; its sub-folders' names."""
+    folders = []
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    folders.append(entry.name)
+                else:
+                    _unlink(entry.name, dir_fd=fd)
+    except OSError:
+        pass
+    return folders
+
+
+def _clear_by_fd(path: str) -> None:
+    """Empty the folder `path` holding one descriptor at a time: down into each sub-folder (opened
+    without following links), and back up through '..', checked to be the folder we came from, so a
+    folder moved away meanwhile never leads the removal outside the tree."""
+    try:
+        fd = os.open(path, _NOFOLLOW_DIR)
+    except OSError:
+        return
+    try:
+        # per level: (its name in the parent, its identity, the sub-folders still to remove)
+        levels: list[tuple[str, tuple[int, int], list[str]]] = [("", _identity(fd), _clear(fd))]
+        while levels:
+            _, _, pending = levels[-1]
+            if pending:
+                name = pending.pop()
+                try:
+                    child = os.open(name, _NOFOLLOW_DIR, dir_fd=fd)
+                except OSError as error:
+                    if error.errno in (errno.ELOOP, errno.ENOTDIR):  # replaced by a link or file meanwhile
+                        _unlink(name, dir_fd=fd)
+                    continue
+                os.close(fd)
+                fd = child
+                levels.append((name, _identity(fd), _clear(fd)))
+                continue
+            name, _, _ = levels.pop()
+            if not levels:
+                break
+            parent = os.open("..", _NOFOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            if _identity(fd) != levels[-1][1]:  # moved meanwhile: stop rather than go elsewhere
+                return
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _clear_by_path(path: str) -> None:
+    """The same where folders cannot be opened relative to each other (Windows): by whole paths."""
+    folders = []
+    for dirpath, _, filenames in walk(path):
+        folders.append(dirpath)
+        for name in filenames:
+            _unlink(os.path.join(dirpath, name))
+    for dirpath in reversed(folders[1:]):  # every folder after everything under it
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
