@@ -53,6 +53,7 @@ from .config import TrainConfig
 from .data import (ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb,
                    resize_size, train_transform)
 from .device import Distributed, decode_threads, non_blocking, pin_memory
+from .fsutil import remove_tree
 
 GiB = 1024**3
 
@@ -360,7 +361,7 @@ class PixelStore:
         self._file = open(Path(self._dir, "pixels.u8"), "wb") if on_disk else None
         self._size = 0
         if on_disk:
-            weakref.finalize(self, shutil.rmtree, self._dir, True)
+            weakref.finalize(self, remove_tree, self._dir)
 
     def append(self, image: torch.Tensor) -> None:
         image = image.contiguous()

@@ -157,7 +157,10 @@ def cmd_predict(args) -> int:
 
     predictor = Predictor.load(args.model, args.classes, args.arch, args.image_size, args.device)
     threshold = predictor.min_confidence(args.min_confidence)
-    paths = list_images(args.images)
+    skipped: list[tuple[str, str]] = []
+    paths = list_images(args.images, skipped)
+    for name, reason in skipped:  # names already escaped
+        print(f"skipped {name}: {reason}", file=sys.stderr)
     if not paths:
         raise FinetuneError(f"no image files found in {', '.join(args.images)}")
     if args.explain_class is not None and not args.explain:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import unicodedata
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,8 @@ from torchvision.transforms import v2
 
 from .config import FinetuneError
 from .device import usable_cores
+from .fsutil import walk
+from .names import printable, unsafe_name_reason
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # What Image.open may decode: only these, whatever a file's name or first bytes claim (an EPS
@@ -247,6 +250,11 @@ def check_images(root: Path, relpaths: list[str], workers: int | None = None,
 # ---------------------------------------------------------------------------------------------
 # Scanning a dataset folder
 
+# Folder levels below a class folder (or a folder of images to predict) that a scan enters: a zip
+# may hold at most 32 (archive.MAX_DEPTH), and a tree 1,000 levels deep made on disk is not walked.
+MAX_SCAN_DEPTH = 64
+TOO_DEEP = f"folder nested more than {MAX_SCAN_DEPTH} levels deep: not scanned"
+
 
 @dataclass
 class DatasetScan:
@@ -305,9 +313,14 @@ class DatasetScan:
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
-    return sorted(
-        (p for p in split_dir.iterdir() if p.is_dir() and not is_ignored(p.name)), key=lambda p: p.name
-    )
+    """The class folders; FinetuneError for one whose name a terminal or browser would act on."""
+    found = sorted((p for p in split_dir.iterdir() if p.is_dir() and not is_ignored(p.name)), key=lambda p: p.name)
+    for folder in found:
+        reason = unsafe_name_reason(folder.name)
+        if reason is not None:
+            raise FinetuneError(f"class folder '{printable(folder.name)}' in {printable(str(split_dir))}: {reason}; "
+                                f"rename it")
+    return found
 
 
 class _FileCount:
@@ -326,16 +339,39 @@ class _FileCount:
             self.on_progress("walk", self.seen, 0)
 
 
-def _image_files(class_dir: Path, root: Path, count: _FileCount | None = None) -> list[str]:
-    """Image files anywhere under a class folder (nested folders belong to the class)."""
+def _image_files(class_dir: Path, root: Path, count: _FileCount | None = None,
+                 skipped: list[tuple[str, str]] | None = None) -> list[str]:
+    """Image files anywhere under a class folder (nested folders belong to the class, down to
+    MAX_SCAN_DEPTH levels). Image files and folders with a name a terminal or browser would act on
+    (see finetune.names), and folders nested deeper, are left out and added to `skipped` as
+    (escaped relative path, reason): they are never decoded."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
+    skipped = [] if skipped is None else skipped
+
+    def relative(*parts: str) -> str:
+        return Path(*parts).relative_to(root).as_posix()
+
+    def too_deep(path: str) -> None:
+        skipped.append((printable(relative(path)) + "/", TOO_DEEP))
+
+    for dirpath, dirnames, filenames in walk(class_dir, max_depth=MAX_SCAN_DEPTH, on_too_deep=too_deep):
+        kept = []
+        for name in sorted(d for d in dirnames if not is_ignored(d)):
+            reason = unsafe_name_reason(name)
+            if reason is None:
+                kept.append(name)
+            else:
+                skipped.append((printable(relative(dirpath, name)) + "/", reason))
+        dirnames[:] = kept
         if count is not None:
             count.add(len(filenames))
         for name in sorted(filenames):
             if is_image_file(name):
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
+                reason = unsafe_name_reason(name)
+                if reason is None:
+                    found.append(relative(dirpath, name))
+                else:
+                    skipped.append((printable(relative(dirpath, name)), reason))
     return found
 
 
@@ -389,8 +425,9 @@ def scan_dataset(
 
     per_split: dict[str, dict[str, list[str]]] = {}
     count = _FileCount(root, max_files, on_progress)
+    unusable: list[tuple[str, str]] = []  # strange names and folders nested too deep: not decoded
     for split, split_dir in splits.items():
-        per_split[split] = {d.name: _image_files(d, root, count) for d in _class_dirs(split_dir)}
+        per_split[split] = {d.name: _image_files(d, root, count, unusable) for d in _class_dirs(split_dir)}
 
     main_split = "all" if "all" in splits else "train"
     train_classes = set(per_split[main_split])
@@ -409,7 +446,7 @@ def scan_dataset(
     all_files = [rel for split in per_split.values() for files in split.values() for rel in files]
     check_progress = (lambda done, total: on_progress("check", done, total)) if on_progress else None
     bad = check_images(root, all_files, on_progress=check_progress) if check else {}
-    skipped = sorted(bad.items())
+    skipped = sorted([*bad.items(), *unusable])
     good = {
         split: {c: [r for r in files if r not in bad] for c, files in by_class.items()}
         for split, by_class in per_split.items()
@@ -425,7 +462,7 @@ def scan_dataset(
     def items(split: str) -> list[tuple[str, int]]:
         return [(rel, index[c]) for c in classes for rel in good.get(split, {}).get(c, [])]
 
-    notes: list[str] = []
+    notes: list[str] = _lookalike_classes(classes)
     if "val" in splits:
         layout, train, val = "train-val", items("train"), items("val")
         used_fraction = None
@@ -460,17 +497,41 @@ def scan_dataset(
     )
 
 
-def list_images(paths: list[str | Path]) -> list[Path]:
-    """Image files from a mix of files and folders (folders searched recursively, sorted)."""
+def _lookalike_classes(classes: list[str]) -> list[str]:
+    """Warnings for classes that differ only in letter case or in Unicode normalisation ('café' typed
+    as one character or as 'e' and an accent): most likely one class split in two. Kept apart."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+    notes = []
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        if len({unicodedata.normalize("NFC", n) for n in names}) < len(names):
+            shown = " and ".join(ascii(n) for n in names)  # the escapes show how they differ
+            how = "only in how their accents are stored (Unicode normalisation)"
+        else:
+            shown = " and ".join(f"'{printable(n)}'" for n in names)
+            how = "only in letter case"
+        notes.append(f"classes {shown} differ {how}: they are kept as separate classes; rename the folders "
+                     f"if they are meant to be one")
+    return notes
+
+
+def list_images(paths: list[str | Path], skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Image files from a mix of files and folders (folders searched recursively down to
+    MAX_SCAN_DEPTH levels, sorted). Files with a name a terminal would act on (see finetune.names),
+    and folders nested deeper, are left out and added to `skipped` as (escaped path, reason)."""
     found: list[Path] = []
+    skipped = [] if skipped is None else skipped
     for given in paths:
         path = Path(given).expanduser()
         if not path.exists():
-            raise FinetuneError(f"not found: {path}")
-        if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
-                found.extend(Path(dirpath, n) for n in sorted(filenames) if is_image_file(n))
+            raise FinetuneError(f"not found: {printable(str(path))}")
+        if path.is_dir():  # relative to its parent, so what is skipped is named with the folder
+            found.extend(path.parent / rel for rel in _image_files(path, path.parent, skipped=skipped))
+        elif (reason := unsafe_name_reason(path.name)) is not None:
+            skipped.append((printable(str(path)), reason))
         else:
             found.append(path)
     return found
@@ -535,7 +596,8 @@ def scan_labelled_folder(data: str | Path, classes: list[str]) -> tuple[str, lis
     splits = find_splits(root)
     split_dir = splits.get("test") or splits.get("val") or splits.get("all") or splits["train"]
     index = {name: i for i, name in enumerate(classes)}
-    per_class = {d.name: _image_files(d, root) for d in _class_dirs(split_dir)}
+    unusable: list[tuple[str, str]] = []
+    per_class = {d.name: _image_files(d, root, skipped=unusable) for d in _class_dirs(split_dir)}
     unknown = sorted(set(per_class) - set(index))
     if unknown:
         raise FinetuneError(f"class {unknown[0]!r} in {split_dir} is not one of the model's classes: "
@@ -545,4 +607,4 @@ def scan_labelled_folder(data: str | Path, classes: list[str]) -> tuple[str, lis
     items = [(rel, index[c]) for c, rels in per_class.items() for rel in rels if rel not in bad]
     if not items:
         raise FinetuneError(f"no valid images in class folders under {split_dir}")
-    return str(root), items, sorted(bad.items())
+    return str(root), items, sorted([*bad.items(), *unusable])

@@ -453,3 +453,228 @@ def test_formula_file_and_class_names_from_a_real_folder(tmp_path):
     assert ["'" + on_disk, "'@SUM(1)", "'@SUM(1)", "0.875000", ""] in rows
     assert all(row[1] in ("'+cmd", "'@SUM(1)") and row[3] == "0.875000" for row in rows[1:])
     assert tree_digest(root) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder trees nested deeper than Python's recursion limit, and names a terminal acts on
+
+
+DEEP = 1_100  # levels: past the ~1,000 at which os.walk, shutil.rmtree and Path.rglob raise RecursionError
+
+
+def png_bytes(colour=(10, 200, 30)) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    Image.new("RGB", (24, 20), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def deep_tree(top: Path, levels: int = DEEP, name: str = "a", content: bytes | None = None,
+              link_to: Path | None = None) -> None:
+    """top/a/a/.../a (`levels` folders) made relative to each folder's descriptor, so no path is
+    ever longer than one name; an image at levels 3 and at the bottom, and a link to `link_to` there."""
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for level in range(1, levels + 1):
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            if level in (3, levels):
+                out = os.open(f"level{level}.png", os.O_WRONLY | os.O_CREAT | os.O_EXCL, dir_fd=fd)
+                with open(out, "wb") as f:
+                    f.write(content or png_bytes())
+        if link_to is not None:
+            os.symlink(link_to, "outside", dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def deep_digest(root: Path) -> dict[str, str]:
+    """tree_digest for a tree of any depth (Path.rglob recurses)."""
+    from finetune.fsutil import walk
+
+    found = {}
+    for dirpath, _, filenames in walk(root):
+        for name in filenames:
+            path = Path(dirpath, name)
+            if path.is_file():
+                found[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    from finetune.names import unsafe_name_reason
+
+    message = str(error.value)
+    assert "\n" not in message and unsafe_name_reason(message) is None  # no raw control character in it
+    return message
+
+
+def test_zip_nested_1100_folders_deep_is_refused_before_anything_is_written(tmp_path):
+    make_class_folders(tmp_path / "data")
+    archive = zip_folder(tmp_path / "data", tmp_path / "deep.zip",
+                         extra={"cats/" + "a/" * DEEP + "x.png": png_bytes()})
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(FinetuneError, match=r"nested 1102 levels deep \(at most 32") as error:
+        check_zip(archive)
+    assert "deep.zip" in one_line(error) and len(one_line(error)) < 300
+    with pytest.raises(FinetuneError, match="levels deep"):
+        extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("entry, what", [
+    ("cats/" + "n" * 296 + ".png", "a name of 300 bytes"),
+    ("cats/" + "é" * 140 + ".png", "a name of 284 bytes"),  # bytes in UTF-8, not characters
+    ("cats/" + "/".join(["d" * 200] * 6) + "/x.png", "a path of 1216 bytes"),
+])
+def test_zip_with_an_overlong_name_or_path_is_refused(tmp_path, entry, what):
+    make_class_folders(tmp_path / "data")
+    archive = zip_folder(tmp_path / "data", tmp_path / "long.zip", extra={entry: png_bytes()})
+    with pytest.raises(FinetuneError, match=f"refusing entry with {what}") as error:
+        check_zip(archive)
+    one_line(error)
+
+
+@pytest.mark.parametrize("entry, shown", [
+    ("cats/\x1b[2Jcleared.png", r"\x1b[2Jcleared.png"),
+    ("cats/holiday\u202egnp.jpg", r"holiday\u202egnp.jpg"),  # shows as 'holidaygpj.png'
+    ("ca\nts/a.png", r"ca\x0ats/a.png"),
+    ("cats/a\u2066b.png", r"a\u2066b.png"),
+    ("cats/a\x85b.png", r"a\x85b.png"),  # C1 control
+])
+def test_zip_entry_with_control_or_bidi_characters_is_refused_and_named_escaped(tmp_path, entry, shown):
+    make_class_folders(tmp_path / "data")
+    archive = zip_folder(tmp_path / "data", tmp_path / "names.zip", extra={entry: png_bytes()})
+    with pytest.raises(FinetuneError, match="control characters") as error:
+        extract(archive, tmp_path / "out")
+    assert shown in one_line(error)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_zip_skips_a_non_image_with_a_control_character_and_names_it_escaped(tmp_path):
+    make_class_folders(tmp_path / "data")  # macOS puts 'Icon\r' in a folder with a custom icon
+    archive = zip_folder(tmp_path / "data", tmp_path / "mac.zip", extra={"cats/Icon\r": b""})
+    result = extract(archive, tmp_path / "out")
+    assert result.files == 12 and ("cats/Icon\\x0d", "not an image file") in result.skipped
+    assert not any("\r" in p.name for p in (result.root / "cats").iterdir())
+
+
+@pytest.fixture
+def deep_dataset(tmp_path):
+    """A dataset whose cats/ holds, among its images, a folder 1,100 levels deep (made on disk)."""
+    root = make_class_folders(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("not to be deleted")
+    deep_tree(root / "cats", link_to=tmp_path / "elsewhere")
+    return root
+
+
+def test_scanning_a_dataset_with_a_folder_1100_levels_deep(deep_dataset):
+    from finetune.data import MAX_SCAN_DEPTH, TOO_DEEP, list_images, scan_labelled_folder
+
+    before = deep_digest(deep_dataset)
+    scan = scan_dataset(deep_dataset)
+    used = {rel for rel, _ in scan.train + scan.val}
+    assert "cats/a/a/a/level3.png" in used and len(used) == 13  # within the bound: an image of the class
+    assert not any(rel.endswith(f"level{DEEP}.png") for rel in used)
+    [(folder, reason)] = scan.skipped  # said once, for the folder where the walk stopped
+    assert reason == TOO_DEEP and folder == "cats/" + "a/" * (MAX_SCAN_DEPTH + 1)
+    _, items, skipped = scan_labelled_folder(deep_dataset, ["cats", "dogs"])
+    assert len(items) == 13 and [why for _, why in skipped] == [TOO_DEEP]
+    found: list = []
+    assert len(list_images([deep_dataset], found)) == 13 and [why for _, why in found] == [TOO_DEEP]
+    assert disk_usage(deep_dataset) > disk_usage(deep_dataset / "dogs")
+    assert deep_digest(deep_dataset) == before
+
+
+def test_workspace_measures_and_removes_an_old_upload_1100_levels_deep(tmp_path):
+    import time
+
+    from finetune.studio.workspace import UNUSED_SECONDS, Workspace
+
+    space = Workspace(tmp_path / "ws", quota_bytes=2 * 1024**3)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("not to be deleted")
+    old = space.uploads / "old-0123456789ab"  # what a previous version extracted from a deep zip
+    old.mkdir()
+    deep_tree(old, link_to=tmp_path / "elsewhere")
+    os.utime(old, (time.time() - 2 * UNUSED_SECONDS,) * 2)
+    assert space.usage() > disk_usage(tmp_path / "elsewhere")
+    make_class_folders(tmp_path / "data")
+    archive = zip_folder(tmp_path / "data", tmp_path / "next.zip")
+    extraction = space.extract_dataset(archive)  # the next upload: clean-up, quota, extraction
+    assert extraction.files == 12 and not old.exists()
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "not to be deleted"
+    with space.temporary() as scratch:  # a batch's folder is removed however deep it grew
+        deep_tree(scratch)
+    assert not scratch.exists()
+
+
+def test_remove_tree_reaches_past_path_max_and_never_follows_links(tmp_path):
+    from finetune.fsutil import remove_tree
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("not to be deleted")
+    top = tmp_path / "tree"
+    top.mkdir()
+    deep_tree(top, levels=600, name="d" * 12, content=b"x", link_to=tmp_path / "elsewhere")  # 7,800 bytes
+    with pytest.raises(OSError):  # too long to name, even by the operating system
+        os.stat(top.joinpath(*["d" * 12] * 600))
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert remove_tree(tmp_path / "link") and (tmp_path / "elsewhere" / "keep.txt").exists()
+    assert remove_tree(top) and not top.exists()
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "not to be deleted"
+    assert remove_tree(top)  # already gone: fine
+
+
+def test_class_folder_named_with_an_escape_sequence_is_refused_and_named_escaped(tmp_path):
+    from finetune.data import scan_labelled_folder
+
+    root = make_class_folders(tmp_path / "data", classes=("cats", "\x1b[2J"))
+    before = tree_digest(root)
+    with pytest.raises(FinetuneError, match="control characters") as error:
+        scan_dataset(root)
+    assert r"class folder '\x1b[2J'" in one_line(error)
+    with pytest.raises(FinetuneError, match=r"\\x1b\[2J"):
+        scan_labelled_folder(root, ["cats", "\x1b[2J"])
+    assert tree_digest(root) == before
+
+
+def test_image_named_with_a_right_to_left_override_is_skipped_undecoded(tmp_path, monkeypatch):
+    from finetune.data import list_images
+
+    root = make_class_folders(tmp_path / "data")
+    make_image(root / "cats" / "holiday\u202egnp.jpg", fmt="PNG")  # shows as 'holidaygpj.png'
+    (root / "cats" / "photo\u202egpj.exe").write_bytes(b"MZ")  # shows as 'photoexe.jpg': not an image
+    (root / "dogs" / "tab\there").mkdir()
+    make_image(root / "dogs" / "tab\there" / "a.png")
+    before = tree_digest(root)
+    decoded = []
+    check = data_module.check_images
+    monkeypatch.setattr(data_module, "check_images", lambda r, rels, **kw: decoded.extend(rels) or check(r, rels, **kw))
+    scan = scan_dataset(root)
+    assert dict(scan.skipped) == {r"cats/holiday\u202egnp.jpg": "name contains bidirectional control characters",
+                                  r"dogs/tab\x09here/": "name contains control characters"}
+    assert len(decoded) == 12 and not any("\u202e" in rel or "\t" in rel for rel in decoded)
+    assert "\u202e" not in scan.report() and "\t" not in scan.report()
+    found: list = []
+    assert len(list_images([root, root / "cats" / "holiday\u202egnp.jpg"], found)) == 12 and len(found) == 3
+    assert tree_digest(root) == before
+
+
+def test_classes_differing_only_in_case_or_normalisation_are_kept_apart_with_a_warning(tmp_path):
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    root = make_class_folders(tmp_path / "data", classes=("cat", "Cat", nfc, nfd, "dog"))
+    before = tree_digest(root)
+    scan = scan_dataset(root)
+    assert len(scan.classes) == 5 and set(scan.classes) == {"cat", "Cat", nfc, nfd, "dog"}
+    case = [w for w in scan.warnings if "letter case" in w]
+    accents = [w for w in scan.warnings if "normalisation" in w]
+    assert len(case) == 1 and "'Cat'" in case[0] and "'cat'" in case[0]
+    assert len(accents) == 1 and r"'caf\xe9'" in accents[0] and r"'cafe\u0301'" in accents[0]
+    assert tree_digest(root) == before

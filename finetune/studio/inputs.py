@@ -9,12 +9,12 @@ No gradio here.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import FinetuneError
-from ..data import is_ignored, is_image_file
+from ..data import MAX_SCAN_DEPTH, is_ignored, is_image_file
+from ..fsutil import walk
 from .workspace import Workspace
 
 
@@ -39,7 +39,7 @@ def walk_images(root: Path, max_files: int):
     """Image files under root, sorted, hidden and system folders left out; FinetuneError after
     `max_files` files of any kind (the caller stops early once it has enough images)."""
     seen = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in walk(root, max_depth=MAX_SCAN_DEPTH):
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(d))
         seen += len(filenames)
         if seen > max_files:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..archive import Extraction, QuotaExceeded, disk_usage, extract
 from ..config import FinetuneError
+from ..fsutil import remove_tree, walk
 
 # What may be handed to the browser: model files, data (json, csv, txt), images we drew, archives
 # we made. Never .html, .svg, .js or anything else a browser would run.
@@ -123,7 +124,7 @@ class Workspace:
         try:
             yield folder
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_tree(folder)
 
     def extract_input(self, zip_path: str | Path, scratch: Path) -> Extraction:
         """A zip of images to classify, extracted into a temporary folder (see `temporary`)."""
@@ -187,7 +188,8 @@ class Workspace:
         for entry in _entries(self.inputs):
             if old(entry, LEFTOVER_SECONDS):
                 removed.append(_remove(entry))
-        for dirpath, dirnames, filenames in os.walk(self.served, topdown=False):
+        # reversed, the walk reaches every folder after everything in it
+        for dirpath, _, filenames in reversed(list(walk(self.served))):
             for name in filenames:
                 path = Path(dirpath, name)
                 if old(path, UNUSED_SECONDS):
@@ -208,10 +210,7 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _remove(path: Path) -> Path:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    remove_tree(path)  # any depth; a link is unlinked, never followed
     return path
 
 
