@@ -16,7 +16,9 @@ Everything here only reads the user's folder. What it costs, and how it scales:
   embeddings with cosine similarity above a threshold join in, found by a chunked matrix product
   whose memory stays bounded (rows x N floats per chunk). Beyond ~100k images an approximate
   nearest-neighbour index (FAISS, hnswlib) would replace the exact product; the interface is the
-  same: a list of index pairs.
+  same: a list of index pairs. Near pairs form groups by complete linkage (every two members are a
+  near pair), not by chaining: look-alikes (product shots on white, X-rays) that each resemble the
+  next would otherwise join into one group of thousands that are not copies of each other.
 * **Other problems**: from the same small decode as the hash (header size, pixel spread).
 
 pHash instead of imagededup: imagededup 0.3.3 publishes wheels only up to Python 3.12; on newer
@@ -435,53 +437,120 @@ def exact_groups(root: Path, rels: list[str]) -> list[list[int]]:
     return groups
 
 
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+def hash_closeness(hashes: np.ndarray, pairs: set[tuple[int, int]], max_distance: int,
+                   index: list[int] | None = None) -> dict[tuple[int, int], float]:
+    """{(i, j): Hamming distance / max_distance} for pairs of positions in `hashes` (0: the same hash,
+    1: at the limit), keyed by `index[position]` when given (the records the hashes belong to)."""
+    if not pairs:
+        return {}
+    a, b = np.asarray(sorted(pairs), dtype=np.int64).T
+    distance = hamming(np.asarray(hashes, dtype=np.uint64)[a], np.asarray(hashes, dtype=np.uint64)[b])
+    scale = 1.0 / max_distance if max_distance else 0.0
+    if index is not None:
+        a, b = np.asarray(index, dtype=np.int64)[a], np.asarray(index, dtype=np.int64)[b]
+    return dict(zip(zip(a.tolist(), b.tolist()), (distance * scale).tolist()))
 
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+def embedding_closeness(features: np.ndarray, pairs: set[tuple[int, int]], threshold: float,
+                        chunk: int = 8192) -> dict[tuple[int, int], float]:
+    """{(i, j): (1 - cosine similarity) / (1 - threshold)}: 0 for the same direction, 1 at the threshold."""
+    if not pairs:
+        return {}
+    ordered = sorted(pairs)
+    a, b = np.asarray(ordered, dtype=np.int64).T
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.maximum(np.linalg.norm(features, axis=1), 1e-12)
+    values = []
+    for start in range(0, len(a), chunk):  # bounded memory: a chunk of pairs at a time
+        i, j = a[start:start + chunk], b[start:start + chunk]
+        cosine = np.einsum("nd,nd->n", features[i], features[j]) / (norms[i] * norms[j])
+        values.append(np.clip((1.0 - cosine) / (1.0 - threshold), 0.0, 1.0))
+    return dict(zip(ordered, np.concatenate(values).tolist()))
+
+
+def complete_linkage(edges: dict[tuple[int, int], float]) -> list[list[int]]:
+    """Clusters of nodes in which every two nodes share an edge: agglomerative complete linkage over the
+    given edges only (a missing edge is "too far"), the pair of clusters whose farthest pair is closest
+    merged first. Unlike connected components, A-B and B-C do not put A with C unless A-C is an edge too.
+
+    Each cluster keeps, per neighbouring cluster, [edges between them, the largest closeness among them];
+    two clusters may merge once the edges between them are all |A| x |B| pairs. Merging folds the
+    cluster with fewer neighbours into the other, so the work stays near the number of edges (log factor)."""
+    import heapq
+
+    links: dict[int, dict[int, list]] = defaultdict(dict)
+    for (u, v), closeness in edges.items():
+        links[u][v] = links[v][u] = [1, closeness]
+    members = {node: [node] for node in links}
+    heap = [(closeness, u, v) for (u, v), closeness in edges.items()]
+    heapq.heapify(heap)
+    while heap:
+        closeness, u, v = heapq.heappop(heap)
+        link = links[u].get(v) if u in members and v in members else None
+        if link is None or link[1] != closeness or link[0] != len(members[u]) * len(members[v]):
+            continue  # merged away, or no longer complete: the entry is stale
+        keep, gone = (u, v) if len(links[u]) >= len(links[v]) else (v, u)
+        del links[keep][gone]
+        members[keep].extend(members.pop(gone))
+        for other, (count, farthest) in links.pop(gone).items():
+            if other == keep:
+                continue
+            del links[other][gone]
+            mine = links[keep].get(other)
+            merged = [count, farthest] if mine is None else [mine[0] + count, max(mine[1], farthest)]
+            links[keep][other] = links[other][keep] = merged
+            # only a neighbour of both can be complete with the larger cluster
+            if mine is not None and merged[0] == len(members[keep]) * len(members[other]):
+                heapq.heappush(heap, (merged[1], min(keep, other), max(keep, other)))
+    return [sorted(nodes) for nodes in members.values()]
 
 
 def duplicate_groups(records: list[Record], classes: list[str], exact: list[list[int]],
-                     near: dict[str, set[tuple[int, int]]]) -> list[dict]:
-    """Join exact groups and near pairs (by method) into groups: leaks and conflicts first, then larger."""
-    uf = UnionFind(len(records))
-    methods: dict[int, set[str]] = defaultdict(set)
-    linked: list[tuple[int, str]] = []
+                     near: dict[str, dict[tuple[int, int], float] | set[tuple[int, int]]]) -> list[dict]:
+    """Exact groups as they are, and near pairs (by method) formed into groups in which every two images
+    are near copies of each other (complete linkage, closest first): look-alikes that each resemble the
+    next (A~B~C...~Z, A far from Z) are not chained into one group. Leaks and conflicts first, then larger.
+
+    `near`: {method: {(i, j): closeness}}, closeness 0 (identical) to 1 (at the method's limit), or a set of
+    pairs (all at the limit). An exact group takes part as one image: byte-identical files have the same
+    hash and features, so it joins a near group as a whole or not at all."""
+    node = list(range(len(records)))
+    images: dict[int, list[int]] = {}
     for group in exact:
-        for i in group[1:]:
-            uf.union(group[0], i)
-        linked.append((group[0], "sha256"))
+        for i in group:
+            node[i] = group[0]
+        images[group[0]] = sorted(group)
+    edges: dict[tuple[int, int], float] = {}
+    for pairs in near.values():
+        scored = pairs.items() if isinstance(pairs, dict) else ((pair, 1.0) for pair in pairs)
+        for (a, b), closeness in scored:
+            u, v = (node[a], node[b]) if node[a] < node[b] else (node[b], node[a])
+            if u != v:
+                edges[(u, v)] = min(closeness, edges.get((u, v), closeness))
+    found = complete_linkage(edges)
+    linked = {n for nodes in found for n in nodes}
+    found += [[n] for n in images if n not in linked]  # exact groups near nothing else
+    in_cluster = {n: number for number, nodes in enumerate(found) for n in nodes}
+    methods: list[set[str]] = [set() for _ in found]
+    for number, nodes in enumerate(found):
+        if any(len(images.get(n, ())) > 1 for n in nodes):
+            methods[number].add("sha256")
     for method, pairs in near.items():
-        for a, b in pairs:
-            uf.union(a, b)
-            linked.append((a, method))
-    members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(records)):
-        members[uf.find(i)].append(i)
-    for i, method in linked:
-        methods[uf.find(i)].add(method)
-    exact_sets = {frozenset(g) for g in exact}
+        for a, b in pairs:  # the methods that saw a pair inside the group (copies within an exact group too)
+            if in_cluster.get(node[a], -1) == in_cluster.get(node[b], -2):
+                methods[in_cluster[node[a]]].add(method)
     groups = []
-    for root, indices in members.items():
+    for number, nodes in enumerate(found):
+        indices = sorted(i for n in nodes for i in images.get(n, [n]))
         if len(indices) < 2:
             continue
         splits = [records[i].split for i in indices]
         labels = [classes[records[i].label] for i in indices]
         groups.append({
-            "kind": "exact" if frozenset(indices) in exact_sets else "near",
+            "kind": "exact" if len(nodes) == 1 else "near",
             "paths": [records[i].path for i in indices], "splits": splits, "classes": labels,
             "leak": len(set(splits)) > 1, "conflict": len(set(labels)) > 1,
-            "methods": sorted(methods[root]),
+            "methods": sorted(methods[number]),
         })
     groups.sort(key=lambda g: (not g["leak"], not g["conflict"], -len(g["paths"]), g["paths"][0]))
     for number, group in enumerate(groups, start=1):
@@ -681,12 +750,13 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
     exact = exact_groups(root, rels)
     hashable = [i for i, s in enumerate(stats) if s is not None and s.std >= FLAT_STD]  # flat images: noise bits
     hashes = np.asarray([stats[i].phash for i in hashable], dtype=np.uint64)
-    near = {"phash": {(hashable[a], hashable[b]) for a, b in near_hash_pairs(hashes, phash_distance)}}
+    near = {"phash": hash_closeness(hashes, near_hash_pairs(hashes, phash_distance), phash_distance, hashable)}
     embeddings_used = backbone.pretrained if use_embeddings is None else use_embeddings
     if embeddings_used:
         eligible = np.zeros(len(records), dtype=bool)
         eligible[hashable] = True
-        near["embedding"] = similar_pairs(features, similarity, eligible=eligible)
+        near["embedding"] = embedding_closeness(features, similar_pairs(features, similarity, eligible=eligible),
+                                                similarity)
     groups = duplicate_groups(records, scan.classes, exact, near)
     others = other_issues(records, stats, scan.classes, scan.skipped)
     seconds["duplicates and image checks"] = time.perf_counter() - mark

@@ -299,3 +299,85 @@ def test_scan_given_directly_and_user_errors(problem_data):
         run_doctor(scan, arch="vgg", weights="none")
     with pytest.raises(FinetuneError, match="not found"):
         run_doctor(problem_data / "missing", weights="none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouping near pairs: look-alikes that each resemble the next must not chain into one group
+
+
+def _flip(value: int, bits) -> int:
+    for bit in bits:
+        value ^= 1 << int(bit)
+    return value
+
+
+def _groups_of(hashes: list[int], splits: list[str], labels: list[int], exact=(), max_distance: int = 8):
+    from finetune.doctor import Record, duplicate_groups, hash_closeness
+
+    records = [Record(f"{k}.png", split, label) for k, (split, label) in enumerate(zip(splits, labels))]
+    array = np.asarray(hashes, dtype=np.uint64)
+    pairs = near_hash_pairs(array, max_distance)
+    groups = duplicate_groups(records, ["a", "b"], [list(g) for g in exact],
+                              {"phash": hash_closeness(array, pairs, max_distance)})
+    return groups, pairs, [[int(p.split(".")[0]) for p in g["paths"]] for g in groups]
+
+
+def test_a_chain_of_look_alikes_is_not_one_group_but_a_cluster_of_copies_is():
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(0)
+    bits = rng.permutation(64)
+    chain = [_flip(0, bits[:2 * k]) for k in range(26)]  # 0..25, A..Z: 2 more bits a step, A to Z 50 bits
+    base = int(rng.integers(0, 2**62))
+    cluster = [_flip(base, rng.choice(64, size=3, replace=False)) for _ in range(5)]  # 26..30: pairwise <= 6
+    original = int(rng.integers(0, 2**62))
+    hashes = chain + cluster + [cluster[2]] + [original, _flip(original, bits[:3])]
+    splits = ["train"] * 33 + ["val"]  # 31: a byte copy of 28 in another class; 33: a val copy of 32
+    labels = [0] * 31 + [1] + [0, 0]
+    groups, pairs, members = _groups_of(hashes, splits, labels, exact=[(28, 31)])
+    array = np.asarray(hashes, dtype=np.uint64)
+    distance = hamming(array[:, None], array[None, :]).astype(int)
+    assert distance[0, 25] >= 30 and all(distance[k, k + 1] <= 8 for k in range(25))
+    edges = np.array(sorted(pairs)).T  # the chain is connected: joining pairs transitively puts A with Z
+    graph = coo_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(len(hashes),) * 2)
+    assert len(set(connected_components(graph, directed=False)[1][:26])) == 1
+
+    for indices in members:  # every two members are near copies (so within 2x the limit of each other)
+        assert distance[np.ix_(indices, indices)].max() <= 8, (indices, distance[np.ix_(indices, indices)])
+    assert not any(0 in m and 25 in m for m in members)
+    assert sorted(sum(members, [])) == sorted(set(sum(members, [])))  # nobody in two groups
+    by_member = {i: g for g, m in zip(groups, members) for i in m}
+    assert sorted(members[groups.index(by_member[26])]) == [26, 27, 28, 29, 30, 31]  # the 5, and 28's twin
+    assert by_member[26]["kind"] == "near" and by_member[26]["methods"] == ["phash", "sha256"]
+    assert by_member[26]["conflict"] and not by_member[26]["leak"]
+    assert by_member[33]["leak"] and by_member[33]["paths"] == ["32.png", "33.png"] and by_member[33]["group"] == 1
+
+
+def test_embedding_look_alikes_do_not_chain_and_near_copies_of_one_picture_group():
+    from finetune.doctor import Record, duplicate_groups, embedding_closeness
+
+    rng = np.random.default_rng(1)
+    step = 0.1  # radians: adjacent cosine 0.995, two steps 0.980, three 0.955 (< 0.97)
+    angles = step * np.arange(26)  # A..Z turn by 2.5 radians: cosine -0.80 between A and Z
+    chain = np.zeros((26, 32))
+    chain[:, 0], chain[:, 1] = np.cos(angles), np.sin(angles)
+    copies = rng.normal(size=32) + rng.normal(0, 0.03, (5, 32))  # one picture, five near copies
+    leak = rng.normal(size=32) + rng.normal(0, 0.03, (2, 32))
+    features = np.vstack([chain, copies, leak]).astype(np.float32)
+    records = [Record(f"{k}.png", "val" if k == 32 else "train", 0) for k in range(len(features))]
+    pairs = similar_pairs(features, 0.97)
+    groups = duplicate_groups(records, ["a"], [], {"embedding": embedding_closeness(features, pairs, 0.97)})
+    members = [[int(p.split(".")[0]) for p in g["paths"]] for g in groups]
+    assert {(k, k + 1) for k in range(25)} <= pairs  # each resembles the next
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    for indices in members:
+        assert (unit[indices] @ unit[indices].T).min() > 0.97, indices
+    assert not any(0 in m and 25 in m for m in members)
+    assert [26, 27, 28, 29, 30] in members and [31, 32] in members
+    assert groups[members.index([31, 32])]["leak"] and groups[0]["methods"] == ["embedding"]
+    # without closeness (plain pairs) the same bound holds
+    plain = duplicate_groups(records, ["a"], [], {"embedding": pairs})
+    for group in plain:
+        indices = [int(p.split(".")[0]) for p in group["paths"]]
+        assert (unit[indices] @ unit[indices].T).min() > 0.97, indices
