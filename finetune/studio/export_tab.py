@@ -4,7 +4,9 @@ served/ folder, never from the runs folder itself."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,9 +106,16 @@ def export_zip(studio: Studio, run: str | None = None):
         target = studio.workspace.output("exports", f"{run_dir.name}.zip", need=disk_usage(run_dir.path))
     except FinetuneError as problem:
         raise error(problem) from None
-    made = shutil.make_archive(str(target.with_name(f".{target.stem}-partial")), "zip", root_dir=run_dir.path.parent,
-                               base_dir=run_dir.name)
-    Path(made).replace(target)
+    # A partial file of its own (two zips of one run may be made at once), renamed into place
+    # complete: a download never gets half a zip.
+    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".zip")
+    os.close(handle)
+    try:
+        shutil.make_archive(partial[:-len(".zip")], "zip", root_dir=run_dir.path.parent, base_dir=run_dir.name)
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
     return exported(studio, run_dir)
 
 
