@@ -438,6 +438,20 @@ def test_auth_from_the_environment_and_ending_the_app_stops_its_training(tmp_pat
                 time.sleep(0.5)
         with pytest.raises(Exception):
             Client(url, analytics_enabled=False, verbose=False)  # no log-in: refused
+        # guessing: after a few failures, refused (429) before the password is checked, then the
+        # right one works once the back-off has passed
+        import httpx
+
+        def log_in(password):
+            return httpx.post(f"{url}/login", data={"username": "ada", "password": password})
+
+        answers = [log_in(f"guess-{i}") for i in range(30)]
+        codes = [answer.status_code for answer in answers]
+        assert codes[:5] == [400] * 5 and codes.count(400) <= 8 and codes[-1] == 429, codes
+        wait = int(answers[-1].headers["retry-after"])
+        assert 1 <= wait <= 10 and log_in("secret-pass").status_code == 429
+        time.sleep(wait + 0.5)
+        assert log_in("secret-pass").status_code == 200
         assert "3 classes" in client.predict(api_name="/scan_folder")[0]
         train(client, sample_data, epochs=300)
         follow(client, until=lambda u: "batch" in status_text(u), timeout=120)
@@ -508,6 +522,84 @@ def test_zip_riders_are_skipped_and_nothing_of_the_users_is_served(client, app_s
     status, headers = get(file_url(app_server.url, uploaded))
     assert status == 200 and "text/html" not in headers["content-type"]
     assert headers["content-disposition"].startswith("attachment")
+    # gradio's cache is the app's own, in the workspace: private, counted in the quota
+    assert Path(uploaded).is_relative_to(app_server.workspace / "gradio-cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks from the user's own browser: DNS rebinding, cross-site requests, the direct API route
+
+
+def cache_files(app_server) -> set[Path]:
+    return {p for p in (app_server.workspace / "gradio-cache").rglob("*") if p.is_file()}
+
+
+def test_only_the_apps_own_host_names_are_answered(app_server):
+    """A page whose DNS name was rebound to 127.0.0.1 reaches the app with its own name as Host."""
+    import httpx
+
+    port = app_server.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "", "[::1"):
+        answer = httpx.get(f"{app_server.url}/config", headers={"Host": host})
+        assert answer.status_code == 400 and "Invalid host header" in answer.text, host
+        assert "components" not in answer.text
+    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "localhost", f"[::1]:{port}", "[::1]",
+                 f"LOCALHOST:{port}"):
+        assert httpx.get(f"{app_server.url}/config", headers={"Host": host}).status_code == 200, host
+
+
+def test_a_cross_origin_upload_is_refused_and_writes_nothing(app_server):
+    """A multipart POST needs no CORS preflight: a page of another site (or another port of this
+    machine) could write into gradio's cache. Same-origin and origin-less uploads still work."""
+    import httpx
+
+    url = f"{app_server.url}/gradio_api/upload"
+    payload = {"files": ("planted.png", b"\x89PNG not really", "image/png")}
+    before = cache_files(app_server)
+    port = int(app_server.url.rsplit(":", 1)[1])
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": f"http://evil.example:{port}"},
+                    {"Origin": "null"}, {"Origin": f"http://127.0.0.1:{port + 1}"},
+                    {"Origin": f"http://localhost:{port + 1}"}, {"Origin": f"file://127.0.0.1:{port}"},
+                    {"Referer": "http://evil.example/page.html"}):
+        answer = httpx.post(url, files=payload, headers=headers)
+        assert answer.status_code == 403 and "Cross-origin request refused" in answer.text, headers
+    # other state-changing routes are refused the same way: joining the queue runs a handler
+    joined = httpx.post(f"{app_server.url}/gradio_api/queue/join", headers={"Origin": "http://evil.example"},
+                        json={"data": ["/etc"], "fn_index": 0, "session_hash": "x", "event_data": None})
+    assert joined.status_code == 403
+    assert cache_files(app_server) == before
+    for headers in ({"Origin": app_server.url}, {"Origin": f"http://localhost:{port}"},
+                    {"Referer": f"{app_server.url}/?view=api"}, {}):
+        answer = httpx.post(url, files=payload, headers=headers)
+        assert answer.status_code == 200, (headers, answer.text)
+        assert Path(answer.json()[0]).is_relative_to(app_server.workspace / "gradio-cache")
+
+
+def test_the_direct_run_route_is_closed_and_the_queue_works(app_server, client, sample_data):
+    """/gradio_api/run/<name> would run a handler outside the queue and its concurrency limits."""
+    import httpx
+
+    for name in ("scan_folder", "predict_batch", "export_zip"):
+        answer = httpx.post(f"{app_server.url}/gradio_api/run/{name}", json={"data": [str(sample_data)]})
+        assert answer.status_code == 404, (name, answer.text)
+    assert "3 classes" in client.predict(str(sample_data), api_name="/scan_folder")[0]
+
+
+def test_gradio_cache_is_private_and_in_the_workspace(app_server, client, sample_data):
+    """Uploads and gradio's copies of what the page shows lie in workspace/gradio-cache (0700), not
+    in the shared <temp>/gradio where other users of the machine could read them."""
+    import stat
+
+    import httpx
+
+    cache = app_server.workspace / "gradio-cache"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert stat.S_IMODE(app_server.workspace.stat().st_mode) == 0o700  # made by the app
+    uploaded = httpx.post(f"{app_server.url}/gradio_api/upload",
+                          files={"files": ("mine.png", b"\x89PNG private", "image/png")}).json()[0]
+    assert Path(uploaded).is_relative_to(cache) and Path(uploaded).read_bytes() == b"\x89PNG private"
+    gallery = client.predict(str(sample_data), api_name="/scan_folder")[2]
+    assert gallery and cache_files(app_server)  # thumbnails too (the client downloads them from there)
 
 
 @pytest.fixture(scope="module")

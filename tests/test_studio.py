@@ -165,6 +165,36 @@ def test_cleanup_removes_unused_uploads_leftovers_and_old_downloads(tmp_path):
     assert time.time() - fresh.stat().st_mtime < 60
 
 
+def test_gradio_cache_is_private_counted_and_cleaned_up(tmp_path):
+    """gradio's cache (GRADIO_TEMP_DIR, set by the app) lies in the workspace: 0700, in the quota,
+    and its files are removed a day after gradio last wrote or handed them out (their change time:
+    a copy keeps its source's old modification time)."""
+    import stat
+
+    space = Workspace(tmp_path / "ws", quota_bytes=10_000_000)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(space.root) == 0o700 and mode(space.gradio_cache) == 0o700
+    assert space.gradio_cache.parent == space.root and not space.gradio_cache.is_relative_to(space.served)
+    copy = space.gradio_cache / "0123abcd" / "model.pth"
+    copy.parent.mkdir()
+    copy.write_bytes(bytes(2_000_000))
+    old = time.time() - 30 * 24 * 3600
+    os.utime(copy, (old, old))  # what shutil.copy2 does to a copy of an old run file
+    assert space.usage() >= 2_000_000
+    with pytest.raises(FinetuneError, match="The workspace is full"):
+        space.check_room(9_000_000, "big.zip")
+    assert space.cleanup() == [] and copy.is_file()  # handed out just now: kept
+    removed = space.cleanup(now=time.time() + UNUSED_SECONDS + 60)
+    assert copy in removed and not copy.exists()
+    # a workspace the user made keeps its mode; the cache is made private whatever it was
+    mine = tmp_path / "mine"
+    (mine / "gradio-cache").mkdir(parents=True)
+    os.chmod(mine, 0o750)
+    os.chmod(mine / "gradio-cache", 0o755)
+    again = Workspace(mine)
+    assert mode(again.root) == 0o750 and mode(again.gradio_cache) == 0o700
+
+
 def test_only_safe_files_are_served_and_a_changed_run_file_is_served_anew(tmp_path):
     space = Workspace(tmp_path / "ws")
     evil = tmp_path / "page.html"
@@ -356,6 +386,35 @@ def test_export_files_and_zip(studio, sample_data, monkeypatch):
     assert nothing["classes"].interactive is False and nothing["files"] is None
 
 
+def test_zips_of_one_run_made_at_once_are_all_complete(studio, sample_data):
+    """Several exports of one run at the same moment (two pages, or a client bypassing the queue)
+    each write a partial file of their own: all succeed, the zip is whole, nothing is left over."""
+    run = fake_run(studio.runs_dir, "r1", data=sample_data)
+    (run / "model.pth").write_bytes(os.urandom(3_000_000))  # a longer write widens the window
+    threads, results, errors = 6, [], []
+    start = threading.Barrier(threads)
+
+    def zip_it():
+        try:
+            start.wait()
+            results.append(export_tab.export_zip(studio, str(run)))
+        except BaseException as problem:  # noqa: BLE001 - reported below
+            errors.append(problem)
+
+    pool = [threading.Thread(target=zip_it) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == threads
+    zipped = studio.workspace.served / "exports" / "r1.zip"
+    assert all(Path(files[-1]) == zipped for files in results)
+    with zipfile.ZipFile(zipped) as z:
+        assert z.testzip() is None and z.read("r1/model.pth") == (run / "model.pth").read_bytes()
+    assert [p.name for p in zipped.parent.iterdir()] == ["r1.zip"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Predict
 
@@ -458,6 +517,26 @@ def test_empty_host_from_the_environment_means_loopback(monkeypatch):
     assert "all interfaces" in studio_app.where("::", 7860)
     assert studio_app.where("127.0.0.1", 7860) == ("listening on 127.0.0.1, port 7860 (this computer only): "
                                                    "open http://127.0.0.1:7860")
+
+
+def test_a_short_or_malformed_password_is_refused_at_start(monkeypatch, capsys):
+    monkeypatch.delenv("FINETUNE_AUTH", raising=False)
+    for given, message in (("ada:short", "has 5 characters: use at least 8"),
+                           ("ada", "must look like user:password")):
+        assert studio_app.main(["--auth", given, "--port", "1"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "short" not in err  # the password is not shown
+    monkeypatch.setenv("FINETUNE_AUTH", "ada:1234567")
+    assert studio_app.main(["--port", "1"]) == 2 and "at least 8" in capsys.readouterr().err
+    assert studio_app.parse_auth("ada:12345678") == ("ada", "12345678")
+
+
+def test_allowed_hosts_from_options_and_environment(monkeypatch):
+    monkeypatch.setenv("FINETUNE_ALLOWED_HOSTS", "studio.example.org, Proxy.lan:8443")
+    assert studio_app.parse_args([]).allowed_hosts == ["studio.example.org", "proxy.lan"]
+    assert studio_app.parse_args(["--allowed-hosts", ""]).allowed_hosts == []
+    with pytest.raises(SystemExit):
+        studio_app.parse_args(["--allowed-hosts", "http://x/y"])
 
 
 def test_limits_from_options_and_environment(monkeypatch):
@@ -664,3 +743,86 @@ def test_evaluate_heatmaps_of_the_misclassified_images(studio, sample_data, smal
     heat, plain = out["gallery"][0][0], out["gallery"][2][0]
     assert heat.size == plain.size == (96, 96) and heat.tobytes() != plain.tobytes()
     assert out["note"].endswith("· heatmaps on the first 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# The server's own checks (finetune.studio.guard), on gradio's real routes without a server
+
+
+def guarded_app(hosts, backoff=None, auth=None):
+    """gradio's ASGI app for a small Blocks, with the app's middleware: what launch() serves."""
+    from starlette.testclient import TestClient
+
+    from finetune.studio import guard
+
+    with gr.Blocks() as demo:
+        gr.Markdown("hello")
+    demo.auth = auth
+    app = gr.routes.App.create_app(demo, app_kwargs={"middleware": guard.middleware(hosts, backoff)})
+    return TestClient(app, base_url=f"http://127.0.0.1:{hosts.port}")
+
+
+def test_host_and_origin_rules_on_every_interface_and_behind_a_proxy():
+    from finetune.studio.guard import AllowedHosts
+
+    everywhere = AllowedHosts.of("0.0.0.0", 7860, ["studio.example.org"])
+    for name in ("10.1.2.3", "fe80::1", "127.0.0.1", "::1", "localhost", "studio.example.org"):
+        assert everywhere.allows(name), name
+    assert not everywhere.allows("evil.example") and not everywhere.allows("10.1.2.3.nip.io")
+    one = AllowedHosts.of("192.168.1.5", 7860)
+    assert one.allows("192.168.1.5") and one.allows("localhost") and not one.allows("192.168.1.6")
+    assert everywhere.allows_origin("http://10.1.2.3:8080", "10.1.2.3:8080")  # a port forward: as addressed
+    assert everywhere.allows_origin("https://studio.example.org", "127.0.0.1:7860")  # the proxy's page
+    assert not everywhere.allows_origin("http://10.1.2.4:7860", "10.1.2.3:7860")  # another machine's page
+    assert not everywhere.allows_origin("http://studio.example.org.evil.example", "127.0.0.1:7860")
+    client = guarded_app(everywhere)
+    assert client.get("/config", headers={"Host": "studio.example.org"}).status_code == 200
+    assert client.get("/config", headers={"Host": "[fe80::1]:7860"}).status_code == 200
+    assert client.get("/config", headers={"Host": "rebound.evil.example:7860"}).status_code == 400
+    reset = client.post("/gradio_api/reset", json={"session_hash": "x"}, headers={"Origin": "http://evil.example"})
+    assert reset.status_code == 403 and reset.headers["content-type"].startswith("text/plain")
+
+
+def test_guessing_the_log_in_is_refused_and_the_right_password_works_after_the_back_off():
+    from finetune.studio.guard import AllowedHosts, Backoff
+
+    now = [1000.0]
+    backoff = Backoff(free=3, global_free=50, delay=10, max_delay=40, clock=lambda: now[0])
+    client = guarded_app(AllowedHosts.of("127.0.0.1", 7860), backoff, auth=[("ada", "correct-horse")])
+
+    def log_in(password):
+        return client.post("/login", data={"username": "ada", "password": password})
+
+    started = time.monotonic()
+    answers = [log_in(f"guess-{i}") for i in range(200)]
+    assert time.monotonic() - started < 30  # refused at once: nothing sleeps
+    assert [a.status_code for a in answers[:3]] == [400, 400, 400]  # gradio's "Incorrect credentials"
+    assert {a.status_code for a in answers[3:]} == {429}
+    assert answers[-1].headers["retry-after"] == "10" and "try again in 10 s" in answers[-1].text
+    assert log_in("correct-horse").status_code == 429  # while locked out the password is not even checked
+    now[0] += 10.5
+    assert log_in("guess-again").status_code == 400
+    assert log_in("correct-horse").headers["retry-after"] == "20"  # doubled
+    now[0] += 20.5
+    right = log_in("correct-horse")
+    assert right.status_code == 200 and right.json() == {"success": True}
+    assert client.get("/config").status_code == 200  # logged in (the cookie)
+    assert log_in("wrong-once-more").status_code == 400  # a success starts the count again
+
+
+def test_guessing_from_many_clients_is_held_back_together():
+    from finetune.studio.guard import Backoff
+
+    now = [0.0]
+    backoff = Backoff(free=5, global_free=20, delay=1, max_delay=300, max_clients=8, clock=lambda: now[0])
+    allowed = sum(backoff.attempt(f"10.0.{i // 250}.{i % 250}") == 0 for i in range(1000))
+    assert allowed == 20  # then every client waits
+    assert 0 < backoff.attempt("192.0.2.1") <= 1 and len(backoff._clients) <= 8
+    waits = []
+    for i in range(10):  # each expiry lets one guess through and doubles the wait, up to max_delay
+        now[0] += 400
+        assert backoff.attempt(f"10.9.9.{i}") == 0
+        waits.append(backoff.attempt("10.9.8.1"))
+    assert waits == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    now[0] += 4000  # failures this old are forgotten
+    assert backoff.attempt("10.9.9.11") == 0

@@ -106,11 +106,19 @@ def where(host: str, port: int) -> str:
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """(user, password) of FINETUNE_AUTH / --auth; FinetuneError when it is malformed or the
+    password is short (the back-off slows guessing, it does not make a short password safe)."""
+    from ..config import FinetuneError
+    from .guard import MIN_PASSWORD_LENGTH
+
     if not text:
         return None
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
-        raise SystemExit("error: --auth must look like user:password")
+        raise FinetuneError("--auth must look like user:password (FINETUNE_AUTH too)")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise FinetuneError(f"the password in FINETUNE_AUTH (or --auth) has {len(password)} characters: use at "
+                            f"least {MIN_PASSWORD_LENGTH}")
     return user, password
 
 
@@ -132,6 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="address to listen on (also FINETUNE_HOST; default and when empty: 127.0.0.1, this "
                              "computer only; 0.0.0.0 = every interface, needs a log-in)")
     parser.add_argument("--port", type=int, default=int(env("FINETUNE_PORT", "7860")))
+    parser.add_argument("--allowed-hosts", default=env("FINETUNE_ALLOWED_HOSTS", ""), metavar="NAMES",
+                        help="more host names the browser may use to reach the app, comma-separated, e.g. an "
+                             "HTTPS reverse proxy's (also FINETUNE_ALLOWED_HOSTS; the listening address and "
+                             "localhost always work)")
     parser.add_argument("--auth", default=env("FINETUNE_AUTH"), metavar="USER:PASSWORD",
                         help="log-in required; prefer the FINETUNE_AUTH environment variable (not shown by `ps`)")
     parser.add_argument("--runs-dir", default=env("FINETUNE_RUNS_DIR", str(DEFAULT_RUNS)),
@@ -151,12 +163,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.host = normalise_host(args.host)
     if args.max_upload_mb <= 0:
         parser.error("--max-upload-mb must be positive")
+    from .guard import parse_host_list
+
+    try:
+        args.allowed_hosts = parse_host_list(args.allowed_hosts)
+    except ValueError as problem:
+        parser.error(f"--allowed-hosts (FINETUNE_ALLOWED_HOSTS): {problem}")
     return args
 
 
 def main(argv=None) -> int:
+    from ..config import FinetuneError
+
     args = parse_args(argv)
-    auth = parse_auth(args.auth)
+    try:
+        auth = parse_auth(args.auth)
+    except FinetuneError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if not is_loopback(args.host) and auth is None:
         print(f"error: refusing to listen on {args.host} without a log-in: anyone who can reach this machine "
               f"could train, read and download here. Set FINETUNE_AUTH=user:password (or --auth, which `ps` "
@@ -164,18 +188,34 @@ def main(argv=None) -> int:
         return 2
     os.environ["GRADIO_SERVER_NAME"] = args.host  # whatever gradio falls back to is this host too
     from .. import data  # noqa: F401 - PIL's pixel limit, before anything decodes
-    import gradio as gr
-
+    from .guard import AllowedHosts, Backoff, middleware
     from .state import Studio
-    from .views import CSS
 
     quota = int(args.workspace_quota_gb * 1e9) if args.workspace_quota_gb > 0 else None
-    studio = Studio(args.runs_dir, args.workspace, args.data, args.browse_root, quota_bytes=quota)
-    studio.workspace.cleanup()
-    attached = studio.attach_running()
+    try:  # a folder that cannot be made (full disk, no permission): one line, not a traceback
+        studio = Studio(args.runs_dir, args.workspace, args.data, args.browse_root, quota_bytes=quota)
+    except FinetuneError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    # Gradio's cache (uploads, and a copy of every file the page shows or downloads) in the
+    # workspace: private (0700, not the shared <temp>/gradio), held to the quota, cleaned up with
+    # it. Set before gradio is imported: some of it reads the variable once, at import.
+    os.environ["GRADIO_TEMP_DIR"] = str(studio.workspace.gradio_cache)
+    import gradio as gr
+
+    from .views import CSS
+
+    try:
+        attached = studio.start_up()
+    except FinetuneError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     demo = build_app(studio)
     restrict_image_openers()  # after every import that might register a PIL plugin
-    demo.queue(default_concurrency_limit=1)
+    # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
+    # outside every concurrency_limit; gradio_client and the page go through the queue.
+    demo.queue(default_concurrency_limit=1, api_open=False)
+    guards = middleware(AllowedHosts.of(args.host, args.port, args.allowed_hosts), Backoff() if auth else None)
     try:
         # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
         demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
@@ -183,7 +223,7 @@ def main(argv=None) -> int:
                     blocked_paths=[str(studio.workspace.uploads), str(studio.workspace.inputs)],
                     max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, pwa=False, mcp_server=False,
                     enable_monitoring=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"],
-                    quiet=True, prevent_thread_lock=True)
+                    quiet=True, prevent_thread_lock=True, app_kwargs={"middleware": guards})
         # SIGTERM (service managers, `kill`) ends the app like Ctrl-C, and with it its training (kept:
         # the best checkpoint). Installed after launch(), which sets handlers of its own.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

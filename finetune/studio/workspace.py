@@ -5,10 +5,14 @@
     inputs/    one temporary folder per batch prediction (its zips extracted), removed when it ends
     served/    the only folder the web server serves from: files a handler produced on purpose, of a
                safe type (exports, prediction CSVs, and hard links or copies of run files)
+    gradio-cache/  gradio's own cache (GRADIO_TEMP_DIR, set by the app): what browsers uploaded and
+               gradio's copies of what the page shows; gradio serves it, uploads only as downloads
 
 Nothing a user uploaded is ever served back: uploads/ and inputs/ hold only images, and they are
-not among the server's allowed paths. The workspace as a whole may be held to a disk quota, checked
-before anything is extracted or written. No gradio here.
+not among the server's allowed paths. The workspace as a whole (gradio's cache too) may be held to a
+disk quota, checked before anything is extracted or written. The workspace folder is made private
+(0700) when it is created here, gradio's cache always: other users of the machine read neither.
+No gradio here.
 """
 
 from __future__ import annotations
@@ -44,8 +48,12 @@ class Workspace:
     def __init__(self, root: str | Path, quota_bytes: int | None = None):
         self.root = Path(root).expanduser().resolve()
         self.quota_bytes = quota_bytes
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)  # an existing folder keeps the mode its owner gave it
         for folder in (self.uploads, self.inputs, self.served):
             folder.mkdir(parents=True, exist_ok=True)
+        self.gradio_cache.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.gradio_cache, 0o700)  # also when it was there: gradio's copies are not for other users
 
     def __fspath__(self) -> str:
         return str(self.root)
@@ -64,6 +72,10 @@ class Workspace:
     @property
     def served(self) -> Path:
         return self.root / "served"
+
+    @property
+    def gradio_cache(self) -> Path:
+        return self.root / "gradio-cache"
 
     # -- the quota
     def usage(self) -> int:
@@ -170,14 +182,15 @@ class Workspace:
     # -- clean-up
     def cleanup(self, now: float | None = None, keep: tuple[Path, ...] = ()) -> list[Path]:
         """Remove uploads unused for a day (except those in `keep`, e.g. a running training's data),
-        served files older than a day, and temporary folders a crash left behind."""
+        served files and gradio's cached files older than a day, and temporary folders a crash left
+        behind. (Gradio's own delete_cache removes only the files of this process.)"""
         now = time.time() if now is None else now
         kept = {self.upload_of(path) for path in keep} - {None}
         removed: list[Path] = []
 
-        def old(path: Path, seconds: float) -> bool:
+        def old(path: Path, seconds: float, stamp: str = "st_mtime") -> bool:
             try:
-                return now - path.lstat().st_mtime > seconds
+                return now - getattr(path.lstat(), stamp) > seconds
             except OSError:
                 return False
 
@@ -188,17 +201,19 @@ class Workspace:
         for entry in _entries(self.inputs):
             if old(entry, LEFTOVER_SECONDS):
                 removed.append(_remove(entry))
-        # reversed, the walk reaches every folder after everything in it
-        for dirpath, _, filenames in reversed(list(walk(self.served))):
-            for name in filenames:
-                path = Path(dirpath, name)
-                if old(path, UNUSED_SECONDS):
-                    removed.append(_remove(path))
-            if Path(dirpath) != self.served and old(Path(dirpath), UNUSED_SECONDS):
-                try:
-                    os.rmdir(dirpath)  # only when empty (and not just made for a new file)
-                except OSError:
-                    pass
+        # gradio's cache by change time, as gradio ages it: its copies keep their source's mtime
+        for tree, stamp in ((self.served, "st_mtime"), (self.gradio_cache, "st_ctime")):
+            # reversed, the walk reaches every folder after everything in it
+            for dirpath, _, filenames in reversed(list(walk(tree))):
+                for name in filenames:
+                    path = Path(dirpath, name)
+                    if old(path, UNUSED_SECONDS, stamp):
+                        removed.append(_remove(path))
+                if Path(dirpath) != tree and old(Path(dirpath), UNUSED_SECONDS, stamp):
+                    try:
+                        os.rmdir(dirpath)  # only when empty (and not just made for a new file)
+                    except OSError:
+                        pass
         return removed
 
 
