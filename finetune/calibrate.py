@@ -26,6 +26,10 @@ THRESHOLD_RULE = (f"the calibrated confidence below which {MISS_RATE:.0%} of the
                   f"validation images lie")
 
 
+class NonFiniteLogits(ValueError):
+    """Logits with nan or inf in them: no temperature fitted on them would mean anything."""
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -176,9 +180,13 @@ def coverage(probs, targets, threshold: float) -> dict:
 
 def calibrate(logits, targets, plot_path: str | Path | None = None) -> dict:
     """Everything a run records after training, from validation logits (or log-probabilities):
-    temperature, ECE and NLL before and after, the suggested min_confidence and what it does."""
+    temperature, ECE and NLL before and after, the suggested min_confidence and what it does.
+    NonFiniteLogits when any logit is nan or infinite (the caller skips calibration)."""
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).reshape(len(logits), -1).any(axis=1).sum())
+        raise NonFiniteLogits(f"the model gave nan or infinite outputs for {bad} of {len(logits)} validation images")
     temperature = fit_temperature(logits, targets)
     before, after = softmax(logits), softmax(logits, temperature)
     threshold = suggest_threshold(after, targets)

@@ -464,8 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory: try a smaller --batch-size or --image-size", file=sys.stderr)
         return 3
-    except RuntimeError as error:
-        if "out of memory" in str(error).lower():
+    except (OSError, RuntimeError) as error:
+        from .rundir import disk_full
+
+        # a full disk under any command's write (torch's writers raise RuntimeError over the OSError)
+        full = disk_full(error)
+        if full is not None:
+            print(f"error: {full}", file=sys.stderr)
+            return 2
+        if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
             print("error: out of GPU memory: try a smaller --batch-size or --image-size", file=sys.stderr)
             return 3
         raise

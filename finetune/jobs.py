@@ -9,6 +9,8 @@ their own) when it must end it for good.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from .config import FinetuneError, TrainConfig
 from .events import EventFollower, duration, format_event
-from .rundir import FINAL_STATUSES, RunDir, list_runs, run_name
+from .rundir import FINAL_STATUSES, RunDir, list_runs, live_trainings, run_name
 
 USABLE_STATUSES = ("completed", "stopped", "early-stopped")
 
@@ -65,12 +67,12 @@ class TrainingView:
             self.batch, self.batches = event["batch"], event["batches"]
             self.images_per_s, self.eta_s = event["images_per_s"], event["eta_s"]
             x = event["epoch"] - 1 + event["batch"] / max(1, event["batches"])
-            self.curves.append({"epoch": x, "value": event["loss"], "series": "train", "metric": "loss"})
-            self.curves.append({"epoch": x, "value": event["acc"], "series": "train", "metric": "accuracy"})
+            self._point(x, event["loss"], "train", "loss")
+            self._point(x, event["acc"], "train", "accuracy")
         elif kind == "epoch":
             x = float(event["epoch"])
-            self.curves.append({"epoch": x, "value": event["val_loss"], "series": "val", "metric": "loss"})
-            self.curves.append({"epoch": x, "value": event["val_acc"], "series": "val", "metric": "accuracy"})
+            self._point(x, event["val_loss"], "val", "loss")
+            self._point(x, event["val_acc"], "val", "accuracy")
             self.status = "evaluating" if event["epoch"] == self.epochs else "training"
         elif kind == "end":
             self.status = event["status"]
@@ -80,6 +82,10 @@ class TrainingView:
         elif kind == "error":
             self.status = "failed"
             self.error = event.get("message")
+
+    def _point(self, x: float, value: float, series: str, metric: str) -> None:
+        if math.isfinite(value):  # a diverging loss (nan, inf) would spoil the plot's scale: the log says it
+            self.curves.append({"epoch": x, "value": value, "series": series, "metric": metric})
 
     def fraction(self) -> float:
         if self.status in USABLE_STATUSES:
@@ -329,11 +335,15 @@ def training_pids(info: dict) -> list[int]:
 
 def mark_ended(run: RunDir, reason: str) -> None:
     """A run whose processes are gone but whose run.json still says "running": stopped when it has a
-    model to use, failed otherwise. Never left at "running"."""
+    model to use, failed otherwise. Never left at "running", unless run.json cannot be written (a full
+    disk, which may be why the training ended): a warning then, and the next look tries again."""
     info = run.info()
     if info.get("status") != "running":
         return
-    run.update_info(status="stopped" if run.has_model() else "failed", error=reason)
+    try:
+        run.update_info(status="stopped" if run.has_model() else "failed", error=reason)
+    except (OSError, FinetuneError) as problem:
+        logging.getLogger(__name__).warning("could not mark %s as ended: %s", run.name, problem)
 
 
 def running_trainings(runs_dir: str | Path) -> list[Path]:
@@ -354,7 +364,17 @@ def running_trainings(runs_dir: str | Path) -> list[Path]:
 
 
 def require_no_training(runs_dir: str | Path) -> None:
-    """FinetuneError when a training is already running in this runs folder."""
+    """FinetuneError when a training is already running in this runs folder: one with a run folder
+    whose processes live, or one that holds a lock there and is still before its run folder (scanning
+    the images, loading the weights). Trainings from terminals never wait for each other: only the
+    studio asks this before it starts one."""
     alive = running_trainings(runs_dir)
     if alive:
         raise FinetuneError(f"a training is already running ({alive[0].name}): wait for it or stop it first")
+    for lock in live_trainings(runs_dir):
+        here = lock.get("host") in (None, os.uname().nodename)
+        where = "" if here else f" on {lock.get('host')}"
+        run = f", run {Path(lock['run_dir']).name}" if lock.get("run_dir") else ""
+        raise FinetuneError(f"a training started from a terminal (pid {lock.get('pid', '?')}{where}, data "
+                            f"{lock.get('data', '?')}{run}) is running in this runs folder; wait for it or stop it "
+                            f"(Ctrl-C in its terminal{', or kill ' + str(lock['pid']) if here and lock.get('pid') else ''})")

@@ -12,36 +12,123 @@ One place knows the layout (`runs/<time>-<arch>-<strategy>/`):
     metrics.json, confusion_matrix.png, training_curves.png, per_class.csv, misclassified.csv
 
 Every write goes through a temporary file and a rename, so a reader (the studio, while the
-training writes) never sees half a file.
+training writes) never sees half a file. A write that fails (a full disk) removes its temporary
+file and says so in one line (`DiskFull`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import uuid
 from datetime import datetime
 from pathlib import Path
-
-import torch
+from typing import Callable
 
 from .config import FinetuneError
 from .events import EVENTS_FILE
 
+try:
+    import fcntl
+except ImportError:  # Windows: trainings are told apart by their pid alone
+    fcntl = None
+
 RUN_FORMAT = "finetune-run/1"
 FINAL_STATUSES = ("completed", "stopped", "early-stopped", "failed")
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(FinetuneError):
+    """No room left to write a file (the disk, or a quota): one line with the path and the space left."""
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def disk_full(error: BaseException, path: str | Path | None = None) -> DiskFull | None:
+    """`error` as a DiskFull naming the file (`path` when the error does not), or None when it is
+    something else. The OSError may hide behind the exception it caused: torch.save's clean-up
+    raises RuntimeError('... inline_container.cc ... unexpected pos') over it."""
+    seen = []
+    while error is not None and not any(error is e for e in seen):
+        if isinstance(error, DiskFull):
+            return error
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            break
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    else:
+        return None
+    quota = " or over its quota" if error.errno == errno.EDQUOT else ""
+    if not (error.filename or path):
+        return DiskFull(f"disk full{quota}: could not write a file ({error.strerror})")
+    target = Path(os.fsdecode(error.filename or path))
+    folder = next((p for p in (target, *target.parents) if p.is_dir()), None)
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} free on that file system" if folder else "free space unknown"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"disk full{quota}: could not write {target} ({free})")
+
+
+class _Sink:
+    """What torch.save writes to: every byte goes out through os.write, so a full disk surfaces as
+    OSError(ENOSPC) (torch.save to a path or a buffered file reports only 'unexpected pos')."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while view:
+            view = view[os.write(self.fd, view):]
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+def write_atomic(path: str | Path, write: Callable[[_Sink], None]) -> None:
+    """`write(sink)` into a temporary file of its own beside `path` (a unique name: two writers never
+    share one), then renamed over `path`. On any failure the temporary file is removed; a full
+    disk raises DiskFull."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            write(_Sink(fd))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        full = disk_full(error, path)
+        if full is not None and full is not error:
+            raise full from None
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda sink: sink.write(text.encode("utf-8")))
 
 
 def write_json(path: Path, data) -> None:
     """Write via a temporary file so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    import torch  # here: what only reads run folders or takes a lock need not load torch
+
+    write_atomic(path, lambda sink: torch.save(obj, sink))
 
 
 def class_indices_json(classes: list[str]) -> str:
@@ -172,7 +259,7 @@ class RunDir:
     # -- the split and the class map
     def write_split(self, scan) -> None:
         write_json(self.split_path, scan.to_dict())
-        self.report.write_text(scan.report() + "\n")
+        write_text_atomic(self.report, scan.report() + "\n")
 
     def read_split(self):
         from .data import DatasetScan
@@ -195,7 +282,7 @@ class RunDir:
             return None
 
     def write_class_indices(self, classes: list[str]) -> None:
-        self.class_indices.write_text(class_indices_json(classes))
+        write_text_atomic(self.class_indices, class_indices_json(classes))
 
     # -- metrics
     def metrics(self) -> dict:
@@ -264,3 +351,130 @@ def read_metrics(run_dir: str | Path) -> dict:
 
 def run_label(run_dir: str | Path) -> str:
     return RunDir(run_dir).label()
+
+
+# ---------------------------------------------------------------------------------------------
+# Who is training in a runs folder, from before the scan (a run folder comes only after it)
+
+LOCK_PREFIX, LOCK_SUFFIX = ".training-", ".lock"
+
+
+class TrainingLock:
+    """`runs/.training-<pid>-<id>.lock`, held (flock) by a training from before its scan to its end.
+
+    It says "a training is running here" while there is no run.json yet. The flock goes with the
+    process, so the file of a training that was killed is seen to be stale (and removed) without
+    trusting a pid that may have been reused. Every training takes its own: it never makes one wait
+    or refuse; the studio refuses to start another beside a live one (`live_trainings`)."""
+
+    def __init__(self, runs_dir: str | Path, data: str | Path):
+        self.runs_dir = Path(runs_dir)
+        self.info = {"pid": os.getpid(), "host": os.uname().nodename,
+                     "started": datetime.now().isoformat(timespec="seconds"), "data": str(data), "run_dir": None}
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._written = 0
+
+    def __enter__(self) -> "TrainingLock":
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{LOCK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # filled and locked under a name no reader looks at, then renamed: a reader never finds the
+        # file unlocked while its training lives (the lock belongs to the file, not to its name)
+        tmp, path = self.runs_dir / f"{name}.new", self.runs_dir / f"{name}{LOCK_SUFFIX}"
+        try:
+            self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # a file system without locks: readers fall back to the pid
+                    pass
+            self._write()
+            os.replace(tmp, path)
+            self.path = path
+        except BaseException as error:
+            self._close()
+            tmp.unlink(missing_ok=True)
+            full = disk_full(error, tmp)
+            if full is not None and full is not error:
+                raise full from None
+            raise
+        return self
+
+    def set_run(self, run_dir: str | Path) -> None:
+        """The run folder, once the scan made it: the studio can then name it."""
+        self.info["run_dir"] = str(run_dir)
+        try:
+            self._write()
+        except OSError:  # only a detail for the message of a studio that waits: not worth failing for
+            pass
+
+    def _write(self) -> None:
+        data = json.dumps(self.info).encode()
+        # in place (a rename would drop the lock), padded over the old text: JSON ignores the spaces
+        os.pwrite(self._fd, data.ljust(self._written), 0)
+        self._written = max(self._written, len(data))
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)  # first: no reader sees it once the training ends
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def live_trainings(runs_dir: str | Path) -> list[dict]:
+    """The lock files' details ({"pid", "host", "started", "data", "run_dir", "lock"}) of the trainings
+    alive in `runs_dir`; the files of trainings that died are removed on the way."""
+    runs_dir = Path(runs_dir)
+    try:
+        candidates = sorted(runs_dir.glob(f"{LOCK_PREFIX}*{LOCK_SUFFIX}"))
+    except OSError:
+        return []
+    alive = []
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            try:
+                info = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+            except (OSError, ValueError):
+                info = {}
+            info = info if isinstance(info, dict) else {}
+            if _lock_held(fd, info):
+                alive.append({**info, "lock": str(path)})
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return alive
+
+
+def _lock_held(fd: int, info: dict) -> bool:
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False  # nobody holds it: its training is gone
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass
+    # no flock here: the pid, on the host that wrote it (another host's cannot be checked: kept)
+    if info.get("host") != os.uname().nodename:
+        return True
+    try:
+        pid = int(info.get("pid", 0))
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+    except (ProcessLookupError, TypeError, ValueError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -15,6 +15,7 @@ DistributedDataParallel; rank 0 alone writes the run folder and emits events.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -30,15 +31,15 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import cache
-from .calibrate import calibrate, softmax
+from .calibrate import NonFiniteLogits, calibrate, softmax
 from .config import FinetuneError, TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
 from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
                      pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import Event, EventCallback, EventWriter
-from .model import apply_strategy, build_model, param_groups, safe_load, split_model
-from .rundir import RunDir, save_atomic
+from .model import apply_strategy, build_model, imagenet_weights_path, param_groups, safe_load, split_model
+from .rundir import DiskFull, RunDir, TrainingLock, disk_full, save_atomic
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
 # done every this many batches, not every batch.
@@ -60,9 +61,10 @@ class TrainState:
     epochs_without_gain: int = 0
 
     def add(self, record: dict) -> bool:
-        """Record an epoch; True when it is the best so far (val accuracy, ties broken by val loss)."""
-        improved = record["val_acc"] > self.best["val_acc"] or (
-            record["val_acc"] == self.best["val_acc"] and record["val_loss"] < self.best["val_loss"])
+        """Record an epoch; True when it is the best so far (val accuracy, ties broken by val loss).
+        An epoch whose val loss is not finite is never the best: nan logits still have an argmax."""
+        improved = math.isfinite(record["val_loss"]) and (record["val_acc"] > self.best["val_acc"] or (
+            record["val_acc"] == self.best["val_acc"] and record["val_loss"] < self.best["val_loss"]))
         if improved:
             self.best = {"epoch": record["epoch"], "val_acc": record["val_acc"], "val_loss": record["val_loss"]}
             self.epochs_without_gain = 0
@@ -386,13 +388,46 @@ def train(cfg: TrainConfig, on_event: EventCallback | None = None, stop: threadi
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    resume_dir = Path(resume) if resume else None
     try:
-        return _train(cfg, ctx, device, on_event, stop, Path(resume) if resume else None)
+        # from before the scan (there is no run.json yet), this says a training runs in that runs
+        # folder, so a studio does not start a second one beside it; rank 0 speaks for all ranks
+        lock_folder = resume_dir.parent if resume_dir is not None else Path(cfg.runs_dir)
+        with TrainingLock(lock_folder, cfg.data) if ctx.is_main else contextlib.nullcontext() as lock:
+            return _train(cfg, ctx, device, on_event, stop, resume_dir, lock)
+    except BaseException as error:
+        full = disk_full(error, cfg.runs_dir)
+        if full is not None and full is not error:
+            raise full from None
+        raise
     finally:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, stop, resume_dir) -> Path:
+class TrainingDiverged(FinetuneError):
+    """The loss became nan or inf: raised once the run is settled (status, error, best model kept)."""
+
+
+def require_finite(state_dict: dict, source: str | Path) -> None:
+    """FinetuneError naming the first tensor of `state_dict` that holds nan or inf values."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            what = "nan" if torch.isnan(tensor).any() else "infinite"
+            raise FinetuneError(f"refusing the weights in {source}: {name} holds {what} values "
+                                f"(a diverged or damaged model)")
+
+
+def divergence(record: dict, lr: float) -> str | None:
+    """The one-line reason when an epoch's training or validation loss is not finite."""
+    for key, what in (("train_loss", "training"), ("val_loss", "validation")):
+        if not math.isfinite(record[key]):
+            return (f"training diverged: the {what} loss became {record[key]} in epoch {record['epoch']}; "
+                    f"try a lower --lr (this run used {lr:g})")
+    return None
+
+
+def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, stop, resume_dir,
+           lock: TrainingLock | None) -> Path:
     seed_everything(cfg.seed)
     listeners: list[EventCallback] = []
 
@@ -402,6 +437,12 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
             for listener in listeners:
                 listener(event)
 
+    def write_event(event: Event) -> None:
+        try:
+            event_file(event)
+        except OSError as error:  # a write error has no file name: give it one
+            raise (disk_full(error, run.events) or error) from None
+
     # data and run folder: rank 0 scans while the others wait (patiently: a scan of many images takes
     # longer than a collective's timeout), every rank then uses the same split
     checkpoint = None
@@ -410,6 +451,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         if not run.last.is_file():
             raise FinetuneError(f"{resume_dir} has no last.pth to resume from (it stopped before its first epoch)")
         checkpoint = safe_load(run.last, "checkpoint")
+        require_finite(checkpoint["model"], run.last)
         scan = run.read_split()
         model = build_model(cfg.arch, len(scan.classes), "none")
         model.load_state_dict(checkpoint["model"])
@@ -417,11 +459,16 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         scan = ctx.broadcast(scan_for_training(cfg) if ctx.is_main else None, patient=True)
         # the weights before the run folder: unavailable or wrong weights leave no failed run behind
         model = build_model(cfg.arch, len(scan.classes), cfg.weights)
+        if cfg.weights != "none":
+            require_finite(model.state_dict(), imagenet_weights_path(cfg.arch) if cfg.weights == "imagenet"
+                           else cfg.weights)
         run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
+    if lock is not None:
+        lock.set_run(run.path)
     pids = ctx.all_gather(os.getpid())
     event_file = EventWriter(run.events) if ctx.is_main else None
     if event_file:
-        listeners.append(event_file)
+        listeners.append(write_event)
     if on_event is not None:
         listeners.append(on_event)
     try:
@@ -432,16 +479,31 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
             run.update_info(status="running", pids=pids, launcher_pid=os.getppid() if ctx.enabled else None,
                             host=os.uname().nodename)
         return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop)
+    except TrainingDiverged:
+        raise  # the run is settled already (run.json says how, the best model is kept)
     except BaseException as error:
-        message = str(error) if isinstance(error, FinetuneError) else \
-            "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
-        emit({"type": "error", "message": message})
+        failure = disk_full(error, run.path) or error
+        message = str(failure) if isinstance(failure, FinetuneError) else \
+            "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
+        try:
+            emit({"type": "error", "message": message})
+        except (OSError, FinetuneError):  # the events file may lie on that full disk too
+            pass
         if ctx.is_main:
-            run.update_info(status="failed", error=message)
+            try:
+                run.update_info(status="failed", error=message)
+            except (OSError, FinetuneError) as problem:
+                problem = disk_full(problem, run.info_path) or problem
+                message += f"; {run.info_path} still says running: it could not be updated either ({problem})"
+        if isinstance(failure, FinetuneError) and (failure is not error or message != str(failure)):
+            raise (DiskFull if isinstance(failure, DiskFull) else FinetuneError)(message) from None
         raise
     finally:
         if event_file:
-            event_file.close()
+            try:
+                event_file.close()
+            except OSError:  # what a full disk did not take is lost; the error above says why
+                pass
 
 
 def scan_for_training(cfg: TrainConfig) -> DatasetScan:
@@ -494,7 +556,7 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
         run.update_info(config=cfg.to_dict(), pipeline=session.pipeline.description)
 
     progress = _Progress(session, start_epoch)
-    status = "completed"
+    status, diverged = "completed", None
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         train_stats, stopped = train_one_epoch(session, epoch, stop, progress)
@@ -504,6 +566,16 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
         record = {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
                   "val_loss": val_loss, "val_acc": val_acc, "lr": session.optimizer.param_groups[0]["lr"],
                   "seconds": time.perf_counter() - epoch_start, "complete": not stopped}
+        # the epoch's sums were read anyway: checking them costs no extra wait for the device. Every
+        # rank sees the same sums, so all of them end here together.
+        diverged = divergence(record, cfg.head_lr())
+        if diverged is not None:
+            # nothing of this epoch is saved: model.pth (the best epoch) and last.pth stay finite
+            usable = state.best["epoch"] > 0
+            status = "stopped" if usable else "failed"
+            diverged += (f"; the best model so far (epoch {state.best['epoch']}) is kept" if usable
+                         else "; no epoch finished before it, so there is no model")
+            break
         improved = state.add(record)
         save_checkpoint(session, state, improved, complete=not stopped)
         if ctx.is_main:
@@ -522,13 +594,17 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
 
     metrics = final_evaluation(session, state)
     if ctx.is_main:
-        run.update_info(status=status, summary=metrics and {
+        run.update_info(status=status, **({"error": diverged} if diverged else {}), summary=metrics and {
             k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
             if k in metrics})
+    if diverged is not None:
+        emit({"type": "error", "message": diverged})
     emit({"type": "end", "status": status, "run_dir": str(run.path), "best": state.best,
           "metrics": metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
           "summary": summary_line(metrics) if metrics else "no epoch completed",
           "seconds": time.perf_counter() - progress.run_start})
+    if diverged is not None:
+        raise TrainingDiverged(diverged)
     return run.path
 
 
@@ -569,7 +645,11 @@ def calibrate_run(s: Session, logits: np.ndarray, targets: np.ndarray) -> dict:
     """Temperature scaling on the validation set: the temperature, ECE before and after and the
     suggested min_confidence go into run.json ("calibration"), the reliability plot beside it.
     Prediction applies the temperature, and so do the confidences in metrics.json."""
-    record = calibrate(logits, targets, s.run.reliability)
+    try:
+        record = calibrate(logits, targets, s.run.reliability)
+    except NonFiniteLogits as problem:
+        s.log(f"warning: calibration skipped ({problem}); predictions use the raw probabilities")
+        return {"temperature": 1.0}
     s.run.update_info(calibration=record)
     s.log(f"calibration on {record['val_images']} val images: temperature {record['temperature']:.3f}, "
           f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}; suggested min confidence "

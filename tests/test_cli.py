@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import os
 import subprocess
 import zipfile
@@ -175,3 +177,100 @@ def test_a_zip_of_class_folders_is_extracted_safely_and_used(tmp_path):
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("error: evil.zip: refusing entry that leaves the folder")
     assert not (tmp_path / "outside").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults during a training: one line, exit status 2, a run marked as it ended, no temporary files
+
+
+def train_in_process(data, runs, monkeypatch, capsys) -> tuple[int, list[str], str]:
+    """`finetune train` through cli.main in this process (its Ctrl-C handlers left out: they would
+    stay installed in pytest): (exit status, the "error:" lines, stdout)."""
+    from finetune import cli
+
+    monkeypatch.setattr(cli, "install_stop_handlers", lambda stop, progress=None: None)
+    code = cli.main(["train", str(data), "--runs-dir", str(runs), "--weights", "none", "--strategy", "head",
+                     "--epochs", "3", "--batch-size", "4", "--image-size", "64", "--workers", "0", "--quiet"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return code, [line for line in err.splitlines() if line.startswith("error:")], out
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_failed_run(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch
+
+    from finetune import rundir, train
+
+    real_write, real_save = rundir._Sink.write, train.save_checkpoint
+    full, epoch_1_model = [False], []
+
+    def write(self, data):  # what a disk does when it fills: part of the data, then ENOSPC
+        if not full[0]:
+            return real_write(self, data)
+        view = memoryview(data).cast("B")
+        os.write(self.fd, view[: len(view) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save_checkpoint(session, state, improved, complete):
+        full[0] = state.epoch >= 2  # the checkpoints' writes only: the clean-up's small files still fit
+        try:
+            real_save(session, state, improved, complete)
+        finally:
+            full[0] = False
+        if state.epoch == 1:
+            epoch_1_model.append(hashlib.sha256(session.run.model.read_bytes()).hexdigest())
+
+    monkeypatch.setattr(rundir._Sink, "write", write)
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    data, runs = make_class_folders(tmp_path / "d", classes=("a", "b", "c")), tmp_path / "runs"
+    code, errors, _ = train_in_process(data, runs, monkeypatch, capsys)
+    assert code == 2
+    (run,) = [p for p in runs.iterdir()]  # and no lock file left
+    (line,) = errors
+    assert line.startswith(f"error: disk full: could not write {run}/") and "free on that file system)" in line
+    assert line.split(" (")[0].endswith(("model.pth", "last.pth"))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"] == line.removeprefix("error: ")
+    assert [h["epoch"] for h in info["history"]] == [1]
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+    assert hashlib.sha256((run / "model.pth").read_bytes()).hexdigest() == epoch_1_model[0], "model.pth changed"
+    assert torch.load(run / "model.pth", weights_only=True)["fc.weight"].shape == (3, 512)
+
+
+@pytest.mark.slow
+def test_a_loss_that_turns_nan_ends_the_training_keeping_the_best_model(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from finetune import train
+
+    real_setup = train.setup_session
+
+    def setup_session(*args, **kwargs):
+        session = real_setup(*args, **kwargs)
+        criterion, calls = session.criterion, [0]
+
+        def diverging(logits, targets):
+            calls[0] += 1
+            loss = criterion(logits, targets)
+            return loss * float("nan") if calls[0] > session.steps_per_epoch else loss
+
+        session.criterion = diverging
+        return session
+
+    monkeypatch.setattr(train, "setup_session", setup_session)
+    data, runs = make_class_folders(tmp_path / "d", classes=("a", "b", "c")), tmp_path / "runs"
+    code, errors, _ = train_in_process(data, runs, monkeypatch, capsys)
+    assert code == 2
+    assert errors == ["error: training diverged: the training loss became nan in epoch 2; try a lower --lr "
+                      "(this run used 0.003); the best model so far (epoch 1) is kept"]
+    (run,) = [p for p in runs.iterdir()]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "stopped" and info["error"].startswith("training diverged")  # stopped: usable
+    assert info["best"]["epoch"] == 1 and [h["epoch"] for h in info["history"]] == [1]
+    assert all(math.isfinite(info["history"][0][k]) for k in ("train_loss", "val_loss"))
+    assert math.isfinite(info["calibration"]["temperature"]) and (run / "metrics.json").is_file()
+    state = torch.load(run / "model.pth", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())

@@ -103,7 +103,7 @@ def _wait_for_training(run_dir_parent, timeout=180):
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        runs = [p for p in run_dir_parent.iterdir()] if run_dir_parent.is_dir() else []
+        runs = [p for p in run_dir_parent.iterdir() if p.is_dir()] if run_dir_parent.is_dir() else []  # not the lock
         if runs and any(e["type"] == "batch" for e in read_events(runs[0])):
             info = json.loads((runs[0] / "run.json").read_text())
             if info.get("pids"):

@@ -34,6 +34,15 @@ def test_training_view_progress_and_curves():
     assert view.fraction() == 1.0 and view.progress_text().startswith("stopped after 1/2 epochs")
 
 
+def test_a_diverging_loss_puts_no_point_on_the_curves():
+    view = TrainingView()
+    view.add({"type": "batch", "epoch": 2, "epochs": 2, "batch": 1, "batches": 4, "loss": float("nan"), "acc": 0.3,
+              "images_per_s": 12.0, "eta_s": 5})
+    view.add({"type": "epoch", "epoch": 2, "train_loss": float("nan"), "train_acc": 0.3, "val_loss": float("inf"),
+              "val_acc": 0.3, "seconds": 1.0, "best": False})
+    assert {(c["series"], c["metric"]) for c in view.curves} == {("train", "accuracy"), ("val", "accuracy")}
+
+
 def test_train_command_passes_the_whole_config_as_a_file(tmp_path):
     assert train_command(tmp_path / "c.json") == [sys.executable, "-m", "finetune", "train", "--config",
                                                   str(tmp_path / "c.json"), "--quiet"]
@@ -97,3 +106,53 @@ def test_two_process_training_under_torchrun_stops_cleanly(tmp_path):
     assert info["world_size"] == 2 and info["status"] == "stopped"
     assert (job.run_dir / "model.pth").is_file()
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [job.run_dir.name]
+
+
+def test_the_studio_refuses_to_start_beside_a_terminal_training_that_is_still_scanning(tmp_path):
+    """A terminal training has no run.json while it scans: its lock in the runs folder is what the
+    studio sees. Once it ends, the studio may start one."""
+    from test_rundir import hold_lock
+
+    from finetune.config import FinetuneError
+    from finetune.studio.state import Studio
+
+    runs, data = tmp_path / "runs", make_class_folders(tmp_path / "photos")
+    studio = Studio(runs, tmp_path / "workspace", data)
+    holder = hold_lock(runs, data)
+    try:
+        cfg = TrainConfig(data=str(data), weights="none", runs_dir=str(runs))
+        with pytest.raises(FinetuneError) as refused:
+            studio.start(cfg)
+        assert str(refused.value) == (f"a training started from a terminal (pid {holder.pid}, data {data}) is "
+                                      f"running in this runs folder; wait for it or stop it (Ctrl-C in its "
+                                      f"terminal, or kill {holder.pid})")
+        assert studio.job is None and not [p for p in runs.iterdir() if p.is_dir()], "nothing was started"
+        assert studio.start_up() is None  # not followable yet (no run folder): start-up goes on
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    studio.require_idle()  # what the start handler asks first: no training now
+
+
+def test_studio_start_up_survives_a_run_it_cannot_mark_and_folders_it_cannot_make(tmp_path, monkeypatch, caplog):
+    """After a training died of a full disk its run.json still says running; marking it ended
+    fails the same way: a warning, not a traceback. A runs folder that cannot be made is one line."""
+    from finetune import rundir
+    from finetune.config import FinetuneError
+    from finetune.studio.state import Studio
+
+    runs = tmp_path / "runs"
+    run = rundir.RunDir.create(runs, "resnet34", "head", "left-running")
+    run.write_info({"status": "running", "pids": [2 ** 22 + 1]})
+
+    def disk_is_full(path, text):
+        raise rundir.DiskFull(f"disk full: could not write {path} (0.0 MB free on that file system)")
+
+    monkeypatch.setattr(rundir, "write_text_atomic", disk_is_full)
+    assert Studio(runs, tmp_path / "workspace", tmp_path).start_up() is None
+    assert f"could not mark left-running as ended: disk full: could not write {run.info_path}" in caplog.text
+    assert run.info()["status"] == "running"  # as it was: the next start-up tries again
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FinetuneError, match=f"cannot use {blocker / 'runs'}: Not a directory"):
+        Studio(blocker / "runs", tmp_path / "workspace", tmp_path)

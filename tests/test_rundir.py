@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +84,90 @@ def test_require_trained_names_what_is_missing(tmp_path):
         run.require_trained()
     run.model.write_bytes(b"")
     assert run.require_trained()["classes"] == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes on a full disk, and the lock a training holds in the runs folder
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from finetune import rundir
+
+    target = tmp_path / "model.pth"
+    rundir.save_atomic({"w": torch.ones(3)}, target)
+    before = target.read_bytes()
+
+    def disk_fills(self, data):  # part of the data, then what a full disk says
+        os.write(self.fd, bytes(memoryview(data).cast("B")[:10]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir._Sink, "write", disk_fills)
+    with pytest.raises(rundir.DiskFull) as caught:  # torch.save raises RuntimeError over the OSError
+        rundir.save_atomic({"w": torch.zeros(1000)}, target)
+    assert re.fullmatch(rf"disk full: could not write {target} \([\d.]+ [MG]B free on that file system\)",
+                        str(caught.value))
+    with pytest.raises(rundir.DiskFull, match=f"could not write {tmp_path / 'run.json'}"):
+        rundir.write_json(tmp_path / "run.json", {"status": "failed"})
+    monkeypatch.undo()
+
+    def breaks(sink):
+        sink.write(b"half")
+        raise ValueError("not a disk problem")
+
+    with pytest.raises(ValueError, match="not a disk problem"):  # other errors pass unchanged
+        rundir.write_atomic(target, breaks)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth"]
+
+
+def test_temporary_names_are_unique_so_two_writers_never_share_one(tmp_path):
+    from finetune.rundir import write_atomic
+
+    target = tmp_path / "run.json"
+
+    def outer(sink):
+        write_atomic(target, lambda inner: inner.write(b"inner"))  # while the outer one is half written
+        sink.write(b"outer")
+
+    write_atomic(target, outer)
+    assert target.read_bytes() == b"outer" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+HOLD_LOCK = ("import sys\nfrom finetune.rundir import TrainingLock\n"
+             "with TrainingLock(sys.argv[1], sys.argv[2]) as lock:\n"
+             "    print(lock.path, flush=True)\n    sys.stdin.readline()\n")
+
+
+def hold_lock(runs_dir, data) -> subprocess.Popen:
+    """Another process that holds a training's lock in `runs_dir` until its stdin closes."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(runs_dir), str(data)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    holder.lock_path = Path(holder.stdout.readline().strip())
+    assert holder.lock_path.is_file(), "the lock holder did not start"
+    return holder
+
+
+def test_two_trainings_hold_locks_side_by_side_and_a_dead_ones_lock_is_stale(tmp_path):
+    from finetune.rundir import live_trainings
+
+    runs = tmp_path / "runs"
+    first, second = hold_lock(runs, "/data/one"), hold_lock(runs, "/data/two")  # neither refuses the other
+    try:
+        assert sorted((t["pid"], t["data"]) for t in live_trainings(runs)) == sorted(
+            [(first.pid, "/data/one"), (second.pid, "/data/two")])
+        first.kill()  # SIGKILL: no clean-up ran, the file stays, but nobody holds its flock
+        first.wait(10)
+        assert first.lock_path.is_file()
+        assert [t["pid"] for t in live_trainings(runs)] == [second.pid]
+        assert not first.lock_path.exists(), "a stale lock is removed on the way"
+        second.stdin.close()
+        assert second.wait(30) == 0
+        assert live_trainings(runs) == [] and list(runs.iterdir()) == []
+    finally:
+        for holder in (first, second):
+            holder.kill()
+            holder.wait(10)

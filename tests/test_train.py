@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -12,6 +16,7 @@ from torchvision import models
 from conftest import make_class_folders, tree_digest
 from finetune.config import FinetuneError, TrainConfig
 from finetune.events import read_events
+from finetune.rundir import DiskFull
 from finetune.train import resume_config, train
 
 FROZEN_PREFIXES = {"head": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
@@ -293,3 +298,122 @@ def test_checkpoints_hold_cpu_tensors_only(dataset, tmp_path):
         assert tensors and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
     nested = {"a": [torch.ones(1), (torch.zeros(2), 3)], "b": "x"}
     assert to_cpu(nested)["a"][1][1] == 3 and to_cpu(nested)["b"] == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: weights that are not finite, a loss that diverges, a full disk, the lock of a training
+
+
+def test_weights_with_a_nan_are_refused_in_one_line_naming_the_file_and_tensor(dataset, tmp_path):
+    state = models.resnet34(weights=None).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    weights = tmp_path / "diverged.pth"
+    torch.save(state, weights)
+    with pytest.raises(FinetuneError) as caught:
+        train(tiny_config(dataset, tmp_path / "runs", weights=str(weights), strategy="head"))
+    message = str(caught.value)
+    assert message == f"refusing the weights in {weights}: layer1.0.conv1.weight holds nan values " \
+                      f"(a diverged or damaged model)"
+    assert not any((tmp_path / "runs").iterdir()), "no run folder (and no lock) left behind"
+
+    # the same for a run's last.pth on --resume
+    run = tmp_path / "runs" / "r"
+    run.mkdir()
+    torch.save({"model": {"conv1.weight": torch.full((2, 2), float("inf"))}}, run / "last.pth")
+    with pytest.raises(FinetuneError, match=rf"refusing the weights in {run / 'last.pth'}: conv1.weight holds "
+                                            r"infinite values"):
+        train(tiny_config(dataset, tmp_path / "runs"), resume=run)
+
+
+def test_a_nan_epoch_is_never_the_best_and_calibration_refuses_nan_logits():
+    import numpy as np
+
+    from finetune.calibrate import NonFiniteLogits, calibrate
+    from finetune.train import TrainState
+
+    state = TrainState()
+    assert state.add({"epoch": 1, "val_acc": 0.5, "val_loss": 1.0})
+    assert not state.add({"epoch": 2, "val_acc": 0.9, "val_loss": float("nan")})  # nan logits still have an argmax
+    assert state.best["epoch"] == 1
+    logits = np.array([[2.0, 0.0], [float("nan"), 1.0], [0.0, 3.0]])
+    with pytest.raises(NonFiniteLogits, match="nan or infinite outputs for 1 of 3 validation images"):
+        calibrate(logits, np.array([0, 1, 1]))
+
+
+def test_the_lock_is_held_from_before_the_scan_and_removed_after(dataset, tmp_path, monkeypatch):
+    """A studio must see a training that has no run folder yet (it is still scanning)."""
+    from finetune import train as train_module
+    from finetune.rundir import live_trainings
+
+    runs = tmp_path / "runs"
+    seen = []
+
+    def scanning(cfg):
+        seen.extend(live_trainings(runs))  # read as another process would: a new open file, its own flock
+        raise FinetuneError("stop after the look")
+
+    monkeypatch.setattr(train_module, "scan_for_training", scanning)
+    with pytest.raises(FinetuneError, match="stop after the look"):
+        train(tiny_config(dataset, runs))
+    assert [(t["pid"], t["data"], t["run_dir"]) for t in seen] == [(os.getpid(), str(dataset), None)]
+    assert list(runs.iterdir()) == [] and live_trainings(runs) == []
+
+
+def test_a_disk_too_full_even_to_mark_the_run_failed_says_so_in_the_same_line(dataset, tmp_path, monkeypatch):
+    import errno
+
+    from finetune import rundir
+    from finetune import train as train_module
+
+    real_write = rundir.write_text_atomic
+
+    def fills_up(cfg, ctx, device, run, *rest):
+        def no_room(path, text):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(rundir, "write_text_atomic", no_room)
+        raise OSError(errno.ENOSPC, "No space left on device", str(run.last))
+
+    monkeypatch.setattr(train_module, "_run_epochs", fills_up)
+    with pytest.raises(DiskFull) as caught:
+        train(tiny_config(dataset, tmp_path / "runs"))
+    monkeypatch.setattr(rundir, "write_text_atomic", real_write)
+    (run,) = [p for p in (tmp_path / "runs").iterdir()]
+    assert re.fullmatch(rf"disk full: could not write {run}/last.pth \(.* free on that file system\); "
+                        rf"{run}/run.json still says running: it could not be updated either \(disk full: could "
+                        rf"not write {run}/run.json \(.*\)\)", str(caught.value)), caught.value
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+
+
+def _mount_tmpfs(folder, size: str) -> bool:
+    folder.mkdir(parents=True)
+    if shutil.which("mount") is None:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_at_the_second_checkpoint(dataset, tmp_path):
+    """A small tmpfs as the runs folder (needs root; skipped elsewhere): epoch 1's model.pth and
+    last.pth fit, epoch 2's next checkpoint does not."""
+    runs = tmp_path / "small-disk"
+    if not _mount_tmpfs(runs, "200m"):  # resnet34's checkpoints are about 85 MB each
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
+    try:
+        epochs = []
+        with pytest.raises(DiskFull) as caught:
+            train(tiny_config(dataset, runs, strategy="head", epochs=3), on_event=lambda e: epochs.append(e)
+                  if e["type"] == "epoch" else None)
+        assert [e["epoch"] for e in epochs] == [1]
+        assert re.fullmatch(rf"disk full: could not write {runs}/\S+/(model|last)\.pth \([\d.]+ MB free on that "
+                            rf"file system\)", str(caught.value)), caught.value
+        (run,) = [p for p in runs.iterdir() if p.is_dir()]
+        info = json.loads((run / "run.json").read_text())
+        assert info["status"] == "failed" and info["error"] == str(caught.value)
+        assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+        assert [p.name for p in runs.iterdir()] == [run.name], "no lock or temporary file left"
+        assert torch.load(run / "model.pth", weights_only=True)["fc.weight"].shape == (3, 512)
+    finally:
+        subprocess.run(["umount", "-l", str(runs)], capture_output=True)

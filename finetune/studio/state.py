@@ -5,6 +5,7 @@ One Studio per app process; every handler takes it as its first argument. No gra
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -15,7 +16,7 @@ from typing import Callable
 
 from .. import jobs
 from ..config import FinetuneError, TrainConfig
-from ..rundir import RunDir
+from ..rundir import RunDir, disk_full
 from .workspace import Workspace
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds the finetune package
@@ -124,6 +125,15 @@ class ModelLock:
                 self._changed.notify_all()
 
 
+def folder_problem(error: OSError) -> str:
+    """One line for a folder the studio cannot make, read or write."""
+    full = disk_full(error)
+    if full is not None:
+        return str(full)
+    where = f" {error.filename}" if error.filename else ""
+    return f"cannot use{where}: {error.strerror or error}"
+
+
 class Studio:
     """The app's state; `base_dir` (the app's working directory) is what relative paths mean."""
 
@@ -134,8 +144,11 @@ class Studio:
                  predictor_loader: Callable = load_predictor):
         self.base_dir = Path(base_dir or os.getcwd()).resolve()
         self.runs_dir = self.resolve_path(runs_dir)
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.workspace = Workspace(self.resolve_path(workspace), quota_bytes)
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            self.workspace = Workspace(self.resolve_path(workspace), quota_bytes)
+        except OSError as problem:
+            raise FinetuneError(folder_problem(problem)) from None
         self.default_data = str(self.resolve_path(default_data))
         self.browse_root = str(self.resolve_path(browse_root or Path.home()))
         self.max_scan_files, self.max_batch_images = max_scan_files, max_batch_images
@@ -149,6 +162,19 @@ class Studio:
         """A path the user typed, made absolute once: relative to the app's working directory."""
         path = Path(str(path).strip()).expanduser()
         return (path if path.is_absolute() else self.base_dir / path).resolve()
+
+    def start_up(self) -> Path | None:
+        """What the app does before it serves: tidy the workspace (a failure there is a warning: the
+        app works without it) and follow a training left running (`attach_running`). FinetuneError
+        when the runs folder cannot be read."""
+        try:
+            self.workspace.cleanup()
+        except OSError as problem:
+            logging.getLogger(__name__).warning("workspace clean-up skipped: %s", folder_problem(problem))
+        try:
+            return self.attach_running()
+        except OSError as problem:
+            raise FinetuneError(folder_problem(problem)) from None
 
     # -- the training
     def training(self) -> bool:
