@@ -2,12 +2,15 @@
 
 Zips with active riders and overlapping entries, racing extractions, a full disk, decompression-bomb
 images, an EPS document named .jpg, and file and class names that are spreadsheet formulas.
+Images that cost far more than their pixels (thousands of TIFF pages or JPEG scans, EXIF tags all
+pointing at one block) and a FIFO named like an image.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -16,6 +19,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -23,11 +27,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, make_class_folders, make_image, tree_digest
+from conftest import REPO, make_class_folders, make_image, needs_fifo, run_within, tree_digest
 from finetune import data as data_module
 from finetune.archive import MANIFEST, QuotaExceeded, check_zip, disk_usage, extract, extract_zip, read_extraction
 from finetune.config import FinetuneError
-from finetune.data import check_image, check_images, load_rgb, scan_dataset
+from finetune.data import ImageTooLarge, check_image, check_images, load_rgb, scan_dataset
 
 MB = 1024 * 1024
 
@@ -491,6 +495,16 @@ def deep_tree(top: Path, levels: int = DEEP, name: str = "a", content: bytes | N
         os.close(fd)
 
 
+@pytest.fixture
+def deep_tmp(tmp_path):
+    """tmp_path, removed at the end: pytest's own clean-up of old temporary folders uses
+    shutil.rmtree, which a tree left 1,100 levels deep would break (RecursionError) for every later run."""
+    from finetune.fsutil import remove_tree
+
+    yield tmp_path
+    remove_tree(tmp_path)
+
+
 def deep_digest(root: Path) -> dict[str, str]:
     """tree_digest for a tree of any depth (Path.rglob recurses)."""
     from finetune.fsutil import walk
@@ -563,12 +577,12 @@ def test_zip_skips_a_non_image_with_a_control_character_and_names_it_escaped(tmp
 
 
 @pytest.fixture
-def deep_dataset(tmp_path):
+def deep_dataset(deep_tmp):
     """A dataset whose cats/ holds, among its images, a folder 1,100 levels deep (made on disk)."""
-    root = make_class_folders(tmp_path / "data")
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "keep.txt").write_text("not to be deleted")
-    deep_tree(root / "cats", link_to=tmp_path / "elsewhere")
+    root = make_class_folders(deep_tmp / "data")
+    (deep_tmp / "elsewhere").mkdir()
+    (deep_tmp / "elsewhere" / "keep.txt").write_text("not to be deleted")
+    deep_tree(root / "cats", link_to=deep_tmp / "elsewhere")
     return root
 
 
@@ -590,7 +604,8 @@ def test_scanning_a_dataset_with_a_folder_1100_levels_deep(deep_dataset):
     assert deep_digest(deep_dataset) == before
 
 
-def test_workspace_measures_and_removes_an_old_upload_1100_levels_deep(tmp_path):
+def test_workspace_measures_and_removes_an_old_upload_1100_levels_deep(deep_tmp):
+    tmp_path = deep_tmp
     import time
 
     from finetune.studio.workspace import UNUSED_SECONDS, Workspace
@@ -613,7 +628,8 @@ def test_workspace_measures_and_removes_an_old_upload_1100_levels_deep(tmp_path)
     assert not scratch.exists()
 
 
-def test_remove_tree_reaches_past_path_max_and_never_follows_links(tmp_path):
+def test_remove_tree_reaches_past_path_max_and_never_follows_links(deep_tmp):
+    tmp_path = deep_tmp
     from finetune.fsutil import remove_tree
 
     (tmp_path / "elsewhere").mkdir()
@@ -678,3 +694,126 @@ def test_classes_differing_only_in_case_or_normalisation_are_kept_apart_with_a_w
     assert len(case) == 1 and "'Cat'" in case[0] and "'cat'" in case[0]
     assert len(accents) == 1 and r"'caf\xe9'" in accents[0] and r"'cafe\u0301'" in accents[0]
     assert tree_digest(root) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that cost far more than their pixels, and files that are not files
+
+
+def many_page_tiff(pages: int) -> bytes:
+    """A valid TIFF of `pages` 1 x 1 grey pages (PIL's save_all takes minutes for thousands)."""
+    entries = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 8), (278, 3, 1, 1), (279, 4, 1, 1)]  # width, height, 8 bits, raw, grey, strip
+    out = bytearray(b"II*\x00" + struct.pack("<L", 10) + b"\x80\x00")  # first IFD at 10, the pixel at 8
+    for page in range(pages):
+        out += struct.pack("<H", len(entries))
+        for tag, kind, count, value in entries:
+            out += struct.pack("<HHL", tag, kind, count) + struct.pack("<HH" if kind == 3 else "<L", *(
+                (value, 0) if kind == 3 else (value,)))
+        out += struct.pack("<L", len(out) + 4 if page < pages - 1 else 0)
+    return bytes(out)
+
+
+def many_scan_jpeg(size: int, extra_scans: int) -> bytes:
+    """A progressive JPEG whose last scan (with its Huffman table) is repeated: libjpeg decodes it, one
+    pass over the whole picture per scan. A flat picture keeps each scan a few bytes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 80, 40)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data.rfind(b"\xff\xda")
+    start = data.rfind(b"\xff\xc4", 0, last_scan)
+    return data[:-2] + data[start:-2] * extra_scans + b"\xff\xd9"
+
+
+def test_tiff_of_thousands_of_pages_is_skipped_and_named_unwalked(tmp_path):
+    """PIL's n_frames reads every page, in time growing with their square (65,536 pages took 21 s);
+    only the first page is used, and the chain is counted from the header up to the limit."""
+    root = make_class_folders(tmp_path / "data")
+    bomb = root / "cats" / "pages.tif"
+    bomb.write_bytes(many_page_tiff(1000))
+    with Image.open(bomb) as image:  # a TIFF PIL reads, page after page
+        assert image.n_frames == 1000
+    before = tree_digest(root)
+    started = time.perf_counter()
+    reason = check_image(bomb)
+    with pytest.raises(ImageTooLarge, match="more than 64 pages"):  # callers that catch bombs name it
+        load_rgb(bomb)
+    assert time.perf_counter() - started < 3
+    scan = scan_dataset(root)
+    assert reason == dict(scan.skipped)["cats/pages.tif"] and "a TIFF of more than 64 pages" in reason
+    assert tree_digest(root) == before
+    few = tmp_path / "few.tif"
+    few.write_bytes(many_page_tiff(3))  # a few pages are fine: the first is the image
+    assert check_image(few) is None and load_rgb(few).size == (1, 1)
+
+
+def test_progressive_jpeg_of_thousands_of_scans_is_refused_before_libjpeg(tmp_path, monkeypatch):
+    """libjpeg has no limit on scans and passes over the whole picture for each: 2,000 scans in a
+    200 KB file took 70 s here. The scans are counted from the markers before anything is decoded."""
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(many_scan_jpeg(512, 2000))
+    started = time.perf_counter()
+    reason = check_image(path)
+    with pytest.raises(ImageTooLarge, match="more than 100 JPEG scans"):
+        load_rgb(path, 64)
+    assert time.perf_counter() - started < 3
+    assert reason.startswith("too costly to decode: more than 100 JPEG scans")
+    # a large picture allows fewer scans, each of them a pass over all its pixels: 30 at the pixel limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setenv("FINETUNE_MAX_PIXELS", str(1024 * 1024))
+    large = tmp_path / "large.jpg"
+    large.write_bytes(many_scan_jpeg(1024, 40))
+    assert "more than 30 JPEG scans over 1.05 megapixels" in check_image(large)
+    # it is a file libjpeg decodes (a small one, with the limit lifted), and a normal one passes
+    small = tmp_path / "small.jpg"
+    small.write_bytes(many_scan_jpeg(64, 200))
+    monkeypatch.setattr(data_module, "MAX_JPEG_SCANS", 10_000)
+    assert load_rgb(small).size == (64, 64)
+    monkeypatch.undo()
+    Image.new("RGB", (300, 200), (1, 2, 3)).save(tmp_path / "normal.jpg", progressive=True)
+    assert check_image(tmp_path / "normal.jpg") is None and check_image(small) is not None
+
+
+def test_exif_tags_sharing_one_block_are_refused_before_pil_reads_them(tmp_path):
+    """PIL reads every tag's data when it parses EXIF: 4,000 tags pointing at one 150 KB block of a
+    200 KB PNG took 600 MB (and a 1 MB file would take gigabytes). A PNG may hold its EXIF after its
+    pixels; a TIFF's own tags are checked the same way, before PIL opens it."""
+    count, block = 4000, 150_000
+    entries = b"".join(struct.pack("<HHLL", 1000 + i, 7, block, 14 + count * 12) for i in range(count))
+    exif = b"II*\x00" + struct.pack("<LH", 8, count) + entries + b"\0\0\0\0" + bytes(block)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    end = png.rfind(b"IEND") - 4
+    chunk = struct.pack(">L", len(exif)) + b"eXIf" + exif + struct.pack(">L", zlib.crc32(b"eXIf" + exif))
+    (tmp_path / "late.png").write_bytes(png[:end] + chunk + png[end:])
+    (tmp_path / "tags.tif").write_bytes(exif)
+    for name in ("late.png", "tags.tif"):
+        started = time.perf_counter()
+        reason = check_image(tmp_path / name)
+        assert time.perf_counter() - started < 3
+        assert reason.startswith("too costly to decode: its") and "tags claim 600 MB of data from 198 KB" in reason
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # an ordinary EXIF orientation still turns the picture
+    Image.new("RGB", (30, 20)).save(tmp_path / "turned.png", exif=rotated.tobytes())
+    assert check_image(tmp_path / "turned.png") is None and load_rgb(tmp_path / "turned.png").size == (20, 30)
+
+
+@needs_fifo
+def test_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path):
+    """Opening a FIFO blocks until someone writes to it: a scan (or a prediction) used to wait for ever."""
+    root = make_class_folders(tmp_path / "data")
+    fifo = root / "cats" / "x.jpg"
+    os.mkfifo(fifo)
+    os.symlink(root / "dogs", root / "dogs" / "folder.png")  # a link to a folder, named like an image
+    before = tree_digest(root)
+    assert run_within(10, lambda: check_image(fifo), [fifo]) == "not a regular file (a named pipe)"
+    with pytest.raises(FinetuneError, match="not a regular file"):
+        run_within(10, lambda: load_rgb(fifo), [fifo])
+    scan = run_within(30, lambda: scan_dataset(root), [fifo])
+    assert dict(scan.skipped) == {"cats/x.jpg": "not a regular file (a named pipe)",
+                                  "dogs/folder.png": "not a regular file (a folder)"}
+    assert len(scan.train) + len(scan.val) == 12
+    os.symlink(root / "cats" / "img_0.png", root / "cats" / "link.png")  # a link to an image is fine
+    assert check_image(root / "cats" / "link.png") is None
+    assert tree_digest(root) == {**before, "cats/link.png": before["cats/img_0.png"]}
