@@ -194,3 +194,15 @@ def test_install_never_replaces_a_complete_extraction_of_another_archive(tmp_pat
     assert _install(ours, target, "a" * 64, fallback) == fallback
     assert read_extraction(target).sha256 == "e" * 64 and read_extraction(fallback).sha256 == "a" * 64
     assert not ours.exists()
+
+
+def test_depth_and_name_limits_accept_what_real_datasets_hold(tmp_path):
+    from finetune.archive import MAX_DEPTH, MAX_NAME_BYTES
+
+    png = (make_class_folders(tmp_path / "data", per_class=1) / "cats" / "img_0.png").read_bytes()
+    deepest = "cats/" + "d/" * (MAX_DEPTH - 2) + "x.png"  # exactly MAX_DEPTH parts
+    longest = "dogs/" + "é" * ((MAX_NAME_BYTES - 4) // 2) + ".png"  # 253 bytes in UTF-8
+    archive = zip_entries(tmp_path / "ok.zip", {deepest: png, longest: png, "cats/café 猫.png": png})
+    assert len(check_zip(archive).files) == 3
+    with pytest.raises(FinetuneError, match=f"nested {MAX_DEPTH + 1} levels deep"):
+        check_zip(zip_entries(tmp_path / "deep.zip", {"cats/d/" + deepest[5:]: png}))

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_class_folders, make_image, shared_dataset, tree_digest
+from finetune import data as data_module
 from finetune.config import FinetuneError
 from finetune.data import check_image, load_rgb, scan_dataset, scan_labelled_folder, stratified_split
 
@@ -208,6 +209,35 @@ def test_animated_gif_gives_first_frame(tmp_path):
     assert r > 200 and b < 50
 
 
+def test_the_first_frame_is_decoded_without_counting_frames(tmp_path, monkeypatch):
+    """n_frames reads every frame of a GIF or TIFF (a TIFF's in time growing with their square): an
+    image opens at its first frame, the one decoded, so the frames are never counted."""
+    from PIL import GifImagePlugin, TiffImagePlugin
+
+    frames = [Image.new("RGB", (6, 6), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    for name in ("anim.gif", "pages.tif", "anim.png", "anim.webp"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], lossless=True)
+
+    def counted(image):
+        raise AssertionError(f"{image.filename or 'an image'}: n_frames was asked")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "n_frames", property(counted))
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "n_frames", property(counted))
+    for name in ("anim.gif", "pages.tif", "anim.png", "anim.webp"):
+        assert check_image(tmp_path / name) is None
+        r, g, b = load_rgb(tmp_path / name).getpixel((2, 2))
+        assert r > 200 and g < 50 and b < 50, name
+
+
+def test_a_decode_over_the_time_budget_is_reported_too_costly(tmp_path, monkeypatch):
+    """The last line against a slow decode: a scan names and skips it, so no epoch pays it again."""
+    path = make_image(tmp_path / "a.png")
+    assert check_image(path) is None
+    monkeypatch.setattr(data_module, "MAX_DECODE_SECONDS", -1.0)  # every decode takes longer
+    reason = check_image(path)
+    assert reason.startswith("too costly to decode: ") and "s of CPU time for 40 x 32 pixels" in reason
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = Image.new("RGB", (40, 20), (0, 0, 255))
     image.paste((255, 0, 0), (0, 0, 10, 20))  # red strip on the left
@@ -299,3 +329,45 @@ def test_bad_pixel_limit_is_a_one_line_error(tmp_path, pixel_limit, value):
     with pytest.raises(FinetuneError, match=f"FINETUNE_MAX_PIXELS must be a number of pixels .*{value!r}") as error:
         scan_dataset(root)
     assert "\n" not in str(error.value)
+
+
+def test_walk_visits_folders_in_the_order_os_walk_does_and_enters_no_link(tmp_path):
+    import os
+
+    from finetune.fsutil import walk
+
+    # the split is drawn from the walk's order: the iterative walk must keep os.walk's
+    for rel in ("b/z/1.png", "b/a/2.png", "a/3.png", "b/a/q/4.png", "c/5.png", "top.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "b" / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+
+    def visit(walker):
+        seen = []
+        for dirpath, dirnames, filenames in walker:
+            dirnames[:] = sorted(d for d in dirnames if d != "c")  # pruned, as scans prune hidden folders
+            seen.append((os.path.relpath(dirpath, tmp_path), sorted(filenames)))
+        return seen
+
+    def os_walk():  # links listed among the files, as walk lists them
+        for dirpath, dirnames, filenames in os.walk(tmp_path):
+            links = [n for n in dirnames if os.path.islink(os.path.join(dirpath, n))]
+            dirnames[:] = [n for n in dirnames if n not in links]
+            yield dirpath, dirnames, filenames + links
+
+    ours, theirs = visit(walk(tmp_path)), visit(os_walk())
+    assert ours == theirs and ("b", ["link"]) in ours and len(ours) == 6
+    deep: list = []
+    assert [d for d, _ in visit(walk(tmp_path, max_depth=1, on_too_deep=deep.append))] == [".", "a", "b"]
+    assert deep == [str(tmp_path / "b" / "a"), str(tmp_path / "b" / "z")]
+
+
+def test_printable_escapes_only_what_a_terminal_or_browser_acts_on():
+    from finetune.names import printable, unsafe_name_reason
+
+    assert printable("\x1b[2Jcat\u202egpj.png\n\t\x7f\x9b") == r"\x1b[2Jcat\u202egpj.png\x0a\x09\x7f\x9b"
+    assert printable("café 猫 ÿ-ß_ok.jpg") == "café 猫 ÿ-ß_ok.jpg"
+    assert printable("bad\udcffbyte") == r"bad\udcffbyte"  # an undecodable byte in a file name
+    assert [unsafe_name_reason(n) for n in ("café.jpg", "a\x1bb", "a\u2067b", "a\u061cb", "\udcff")] == [
+        None, "name contains control characters", "name contains bidirectional control characters",
+        "name contains bidirectional control characters", "name is not valid UTF-8"]
