@@ -6,8 +6,9 @@ Every entry is checked before anything is written: no entry may leave the target
 the compression ratio (claimed per entry, and against the archive's real size on disk) are limited
 (zip bombs), as are how deep entries are nested and how long their names are (a zip unpacking
 1,000 folders deep breaks every later walk of the folder). An image file whose name holds control
-or bidirectional-control characters is refused (see finetune.names). Only image files are written: anything else (.html, .svg, .js, ...) could be served
-back to a browser by the app, so it is left in the archive and reported as skipped, with a reason.
+or bidirectional-control characters is refused (see finetune.names). Only image files are
+written: anything else (.html, .svg, .js, ...) could be served back to a browser by the app, so it
+is left in the archive and reported as skipped, with a reason.
 
 The archive is extracted into a fresh temporary folder that is renamed into place once complete,
 so nothing the user has is ever overwritten and no one sees a half-written dataset. The manifest
