@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +26,11 @@ gr = pytest.importorskip("gradio")
 
 from finetune import jobs  # noqa: E402
 from finetune.config import FinetuneError, TrainConfig  # noqa: E402
+from finetune.names import printable  # noqa: E402
 from finetune.predict import Prediction  # noqa: E402
 from finetune.studio import app as studio_app  # noqa: E402
 from finetune.studio import (common, data_tab, evaluate_tab, export_tab, predict_tab, review_tab,  # noqa: E402
-                             train_tab)
+                             train_tab, views)
 from finetune.studio.state import PredictorCache, Studio  # noqa: E402
 from finetune.studio.workspace import UNUSED_SECONDS, Workspace  # noqa: E402
 
@@ -561,6 +564,174 @@ def test_names_from_users_are_shown_not_rendered(studio, tmp_path):
     with pytest.raises(gr.Error) as raised:
         last(data_tab.scan(studio, "/no/<img src=x onerror=alert(1)>"))
     assert "&lt;img src=x onerror=alert(1)&gt;" in raised.value.message
+
+# ---------------------------------------------------------------------------------------------
+# Names shown as text: whatever a folder, file, class or run is called, the page shows its name
+
+HOSTILE_ROOT = "a\n\n[Session expired: click to log in again](http://evil.example)\n\n<img src=x onerror=alert(1)>"
+HOSTILE_CLASSES = ["$$\\Huge X$$", "<img src=x onerror=alert(1)>", "`tick`", "a@b.example", "www.evil.example"]
+CONTROL_CLASS = "cls\n# Heading"  # the scan refuses such a folder; a run's own class list may still hold it
+RENDERED_AS_MARKUP = re.compile(r"<(a|img|h[1-6]|script|iframe|table|blockquote|del|s|svg)\b|latex-block", re.I)
+GRADIO_MARKED = """
+const marked = create_marked({header_links: false, line_breaks: false,
+                              latex_delimiters: [{left: "$$", right: "$$", display: true}]});
+const texts = JSON.parse(readFileSync(0, "utf8"));
+const html = [];
+for (const text of texts) html.push(await marked.parse(text));
+process.stdout.write(JSON.stringify(html));
+"""
+
+
+@pytest.fixture(scope="module")
+def page_html(tmp_path_factory):
+    """texts -> the HTML the page makes of each: markdown-it-py (CommonMark, raw HTML on) and, where
+    node is here, gradio's own renderer (marked with GFM and gradio's LaTeX block, from the bundle in
+    gradio's server build), which also links www.x.y and http://x in plain text."""
+    from markdown_it import MarkdownIt
+
+    commonmark = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    marked = None
+    chunks = Path(gr.__file__).parent / "templates" / "node" / "build" / "server" / "chunks"
+    bundle = next(iter(sorted(chunks.glob("markdown-code-*.js"))), None)
+    if shutil.which("node") and bundle is not None:
+        source = bundle.read_text(encoding="utf-8")
+        factory = re.search(r"function (\w+)\(\{header_links:\w+,line_breaks:\w+,latex_delimiters:\w+\}\)", source)
+        exports = re.search(r"export \{ ([^}]*) \};", source)
+        if factory and exports:
+            copy = tmp_path_factory.mktemp("gradio-markdown") / "chunks"
+            shutil.copytree(chunks, copy)
+            (copy / "package.json").write_text('{"type": "module"}')
+            (copy / bundle.name).write_text(source.replace(
+                exports[0], f"export {{ {exports[1]}, {factory[1]} as create_marked }};"), encoding="utf-8")
+            marked = copy / "render.mjs"
+            marked.write_text(f'import {{ readFileSync }} from "fs";\nimport {{ create_marked }} from '
+                              f'"./{bundle.name}";\n{GRADIO_MARKED}', encoding="utf-8")
+
+    def render(texts: list[str]) -> list[str]:
+        html = [commonmark.render(text) for text in texts]
+        if marked is not None:
+            out = subprocess.run(["node", str(marked)], input=json.dumps(texts), capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 0, out.stderr
+            html += json.loads(out.stdout)
+        return html
+
+    render.gradio = marked is not None
+    return render
+
+
+def shown_text(html: str) -> str:
+    import html as entities
+
+    return entities.unescape(re.sub(r"<[^>]+>", "", html))
+
+
+def assert_text_only(page_html, markdown: list[str], texts: list[str]) -> None:
+    """Markdown outputs render to no link, image, heading, script, table, quote or LaTeX; and
+    neither they nor text outputs (cells, captions, labels, choices) hold a control character."""
+    for text in markdown:
+        assert not any(line.lstrip().startswith("#") for line in text.splitlines()), text
+    for html in page_html(markdown):
+        assert not RENDERED_AS_MARKUP.search(html), html
+    for line in [line for text in markdown for line in text.split("\n")] + texts:  # templates' own lines
+        assert printable(line) == line, line
+
+
+def test_hostile_names_are_shown_as_text_on_every_tab(studio, tmp_path, page_html):
+    """A folder named to show a fake "session expired" link and an image, classes named like links,
+    code, LaTeX and an e-mail address, files and classes with control characters: the Data,
+    Evaluate, Predict and Review tabs show every one as text."""
+    import torch
+
+    from finetune.doctor import DoctorReport
+    from finetune.model import build_model
+    from finetune.predict import Predictor
+
+    root = make_class_folders(tmp_path / "cwd" / HOSTILE_ROOT, classes=HOSTILE_CLASSES, per_class=3)
+    make_image(root / "www.evil.example" / "x\x1b[2J<b>.png")
+    out = last(data_tab.scan(studio, str(root)))
+    markdown = [out["summary"], out["warnings"], out["ready"]]  # every tab's, checked at the end
+    texts = [caption for _, caption in out["thumbs"]] + list(out["counts"]["class"])
+    texts += [cell for row in out["skipped"].value["data"] for cell in row]
+    summary, ready = map(shown_text, page_html([out["summary"], out["ready"]])[-2:])
+    assert HOSTILE_ROOT.replace("//", "/").replace("\n", "\\x0a") in summary
+    assert all(name in ready for name in HOSTILE_CLASSES)
+    assert {caption for _, caption in out["thumbs"]} == set(HOSTILE_CLASSES)  # as they are: text there
+
+    refused = make_class_folders(tmp_path / HOSTILE_ROOT / "more", classes=("dogs", CONTROL_CLASS), per_class=2)
+    with pytest.raises(gr.Error) as raised:  # a toast: HTML, one line
+        last(data_tab.scan(studio, str(refused)))
+    assert "\n" not in raised.value.message and "<" not in raised.value.message
+    assert "cls\\x0a# Heading" in raised.value.message and "&lt;img src=x" in raised.value.message
+
+    classes = [CONTROL_CLASS, *HOSTILE_CLASSES[:2]]
+    run = fake_run(studio.runs_dir, "run [x](http:evil) <img src=x>", data=root, classes=classes,
+                   status="completed `x`")
+    (run / "class_indices.json").write_text(json.dumps(dict(enumerate(classes))))
+    image = f"{HOSTILE_CLASSES[1]}/img_0.png"
+    (run / "metrics.json").write_text(json.dumps({
+        "num_images": 3, "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5, "top_k_accuracy": {"1": 0.5},
+        "per_class": {c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 1} for c in classes},
+        "misclassified": [{"path": image, "true": classes[1], "predicted": CONTROL_CLASS, "confidence": 0.8}]}))
+    out = evaluate_tab.evaluate_run(studio, str(run))
+    assert out["gallery"], "the misclassified image is shown"
+    markdown += [out["summary"], out["note"], out["calibration"]]
+    texts += list(out["table"]["class"]) + [caption for _, caption in out["gallery"]]
+
+    torch.manual_seed(0)
+    predictor = Predictor(build_model("resnet34", len(classes), "none"), classes, "resnet34", image_size=32,
+                          device="cpu")
+    studio.predictors = PredictorCache(3, loader=lambda run, device: predictor)
+    label = predict_tab.predict_image(studio, str(run), str(root / image), top_k=3)["label"]
+    assert {name for name, _ in label["confidences"]} == {printable(c) for c in classes}
+    table = predict_tab.predict_batch(studio, str(run), None, 3, str(root / HOSTILE_CLASSES[1]))["table"]
+    texts += [label["label"]] + [name for name, _ in label["confidences"]] + list(map(str, table.to_numpy().ravel()))
+
+    issue = {"kind": "label", "path": image, "split": "train", "given": classes[1], "suggested": CONTROL_CLASS,
+             "score": 0.1, "probability": 0.9, "others": [(image, CONTROL_CLASS)]}
+    report = DoctorReport(data=str(root), classes=classes, backbone="run [x](http:evil)", label_issues=[issue],
+                          other_issues=[{"problem": "small class", "class": CONTROL_CLASS, "detail": "<img src=x>"}],
+                          summary={"images": 9, "other_issues": {"www.evil.example": 1}}, notes=["`tick` www.x.y"])
+    review = {"data": str(root), "classes": classes, "curation": str(tmp_path / "curation.json"),
+              "items": [issue], "index": 0, "groups": [], "leaks": 0}
+    shown = review_tab.render(review)
+    assert [value for _, value in shown["relabel_to"].choices] == classes  # decisions keep the real names
+    markdown += [views.review_summary(report), shown["details"], shown["curation"]]
+    texts += [caption for _, caption in shown["others"]] + [label for label, _ in shown["relabel_to"].choices]
+    assert_text_only(page_html, markdown, texts)
+    assert page_html.gradio or shutil.which("node") is None  # where node is here, gradio's renderer ran
+
+
+def test_an_unexpected_exception_reaches_the_page_as_one_escaped_line(studio, capsys):
+    """An exception no handler expected (not a FinetuneError) would reach the toast, which renders
+    HTML, as gradio's show_error prints it; every event turns it into one escaped line, and the
+    traceback goes to the server's log, escaped too."""
+
+    def broken(studio, name=None):
+        raise ValueError(f"cannot read {name}")
+
+    def broken_stream(studio, name=None):
+        yield {"summary": "working"}
+        raise ValueError(f"cannot read {name}")
+
+    for handler in (broken, broken_stream):
+        event = common.bind(studio, handler, {"summary": "summary_component"})
+        with pytest.raises(gr.Error) as raised:
+            result = event(HOSTILE_ROOT + "\x1b[2J")
+            if handler is broken_stream:
+                assert next(result) == {"summary_component": "working"}
+                next(result)
+        message = raised.value.message
+        assert message.startswith("unexpected error: ValueError: cannot read a\\x0a\\x0a[Session expired")
+        assert "\n" not in message and "\x1b" not in message and "<" not in message and "&lt;img src=x" in message
+        log = capsys.readouterr().err
+        assert "Traceback" in log and f"in {handler.__name__}" in log and "\x1b" not in log
+    safe = common.error("data folder not found: <b>x</b>")
+    with pytest.raises(gr.Error) as raised:
+        common.bind(studio, lambda studio: (_ for _ in ()).throw(safe))()
+    assert raised.value is safe  # a handler's own error, already escaped, as it is
+    demo = studio_app.build_app(studio)
+    assert not [fn.name for fn in demo.fns.values() if fn.fn is not None and not getattr(fn.fn, "shielded", False)]
 
 
 def test_followers_share_a_small_limit_and_scans_can_be_cancelled(studio):

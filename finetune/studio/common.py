@@ -5,31 +5,55 @@ from __future__ import annotations
 
 import html
 import inspect
+import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable
 
 import gradio as gr
 
+from ..names import printable
 from ..rundir import run_choices
 from .state import Studio
 
 
+def toast_text(message) -> str:
+    """A message for a toast as text: gradio renders toasts as (sanitised) HTML, and a message may
+    name the user's files and folders; control characters and bidi overrides shown escaped."""
+    return html.escape(printable(message), quote=False)
+
+
 def error(problem: Exception | str) -> gr.Error:
-    """A user's problem (FinetuneError) as one line in the UI; API clients get AppError(message).
-    Escaped: gradio renders the message as HTML, and it may name the user's files and folders."""
-    return gr.Error(html.escape(str(problem), quote=False), print_exception=False)
+    """A user's problem (FinetuneError) as one line in the UI; API clients get AppError(message)."""
+    return gr.Error(toast_text(problem), print_exception=False)
 
 
 def warning(message: str) -> None:
-    gr.Warning(html.escape(message, quote=False))
+    gr.Warning(toast_text(message))
+
+
+def unexpected(problem: Exception) -> gr.Error:
+    """An exception no handler expected (a bug, or an engine error without a FinetuneError): its
+    traceback to the server's stderr (escaped: it may quote names), one escaped line to the page.
+    Left to gradio, show_error would put str(problem) unescaped into the toast."""
+    lines = "".join(traceback.format_exception(problem)).splitlines()
+    print("\n".join(printable(line) for line in lines), file=sys.stderr, flush=True)
+    return error(f"unexpected error: {type(problem).__name__}: {problem}")
+
+
+def shielded(problem: Exception) -> Exception:
+    """What an event raises for `problem`: gradio's own errors (messages the handlers made safe) as
+    they are, anything else as `unexpected`."""
+    return problem if isinstance(problem, gr.Error) else unexpected(problem)
 
 
 def bind(studio: Studio, handler: Callable, outputs: dict | None = None) -> Callable:
     """handler(studio, *inputs) as an event function. With `outputs` ({name: component}), the
     handler returns (or yields) {name: value} and the event gets {component: value}: the order of
     an output list never matters. Generators stay generators, and gradio sees the handler's own
-    parameters after `studio` (defaults, gr.Progress)."""
+    parameters after `studio` (defaults, gr.Progress). Any exception but a gr.Error (whose message
+    the handlers made safe) becomes `unexpected`: one escaped line on the page."""
 
     def convert(result):
         if outputs is None or not isinstance(result, dict) or result == gr.skip():
@@ -42,13 +66,19 @@ def bind(studio: Studio, handler: Callable, outputs: dict | None = None) -> Call
             try:
                 for result in steps:
                     yield convert(result)
+            except Exception as problem:  # noqa: BLE001 - every exception reaches the page escaped
+                raise shielded(problem) from None
             finally:
                 steps.close()  # a cancelled event: the handler's own finally runs now
     else:
         def event(*args, **kwargs):
-            return convert(handler(studio, *args, **kwargs))
+            try:
+                return convert(handler(studio, *args, **kwargs))
+            except Exception as problem:  # noqa: BLE001 - every exception reaches the page escaped
+                raise shielded(problem) from None
 
     params = list(inspect.signature(handler).parameters.values())[1:]
+    event.shielded = True  # its exceptions reach the page escaped (a test checks every event of the app)
     event.__signature__ = inspect.Signature(params)
     event.__name__ = event.__qualname__ = handler.__name__
     event.__doc__ = handler.__doc__
@@ -69,7 +99,7 @@ def run_dropdown(studio: Studio, value: str | None = None) -> gr.Dropdown:
     paths = [path for _, path in choices]
     if value not in paths:
         value = paths[0] if paths else None
-    return gr.Dropdown(choices=choices, value=value)
+    return gr.Dropdown(choices=[(printable(label), path) for label, path in choices], value=value)
 
 
 def refresh_runs(studio: Studio, current_eval=None, current_predict=None, current_export=None):

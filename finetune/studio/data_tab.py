@@ -122,7 +122,7 @@ def upload_zip(studio: Studio, file=None, progress=gr.Progress()):
     if not file:
         raise gr.Error("Drop a .zip file with one folder per class.")
     path = Path(file if isinstance(file, str) else file.name)
-    progress((0, None), desc=f"Extracting {path.name}", unit="files")
+    progress((0, None), desc=f"Extracting {views.plain(path.name)}", unit="files")
     try:
         extraction = studio.workspace.extract_dataset(path, keep=studio.in_use())
     except FinetuneError as problem:

@@ -130,7 +130,7 @@ def predict_image(studio: Studio, run=None, image=None, top_k=3, min_conf=None, 
     except FinetuneError as problem:
         raise error(problem) from None
     label = {"label": views.answer_headline(answer, guess, confidence),
-             "confidences": [(name, float(p)) for name, p in top]}
+             "confidences": [(views.plain(name), float(p)) for name, p in top]}
     return {"label": label, "heatmap": gr.Image(value=overlay, visible=bool(why))}
 
 

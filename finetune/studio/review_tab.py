@@ -108,7 +108,8 @@ def imagenet_ready(arch: str = "resnet34") -> bool:
 def backbone_choices(studio: Studio) -> list[tuple[str, str]]:
     imagenet = "ImageNet ResNet-34 (recommended)" if imagenet_ready() else "ImageNet ResNet-34 (weights not on this machine)"
     return ([(imagenet, "imagenet"), ("None: random features (rough; works offline)", "none")]
-            + [(f"Run: {label}", path) for label, path in run_choices(studio.runs_dir, usable_only=True)])
+            + [(f"Run: {views.plain(label)}", path)
+               for label, path in run_choices(studio.runs_dir, usable_only=True)])
 
 
 def default_backbone(studio: Studio) -> str:
@@ -241,7 +242,7 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
                 break
             if len(lines) != shown:
                 shown = len(lines)
-                yield {"log": "\n".join(lines)}
+                yield {"log": "\n".join(map(views.plain, lines))}
             else:
                 yield gr.skip()
     except Cancelled:
@@ -264,7 +265,7 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
               "groups": found["duplicate_groups"], "leaks": sum(g["leak"] for g in found["duplicate_groups"]),
               "kept_before": len(kept & _flagged_paths(found))}
     lines.append(f"done: {len(review['items'])} finding(s) to review")
-    yield {"log": "\n".join(lines), "summary": views.review_summary(report, review["kept_before"]),
+    yield {"log": "\n".join(map(views.plain, lines)), "summary": views.review_summary(report, review["kept_before"]),
            **render(review, curation)}
 
 
@@ -288,14 +289,14 @@ def render(review: dict | None, curation=None) -> dict:
                "leak_btn": gr.Button(interactive=review["leaks"] > 0)}
     if not items:
         return {**outputs, "position": views.NOTHING_TO_REVIEW, "image": None, "others": [], "details": "",
-                "relabel_to": gr.Dropdown(choices=review["classes"], value=None), **_buttons(False, False, False)}
+                "relabel_to": class_dropdown(review["classes"]), **_buttons(False, False, False)}
     item = items[index]
     root = Path(review["data"])
     done = sum(1 for i in items if i["path"] in decisions)
     others = []
     for rel, caption in item["others"]:
         try:
-            others.append((thumbnail(root / rel, SIDE_THUMB), caption))
+            others.append((thumbnail(root / rel, SIDE_THUMB), views.plain(caption)))
         except Exception:  # noqa: BLE001 - a missing neighbour is not worth an error
             continue
     try:
@@ -306,8 +307,13 @@ def render(review: dict | None, curation=None) -> dict:
     relabel = item.get("suggested") if item["kind"] == "label" else item.get("given")
     return {**outputs, "position": views.review_position(index, len(items), item, done),
             "image": picture, "others": others, "details": views.review_details(item, decisions.get(item["path"])),
-            "relabel_to": gr.Dropdown(choices=review["classes"], value=relabel),
+            "relabel_to": class_dropdown(review["classes"], relabel),
             **_buttons(index > 0, index < len(items) - 1, True)}
+
+
+def class_dropdown(classes: list[str], value: str | None = None) -> gr.Dropdown:
+    """The classes to relabel to: each shown as text, its value the class's real name."""
+    return gr.Dropdown(choices=[(views.plain(name), name) for name in classes], value=value)
 
 
 def enlarged(image, size: int):

@@ -126,20 +126,20 @@ def check_weights(studio: Studio, arch: str = "resnet34", weights: str = "imagen
 
     imagenet_ok = weights_available(arch, "imagenet")[0]
     expected = imagenet_weights_path(arch)
-    missing = (f"**ImageNet weights for {arch} are not on this machine.** The engine looks for "
-               f"`{expected}` and downloads it there on first use, which needs internet access. "
-               f"Offline, copy `{expected.name}` there, choose *A weights file I upload*, or choose "
+    missing = (f"**ImageNet weights for {views.md(arch)} are not on this machine.** The engine looks for "
+               f"{views.code(expected)} and downloads it there on first use, which needs internet access. "
+               f"Offline, copy {views.code(expected.name)} there, choose *A weights file I upload*, or choose "
                f"*None: train from scratch* (works anywhere, but learns much less from small data).")
     if weights == "file":
         if not weights_file:
             return "**Upload a `.pth` file** holding a ResNet state_dict of the chosen architecture."
         ok, message = weights_available(arch, str(weights_file))
-        return ("Ready: " if ok else "**Problem:** ") + message
+        return ("Ready: " if ok else "**Problem:** ") + views.md(message)
     if weights == "imagenet":
-        return f"Ready: ImageNet weights found at `{expected}`." if imagenet_ok else "**Warning:** " + missing
+        return f"Ready: ImageNet weights found at {views.code(expected)}." if imagenet_ok else f"**Warning:** {missing}"
     note = "Ready: training from scratch (no pretrained weights)."
     if strategy != "all":
-        note += (f" **Tip:** without pretrained weights the layers that strategy *{strategy}* freezes stay "
+        note += (f" **Tip:** without pretrained weights the layers that strategy *{views.md(strategy)}* freezes stay "
                  f"random, so it learns little; choose strategy *all* to train every layer.")
     return note if imagenet_ok else note + "\n\nNote: " + missing
 
@@ -198,7 +198,7 @@ def start_training(studio: Studio, data=None, arch="resnet34", strategy="last", 
         job = studio.start(cfg, processes=max(1, min(int(gpus or 1), studio.visible_gpus())))
     except FinetuneError as problem:
         raise error(problem) from None
-    return {"progress": views.progress_html(job.view), "message": f"Started {job.run_dir.name}"}
+    return {"progress": views.progress_html(job.view), "message": f"Started {views.md(job.run_dir.name)}"}
 
 
 def follow_training(studio: Studio):
@@ -226,7 +226,7 @@ def render(studio: Studio, view) -> dict:
     for name, metric in (("loss_plot", "loss"), ("acc_plot", "accuracy")):
         frame = views.curve_frame(view, metric)
         outputs[name] = gr.skip() if frame is None else gr.LinePlot(value=frame, x_lim=[0, max(1, view.epochs)])
-    outputs["log"] = "\n".join(view.log)
+    outputs["log"] = "\n".join(map(views.plain, view.log))
     text, matrix = views.training_result(view)
     outputs["result"] = text
     served = studio.serve_run_file(matrix) if matrix is not None else None
@@ -235,7 +235,7 @@ def render(studio: Studio, view) -> dict:
 
 
 def stop_training(studio: Studio) -> str:
-    return studio.stop()
+    return views.md(studio.stop())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import re
 from html import escape
 from pathlib import Path
 
+from ..names import printable
+
 THUMBS_PER_CLASS = 6
 MAX_MISCLASSIFIED = 60
 SERIES_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e"}  # named in the plot labels: blue, orange
@@ -22,23 +24,40 @@ CSS = """
 
 
 # ---------------------------------------------------------------------------------------------
-# Text that came from users (folder, file and class names) shown in Markdown: as plain text, so a
-# class folder named "[click](http://...)" or "<img ...>" is shown, never rendered.
+# Text that came from users (folder, file, class and run names, messages that quote them) is shown
+# as text, never rendered. First names.printable: control characters (a newline would end a code
+# span or start a heading), bidi overrides and separators become visible escapes, so the text is one
+# line. Then, for Markdown, backslash escapes (CommonMark and marked, gradio's renderer, show an
+# escaped punctuation character as itself) for what marked and gradio act on inside a line, and for
+# what starts a block at the start of one.
 
-_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>&~|])")
+# Escapes, code, emphasis, strikethrough, links and images, raw HTML and entities, tables; "$" for
+# gradio's LaTeX ($$...$$ goes to KaTeX, found even inside a code span) and "%%" for the
+# placeholders it puts in their place.
+_INLINE = re.compile(r"[\\`*_~\[\]<>&|$]|%(?=%)")
+# GFM autolinks in plain text: marked links "www.x.y", "http://x" and "a@b.c"; "www\.x.y", "http\://x"
+# and "a\@b.c" stay text.
+_AUTOLINK = re.compile(r"(?i)(?<=www)\.|:(?=//)|@")
+# At the start of a line: headings, list items, thematic breaks and setext underlines.
+_LEADING = re.compile(r"^(\s*(?:\d+(?=[.)]))?)([#+=.)-])")
 
 
 def md(text) -> str:
-    """`text` as literal Markdown text: the characters Markdown or HTML act on inline are escaped
-    (and a leading one that would start a heading, list or quote)."""
-    text = _MARKDOWN_INLINE.sub(r"\\\1", str(text))
-    return "\\" + text if text[:1] in ("#", "+", "-") else text
+    """`text` as literal text inside gradio's Markdown, on one line, wherever it is put."""
+    text = _AUTOLINK.sub(lambda m: "\\" + m[0], _INLINE.sub(lambda m: "\\" + m[0], printable(text)))
+    return _LEADING.sub(r"\1\\\2", text, count=1)
 
 
 def code(text) -> str:
-    """`text` in a code span (shown literally); a backtick in it falls back to escaped text."""
-    text = str(text)
-    return f"`{text}`" if "`" not in text else md(text)
+    """`text` in a code span (shown literally), on one line. A backtick would end the span, and
+    gradio finds $$ (KaTeX) and its %% placeholders even inside one: such text is escaped instead."""
+    text = printable(text)
+    return md(text) if "`" in text or "$" in text or "%%" in text else f"`{text}`"
+
+
+def plain(text) -> str:
+    """`text` for a component that shows text as it is (table cells, captions, labels, choices)."""
+    return printable(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +80,7 @@ def data_summary(scan, archive_skipped: int = 0) -> str:
 def counts_rows(scan) -> list[dict]:
     """One row per class with its images per split and in total, then a total row."""
     counts = scan.counts()
-    rows = [{"class": name, **{split: counts[split][name] for split in counts},
+    rows = [{"class": plain(name), **{split: counts[split][name] for split in counts},
              "total": sum(counts[split][name] for split in counts)} for name in scan.classes]
     rows.append({"class": "total", **{split: sum(counts[split].values()) for split in counts},
                  "total": sum(sum(c.values()) for c in counts.values())})
@@ -70,7 +89,8 @@ def counts_rows(scan) -> list[dict]:
 
 def skipped_rows(scan, archive_skipped: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """(file, reason): files of an uploaded zip that were not extracted, then images that do not decode."""
-    return [(name, f"{why}: not extracted from the zip") for name, why in archive_skipped] + list(scan.skipped)
+    rows = [(name, f"{why}: not extracted from the zip") for name, why in archive_skipped] + list(scan.skipped)
+    return [(plain(name), plain(why)) for name, why in rows]
 
 
 def data_warnings(scan) -> str:
@@ -84,11 +104,12 @@ def data_ready(scan) -> str:
 
 
 def thumbnail_picks(scan, per_class: int = THUMBS_PER_CLASS) -> list[tuple[str, str]]:
-    """(relative path, class name): the first few images of each class."""
+    """(relative path, class name as shown): the first few images of each class."""
     by_class: dict[int, list[str]] = {}
     for rel, label in scan.train + scan.val:
         by_class.setdefault(label, []).append(rel)
-    return [(rel, name) for label, name in enumerate(scan.classes) for rel in by_class.get(label, [])[:per_class]]
+    return [(rel, plain(name)) for label, name in enumerate(scan.classes)
+            for rel in by_class.get(label, [])[:per_class]]
 
 
 def scan_progress(stage: str, done: int, total: int) -> str:
@@ -113,7 +134,7 @@ def progress_html(view, error: str | None = None) -> str:
     bar = "ft-progress failed" if failed else "ft-progress"
     line = "ft-status ft-error" if failed else "ft-status"
     return (f'<div class="{bar}"><div style="width:{percent}%"></div></div>'
-            f'<div class="{line}" id="train_status_text">{escape(text)}</div>')
+            f'<div class="{line}" id="train_status_text">{escape(printable(text))}</div>')
 
 
 def training_progress(view) -> str:
@@ -165,12 +186,12 @@ def eval_summary(name: str, info: dict, metrics: dict) -> str:
 
 
 def eval_rows(metrics: dict) -> list[dict]:
-    return [{"class": name, "precision": round(m["precision"], 3), "recall": round(m["recall"], 3),
+    return [{"class": plain(name), "precision": round(m["precision"], 3), "recall": round(m["recall"], 3),
              "f1": round(m["f1"], 3), "support": m["support"]} for name, m in metrics["per_class"].items()]
 
 
 def misclassified_caption(item: dict) -> str:
-    return f"{item['true']} → {item['predicted']} ({item['confidence']:.0%})"
+    return f"{plain(item['true'])} → {plain(item['predicted'])} ({item['confidence']:.0%})"
 
 
 def misclassified_note(wrong: int, total: int, shown: int) -> str:
@@ -204,15 +225,15 @@ NO_RUN_YET = "No trained run yet: train one on the **2. Train** tab, then pick i
 
 def batch_rows(predictions, top_k: int) -> list[dict]:
     """One row per image: the answer ("unknown" below the minimum confidence), the best guess beside it."""
-    return [{"file": p.path, "prediction": p.answer or "", "best guess": p.label or "",
+    return [{"file": plain(p.path), "prediction": plain(p.answer or ""), "best guess": plain(p.label or ""),
              "confidence": round(p.confidence, 4) if p.top else None,
-             f"top {top_k}": ", ".join(f"{n} {v:.2f}" for n, v in p.top), "error": p.error or ""}
+             f"top {top_k}": ", ".join(f"{plain(n)} {v:.2f}" for n, v in p.top), "error": plain(p.error or "")}
             for p in predictions]
 
 
 def answer_headline(answer: str, guess: str, confidence: float) -> str:
     """The label's headline: the class, or "unknown (best guess: roses, 41%)" below the threshold."""
-    return answer if answer == guess else f"{answer} (best guess: {guess}, {confidence:.0%})"
+    return plain(answer if answer == guess else f"{answer} (best guess: {guess}, {confidence:.0%})")
 
 
 def threshold_note(suggested: float | None) -> str:
