@@ -43,14 +43,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .config import TrainConfig
-from .data import (ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb,
+from .data import (IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb, open_image,
                    resize_size, train_transform)
 from .device import Distributed, decode_threads, non_blocking, pin_memory
 from .fsutil import remove_tree
@@ -342,7 +341,7 @@ def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, dev
 
 def _header_size(path: Path) -> tuple[int, int]:
     try:
-        with Image.open(path, formats=ACCEPTED_FORMATS) as image:
+        with open_image(path) as image:  # the header only; never a FIFO put there since the scan
             return image.size
     except Exception:  # noqa: BLE001 - decodable files were checked by the scan; assume a 4:3 photo
         return (4, 3)

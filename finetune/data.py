@@ -5,9 +5,13 @@ The user's folder is only ever read: nothing here writes, renames or re-saves a 
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
 import re
+import struct
 import threading
+import time
 import unicodedata
 import warnings
 from collections import Counter
@@ -25,7 +29,7 @@ from torchvision.transforms import v2
 
 from .config import FinetuneError
 from .device import usable_cores
-from .fsutil import walk
+from .fsutil import NotRegularFile, open_regular, walk
 from .names import printable, unsafe_name_reason
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -119,16 +123,184 @@ except FinetuneError:  # said again, as one line, where an image is first opened
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+class ImageTooCostly(ImageTooLarge):
+    """An image within the pixel limit whose structure costs far more than its pixels: too many TIFF
+    pages or JPEG scans, metadata tags that claim more data than the file holds, or a slow decode."""
+
+
+# What one image may cost beyond its pixels, read from its structure before PIL parses it: files of a
+# few hundred KB passed the pixel limit yet took tens of seconds (or gigabytes) every time they were
+# decoded, for a thumbnail, in every epoch, for every prediction.
+MAX_TIFF_PAGES = 64  # PIL's n_frames reads every page and costs their square: 65,536 pages took 21 s
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10 and libjpeg sets no limit: 2,000 took 25 s
+# Each scan passes over the whole picture: a large one may have fewer, as many as 30 at the pixel limit
+# (a CMYK progressive JPEG has 24). 100 scans over 36 megapixels took 6 s, 10 took 0.45 s.
+SCANS_AT_PIXEL_LIMIT = 30
+# The last line, for whatever else makes a decode slow: a check (a scan) that took more CPU time than
+# this skips the file, so training, thumbnails and reviews never pay it again. A decode cannot be
+# interrupted, so the scan itself pays it once. CPU time of the decoding thread, not wall time: a busy
+# machine running the checks in parallel does not make a normal image look costly.
+MAX_DECODE_SECONDS = 10.0
+# Bytes per value of each TIFF tag type (TIFF 6.0 and BigTIFF; PIL ignores the types left at 0).
+_TIFF_UNIT = np.array([0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8], dtype=np.float64)
+_EXIF_SUB_IFDS = (0x8769, 0x8825, 0xA005)  # the Exif, GPS and Interop IFDs, which PIL reads as well
+_TAG_SLACK = 64 * 1024  # what tags may claim beyond twice a (tiny) file or block, for odd writers
+# A JPEG marker: 0xFF followed by neither stuffing (0x00), a restart marker (RST0-7) nor fill (0xFF).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOF0-15
+
+
+def _size_text(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.0f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:,.0f} KB"
+
+
+def _check_tiff(fp, size: int, what: str, max_pages: int) -> None:
+    """Refuse a TIFF structure (a .tif file, or the EXIF block of another format) whose chain of IFDs
+    is longer than `max_pages`, or whose tags claim more than twice the `size` bytes it has.
+
+    PIL reads the data of every tag of an IFD when it parses it, so tags that all point at one block
+    cost their number times its size: 4,000 of them pointing at a 150 KB block of a 200 KB PNG took
+    600 MB. In a real file the tags' data do not overlap and fit in it. The walk reads only the IFD
+    tables, with a cycle check; what it cannot read is left for PIL to refuse.
+    """
+    fp.seek(0)
+    head = fp.read(16)
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    if order is None or len(head) < 8:
+        return
+    big = struct.unpack(order + "H", head[2:4])[0] == 43
+    if big and len(head) < 16:
+        return
+    pointer = order + ("Q" if big else "L")
+    inline = struct.calcsize(pointer)  # a tag's data of this many bytes or fewer is in its entry
+    count_format, entry_size = (order + "Q", 20) if big else (order + "H", 12)
+    wide = order + ("u8" if big else "u4")
+    entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", wide), ("value", wide)])
+    first = struct.unpack(pointer, head[8:16] if big else head[4:8])[0]
+    pending, seen, pages, claimed = [(first, True)], set(), 0, 0.0
+    while pending:
+        offset, in_chain = pending.pop()
+        while 0 < offset < size and offset not in seen:
+            seen.add(offset)
+            if in_chain:
+                pages += 1
+                if pages > max_pages:
+                    if what != "TIFF":  # PIL reads no further in an EXIF block than its first IFDs
+                        break
+                    raise ImageTooCostly(f"too costly to decode: a TIFF of more than {max_pages} pages "
+                                         f"(at most {max_pages}; only the first is used)")
+            fp.seek(offset)
+            raw = fp.read(struct.calcsize(count_format))
+            if len(raw) < struct.calcsize(count_format):
+                break
+            count = min(struct.unpack(count_format, raw)[0], (size - offset) // entry_size)
+            table_bytes = fp.read(count * entry_size)
+            table = np.frombuffer(table_bytes, dtype=entry, count=len(table_bytes) // entry_size)
+            types = table["type"].astype(np.int64)
+            unit = np.where(types < len(_TIFF_UNIT), _TIFF_UNIT[np.minimum(types, len(_TIFF_UNIT) - 1)], 0.0)
+            nbytes = table["count"].astype(np.float64) * unit
+            claimed += float(nbytes[nbytes > inline].sum())
+            if claimed > 2 * size + _TAG_SLACK:
+                raise ImageTooCostly(f"too costly to decode: its {what} tags claim {_size_text(claimed)} of data "
+                                     f"from {_size_text(size)}")
+            sub = table[np.isin(table["tag"], _EXIF_SUB_IFDS) & (table["count"] == 1) & np.isin(types, (4, 13, 16, 18))]
+            pending.extend((int(value), False) for value in sub["value"])
+            following = fp.read(inline)
+            if not in_chain or len(following) < inline:
+                break
+            offset = struct.unpack(pointer, following)[0]
+
+
+def _check_jpeg(data, size: int) -> None:
+    """Refuse a JPEG of more than MAX_JPEG_SCANS scans (libjpeg passes over the whole picture for each
+    one) or whose EXIF or MPF block would cost too much. A walk over its markers: each segment skipped
+    by its length, each scan's data searched through for the next marker; it ends at the first EOI
+    (what follows, such as an MPO's second picture, is not decoded)."""
+    scans, allowed, pixels, position = 0, MAX_JPEG_SCANS, 0, 2
+    while (found := _JPEG_MARKER.search(data, position)) is not None:
+        marker, position = data[found.end() - 1], found.end()
+        if marker == 0xD9:
+            return
+        if marker == 0x01 or position + 2 > size:  # TEM has no length
+            continue
+        length = (data[position] << 8) | data[position + 1]
+        if marker in _JPEG_FRAMES and not pixels and position + 7 <= size:
+            pixels = ((data[position + 3] << 8) | data[position + 4]) * ((data[position + 5] << 8) | data[position + 6])
+            if pixels:
+                allowed = max(1, min(MAX_JPEG_SCANS, SCANS_AT_PIXEL_LIMIT * max_pixels() // pixels))
+        elif marker == 0xDA:
+            scans += 1
+            if scans > allowed:
+                at = f" over {_megapixels(pixels)} megapixels" if allowed < MAX_JPEG_SCANS else ""
+                raise ImageTooCostly(f"too costly to decode: more than {allowed} JPEG scans{at} "
+                                     f"(a progressive JPEG has about 10)")
+        elif marker == 0xE1 and data[position + 2:position + 8] == b"Exif\0\0":
+            _check_exif(data[position + 8:position + length])
+        elif marker == 0xE2 and data[position + 2:position + 6] == b"MPF\0":
+            _check_exif(data[position + 6:position + length])
+        position += length
+
+
+def _check_exif(block: bytes | None) -> None:
+    while block and block.startswith(b"Exif\0\0"):  # as PIL strips it
+        block = block[6:]
+    if block:
+        _check_tiff(io.BytesIO(block), len(block), "EXIF", 2)
+
+
+def _check_structure(file) -> None:
+    """ImageTooCostly for a TIFF or JPEG whose structure would cost far more than its pixels."""
+    size = os.fstat(file.fileno()).st_size
+    file.seek(0)
+    head = file.read(4)
+    if len(head) == 4 and head[:2] in (b"II", b"MM") and struct.unpack(
+            "<H" if head[:2] == b"II" else ">H", head[2:4])[0] in (42, 43):  # TIFF, BigTIFF
+        _check_tiff(file, size, "TIFF", MAX_TIFF_PAGES)
+    elif head[:3] == b"\xff\xd8\xff":
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _check_jpeg(data, size)
+    file.seek(0)
+
+
+def _exif_block(image: Image.Image) -> bytes | None:
+    """The EXIF block that getexif (and so exif_transpose) parses, where PNG, WebP and JPEG keep it."""
+    block = image.info.get("exif")
+    raw = image.info.get("Raw profile type exif")  # ImageMagick's hex in a PNG text chunk
+    if block is None and isinstance(raw, str):
+        try:
+            block = bytes.fromhex("".join(raw.split("\n")[3:]))
+        except ValueError:
+            return None
+    return block if isinstance(block, bytes) else None
+
+
 def open_image(path: str | Path) -> Image.Image:
     """Open an image file lazily (the header only), as one of ACCEPTED_FORMATS whatever its name or
-    content claims (an EPS named .jpg never reaches Ghostscript); ImageTooLarge over the pixel limit."""
+    content claims (an EPS named .jpg never reaches Ghostscript); ImageTooLarge over the pixel limit,
+    ImageTooCostly for a structure that would cost far more than its pixels (see _check_structure),
+    NotRegularFile for a FIFO or device named like an image (it would block the reader for ever)."""
     limit = max_pixels()
+    file = open_regular(path)
     try:
-        image = Image.open(path, formats=ACCEPTED_FORMATS)
+        _check_structure(file)
+        # From the file object opened above, never the path again: PIL reopens a path by name to
+        # memory-map it, and the name may by then be a FIFO.
+        image = Image.open(file, formats=ACCEPTED_FORMATS)
+    except ImageTooLarge:
+        file.close()
+        raise
     except Image.DecompressionBombError as error:  # PIL's own guard, at the same limit
+        file.close()
         claimed = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{_megapixels(int(claimed.group(1)))} megapixels" if claimed else "more pixels than allowed"
         raise ImageTooLarge(f"image too large: {size}, over the limit of {_megapixels(limit)} megapixels") from None
+    except Image.UnidentifiedImageError:
+        file.close()
+        raise Image.UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+    except BaseException:
+        file.close()
+        raise
+    image._exclusive_fp = True  # the image owns the file, as when PIL opens a path: closed with it
     width, height = image.size
     if width * height > limit:  # PIL's guard is global: other code may have switched it off
         image.close()
@@ -138,15 +310,15 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def _prepare(image: Image.Image, min_size: int | None) -> None:
-    """First frame of an animation; JPEGs decoded at a reduced scale when `min_size` allows."""
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
+    """JPEGs decoded at a reduced scale when `min_size` allows. An image opens at its first frame,
+    which is all that is decoded: n_frames is never asked, as it reads every frame of a GIF or TIFF."""
     if min_size and image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with a second picture
         image.draft("RGB", (min_size, min_size))
 
 
 def _decode(image: Image.Image) -> Image.Image:
     image.load()
+    _check_exif(_exif_block(image))  # a PNG's EXIF may follow its pixels: known only once loaded
     image = ImageOps.exif_transpose(image)
     return to_rgb(image)
 
@@ -190,10 +362,12 @@ def check_image(path: str | Path, budget: PixelBudget | None = None) -> str | No
     """None if the file decodes completely, else a short reason it does not.
 
     The size is read from the header first: an image over the pixel limit is refused undecoded, and
-    with a `budget` the decode waits until its pixels fit beside those of other threads.
+    with a `budget` the decode waits until its pixels fit beside those of other threads. So is a
+    structure that would cost far more than its pixels (ImageTooCostly), and a FIFO or device is
+    never opened. A decode that took more than MAX_DECODE_SECONDS of CPU time is reported too costly.
     """
     try:
-        if os.path.getsize(path) == 0:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
             return "empty file"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -201,11 +375,16 @@ def check_image(path: str | Path, budget: PixelBudget | None = None) -> str | No
                 _prepare(opened, 64)
                 width, height = opened.size
                 with budget.hold(width * height) if budget else nullcontext():
+                    started = time.thread_time()
                     image = _decode(opened)
+                    spent = time.thread_time() - started
                     width, height = image.size
                     del image
         if width < 1 or height < 1:
             return "image has no pixels"
+        if spent > MAX_DECODE_SECONDS:
+            return (f"too costly to decode: {spent:.1f} s of CPU time for {width} x {height} pixels "
+                    f"(at most {MAX_DECODE_SECONDS:g} s)")
         return None
     except ImageTooLarge as error:
         return str(error)

@@ -4,6 +4,8 @@ Python 3.11's os.walk, shutil.rmtree and Path.rglob recurse once per folder leve
 1,000 levels deep (a zip made to unpack that way, or a folder someone made) raises RecursionError in
 whatever walks it: a scan, a disk-usage count, a clean-up. These two never recurse, never follow a
 symbolic link, and carry on past files that vanish or cannot be read.
+
+open_regular opens a file the user named only if it is a regular file (not a FIFO or a device).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
+
+from .config import FinetuneError
 
 _NOFOLLOW_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 # Removal by file descriptors (openat, unlinkat) reaches any depth: a path longer than PATH_MAX
@@ -175,3 +179,44 @@ def _clear_by_path(path: str) -> None:
             os.rmdir(dirpath)
         except OSError:
             pass
+
+
+class NotRegularFile(FinetuneError):
+    """A path that is not a regular file (a named pipe, a device, a socket, a folder): reading one
+    blocks for ever or never ends, so it is refused unopened. The message is the reason alone; callers
+    name the file."""
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def _reading_without_blocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """`path` opened for reading in binary, only if it is a regular file (a link to one is fine);
+    NotRegularFile otherwise, OSError (FileNotFoundError, ...) as open() raises it.
+
+    A FIFO named x.jpg blocks whoever opens it until someone writes, and a device may never end, so
+    the path is checked before it is opened (opening a device may itself act); it is opened without
+    blocking and checked again on the descriptor, so a file swapped for a FIFO in between is caught."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFile(f"not a regular file ({_kind(info.st_mode)})")
+    file = open(path, "rb", opener=_reading_without_blocking)  # noqa: SIM115 - returned to the caller
+    try:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(f"not a regular file ({_kind(info.st_mode)})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(file.fileno(), True)  # ignored by regular files; cleared for whoever reads on
+    except BaseException:
+        file.close()
+        raise
+    return file

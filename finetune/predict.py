@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .calibrate import UNKNOWN
 from .config import FinetuneError
-from .data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_rgb, resize_size, to_rgb
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTooLarge, eval_transform, load_rgb, resize_size, to_rgb
 from .device import amp_dtype_for, channels_last_for, default_workers, non_blocking, pin_memory, resolve_device
+from .fsutil import NotRegularFile, open_regular
 from .model import load_classifier, safe_load
 from .rundir import RunDir
 
@@ -21,10 +22,17 @@ from .rundir import RunDir
 def read_class_indices(path: str | Path) -> list[str]:
     """Class names in index order from a classic class_indices.json ({"0": "daisy", ...})."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FinetuneError(f"class file not found: {path}")
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as file:  # never a FIFO, which would block the reader for ever
+            text = file.read()
+    except FileNotFoundError:
+        raise FinetuneError(f"class file not found: {path}") from None
+    except NotRegularFile as error:
+        raise FinetuneError(f"refusing class file {path}: {error}") from None
+    except OSError as error:
+        raise FinetuneError(f"cannot read class file {path}: {error.strerror or error}") from None
+    try:
+        mapping = json.loads(text.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FinetuneError(f"{path} is not valid JSON: {error}") from None
     if isinstance(mapping, list) and all(isinstance(c, str) for c in mapping):
@@ -75,6 +83,8 @@ class _Files(Dataset):
     def __getitem__(self, index: int):
         try:
             return self.transform(load_rgb(self.paths[index], self.min_size)), index, None
+        except (FinetuneError, ImageTooLarge) as error:  # refused unread: a FIFO, a bomb, too costly
+            return None, index, str(error)
         except Exception as error:  # noqa: BLE001
             return None, index, f"cannot decode ({type(error).__name__}: {error})"
 

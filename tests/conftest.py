@@ -65,6 +65,37 @@ def every_option_config():
     return cfg
 
 
+def run_within(seconds: float, call, fifos=()):
+    """call() in a thread: its result (or its exception), or a test failure after `seconds` rather
+    than a hang; a reader stuck on one of `fifos` is then let go (the FIFO opened for writing)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - raised again in the test's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        pytest.fail(f"still running after {seconds} s (waiting on a FIFO?)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return make_class_folders(tmp_path / "tiny")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_class_folders, make_image, shared_dataset, tree_digest
+from finetune import data as data_module
 from finetune.config import FinetuneError
 from finetune.data import check_image, load_rgb, scan_dataset, scan_labelled_folder, stratified_split
 
@@ -206,6 +207,35 @@ def test_animated_gif_gives_first_frame(tmp_path):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     r, g, b = load_rgb(tmp_path / "anim.gif").getpixel((2, 2))
     assert r > 200 and b < 50
+
+
+def test_the_first_frame_is_decoded_without_counting_frames(tmp_path, monkeypatch):
+    """n_frames reads every frame of a GIF or TIFF (a TIFF's in time growing with their square): an
+    image opens at its first frame, the one decoded, so the frames are never counted."""
+    from PIL import GifImagePlugin, TiffImagePlugin
+
+    frames = [Image.new("RGB", (6, 6), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    for name in ("anim.gif", "pages.tif", "anim.png", "anim.webp"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], lossless=True)
+
+    def counted(image):
+        raise AssertionError(f"{image.filename or 'an image'}: n_frames was asked")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "n_frames", property(counted))
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "n_frames", property(counted))
+    for name in ("anim.gif", "pages.tif", "anim.png", "anim.webp"):
+        assert check_image(tmp_path / name) is None
+        r, g, b = load_rgb(tmp_path / name).getpixel((2, 2))
+        assert r > 200 and g < 50 and b < 50, name
+
+
+def test_a_decode_over_the_time_budget_is_reported_too_costly(tmp_path, monkeypatch):
+    """The last line against a slow decode: a scan names and skips it, so no epoch pays it again."""
+    path = make_image(tmp_path / "a.png")
+    assert check_image(path) is None
+    monkeypatch.setattr(data_module, "MAX_DECODE_SECONDS", -1.0)  # every decode takes longer
+    reason = check_image(path)
+    assert reason.startswith("too costly to decode: ") and "s of CPU time for 40 x 32 pixels" in reason
 
 
 def test_exif_orientation_is_applied(tmp_path):

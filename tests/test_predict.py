@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import models
 
-from conftest import make_class_folders, make_image
+from conftest import make_class_folders, make_image, needs_fifo, run_within
 from finetune.config import FinetuneError, TrainConfig
 from finetune.data import eval_transform, list_images, load_rgb
 from finetune.predict import Predictor, read_class_indices, write_csv
@@ -145,6 +147,27 @@ def test_malicious_model_file_in_a_run_is_refused(trained_run, tmp_path):
     with pytest.raises(FinetuneError, match="refusing to load"):
         Predictor.from_run(copy)
     assert not (tmp_path / "pwned").exists()
+
+
+@needs_fifo
+def test_a_fifo_named_jpg_is_an_error_row_not_a_hang(trained_run, tmp_path, capsys):
+    """A FIFO named x.jpg blocked batch prediction for ever, and the predictions queued behind it."""
+    from finetune import cli
+
+    run, _ = trained_run
+    folder = tmp_path / "photos"
+    make_image(folder / "a.png", (220, 40, 40))
+    fifo = folder / "x.jpg"
+    os.mkfifo(fifo)
+    predictor = Predictor.from_run(run, device="cpu")
+    rows = run_within(30, lambda: predictor.predict_paths(list_images([folder])), [fifo])
+    assert [(Path(r.path).name, r.error) for r in rows] == [("a.png", None), ("x.jpg", "not a regular file (a named pipe)")]
+    with pytest.raises(FinetuneError, match=r"cannot read image \S*x.jpg: not a regular file \(a named pipe\)"):
+        run_within(30, lambda: predictor.predict_image(fifo), [fifo])
+    assert run_within(60, lambda: cli.main(["predict", str(run), str(folder), "--device", "cpu"]), [fifo]) == 1
+    assert f"{fifo}: error: not a regular file (a named pipe)" in capsys.readouterr().out
+    with pytest.raises(FinetuneError, match=r"refusing class file \S*x.jpg: not a regular file"):
+        run_within(10, lambda: read_class_indices(fifo), [fifo])
 
 
 def with_calibration(run, tmp_path, temperature: float, suggested: float | None):

@@ -88,7 +88,7 @@ def read_upload(path) -> "Image.Image":
     name = Path(str(path)).name
     try:
         return load_rgb(path)
-    except Image.DecompressionBombError as problem:
+    except (Image.DecompressionBombError, FinetuneError) as problem:  # a bomb, too costly, not a regular file
         raise FinetuneError(f"{name}: {problem}") from None
     except Image.UnidentifiedImageError:
         raise FinetuneError(f"{name} is not an image this app reads: only {', '.join(ACCEPTED_FORMATS)} files "
