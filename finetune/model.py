@@ -7,7 +7,9 @@ the plain torchvision model, so `model.pth` stays a classic state_dict.
 
 from __future__ import annotations
 
+import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 from torchvision import models
 
 from .config import FinetuneError
+from .fsutil import NotRegularFile, open_regular
 
 # ImageNet weights: the classic IMAGENET1K_V1 checkpoints (those the classic scripts download).
 IMAGENET_WEIGHTS = {
@@ -43,21 +46,74 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
-def safe_load(path: str | Path, what: str = "file") -> object:
-    """torch.load that never runs code from the file; clear one-line errors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FinetuneError(f"{what} not found: {path}")
+# The most bytes of tensors one weights file may unpack to. ResNet-50, the largest architecture here,
+# is 102 MB of float32, and last.pth holds about three times that (AdamW keeps two moments per weight);
+# ten times the model leaves room for other checkpoints (another optimizer, an EMA copy, float64).
+MAX_WEIGHTS_BYTES = 1 << 30
+
+
+def _check_weights_archive(file, path: Path, what: str) -> None:
+    """Refuse, before torch.load reads it, a file whose tensors would unpack to more than it holds.
+
+    torch.save writes a zip of uncompressed records, but torch.load also accepts compressed ones: a
+    522 KB file of deflated zeros loaded as a 512 MB tensor. So every record must be stored, and all of
+    them together must fit in the file (records sharing their bytes would multiply them) and under
+    MAX_WEIGHTS_BYTES. The legacy format (before PyTorch 1.6) allocates whatever sizes its pickle
+    claims before reading them, so it is refused too."""
+    head = file.read(4)
+    file.seek(0)
+    if not zipfile.is_zipfile(file):
+        if head[:1] == b"\x80":  # a bare pickle stream: torch's legacy format
+            raise FinetuneError(
+                f"refusing {what} {path}: it is in torch's legacy format (before PyTorch 1.6), whose tensors "
+                f"may claim any size; load it where you trust it and save it again with torch.save")
+        raise FinetuneError(f"cannot read {what} {path}: not a file torch.save writes (a zip archive)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise FinetuneError(
-            f"refusing to load {path}: it holds pickled Python objects, not plain tensors "
-            f"(only weights_only files are loaded){': ' + first if first else ''}"
-        ) from None
-    except Exception as error:  # noqa: BLE001 - corrupt zip, wrong format, truncated file
-        raise FinetuneError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
+        with zipfile.ZipFile(file) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise FinetuneError(f"cannot read {what} {path}: not a readable zip archive ({error})") from None
+    total = 0
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise FinetuneError(
+                f"refusing {what} {path}: its record {record.filename!r} is compressed, which torch.save never "
+                f"does (it could unpack to far more than the file holds)")
+        total += record.file_size
+    size = os.fstat(file.fileno()).st_size
+    if total > size:
+        raise FinetuneError(f"refusing {what} {path}: its records claim {total:,} bytes, more than the file's "
+                            f"{size:,} (records sharing their data?)")
+    if total > MAX_WEIGHTS_BYTES:
+        raise FinetuneError(f"refusing {what} {path}: it holds {total / 1e6:,.0f} MB, more than the "
+                            f"{MAX_WEIGHTS_BYTES / 1e6:,.0f} MB a ResNet checkpoint needs")
+
+
+def safe_load(path: str | Path, what: str = "file") -> object:
+    """torch.load that never runs code from the file, never waits on a FIFO, never unpacks compressed
+    records (see _check_weights_archive); clear one-line errors. Every .pth goes through here."""
+    path = Path(path).expanduser()
+    try:
+        file = open_regular(path)
+    except FileNotFoundError:
+        raise FinetuneError(f"{what} not found: {path}") from None
+    except NotRegularFile as error:
+        raise FinetuneError(f"refusing {what} {path}: {error}") from None
+    except OSError as error:
+        raise FinetuneError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    with file:
+        _check_weights_archive(file, path, what)
+        file.seek(0)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise FinetuneError(
+                f"refusing to load {path}: it holds pickled Python objects, not plain tensors "
+                f"(only weights_only files are loaded){': ' + first if first else ''}"
+            ) from None
+        except Exception as error:  # noqa: BLE001 - corrupt zip, wrong format, truncated file
+            raise FinetuneError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
 
 
 def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
+import zipfile
 
 import pytest
 import torch
 from torchvision import models
 
+from conftest import run_within
 from finetune.config import FinetuneError
 from finetune.model import (apply_strategy, build_model, imagenet_weights_path, param_groups, safe_load,
                             split_model, weights_available)
@@ -89,6 +92,40 @@ def test_corrupt_weights_file_is_named(tmp_path):
     path.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(FinetuneError, match="cannot read .*broken.pth"):
         safe_load(path)
+
+
+def test_compressed_weights_file_is_refused_before_torch_unpacks_it(tmp_path):
+    """torch.save never compresses, but torch.load unpacks deflated records: 16 MB from 17 KB here
+    (a 522 KB file loaded as 512 MB)."""
+    plain = tmp_path / "zeros.pth"
+    torch.save({"fc.weight": torch.zeros(4 * 2**20)}, plain)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for record in source.infolist():
+            target.writestr(record.filename, source.read(record))
+    assert bomb.stat().st_size < plain.stat().st_size / 100
+    assert torch.load(bomb, weights_only=True)["fc.weight"].numel() == 4 * 2**20  # torch takes it
+    started = time.perf_counter()
+    with pytest.raises(FinetuneError, match=r"^refusing weights file \S*bomb.pth: its record '\S+' is compressed"):
+        safe_load(bomb, "weights file")
+    with pytest.raises(FinetuneError, match=r"bomb.pth: its record .* is compressed"):
+        build_model("resnet34", 2, str(bomb))
+    assert time.perf_counter() - started < 3
+    assert safe_load(plain)["fc.weight"].shape == (4 * 2**20,)  # what torch.save writes still loads
+
+
+def test_legacy_and_non_regular_weights_files_are_refused_by_name(tmp_path):
+    legacy = tmp_path / "old.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(FinetuneError, match=r"refusing model \S*old.pth: it is in torch's legacy format"):
+        safe_load(legacy, "model")
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "fifo.pth"
+        os.mkfifo(fifo)
+        with pytest.raises(FinetuneError, match=r"refusing model \S*fifo.pth: not a regular file \(a named pipe\)"):
+            run_within(10, lambda: safe_load(fifo, "model"), [fifo])
+    with pytest.raises(FinetuneError, match="refusing model .*: not a regular file \\(a folder\\)"):
+        safe_load(tmp_path, "model")
 
 
 @pytest.mark.parametrize("strategy, trainable_prefixes", [
