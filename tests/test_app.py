@@ -211,11 +211,11 @@ def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, tr
     with pytest.raises(AppError, match="already running"):
         train(client, sample_data, epochs=1)
     follow(client, until=lambda u: "batch" in status_text(u), timeout=120)
-    # prediction with the earlier run while the training runs
-    started = time.time()
+    # prediction with the earlier run while the training runs; that the training is still running when
+    # the answer comes ("Stopping" below) shows it did not wait for it, on any machine's speed
     label, _ = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("circle/*.jpg")))), 3,
                               api_name="/predict_image")
-    assert label["label"] in ("circle", "square", "triangle") and time.time() - started < 30
+    assert label["label"] in ("circle", "square", "triangle")
     assert "Stopping" in client.predict(api_name="/stop_training")
     updates = follow(client, timeout=120)
     assert "stopped" in status_text(updates[-1])

@@ -1,18 +1,17 @@
-"""Temperature scaling lowers the calibration error; images unlike any class are answered "unknown"."""
+"""Temperature scaling lowers the calibration error; below the threshold from validation the answer is "unknown".
+
+The data are drawn from a known model (seeded numpy), large enough that each bound holds for any seed:
+the margins seen over 20 seeds are noted where they are tight."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torch import nn
 
-from finetune.calibrate import (UNKNOWN, UNKNOWN_INDEX, apply_unknown, calibrate, calibrated_probs, coverage,
+from finetune.calibrate import (MISS_RATE, UNKNOWN, UNKNOWN_INDEX, apply_unknown, calibrate, calibrated_probs, coverage,
                                 expected_calibration_error, fit_temperature, held_out_report, label_or_unknown,
                                 logits_from_probs, softmax, suggest_threshold)
-from finetune.data import eval_transform
-from finetune.model import build_model
 
 
 def overconfident_logits(n: int, classes: int, true_temperature: float, seed: int = 0):
@@ -29,17 +28,17 @@ def test_temperature_fitted_on_one_half_lowers_the_ece_on_the_other():
     logits, targets = overconfident_logits(2000, 5, true_temperature=3.0)
     fit, held = slice(0, 1000), slice(1000, 2000)
     temperature = fit_temperature(logits[fit], targets[fit])
-    assert temperature == pytest.approx(3.0, rel=0.15)
+    assert temperature == pytest.approx(3.0, rel=0.15)  # 20 seeds: within 0.07
     before = expected_calibration_error(softmax(logits[held]), targets[held])
     after = expected_calibration_error(softmax(logits[held], temperature), targets[held])
-    assert before > 0.1 and after < before / 2
+    assert before > 0.1 and after < before / 2  # 20 seeds: before >= 0.21, after <= 0.22 x before
     # predictions never change, only how sure they are
     assert (softmax(logits[held], temperature).argmax(1) == logits[held].argmax(1)).all()
 
 
 def test_underconfident_logits_get_a_temperature_below_one():
-    logits, targets = overconfident_logits(1000, 4, true_temperature=0.4, seed=1)
-    assert fit_temperature(logits, targets) == pytest.approx(0.4, rel=0.15)
+    logits, targets = overconfident_logits(4000, 4, true_temperature=0.4, seed=1)
+    assert fit_temperature(logits, targets) == pytest.approx(0.4, rel=0.15)  # 30 seeds: within 0.07
 
 
 def test_log_probabilities_serve_as_logits():
@@ -81,69 +80,36 @@ def test_calibrate_record_and_reliability_plot(tmp_path):
     assert record["ece_after"] < record["ece_before"] and record["nll_after"] < record["nll_before"]
     assert record["temperature"] > 1.5 and not record["temperature_at_bound"]
     assert 0.25 <= record["suggested_min_confidence"] < 1.0 and "validation" in record["threshold_rule"]
-    assert 0.9 <= record["at_suggested"]["answered"] <= 1.0
+    # the rule itself: at most MISS_RATE of the right answers (rounded up) are below the threshold
+    confidence, right = softmax(logits, record["temperature"]).max(1), softmax(logits).argmax(1) == targets
+    assert (confidence[right] < record["suggested_min_confidence"]).sum() <= np.ceil(MISS_RATE * right.sum())
+    assert record["at_suggested"]["answered"] == pytest.approx(np.mean(confidence >= record["suggested_min_confidence"]))
     assert record["plot"] == "reliability.png"
     with Image.open(tmp_path / "reliability.png") as image:
         assert image.format == "PNG" and image.width > 400
 
 
 # ---------------------------------------------------------------------------------------------
-# A real small model: uniform noise is answered unknown more often than validation images
-
-PALETTE = np.array([(200, 40, 40), (40, 180, 60), (50, 60, 210), (210, 190, 40)], dtype=np.float32)
-SIZE = 32
+# The threshold on images it was not fitted on
 
 
-def colour_image(rng: np.random.Generator, label: int, size: int = 48) -> Image.Image:
-    """A class colour (varied per image) with a smooth pattern and grain."""
-    base = PALETTE[label] + rng.normal(0, 30, 3)
-    low = np.asarray(Image.fromarray((rng.random((5, 5)) * 255).astype(np.uint8)).resize((size, size),
-                                                                                          Image.BILINEAR), np.float32)
-    pixels = base[None, None, :] * (0.7 + 0.6 * low[..., None] / 255) + rng.normal(0, 15, (size, size, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def noise_image(rng: np.random.Generator, size: int = 224) -> Image.Image:
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
-@pytest.mark.slow
-def test_noise_is_answered_unknown_more_often_than_validation_images():
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    transform = eval_transform(SIZE)
-    train_labels = np.arange(64) % 4
-    val_images = np.arange(40) % 4
-    # a realistic validation set: a tenth of its labels are wrong, so calibration has mistakes to see
-    val_labels = np.where(np.arange(40) % 10 == 3, (val_images + 1) % 4, val_images)
-    train = torch.stack([transform(colour_image(rng, c)) for c in train_labels])
-    val = torch.stack([transform(colour_image(rng, c)) for c in val_images])
-    noise = torch.stack([transform(noise_image(rng)) for _ in range(40)])
-
-    model = build_model("resnet34", 4, "none")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    targets = torch.from_numpy(train_labels)
-    model.train()
-    for _ in range(40):  # the engine's loss: cross-entropy with label smoothing 0.1
-        batch = torch.from_numpy(rng.integers(0, len(train), 32))
-        loss = nn.functional.cross_entropy(model(train[batch]), targets[batch], label_smoothing=0.1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        val_logits, noise_logits = model(val).numpy(), model(noise).numpy()
-    assert (val_logits.argmax(1) == val_images).mean() >= 0.8  # it did learn the colours
-
-    record = calibrate(val_logits, val_labels)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_on_held_out_images_like_validation_about_95_percent_of_right_answers_are_given(seed):
+    """The threshold is a quantile of validation confidences, so on other images from the same
+    distribution about MISS_RATE of the right answers fall below it; flatter logits (what images unlike
+    any class tend to get) fall below it far more often. Thousands of images: the binomial spread of the
+    rate is ~0.006 (20 seeds gave 0.033 to 0.057), so the bounds hold for any seed and any machine."""
+    logits, targets = overconfident_logits(6000, 5, true_temperature=2.0, seed=seed)
+    fit, held = slice(0, 3000), slice(3000, 6000)
+    record = calibrate(logits[fit], targets[fit])
     temperature, threshold = record["temperature"], record["suggested_min_confidence"]
-    assert not record["temperature_at_bound"] and 1 / 4 < threshold < 1
-    val_unknown = (apply_unknown(softmax(val_logits, temperature), threshold)[0] == UNKNOWN_INDEX).mean()
-    noise_unknown = (apply_unknown(softmax(noise_logits, temperature), threshold)[0] == UNKNOWN_INDEX).mean()
-    assert val_unknown <= 0.2
-    # Softmax confidence is a weak detector of the unfamiliar: this held for 4 of the 5 seeds tried
-    # (a model from scratch on 64 images); the margin here is what seed 0 gives, with room to spare.
-    assert noise_unknown >= val_unknown + 0.3, (val_unknown, noise_unknown, record)
+    assert 1.5 < temperature < 2.5 and 1 / 5 < threshold < 1
+    answers, best, _ = apply_unknown(softmax(logits[held], temperature), threshold)
+    right = best == targets[held]
+    missed = (answers[right] == UNKNOWN_INDEX).mean()
+    assert MISS_RATE - 0.03 < missed < MISS_RATE + 0.04, missed
+    flat = (apply_unknown(softmax(logits[held] / 4, temperature), threshold)[0] == UNKNOWN_INDEX).mean()
+    assert flat > (answers == UNKNOWN_INDEX).mean() + 0.5  # 20 seeds: at least 0.74 more
 
 
 def test_held_out_report_of_the_raw_and_the_calibrated_model():

@@ -145,7 +145,7 @@ def test_report_json_csv_and_summary(doctored, tmp_path):
     assert {r["finding"] for r in rows} >= {"label issue", "exact duplicate", "near duplicate", "tiny"}
     text = report.summary_text()
     assert "Likely label errors" in text and "LEAK" in text and "CONFLICT" in text
-    assert seconds < 60
+    assert seconds < 150  # ~27 s on 2 cores; a bound for a pass that went quadratic, not for this CPU
     with pytest.raises(FinetuneError, match="inside the dataset"):
         write_json(report, Path(report.data) / "doctor.json")
     with pytest.raises(FinetuneError, match="inside the dataset"):
@@ -278,13 +278,18 @@ def test_embedding_similarity_chunked_equals_full():
     assert similar_pairs(features, 0.97, eligible=eligible) == {(10, 90)}
 
 
-def test_second_run_uses_the_feature_cache_and_embedding_similarity(problem_data, doctored):
+def test_second_run_uses_the_feature_cache_and_embedding_similarity(problem_data, doctored, monkeypatch):
+    from finetune import cache as feature_cache
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("features computed again: the cache was not used")
+
+    monkeypatch.setattr(feature_cache, "compute_features", no_forward_pass)  # not a time bound: any CPU
     report, cache, _ = doctored
     messages: list[str] = []
     again = run_doctor(problem_data, weights="none", image_size=64, device="cpu", cache_dir=cache,
                        use_embeddings=True, similarity=0.9999, log=messages.append)
     assert any(f"{again.summary['images']} of {again.summary['images']} images from" in m for m in messages)
-    assert again.summary["seconds"]["features"] < 1.0
     assert again.label_issues == report.label_issues
     leak = _group_with(again, "val/red/leaked_copy.png")  # identical pixels: identical features
     assert leak["methods"] == ["embedding", "phash", "sha256"]

@@ -167,14 +167,18 @@ def test_a_curation_that_does_not_fit_fails_before_a_run_folder(dataset, tmp_pat
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_metrics_confidences_are_the_calibrated_ones_prediction_shows(dataset, tmp_path):
+def test_metrics_confidences_are_the_calibrated_ones_prediction_shows(tmp_path):
     from finetune.predict import Predictor
 
-    run = train(tiny_config(dataset, tmp_path, strategy="all", epochs=1, label_smoothing=0.0))
+    # val holds one picture under two classes: whatever the weights learn, one of the two is a mistake
+    data = make_class_folders(tmp_path / "data" / "train", classes=("cats", "dogs", "owls"), per_class=4).parent
+    make_class_folders(data / "val", classes=("cats", "dogs", "owls"), per_class=1)
+    shutil.copyfile(data / "val" / "cats" / "img_0.png", data / "val" / "dogs" / "same_as_the_cat.png")
+    run = train(tiny_config(data, tmp_path / "runs", strategy="all", epochs=1, label_smoothing=0.0))
     metrics = json.loads((run / "metrics.json").read_text())
     predictor = Predictor.from_run(run, device="cpu")
     split = json.loads((run / "split.json").read_text())
-    predictions = predictor.predict_paths([dataset / rel for rel, _ in split["val"]], top_k=1)
+    predictions = predictor.predict_paths([data / rel for rel, _ in split["val"]], top_k=1)
     shown = {rel: p for (rel, _), p in zip(split["val"], predictions)}
     assert metrics["misclassified"], "the test needs a mistake to compare"
     for item in metrics["misclassified"]:
