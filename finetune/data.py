@@ -257,8 +257,16 @@ def _check_structure(file) -> None:
             "<H" if head[:2] == b"II" else ">H", head[2:4])[0] in (42, 43):  # TIFF, BigTIFF
         _check_tiff(file, size, "TIFF", MAX_TIFF_PAGES)
     elif head[:3] == b"\xff\xd8\xff":
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _check_jpeg(data, size)
+        try:
+            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system that cannot map files: read it instead
+            file.seek(0)
+            data = file.read()
+        try:
+            _check_jpeg(data, len(data))
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
     file.seek(0)
 
 
