@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -133,7 +134,7 @@ def save_curation(curation: Curation, path: str | Path) -> Path:
                             f"(keep it next to the runs)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # its own: two pages may save at once
         tmp.write_text(json.dumps(curation.to_dict(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as error:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import time
+import uuid
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -176,7 +177,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 def _write_cache(path: Path, keys: list[str], features: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # its own: the studio runs doctors in threads
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, keys=np.asarray(keys, dtype=str), features=features.astype(np.float32))
         os.replace(tmp, path)
@@ -658,7 +659,7 @@ def _outside_data(path: str | Path, data_root: str) -> Path:
 def write_json(report: DoctorReport, path: str | Path) -> Path:
     path = _outside_data(path, report.data)
     try:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # its own: writers may run at once
         tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     except OSError as error:

@@ -389,6 +389,35 @@ def test_export_files_and_zip(studio, sample_data, monkeypatch):
     assert nothing["classes"].interactive is False and nothing["files"] is None
 
 
+def test_curation_files_saved_at_once_are_all_whole(tmp_path, sample_data):
+    """Two pages of the Review tab saving their decisions at the same moment: each save writes a
+    temporary file of its own (one shared name let one rename the other's half-written file)."""
+    from finetune.curation import load_curation, new_curation, save_curation
+
+    target, threads, errors = tmp_path / "curation.json", 8, []
+    start = threading.Barrier(threads)
+
+    def save(i):
+        curation = new_curation(sample_data)
+        for n in range(400):  # a larger file widens the window
+            curation.set(f"circle/img_{i}_{n}.jpg", "exclude", note="x" * 50)
+        try:
+            start.wait()
+            for _ in range(5):
+                save_curation(curation, target)
+        except BaseException as problem:  # noqa: BLE001 - reported below
+            errors.append(problem)
+
+    pool = [threading.Thread(target=save, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert not errors, errors
+    assert len(load_curation(target).decisions) == 400
+    assert [p.name for p in tmp_path.iterdir()] == ["curation.json"]
+
+
 def test_zips_of_one_run_made_at_once_are_all_complete(studio, sample_data):
     """Several exports of one run at the same moment (two pages, or a client bypassing the queue)
     each write a partial file of their own: all succeed, the zip is whole, nothing is left over."""
