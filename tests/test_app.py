@@ -546,6 +546,13 @@ def test_only_the_apps_own_host_names_are_answered(app_server):
     for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "localhost", f"[::1]:{port}", "[::1]",
                  f"LOCALHOST:{port}"):
         assert httpx.get(f"{app_server.url}/config", headers={"Host": host}).status_code == 200, host
+    # a script on another page (another port of this machine included) may not read the answers,
+    # which gradio's CORS rules would allow it for any localhost page; a link from elsewhere still opens
+    for origin in (f"http://localhost:{int(port) + 1}", "http://evil.example", "null"):
+        answer = httpx.get(f"{app_server.url}/config", headers={"Origin": origin})
+        assert answer.status_code == 403 and "components" not in answer.text, origin
+    assert httpx.get(f"{app_server.url}/config", headers={"Origin": app_server.url}).status_code == 200
+    assert httpx.get(f"{app_server.url}/", headers={"Referer": "http://evil.example/"}).status_code == 200
 
 
 def test_a_cross_origin_upload_is_refused_and_writes_nothing(app_server):

@@ -7,9 +7,11 @@ RequestGuard
     that rebinds its own DNS name to 127.0.0.1 reaches the app under that name, so this is what
     keeps such a page from every route.
     Origin: a request that can change something (any method but GET, HEAD and OPTIONS) sent by a
-    page of another origin is answered 403. Browsers send a cross-site multipart POST (an upload)
-    without asking first (no CORS preflight), so answering only the preflight is not enough.
-    Requests without Origin and Referer (gradio_client, curl) are not a browser's: they pass.
+    page of another origin (its Origin, or lacking one its Referer) is answered 403. Browsers send
+    a cross-site multipart POST (an upload) without asking first (no CORS preflight), so answering
+    only the preflight is not enough. A read with a foreign Origin (a script's cross-origin fetch)
+    is refused too: gradio's CORS rules let any page on localhost, whatever its port, read the
+    answers. Requests without Origin and Referer (gradio_client, curl) are not a browser's: they pass.
 
 LoginGuard
     The log-in (POST /login): after a few failures from one client, and after more from all
@@ -140,9 +142,10 @@ class RequestGuard:
         if name is None or not self.hosts.allows(name.lower()):
             return _refuse(400, "Invalid host header: this app does not answer to that name (see "
                                 "FINETUNE_ALLOWED_HOSTS)")
-        if scope["type"] == "http" and scope["method"] in SAFE_METHODS:
-            return None
-        origin = headers.get("origin") or headers.get("referer")
+        changes = scope["type"] == "websocket" or scope["method"] not in SAFE_METHODS
+        origin = headers.get("origin")
+        if origin is None and changes:  # a Referer alone also comes with links from other sites: fine to read
+            origin = headers.get("referer")
         if origin is not None and not self.hosts.allows_origin(_origin_of(origin), host):
             return _refuse(403, "Cross-origin request refused: a page of another site may not change anything "
                                 "here")
