@@ -16,6 +16,24 @@ from pathlib import Path
 
 from .config import ARCHS, GROUPS, FinetuneError, TrainConfig, cli_fields
 from .events import duration, format_event
+from .names import printable
+
+# ---------------------------------------------------------------------------------------------
+# The terminal: everything the commands print goes through say() (or TerminalProgress.write)
+
+
+def shown(text) -> str:
+    """`text` as the terminal gets it: each line through names.printable, so an ESC or BEL in a file,
+    class or folder name (clear the screen, set the window title, write the clipboard with OSC 52)
+    is shown escaped, never acted on; the line breaks the command itself puts between lines stay.
+    Files written (CSV, JSON, reports) keep the real names."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
+def say(text="", *, err: bool = False, flush: bool = False) -> None:
+    """print() for the commands: stdout, or stderr with `err`."""
+    print(shown(text), file=sys.stderr if err else sys.stdout, flush=flush)
+
 
 # ---------------------------------------------------------------------------------------------
 # Terminal progress: one consumer of the training events
@@ -32,7 +50,7 @@ class TerminalProgress:
     def write(self, text: str) -> None:
         from tqdm import tqdm
 
-        tqdm.write(text, file=sys.stderr if self.quiet else sys.stdout)
+        tqdm.write(shown(text), file=sys.stderr if self.quiet else sys.stdout)
 
     def __call__(self, event: dict) -> None:
         from tqdm import tqdm
@@ -88,7 +106,7 @@ def install_stop_handlers(stop: threading.Event, progress: TerminalProgress | No
 
             mark_ended(RunDir(progress.run_dir), f"terminated: did not stop within {SIGTERM_GRACE_S:.0f} s "
                                                  f"of SIGTERM")
-        print("error: terminated: could not stop in time", file=sys.stderr, flush=True)
+        say("error: terminated: could not stop in time", err=True, flush=True)
         os._exit(143)
 
     def handler(signum, frame):
@@ -99,7 +117,7 @@ def install_stop_handlers(stop: threading.Event, progress: TerminalProgress | No
             timer = threading.Timer(SIGTERM_GRACE_S, give_up)
             timer.daemon = True
             timer.start()
-        print("\nstopping after the current batch (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        say("\nstopping after the current batch (Ctrl-C again to abort)", err=True, flush=True)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -119,9 +137,9 @@ def dataset_folder(data: str, quiet: bool = False) -> str:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "datasets"
     extraction = extract(path, Path(os.environ.get("FINETUNE_DATASETS", cache)))
     if not quiet:
-        print(f"{path.name}: extracted to {extraction.root}", file=sys.stderr)
+        say(f"{path.name}: extracted to {extraction.root}", err=True)
         if extraction.skipped:  # only image files are extracted: say what was left in the archive
-            print(f"{path.name}: skipped {skipped_summary(extraction.skipped)}", file=sys.stderr)
+            say(f"{path.name}: skipped {skipped_summary(extraction.skipped)}", err=True)
     return str(extraction.root)
 
 
@@ -140,7 +158,7 @@ def cmd_train(args) -> int:
     progress = TerminalProgress(quiet=args.quiet)
     install_stop_handlers(stop, progress)
     run_dir = train(cfg, on_event=progress, stop=stop, resume=args.resume)
-    print(f"run folder: {run_dir}")
+    say(f"run folder: {run_dir}")
     return 0
 
 
@@ -159,30 +177,30 @@ def cmd_predict(args) -> int:
     threshold = predictor.min_confidence(args.min_confidence)
     skipped: list[tuple[str, str]] = []
     paths = list_images(args.images, skipped)
-    for name, reason in skipped:  # names already escaped
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+    for name, reason in skipped:
+        say(f"skipped {name}: {reason}", err=True)
     if not paths:
         raise FinetuneError(f"no image files found in {', '.join(args.images)}")
     if args.explain_class is not None and not args.explain:
         raise FinetuneError("--explain-class needs --explain DIR (where the heatmaps go)")
-    print(min_confidence_line(predictor, threshold, args.min_confidence))
+    say(min_confidence_line(predictor, threshold, args.min_confidence))
     predictions = predictor.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size,
                                           min_confidence=threshold)
     for p in predictions:
         if p.error:
-            print(f"{p.path}: error: {p.error}")
+            say(f"{p.path}: error: {p.error}")
         else:
             answer = f"unknown (best guess {p.label} {p.confidence:.3f})" if p.unknown else \
                 f"{p.label} {p.confidence:.3f}"
-            print(f"{p.path}: " + ", ".join([answer] + [f"{name} {prob:.3f}" for name, prob in p.top[1:]]))
+            say(f"{p.path}: " + ", ".join([answer] + [f"{name} {prob:.3f}" for name, prob in p.top[1:]]))
     if args.csv:
-        print(f"wrote {write_csv(predictions, args.csv, args.top_k)}")
+        say(f"wrote {write_csv(predictions, args.csv, args.top_k)}")
     if args.explain:
         from .explain import explain_paths
 
         readable = [Path(p.path) for p in predictions if p.error is None]
         written = explain_paths(predictor, readable, args.explain, args.explain_class)
-        print(f"wrote {len(written)} heatmap(s) ({args.explain_class or 'the predicted class'}) to {args.explain}")
+        say(f"wrote {len(written)} heatmap(s) ({args.explain_class or 'the predicted class'}) to {args.explain}")
     return 0 if all(p.error is None for p in predictions) else 1
 
 
@@ -204,20 +222,20 @@ def cmd_doctor(args) -> int:
     if args.run and (args.arch or args.weights):
         raise FinetuneError("--run uses the run's own backbone: give either --run or --arch/--weights")
     data = dataset_folder(args.data, args.quiet)
-    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    log = None if args.quiet else (lambda message: say(message, err=True, flush=True))
     report = run_doctor(data, run=args.run, arch=args.arch or "resnet34", weights=args.weights or "imagenet",
                         image_size=args.image_size, folds=args.folds, device=args.device, batch_size=args.batch_size,
                         cache_dir=None if args.no_cache else default_cache_dir(), log=log)
-    print(report.summary_text(limit=args.show))
+    say(report.summary_text(limit=args.show))
     if args.json:
-        print(f"wrote {write_json(report, args.json)}")
+        say(f"wrote {write_json(report, args.json)}")
     if args.csv:
-        print(f"wrote {write_csv(report, args.csv)}")
+        say(f"wrote {write_csv(report, args.csv)}")
     if args.leaks_to is not None:
         decisions = leak_decisions(report.duplicate_groups)
         target = Path(args.leaks_to or default_curation_path(TrainConfig.runs_dir, report.data))
         path = save_curation(add_decisions(load_or_new_curation(target, report.data), decisions), target)
-        print(f"wrote {len(decisions)} leak exclusion(s) to {path}: train with --curation {path}")
+        say(f"wrote {len(decisions)} leak exclusion(s) to {path}: train with --curation {path}")
     return 0
 
 
@@ -229,7 +247,7 @@ def cmd_evaluate(args) -> int:
     predictor = Predictor.from_run(args.run, args.device)
     root, items, skipped = scan_labelled_folder(dataset_folder(args.data), predictor.classes)
     for rel, reason in skipped:
-        print(f"skipped {rel}: {reason}")
+        say(f"skipped {rel}: {reason}")
     predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=1,
                                           batch_size=args.batch_size, keep_logits=True)
     import numpy as np
@@ -249,18 +267,18 @@ def cmd_evaluate(args) -> int:
                                                  predictor.min_confidence(args.min_confidence))
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
     write_reports(out, metrics)
-    print(summary_line(metrics))
+    say(summary_line(metrics))
     if "calibration" in metrics:
-        print(held_out_line(metrics["calibration"]))
-    print(per_class_table(metrics))
-    print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+        say(held_out_line(metrics["calibration"]))
+    say(per_class_table(metrics))
+    say(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
     return 0
 
 
 def cmd_export(args) -> int:
     from .export import export
 
-    print(f"wrote {export(args.run, args.format, args.out)}")
+    say(f"wrote {export(args.run, args.format, args.out)}")
     return 0
 
 
@@ -268,7 +286,7 @@ def cmd_scan(args) -> int:
     from .data import scan_dataset
 
     scan = scan_dataset(dataset_folder(args.data, args.json), args.val_fraction, args.seed)
-    print(json.dumps(scan.to_dict(), indent=2) if args.json else scan.report())
+    say(json.dumps(scan.to_dict(), indent=2) if args.json else scan.report())
     return 0
 
 
@@ -282,7 +300,7 @@ def cmd_sample_data(args) -> int:
     from .sample import make_sample_dataset
 
     out = make_sample_dataset(args.out, per_class=args.per_class, seed=args.seed)
-    print(f"wrote sample dataset to {out}")
+    say(f"wrote sample dataset to {out}")
     return 0
 
 
@@ -452,17 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FinetuneError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", err=True)
         return 2
     except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
+        say("aborted", err=True)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except MemoryError:
-        print("error: out of memory: try a smaller --batch-size or --image-size", file=sys.stderr)
+        say("error: out of memory: try a smaller --batch-size or --image-size", err=True)
         return 3
     except (OSError, RuntimeError) as error:
         from .rundir import disk_full
@@ -470,10 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         # a full disk under any command's write (torch's writers raise RuntimeError over the OSError)
         full = disk_full(error)
         if full is not None:
-            print(f"error: {full}", file=sys.stderr)
+            say(f"error: {full}", err=True)
             return 2
         if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
-            print("error: out of GPU memory: try a smaller --batch-size or --image-size", file=sys.stderr)
+            say("error: out of GPU memory: try a smaller --batch-size or --image-size", err=True)
             return 3
         raise
 

@@ -15,7 +15,7 @@ import pytest
 
 from PIL import Image
 
-from conftest import REPO, every_option_config, make_class_folders, tree_digest
+from conftest import REPO, every_option_config, make_class_folders, make_image, tree_digest
 
 
 def cli(*args, cwd=None, env=None):
@@ -274,3 +274,46 @@ def test_a_loss_that_turns_nan_ends_the_training_keeping_the_best_model(tmp_path
     assert math.isfinite(info["calibration"]["temperature"]) and (run / "metrics.json").is_file()
     state = torch.load(run / "model.pth", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_names_with_terminal_escapes_are_printed_escaped(tmp_path, monkeypatch, capfd):
+    """A folder, a class and a file named with ESC and BEL (set the window title, write the clipboard
+    with OSC 52, clear the screen) reach the terminal escaped, from scan, train, predict and doctor,
+    in every line and on stdout and stderr alike; files written keep the real names. (In-process:
+    torch is imported once.)"""
+    from finetune import cli as commands
+
+    monkeypatch.setattr(commands, "install_stop_handlers", lambda *args: None)  # pytest keeps its signals
+    title, clipboard, clear = "\x1b]0;pwned\x07", "\x1b]52;c;aGk=\x07", "\x1b[2J"
+    data = make_class_folders(tmp_path / f"photos{title}", per_class=4)
+    make_image(data / "cats" / f"x{clear}.png")
+    other = make_class_folders(tmp_path / "more", classes=("cats", f"evil{clipboard}"), per_class=2)
+
+    def run(*args) -> tuple[int, str]:
+        code = commands.main([str(arg) for arg in args])
+        captured = capfd.readouterr()
+        return code, captured.out + captured.err
+
+    outputs = {"scan": run("scan", data), "scan of the other": run("scan", other),  # refused or scanned
+               "train": run("train", data, "--weights", "none", "--epochs", "1", "--image-size", "32",
+                             "--batch-size", "4", "--workers", "0", "--strategy", "head", "--runs-dir",
+                             tmp_path / "runs")}
+    assert outputs["train"][0] == 0, outputs["train"][1]
+    run_dir = next((tmp_path / "runs").iterdir())
+    classes = [f"evil{clipboard}", "dogs"]  # a run from elsewhere may call its classes anything
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "classes": classes}))
+    (run_dir / "class_indices.json").write_text(json.dumps(dict(enumerate(classes))))
+    outputs["predict"] = run("predict", run_dir, data / "cats", "--top-k", "2", "--csv", tmp_path / "p.csv")
+    outputs["doctor"] = run("doctor", data, "--weights", "none", "--image-size", "32", "--device", "cpu",
+                            "--no-cache", "--folds", "2")
+    for command, (code, text) in outputs.items():
+        assert "\x1b" not in text and "\x07" not in text, command
+    shown = {"title": "photos\\x1b]0;pwned\\x07", "clipboard": "evil\\x1b]52;c;aGk=\\x07", "clear": "x\\x1b[2J.png"}
+    assert shown["title"] in outputs["train"][1] and shown["clear"] in outputs["scan"][1]
+    assert shown["clipboard"] in outputs["scan of the other"][1] and shown["clipboard"] in outputs["predict"][1]
+    assert shown["title"] in outputs["doctor"][1] and shown["clear"] in outputs["doctor"][1]
+    assert outputs["predict"][1].count(shown["title"]) >= 4  # every image's line names its path
+    with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+        assert {row["best_guess"] for row in csv.DictReader(f)} <= set(classes)  # the real names
