@@ -184,6 +184,33 @@ def test_upload_a_zip(page, sample_data, tmp_path):
     assert "shapes" in page.locator("#data_path textarea, #data_path input").first.input_value()
 
 
+def test_hostile_names_are_shown_as_text(page, tmp_path):
+    """A folder named like a link and an image, classes named like a web address, LaTeX, code and an
+    image: the page shows each name and renders none of them; an error toast shows its HTML as text."""
+    from conftest import make_class_folders
+
+    classes = ("www.evil.example", "$$\\Huge X$$", "<img src=x onerror=alert(1)>", "`tick`")
+    root = make_class_folders(tmp_path / "[Session expired: log in](http:evil.example) <img src=x>", classes=classes,
+                              per_class=2)
+    box = page.locator("#data_path textarea, #data_path input").first
+    box.fill(str(root))
+    page.locator("#scan_btn").click()
+    page.locator("#data_summary").filter(has_text="4 classes").wait_for()
+    assert str(root) in page.locator("#data_summary").inner_text()
+    open_tab(page, "2. Train")  # its data line is drawn once the tab is open
+    page.locator("#train_data").filter(has_text="4 classes").wait_for()
+    assert all(name in page.locator("#train_data").inner_text() for name in classes)
+    markup = ", ".join(f"#{where} {tag}" for where in ("data_summary", "data_warnings", "train_data")
+                       for tag in ("a", "img", "h1", "h2", "h3", ".katex", ".latex-block", "code code"))
+    assert page.locator(markup).count() == 0
+    open_tab(page, "1. Data")
+    box.fill("/no/<img src=x onerror=alert(1)>")
+    page.locator("#scan_btn").click()
+    toast = page.locator(".toast-body").filter(has_text="not found")
+    toast.wait_for()
+    assert "<img src=x onerror=alert(1)>" in toast.inner_text() and toast.locator("img").count() == 0
+
+
 def test_stop_during_training_and_second_start_says_why(page, app_server):
     wait_idle(app_server)
     fast_settings(page, epochs=300)
