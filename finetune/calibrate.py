@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fsutil import write_atomic
+
 UNKNOWN = "unknown"
 UNKNOWN_INDEX = -1
 ECE_BINS = 15
@@ -131,7 +133,7 @@ def reliability_plot(probs_before, probs_after, targets, path: str | Path, bins:
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left")
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda sink: fig.savefig(sink, format="png", dpi=110))
     plt.close(fig)
     return path
 

@@ -139,8 +139,10 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def save(self, path: str | Path) -> Path:
+        from .fsutil import write_text_atomic  # here: fsutil imports FinetuneError from this module
+
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
         return path
 
     @classmethod

@@ -10,8 +10,11 @@ show as text. Numbers the project formats itself are written as numbers, never e
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Iterable
+
+from .fsutil import write_text_atomic
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -35,11 +38,13 @@ def escape_cell(value):
 
 
 def write_csv(path: str | Path, header: list[str], rows: Iterable[Iterable]) -> Path:
-    """Write a header and rows (UTF-8, one line per row), escaping every text cell."""
+    """Write a header and rows (UTF-8, one line per row), escaping every text cell; atomically, so a
+    download or a second writer never sees half a file."""
     path = Path(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow([escape_cell(cell) for cell in header])
-        for row in rows:
-            writer.writerow([escape_cell(cell) for cell in row])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([escape_cell(cell) for cell in header])
+    for row in rows:
+        writer.writerow([escape_cell(cell) for cell in row])
+    write_text_atomic(path, text.getvalue())
     return path

@@ -20,13 +20,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .config import FinetuneError
 from .data import DatasetScan
+from .fsutil import write_text_atomic
 
 CURATION_FORMAT = "finetune-curation/1"
 CURATION_FILE = "curation.json"
@@ -134,9 +133,7 @@ def save_curation(curation: Curation, path: str | Path) -> Path:
                             f"(keep it next to the runs)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # its own: two pages may save at once
-        tmp.write_text(json.dumps(curation.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(curation.to_dict(), indent=2) + "\n")  # two pages may save at once
     except OSError as error:
         raise FinetuneError(f"cannot write curation file {path}: {error.strerror or error}") from None
     curation.source = str(path)

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import time
-import uuid
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ from .config import FinetuneError
 from .device import amp_dtype_for, channels_last_for, resolve_device
 from .data import (IMAGENET_MEAN, IMAGENET_STD, IMBALANCE_RATIO, DatasetScan, load_rgb, open_image, scan_dataset,
                    usable_cores)
+from .fsutil import replacing, write_text_atomic
 
 DOCTOR_FORMAT = "finetune-doctor/1"
 SPLITS = ("train", "val", "test")
@@ -177,11 +177,10 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 def _write_cache(path: Path, keys: list[str], features: np.ndarray) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # its own: the studio runs doctors in threads
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        with replacing(path) as tmp, open(tmp, "wb") as f:  # its own name: the studio runs doctors in threads
+            # a file object: np.savez would append .npz to a name
             np.savez(f, keys=np.asarray(keys, dtype=str), features=features.astype(np.float32))
-        os.replace(tmp, path)
-    except OSError:
+    except (OSError, FinetuneError):  # FinetuneError: DiskFull
         pass  # a read-only or full cache folder costs speed next time, nothing else
 
 
@@ -659,9 +658,7 @@ def _outside_data(path: str | Path, data_root: str) -> Path:
 def write_json(report: DoctorReport, path: str | Path) -> Path:
     path = _outside_data(path, report.data)
     try:
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # its own: writers may run at once
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")  # writers may run at once
     except OSError as error:
         raise FinetuneError(f"cannot write {path}: {error.strerror or error}") from None
     return path

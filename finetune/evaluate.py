@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fsutil import write_atomic, write_text_atomic
+
 
 def compute_metrics(targets, probs, classes: list[str], paths: list[str] | None = None) -> dict:
     """Accuracy, balanced accuracy, top-k, per-class P/R/F1/support, confusion matrix, misclassified.
@@ -103,7 +105,7 @@ def plot_confusion_matrix(matrix, classes: list[str], path: Path, title: str = "
                     ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=8,
                             color="white" if data[i, j] > threshold else "black")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda sink: fig.savefig(sink, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -125,7 +127,7 @@ def plot_history(history: list[dict], path: Path) -> Path:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda sink: fig.savefig(sink, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -136,7 +138,7 @@ def write_reports(out_dir: Path, metrics: dict, prefix: str = "") -> None:
     from .csvfile import number, write_csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{prefix}metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if metrics.get("num_images"):
         plot_confusion_matrix(metrics["confusion_matrix"], metrics["classes"],
                               out_dir / f"{prefix}confusion_matrix.png")

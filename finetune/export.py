@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import FinetuneError
+from .fsutil import replacing
 from .predict import Predictor
 
 FORMATS = ("torchscript", "onnx")
@@ -38,14 +39,16 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path
     suffix = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
     path = Path(out) if out else Path(run_dir) / f"model{suffix}"
     metadata = json.dumps(export_metadata(predictor))
-    with warnings.catch_warnings():
+    # a file of its own renamed into place: the studio serves the export by a hard link to it, and a
+    # second export (the command line beside the app) must not write into the file being downloaded
+    with warnings.catch_warnings(), replacing(path) as tmp:
         warnings.simplefilter("ignore")  # tracer and exporter deprecation chatter
         if fmt == "torchscript":
             with torch.inference_mode():
                 scripted = torch.jit.trace(model, example)
-            scripted.save(str(path), _extra_files={f"{METADATA_KEY}.json": metadata})
+            scripted.save(str(tmp), _extra_files={f"{METADATA_KEY}.json": metadata})
         else:
-            _export_onnx(model, example, path, metadata)
+            _export_onnx(model, example, tmp, metadata)
     return path
 
 

@@ -6,13 +6,19 @@ whatever walks it: a scan, a disk-usage count, a clean-up. These two never recur
 symbolic link, and carry on past files that vanish or cannot be read.
 
 open_regular opens a file the user named only if it is a regular file (not a FIFO or a device).
+
+write_atomic writes a file through a temporary file of its own and a rename, so a reader never sees
+half a file, two writers never share a temporary name, and a failure (a full disk) leaves nothing.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -220,3 +226,97 @@ def open_regular(path: str | Path) -> BinaryIO:
         file.close()
         raise
     return file
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files atomically
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(FinetuneError):
+    """No room left to write a file (the disk, or a quota): one line with the path and the space left."""
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def disk_full(error: BaseException, path: str | Path | None = None) -> DiskFull | None:
+    """`error` as a DiskFull naming the file (`path` when the error does not), or None when it is
+    something else. The OSError may hide behind the exception it caused: torch.save's clean-up
+    raises RuntimeError('... inline_container.cc ... unexpected pos') over it."""
+    seen = []
+    while error is not None and not any(error is e for e in seen):
+        if isinstance(error, DiskFull):
+            return error
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            break
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    else:
+        return None
+    quota = " or over its quota" if error.errno == errno.EDQUOT else ""
+    if not (error.filename or path):
+        return DiskFull(f"disk full{quota}: could not write a file ({error.strerror})")
+    target = Path(os.fsdecode(error.filename or path))
+    folder = next((p for p in (target, *target.parents) if p.is_dir()), None)
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} free on that file system" if folder else "free space unknown"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"disk full{quota}: could not write {target} ({free})")
+
+
+class _Sink:
+    """What torch.save writes to: every byte goes out through os.write, so a full disk surfaces as
+    OSError(ENOSPC) (torch.save to a path or a buffered file reports only 'unexpected pos')."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while view:
+            view = view[os.write(self.fd, view):]
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path of its own beside `path` (a unique name: two writers never share one) for a
+    writer that wants a file name (TorchScript, ONNX); renamed over `path` when the block ends well.
+    On any failure the temporary file is removed; a full disk raises DiskFull."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        full = disk_full(error, path)
+        if full is not None and full is not error:
+            raise full from None
+        raise
+
+
+def write_atomic(path: str | Path, write: Callable[[_Sink], None]) -> None:
+    """`write(sink)` into a temporary file (see `replacing`), then renamed over `path`. The sink writes
+    every byte with os.write, so a full disk is an OSError that `replacing` turns into DiskFull."""
+    with replacing(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            write(_Sink(fd))
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda sink: sink.write(text.encode("utf-8")))

@@ -202,9 +202,9 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_failed_run(tmp_path, monk
 
     import torch
 
-    from finetune import rundir, train
+    from finetune import fsutil, train
 
-    real_write, real_save = rundir._Sink.write, train.save_checkpoint
+    real_write, real_save = fsutil._Sink.write, train.save_checkpoint
     full, epoch_1_model = [False], []
 
     def write(self, data):  # what a disk does when it fills: part of the data, then ENOSPC
@@ -223,7 +223,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_failed_run(tmp_path, monk
         if state.epoch == 1:
             epoch_1_model.append(hashlib.sha256(session.run.model.read_bytes()).hexdigest())
 
-    monkeypatch.setattr(rundir._Sink, "write", write)
+    monkeypatch.setattr(fsutil._Sink, "write", write)
     monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
     data, runs = make_class_folders(tmp_path / "d", classes=("a", "b", "c")), tmp_path / "runs"
     code, errors, _ = train_in_process(data, runs, monkeypatch, capsys)

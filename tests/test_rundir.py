@@ -95,7 +95,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, m
 
     import torch
 
-    from finetune import rundir
+    from finetune import fsutil, rundir
 
     target = tmp_path / "model.pth"
     rundir.save_atomic({"w": torch.ones(3)}, target)
@@ -105,7 +105,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, m
         os.write(self.fd, bytes(memoryview(data).cast("B")[:10]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rundir._Sink, "write", disk_fills)
+    monkeypatch.setattr(fsutil._Sink, "write", disk_fills)
     with pytest.raises(rundir.DiskFull) as caught:  # torch.save raises RuntimeError over the OSError
         rundir.save_atomic({"w": torch.zeros(1000)}, target)
     assert re.fullmatch(rf"disk full: could not write {target} \([\d.]+ [MG]B free on that file system\)",
