@@ -131,14 +131,25 @@ def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     return state_dict_from(safe_load(path, "ImageNet weights"), path)
 
 
+def require_finite(state_dict: dict, source: str | Path) -> None:
+    """FinetuneError naming the first tensor of `state_dict` that holds nan or inf values."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            what = "nan" if torch.isnan(tensor).any() else "infinite"
+            raise FinetuneError(f"refusing the weights in {source}: {name} holds {what} values "
+                                f"(a diverged or damaged model)")
+
+
 def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Accept a plain state_dict, or a checkpoint dict that holds one under 'model'/'state_dict'."""
+    """Accept a plain state_dict, or a checkpoint dict that holds one under 'model'/'state_dict';
+    its values must be finite (require_finite)."""
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            require_finite(obj, path)
             return {k.removeprefix("module."): v for k, v in obj.items()}
     raise FinetuneError(f"{path} is not a state_dict (a dict of parameter name -> tensor)")
 
@@ -194,7 +205,8 @@ def load_backbone(model: models.ResNet, state_dict: dict, source: str) -> None:
 
 
 def load_classifier(arch: str, state_dict: dict, num_classes: int, source: str) -> models.ResNet:
-    """A fine-tuned model for prediction; the head must match the class list."""
+    """A fine-tuned model for prediction (`state_dict` as state_dict_from gives it); the head must
+    match the class list."""
     head = state_dict.get("fc.weight")
     if head is None:
         raise FinetuneError(f"{source} has no classifier head (fc.weight): not a fine-tuned {arch}")

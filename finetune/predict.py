@@ -15,7 +15,7 @@ from .config import FinetuneError
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTooLarge, eval_transform, load_rgb, resize_size, to_rgb
 from .device import amp_dtype_for, channels_last_for, default_workers, non_blocking, pin_memory, resolve_device
 from .fsutil import NotRegularFile, open_regular
-from .model import load_classifier, safe_load
+from .model import load_classifier, safe_load, state_dict_from
 from .rundir import RunDir
 
 
@@ -140,7 +140,7 @@ class Predictor:
         info = run.require_trained(checkpoint)
         run_dir, info_path = run.path, run.info_path
         weights = run.path / checkpoint
-        state = safe_load(weights, "model")
+        state = state_dict_from(safe_load(weights, "model"), weights)
         classes = info["classes"]
         class_file = run.class_indices
         if class_file.is_file() and read_class_indices(class_file) != classes:
@@ -156,8 +156,6 @@ class Predictor:
     def from_files(cls, weights: str | Path, class_indices: str | Path, arch: str, image_size: int = 224,
                    device: str = "auto") -> "Predictor":
         """A plain state_dict + class_indices.json, as the classic train.py/predict.py scripts use."""
-        from .model import state_dict_from
-
         classes = read_class_indices(class_indices)
         state = state_dict_from(safe_load(weights, "model"), Path(weights))
         model = load_classifier(arch, state, len(classes), str(weights))

@@ -38,7 +38,7 @@ from .device import (Distributed, amp_dtype_for, channels_last_for, default_work
                      pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import Event, EventCallback, EventWriter
-from .model import apply_strategy, build_model, imagenet_weights_path, param_groups, safe_load, split_model
+from .model import apply_strategy, build_model, param_groups, require_finite, safe_load, split_model
 from .rundir import DiskFull, RunDir, TrainingLock, disk_full, save_atomic
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
@@ -408,15 +408,6 @@ class TrainingDiverged(FinetuneError):
     """The loss became nan or inf: raised once the run is settled (status, error, best model kept)."""
 
 
-def require_finite(state_dict: dict, source: str | Path) -> None:
-    """FinetuneError naming the first tensor of `state_dict` that holds nan or inf values."""
-    for name, tensor in state_dict.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            what = "nan" if torch.isnan(tensor).any() else "infinite"
-            raise FinetuneError(f"refusing the weights in {source}: {name} holds {what} values "
-                                f"(a diverged or damaged model)")
-
-
 def divergence(record: dict, lr: float) -> str | None:
     """The one-line reason when an epoch's training or validation loss is not finite."""
     for key, what in (("train_loss", "training"), ("val_loss", "validation")):
@@ -459,9 +450,6 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         scan = ctx.broadcast(scan_for_training(cfg) if ctx.is_main else None, patient=True)
         # the weights before the run folder: unavailable or wrong weights leave no failed run behind
         model = build_model(cfg.arch, len(scan.classes), cfg.weights)
-        if cfg.weights != "none":
-            require_finite(model.state_dict(), imagenet_weights_path(cfg.arch) if cfg.weights == "imagenet"
-                           else cfg.weights)
         run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
     if lock is not None:
         lock.set_run(run.path)

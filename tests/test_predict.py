@@ -265,3 +265,23 @@ def test_the_threshold_is_the_validation_rule_and_below_it_every_answer_is_unkno
     assert [p.unknown for p in again] == [p.confidence < middle for p in again]
     assert any(p.unknown for p in again) and not all(p.unknown for p in again)
     assert [p.label for p in again] == [p.label for p in rows]  # the best guess is kept
+
+
+def test_a_run_whose_model_holds_nan_is_refused_in_one_line(tmp_path):
+    """A diverged or damaged model.pth would answer every image with nan confidences: refused at load."""
+    from torchvision import models
+
+    from finetune.config import FinetuneError
+    from finetune.rundir import class_indices_json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    state = models.resnet34(num_classes=2).state_dict()
+    state["fc.bias"][1] = float("inf")
+    torch.save(state, run / "model.pth")
+    (run / "class_indices.json").write_text(class_indices_json(["a", "b"]))
+    (run / "run.json").write_text(json.dumps({"arch": "resnet34", "classes": ["a", "b"], "status": "completed"}))
+    with pytest.raises(FinetuneError) as caught:
+        Predictor.from_run(run, device="cpu")
+    assert str(caught.value) == (f"refusing the weights in {run / 'model.pth'}: fc.bias holds infinite values "
+                                 f"(a diverged or damaged model)")
