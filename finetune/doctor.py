@@ -49,7 +49,7 @@ from .config import FinetuneError
 from .device import amp_dtype_for, channels_last_for, resolve_device
 from .data import (IMAGENET_MEAN, IMAGENET_STD, IMBALANCE_RATIO, DatasetScan, load_rgb, open_image, scan_dataset,
                    usable_cores)
-from .fsutil import replacing, write_text_atomic
+from .fsutil import open_regular, replacing, write_text_atomic
 
 DOCTOR_FORMAT = "finetune-doctor/1"
 SPLITS = ("train", "val", "test")
@@ -415,7 +415,7 @@ def image_stats(path: Path) -> ImageStats | None:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a file swapped for a FIFO since the scan must not block the doctor
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

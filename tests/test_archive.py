@@ -12,7 +12,7 @@ from finetune.archive import check_zip, extract, extract_zip, read_extraction, s
 from finetune.config import FinetuneError
 from finetune.data import scan_dataset
 
-from conftest import make_class_folders
+from conftest import make_class_folders, needs_fifo, run_within
 
 
 def zip_folder(folder: Path, out: Path, prefix: str = "") -> Path:
@@ -206,3 +206,16 @@ def test_depth_and_name_limits_accept_what_real_datasets_hold(tmp_path):
     assert len(check_zip(archive).files) == 3
     with pytest.raises(FinetuneError, match=f"nested {MAX_DEPTH + 1} levels deep"):
         check_zip(zip_entries(tmp_path / "deep.zip", {"cats/d/" + deepest[5:]: png}))
+
+
+@needs_fifo
+def test_a_named_pipe_given_as_the_zip_is_refused_unopened(tmp_path):
+    """A FIFO named data.zip would block zipfile.is_zipfile (and the command or the studio) for ever."""
+    import os
+
+    fifo = tmp_path / "data.zip"
+    os.mkfifo(fifo)
+    with pytest.raises(FinetuneError) as caught:
+        run_within(10, lambda: check_zip(fifo), [fifo])
+    assert str(caught.value) == f"refusing {fifo}: not a regular file (a named pipe)"
+    assert not any(p.name != "data.zip" for p in tmp_path.iterdir())

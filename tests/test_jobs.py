@@ -42,6 +42,23 @@ def test_a_diverging_loss_puts_no_point_on_the_curves():
     assert {(c["series"], c["metric"]) for c in view.curves} == {("train", "accuracy"), ("val", "accuracy")}
 
 
+def test_a_run_stopped_by_a_diverging_loss_says_why_not_on_request(tmp_path):
+    """The training emits its error, then its end with status "stopped" (the best model is usable)."""
+    from finetune.studio.views import training_result
+
+    message = ("training diverged: the training loss became nan in epoch 2; try a lower --lr (this run used "
+               "0.003); the best model so far (epoch 1) is kept")
+    for events, expected, absent in (
+            ([{"type": "error", "message": message}], "training diverged", "on request"),
+            ([], "Stopped on request", "diverged")):
+        view = TrainingView(run_dir=str(tmp_path))
+        for event in [*events, {"type": "end", "status": "stopped", "run_dir": str(tmp_path), "best": {"epoch": 1},
+                                "summary": "val acc 0.5", "seconds": 3.0}]:
+            view.add(event)
+        text, _ = training_result(view)
+        assert view.status == "stopped" and expected in text and absent not in text, text
+
+
 def test_train_command_passes_the_whole_config_as_a_file(tmp_path):
     assert train_command(tmp_path / "c.json") == [sys.executable, "-m", "finetune", "train", "--config",
                                                   str(tmp_path / "c.json"), "--quiet"]

@@ -164,8 +164,9 @@ def training_result(view) -> tuple[str, Path | None]:
     if view.status in USABLE_STATUSES:
         name = Path(view.run_dir).name
         text = f"### {view.status.capitalize()}: {md(name)}\n{md(view.summary)}"
-        if view.status == "stopped":
-            text += "\n\nStopped on request; the best model so far was kept and can be used."
+        if view.status == "stopped":  # on request, or because the loss diverged (its error says so)
+            text += (f"\n\n{md(view.error)}" if view.error
+                     else "\n\nStopped on request; the best model so far was kept and can be used.")
         matrix = Path(view.run_dir) / "confusion_matrix.png"
         return text, matrix if matrix.is_file() else None
     if view.status == "failed":
