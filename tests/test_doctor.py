@@ -79,15 +79,31 @@ def doctored(problem_data, tmp_path_factory) -> tuple[DoctorReport, Path, float]
     return report, cache, seconds
 
 
-def test_mislabeled_files_are_among_the_top_issues(doctored):
-    report, _, _ = doctored
-    top = report.label_issues[: len(MOVED) + 3]
-    top_paths = [issue["path"] for issue in top]
-    assert set(MOVED) <= set(top_paths), top
-    for issue in report.label_issues:
-        if issue["path"] in MOVED:
-            assert issue == {**issue, "split": "train", "given": "green", "suggested": "red"}
-            assert 0.0 <= issue["score"] < 0.5
+def test_mislabeled_files_are_among_the_top_issues(problem_data, doctored):
+    """The probe ranks the planted errors among the least plausible labels, with red as the likelier class,
+    for any fold split: over 5 texture seeds x 5 fold seeds they were among the 6 lowest of 96 (bound: the
+    10 lowest; a probe that saw its own images, or shuffled labels, puts them anywhere). Which of them cleanlab's
+    per-class thresholds then list varies with the seed (1 to 3 of the 3), so the report is checked for
+    what it always holds: at least one, each with red suggested."""
+    from finetune.doctor import out_of_sample_probs
+
+    report, cache, _ = doctored
+    scan = scan_dataset(problem_data)
+    records = records_of(scan)
+    features = compute_embeddings(scan, load_backbone(None, "resnet34", "none", 64), "cpu", cache_dir=cache)
+    labels = np.array([r.label for r in records])
+    moved = [i for i, r in enumerate(records) if r.path in MOVED]
+    red = scan.classes.index("red")
+    for fold_seed in (0, 1):
+        probs = out_of_sample_probs(features, labels, 5, fold_seed)
+        quality = probs[np.arange(len(labels)), labels]
+        ranks = np.argsort(np.argsort(quality))[moved]
+        assert ranks.max() < 10 and all(probs[i].argmax() == red for i in moved), (fold_seed, ranks)
+
+    listed = [issue for issue in report.label_issues if issue["path"] in MOVED]
+    assert listed and all(issue == {**issue, "split": "train", "given": "green", "suggested": "red"}
+                          for issue in listed)
+    assert all(0.0 <= issue["score"] < 0.5 for issue in listed)
     scores = [issue["score"] for issue in report.label_issues]
     assert scores == sorted(scores)  # most suspicious (lowest label quality) first
 
