@@ -180,11 +180,14 @@ def test_shards_cover_every_image_with_equal_batches():
 
 @pytest.mark.slow
 def test_cached_and_streamed_training_reach_the_same_accuracy(tmp_path):
-    """Same seed and hyperparameters: the cached path learns what the streamed path learns."""
+    """Same seed and hyperparameters: the cached path learns what the streamed path learns.
+
+    7 epochs, not 5: val stays at chance for 3 or 4 epochs (layer4 from scratch), and with 5 one seed of 5
+    ended at 5 of 6 right, one image from failing. With 7, seeds 0-7 all end at 6 of 6, both paths."""
     data = make_class_folders(tmp_path / "colours", classes=("red", "green", "blue"), per_class=10)
     results = {}
     for mode in ("auto", "off"):
-        run = train(config(data, strategy="last", epochs=5, lr=1e-3, cache=mode, runs_dir=str(tmp_path / mode)))
+        run = train(config(data, strategy="last", epochs=7, lr=1e-3, cache=mode, runs_dir=str(tmp_path / mode)))
         info = json.loads((run / "run.json").read_text())
         start = next(event for event in read_events(run) if event["type"] == "start")
         results[mode] = (info["summary"]["accuracy"], start.get("pipeline", ""))
