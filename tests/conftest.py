@@ -173,3 +173,9 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+def sleeper(seconds: int) -> str:
+    """`python -c` code for a process that sleeps and ends on SIGINT, as a training does, even when the
+    suite was started as a background job of a shell (it ignores SIGINT, and children inherit that)."""
+    return f"import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep({seconds})"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_class_folders
+from conftest import make_class_folders, sleeper
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -623,7 +623,7 @@ def elsewhere_app(tmp_path_factory):
     base = tmp_path_factory.mktemp("elsewhere")
     cwd, runs_dir = base / "cwd", base / "runs"
     make_class_folders(cwd / "photos", classes=("cats", "dogs"), per_class=6, size=(64, 64))
-    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "finetune", "train"],
+    left = subprocess.Popen([sys.executable, "-c", sleeper(300), "finetune", "train"],
                             start_new_session=True)
     from finetune.jobs import is_training_process
 

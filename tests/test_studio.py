@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_class_folders, make_image, tree_digest
+from conftest import make_class_folders, make_image, sleeper, tree_digest
 
 gr = pytest.importorskip("gradio")
 
@@ -278,7 +278,7 @@ def test_render_of_a_finished_training_serves_its_matrix(studio, sample_data):
 def running_process(tmp_path: Path) -> subprocess.Popen:
     """A process that looks like a finetune training to the studio (argv: ... finetune train) and
     ends on SIGINT, as a training does."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "finetune", "train"],
+    process = subprocess.Popen([sys.executable, "-c", sleeper(120), "finetune", "train"],
                                start_new_session=True, stderr=subprocess.DEVNULL)
     deadline = time.time() + 10
     while not jobs.is_training_process(process.pid):  # /proc shows the new command line a moment later
