@@ -702,14 +702,20 @@ def test_upload_size_and_workspace_quota(elsewhere_app, elsewhere, tmp_path):
     big = httpx.post(f"{elsewhere_app.url}/gradio_api/upload",
                      files={"files": ("big.zip", b"0" * 1_500_000, "application/zip")})
     assert big.status_code == 413
+    # under the upload limit but not within the workspace quota (gradio's cache is in it): refused
+    # before gradio writes it
+    fits_limit = httpx.post(f"{elsewhere_app.url}/gradio_api/upload",
+                            files={"files": ("half.zip", b"0" * 500_000, "application/zip")})
+    assert fits_limit.status_code == 413 and "The workspace is full: this upload needs" in fits_limit.text
     from PIL import Image
 
+    # an upload that fits, whose extraction would not (BMPs compress to almost nothing in the zip)
     archive = tmp_path / "noise.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for name in ("cats/a.png", "dogs/b.png"):
-            noise = tmp_path / "noise.png"
-            Image.frombytes("RGB", (220, 220), os.urandom(220 * 220 * 3)).save(noise)
-            z.write(noise, name)
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name in ("cats/a.bmp", "dogs/b.bmp"):
+            flat = tmp_path / "flat.bmp"
+            Image.new("RGB", (220, 220), (200, 30, 30)).save(flat)
+            z.write(flat, name)
     with pytest.raises(AppError, match="The workspace is full: noise.zip needs .* --workspace-quota-gb"):
         elsewhere.predict(handle_file(str(archive)), api_name="/upload_zip")
     assert not any((elsewhere_app.workspace / "uploads").iterdir())

@@ -949,7 +949,7 @@ def test_evaluate_heatmaps_of_the_misclassified_images(studio, sample_data, smal
 # The server's own checks (finetune.studio.guard), on gradio's real routes without a server
 
 
-def guarded_app(hosts, backoff=None, auth=None):
+def guarded_app(hosts, backoff=None, auth=None, check_room=None):
     """gradio's ASGI app for a small Blocks, with the app's middleware: what launch() serves."""
     from starlette.testclient import TestClient
 
@@ -957,8 +957,8 @@ def guarded_app(hosts, backoff=None, auth=None):
 
     with gr.Blocks() as demo:
         gr.Markdown("hello")
-    demo.auth = auth
-    app = gr.routes.App.create_app(demo, app_kwargs={"middleware": guard.middleware(hosts, backoff)})
+    demo.auth, demo.max_file_size = auth, None  # what launch() would set
+    app = gr.routes.App.create_app(demo, app_kwargs={"middleware": guard.middleware(hosts, backoff, check_room)})
     return TestClient(app, base_url=f"http://127.0.0.1:{hosts.port}")
 
 
@@ -981,6 +981,22 @@ def test_host_and_origin_rules_on_every_interface_and_behind_a_proxy():
     assert client.get("/config", headers={"Host": "rebound.evil.example:7860"}).status_code == 400
     reset = client.post("/gradio_api/reset", json={"session_hash": "x"}, headers={"Origin": "http://evil.example"})
     assert reset.status_code == 403 and reset.headers["content-type"].startswith("text/plain")
+
+
+def test_an_upload_beyond_the_workspace_quota_is_refused_before_gradio_writes_it(tmp_path, monkeypatch):
+    """Gradio's cache is in the workspace: its uploads count, and one that does not fit is refused."""
+    from finetune.studio.guard import AllowedHosts
+    from finetune.studio.workspace import Workspace
+
+    workspace = Workspace(tmp_path / "ws", quota_bytes=200_000)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(workspace.gradio_cache))
+    client = guarded_app(AllowedHosts.of("127.0.0.1", 7860),
+                         check_room=lambda need: workspace.check_room(need, "this upload"))
+    small = client.post("/gradio_api/upload", files={"files": ("a.zip", b"0" * 10_000, "application/zip")})
+    assert small.status_code == 200, small.text
+    big = client.post("/gradio_api/upload", files={"files": ("b.zip", b"0" * 300_000, "application/zip")})
+    assert big.status_code == 413 and big.text.startswith("The workspace is full: this upload needs"), big.text
+    assert not [p for p in workspace.gradio_cache.rglob("*") if p.name == "b.zip"]
 
 
 def test_guessing_the_log_in_is_refused_and_the_right_password_works_after_the_back_off():

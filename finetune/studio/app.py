@@ -174,12 +174,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from ..config import FinetuneError
+    from ..names import printable
 
     args = parse_args(argv)
     try:
         auth = parse_auth(args.auth)
     except FinetuneError as problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {printable(str(problem))}", file=sys.stderr)
         return 2
     if not is_loopback(args.host) and auth is None:
         print(f"error: refusing to listen on {args.host} without a log-in: anyone who can reach this machine "
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     try:  # a folder that cannot be made (full disk, no permission): one line, not a traceback
         studio = Studio(args.runs_dir, args.workspace, args.data, args.browse_root, quota_bytes=quota)
     except FinetuneError as problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {printable(str(problem))}", file=sys.stderr)
         return 2
     # Gradio's cache (uploads, and a copy of every file the page shows or downloads) in the
     # workspace: private (0700, not the shared <temp>/gradio), held to the quota, cleaned up with
@@ -208,14 +209,15 @@ def main(argv=None) -> int:
     try:
         attached = studio.start_up()
     except FinetuneError as problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {printable(str(problem))}", file=sys.stderr)
         return 2
     demo = build_app(studio)
     restrict_image_openers()  # after every import that might register a PIL plugin
     # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
     # outside every concurrency_limit; gradio_client and the page go through the queue.
     demo.queue(default_concurrency_limit=1, api_open=False)
-    guards = middleware(AllowedHosts.of(args.host, args.port, args.allowed_hosts), Backoff() if auth else None)
+    guards = middleware(AllowedHosts.of(args.host, args.port, args.allowed_hosts), Backoff() if auth else None,
+                        (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None)
     try:
         # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
         demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,

@@ -13,6 +13,10 @@ RequestGuard
     is refused too: gradio's CORS rules let any page on localhost, whatever its port, read the
     answers. Requests without Origin and Referer (gradio_client, curl) are not a browser's: they pass.
 
+UploadQuota
+    An upload (POST /gradio_api/upload) that would take the workspace over its quota is answered
+    413 before gradio writes a byte: gradio's cache, where uploads land, is in the workspace.
+
 LoginGuard
     The log-in (POST /login): after a few failures from one client, and after more from all
     clients together, further attempts are answered 429 with a Retry-After that doubles with
@@ -42,6 +46,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 ALL_INTERFACES = frozenset({"0.0.0.0", "::"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_PATHS = frozenset({"/login", "/login/"})  # gradio's log-in route (routes.py, App.create_app)
+UPLOAD_PATHS = frozenset({"/gradio_api/upload", "/gradio_api/upload/"})  # gradio's upload route
 MIN_PASSWORD_LENGTH = 8
 
 
@@ -260,10 +265,38 @@ class LoginGuard:
             self.backoff.succeeded(client)
 
 
-def middleware(hosts: AllowedHosts, backoff: Backoff | None = None) -> list[Middleware]:
+class UploadQuota:
+    """ASGI middleware: `check_room(bytes)` (Workspace.check_room: raises with a one-line message
+    when that much more would take the workspace over its quota) asked before an upload reaches
+    gradio. The size is the request's Content-Length; an upload without one (chunked) is refused
+    only when the workspace is full already."""
+
+    def __init__(self, app: ASGIApp, check_room: Callable[[int], None]):
+        self.app, self.check_room = app, check_room
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in UPLOAD_PATHS:
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        need = int(length) if length.isdigit() else 0
+        from starlette.concurrency import run_in_threadpool
+
+        try:  # measuring the workspace walks it: not on the event loop
+            await run_in_threadpool(self.check_room, need)
+        except Exception as problem:  # noqa: BLE001 - FinetuneError: the quota's one line
+            await _refuse(413, str(problem))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def middleware(hosts: AllowedHosts, backoff: Backoff | None = None,
+               check_room: Callable[[int], None] | None = None) -> list[Middleware]:
     """For launch(app_kwargs={"middleware": ...}): the Host and Origin checks, outermost, then the
-    log-in back-off (when there is a log-in)."""
+    log-in back-off (when there is a log-in) and the upload quota (when there is one)."""
     stack = [Middleware(RequestGuard, hosts=hosts)]
     if backoff is not None:
         stack.append(Middleware(LoginGuard, backoff=backoff))
+    if check_room is not None:
+        stack.append(Middleware(UploadQuota, check_room=check_room))
     return stack
