@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 from .config import FinetuneError
 from .data import IMAGE_EXTENSIONS, is_ignored
-from .fsutil import NotRegularFile, open_regular, remove_tree, walk
+from .fsutil import open_user_file, remove_tree, walk
 from .names import printable, unsafe_name_reason
 
 MAX_ENTRIES = 100_000
@@ -163,12 +163,7 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
     """Validate every entry; returns the image files to write and what is skipped (with reasons)."""
     path = Path(path)
     source = path.name
-    try:
-        open_regular(path).close()  # a FIFO named .zip would block is_zipfile for ever
-    except FileNotFoundError:
-        raise FinetuneError(f"zip file not found: {path}") from None
-    except (NotRegularFile, OSError) as error:
-        raise FinetuneError(f"refusing {path}: {error.strerror if isinstance(error, OSError) else error}") from None
+    open_user_file(path, "zip file").close()  # a FIFO named .zip would block is_zipfile for ever
     if not zipfile.is_zipfile(path):
         raise FinetuneError(f"{source} is not a .zip archive")
     try:

@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 from .config import FinetuneError
 from .device import usable_cores
-from .fsutil import NotRegularFile, open_regular, walk
+from .fsutil import open_regular, walk
 from .names import printable, unsafe_name_reason
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -228,6 +228,19 @@ def open_regular(path: str | Path) -> BinaryIO:
     return file
 
 
+def open_user_file(path: str | Path, what: str) -> BinaryIO:
+    """open_regular for a file the user named, with its failures as one line naming `what` and the
+    path (FinetuneError): not found, not a regular file, unreadable."""
+    try:
+        return open_regular(path)
+    except FileNotFoundError:
+        raise FinetuneError(f"{what} not found: {path}") from None
+    except NotRegularFile as error:
+        raise FinetuneError(f"refusing {what} {path}: {error}") from None
+    except OSError as error:
+        raise FinetuneError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing files atomically
 

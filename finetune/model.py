@@ -17,7 +17,7 @@ from torch import nn
 from torchvision import models
 
 from .config import FinetuneError
-from .fsutil import NotRegularFile, open_regular
+from .fsutil import open_user_file
 
 # ImageNet weights: the classic IMAGENET1K_V1 checkpoints (those the classic scripts download).
 IMAGENET_WEIGHTS = {
@@ -93,15 +93,7 @@ def safe_load(path: str | Path, what: str = "file") -> object:
     """torch.load that never runs code from the file, never waits on a FIFO, never unpacks compressed
     records (see _check_weights_archive); clear one-line errors. Every .pth goes through here."""
     path = Path(path).expanduser()
-    try:
-        file = open_regular(path)
-    except FileNotFoundError:
-        raise FinetuneError(f"{what} not found: {path}") from None
-    except NotRegularFile as error:
-        raise FinetuneError(f"refusing {what} {path}: {error}") from None
-    except OSError as error:
-        raise FinetuneError(f"cannot read {what} {path}: {error.strerror or error}") from None
-    with file:
+    with open_user_file(path, what) as file:
         _check_weights_archive(file, path, what)
         file.seek(0)
         try:

@@ -14,7 +14,7 @@ from .calibrate import UNKNOWN
 from .config import FinetuneError
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTooLarge, eval_transform, load_rgb, resize_size, to_rgb
 from .device import amp_dtype_for, channels_last_for, default_workers, non_blocking, pin_memory, resolve_device
-from .fsutil import NotRegularFile, open_regular
+from .fsutil import open_user_file
 from .model import load_classifier, safe_load, state_dict_from
 from .rundir import RunDir
 
@@ -22,15 +22,8 @@ from .rundir import RunDir
 def read_class_indices(path: str | Path) -> list[str]:
     """Class names in index order from a classic class_indices.json ({"0": "daisy", ...})."""
     path = Path(path).expanduser()
-    try:
-        with open_regular(path) as file:  # never a FIFO, which would block the reader for ever
-            text = file.read()
-    except FileNotFoundError:
-        raise FinetuneError(f"class file not found: {path}") from None
-    except NotRegularFile as error:
-        raise FinetuneError(f"refusing class file {path}: {error}") from None
-    except OSError as error:
-        raise FinetuneError(f"cannot read class file {path}: {error.strerror or error}") from None
+    with open_user_file(path, "class file") as file:  # never a FIFO, which would block the reader for ever
+        text = file.read()
     try:
         mapping = json.loads(text.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

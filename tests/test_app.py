@@ -7,7 +7,6 @@ conftest.app_server). Trainings use weights none, 64-pixel images and the `head`
 from __future__ import annotations
 
 import json
-import os
 import time
 import zipfile
 from pathlib import Path

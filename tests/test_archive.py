@@ -217,5 +217,5 @@ def test_a_named_pipe_given_as_the_zip_is_refused_unopened(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(FinetuneError) as caught:
         run_within(10, lambda: check_zip(fifo), [fifo])
-    assert str(caught.value) == f"refusing {fifo}: not a regular file (a named pipe)"
+    assert str(caught.value) == f"refusing zip file {fifo}: not a regular file (a named pipe)"
     assert not any(p.name != "data.zip" for p in tmp_path.iterdir())
