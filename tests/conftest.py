@@ -179,3 +179,47 @@ def sleeper(seconds: int) -> str:
     """`python -c` code for a process that sleeps and ends on SIGINT, as a training does, even when the
     suite was started as a background job of a shell (it ignores SIGINT, and children inherit that)."""
     return f"import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep({seconds})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks, executed in a real Jupyter kernel (the venv's ipykernel, kernel "python3")
+
+
+def execute_notebook(nb_or_cells, cwd: Path, timeout: int = 120, env: dict | None = None):
+    """Run a notebook top to bottom in a fresh kernel whose working folder is `cwd`; returns the executed
+    notebook (outputs in each cell's "outputs"). A failing cell fails the test with its traceback.
+
+    `nb_or_cells`: an nbformat notebook, the path of an .ipynb, or a list of code cells' sources.
+    `env`: variables added to this process's environment for the kernel (how a test parameterises a
+    notebook that reads them with defaults). `timeout`: seconds per cell."""
+    import tempfile
+
+    import nbformat
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    if isinstance(nb_or_cells, (str, Path)):
+        nb = nbformat.read(nb_or_cells, as_version=4)
+    elif isinstance(nb_or_cells, list):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in nb_or_cells])
+    else:
+        nb = nb_or_cells
+    # unix sockets in a private folder rather than TCP ports (a short path: a socket's is limited to ~100 bytes)
+    with tempfile.TemporaryDirectory(prefix="kernel-") as sockets:
+        manager = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "k"))
+        client = NotebookClient(nb, km=manager, timeout=timeout, resources={"metadata": {"path": str(cwd)}})
+        # the kernel's environment replaces this one: start from ours so the suite's settings carry over
+        client.execute(env={**os.environ, **(env or {})})
+    return nb
+
+
+def notebook_text(nb) -> str:
+    """Every stream and text/plain output of an executed notebook, joined (for assertions)."""
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                parts.append(output.get("text", ""))
+            elif "data" in output:
+                parts.append(output["data"].get("text/plain", ""))
+    return "\n".join(parts)
