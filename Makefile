@@ -24,7 +24,7 @@ bench: setup
 	$(PY) bench/benchmark.py $(ARGS)
 
 sample-data: setup
-	$(PY) -m finetune sample-data data
+	$(PY) -m finetune sample-data finetune/sample_data
 
 clean:
 	rm -rf $(VENV) .pytest_cache

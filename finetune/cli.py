@@ -218,6 +218,7 @@ def min_confidence_line(predictor, threshold: float, given: float | None) -> str
 def cmd_doctor(args) -> int:
     from .curation import add_decisions, default_curation_path, leak_decisions, load_or_new_curation, save_curation
     from .doctor import default_cache_dir, run_doctor, write_csv, write_json
+    from .paths import default_runs_dir
 
     if args.run and (args.arch or args.weights):
         raise FinetuneError("--run uses the run's own backbone: give either --run or --arch/--weights")
@@ -233,7 +234,7 @@ def cmd_doctor(args) -> int:
         say(f"wrote {write_csv(report, args.csv)}")
     if args.leaks_to is not None:
         decisions = leak_decisions(report.duplicate_groups)
-        target = Path(args.leaks_to or default_curation_path(TrainConfig.runs_dir, report.data))
+        target = Path(args.leaks_to or default_curation_path(default_runs_dir(), report.data))
         path = save_curation(add_decisions(load_or_new_curation(target, report.data), decisions), target)
         say(f"wrote {len(decisions)} leak exclusion(s) to {path}: train with --curation {path}")
     return 0
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_parser.add_argument("--csv", metavar="FILE", help="write one row per finding as CSV")
     doctor_parser.add_argument("--leaks-to", metavar="FILE", nargs="?", const="",
                                help="add 'exclude' decisions for the val/test copies of leaking duplicates to this "
-                                    "curation file (default runs/curation.json), for train --curation")
+                                    "curation file (default: curation.json in $FINETUNE_RUNS_DIR, else ./runs), for "
+                                    "train --curation")
     doctor_parser.add_argument("--show", type=int, default=10, help="findings listed per kind in the summary")
     doctor_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     doctor_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

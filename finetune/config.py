@@ -88,9 +88,18 @@ class TrainConfig:
                         "off: stream", "speed", choices=("auto", "off"))
     cache_views: int = option(2, "augmented views per image kept in a frozen-feature cache", "speed")
     memory_budget_gb: float | None = option(None, "memory for caches in GiB (default: half the free RAM)", "speed")
-    runs_dir: str = option("runs", "where run folders are created", "output")
+    runs_dir: str | None = option(None, "where run folders are created (default: $FINETUNE_RUNS_DIR, else ./runs; "
+                                  "recorded in run.json as an absolute path)", "output")
     run_name: str | None = option(None, "run folder name (default <time>-<arch>-<strategy>)", "output")
     extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option
+
+    def __post_init__(self) -> None:
+        # The default is resolved here, once, so the command line, the API and the studio share it and
+        # run.json records the folder used: where the user is, never where finetune is installed.
+        if self.runs_dir is None:
+            from .paths import default_runs_dir
+
+            self.runs_dir = str(default_runs_dir())
 
     def head_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]

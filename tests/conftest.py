@@ -103,8 +103,10 @@ def tiny_dataset(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
-    """The bundled sample dataset (data/ in the repo)."""
-    return REPO / "data"
+    """The sample dataset shipped inside the package (finetune/sample_data)."""
+    from finetune.paths import sample_data as shipped
+
+    return shipped()
 
 
 # ---------------------------------------------------------------------------------------------

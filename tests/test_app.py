@@ -140,7 +140,8 @@ def test_upload_traversal_zip_is_refused(client, tmp_path):
 
 def test_pick_folder_fills_the_path(client, sample_data):
     # the server's folder browser is rooted at the repository in these tests (--browse-root)
-    assert client.predict([["data", "circle"]], api_name="/pick_folder") == str(sample_data / "circle")
+    picked = client.predict([["finetune", "sample_data", "circle"]], api_name="/pick_folder")
+    assert picked == str(sample_data / "circle")
 
 
 # ---------------------------------------------------------------------------------------------

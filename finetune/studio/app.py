@@ -15,8 +15,6 @@ import signal
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA, DEFAULT_RUNS, DEFAULT_WORKSPACE = REPO / "data", REPO / "runs", REPO / "workspace"
 ALL_INTERFACES = {"0.0.0.0": "all IPv4 interfaces", "::": "all interfaces"}
 
 
@@ -131,6 +129,8 @@ def env_number(name: str, default: float) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from ..paths import default_runs_dir, default_workspace, sample_data
+
     env = os.environ.get
     parser = argparse.ArgumentParser(
         description="Finetune Studio: train and use an image classifier in the browser.",
@@ -146,12 +146,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "localhost always work)")
     parser.add_argument("--auth", default=env("FINETUNE_AUTH"), metavar="USER:PASSWORD",
                         help="log-in required; prefer the FINETUNE_AUTH environment variable (not shown by `ps`)")
-    parser.add_argument("--runs-dir", default=env("FINETUNE_RUNS_DIR", str(DEFAULT_RUNS)),
-                        help="where runs are saved and listed (also FINETUNE_RUNS_DIR)")
-    parser.add_argument("--workspace", default=env("FINETUNE_WORKSPACE", str(DEFAULT_WORKSPACE)),
-                        help="where uploads are extracted and downloads prepared (also FINETUNE_WORKSPACE)")
-    parser.add_argument("--data", default=env("FINETUNE_DATA", str(DEFAULT_DATA)),
-                        help="dataset folder preselected in the UI (default: the bundled sample data)")
+    # Folders relative to where the command runs, never to where finetune is installed (finetune.paths).
+    parser.add_argument("--runs-dir", default=None,
+                        help="where runs are saved and listed (default: $FINETUNE_RUNS_DIR, else ./runs)")
+    parser.add_argument("--workspace", default=env("FINETUNE_WORKSPACE"),
+                        help="where uploads are extracted and downloads prepared (default: $FINETUNE_WORKSPACE, "
+                             "else RUNS-workspace beside the runs folder)")
+    parser.add_argument("--data", default=env("FINETUNE_DATA") or str(sample_data()),
+                        help="dataset folder preselected in the UI (default: the sample data shipped with finetune)")
     parser.add_argument("--browse-root", default=env("FINETUNE_BROWSE_ROOT", str(Path.home())),
                         help="top folder of the server folder browser on the Data tab (default: home folder)")
     parser.add_argument("--max-upload-mb", type=float, default=env_number("FINETUNE_MAX_UPLOAD_MB", 2048),
@@ -160,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="disk the workspace may take, in GB; uploads beyond it are refused (also "
                              "FINETUNE_WORKSPACE_QUOTA_GB; default 20; 0 = no limit)")
     args = parser.parse_args(argv)
+    args.runs_dir = args.runs_dir or str(default_runs_dir())
+    args.workspace = args.workspace or str(default_workspace(args.runs_dir))
     args.host = normalise_host(args.host)
     if args.max_upload_mb <= 0:
         parser.error("--max-upload-mb must be positive")
