@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -408,6 +409,33 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
         raise FinetuneError(f"the extraction of {path.name} at {target} disappeared; try again")
     done.reused = False
     return done
+
+
+def default_datasets_dir() -> Path:
+    """Where a dataset .zip given by path is extracted: $FINETUNE_DATASETS, else the user's cache
+    ($XDG_CACHE_HOME or ~/.cache)/finetune/datasets."""
+    given = os.environ.get("FINETUNE_DATASETS")
+    if given:
+        return Path(given).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "datasets"
+
+
+def dataset_folder(data: str | Path, log: Callable[[str], None] | None = None) -> str:
+    """DATA as given, or, for a .zip, the folder it was safely extracted to (see `extract`) in
+    `default_datasets_dir()`: kept there, since runs refer to it, and reused when the same archive
+    comes again. `log` receives the "extracted to" line and what the archive held that was skipped.
+
+    One function for the command line, the Python API and everything else that takes a data path."""
+    path = Path(data).expanduser()
+    # anything but a folder named .zip goes to the extractor, so a FIFO or a device is refused in one line
+    if path.suffix.lower() != ".zip" or not path.exists() or path.is_dir():
+        return str(data)
+    extraction = extract(path, default_datasets_dir())
+    if log is not None:
+        log(f"{path.name}: {'already extracted to' if extraction.reused else 'extracted to'} {extraction.root}")
+        if extraction.skipped:  # only image files are extracted: say what was left in the archive
+            log(f"{path.name}: skipped {skipped_summary(extraction.skipped)}")
+    return str(extraction.root)
 
 
 def extract_zip(path: str | Path, dest_parent: str | Path, **limits) -> Path:

@@ -1,13 +1,19 @@
-"""Metrics (scikit-learn), the confusion matrix and training-curve plots (matplotlib)."""
+"""Metrics (scikit-learn), the confusion matrix and training-curve plots (matplotlib), and the
+evaluation of a trained run on another labelled folder (`evaluate_run`, shared by the command line
+and the Python API)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import FinetuneError
 from .fsutil import write_atomic, write_text_atomic
 
 
@@ -170,3 +176,128 @@ def predict_logits(model, loader, device: torch.device, amp_dtype=None, channels
     if not all_logits:
         return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
     return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run evaluated on a labelled folder
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_run` found and wrote. `overlap`: how many of the folder's images were in the run's
+    training split (None when the run has no readable split.json); `warning`: the line that says the
+    score is not held out, when some were and were evaluated."""
+
+    metrics: dict  # as written to metrics.json
+    out: Path  # the report folder
+    confusion_matrix: Path
+    data: str  # the folder whose images were evaluated (the extraction, for a .zip)
+    overlap: int | None
+    held_out_only: bool = False
+    warning: str | None = None
+
+    def summary_text(self) -> str:
+        """The report as the command line prints it."""
+        from .calibrate import held_out_line
+
+        lines = [self.warning] if self.warning else []
+        lines.append(summary_line(self.metrics))
+        if "calibration" in self.metrics:
+            lines.append(held_out_line(self.metrics["calibration"]))
+        lines.append(per_class_table(self.metrics))
+        lines.append(f"wrote {self.out / 'metrics.json'} and {self.confusion_matrix}")
+        return "\n".join(lines)
+
+
+def _data_key(root: Path, hint: tuple[str, str] | None = None) -> tuple[str, Path]:
+    """(archive sha256 or "", path) naming where a data root's files come from. A root inside an extracted
+    zip is known by the archive's hash and its path inside the extraction, so the same zip extracted again
+    elsewhere (the studio's workspace, another cache) still matches; any other folder by its resolved path.
+    `hint` (an extraction's folder name, its sha256) recognises a root whose extraction was removed since."""
+    from .archive import read_extraction
+
+    extraction = read_extraction(root)
+    if extraction is not None and root.is_relative_to(extraction.folder):
+        return extraction.sha256, root.relative_to(extraction.folder)
+    if hint is not None and hint[0] in root.parts:
+        at = len(root.parts) - 1 - root.parts[::-1].index(hint[0])
+        return hint[1], Path(*root.parts[at + 1:])
+    return "", root
+
+
+def in_training_split(run, root: str | Path, rels: list[str]) -> set[str] | None:
+    """The paths of `rels` (relative to `root`) that were in the training split of `run` (a RunDir),
+    matched by file location: the same folder, the run's own data folder or one of its splits, or the
+    same zip extracted again. None when the run has no readable split."""
+    from .archive import read_extraction
+
+    try:
+        split = run.read_split()
+    except FinetuneError:
+        return None
+    root = Path(root).resolve()
+    extraction = read_extraction(root)
+    hint = (extraction.folder.name, extraction.sha256) if extraction is not None else None
+    key, inside = _data_key(root, hint)
+    train_key, train_inside = _data_key(Path(split.root), hint)
+    if key != train_key:
+        return set()
+    trained = {train_inside / rel for rel, _ in split.train}
+    return {rel for rel in rels if inside / rel in trained}
+
+
+def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | None = None, batch_size: int = 64,
+                 device: str = "auto", out: str | Path | None = None, held_out_only: bool = False,
+                 predictor=None, log: Callable[[str], None] | None = None) -> Evaluation:
+    """A trained run on a labelled folder or .zip (its test/ or val/ split if it has one): calibrated
+    metrics, the calibration report at `min_confidence` (default: the run's suggestion), and the report
+    folder `out` (default RUN/eval-<data>-<time>) with metrics.json, confusion_matrix.png, per_class.csv,
+    misclassified.csv. Images that were in the run's training split are counted (and, with
+    `held_out_only`, left out). `predictor`: the run's model already loaded (a Predictor); `log` gets
+    the extraction's and the skipped files' lines."""
+    from .archive import dataset_folder
+    from .calibrate import held_out_report, softmax
+    from .data import scan_labelled_folder
+    from .predict import Predictor
+    from .rundir import RunDir
+
+    run_dir = RunDir(Path(run).expanduser())
+    if predictor is None:
+        predictor = Predictor.from_run(run_dir.path, device)
+    threshold = predictor.min_confidence(min_confidence)  # a bad value is refused before the long part
+    root, items, skipped = scan_labelled_folder(dataset_folder(data, log), predictor.classes)
+    if log is not None:
+        for rel, reason in skipped:
+            log(f"skipped {rel}: {reason}")
+    trained = in_training_split(run_dir, root, [rel for rel, _ in items])
+    overlap = None if trained is None else len(trained)
+    warning = None
+    if held_out_only:
+        if trained is None:
+            raise FinetuneError(f"{run_dir.path} has no readable split.json: which images it was trained on is "
+                                f"unknown, so none can be called held out")
+        total = len(items)
+        items = [item for item in items if item[0] not in trained]
+        if not items:
+            raise FinetuneError(f"all {total} images of {root} were in the training split of {run_dir.name}: "
+                                f"none are held out")
+    elif overlap:
+        warning = (f"warning: {overlap} of {len(items)} images were in this run's training split: the score is not "
+                   f"held out; --held-out-only evaluates the other {len(items) - overlap}")
+    predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=1, batch_size=batch_size,
+                                          keep_logits=True)
+    # an unreadable image (rare: the scan decoded each one) counts as a uniform answer
+    logits = np.array([p.logits or [0.0] * len(predictor.classes) for p in predictions]).reshape(
+        len(items), len(predictor.classes))
+    targets = [label for _, label in items]
+    metrics = compute_metrics(targets, softmax(logits, predictor.temperature), predictor.classes,
+                              [rel for rel, _ in items])
+    metrics["data"] = root
+    metrics["skipped"] = skipped
+    metrics["training_overlap"] = overlap  # images of the folder in the run's training split (None: unknown)
+    metrics["held_out_only"] = held_out_only  # those left out of the metrics
+    metrics["calibration"] = held_out_report(logits, targets, predictor.temperature, threshold)
+    folder = Path(out).expanduser() if out else run_dir.path / f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
+    write_reports(folder, metrics)
+    return Evaluation(metrics=metrics, out=folder, confusion_matrix=folder / "confusion_matrix.png", data=root,
+                      overlap=overlap, held_out_only=held_out_only, warning=warning)
