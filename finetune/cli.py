@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-from datetime import datetime
 from pathlib import Path
 
 from .config import ARCHS, GROUPS, FinetuneError, TrainConfig, cli_fields
@@ -128,19 +127,11 @@ def install_stop_handlers(stop: threading.Event, progress: TerminalProgress | No
 
 
 def dataset_folder(data: str, quiet: bool = False) -> str:
-    """DATA as given, or, for a .zip, the folder it was safely extracted to (kept: runs refer to it)."""
-    path = Path(data).expanduser()
-    if path.suffix.lower() != ".zip" or not path.is_file():
-        return data
-    from .archive import extract, skipped_summary
+    """DATA as given, or, for a .zip, the folder it was extracted to (finetune.archive.dataset_folder),
+    its lines on stderr unless `quiet`."""
+    from .archive import dataset_folder as engine_dataset_folder
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune" / "datasets"
-    extraction = extract(path, Path(os.environ.get("FINETUNE_DATASETS", cache)))
-    if not quiet:
-        say(f"{path.name}: extracted to {extraction.root}", err=True)
-        if extraction.skipped:  # only image files are extracted: say what was left in the archive
-            say(f"{path.name}: skipped {skipped_summary(extraction.skipped)}", err=True)
-    return str(extraction.root)
+    return engine_dataset_folder(data, None if quiet else (lambda line: say(line, err=True)))
 
 
 def cmd_train(args) -> int:
@@ -241,38 +232,12 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .data import scan_labelled_folder
-    from .evaluate import compute_metrics, per_class_table, summary_line, write_reports
-    from .predict import Predictor
+    from .evaluate import evaluate_run
 
-    predictor = Predictor.from_run(args.run, args.device)
-    root, items, skipped = scan_labelled_folder(dataset_folder(args.data), predictor.classes)
-    for rel, reason in skipped:
-        say(f"skipped {rel}: {reason}")
-    predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=1,
-                                          batch_size=args.batch_size, keep_logits=True)
-    import numpy as np
-
-    from .calibrate import held_out_line, held_out_report, softmax
-
-    # an unreadable image (rare: the scan decoded each one) counts as a uniform answer
-    logits = np.array([p.logits or [0.0] * len(predictor.classes) for p in predictions]).reshape(
-        len(items), len(predictor.classes))
-    targets = [label for _, label in items]
-    metrics = compute_metrics(targets, softmax(logits, predictor.temperature), predictor.classes,
-                              [rel for rel, _ in items])
-    metrics["data"] = root
-    metrics["skipped"] = skipped
-    if items:
-        metrics["calibration"] = held_out_report(logits, targets, predictor.temperature,
-                                                 predictor.min_confidence(args.min_confidence))
-    out = Path(args.out) if args.out else Path(args.run) / f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
-    write_reports(out, metrics)
-    say(summary_line(metrics))
-    if "calibration" in metrics:
-        say(held_out_line(metrics["calibration"]))
-    say(per_class_table(metrics))
-    say(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+    evaluation = evaluate_run(args.run, args.data, min_confidence=args.min_confidence, batch_size=args.batch_size,
+                              device=args.device, out=args.out, held_out_only=args.held_out_only,
+                              log=lambda line: say(line, err=True))
+    say(evaluation.summary_text())
     return 0
 
 
@@ -427,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     evaluate_parser.add_argument("--min-confidence", type=probability, metavar="P",
                                  help="the threshold whose coverage is reported (default: the run's suggestion)")
+    evaluate_parser.add_argument("--held-out-only", action="store_true",
+                                 help="leave out the images that were in the run's training split (its split.json)")
     evaluate_parser.set_defaults(func=cmd_evaluate)
 
     export_parser = sub.add_parser("export", help="export a run's model to TorchScript or ONNX",
