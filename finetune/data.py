@@ -460,6 +460,23 @@ class DatasetScan:
     warnings: list[str] = field(default_factory=list)
     val_fraction: float | None = None
     seed: int | None = None
+    split_dirs: dict[str, str] = field(default_factory=dict)  # the split folders' names: {"train": "Train", ...}
+
+    def layout_text(self) -> str:
+        """What the scan understood of the folder, in one line."""
+        def held_out(where: str = "") -> str:
+            return (f"{round((self.val_fraction or 0) * 100)}% of each class{where} held out for validation"
+                    + (f" (seed {self.seed})" if self.seed is not None else ""))
+
+        if not self.split_dirs and self.layout == "class-folders":
+            return f"class folders at the top ({len(self.classes)} classes); {held_out()}"
+        names = {"train": "train", **({"val": "val"} if self.layout == "train-val" else {}), **self.split_dirs}
+        folders = [f"{names[split]}/" for split in ("train", "val", "test") if split in names]
+        listed = folders[0] if len(folders) == 1 else f"{', '.join(folders[:-1])} and {folders[-1]}"
+        text = f"{listed} split{'s' if len(folders) > 1 else ''}"
+        if self.layout == "train-val":
+            return f"{text} ({len(self.classes)} classes)"
+        return f"{text}, no val/ ({len(self.classes)} classes); {held_out(' in ' + folders[0])}"
 
     def counts(self) -> dict[str, dict[str, int]]:
         result = {}
@@ -487,7 +504,7 @@ class DatasetScan:
         counts = self.counts()
         splits = list(counts)
         width = max([len(c) for c in self.classes] + [5])
-        lines = [f"Data: {self.root}  ({self.layout}, {len(self.classes)} classes)"]
+        lines = [f"Data: {self.root}", f"Layout: {self.layout_text()}"]
         lines.append("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits))
         for name in self.classes:
             lines.append("  " + name.ljust(width) + "".join(str(counts[s][name]).rjust(8) for s in splits))
@@ -562,19 +579,65 @@ def _image_files(class_dir: Path, root: Path, count: _FileCount | None = None,
     return found
 
 
+@dataclass
+class Layout:
+    """How a dataset folder is organised: `splits` maps "train", "val", "test" to their folders, or
+    "all" to the root (class folders at the top); `notes` say what of the top level is not used."""
+
+    splits: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name)), key=lambda p: p.name)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether image files lie directly in `folder` (stops at the first)."""
+    with os.scandir(folder) as entries:
+        return any(is_image_file(entry.name) and entry.is_file() for entry in entries)
+
+
+def detect_layout(root: Path) -> Layout:
+    """Split folders or class folders, judged from the whole top level, not from one name.
+
+    A top folder named train (any case) is a split only when it holds folders and no image of its
+    own, and every other top folder is a split too (val, valid, validation, test), or a val split
+    beside it makes the layout plain (then other folders are left out, with a note). A train/ of
+    images is a class like any other ({train, bus, car}; {Train, Test}). A train/ of folders beside
+    other class-like folders and no val/ cannot be told apart: a FinetuneError naming the folder."""
+    top = _subfolders(root)
+    train = next((p for p in top if p.name.lower() == "train"), None)
+    if train is None or _holds_images(train) or not _subfolders(train):
+        return Layout({"all": root})
+    by_name = {p.name.lower(): p for p in top}
+    splits = {"train": train}
+    val = next((by_name[name] for name in VAL_DIR_NAMES if name in by_name), None)
+    if val is not None:
+        splits["val"] = val
+    if "test" in by_name:
+        splits["test"] = by_name["test"]
+    others = [p for p in top if p not in splits.values()]
+    notes = []
+    if others:
+        shown = ", ".join(f"'{printable(p.name)}/'" for p in others)
+        if val is None:
+            raise FinetuneError(
+                f"cannot tell how {printable(str(root))} is organised: '{printable(train.name)}/' holds folders "
+                f"(a train split of class folders?) but {shown} beside it {'is' if len(others) == 1 else 'are'} "
+                f"not a split (val/, test/): put every class folder at the top, or the class folders of each "
+                f"split in train/ and val/")
+        notes.append(f"{shown} beside the train/ and val/ splits {'is' if len(others) == 1 else 'are'} not used")
+    for split, folder in splits.items():
+        if split != "train" and _holds_images(folder):
+            raise FinetuneError(f"'{printable(folder.name)}/' in {printable(str(root))} holds images of its own: in a "
+                                f"train/ and {printable(folder.name)}/ layout each split holds one folder per class")
+    return Layout(splits, notes)
+
+
 def find_splits(root: Path) -> dict[str, Path]:
-    """{'train': dir, 'val': dir, 'test': dir} for a train/val layout, or {'all': root}."""
-    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not is_ignored(p.name)}
-    if "train" not in children:
-        return {"all": root}
-    splits = {"train": children["train"]}
-    for name in VAL_DIR_NAMES:
-        if name in children:
-            splits["val"] = children[name]
-            break
-    if "test" in children:
-        splits["test"] = children["test"]
-    return splits
+    """{'train': dir, 'val': dir, 'test': dir} for a split layout, or {'all': root} (detect_layout)."""
+    return detect_layout(root).splits
 
 
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -608,7 +671,8 @@ def scan_dataset(
     if not root.is_dir():
         raise FinetuneError(f"data path is not a folder: {root}")
     root = root.resolve()
-    splits = find_splits(root)
+    layout_found = detect_layout(root)
+    splits = layout_found.splits
 
     per_split: dict[str, dict[str, list[str]]] = {}
     count = _FileCount(root, max_files, on_progress)
@@ -649,7 +713,7 @@ def scan_dataset(
     def items(split: str) -> list[tuple[str, int]]:
         return [(rel, index[c]) for c in classes for rel in good.get(split, {}).get(c, [])]
 
-    notes: list[str] = _lookalike_classes(classes)
+    notes: list[str] = layout_found.notes + _lookalike_classes(classes)
     if "val" in splits:
         layout, train, val = "train-val", items("train"), items("val")
         used_fraction = None
@@ -681,6 +745,7 @@ def scan_dataset(
     return DatasetScan(
         root=str(root), layout=layout, classes=classes, train=train, val=val, test=test,
         skipped=skipped, warnings=notes, val_fraction=used_fraction, seed=seed if used_fraction else None,
+        split_dirs={split: folder.name for split, folder in splits.items() if split != "all"},
     )
 
 

@@ -134,6 +134,52 @@ def test_class_missing_from_val_is_kept_with_warning(tmp_path):
     assert any("'c' has no validation image" in w for w in scan.warnings)
 
 
+# ---------------------------------------------------------------------------------------------
+# The layout, judged from the whole tree: a class folder named train is a class
+
+
+@pytest.mark.parametrize("classes", [("train", "bus", "car"), ("Train", "Test"), ("TRAIN", "val")])
+def test_split_names_holding_images_are_classes(tmp_path, classes):
+    root = make_class_folders(tmp_path / "d", classes=classes, per_class=3)
+    scan = scan_dataset(root)
+    assert scan.layout == "class-folders" and scan.classes == sorted(classes)
+    assert len(scan.train) + len(scan.val) == 3 * len(classes)
+    assert f"Layout: class folders at the top ({len(classes)} classes); 20% of each class held out" in scan.report()
+
+
+def test_train_and_val_of_class_folders_are_splits_and_the_report_says_so(tmp_path):
+    root = tmp_path / "d"
+    make_class_folders(root / "Train", per_class=3)
+    make_class_folders(root / "valid", per_class=2)
+    make_class_folders(root / "notes", classes=("misc",), per_class=1)  # beside the splits: left out, said
+    scan = scan_dataset(root)
+    assert scan.layout == "train-val" and scan.classes == ["cats", "dogs"] and len(scan.val) == 4
+    assert "Layout: Train/ and valid/ splits (2 classes)" in scan.report()
+    assert scan.warnings == ["'notes/' beside the train/ and val/ splits is not used"]
+
+    only_train = tmp_path / "t"
+    make_class_folders(only_train / "train", per_class=5)
+    make_class_folders(only_train / "test", per_class=1)
+    report = scan_dataset(only_train).report()
+    assert "Layout: train/ and test/ splits, no val/ (2 classes); 20% of each class in train/ held out" in report
+
+
+@pytest.mark.parametrize("setup, message", [
+    # a train/ of folders beside a folder that is no split: a train split, or a class with sub-folders?
+    (lambda root: (make_class_folders(root / "train"), make_class_folders(root, classes=("bus",))),
+     "cannot tell how {root} is organised: 'train/' holds folders (a train split of class folders?) but "
+     "'bus/' beside it is not a split (val/, test/)"),
+    (lambda root: (make_class_folders(root / "train"), make_class_folders(root, classes=("val",))),
+     "'val/' in {root} holds images of its own: in a train/ and val/ layout each split holds one folder per class"),
+])
+def test_a_tree_that_is_neither_layout_is_a_one_line_error_naming_the_folder(tmp_path, setup, message):
+    root = tmp_path / "d"
+    setup(root)
+    with pytest.raises(FinetuneError) as error:
+        scan_dataset(root)
+    assert str(error.value).startswith(message.format(root=root.resolve())) and "\n" not in str(error.value)
+
+
 def test_imbalance_is_warned(tmp_path):
     root = make_class_folders(tmp_path / "d", classes=("many",), per_class=20)
     make_class_folders(root, classes=("few",), per_class=3)
