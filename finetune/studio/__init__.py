@@ -8,14 +8,18 @@
     data_tab.py, review_tab.py, train_tab.py, evaluate_tab.py, predict_tab.py, export_tab.py
                    one module per tab: build(studio) -> components (layout), wire(...) (events),
                    and module-level handlers of (studio, ...) that tests call without a server
-    app.py         arguments, launch, the cross-tab wiring; main() is the `finetune-studio` command
+    app.py         arguments, launch(), the cross-tab wiring; main() is the `finetune-studio` command
+
+From Python or a notebook: `studio = finetune.studio.launch()`; `studio.url`, `studio.close()`.
 """
 
 import os
 
-# No telemetry and nothing fetched from the internet: set here, before any module of the studio
-# imports gradio (or huggingface_hub through it).
+# gradio's telemetry off, set here before any module of the studio imports gradio: some of gradio reads
+# it at import. Nothing else of the process's environment is changed by importing the studio: what else
+# the studio needs is passed to gradio as arguments (analytics_enabled=False, ssr_mode=False, share=...).
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_SSR_MODE", "False")
+
+from .app import launch  # after the switch (app imports no gradio at import)
+
+__all__ = ["launch"]

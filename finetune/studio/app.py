@@ -103,12 +103,17 @@ def where(host: str, port: int) -> str:
     return f"listening on {host}, port {port} ({scope}): open http://{url_host}:{port}"
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """(user, password) of FINETUNE_AUTH / --auth; FinetuneError when it is malformed or the
-    password is short (the back-off slows guessing, it does not make a short password safe)."""
+def parse_auth(text: str | tuple[str, str] | None) -> tuple[str, str] | None:
+    """(user, password) of FINETUNE_AUTH / --auth / launch(auth=...) ("user:password" or a pair);
+    FinetuneError when it is malformed or the password is short (the back-off slows guessing, it does
+    not make a short password safe)."""
     from ..config import FinetuneError
     from .guard import MIN_PASSWORD_LENGTH
 
+    if isinstance(text, (tuple, list)):
+        if len(text) != 2 or not all(isinstance(part, str) for part in text):
+            raise FinetuneError("auth must be (user, password) or 'user:password'")
+        text = f"{text[0]}:{text[1]}" if text[0] and ":" not in text[0] else ":"
     if not text:
         return None
     user, sep, password = text.partition(":")
@@ -128,14 +133,333 @@ def env_number(name: str, default: float) -> float:
         raise SystemExit(f"error: {name} must be a number, got {text!r}") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# Starting the studio: launch() for Python and notebooks, and what main() runs
+
+
+SHARE_NOTICE = ("share=True: a public link through gradio's share server (gradio.live) makes this studio reachable "
+                "from the internet by anyone who has the link, until the studio is closed (gradio ends a link after "
+                "a week at most). The log-in is what protects it: whoever logs in can do all you can here: see the "
+                "images of any folder this process can read, train on this machine, download its runs' models and "
+                "files, and upload files.")
+
+
+def refuse_exposure(host: str, share: bool, auth) -> None:
+    """FinetuneError when the studio would be reachable beyond this computer without a log-in."""
+    from ..config import FinetuneError
+
+    if share and auth is None:
+        raise FinetuneError("refusing to make a share link without a log-in: anyone with the link could train, read "
+                            "and download here. Set FINETUNE_AUTH=user:password (or auth=(user, password), or "
+                            "--auth, which `ps` shows to other users)")
+    if not is_loopback(host) and auth is None:
+        raise FinetuneError(f"refusing to listen on {host} without a log-in: anyone who can reach this machine "
+                            f"could train, read and download here. Set FINETUNE_AUTH=user:password (or --auth, which "
+                            f"`ps` shows to other users), or use --host 127.0.0.1.")
+
+
+def local_url(host: str, port: int) -> str:
+    """The address this machine itself reaches the app at."""
+    connect = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{connect}]' if ':' in connect else connect}:{port}"
+
+
+def first_free_port(host: str, start: int = 7860, tries: int = 100) -> int:
+    """The first port from `start` nobody listens on at `host` (gradio's own range)."""
+    import socket
+
+    from ..config import FinetuneError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in range(start, start + tries):
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise FinetuneError(f"no free port from {start} to {start + tries - 1} on {host}: pass port=")
+
+
+def notebook_kind() -> str | None:
+    """"colab", "hosted" (Kaggle, SageMaker: no proxy to the kernel's ports), "jupyter" (a kernel whose
+    browser can reach this machine's loopback, as a local Jupyter's can), or None (no notebook: a script,
+    a terminal IPython). gradio's own checks."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return None
+    from gradio import utils
+
+    if utils.colab_check():
+        return "colab"
+    return "hosted" if utils.is_hosted_notebook() else "jupyter"
+
+
+def colab_proxy_url(port: int, timeout: float = 10.0) -> str | None:
+    """The https address at which Colab's proxy serves `port` of this kernel's machine to the notebook's
+    browser (google.colab.kernel.proxyPort, asked of the browser through the kernel); None when the
+    browser does not answer in time (no tab open)."""
+    try:
+        from google.colab.output import eval_js
+
+        url = eval_js(f"google.colab.kernel.proxyPort({int(port)})", timeout_sec=timeout)
+    except Exception:  # noqa: BLE001 - its own timeout and JavaScript errors: no proxy address
+        return None
+    return url if isinstance(url, str) and url.startswith("https://") else None
+
+
+class RunningStudio:
+    """A studio started by launch(). `url`: its address on this machine (what the kernel itself can fetch);
+    `share_url`: the public link (share=True); `proxy_url`: Colab's address of it for the notebook's browser.
+    `close()` ends its training and the server and frees the port; `wait()` blocks until Ctrl-C or close().
+    Also a context manager (`with finetune.studio.launch() as studio:`)."""
+
+    def __init__(self, demo, studio, *, url: str, host: str, port: int, auth: bool, attached, proxy_url: str | None,
+                 undo: list):
+        self.demo, self.studio, self.url, self.host, self.port = demo, studio, url, host, port
+        self.auth, self.attached, self.proxy_url, self._undo = auth, attached, proxy_url, undo
+        self.closed = False
+
+    @property
+    def share_url(self) -> str | None:
+        return getattr(self.demo, "share_url", None)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.studio.runs_dir
+
+    @property
+    def workspace(self) -> Path:
+        return self.studio.workspace.root
+
+    def banner(self, ending: str) -> str:
+        lines = [(f"Finetune Studio is {where(self.host, self.port)} in a browser"
+                  f"{' (log-in required)' if self.auth else ''}. {ending}"),
+                 f"  runs: {self.runs_dir}", f"  uploads and downloads: {self.workspace}"]
+        if self.share_url:
+            lines.append(f"  share link: {self.share_url} (log-in required; it ends when the studio closes)")
+        if self.proxy_url:
+            lines.append(f"  through Colab's proxy: {self.proxy_url}")
+        if self.attached:
+            lines.append(f"  following the training still running in {self.attached}")
+        return "\n".join(lines)
+
+    def wait(self) -> None:
+        """Block until close() (from another thread) or Ctrl-C; what a script does to keep serving."""
+        import time
+
+        try:
+            while not self.closed and self.demo.is_running:
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass
+
+    def close(self) -> None:
+        """End the studio's training (its best model is kept), the share link and the server; give back
+        what launch() changed in this process. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.studio.shutdown()
+        finally:
+            try:
+                from gradio.tunneling import CURRENT_TUNNELS
+
+                # demo.close() leaves gradio's share tunnel running (gradio ends it only at exit)
+                for tunnel in [t for t in CURRENT_TUNNELS if getattr(t, "local_port", None) == self.port]:
+                    tunnel.kill()
+                    CURRENT_TUNNELS.remove(tunnel)
+                self.demo.close(verbose=False)
+            finally:
+                while self._undo:
+                    self._undo.pop()()
+
+    def __enter__(self) -> "RunningStudio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "running"
+        public = f", share link {self.share_url}" if self.share_url else ""
+        return f"<Finetune Studio at {self.url}{public}, runs in {self.runs_dir} ({state})>"
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        if self.closed:
+            return f"<p>Finetune Studio at {escape(self.url)}: closed.</p>"
+        links = [(self.proxy_url, "through Colab's proxy"), (self.share_url, "share link"), (self.url, "on this machine")]
+        items = " · ".join(f'<a href="{escape(u, quote=True)}" target="_blank">{escape(what)}</a>'
+                           for u, what in links if u)
+        return (f"<p><b>Finetune Studio</b> ({items}); runs in <code>{escape(str(self.runs_dir))}</code>. "
+                f"<code>.close()</code> stops it.</p>")
+
+
+def launch(runs_dir: str | Path | None = None, port: int | None = None, share: bool = False,
+           auth: str | tuple[str, str] | None = None, inline: bool | None = None, host: str = "127.0.0.1",
+           data: str | Path | None = None, *, workspace: str | Path | None = None,
+           browse_root: str | Path | None = None, allowed_hosts=(), max_upload_mb: float = 2048,
+           workspace_quota_gb: float = 20, height: int = 900, quiet: bool = False) -> RunningStudio:
+    """Start the studio in this process, in the background, and return a RunningStudio (`.url`, `.close()`).
+
+    runs_dir: default $FINETUNE_RUNS_DIR, else ./runs; workspace: beside it; data: the folder preselected
+    (default: the sample data). port: default the first free one from 7860. host: 127.0.0.1 (this computer
+    only); anything else needs a log-in. auth: "user:password" or (user, password); default $FINETUNE_AUTH.
+    share=True: also a public gradio.live link (for Kaggle or a remote Jupyter, which have no proxy to this
+    machine); refused without a log-in. inline: show the studio in the notebook (None: in Jupyter and
+    Colab, through Colab's own proxy there). allowed_hosts: more host names the browser may use (a
+    reverse proxy's). Never reads sys.argv and never touches signal handlers; it sets GRADIO_TEMP_DIR
+    (gradio's upload cache, in the workspace) and narrows PIL's image openers while it runs, and close()
+    gives both back. FinetuneError (one line) for what the user must change."""
+    from ..config import FinetuneError
+    from ..extras import check_installed
+    from ..paths import default_runs_dir, default_workspace, sample_data
+    from .guard import parse_host_list
+
+    check_installed("gradio")  # found, not imported: gradio is imported once GRADIO_TEMP_DIR is set
+    host = normalise_host(host)
+    auth_pair = parse_auth(os.environ.get("FINETUNE_AUTH") if auth is None else auth)
+    refuse_exposure(host, share, auth_pair)
+    try:
+        extra_hosts = parse_host_list(allowed_hosts)
+    except ValueError as problem:
+        raise FinetuneError(f"allowed_hosts: {problem}") from None
+    if max_upload_mb <= 0:
+        raise FinetuneError("max_upload_mb must be positive")
+    port = first_free_port(host) if port is None else int(port)
+    if share:
+        print(SHARE_NOTICE, flush=True)
+    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    workspace = workspace if workspace is not None else default_workspace(runs_dir)
+    quota = int(workspace_quota_gb * 1e9) if workspace_quota_gb > 0 else None
+
+    from .. import data as _engine_data  # noqa: F401 - PIL's pixel limit, before anything decodes
+    from .guard import AllowedHosts, Backoff, middleware
+    from .state import Studio
+
+    studio = Studio(runs_dir, workspace, data if data is not None else sample_data(), browse_root, quota_bytes=quota)
+    undo: list = []
+    demo = None
+    try:
+        # Gradio's cache (uploads, and a copy of every file the page shows or downloads) in the workspace:
+        # private (0700, not the shared <temp>/gradio), held to the quota, cleaned up with it. Set before
+        # gradio is imported (some of it reads the variable once, at import) and kept while the studio
+        # runs: gradio checks every file a request names against it.
+        previous = os.environ.get("GRADIO_TEMP_DIR")
+        os.environ["GRADIO_TEMP_DIR"] = str(studio.workspace.gradio_cache)
+        undo.append(lambda: _restore_env("GRADIO_TEMP_DIR", previous, str(studio.workspace.gradio_cache)))
+        import gradio as gr
+
+        from .views import CSS
+
+        kind = notebook_kind()
+        if inline is None:
+            inline = kind in ("colab", "jupyter") or (kind == "hosted" and share)
+        if kind == "hosted" and not share and not quiet:
+            print("This notebook's browser cannot reach the studio (Kaggle and SageMaker have no proxy to the "
+                  "kernel's ports): launch(share=True, auth=...) gives it a public link.", flush=True)
+        proxy_url = colab_proxy_url(port) if kind == "colab" else None
+        if kind == "colab" and proxy_url is None and not quiet:
+            print("Colab did not say at which address its proxy serves the studio (is the notebook's tab "
+                  "open?): if the page answers 'Invalid host header', pass that address's host as "
+                  "allowed_hosts=[...].", flush=True)
+        proxy_hosts = [host_of(proxy_url)] if proxy_url else []
+
+        attached = studio.start_up()
+        demo = build_app(studio)
+        undo.append(_keep_image_openers())
+        restrict_image_openers()  # after every import that might register a PIL plugin
+        # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
+        # outside every concurrency_limit; gradio_client and the page go through the queue.
+        demo.queue(default_concurrency_limit=1, api_open=False)
+        hosts = AllowedHosts.of(host, port, extra_hosts + proxy_hosts,
+                                late=lambda: [demo.share_url] if getattr(demo, "share_url", None) else [])
+        guards = middleware(hosts, Backoff() if auth_pair else None,
+                            (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None)
+        try:
+            # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
+            # share passed always: gradio turns it on by itself in Colab and Kaggle.
+            demo.launch(server_name=host, server_port=port, auth=auth_pair, share=share, inline=inline,
+                        height=height, show_error=True, allowed_paths=[str(studio.workspace.served)],
+                        blocked_paths=[str(studio.workspace.uploads), str(studio.workspace.inputs)],
+                        max_file_size=int(max_upload_mb * 1e6), ssr_mode=False, pwa=False, mcp_server=False,
+                        enable_monitoring=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"],
+                        quiet=True, prevent_thread_lock=True, inbrowser=False, app_kwargs={"middleware": guards})
+        except OSError as problem:  # the port is taken, the address is not this machine's
+            raise FinetuneError(f"cannot listen on {host}, port {port}: {problem}") from None
+        running = RunningStudio(demo, studio, url=local_url(host, port), host=host, port=port,
+                                auth=auth_pair is not None, attached=attached, proxy_url=proxy_url, undo=undo)
+    except BaseException:
+        studio.shutdown()
+        if demo is not None:
+            demo.close(verbose=False)
+        while undo:
+            undo.pop()()
+        raise
+    if share and not running.share_url:
+        running.close()
+        raise FinetuneError("could not make the share link: gradio's share server (gradio.live) did not answer "
+                            "(no internet here?)")
+    import atexit
+
+    atexit.register(running.close)  # the interpreter (the kernel) ending ends the studio's training too
+    undo.append(lambda: atexit.unregister(running.close))
+    if not quiet:
+        print(running.banner(("It is shown below. " if inline else "") + "Stop it with .close() on what launch() "
+                             "returned."), flush=True)
+    return running
+
+
+def host_of(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
+def _restore_env(name: str, previous: str | None, ours: str) -> None:
+    if os.environ.get(name) != ours:
+        return  # someone set it since (another studio): theirs now
+    if previous is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = previous
+
+
+def _keep_image_openers():
+    """A function that puts PIL's image openers back as they are now (after restrict_image_openers)."""
+    from PIL import Image
+
+    Image.init()
+    opened, ids = dict(Image.OPEN), list(Image.ID)
+
+    def restore():
+        Image.OPEN.update(opened)
+        Image.ID[:] = ids
+
+    return restore
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from ..paths import default_runs_dir, default_workspace, sample_data
 
+    from .. import __version__
+
     env = os.environ.get
     parser = argparse.ArgumentParser(
+        # argparse names the script: finetune-studio, app.py, or for -m only __main__.py
+        prog="python -m finetune.studio" if Path(sys.argv[0]).name == "__main__.py" else None,
         description="Finetune Studio: train and use an image classifier in the browser.",
         epilog="Beyond this computer a log-in is required: set FINETUNE_AUTH=user:password in the environment "
                "(recommended: --auth on the command line is visible to every user of the machine in `ps`).")
+    parser.add_argument("--version", action="version", version=f"finetune-studio {__version__}")
     parser.add_argument("--host", default=env("FINETUNE_HOST", "127.0.0.1"),
                         help="address to listen on (also FINETUNE_HOST; default and when empty: 127.0.0.1, this "
                              "computer only; 0.0.0.0 = every interface, needs a log-in)")
@@ -146,6 +470,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "localhost always work)")
     parser.add_argument("--auth", default=env("FINETUNE_AUTH"), metavar="USER:PASSWORD",
                         help="log-in required; prefer the FINETUNE_AUTH environment variable (not shown by `ps`)")
+    parser.add_argument("--share", action="store_true",
+                        help="also a public https://….gradio.live link through gradio's share server, for a machine "
+                             "the browser cannot reach (Kaggle, a remote Jupyter): anyone with the link reaches the "
+                             "studio while it runs, so a log-in is required (FINETUNE_AUTH)")
     # Folders relative to where the command runs, never to where finetune is installed (finetune.paths).
     parser.add_argument("--runs-dir", default=None,
                         help="where runs are saved and listed (default: $FINETUNE_RUNS_DIR, else ./runs)")
@@ -181,68 +509,25 @@ def main(argv=None) -> int:
     from ..names import printable
 
     args = parse_args(argv)
+    os.environ["GRADIO_SERVER_NAME"] = args.host  # the command's own process: whatever gradio falls back to is this host
     try:
-        auth = parse_auth(args.auth)
+        running = launch(args.runs_dir, args.port, share=args.share, auth=args.auth, inline=False, host=args.host,
+                         data=args.data, workspace=args.workspace, browse_root=args.browse_root,
+                         allowed_hosts=args.allowed_hosts, max_upload_mb=args.max_upload_mb,
+                         workspace_quota_gb=args.workspace_quota_gb, quiet=True)
     except FinetuneError as problem:
         print(f"error: {printable(str(problem))}", file=sys.stderr)
         return 2
-    if not is_loopback(args.host) and auth is None:
-        print(f"error: refusing to listen on {args.host} without a log-in: anyone who can reach this machine "
-              f"could train, read and download here. Set FINETUNE_AUTH=user:password (or --auth, which `ps` "
-              f"shows to other users), or use --host 127.0.0.1.", file=sys.stderr)
-        return 2
-    os.environ["GRADIO_SERVER_NAME"] = args.host  # whatever gradio falls back to is this host too
-    from .. import data  # noqa: F401 - PIL's pixel limit, before anything decodes
-    from .guard import AllowedHosts, Backoff, middleware
-    from .state import Studio
-
-    quota = int(args.workspace_quota_gb * 1e9) if args.workspace_quota_gb > 0 else None
-    try:  # a folder that cannot be made (full disk, no permission): one line, not a traceback
-        studio = Studio(args.runs_dir, args.workspace, args.data, args.browse_root, quota_bytes=quota)
-    except FinetuneError as problem:
-        print(f"error: {printable(str(problem))}", file=sys.stderr)
-        return 2
-    # Gradio's cache (uploads, and a copy of every file the page shows or downloads) in the
-    # workspace: private (0700, not the shared <temp>/gradio), held to the quota, cleaned up with
-    # it. Set before gradio is imported: some of it reads the variable once, at import.
-    os.environ["GRADIO_TEMP_DIR"] = str(studio.workspace.gradio_cache)
-    import gradio as gr
-
-    from .views import CSS
-
     try:
-        attached = studio.start_up()
-    except FinetuneError as problem:
-        print(f"error: {printable(str(problem))}", file=sys.stderr)
-        return 2
-    demo = build_app(studio)
-    restrict_image_openers()  # after every import that might register a PIL plugin
-    # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
-    # outside every concurrency_limit; gradio_client and the page go through the queue.
-    demo.queue(default_concurrency_limit=1, api_open=False)
-    guards = middleware(AllowedHosts.of(args.host, args.port, args.allowed_hosts), Backoff() if auth else None,
-                        (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None)
-    try:
-        # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
-        demo.launch(server_name=args.host, server_port=args.port, auth=auth, share=False, show_error=True,
-                    allowed_paths=[str(studio.workspace.served)],
-                    blocked_paths=[str(studio.workspace.uploads), str(studio.workspace.inputs)],
-                    max_file_size=int(args.max_upload_mb * 1e6), ssr_mode=False, pwa=False, mcp_server=False,
-                    enable_monitoring=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"],
-                    quiet=True, prevent_thread_lock=True, app_kwargs={"middleware": guards})
         # SIGTERM (service managers, `kill`) ends the app like Ctrl-C, and with it its training (kept:
-        # the best checkpoint). Installed after launch(), which sets handlers of its own.
+        # the best checkpoint). The command's own: launch() never touches signal handlers.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-        print(f"Finetune Studio is {where(demo.server_name, demo.server_port)} in a browser"
-              f"{' (log-in required)' if auth else ''}. Ctrl-C stops it.\n"
-              f"  runs: {studio.runs_dir}\n  uploads and downloads: {studio.workspace.root}"
-              + (f"\n  following the training still running in {attached}" if attached else ""), flush=True)
-        demo.block_thread()
+        print(running.banner("Ctrl-C stops it."), flush=True)
+        running.wait()
     except SystemExit:
         pass
     finally:
-        studio.shutdown()
-        demo.close()  # stops the server thread, so the process can end
+        running.close()  # ends its training, stops the server thread, so the process can end
     return 0
 
 

@@ -3,7 +3,8 @@ and guessing the log-in. Two ASGI middlewares, installed by app.main through lau
 
 RequestGuard
     Host: only the names the app listens on, loopback names and those the user added
-    (FINETUNE_ALLOWED_HOSTS, e.g. a reverse proxy's); anything else is answered 400. A web page
+    (FINETUNE_ALLOWED_HOSTS, e.g. a reverse proxy's) or the app learnt when it started (Colab's proxy
+    of its port, the share link's host); anything else is answered 400. A web page
     that rebinds its own DNS name to 127.0.0.1 reaches the app under that name, so this is what
     keeps such a page from every route.
     Origin: a request that can change something (any method but GET, HEAD and OPTIONS) sent by a
@@ -75,11 +76,15 @@ def is_ip(name: str) -> bool:
 @dataclass(frozen=True)
 class AllowedHosts:
     """The names under which a browser may address the app. `listen` is the address it listens on,
-    `port` its port, `extra` the names added by the user (a proxy's, a DNS name of the machine)."""
+    `port` its port, `extra` the names added by the user (a proxy's, a DNS name of the machine) or
+    learnt before the start (Colab's proxy of this port). `late` gives the addresses known only once
+    the server runs (the share link, whose host gradio's share server picks): asked at each request,
+    empty until then."""
 
     listen: str
     port: int
     extra: frozenset[str] = frozenset()
+    late: Callable[[], Iterable[str]] | None = None
     names: frozenset[str] = field(init=False)
 
     def __post_init__(self):
@@ -89,14 +94,27 @@ class AllowedHosts:
         object.__setattr__(self, "names", frozenset(own | LOOPBACK_NAMES | self.extra))
 
     @classmethod
-    def of(cls, listen: str, port: int, extra: Iterable[str] = ()) -> "AllowedHosts":
-        return cls(listen, port, frozenset(parse_host_list(extra)))
+    def of(cls, listen: str, port: int, extra: Iterable[str] = (),
+           late: Callable[[], Iterable[str]] | None = None) -> "AllowedHosts":
+        return cls(listen, port, frozenset(parse_host_list(extra)), late)
+
+    def learnt(self) -> set[str]:
+        """The host names of the `late` addresses (URLs or names) known now."""
+        names = set()
+        for address in (self.late() if self.late is not None else ()):
+            if address:
+                text = str(address).strip()
+                name = host_name(urlsplit(text).netloc if "//" in text else text)
+                if name is not None:
+                    names.add(name.lower())
+        return names
 
     def allows(self, name: str) -> bool:
         # On every interface any address of the machine is legitimate, and behind a port forward
         # (a container) the browser's address is not even the machine's own. An address typed as
         # such cannot be a rebinding: that needs a DNS name the attacker controls.
-        return name in self.names or (self.listen in ALL_INTERFACES and is_ip(name))
+        return (name in self.names or (self.listen in ALL_INTERFACES and is_ip(name))
+                or (self.late is not None and name in self.learnt()))
 
     def allows_origin(self, origin: str, host_header: str) -> bool:
         """Whether a page at `origin` (scheme://host[:port]) is this app's own page, for a request
@@ -107,8 +125,8 @@ class AllowedHosts:
             return False  # "null" (a sandboxed frame, a file), another scheme, garbage
         if parts.netloc.lower() == host_header.strip().lower():
             return True  # the very address this request went to: same origin
-        if name in self.extra:
-            return True  # a reverse proxy the user named, whatever its port
+        if name in self.extra or (self.late is not None and name in self.learnt()):
+            return True  # a reverse proxy the user named (Colab's, the share link's), whatever its port
         # this app under another loopback name (localhost vs 127.0.0.1): only on its own port
         return name in LOOPBACK_NAMES and (parts.port or {"http": 80, "https": 443}[parts.scheme]) == self.port
 
