@@ -394,3 +394,18 @@ def test_the_studio_in_a_jupyter_kernel_shows_inline_answers_trains_beside_it_an
     [trained] = [p for p in runs.iterdir() if (p / "run.json").is_file()]
     assert f"trained {trained}" in text and (trained / "model.pth").is_file()
     assert port_is_free(port)
+
+
+def test_a_port_in_use_is_one_line_and_leaves_nothing_behind(tmp_path):
+    pytest.importorskip("gradio")
+    from finetune.config import FinetuneError
+    from finetune.studio import launch
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port, temp = taken.getsockname()[1], os.environ.get("GRADIO_TEMP_DIR")
+        with pytest.raises(FinetuneError, match=f"cannot listen on 127.0.0.1, port {port}: it is in use") as refused:
+            launch(runs_dir=tmp_path / "runs", port=port, inline=False, quiet=True)
+    assert "\n" not in str(refused.value) and "GRADIO" not in str(refused.value)
+    assert os.environ.get("GRADIO_TEMP_DIR") == temp

@@ -166,6 +166,7 @@ def local_url(host: str, port: int) -> str:
 
 def first_free_port(host: str, start: int = 7860, tries: int = 100) -> int:
     """The first port from `start` nobody listens on at `host` (gradio's own range)."""
+    import errno
     import socket
 
     from ..config import FinetuneError
@@ -176,8 +177,10 @@ def first_free_port(host: str, start: int = 7860, tries: int = 100) -> int:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
             try:
                 probe.bind((host, port))
-            except OSError:
-                continue
+            except OSError as problem:
+                if problem.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise FinetuneError(f"cannot listen on {host}: {problem.strerror or problem}") from None
         return port
     raise FinetuneError(f"no free port from {start} to {start + tries - 1} on {host}: pass port=")
 
@@ -393,8 +396,9 @@ def launch(runs_dir: str | Path | None = None, port: int | None = None, share: b
                         max_file_size=int(max_upload_mb * 1e6), ssr_mode=False, pwa=False, mcp_server=False,
                         enable_monitoring=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"],
                         quiet=True, prevent_thread_lock=True, inbrowser=False, app_kwargs={"middleware": guards})
-        except OSError as problem:  # the port is taken, the address is not this machine's
-            raise FinetuneError(f"cannot listen on {host}, port {port}: {problem}") from None
+        except OSError as problem:  # the port is taken (gradio's words name its own options), no such address
+            why = "it is in use: choose another (port=, --port)" if "empty port" in str(problem) else problem
+            raise FinetuneError(f"cannot listen on {host}, port {port}: {why}") from None
         running = RunningStudio(demo, studio, url=local_url(host, port), host=host, port=port,
                                 auth=auth_pair is not None, attached=attached, proxy_url=proxy_url, undo=undo)
     except BaseException:

@@ -1,5 +1,6 @@
 """What the web server checks before gradio sees a request: attacks from the user's own browser,
-and guessing the log-in. Two ASGI middlewares, installed by app.main through launch(app_kwargs=...).
+and guessing the log-in. ASGI middlewares, installed by app.launch through gradio's
+launch(app_kwargs=...).
 
 RequestGuard
     Host: only the names the app listens on, loopback names and those the user added
