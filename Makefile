@@ -9,6 +9,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip uninstall -q -y finetune 2>/dev/null || true   # this project's name before finetune-studio
 	$(PY) -m pip install -q --no-deps -e .   # the `finetune` and `finetune-studio` commands
 	touch $(STAMP)
 

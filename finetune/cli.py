@@ -174,6 +174,10 @@ def cmd_predict(args) -> int:
         raise FinetuneError(f"no image files found in {', '.join(args.images)}")
     if args.explain_class is not None and not args.explain:
         raise FinetuneError("--explain-class needs --explain DIR (where the heatmaps go)")
+    if args.explain:
+        from .extras import check_installed
+
+        check_installed("pytorch_grad_cam")  # before the predictions are printed, not after
     say(min_confidence_line(predictor, threshold, args.min_confidence))
     predictions = predictor.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size,
                                           min_confidence=threshold)
@@ -317,9 +321,18 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                                metavar=meta["metavar"], help=meta["help"] + shown)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune",
+def command_name() -> str:
+    """What the user typed: `python -m finetune` when run with -m, else the `finetune` command (also when
+    main() is called from Python)."""
+    return "python -m finetune" if Path(sys.argv[0]).name == "__main__.py" else "finetune"
+
+
+def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Fine-tune an ImageNet ResNet on a folder of labelled images.")
+    parser.add_argument("--version", action="version", version=f"finetune-studio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     defaults = TrainConfig()
 
@@ -435,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(command_name()).parse_args(argv)
     try:
         return args.func(args)
     except FinetuneError as error:

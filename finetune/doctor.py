@@ -263,8 +263,10 @@ def find_label_issues(features: np.ndarray, records: list[Record], classes: list
     score: cleanlab's label quality (self-confidence, 0..1): the out-of-sample probability of the
     given class; the lower, the more likely the label is wrong. Classes with fewer than 2 images
     cannot be cross-validated and are left out (they are flagged as small classes anyway)."""
-    from cleanlab.filter import find_label_issues as cleanlab_issues
-    from cleanlab.rank import get_label_quality_scores
+    from .extras import require
+
+    cleanlab_issues = require("cleanlab.filter").find_label_issues
+    get_label_quality_scores = require("cleanlab.rank").get_label_quality_scores
 
     labels = np.asarray([r.label for r in records], dtype=np.int64)
     counts = np.bincount(labels, minlength=len(classes))
@@ -718,6 +720,9 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
         raise FinetuneError(f"folds must be at least 2, not {folds}")
     if not 0.0 < similarity < 1.0:
         raise FinetuneError(f"embedding similarity must be between 0 and 1, not {similarity}")
+    from .extras import require
+
+    require("cleanlab")  # now, not after minutes of features
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     if isinstance(data, DatasetScan):

@@ -50,8 +50,10 @@ def gradcam(model: nn.Module, image_tensor: torch.Tensor, target_class: int | No
 
     `image_tensor` is one normalised image [3, H, W] (or [1, 3, H, W]). Runs in float32 with gradients,
     whatever the caller's inference or autocast context."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from .extras import require
+
+    GradCAM = require("pytorch_grad_cam").GradCAM
+    ClassifierOutputTarget = require("pytorch_grad_cam.utils.model_targets").ClassifierOutputTarget
 
     batch = image_tensor.unsqueeze(0) if image_tensor.dim() == 3 else image_tensor
     if batch.dim() != 4 or batch.shape[0] != 1:

@@ -53,10 +53,9 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path
 
 
 def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: str) -> None:
-    try:
-        import onnx
-    except ImportError:
-        raise FinetuneError("ONNX export needs the onnx package: pip install onnx") from None
+    from .extras import require
+
+    onnx = require("onnx")
     torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                       dynamo=False)
@@ -70,8 +69,9 @@ def read_metadata(path: str | Path) -> dict:
     """The `finetune` metadata of an export (TorchScript or ONNX)."""
     path = Path(path)
     if path.suffix == ".onnx":
-        import onnx
+        from .extras import require
 
+        onnx = require("onnx")
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         return json.loads(props[METADATA_KEY])
     files = {f"{METADATA_KEY}.json": ""}
