@@ -215,3 +215,99 @@ def test_version_and_usage_lines_name_the_command_typed(tmp_path):
                            ([sys.executable, "-m", "finetune.studio"], "python -m finetune.studio")):
         done = subprocess.run([*command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith(f"usage: {typed} ["), (command, done.stdout[:80])
+
+
+NEVER_PACKAGED = {".git", ".venv", "runs", "workspace", "runs-workspace", "test-artifacts", "__pycache__", "tests",
+                  ".pytest_cache", "bench"}
+
+
+def source_tree(target: Path) -> Path:
+    """A copy of what a clone holds (git's tracked and not-ignored files, as they are now), so the build
+    writes its egg-info and build/ there, not into the checkout."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs a git checkout to know which files are the project's")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file() and not source.is_symlink():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder(tmp_path):
+    import tarfile
+    import zipfile
+
+    import finetune
+    from finetune.paths import sample_data
+
+    pytest.importorskip("build")
+    src, dist = source_tree(tmp_path / "src"), tmp_path / "dist"
+    # sdist first, then the wheel built from the sdist: a file the sdist lacks breaks the wheel
+    built = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(src)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,), (sdist,) = dist.glob("*.whl"), dist.glob("*.tar.gz")
+    assert wheel.name.startswith(f"finetune_studio-{finetune.__version__}-")
+
+    with tarfile.open(sdist) as archive:  # nothing but the project's own files, nothing large
+        members = [m for m in archive.getmembers() if m.isfile()]
+    in_sdist = {m.name.partition("/")[2]: m.size for m in members}
+    generated = {name for name in in_sdist if name in ("PKG-INFO", "setup.cfg") or ".egg-info/" in name}
+    assert set(in_sdist) - generated <= {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    assert not {part for name in in_sdist for part in Path(name).parts[:-1]} & NEVER_PACKAGED
+    assert max(in_sdist.values()) < 1_000_000 and sum(in_sdist.values()) < 5_000_000
+
+    with zipfile.ZipFile(wheel) as archive:
+        in_wheel = archive.namelist()
+        metadata = archive.read(next(n for n in in_wheel if n.endswith(".dist-info/METADATA"))).decode()
+        entry_points = archive.read(next(n for n in in_wheel if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert {name.split("/")[0] for name in in_wheel} == {"finetune", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert not {part for name in in_wheel for part in name.split("/")[:-1]} & NEVER_PACKAGED
+    shipped = sorted(n for n in in_wheel if n.startswith("finetune/sample_data/") and n.endswith(".jpg"))
+    assert len(shipped) == len(list(sample_data().rglob("*.jpg"))) > 0
+    assert "Name: finetune-studio" in metadata
+    assert {line.split(": ")[1] for line in metadata.splitlines() if line.startswith("Provides-Extra:")} == \
+        {"studio", "doctor", "explain", "onnx", "all"}
+    assert "finetune = finetune.cli:console" in entry_points and "finetune-studio = finetune.studio.app:main" in entry_points
+
+    # a fresh environment that borrows this one's libraries (no torch download), with the wheel installed
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)
+    python = fresh / "bin" / "python"
+    where = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    import sysconfig
+
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(where, "borrowed.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
+    installed_wheel = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                                      "--no-deps", "--no-index", str(wheel)], capture_output=True, text=True,
+                                     timeout=300)
+    assert installed_wheel.returncode == 0, installed_wheel.stderr[-3000:]
+    site = Path(where)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") and k != "PYTHONPATH"}
+
+    def run(*args, timeout=120):
+        return subprocess.run([str(a) for a in args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    where_code = "import finetune, finetune.paths; print(finetune.__file__); print(finetune.paths.sample_data())"
+    package, data = run(python, "-c", where_code).stdout.split()
+    assert Path(package).parent == site / "finetune" and Path(data) == site / "finetune" / "sample_data"
+    version = run(fresh / "bin" / "finetune", "--version")
+    assert version.stdout.strip() == f"finetune-studio {finetune.__version__}", version.stderr
+    assert run(fresh / "bin" / "finetune-studio", "--help").returncode == 0
+
+    trained = run(fresh / "bin" / "finetune", "train", data, "--weights", "none", "--epochs", "1", "--image-size", "32",
+                  "--workers", "0", "--quiet", timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run_dir,) = (elsewhere / "runs").iterdir()
+    assert (run_dir / "model.pth").is_file()
+    assert not [p for p in (site / "finetune").rglob("*") if p.name in ("runs", "runs-workspace", "workspace")]
