@@ -14,77 +14,15 @@ import threading
 from pathlib import Path
 
 from .config import ARCHS, GROUPS, FinetuneError, TrainConfig, cli_fields
-from .events import duration, format_event
-from .names import printable
+from .progress import TerminalProgress, shown  # shown: each line through names.printable
 
 # ---------------------------------------------------------------------------------------------
 # The terminal: everything the commands print goes through say() (or TerminalProgress.write)
 
 
-def shown(text) -> str:
-    """`text` as the terminal gets it: each line through names.printable, so an ESC or BEL in a file,
-    class or folder name (clear the screen, set the window title, write the clipboard with OSC 52)
-    is shown escaped, never acted on; the line breaks the command itself puts between lines stay.
-    Files written (CSV, JSON, reports) keep the real names."""
-    return "\n".join(printable(line) for line in str(text).split("\n"))
-
-
 def say(text="", *, err: bool = False, flush: bool = False) -> None:
     """print() for the commands: stdout, or stderr with `err`."""
     print(shown(text), file=sys.stderr if err else sys.stdout, flush=flush)
-
-
-# ---------------------------------------------------------------------------------------------
-# Terminal progress: one consumer of the training events
-
-
-class TerminalProgress:
-    """A tqdm bar per epoch (loss, accuracy, images/s, ETA) and the events' own lines."""
-
-    def __init__(self, quiet: bool = False):
-        self.bar = None
-        self.quiet = quiet
-        self.run_dir: str | None = None
-
-    def write(self, text: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.write(shown(text), file=sys.stderr if self.quiet else sys.stdout)
-
-    def __call__(self, event: dict) -> None:
-        from tqdm import tqdm
-
-        kind = event["type"]
-        if kind == "batch":
-            if self.bar is None:
-                self.bar = tqdm(total=event["batches"], desc=f"epoch {event['epoch']}/{event['epochs']}",
-                                unit="batch", leave=False, dynamic_ncols=True, disable=self.quiet,
-                                # tqdm's own rate would count throttled events: show the loop's instead
-                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                           "[{elapsed}{postfix}]")
-            self.bar.n = event["batch"]
-            self.bar.set_postfix(loss=f"{event['loss']:.3f}", acc=f"{event['acc']:.3f}",
-                                 img_s=f"{event['images_per_s']:.0f}", eta=duration(event["eta_s"]),
-                                 refresh=True)
-            return
-        self._close_bar()
-        if kind == "start":
-            self.run_dir = event["run_dir"]
-            self.write(f"run folder: {event['run_dir']}")
-        if kind == "error":
-            return  # main() prints it once, as "error: ..."
-        line = format_event(event)
-        if line is not None:
-            self.write(line)
-        if kind == "end" and event.get("metrics"):
-            from .evaluate import per_class_table
-
-            self.write(per_class_table(event["metrics"]))
-
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 # torchrun sends SIGKILL 30 s after SIGTERM: a process that cannot stop in time (stuck in a collective)

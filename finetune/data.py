@@ -499,6 +499,10 @@ class DatasetScan:
             fields[key] = [tuple(item) for item in fields.get(key, [])]
         return cls(**fields)
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """How IPython and Jupyter show a scan: its report (names through names.printable), not every file."""
+        printer.text("\n".join(printable(line) for line in self.report().split("\n")))
+
     def report(self) -> str:
         """A human-readable data report (terminal, data_report.txt, UI)."""
         counts = self.counts()

@@ -609,6 +609,12 @@ class DoctorReport:
                 "summary": self.summary, "notes": self.notes, "label_issues": self.label_issues,
                 "duplicate_groups": self.duplicate_groups, "other_issues": self.other_issues}
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """How IPython and Jupyter show a report: its summary (names through names.printable), not every finding."""
+        from .names import printable
+
+        printer.text("\n".join(printable(line) for line in self.summary_text().split("\n")))
+
     def summary_text(self, limit: int = 10) -> str:
         s = self.summary
         lines = [f"Data doctor: {self.data}", f"  {s['images']} images, {len(self.classes)} classes; "
@@ -788,3 +794,9 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
     log(f"data doctor done in {seconds['total']:.1f} s")
     return DoctorReport(scan.root, list(scan.classes), backbone.description, label_issues, groups, others, summary,
                         notes)
+
+
+# last: `finetune.doctor(...)` (this module, once imported) is the Python API's function (finetune.api)
+from .api import callable_module  # noqa: E402
+
+callable_module(__name__)

@@ -3,6 +3,8 @@
 A training emits dicts with a "type":
 
 * ``log``: ``message``
+* ``progress`` (before the run folder exists, so never in events.jsonl; throttled like batch events):
+  stage ("walk", "check"), what ("listing files", "checking images"), done, total (0: not known yet)
 * ``start``: run_dir, arch, strategy, device, world_size, epochs, start_epoch, batches_per_epoch,
   train_images, val_images, classes, trainable_params, total_params, pipeline
 * ``batch`` (throttled to about 2 a second): epoch, epochs, batch, batches, loss, acc, images_per_s,

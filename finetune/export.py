@@ -30,14 +30,28 @@ def export_metadata(predictor: Predictor) -> dict:
             "probabilities": "softmax(logits / temperature); answer 'unknown' when the top one < min_confidence"}
 
 
-def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+
+
+def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise FinetuneError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """A run's model as `fmt` in `out` (default: model.onnx or model.torchscript.pt in the run folder)."""
+    check_format(fmt)
     predictor = Predictor.from_run(run_dir, device="cpu")
+    return export_predictor(predictor, fmt, Path(out) if out else Path(run_dir) / f"model{SUFFIXES[fmt]}")
+
+
+def export_predictor(predictor: Predictor, fmt: str, path: str | Path) -> Path:
+    """A loaded model (on the CPU; a run's, or a plain weights file's) as `fmt` in `path`."""
+    check_format(fmt)
+    path = Path(path)
     model = predictor.model.float().eval()
     example = torch.zeros(1, 3, predictor.image_size, predictor.image_size)
-    suffix = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}[fmt]
-    path = Path(out) if out else Path(run_dir) / f"model{suffix}"
     metadata = json.dumps(export_metadata(predictor))
     # a file of its own renamed into place: the studio serves the export by a hard link to it, and a
     # second export (the command line beside the app) must not write into the file being downloaded

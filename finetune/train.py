@@ -434,6 +434,8 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         except OSError as error:  # a write error has no file name: give it one
             raise (disk_full(error, run.events) or error) from None
 
+    if on_event is not None:  # from the start: the scan's progress comes before there is a run folder
+        listeners.append(on_event)
     # data and run folder: rank 0 scans while the others wait (patiently: a scan of many images takes
     # longer than a collective's timeout), every rank then uses the same split
     checkpoint = None
@@ -447,7 +449,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         model = build_model(cfg.arch, len(scan.classes), "none")
         model.load_state_dict(checkpoint["model"])
     else:
-        scan = ctx.broadcast(scan_for_training(cfg) if ctx.is_main else None, patient=True)
+        scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
         # the weights before the run folder: unavailable or wrong weights leave no failed run behind
         model = build_model(cfg.arch, len(scan.classes), cfg.weights)
         run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
@@ -456,9 +458,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
     pids = ctx.all_gather(os.getpid())
     event_file = EventWriter(run.events) if ctx.is_main else None
     if event_file:
-        listeners.append(write_event)
-    if on_event is not None:
-        listeners.append(on_event)
+        listeners.insert(0, write_event)  # in the file before anyone reacts to it
     try:
         if ctx.is_main and checkpoint is None:
             start_run_folder(run, cfg, scan, device, ctx)
@@ -494,10 +494,29 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
                 pass
 
 
-def scan_for_training(cfg: TrainConfig) -> DatasetScan:
+class ScanProgress:
+    """The scan's on_progress as "progress" events (at most BATCH_EVENTS_PER_SECOND, and the last one):
+    listing files (total unknown), then decoding every image to check it, which takes minutes for a
+    large folder. They precede the run folder, so they reach on_event only, not events.jsonl."""
+
+    WHAT = {"walk": "listing files", "check": "checking images"}
+
+    def __init__(self, emit: EventCallback):
+        self.emit, self.last = emit, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if (total and done >= total) or now - self.last >= 1 / BATCH_EVENTS_PER_SECOND:
+            self.last = now
+            self.emit({"type": "progress", "stage": stage, "what": self.WHAT.get(stage, stage), "done": done,
+                       "total": total})
+
+
+def scan_for_training(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None) -> DatasetScan:
     """The split to train on: the folder's scan, with the curation file's decisions applied (the
-    folder itself is never changed; split.json and the data report say what was excluded or relabelled)."""
-    scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    folder itself is never changed; split.json and the data report say what was excluded or relabelled).
+    `on_progress(stage, done, total)`: see data.scan_dataset."""
+    scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, on_progress=on_progress)
     if cfg.curation:
         from .curation import apply_curation, load_curation
 
@@ -667,3 +686,8 @@ class _Prepared(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.trainable(self.prepare(inputs))
+
+# last: `finetune.train(...)` (this module, once imported) is the Python API's function (finetune.api)
+from .api import callable_module  # noqa: E402
+
+callable_module(__name__)

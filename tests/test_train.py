@@ -352,7 +352,7 @@ def test_the_lock_is_held_from_before_the_scan_and_removed_after(dataset, tmp_pa
     runs = tmp_path / "runs"
     seen = []
 
-    def scanning(cfg):
+    def scanning(cfg, on_progress=None):
         seen.extend(live_trainings(runs))  # read as another process would: a new open file, its own flock
         raise FinetuneError("stop after the look")
 

@@ -1,0 +1,459 @@
+"""The Python API: the engine the command line and the studio use, in a few calls.
+
+    import finetune
+    run = finetune.train("photos/", arch="resnet50", strategy="last", epochs=5)  # any TrainConfig field
+    run.metrics["accuracy"]; run.classes; run.path
+    run.predict(["a.jpg", "b.jpg"], top_k=3)     # finetune.predict.Prediction objects
+    run.evaluate("holdout/")                     # finetune.evaluate.Evaluation
+    run.export("onnx")                           # -> Path; also "torchscript"
+    run.explain("a.jpg")                         # Grad-CAM overlay (a PIL image)
+    run = finetune.load("runs/<name>")           # a run folder, or a classic model.pth + class_indices.json
+    finetune.scan("photos/"); finetune.doctor("photos/")
+
+`finetune.train` and `finetune.doctor` are also the names of engine modules: `callable_module` makes
+those modules answer a call with the functions here, so both spellings hold whichever is imported first.
+Nothing here imports torch until it is needed: `import finetune` stays quick.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import difflib
+import html
+import os
+import signal
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from .config import ARCHS, FinetuneError, TrainConfig
+from .events import Event, EventCallback
+from .progress import TerminalProgress, for_environment, in_notebook, shown
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .data import DatasetScan
+    from .doctor import DoctorReport
+    from .evaluate import Evaluation
+    from .predict import Prediction, Predictor
+
+__all__ = ["Model", "Run", "doctor", "load", "scan", "train"]
+
+STOP_MESSAGE = "stopping after the current batch (interrupt again to abort)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(data: str | os.PathLike, *, progress: bool = True, on_event: EventCallback | None = None,
+          stop: threading.Event | None = None, **options: Any) -> "Run":
+    """Fine-tune on `data` (a folder of class folders, or with train/ and val/; or a .zip of one) and
+    return the Run. `options`: any TrainConfig field (epochs=5, arch="resnet50", weights="none", ...).
+
+    `progress`: a bar and a line per epoch (in a notebook its widget, in a terminal the command line's
+    bar, in a captured log plain lines); False shows nothing. `on_event`: receives every event (see
+    finetune.events) as well. `stop`: a threading.Event; set it (from another thread) to stop at the
+    next batch. Ctrl-C, or a notebook's interrupt, does the same: the run keeps its best model and is
+    "stopped"; a second one aborts. A run that fails raises FinetuneError."""
+    cfg = make_config(data, options).validate()
+    consumer = for_environment(progress)
+    cfg.data = _dataset_folder(cfg.data, consumer)
+    listeners = [listener for listener in (consumer, on_event) if listener is not None]
+
+    def fan_out(event: Event) -> None:
+        for listener in listeners:
+            listener(event)
+
+    from .train import train as run_training
+
+    stop = stop if stop is not None else threading.Event()
+    with interrupt_stops(stop):
+        try:
+            path = run_training(cfg, on_event=fan_out if listeners else None, stop=stop)
+        except MemoryError:
+            raise FinetuneError("out of memory: try a smaller batch_size or image_size") from None
+        except RuntimeError as error:
+            if "out of memory" in str(error).lower():
+                raise FinetuneError("out of GPU memory: try a smaller batch_size or image_size") from None
+            raise
+    return Run(path, device=cfg.device)
+
+
+def make_config(data: str | os.PathLike, options: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig of `data` and keyword options; an unknown keyword is a one-line error that names the
+    closest field. Paths may be given as Path objects."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    for name in options:
+        if name not in fields or name == "data":
+            close = difflib.get_close_matches(name, [f for f in fields if f != "data"], n=1)
+            hint = f": did you mean {close[0]!r}?" if close else f" (options: {', '.join(fields[1:])})"
+            raise FinetuneError(f"unknown option {name!r} for finetune.train{hint}"
+                                if name != "data" else "give the data folder once, as the first argument")
+    values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
+    return TrainConfig(data=os.fspath(data) if isinstance(data, os.PathLike) else data, **values)
+
+
+@contextlib.contextmanager
+def interrupt_stops(stop: threading.Event):
+    """While training: the first SIGINT (Ctrl-C, a notebook's interrupt button) sets `stop`, the second
+    raises KeyboardInterrupt. Only in the main thread (the only one Python delivers signals to), and the
+    handler that was there before is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\n" + STOP_MESSAGE, file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        # None: a handler not installed from Python, which cannot be put back; Python's default then
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def _dataset_folder(data: str, consumer: TerminalProgress | None) -> str:
+    from .archive import dataset_folder
+
+    return dataset_folder(data, consumer.write if consumer is not None else None)
+
+
+def _lines(progress: bool) -> Callable[[str], None] | None:
+    """Where progress lines of the doctor and the like go: the cell's output in a notebook, else stderr."""
+    if not progress:
+        return None
+    stream = (lambda: sys.stdout) if in_notebook() else (lambda: sys.stderr)
+    return lambda line: print(shown(line), file=stream(), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model, and a run
+
+
+class Model:
+    """A trained classifier: predict, explain and export. `finetune.load` gives a Run for a run folder
+    and a Model for a plain weights file (a classic model.pth with its class_indices.json), which has no
+    run behind it: no metrics, status or configuration, and nothing to evaluate against its split."""
+
+    def __init__(self, path: str | os.PathLike, predictor: "Predictor"):
+        self.path = Path(path)
+        self._predictor = predictor
+
+    @property
+    def predictor(self) -> "Predictor":
+        """The model loaded (once) with its classes, preprocessing and calibration."""
+        return self._predictor
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.predictor.classes)
+
+    @property
+    def arch(self) -> str:
+        return self.predictor.arch
+
+    def predict(self, images: Any, top_k: int = 3, min_confidence: float | None = None,
+                batch_size: int = 64) -> list["Prediction"]:
+        """Predictions for image files, folders (searched recursively) and PIL images, one or a list, in
+        the order given (a folder's images sorted). Each has .label (the best guess), .confidence
+        (calibrated), .unknown (below `min_confidence`, default the run's suggestion from validation;
+        .answer is then "unknown"), .top (the top_k (class, probability) pairs) and .error (an unreadable
+        file: the other fields are empty)."""
+        from PIL import Image
+
+        from .data import list_images
+        from .predict import Prediction
+
+        predictor = self.predictor
+        threshold = predictor.min_confidence(min_confidence)
+        slots: list = []  # a Path to predict in a batch, a PIL image, or a finished Prediction
+        for item in _as_list(images):
+            if isinstance(item, Image.Image):
+                slots.append(item)
+            elif isinstance(item, (str, os.PathLike)):
+                skipped: list[tuple[str, str]] = []
+                slots.extend(list_images([item], skipped))
+                slots.extend(Prediction(name, error=reason) for name, reason in skipped)
+            else:
+                raise FinetuneError(f"cannot predict a {type(item).__name__}: give image files, folders or PIL images")
+        paths = [slot for slot in slots if isinstance(slot, Path)]
+        batched = iter(predictor.predict_paths(paths, top_k=top_k, batch_size=batch_size, min_confidence=threshold)
+                       if paths else [])
+        results = []
+        for number, slot in enumerate(slots):
+            if isinstance(slot, Path):
+                results.append(next(batched))
+            elif isinstance(slot, Image.Image):
+                top = predictor.predict_image(slot, top_k=top_k)
+                name = getattr(slot, "filename", "") or f"<image {number}>"
+                results.append(Prediction(name, top=top, unknown=top[0][1] < threshold))
+            else:
+                results.append(slot)
+        return results
+
+    def explain(self, image: "str | os.PathLike | Image.Image", target_class: str | int | None = None) -> "Image.Image":
+        """A Grad-CAM overlay: the image (at its own size) tinted where it made the model say
+        `target_class` (default: the predicted class)."""
+        from .explain import explain_image
+
+        return explain_image(self.predictor, image, target_class).overlay
+
+    def export(self, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
+        """The model as ONNX ("onnx") or TorchScript ("torchscript"), with its classes, preprocessing and
+        calibration inside; returns the file (default: beside the weights)."""
+        from .export import SUFFIXES, check_format, export_predictor
+
+        check_format(fmt)
+        target = Path(out) if out is not None else self.path.with_name(self.path.stem + SUFFIXES[fmt])
+        return export_predictor(self._cpu_predictor(), fmt, target)
+
+    def _cpu_predictor(self) -> "Predictor":
+        from .predict import Predictor
+
+        p = self.predictor
+        return Predictor(_cpu_copy(p.model), p.classes, p.arch, p.image_size, p.transform_mean, p.transform_std,
+                         "cpu", source=p.source, temperature=p.temperature,
+                         suggested_min_confidence=p.suggested_min_confidence)
+
+    def evaluate(self, data: str | os.PathLike, **options: Any) -> "Evaluation":
+        raise FinetuneError(f"{self.path} is a plain weights file, not a run: evaluation needs a run folder (its "
+                            f"split tells held-out images from training ones, its folder keeps the report); "
+                            f"predict, explain and export work")
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r}, arch={self.arch!r}, classes={len(self.classes)})"
+
+    def _repr_html_(self) -> str:
+        return _summary_html(f"model {self.path.name}", [("architecture", self.arch), ("weights", str(self.path)),
+                                                         ("classes", _class_list(self.classes))])
+
+
+class Run(Model):
+    """A run folder: the model it trained (loaded once, when first needed) and what it recorded.
+
+    .path, .status ("completed", "stopped", "early-stopped", "failed", "running"), .classes, .metrics
+    (the final validation metrics, metrics.json), .config (its TrainConfig), .history (one record per
+    epoch); predict, evaluate, export and explain."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
+        from .rundir import RunDir
+
+        self.path = Path(path).expanduser()
+        self.device = device
+        self._run = RunDir(self.path)
+        self._run.require_info()  # a one-line error for a folder that is not a run
+        self._predictor = None
+
+    @property
+    def info(self) -> dict:
+        """run.json as it is now."""
+        return self._run.info()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "unknown")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.get("classes") or [])
+
+    @property
+    def arch(self) -> str:
+        return self.info.get("arch", "?")
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.info.get("config") or {})
+
+    @property
+    def history(self) -> list[dict]:
+        return list(self.info.get("history") or [])
+
+    @property
+    def metrics(self) -> dict:
+        """The best model's metrics on the validation split ({} until the training has ended)."""
+        if not self._run.metrics_path.is_file():
+            return {}
+        return self._run.metrics()
+
+    @property
+    def predictor(self) -> "Predictor":
+        if self._predictor is None:
+            from .predict import Predictor
+
+            self._predictor = Predictor.from_run(self.path, self.device)
+        return self._predictor
+
+    def evaluate(self, data: str | os.PathLike, **options: Any) -> "Evaluation":
+        """The model on another labelled folder or .zip (its test/ or val/ split if it has one): metrics,
+        confusion matrix and calibration report, written to RUN/eval-<data>-<time> (or out=). Options:
+        min_confidence, batch_size, out, held_out_only (leave out images the run trained on)."""
+        from .evaluate import evaluate_run
+
+        return evaluate_run(self.path, os.fspath(data), predictor=self.predictor, **options)
+
+    def export(self, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
+        """The model as ONNX ("onnx") or TorchScript ("torchscript"), with its classes, preprocessing and
+        calibration inside; returns the file (default: model.onnx / model.torchscript.pt in the run)."""
+        from .export import export
+
+        return export(self.path, fmt, out)
+
+    def __repr__(self) -> str:
+        accuracy = self.info.get("summary", {}) or {}
+        shown_accuracy = f", accuracy={accuracy['accuracy']:.4f}" if "accuracy" in accuracy else ""
+        return f"Run({str(self.path)!r}, status={self.status!r}{shown_accuracy}, classes={len(self.classes)})"
+
+    def _repr_html_(self) -> str:
+        info = self.info
+        summary = info.get("summary") or {}
+        strategy = info.get("strategy") or (info.get("config") or {}).get("strategy") or "?"
+        rows = [("status", info.get("status", "unknown")), ("model", f"{info.get('arch', '?')} / {strategy}")]
+        if "accuracy" in summary:
+            rows.append(("val accuracy", f"{summary['accuracy']:.4f} (balanced {summary.get('balanced_accuracy', 0):.4f}, "
+                                         f"macro F1 {summary.get('macro_f1', 0):.4f}) on {summary.get('num_images', '?')} images"))
+        calibration = info.get("calibration") or {}
+        if calibration.get("suggested_min_confidence") is not None:
+            rows.append(("min confidence", f"{calibration['suggested_min_confidence']:.2f} (suggested from validation)"))
+        if info.get("error"):
+            rows.append(("error", str(info["error"])))
+        rows.append(("classes", _class_list(self.classes)))
+        rows.append(("folder", str(self.path)))
+        return _summary_html(f"run {self.name}", rows, self._run.confusion_matrix)
+
+
+def _as_list(images: Any) -> list:
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, Iterable):
+        return list(images)
+    raise FinetuneError(f"cannot predict a {type(images).__name__}: give image files, folders or PIL images")
+
+
+def _cpu_copy(model):
+    import copy
+
+    return copy.deepcopy(model).cpu().float()
+
+
+def _class_list(classes: list[str], limit: int = 20) -> str:
+    more = f" and {len(classes) - limit} more" if len(classes) > limit else ""
+    return f"{len(classes)}: " + ", ".join(classes[:limit]) + more
+
+
+def _summary_html(title: str, rows: list[tuple[str, str]], image: Path | None = None) -> str:
+    """A small table and, when there is one, the confusion matrix inline. Every string is escaped: class
+    and folder names come from whoever made the data."""
+    cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+                    f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    picture = ""
+    if image is not None and image.is_file():
+        encoded = base64.b64encode(image.read_bytes()).decode("ascii")
+        picture = (f"<img src='data:image/png;base64,{encoded}' alt='confusion matrix' "
+                   f"style='max-width:100%;max-height:480px'>")
+    return f"<div><b>{html.escape(title)}</b><table>{cells}</table>{picture}</div>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, scanning, the doctor
+
+
+def load(path: str | os.PathLike, classes: str | os.PathLike | list[str] | None = None, arch: str | None = None,
+         image_size: int | None = None, device: str = "auto") -> Model:
+    """A run folder -> Run. A classic weights file (a torchvision ResNet state_dict .pth), or a folder that
+    holds model.pth without run.json -> Model: its classes from `classes` (a class_indices.json, or the
+    names in index order), else the class_indices.json beside it; `arch` (resnet34 or resnet50) is read
+    from the weights when not given; `image_size` defaults to 224."""
+    source = Path(path).expanduser()
+    if source.is_dir() and (source / "run.json").is_file():
+        if classes is not None or arch is not None or image_size is not None:
+            raise FinetuneError(f"{source} is a run folder: its classes, architecture and image size are its own")
+        return Run(source, device=device)
+    if source.is_dir():
+        if not (source / "model.pth").is_file():
+            raise FinetuneError(f"not a run folder (no run.json) and no model.pth in it: {source}")
+        source = source / "model.pth"
+    elif not source.exists():
+        raise FinetuneError(f"model not found: {source}")
+    return Model(source, _weights_predictor(source, classes, arch, image_size or 224, device))
+
+
+def _weights_predictor(weights: Path, classes, arch: str | None, image_size: int, device: str) -> "Predictor":
+    from .model import load_classifier, safe_load, state_dict_from
+    from .predict import Predictor, read_class_indices
+
+    if isinstance(classes, (list, tuple)):
+        names = [str(name) for name in classes]
+    else:
+        names = read_class_indices(Path(classes) if classes is not None else weights.with_name("class_indices.json"))
+    state = state_dict_from(safe_load(weights, "model"), weights)
+    if arch is None:
+        arch = infer_arch(state, weights)
+    elif arch not in ARCHS:
+        raise FinetuneError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    model = load_classifier(arch, state, len(names), str(weights))
+    return Predictor(model, names, arch, image_size, device=device, source=str(weights))
+
+
+def infer_arch(state: dict, source: Path) -> str:
+    """resnet50 (bottleneck blocks, three convolutions each) or resnet34 (basic blocks, two) from the keys."""
+    if any(key.endswith(".conv3.weight") for key in state):
+        return "resnet50"
+    if "layer3.5.conv2.weight" in state:
+        return "resnet34"
+    raise FinetuneError(f"{source} is neither a resnet34 nor a resnet50 state_dict: give arch=")
+
+
+def scan(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> "DatasetScan":
+    """The data report of a folder (or .zip) as training would see it: classes, the train/val(/test)
+    split, skipped files and warnings. In a notebook it shows as the report; `.report()` is the text."""
+    from .data import scan_dataset
+
+    return scan_dataset(_dataset_folder(os.fspath(data), None), val_fraction, seed)
+
+
+def doctor(data: str | os.PathLike, *, progress: bool = True, **options: Any) -> "DoctorReport":
+    """The data doctor's findings on a folder (or .zip): likely label errors, duplicates leaking between
+    splits, odd images. Options as finetune.doctor.run_doctor (run=, arch=, weights=, image_size=, folds=,
+    cache_dir= (default: the shared feature cache), ...). `.summary_text()` is the command line's report."""
+    from .doctor import default_cache_dir, run_doctor
+
+    options.setdefault("cache_dir", default_cache_dir())
+    log = _lines(progress)
+    return run_doctor(_dataset_folder(os.fspath(data), None), log=log, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune.train and finetune.doctor: functions here, modules of the engine there
+
+
+class _CallableModule(types.ModuleType):
+    """An engine module that, called, is the API function of its name (finetune.train(...) -> train)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _API_FUNCTIONS[self.__name__.rpartition(".")[2]](*args, **kwargs)
+
+
+_API_FUNCTIONS = {"train": train, "doctor": doctor}
+
+
+def callable_module(name: str) -> None:
+    """Make the module `name` (finetune.train or finetune.doctor) callable as the API function: importing a
+    submodule sets the package's attribute of that name to the module, so the module must answer the call."""
+    sys.modules[name].__class__ = _CallableModule
