@@ -48,7 +48,7 @@ DISTRIBUTION_OF = {"PIL": "pillow", "sklearn": "scikit-learn", "pytorch_grad_cam
 
 
 def project() -> dict:
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
@@ -145,7 +145,8 @@ def test_a_missing_extra_is_one_line_naming_what_to_install(monkeypatch, tmp_pat
     assert str(raised.value) == "the studio needs gradio: pip install 'finetune-studio[studio]'"
     assert not any(tmp_path.iterdir()), "no folder made before the check"
     hide(monkeypatch, "cleanlab")
-    with pytest.raises(FinetuneError, match=r"^the data doctor needs cleanlab: pip install 'finetune-studio\[doctor\]'$"):
+    with pytest.raises(FinetuneError,
+                       match=r"^the data doctor needs cleanlab: pip install 'finetune-studio\[doctor\]'$"):
         run_doctor(tmp_path)
     hide(monkeypatch, "pytorch_grad_cam")
     with pytest.raises(FinetuneError, match=r"^Grad-CAM needs grad-cam: pip install 'finetune-studio\[explain\]'$"):
@@ -272,7 +273,8 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder(tmp_pat
     assert "Name: finetune-studio" in metadata
     assert {line.split(": ")[1] for line in metadata.splitlines() if line.startswith("Provides-Extra:")} == \
         {"studio", "doctor", "explain", "onnx", "all"}
-    assert "finetune = finetune.cli:console" in entry_points and "finetune-studio = finetune.studio.app:main" in entry_points
+    assert "finetune = finetune.cli:console" in entry_points
+    assert "finetune-studio = finetune.studio.app:main" in entry_points
 
     # a fresh environment that borrows this one's libraries (no torch download), with the wheel installed
     fresh = tmp_path / "fresh"
