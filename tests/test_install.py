@@ -238,7 +238,7 @@ def source_tree(target: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder(tmp_path):
+def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without_extras(tmp_path):
     import tarfile
     import zipfile
 
@@ -291,6 +291,9 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder(tmp_pat
                                      timeout=300)
     assert installed_wheel.returncode == 0, installed_wheel.stderr[-3000:]
     site = Path(where)
+    # as installed without extras (`pip install finetune-studio`): every optional library hidden at start-up
+    hidden = ", ".join(repr(module) for module in ("gradio", "cleanlab", "pytorch_grad_cam", "onnx"))
+    Path(where, "zz_no_extras.pth").write_text(f"import sys; sys.modules.update(dict.fromkeys([{hidden}]))\n")
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -306,6 +309,9 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder(tmp_pat
     version = run(fresh / "bin" / "finetune", "--version")
     assert version.stdout.strip() == f"finetune-studio {finetune.__version__}", version.stderr
     assert run(fresh / "bin" / "finetune-studio", "--help").returncode == 0
+    studio = run(fresh / "bin" / "finetune-studio")
+    assert (studio.returncode, studio.stderr) == (2, "error: the studio needs gradio: pip install "
+                                                     "'finetune-studio[studio]'\n")
 
     trained = run(fresh / "bin" / "finetune", "train", data, "--weights", "none", "--epochs", "1", "--image-size", "32",
                   "--workers", "0", "--quiet", timeout=600)
