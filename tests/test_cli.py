@@ -95,6 +95,7 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
     run = tmp_path / "runs" / result.stdout.strip().splitlines()[-1].split("run folder: ")[1].split("/")[-1]
     assert (run / "model.pth").exists()
     assert "epoch   1:" in result.stdout and "val: " in result.stdout
+    assert "\r" not in result.stdout + result.stderr  # a captured log: no progress bar among the lines
 
     out_csv = tmp_path / "p.csv"
     predicted = cli("predict", run, data / "cats", "--top-k", "2", "--csv", out_csv)
