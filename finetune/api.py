@@ -88,13 +88,12 @@ def train(data: str | os.PathLike, *, progress: bool = True, on_event: EventCall
 def make_config(data: str | os.PathLike, options: dict[str, Any]) -> TrainConfig:
     """A TrainConfig of `data` and keyword options; an unknown keyword is a one-line error that names the
     closest field. Paths may be given as Path objects."""
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "data"]  # data: the first argument
     for name in options:
-        if name not in fields or name == "data":
-            close = difflib.get_close_matches(name, [f for f in fields if f != "data"], n=1)
-            hint = f": did you mean {close[0]!r}?" if close else f" (options: {', '.join(fields[1:])})"
-            raise FinetuneError(f"unknown option {name!r} for finetune.train{hint}"
-                                if name != "data" else "give the data folder once, as the first argument")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f": did you mean {close[0]!r}?" if close else f" (the options: {', '.join(fields)})"
+            raise FinetuneError(f"unknown option {name!r} for finetune.train{hint}")
     values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
     return TrainConfig(data=os.fspath(data) if isinstance(data, os.PathLike) else data, **values)
 
