@@ -187,8 +187,18 @@ class Predictor:
         """Calibrated: softmax(logits / temperature)."""
         return torch.softmax(self.logits(images) / self.temperature, dim=1)
 
-    def predict_image(self, image: Image.Image | str | Path, top_k: int = 5) -> list[tuple[str, float]]:
-        """One image (a PIL image in any mode, or a path): [(class, probability)] best first."""
+    def _answers(self, logits: torch.Tensor, top_k: int, threshold: float) -> list[tuple[list, bool]]:
+        """(top, unknown) per row of logits: the one rule for a single image and for a batch."""
+        tops = self._top(torch.softmax(logits / self.temperature, dim=1), top_k)
+        return [(top, top[0][1] < threshold) for top in tops]
+
+    def predict_one(self, image: Image.Image | str | Path, top_k: int = 5, min_confidence: float | None = None,
+                    keep_logits: bool = False) -> Prediction:
+        """One image (a PIL image in any mode, or a path) answered as `predict_paths` answers it: calibrated,
+        "unknown" below `min_confidence` (default: the run's suggestion) with the best guess kept. A path that
+        cannot be read is a FinetuneError here, not an error row."""
+        threshold = self.min_confidence(min_confidence)
+        path = str(image) if isinstance(image, (str, Path)) else ""
         if isinstance(image, (str, Path)):
             try:
                 image = load_rgb(image, self.min_size)
@@ -196,7 +206,14 @@ class Predictor:
                 raise FinetuneError(f"cannot read image {image}: {error}") from None
         else:
             image = to_rgb(image)
-        return self._top(self.probabilities(self.transform(image).unsqueeze(0)), top_k)[0]
+        logits = self.logits(self.transform(image).unsqueeze(0))
+        [(top, unknown)] = self._answers(logits, top_k, threshold)
+        return Prediction(path, top, unknown=unknown, logits=logits[0].tolist() if keep_logits else None)
+
+    def predict_image(self, image: Image.Image | str | Path, top_k: int = 5) -> list[tuple[str, float]]:
+        """One image's calibrated [(class, probability)] best first, with no threshold applied (`predict_one`
+        applies it; `answer` applies one to this list)."""
+        return self.predict_one(image, top_k, min_confidence=0.0).top
 
     def predict_paths(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 64,
                       workers: int | None = None, on_progress=None,
@@ -217,10 +234,9 @@ class Predictor:
                 results[index].error = error
             if images is not None:
                 logits = self.logits(images)
-                tops = self._top(torch.softmax(logits / self.temperature, dim=1), top_k)
-                for index, top, raw in zip(indices, tops, logits.tolist()):
-                    results[index].top = top
-                    results[index].unknown = top[0][1] < threshold
+                for index, (top, unknown), raw in zip(indices, self._answers(logits, top_k, threshold),
+                                                      logits.tolist()):
+                    results[index].top, results[index].unknown = top, unknown
                     results[index].logits = raw if keep_logits else None
             done += len(indices) + len(failed)
             if on_progress:

@@ -285,3 +285,61 @@ def test_a_run_whose_model_holds_nan_is_refused_in_one_line(tmp_path):
         Predictor.from_run(run, device="cpu")
     assert str(caught.value) == (f"refusing the weights in {run / 'model.pth'}: fc.bias holds infinite values "
                                  f"(a diverged or damaged model)")
+
+
+def test_one_image_gets_the_answer_a_batch_gives_it(trained_run, tmp_path):
+    """predict_one (the API's and the studio's single image) applies the calibration and the minimum
+    confidence exactly as predict_paths does, given or the run's suggestion, on both sides of the
+    image's confidence; predict_image stays the threshold-free top list."""
+    run, data = trained_run
+    path = list_images([data])[0]
+    # a hot temperature keeps the confidence well inside (0, 1), whatever the weights learned
+    predictor = Predictor.from_run(with_calibration(run, tmp_path, 1000.0, None), device="cpu")
+    confidence = predictor.predict_paths([path], top_k=3)[0].confidence
+    assert 0.01 < confidence < 0.99
+    for threshold in (confidence - 0.01, confidence + 0.01):
+        for given, suggested in ((threshold, None), (None, threshold)):
+            predictor.suggested_min_confidence = suggested
+            [batched] = predictor.predict_paths([path], top_k=3, min_confidence=given)
+            assert batched.unknown == (threshold > confidence)
+            for image in (path, Image.open(path)):
+                one = predictor.predict_one(image, top_k=3, min_confidence=given)
+                assert (one.label, one.unknown, one.answer) == (batched.label, batched.unknown, batched.answer)
+                assert one.confidence == pytest.approx(batched.confidence, abs=1e-6)
+                assert [name for name, _ in one.top] == [name for name, _ in batched.top]
+    assert dict(predictor.predict_image(path, top_k=3)) == pytest.approx(dict(batched.top), abs=1e-6)
+
+
+def test_a_pipe_closed_early_still_gets_the_csv_and_the_heatmaps(trained_run, tmp_path):
+    """`finetune predict RUN DIR --csv F | head -1` exited 0 without writing F: the closed pipe ended the
+    command before the files. Here the reader takes one line and closes; long paths (about 3.6 kB a line)
+    and a small pipe make the output outrun what the pipe and Python's buffer hold."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run, data = trained_run
+    source = list_images([data])[0]
+    folder = tmp_path.joinpath(*[letter * 250 for letter in "abcdefghijklmn"])
+    folder.mkdir(parents=True)
+    for i in range(8):
+        os.link(source, folder / f"{i:03d}.png")
+    out_csv, heatmaps = tmp_path / "p.csv", tmp_path / "why"
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "predict", str(run), str(folder), "--csv",
+                                str(out_csv), "--explain", str(heatmaps), "--device", "cpu"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    if hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux: 4 KiB instead of 64
+        fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    first = process.stdout.readline()  # unbuffered: exactly one line, as head -1
+    process.stdout.close()
+    try:
+        errors = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 0, errors
+    finally:
+        process.kill()
+    assert first.startswith(b"min confidence ") and "Traceback" not in errors and "BrokenPipe" not in errors
+    rows = list(csv.DictReader(open(out_csv)))
+    assert len(rows) == 8 and all(r["best_guess"] in CLASSES and not r["error"] for r in rows)
+    assert len(list(heatmaps.glob("*.gradcam.png"))) == 8

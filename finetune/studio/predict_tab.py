@@ -119,8 +119,8 @@ def predict_image(studio: Studio, run=None, image=None, top_k=3, min_conf=None, 
         predictor = studio.predictor(resolve_run(run, studio.runs_dir))
         lock = studio.model_lock(predictor)
         with lock.shared():
-            top = predictor.predict_image(picture, top_k=int(top_k))
-        answer, guess, confidence = predictor.answer(top, None if min_conf is None else float(min_conf))
+            prediction = predictor.predict_one(picture, int(top_k), None if min_conf is None else float(min_conf))
+        answer, guess, confidence, top = prediction.answer, prediction.label, prediction.confidence, prediction.top
         overlay = None
         if why:
             from ..explain import explain_image
