@@ -219,3 +219,31 @@ def test_a_named_pipe_given_as_the_zip_is_refused_unopened(tmp_path):
         run_within(10, lambda: check_zip(fifo), [fifo])
     assert str(caught.value) == f"refusing zip file {fifo}: not a regular file (a named pipe)"
     assert not any(p.name != "data.zip" for p in tmp_path.iterdir())
+
+
+def test_dataset_folder_extracts_a_zip_once_and_returns_a_folder_as_given(tmp_path, monkeypatch):
+    """archive.dataset_folder: what the command line, the Python API and the doctor take as DATA."""
+    import os
+
+    from finetune.archive import dataset_folder
+
+    data = make_class_folders(tmp_path / "photos", per_class=2)
+    assert dataset_folder(data) == str(data) and dataset_folder("no/such.zip") == "no/such.zip"
+    archive = zip_folder(data, tmp_path / "photos.zip")
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("index.html", "<script></script>")
+    monkeypatch.setenv("FINETUNE_DATASETS", str(tmp_path / "datasets"))
+    lines: list[str] = []
+    root = Path(dataset_folder(archive, log=lines.append))
+    assert root.parent == tmp_path / "datasets" and scan_dataset(root).classes == ["cats", "dogs"]
+    assert lines == [f"photos.zip: extracted to {root}", "photos.zip: skipped index.html (not an image file)"]
+    lines.clear()
+    assert dataset_folder(str(archive), log=lines.append) == str(root)  # the same archive: the same folder
+    assert lines[0] == f"photos.zip: already extracted to {root}"
+    monkeypatch.delenv("FINETUNE_DATASETS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert Path(dataset_folder(archive)).is_relative_to(tmp_path / "cache" / "finetune" / "datasets")
+    if hasattr(os, "mkfifo"):  # not a folder, so not passed on as one: refused in the zip's own words
+        os.mkfifo(tmp_path / "pipe.zip")
+        with pytest.raises(FinetuneError, match="refusing zip file .*pipe.zip: not a regular file"):
+            run_within(10, lambda: dataset_folder(tmp_path / "pipe.zip"), [tmp_path / "pipe.zip"])
