@@ -39,6 +39,13 @@ class FinetuneError(Exception):
     """A problem with the user's input: shown as one line, never as a traceback."""
 
 
+def default_strategy(weights: str) -> str:
+    """The strategy when none is given: `all` from scratch (weights "none"): the layers another strategy
+    freezes would stay random, and a head on random features learns next to nothing (chance accuracy on
+    the sample data); `last` from pretrained weights."""
+    return "all" if weights in ("none", "", None) else "last"
+
+
 def option(default, help: str, group: str, *, choices=None, metavar: str | None = None, flag: str | None = None,
            positional: bool = False):
     """A TrainConfig field with what the command line needs to offer it.
@@ -60,13 +67,13 @@ class TrainConfig:
     seed: int = option(0, "for the split, initialisation and augmentation", "data")
     image_size: int = option(224, "crop size in pixels (train and eval)", "data")
     arch: str = option("resnet34", "ImageNet ResNet to fine-tune", "model", choices=ARCHS)
-    strategy: str = option("last", "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()), "model",
-                           choices=STRATEGIES)
+    strategy: str | None = option(None, "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items())
+                                  + " (default: all with --weights none, else last)", "model", choices=STRATEGIES)
     weights: str = option("imagenet", "imagenet (torch hub cache, downloaded when online), none (from scratch), "
                           "or a .pth state_dict path", "model")
     epochs: int = option(5, "epochs (on --resume: the new total)", "optim")
     batch_size: int = option(32, "images per training step", "optim")
-    lr: float | None = option(None, "head learning rate (default per strategy: "
+    lr: float | None = option(None, "head learning rate (default: per strategy, "
                               + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim")
     backbone_lr_scale: float = option(0.1, "pretrained layers learn at lr x this (earlier stages less)", "optim")
     weight_decay: float = option(0.05, "AdamW weight decay", "optim")
@@ -90,7 +97,7 @@ class TrainConfig:
     memory_budget_gb: float | None = option(None, "memory for caches in GiB (default: half the free RAM)", "speed")
     runs_dir: str | None = option(None, "where run folders are created (default: $FINETUNE_RUNS_DIR, else ./runs; "
                                   "recorded in run.json as an absolute path)", "output")
-    run_name: str | None = option(None, "run folder name (default <time>-<arch>-<strategy>)", "output")
+    run_name: str | None = option(None, "run folder name (default: <time>-<arch>-<strategy>)", "output")
     extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option
 
     def __post_init__(self) -> None:
@@ -102,13 +109,17 @@ class TrainConfig:
             self.runs_dir = str(default_runs_dir())
 
     def head_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
+        return self.lr if self.lr is not None else DEFAULT_LR[self.resolved_strategy()]
+
+    def resolved_strategy(self) -> str:
+        """The strategy given, or the default for the weights (default_strategy)."""
+        return self.strategy or default_strategy(self.weights)
 
     def validate(self) -> "TrainConfig":
         self._check_types()
         if self.arch not in ARCHS:
             raise FinetuneError(f"unknown architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
-        if self.strategy not in STRATEGIES:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
             raise FinetuneError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),

@@ -9,9 +9,12 @@ A training emits dicts with a "type":
   train_images, val_images, classes, trainable_params, total_params, pipeline
 * ``batch`` (throttled to about 2 a second): epoch, epochs, batch, batches, loss, acc, images_per_s,
   eta_s, lr
-* ``epoch``: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, complete, best,
-  best_epoch, best_val_acc
-* ``end``: status, run_dir, best, metrics, summary, seconds
+* ``epoch``: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, complete, images (trained
+  in the epoch, over all ranks), best, best_epoch, best_val_acc
+* ``end``: status, run_dir, best, metrics, summary, seconds (the whole wall time of the training
+  call), stages (seconds of setup: scan, weights and run folder; cache: building the data pipeline;
+  training: the epochs with their validation; evaluation: the final one), cache (the pipeline's
+  kind: stream, features or pixels)
 * ``error``: message
 
 Rank 0 appends each one as a JSON line to ``<run>/events.jsonl`` (`EventWriter`); the terminal
@@ -39,6 +42,22 @@ def duration(seconds: float | None) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+CACHE_NAMES = {"features": "feature cache", "pixels": "image cache"}
+
+
+def stages_text(event: Event) -> str:
+    """' (feature cache 4:23, training 0:17)': where an end event's time went; stages under a second
+    are left out, training never (an end event from before the stages were recorded: '')."""
+    stages = event.get("stages")
+    if not stages:
+        return ""
+    names = {"setup": "set-up", "cache": CACHE_NAMES.get(event.get("cache"), "data pipeline"),
+             "training": "training", "evaluation": "evaluation"}
+    parts = [f"{names.get(key, key)} {duration(seconds)}" for key, seconds in stages.items()
+             if key == "training" or seconds >= 1]
+    return f" ({', '.join(parts)})"
+
+
 def format_event(event: Event) -> str | None:
     """The one-line text of a log, start, epoch, end or error event (None for batch events)."""
     kind = event.get("type")
@@ -55,8 +74,8 @@ def format_event(event: Event) -> str | None:
                 f" | val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}"
                 f" | {event['seconds']:.1f}s{'  *best' if event.get('best') else ''}")
     if kind == "end":
-        return (f"{event['status']} in {duration(event.get('seconds'))}; best epoch {event['best']['epoch']}\n"
-                f"val: {event.get('summary', '')}")
+        return (f"{event['status']} in {duration(event.get('seconds'))}{stages_text(event)}; best epoch "
+                f"{event['best']['epoch']}\nval: {event.get('summary', '')}")
     if kind == "error":
         return f"error: {event.get('message')}"
     return None

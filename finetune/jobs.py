@@ -192,7 +192,7 @@ class TrainingJob:
         cfg = absolute_paths(cfg.validate())
         self.processes = max(1, int(processes))
         if not cfg.run_name:
-            cfg.run_name = run_name(cfg.arch, cfg.strategy, cfg.runs_dir)
+            cfg.run_name = run_name(cfg.arch, cfg.resolved_strategy(), cfg.runs_dir)
         self.cfg = cfg
         self.run_dir = Path(cfg.runs_dir) / cfg.run_name
         # the whole configuration travels as a file (mode 0600), not as a command line to re-parse

@@ -16,6 +16,7 @@ DistributedDataParallel; rank 0 alone writes the run folder and emits events.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import threading
@@ -28,17 +29,17 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, Subset
 
 from . import cache
 from .calibrate import NonFiniteLogits, calibrate, softmax
-from .config import FinetuneError, TrainConfig
+from .config import FinetuneError, TrainConfig, default_strategy
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
 from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
                      pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import Event, EventCallback, EventWriter
-from .model import apply_strategy, build_model, param_groups, require_finite, safe_load, split_model
+from .model import FROZEN_STAGES, apply_strategy, build_model, param_groups, require_finite, safe_load, split_model
 from .rundir import DiskFull, RunDir, TrainingLock, disk_full, save_atomic
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
@@ -109,6 +110,7 @@ class Session:
     memory_format: torch.memory_format
     workers: int
     emit: EventCallback
+    pipeline_seconds: float = 0.0  # building the data pipeline: the feature or pixel cache, if any
 
     def log(self, message: str) -> None:
         self.emit({"type": "log", "message": message})
@@ -156,22 +158,58 @@ def class_weights(scan: DatasetScan) -> torch.Tensor:
     return torch.tensor(full, dtype=torch.float32)
 
 
+class EvenBatches(Sampler[list[int]]):
+    """Batches of `batch_size` from `sampler`, except the last two, which share their images evenly:
+    57 images at 32 are batches of 29 and 28, every image trains every epoch and no batch is tiny (a
+    tiny batch gives BatchNorm noisy statistics). Only a lone image left over from a pair (batch size
+    2, an odd count) is left out, a different one each epoch when shuffled: BatchNorm cannot train on
+    one image (at 1x1 maps it fails). Every rank gets the same number of batches (the samplers
+    give each rank as many indices), as DDP needs."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def sizes(self, n: int) -> list[int]:
+        b = self.batch_size
+        full, rest = divmod(n, b)
+        if not rest or not full:
+            return [b] * full + ([rest] if rest else [])
+        pair = b + rest
+        sizes = [b] * (full - 1) + [(pair + 1) // 2, pair // 2]
+        return sizes[:-1] if sizes[-1] == 1 else sizes
+
+    def __len__(self) -> int:
+        return len(self.sizes(len(self.sampler)))
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        start = 0
+        for size in self.sizes(len(indices)):
+            yield indices[start:start + size]
+            start += size
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device, seed: int,
-                ctx: Distributed, drop_last: bool = False, sharded: bool = False) -> DataLoader:
-    """`sharded`: the dataset already holds only this rank's part (a cache built per rank)."""
-    sampler = None
-    if ctx.enabled and not sharded:
-        if shuffle:
-            sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed,
-                                         drop_last=drop_last)
-        else:
+                ctx: Distributed, sharded: bool = False) -> DataLoader:
+    """`shuffle`: the training loader (shuffled, EvenBatches); else in order, in batches of batch_size.
+    `sharded`: the dataset already holds only this rank's part (a cache built per rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=workers, pin_memory=pin_memory(device), persistent_workers=workers > 0,
+                  generator=generator, prefetch_factor=4 if workers > 0 else None)
+    if not shuffle:
+        if ctx.enabled and not sharded:
             dataset = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=workers, pin_memory=pin_memory(device), persistent_workers=workers > 0,
-        drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=4 if workers > 0 else None,
-    )
+        return DataLoader(dataset, batch_size=batch_size, **common)
+    if ctx.enabled and not sharded:  # padded so that every rank has as many images
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
+    else:  # the loader's own generator, as DataLoader(shuffle=True) would use it
+        sampler = RandomSampler(dataset, generator=generator)
+    return DataLoader(dataset, batch_sampler=EvenBatches(sampler, batch_size), **common)
+
+
+def epoch_sampler(loader: DataLoader):
+    """The sampler that orders a loader's images (inside its batch sampler)."""
+    return getattr(loader.batch_sampler, "sampler", loader.sampler)
 
 
 def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run: RunDir, scan: DatasetScan,
@@ -187,10 +225,11 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
     def log(message: str) -> None:
         emit({"type": "log", "message": message})
 
+    pipeline_start = time.perf_counter()
     pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, ctx)
-    per_rank = len(pipeline.train) if pipeline.sharded else len(pipeline.train) // ctx.world_size
+    pipeline_seconds = time.perf_counter() - pipeline_start
     train_loader = make_loader(pipeline.train, cfg.batch_size, True, pipeline.workers, device, cfg.seed, ctx,
-                               drop_last=per_rank > cfg.batch_size, sharded=pipeline.sharded)
+                               sharded=pipeline.sharded)
     val_loader = make_loader(pipeline.val, cfg.batch_size * 2, False, pipeline.workers, device, cfg.seed, ctx,
                              sharded=pipeline.sharded)
 
@@ -212,7 +251,8 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
     weight = class_weights(scan).to(device) if cfg.class_weighted_loss else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     return Session(cfg, ctx, device, run, scan, model, frozen, trainable, step_module, pipeline, train_loader,
-                   val_loader, optimizer, scheduler, scaler, criterion, amp_dtype, memory_format, workers, emit)
+                   val_loader, optimizer, scheduler, scaler, criterion, amp_dtype, memory_format, workers, emit,
+                   pipeline_seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,24 +271,76 @@ def to_cpu(obj):
     return obj
 
 
-def save_checkpoint(session: Session, state: TrainState, improved: bool, complete: bool) -> None:
-    """model.pth when the epoch improved; last.pth (to resume) after every complete epoch. Rank 0 only."""
+# A slim last.pth (the last epoch of a run that ended by itself) keeps the frozen layers' tensors in
+# model.pth, which holds the same bits: frozen layers never change, whichever epoch model.pth is from.
+CHECKPOINT_BASE = "model.pth"
+
+
+def trained_keys(state: dict, strategy: str) -> list[str]:
+    """The state_dict keys of the layers `strategy` trains (fc always; conv1 and bn1 are the stem)."""
+    frozen = FROZEN_STAGES[strategy]
+    return [key for key in state
+            if ("stem" if key.split(".")[0] in ("conv1", "bn1") else key.split(".")[0]) not in frozen]
+
+
+def save_checkpoint(session: Session, state: TrainState, improved: bool, complete: bool, final: bool = False) -> None:
+    """model.pth when the epoch improved; last.pth (to resume) after every complete epoch. Rank 0 only.
+
+    `final`: the last epoch of a run that ends by itself (completed, early-stopped). Its last.pth keeps
+    only the trained layers (the frozen ones are in model.pth) and no optimizer state: a `head` run's
+    last.pth is then kilobytes, not a second copy of the model (and an `all` run's is the model, not three
+    times it). Resuming it with more epochs starts the optimizer afresh. A run stopped or failed keeps
+    the full checkpoint, to resume exactly. model.pth is written first: a slim last.pth never points
+    at a model.pth older than itself."""
     if not session.ctx.is_main:
         return
     model_state = to_cpu(session.model.state_dict())
     if improved:
         save_atomic(model_state, session.run.model)
-    if complete:
-        save_atomic({"model": model_state, "optimizer": to_cpu(session.optimizer.state_dict()),
-                     "scheduler": session.scheduler.state_dict(), "scaler": session.scaler.state_dict(),
-                     "rng": torch.get_rng_state(), **state.state_dict()}, session.run.last)
+    if not complete:
+        return
+    checkpoint = {"model": model_state, "optimizer": to_cpu(session.optimizer.state_dict()),
+                  "scheduler": session.scheduler.state_dict(), "scaler": session.scaler.state_dict(),
+                  "rng": torch.get_rng_state(), **state.state_dict()}
+    if final and session.run.model.is_file():
+        del checkpoint["optimizer"]
+        checkpoint["model"] = {key: model_state[key] for key in trained_keys(model_state, session.cfg.strategy)}
+        checkpoint["base"] = CHECKPOINT_BASE
+    save_atomic(checkpoint, session.run.last)
+
+
+def checkpoint_model_state(run: RunDir, checkpoint: dict) -> dict:
+    """The whole state_dict of a last.pth: its own tensors over those of its base (a slim one's
+    frozen layers, from model.pth of the same run folder)."""
+    state = checkpoint["model"]
+    require_finite(state, run.last)
+    base = checkpoint.get("base")
+    if base is None:
+        return state
+    if base != CHECKPOINT_BASE:  # only ever this name beside it: never a path taken from the file
+        raise FinetuneError(f"{run.last} refers to {base!r}: not a checkpoint finetune wrote")
+    if not run.model.is_file():
+        raise FinetuneError(f"{run.last} keeps only the trained layers and needs {run.model} for the others, "
+                            f"which is missing")
+    full = safe_load(run.model, "model")
+    require_finite(full, run.model)
+    full.update(state)
+    return full
 
 
 def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
     """Optimizer, schedule, scaler and random state from last.pth; the optimizer's tensors move to the
-    training device (Optimizer.load_state_dict puts them beside their parameters)."""
-    session.optimizer.load_state_dict(checkpoint["optimizer"])
+    training device (Optimizer.load_state_dict puts them beside their parameters). A slim last.pth has
+    no optimizer state: the optimizer starts afresh, at the learning rate the schedule has reached."""
     session.scheduler.load_state_dict(checkpoint["scheduler"])  # keeps the lambdas built for this run's length
+    if "optimizer" in checkpoint:
+        session.optimizer.load_state_dict(checkpoint["optimizer"])
+    else:
+        scheduler = session.scheduler
+        for group, base_lr, factor in zip(session.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        session.log("last.pth of a run that had ended keeps no optimizer state: AdamW starts afresh (its "
+                    "moments rebuild within a few steps), at the learning rate the schedule has reached")
     if checkpoint.get("scaler"):
         session.scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"])
@@ -272,8 +364,9 @@ def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | 
 def train_one_epoch(session: Session, epoch: int, stop: threading.Event, progress: "_Progress") -> tuple[dict, bool]:
     """One pass over the training data. Returns (train loss and accuracy over all ranks, stopped)."""
     s = session
-    if isinstance(s.train_loader.sampler, DistributedSampler):
-        s.train_loader.sampler.set_epoch(epoch)
+    sampler = epoch_sampler(s.train_loader)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
     s.pipeline.set_epoch(epoch)
     s.trainable.train()
     s.frozen.eval()  # its BatchNorm statistics must not move
@@ -379,8 +472,13 @@ class _Progress:
 
 def train(cfg: TrainConfig, on_event: EventCallback | None = None, stop: threading.Event | None = None,
           resume: str | Path | None = None) -> Path:
-    """Fine-tune and write a run folder; returns its path. `stop.set()` ends at the next batch."""
+    """Fine-tune and write a run folder; returns its path. `stop.set()` ends at the next batch.
+    A config without a strategy gets the default for its weights (config.default_strategy); `cfg`
+    itself is not changed, run.json records the strategy used."""
+    started = time.perf_counter()
     cfg.validate()
+    cfg, strategy_note = settle_strategy(cfg)
+    notes = [strategy_note] if strategy_note and not resume else []
     stop = stop or threading.Event()
     ctx = Distributed.from_env()
     device = resolve_device(cfg.device, ctx)
@@ -394,7 +492,7 @@ def train(cfg: TrainConfig, on_event: EventCallback | None = None, stop: threadi
         # folder, so a studio does not start a second one beside it; rank 0 speaks for all ranks
         lock_folder = resume_dir.parent if resume_dir is not None else Path(cfg.runs_dir)
         with TrainingLock(lock_folder, cfg.data) if ctx.is_main else contextlib.nullcontext() as lock:
-            return _train(cfg, ctx, device, on_event, stop, resume_dir, lock)
+            return _train(cfg, ctx, device, on_event, stop, resume_dir, lock, started, notes)
     except BaseException as error:
         full = disk_full(error, cfg.runs_dir)
         if full is not None and full is not error:
@@ -402,6 +500,22 @@ def train(cfg: TrainConfig, on_event: EventCallback | None = None, stop: threadi
         raise
     finally:
         ctx.close()
+
+
+def settle_strategy(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """`cfg` with its strategy settled, and the one line to log about it: which default was taken
+    without pretrained weights, or a warning for a strategy that freezes random layers."""
+    from_scratch = default_strategy(cfg.weights) == "all"
+    if cfg.strategy is None:
+        cfg = dataclasses.replace(cfg, strategy=cfg.resolved_strategy())
+        if from_scratch:
+            return cfg, ("strategy all (the default without pretrained weights): every layer trains, as layers "
+                         "left frozen would keep their random values")
+        return cfg, None
+    if from_scratch and cfg.strategy != "all":
+        return cfg, (f"warning: strategy {cfg.strategy} without pretrained weights: the layers it freezes keep "
+                     f"their random values, so it learns little; strategy all trains every layer")
+    return cfg, None
 
 
 class TrainingDiverged(FinetuneError):
@@ -418,7 +532,7 @@ def divergence(record: dict, lr: float) -> str | None:
 
 
 def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, stop, resume_dir,
-           lock: TrainingLock | None) -> Path:
+           lock: TrainingLock | None, started: float, notes: list[str]) -> Path:
     seed_everything(cfg.seed)
     listeners: list[EventCallback] = []
 
@@ -444,10 +558,10 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         if not run.last.is_file():
             raise FinetuneError(f"{resume_dir} has no last.pth to resume from (it stopped before its first epoch)")
         checkpoint = safe_load(run.last, "checkpoint")
-        require_finite(checkpoint["model"], run.last)
+        state = checkpoint_model_state(run, checkpoint)
         scan = run.read_split()
         model = build_model(cfg.arch, len(scan.classes), "none")
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(state)
     else:
         scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
         # the weights before the run folder: unavailable or wrong weights leave no failed run behind
@@ -460,13 +574,15 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
     if event_file:
         listeners.insert(0, write_event)  # in the file before anyone reacts to it
     try:
+        for note in notes:
+            emit({"type": "log", "message": note})
         if ctx.is_main and checkpoint is None:
             start_run_folder(run, cfg, scan, device, ctx)
             emit({"type": "log", "message": scan.report()})
         if ctx.is_main:  # who is training: after a restart the studio checks whether they are still alive
             run.update_info(status="running", pids=pids, launcher_pid=os.getppid() if ctx.enabled else None,
                             host=os.uname().nodename)
-        return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop)
+        return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop, started)
     except TrainingDiverged:
         raise  # the run is settled already (run.json says how, the best model is kept)
     except BaseException as error:
@@ -546,7 +662,8 @@ def curation_summary(record: dict) -> dict:
             "relabelled": len(record["relabelled"]), "leaks_removed": leaks, "unknown_paths": len(record["unknown"])}
 
 
-def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpoint, emit, stop) -> Path:
+def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpoint, emit, stop,
+                started: float) -> Path:
     session = setup_session(cfg, ctx, device, run, scan, model, emit)
     state = TrainState()
     if checkpoint is not None:
@@ -572,7 +689,8 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
         val_loss, val_acc = validate(session)
         record = {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
                   "val_loss": val_loss, "val_acc": val_acc, "lr": session.optimizer.param_groups[0]["lr"],
-                  "seconds": time.perf_counter() - epoch_start, "complete": not stopped}
+                  "seconds": time.perf_counter() - epoch_start, "complete": not stopped,
+                  "images": int(train_stats["images"])}
         # the epoch's sums were read anyway: checking them costs no extra wait for the device. Every
         # rank sees the same sums, so all of them end here together.
         diverged = divergence(record, cfg.head_lr())
@@ -584,7 +702,9 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
                          else "; no epoch finished before it, so there is no model")
             break
         improved = state.add(record)
-        save_checkpoint(session, state, improved, complete=not stopped)
+        early_stop = bool(cfg.early_stopping) and state.epochs_without_gain >= cfg.early_stopping
+        save_checkpoint(session, state, improved, complete=not stopped,
+                        final=not stopped and (epoch == cfg.epochs or early_stop))
         if ctx.is_main:
             run.update_info(history=state.history, best=state.best, epochs_done=epoch)
         emit({"type": "epoch", **record, "best_epoch": state.best["epoch"], "best_val_acc": state.best["val_acc"]})
@@ -593,23 +713,29 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
             session.log(f"stopped {'during' if stopped else 'after'} epoch {epoch}; keeping the best model so far "
                         f"(epoch {state.best['epoch']})")
             break
-        if cfg.early_stopping and state.epochs_without_gain >= cfg.early_stopping:
+        if early_stop:
             status = "early-stopped"
             session.log(f"early stopping: no improvement for {state.epochs_without_gain} epochs "
                         f"(best epoch {state.best['epoch']})")
             break
 
+    training_end = time.perf_counter()
     metrics = final_evaluation(session, state)
+    end = time.perf_counter()
+    # the whole wall time and where it went: a cache built once can take far longer than the epochs
+    stages = {"setup": progress.run_start - started - session.pipeline_seconds,
+              "cache": session.pipeline_seconds, "training": training_end - progress.run_start,
+              "evaluation": end - training_end}
+    timing = {"seconds": end - started, "stages": stages, "cache": session.pipeline.kind}
     if ctx.is_main:
         run.update_info(status=status, **({"error": diverged} if diverged else {}), summary=metrics and {
             k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
-            if k in metrics})
+            if k in metrics}, **timing)
     if diverged is not None:
         emit({"type": "error", "message": diverged})
     emit({"type": "end", "status": status, "run_dir": str(run.path), "best": state.best,
           "metrics": metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
-          "summary": summary_line(metrics) if metrics else "no epoch completed",
-          "seconds": time.perf_counter() - progress.run_start})
+          "summary": summary_line(metrics) if metrics else "no epoch completed", **timing})
     if diverged is not None:
         raise TrainingDiverged(diverged)
     return run.path
@@ -686,6 +812,7 @@ class _Prepared(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.trainable(self.prepare(inputs))
+
 
 # last: `finetune.train(...)` (this module, once imported) is the Python API's function (finetune.api)
 from .api import callable_module  # noqa: E402

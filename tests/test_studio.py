@@ -255,6 +255,31 @@ def test_start_passes_every_setting_and_releases_the_gpu(studio, tmp_path, monke
         train_tab.start_training(studio, "photos", "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0)
 
 
+def test_without_imagenet_weights_the_train_tab_opens_on_strategy_all_and_says_why(studio, monkeypatch):
+    """Offline the page preselects "None: train from scratch"; with strategy last it ended at chance on
+    the sample data. It preselects all (the engine's default without pretrained weights), and so does
+    choosing None later; other weights leave the strategy as it is."""
+    import finetune.model
+    from finetune.config import DEFAULT_LR
+
+    monkeypatch.setattr(finetune.model, "weights_available", lambda arch, weights: (weights != "imagenet", "x"))
+    demo = studio_app.build_app(studio)
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert (by_id["weights"].value, by_id["strategy"].value, by_id["lr"].value) == ("none", "all", DEFAULT_LR["all"])
+    note = train_tab.check_weights(studio, "resnet34", "none", None, "all")
+    assert "Strategy *all*, the default without pretrained weights: every layer trains" in note and "Tip" not in note
+    assert "choose strategy *all*" in train_tab.check_weights(studio, "resnet34", "none", None, "last")
+    assert train_tab.strategy_for_weights(studio, "none", "last") == "all"
+    assert train_tab.strategy_for_weights(studio, "none", "all") == gr.skip()
+    assert train_tab.strategy_for_weights(studio, "file", "head") == gr.skip()
+    assert "strategy_for_weights" in {fn.api_name for fn in demo.fns.values()}
+
+    monkeypatch.setattr(finetune.model, "weights_available", lambda arch, weights: (True, "x"))
+    by_id = {block.elem_id: block for block in studio_app.build_app(studio).blocks.values()
+             if getattr(block, "elem_id", None)}
+    assert (by_id["weights"].value, by_id["strategy"].value) == ("imagenet", "last")
+
+
 @pytest.mark.parametrize("data, message", [("", "Choose the training data first"),
                                            ("missing", "data folder not found: .*cwd/missing")])
 def test_start_refuses_missing_data(studio, data, message):

@@ -15,7 +15,7 @@ from torchvision import models
 
 from conftest import make_class_folders, tree_digest
 from finetune.config import FinetuneError, TrainConfig
-from finetune.events import read_events
+from finetune.events import format_event, read_events
 from finetune.rundir import DiskFull
 from finetune.train import resume_config, train
 
@@ -106,13 +106,20 @@ def test_run_folder_has_everything_needed(dataset, tmp_path):
     for name in ("confusion_matrix.png", "training_curves.png", "data_report.txt", "reliability.png"):
         assert (run / name).stat().st_size > 0
 
-    kinds = [e["type"] for e in events]
+    kinds = [e["type"] for e in events if e["type"] != "progress"]  # the scan's: before the run folder
     assert kinds[0] == "log" or kinds[0] == "start"
     assert kinds.count("epoch") == 2 and kinds[-1] == "end" and "batch" in kinds
     batch = next(e for e in events if e["type"] == "batch")
     assert {"epoch", "batch", "batches", "loss", "acc", "images_per_s", "eta_s"} <= set(batch)
     written = read_events(run)
     assert [e["type"] for e in written] == kinds  # the event file holds the same events
+    # the whole wall time, and where it went (a cache built once can take far longer than the epochs)
+    end = events[-1]
+    assert set(end["stages"]) == {"setup", "cache", "training", "evaluation"} and end["cache"] == "features"
+    assert all(seconds >= 0 for seconds in end["stages"].values())
+    assert end["seconds"] >= sum(end["stages"].values()) - 1e-6 and end["seconds"] > end["stages"]["training"]
+    assert (info["seconds"], info["stages"]) == (end["seconds"], end["stages"])
+    assert re.match(r"completed in \d+:\d\d \(.*training \d+:\d\d.*\); best epoch", format_event(end))
     # no pickled Python objects anywhere: every .pth loads with weights_only
     for path in run.glob("*.pth"):
         torch.load(path, weights_only=True)
@@ -197,6 +204,8 @@ def test_same_seed_gives_same_metrics(dataset, tmp_path):
 
 def test_resume_continues_from_the_saved_epoch(dataset, tmp_path):
     run = train(tiny_config(dataset, tmp_path, strategy="last", epochs=1))
+    finished = torch.load(run / "last.pth", weights_only=True)  # layer4 and the head: the rest is in model.pth
+    assert "optimizer" not in finished and {key.split(".")[0] for key in finished["model"]} == {"layer4", "fc"}
     cfg = resume_config(run, epochs=3)
     events = []
     assert train(cfg, on_event=events.append, resume=run) == run
@@ -229,6 +238,61 @@ def test_stop_ends_at_the_next_batch_and_leaves_a_usable_run(dataset, tmp_path):
     assert (run / "metrics.json").exists()
 
 
+def test_without_pretrained_weights_the_default_strategy_trains_every_layer(dataset, standin, tmp_path):
+    """From scratch, `head` and `last` keep random frozen layers and end at chance: a config without
+    a strategy trains all (said in one line), run.json records it; the caller's config is unchanged."""
+    from finetune.train import settle_strategy
+
+    cfg = tiny_config(dataset, tmp_path, epochs=1)
+    assert cfg.strategy is None
+    stop, logs = threading.Event(), []
+
+    def on_event(event):
+        if event["type"] == "log":
+            logs.append(event["message"])
+        stop.set()  # the first batch is enough to see what trains
+
+    run = train(cfg, on_event=on_event, stop=stop)
+    info = json.loads((run / "run.json").read_text())
+    assert info["strategy"] == info["config"]["strategy"] == "all" and run.name.endswith("-resnet34-all")
+    assert "strategy all (the default without pretrained weights): every layer trains" in logs[0]
+    assert cfg.strategy is None
+    assert settle_strategy(tiny_config(dataset, tmp_path, weights=str(standin)))[0].strategy == "last"
+    assert settle_strategy(tiny_config(dataset, tmp_path, weights=str(standin), strategy="head"))[1] is None
+    explicit, warning = settle_strategy(tiny_config(dataset, tmp_path, strategy="head"))
+    assert explicit.strategy == "head" and warning.startswith("warning: strategy head without pretrained weights")
+
+
+def test_no_image_is_dropped_from_an_epoch_and_no_batch_is_tiny(tmp_path):
+    """57 training images at batch 32 used to train on 32 an epoch (drop_last): now on all 57, in
+    batches of 29 and 28; only a lone image left from a pair is left out (BatchNorm needs two)."""
+    from torch.utils.data import DistributedSampler
+
+    from finetune.train import EvenBatches
+
+    data = tmp_path / "data"
+    make_class_folders(data / "train", classes=("cats", "dogs", "owls"), per_class=19, size=(8, 8))
+    make_class_folders(data / "val", classes=("cats", "dogs", "owls"), per_class=1, size=(8, 8))
+    events = []
+    train(tiny_config(data, tmp_path / "runs", strategy="head", epochs=1, batch_size=32, image_size=32),
+          on_event=events.append)
+    (start,) = [e for e in events if e["type"] == "start"]
+    (epoch,) = [e for e in events if e["type"] == "epoch"]
+    assert start["train_images"] == 57 and start["batches_per_epoch"] == 2 and epoch["images"] >= 54
+
+    def sizes(n, batch):
+        return [len(b) for b in EvenBatches(range(n), batch)]
+
+    assert sizes(57, 32) == [29, 28] and sizes(64, 32) == [32, 32] and sizes(20, 32) == [20]
+    assert sizes(1000, 32) == [32] * 30 + [20, 20] and sizes(3, 2) == [2] and sizes(33, 32) == [17, 16]
+    for n, batch in [(57, 32), (1000, 32), (3, 2), (5, 5), (33, 4)]:  # never more than one image left out
+        assert n - 1 <= sum(sizes(n, batch)) <= n and min(sizes(n, batch)) >= min(n, 2, batch)
+    # several processes: each rank's sampler has as many indices, so every rank has as many batches
+    per_rank = [len(EvenBatches(DistributedSampler(range(57), 2, rank, shuffle=True, seed=0), 8))
+                for rank in (0, 1)]
+    assert per_rank[0] == per_rank[1] == 4
+
+
 def test_early_stopping_and_class_weighted_loss(dataset, tmp_path):
     cfg = tiny_config(dataset, tmp_path, strategy="head", epochs=6, early_stopping=1, lr=1e-12,
                       class_weighted_loss=True)
@@ -244,7 +308,7 @@ def test_bad_files_are_reported_and_the_users_folder_is_untouched(tmp_path):
     (data / "dogs" / "empty.png").write_bytes(b"")
     before = tree_digest(data)
     events = []
-    run = train(tiny_config(data, tmp_path / "runs", epochs=1), on_event=events.append)
+    run = train(tiny_config(data, tmp_path / "runs", strategy="head", epochs=1), on_event=events.append)
     assert tree_digest(data) == before
     report = (run / "data_report.txt").read_text()
     assert "cats/broken.jpg" in report and "dogs/empty.png: empty file" in report
@@ -291,17 +355,39 @@ def test_no_float64_tensor_where_a_gpu_would_hold_it(dataset, tmp_path, monkeypa
     assert not found, f"float64 tensors created by {sorted(set(found))[:5]}"
 
 
-def test_checkpoints_hold_cpu_tensors_only(dataset, tmp_path):
+def test_checkpoints_hold_cpu_tensors_only_and_a_finished_runs_last_pth_only_the_trained_layers(dataset, tmp_path):
+    """A run stopped after an epoch keeps the whole last.pth (optimizer too) to resume exactly; once it
+    ends by itself, last.pth keeps only the layers the strategy trains (model.pth has the frozen ones)
+    and no optimizer: a head run's is kilobytes beside an 85 MB model.pth, and resumes all the same."""
     from finetune.train import to_cpu
 
-    run = train(tiny_config(dataset, tmp_path, strategy="head", epochs=1))
+    stop = threading.Event()
+    run = train(tiny_config(dataset, tmp_path, strategy="head", epochs=2), stop=stop,
+                on_event=lambda event: stop.set() if event["type"] == "epoch" else None)
+    assert json.loads((run / "run.json").read_text())["status"] == "stopped"
     for name in ("model.pth", "last.pth"):
         loaded = torch.load(run / name, weights_only=True)  # no map_location: as on a CPU-only machine
         tensors = list(loaded.values()) if name == "model.pth" else \
             list(loaded["model"].values()) + [t for s in loaded["optimizer"]["state"].values() for t in s.values()]
         assert tensors and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
+    assert "base" not in loaded and len(loaded["model"]) == len(torch.load(run / "model.pth", weights_only=True))
     nested = {"a": [torch.ones(1), (torch.zeros(2), 3)], "b": "x"}
     assert to_cpu(nested)["a"][1][1] == 3 and to_cpu(nested)["b"] == "x"
+
+    train(resume_config(run), resume=run)  # the interrupted run finishes: now it ended by itself
+    slim = torch.load(run / "last.pth", weights_only=True)
+    assert "optimizer" not in slim and slim["base"] == "model.pth" and set(slim["model"]) == {"fc.weight", "fc.bias"}
+    assert (run / "last.pth").stat().st_size * 100 < (run / "model.pth").stat().st_size
+    model_before = torch.load(run / "model.pth", weights_only=True)
+
+    events = []
+    train(resume_config(run, epochs=3), on_event=events.append, resume=run)  # more epochs after the end
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and [h["epoch"] for h in info["history"]] == [1, 2, 3]
+    assert any("keeps no optimizer state: AdamW starts afresh" in e["message"] for e in events if e["type"] == "log")
+    model_after = torch.load(run / "model.pth", weights_only=True)
+    frozen = [key for key in model_after if not key.startswith("fc.")]
+    assert all(torch.equal(model_before[key], model_after[key]) for key in frozen), "frozen layers from model.pth"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..config import DEFAULT_LR, STRATEGY_HELP, FinetuneError, TrainConfig
+from ..config import DEFAULT_LR, STRATEGY_HELP, FinetuneError, TrainConfig, default_strategy
 from . import views
 from .common import bind, error, output_list, warning
 from .state import Studio
@@ -54,14 +54,17 @@ def build(studio: Studio) -> TrainTab:
     from ..device import describe_device, resolve_device
 
     gpus_visible = studio.visible_gpus()
+    # offline (no ImageNet weights) the page opens on "from scratch", so on the strategy that can learn from it
+    initial_weights = default_weights(studio)
+    initial_strategy = default_strategy(initial_weights)
     with gr.Tab("2. Train", id="train", elem_id="tab_train") as tab:
         data_ready = gr.Markdown(elem_id="train_data")
         with gr.Row():
             with gr.Column(scale=2):
                 arch = gr.Radio(ARCH_CHOICES, value="resnet34", label="Architecture", elem_id="arch")
-                strategy = gr.Radio(STRATEGY_CHOICES, value="last", label="What to train (strategy)",
+                strategy = gr.Radio(STRATEGY_CHOICES, value=initial_strategy, label="What to train (strategy)",
                                     elem_id="strategy")
-                weights = gr.Radio(WEIGHT_CHOICES, value=default_weights(studio), label="Starting weights",
+                weights = gr.Radio(WEIGHT_CHOICES, value=initial_weights, label="Starting weights",
                                    elem_id="weights")
                 weights_file = gr.File(label="Weights file (.pth)", file_types=[".pth", ".pt"], type="filepath",
                                        visible=False, elem_id="weights_file")
@@ -75,7 +78,7 @@ def build(studio: Studio) -> TrainTab:
                 epochs = gr.Number(value=5, label="Epochs", minimum=1, maximum=1000, precision=0, elem_id="epochs")
                 batch_size = gr.Number(value=32, label="Batch size", minimum=1, maximum=4096, precision=0,
                                        elem_id="batch_size")
-                lr = gr.Number(value=DEFAULT_LR["last"], label="Learning rate (head; set per strategy)", minimum=0,
+                lr = gr.Number(value=DEFAULT_LR[initial_strategy], label="Learning rate (head; set per strategy)", minimum=0,
                                elem_id="lr")
                 image_size = gr.Number(value=224, label="Image size (pixels)", minimum=32, maximum=1024, precision=0,
                                        elem_id="image_size")
@@ -138,10 +141,21 @@ def check_weights(studio: Studio, arch: str = "resnet34", weights: str = "imagen
     if weights == "imagenet":
         return f"Ready: ImageNet weights found at {views.code(expected)}." if imagenet_ok else f"**Warning:** {missing}"
     note = "Ready: training from scratch (no pretrained weights)."
-    if strategy != "all":
+    if strategy == "all":
+        note += (" Strategy *all*, the default without pretrained weights: every layer trains, as layers left "
+                 "frozen would keep their random values.")
+    else:
         note += (f" **Tip:** without pretrained weights the layers that strategy *{views.md(strategy)}* freezes stay "
                  f"random, so it learns little; choose strategy *all* to train every layer.")
     return note if imagenet_ok else note + "\n\nNote: " + missing
+
+
+def strategy_for_weights(studio: Studio, weights: str | None = None, strategy: str | None = None):
+    """Choosing "None: train from scratch" selects strategy all (the engine's default for it, see
+    config.default_strategy; check_weights says why). Other weights leave the strategy as it is; a
+    strategy chosen after the weights is kept (the note then advises against it)."""
+    wanted = default_strategy(weights or "imagenet")
+    return wanted if wanted == "all" and strategy != wanted else gr.skip()
 
 
 def weights_file_visible(studio: Studio, weights: str | None = None):
@@ -257,6 +271,8 @@ def wire(studio: Studio, c: TrainTab, data_path: gr.Textbox):
                           (c.weights_file.change, "check_weights_file"), (c.strategy.change, "check_weights_strategy")):
         trigger(checking, weights_inputs, c.weights_note, api_name=name)
     c.strategy.change(bind(studio, strategy_lr), c.strategy, c.lr, api_name="strategy_lr")
+    c.weights.change(bind(studio, strategy_for_weights), [c.weights, c.strategy], c.strategy,
+                     api_name="strategy_for_weights")
 
     started = {"progress": c.progress, "message": c.message}
     following = follow_outputs(c)
