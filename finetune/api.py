@@ -193,9 +193,9 @@ class Model:
             if isinstance(slot, Path):
                 results.append(next(batched))
             elif isinstance(slot, Image.Image):
-                top = predictor.predict_image(slot, top_k=top_k)
-                name = getattr(slot, "filename", "") or f"<image {number}>"
-                results.append(Prediction(name, top=top, unknown=top[0][1] < threshold))
+                prediction = predictor.predict_one(slot, top_k=top_k, min_confidence=threshold)
+                prediction.path = getattr(slot, "filename", "") or f"<image {number}>"
+                results.append(prediction)
             else:
                 results.append(slot)
         return results
