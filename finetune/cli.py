@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -227,12 +228,17 @@ def probability(text: str) -> float:
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only when there is one worth reading (not None, not a flag's False)."""
+    """Every default shown one way, "(default: X)": argparse's own, added where there is one worth
+    reading (not None, not a flag's False) and the help text does not say it already, and a help
+    text's own "(default X)" (the generated train options) written the same way."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if any(action.default is v for v in (None, False, True)) or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
+        text = re.sub(r"\(default (?!:)", "(default: ", action.help or "")
+        shows_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if (any(action.default is v for v in (None, False, True)) or "default" in text
+                or action.default is argparse.SUPPRESS or not shows_default):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -318,7 +324,7 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     doctor_parser.add_argument("data", help="image folder or .zip")
     doctor_parser.add_argument("--run", help="a run trained on DATA: its backbone and split settings")
     doctor_parser.add_argument("--arch", choices=ARCHS, help="backbone without --run (default resnet34)")
-    doctor_parser.add_argument("--weights", help="imagenet (default), none (random: rough), or a .pth state_dict")
+    doctor_parser.add_argument("--weights", help="imagenet, none (random: rough), or a .pth state_dict (default: imagenet)")
     doctor_parser.add_argument("--image-size", type=int, help="input size of the backbone (default: the run's, or 224)")
     doctor_parser.add_argument("--folds", type=int, default=5, help="folds of the out-of-sample linear probe")
     doctor_parser.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
@@ -354,10 +360,17 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     export_parser.add_argument("--out", help="output file (default: in the run folder)")
     export_parser.set_defaults(func=cmd_export)
 
-    scan_parser = sub.add_parser("scan", help="check an image folder and show its classes, split and skipped files")
+    scan_parser = sub.add_parser("scan", help="check an image folder and show its classes, split and skipped files",
+                                 formatter_class=DefaultsHelpFormatter,
+                                 description="Decodes every image of DATA (never changes it) and shows how the "
+                                             "folder was understood (class folders, or train/ and val/ splits), "
+                                             "the images per class and split, and the files skipped, with why.")
     scan_parser.add_argument("data", help="image folder or .zip")
-    scan_parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    scan_parser.add_argument("--seed", type=int, default=defaults.seed)
+    scan_parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                             help="share of each class held out for validation when DATA has no val/ folder, "
+                                  "as train splits it")
+    scan_parser.add_argument("--seed", type=int, default=defaults.seed,
+                             help="for the train/val split, as train's --seed")
     scan_parser.add_argument("--json", action="store_true", help="machine-readable output")
     scan_parser.set_defaults(func=cmd_scan)
 
@@ -377,10 +390,14 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     selftest_parser.add_argument("--compile", action="store_true", help="also torch.compile the trainable layers")
     selftest_parser.set_defaults(func=cmd_selftest)
 
-    sample_parser = sub.add_parser("sample-data", help="(re)generate the small bundled sample dataset")
-    sample_parser.add_argument("out", nargs="?", default="data")
-    sample_parser.add_argument("--per-class", type=int, default=24)
-    sample_parser.add_argument("--seed", type=int, default=0)
+    sample_parser = sub.add_parser("sample-data", help="(re)generate the small bundled sample dataset",
+                                   formatter_class=DefaultsHelpFormatter,
+                                   description="Draws synthetic photos of three shapes (circle, square, triangle) "
+                                               "into OUT/<shape>/: a dataset to try finetune on, made here, not "
+                                               "downloaded; the same files for the same seed.")
+    sample_parser.add_argument("out", nargs="?", default="data", help="folder to write the class folders into")
+    sample_parser.add_argument("--per-class", type=int, default=24, help="images per class")
+    sample_parser.add_argument("--seed", type=int, default=0, help="for the drawings (the same seed, the same files)")
     sample_parser.set_defaults(func=cmd_sample_data)
     return parser
 

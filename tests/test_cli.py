@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import zipfile
 import sys
@@ -66,6 +67,33 @@ def test_help_lists_every_command():
     assert "--strategy {all,last,head}" in train_help and "--resume RUN" in train_help
 
 
+def test_every_option_of_every_command_has_a_help_text_and_defaults_read_one_way():
+    import argparse
+    import re
+
+    from finetune.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) >= {"train", "predict", "evaluate", "export", "doctor", "scan", "selftest",
+                                     "sample-data"}
+    for name, command in commands.choices.items():
+        undocumented = [a.dest for a in command._actions if not (a.help or "").strip()]
+        assert not undocumented, f"{name}: no help text for {undocumented}"
+        text = " ".join(command.format_help().split())  # the lines joined: a default may wrap
+        mentions = re.findall(r"\(default\b[^)]*", text)
+        assert all(m.startswith("(default: ") for m in mentions), (name, [m for m in mentions if ":" not in m])
+        for action in command._actions:  # a default worth reading is shown
+            if action.option_strings and action.default not in (None, False, True, argparse.SUPPRESS):
+                assert f"(default: {action.default}" in text, (name, action.dest)
+    sample = " ".join(commands.choices["sample-data"].format_help().split())
+    assert "images per class (default: 24)" in sample and "(default: data)" in sample
+    scan = " ".join(commands.choices["scan"].format_help().split())
+    assert "no val/ folder, as train splits it (default: 0.2)" in scan
+    train_help = " ".join(commands.choices["train"].format_help().split())
+    assert "(default: 5)" in train_help and "(default: all with --weights none, else last)" in train_help
+
+
 def test_every_option_round_trips_through_the_command_line_and_a_config_file(tmp_path):
     from finetune.cli import build_parser, config_from_args
     from finetune.config import TrainConfig, cli_fields
@@ -96,6 +124,9 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
     assert (run / "model.pth").exists()
     assert "epoch   1:" in result.stdout and "val: " in result.stdout
     assert "\r" not in result.stdout + result.stderr  # a captured log: no progress bar among the lines
+    assert "warning: strategy head without pretrained weights: the layers it freezes keep their random" \
+           in result.stdout  # an explicit strategy is kept, and questioned in one line
+    assert re.search(r"^completed in \d+:\d\d \(.*training \d+:\d\d.*\); best epoch 1$", result.stdout, re.M)
 
     out_csv = tmp_path / "p.csv"
     predicted = cli("predict", run, data / "cats", "--top-k", "2", "--csv", out_csv)
