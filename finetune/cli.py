@@ -6,6 +6,7 @@ Every error the user can cause is one line on stderr and exit status 2; never a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -99,6 +100,25 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig.from_dict({**base.to_dict(), **given})
 
 
+def mute_stdout() -> None:
+    """The rest of stdout to /dev/null: its reader has gone (`| head -1`), and every later write, Python's
+    last flush at exit included, would fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@contextlib.contextmanager
+def output_may_close():
+    """Printing into a pipe whose reader stopped early ends the printing, not the command: what the
+    command writes to files after the block is still written."""
+    try:
+        yield
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        mute_stdout()
+
+
 def cmd_predict(args) -> int:
     from .data import list_images
     from .predict import Predictor, write_csv
@@ -117,24 +137,30 @@ def cmd_predict(args) -> int:
         from .extras import check_installed
 
         check_installed("pytorch_grad_cam")  # before the predictions are printed, not after
-    say(min_confidence_line(predictor, threshold, args.min_confidence))
+    with output_may_close():
+        say(min_confidence_line(predictor, threshold, args.min_confidence))
     predictions = predictor.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size,
                                           min_confidence=threshold)
-    for p in predictions:
-        if p.error:
-            say(f"{p.path}: error: {p.error}")
-        else:
-            answer = f"unknown (best guess {p.label} {p.confidence:.3f})" if p.unknown else \
-                f"{p.label} {p.confidence:.3f}"
-            say(f"{p.path}: " + ", ".join([answer] + [f"{name} {prob:.3f}" for name, prob in p.top[1:]]))
-    if args.csv:
-        say(f"wrote {write_csv(predictions, args.csv, args.top_k)}")
+    csv_path = write_csv(predictions, args.csv, args.top_k) if args.csv else None  # before any printing
+    with output_may_close():
+        for p in predictions:
+            if p.error:
+                say(f"{p.path}: error: {p.error}")
+            else:
+                answer = f"unknown (best guess {p.label} {p.confidence:.3f})" if p.unknown else \
+                    f"{p.label} {p.confidence:.3f}"
+                say(f"{p.path}: " + ", ".join([answer] + [f"{name} {prob:.3f}" for name, prob in p.top[1:]]))
+    heatmaps = None
     if args.explain:
         from .explain import explain_paths
 
         readable = [Path(p.path) for p in predictions if p.error is None]
-        written = explain_paths(predictor, readable, args.explain, args.explain_class)
-        say(f"wrote {len(written)} heatmap(s) ({args.explain_class or 'the predicted class'}) to {args.explain}")
+        heatmaps = explain_paths(predictor, readable, args.explain, args.explain_class)
+    with output_may_close():
+        if csv_path is not None:
+            say(f"wrote {csv_path}")
+        if heatmaps is not None:
+            say(f"wrote {len(heatmaps)} heatmap(s) ({args.explain_class or 'the predicted class'}) to {args.explain}")
     return 0 if all(p.error is None for p in predictions) else 1
 
 
@@ -413,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         say("aborted", err=True)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        mute_stdout()
         return 0
     except MemoryError:
         say("error: out of memory: try a smaller --batch-size or --image-size", err=True)

@@ -157,6 +157,15 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
     assert metrics["num_images"] == 10 and (tmp_path / "eval" / "confusion_matrix.png").exists()
     assert {"ece_raw", "ece_calibrated", "answered", "accuracy_answered"} <= set(metrics["calibration"])
     assert "calibration (temperature " in evaluated.stdout
+    # the training folder itself: the images it trained on are counted, and can be left out
+    trained = len(json.loads((run / "split.json").read_text())["train"])
+    assert 0 < trained < 10 and metrics["training_overlap"] == trained
+    assert f"warning: {trained} of 10 images were in this run's training split" in evaluated.stdout
+    from finetune.cli import main  # in this process: a second start of python and torch costs seconds
+
+    assert main(["evaluate", str(run), str(data), "--out", str(tmp_path / "held-out"), "--held-out-only"]) == 0
+    held_out = json.loads((tmp_path / "held-out" / "metrics.json").read_text())
+    assert held_out["num_images"] == 10 - trained and held_out["held_out_only"] is True
 
     exported = cli("export", run, "--format", "torchscript")
     assert exported.returncode == 0 and (run / "model.torchscript.pt").exists()

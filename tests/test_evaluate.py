@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_class_folders
+from test_archive import zip_folder
+
 from finetune.archive import dataset_folder
 from finetune.config import FinetuneError, TrainConfig
 from finetune.evaluate import evaluate_run
 from finetune.predict import Predictor
 from finetune.train import train
-from test_archive import zip_folder
 
 
 @pytest.fixture(scope="module")
