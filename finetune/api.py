@@ -27,8 +27,9 @@ import signal
 import sys
 import threading
 import types
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .config import ARCHS, FinetuneError, TrainConfig
 from .events import Event, EventCallback
@@ -323,11 +324,14 @@ class Run(Model):
         strategy = info.get("strategy") or (info.get("config") or {}).get("strategy") or "?"
         rows = [("status", info.get("status", "unknown")), ("model", f"{info.get('arch', '?')} / {strategy}")]
         if "accuracy" in summary:
-            rows.append(("val accuracy", f"{summary['accuracy']:.4f} (balanced {summary.get('balanced_accuracy', 0):.4f}, "
-                                         f"macro F1 {summary.get('macro_f1', 0):.4f}) on {summary.get('num_images', '?')} images"))
+            rows.append(("val accuracy", (f"{summary['accuracy']:.4f} (balanced "
+                                          f"{summary.get('balanced_accuracy', 0):.4f}, macro F1 "
+                                          f"{summary.get('macro_f1', 0):.4f}) on "
+                                          f"{summary.get('num_images', '?')} images")))
         calibration = info.get("calibration") or {}
         if calibration.get("suggested_min_confidence") is not None:
-            rows.append(("min confidence", f"{calibration['suggested_min_confidence']:.2f} (suggested from validation)"))
+            rows.append(("min confidence",
+                         f"{calibration['suggested_min_confidence']:.2f} (suggested from validation)"))
         if info.get("error"):
             rows.append(("error", str(info["error"])))
         rows.append(("classes", _class_list(self.classes)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO, execute_notebook, notebook_text
 
 
@@ -19,7 +18,8 @@ def test_the_quickstart_notebook_runs_in_a_kernel(tmp_path):
     assert (run / "model.pth").is_file() and (run / "model.onnx").is_file()
     assert next(run.glob("eval-*/metrics.json")).is_file()
     shown = [output["data"] for cell in nb.cells for output in cell.get("outputs", []) if "data" in output]
-    summary = next(data["text/html"] for data in shown if "text/html" in data and "confusion matrix" in data["text/html"])
+    summary = next(data["text/html"] for data in shown
+                   if "text/html" in data and "confusion matrix" in data["text/html"])
     assert run.name in summary and "<img src='data:image/png;base64," in summary
     assert any("image/png" in data for data in shown)  # the Grad-CAM overlay
     assert "Traceback" not in text
