@@ -90,8 +90,8 @@ def choose(page, elem_id: str, label_text: str) -> None:
 def fast_settings(page, epochs: int) -> None:
     """weights none, the head strategy, 64-pixel images: a training of a few seconds."""
     open_tab(page, "2. Train")
+    choose(page, "weights", "None: train")  # first: choosing None selects strategy all
     choose(page, "strategy", "head: only")
-    choose(page, "weights", "None: train")
     set_number(page, "epochs", epochs)
     set_number(page, "batch_size", 16)
     set_number(page, "image_size", 64)
