@@ -201,6 +201,8 @@ class Evaluation:
         from .calibrate import held_out_line
 
         lines = [self.warning] if self.warning else []
+        if self.held_out_only and self.overlap:
+            lines.append(f"held out only: left out the {self.overlap} images that were in this run's training split")
         lines.append(summary_line(self.metrics))
         if "calibration" in self.metrics:
             lines.append(held_out_line(self.metrics["calibration"]))
@@ -269,6 +271,10 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
     if log is not None:
         for rel, reason in skipped:
             log(f"skipped {rel}: {reason}")
+    default = f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
+    folder = Path(out).expanduser() if out else run_dir.path / default
+    if out and folder.resolve().is_relative_to(root):  # nothing is ever written into the user's data
+        raise FinetuneError(f"refusing to write the report into the data folder {root}: choose --out outside it")
     trained = in_training_split(run_dir, root, [rel for rel, _ in items])
     overlap = None if trained is None else len(trained)
     warning = None
@@ -281,6 +287,8 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
         if not items:
             raise FinetuneError(f"all {total} images of {root} were in the training split of {run_dir.name}: "
                                 f"none are held out")
+    elif overlap == len(items):
+        warning = f"warning: all {overlap} images were in this run's training split: the score is not held out"
     elif overlap:
         warning = (f"warning: {overlap} of {len(items)} images were in this run's training split: the score is not "
                    f"held out; --held-out-only evaluates the other {len(items) - overlap}")
@@ -297,7 +305,6 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
     metrics["training_overlap"] = overlap  # images of the folder in the run's training split (None: unknown)
     metrics["held_out_only"] = held_out_only  # those left out of the metrics
     metrics["calibration"] = held_out_report(logits, targets, predictor.temperature, threshold)
-    folder = Path(out).expanduser() if out else run_dir.path / f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
     write_reports(folder, metrics)
     return Evaluation(metrics=metrics, out=folder, confusion_matrix=folder / "confusion_matrix.png", data=root,
                       overlap=overlap, held_out_only=held_out_only, warning=warning)

@@ -115,7 +115,7 @@ def test_every_option_round_trips_through_the_command_line_and_a_config_file(tmp
     assert overridden == TrainConfig.from_dict({**cfg.to_dict(), "epochs": 9})
 
 
-def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
+def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     data = make_class_folders(tmp_path / "photos", per_class=5)
     result = cli("train", data, "--weights", "none", "--epochs", "1", "--image-size", "64", "--batch-size", "4",
                  "--runs-dir", tmp_path / "runs", "--workers", "0", "--strategy", "head")
@@ -164,6 +164,8 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path):
     from finetune.cli import main  # in this process: a second start of python and torch costs seconds
 
     assert main(["evaluate", str(run), str(data), "--out", str(tmp_path / "held-out"), "--held-out-only"]) == 0
+    assert f"held out only: left out the {trained} images that were in this run's training split" in \
+        capsys.readouterr().out
     held_out = json.loads((tmp_path / "held-out" / "metrics.json").read_text())
     assert held_out["num_images"] == 10 - trained and held_out["held_out_only"] is True
 

@@ -36,8 +36,7 @@ def test_the_training_images_are_counted_and_held_out_only_refuses_them(zipped_r
     run, _, root = zipped_run
     evaluation = evaluate_run(run, root / "train", device="cpu", out=tmp_path / "train")
     assert evaluation.overlap == 8 == evaluation.metrics["num_images"]
-    assert evaluation.warning == ("warning: 8 of 8 images were in this run's training split: the score is not "
-                                  "held out; --held-out-only evaluates the other 0")
+    assert evaluation.warning == "warning: all 8 images were in this run's training split: the score is not held out"
     assert evaluation.summary_text().splitlines()[0] == evaluation.warning
     written = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert written["training_overlap"] == 8 and written["held_out_only"] is False
@@ -51,6 +50,9 @@ def test_the_training_images_are_counted_and_held_out_only_refuses_them(zipped_r
     own = evaluate_run(run, root, device="cpu", out=tmp_path / "own")
     assert own.overlap == 0 and own.warning is None and own.metrics["num_images"] == 4
     assert "warning" not in own.summary_text()
+    with pytest.raises(FinetuneError, match="refusing to write the report into the data folder"):
+        evaluate_run(run, root, device="cpu", out=root / "val" / "report")
+    assert not (root / "val" / "report").exists()
 
 
 def test_the_same_zip_extracted_again_is_known_as_the_training_data(zipped_run, tmp_path, monkeypatch):
