@@ -10,9 +10,8 @@
     run = finetune.load("runs/<name>")           # a run folder, or a classic model.pth + class_indices.json
     finetune.scan("photos/"); finetune.doctor("photos/")
 
-`finetune.train` and `finetune.doctor` are also the names of engine modules: `callable_module` makes
-those modules answer a call with the functions here, so both spellings hold whichever is imported first.
-Nothing here imports torch until it is needed: `import finetune` stays quick.
+The engine modules behind them are named for what they hold (training.py, data_doctor.py), so
+`finetune.train` and `finetune.doctor` are these plain functions whatever else is imported. Nothing here imports torch until it is needed: `import finetune` stays quick.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +37,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .data import DatasetScan
-    from .doctor import DoctorReport
+    from .data_doctor import DoctorReport
     from .evaluate import Evaluation
     from .predict import Prediction, Predictor
 
@@ -71,7 +69,7 @@ def train(data: str | os.PathLike, *, progress: bool = True, on_event: EventCall
         for listener in listeners:
             listener(event)
 
-    from .train import train as run_training
+    from .training import train as run_training
 
     stop = stop if stop is not None else threading.Event()
     with interrupt_stops(stop):
@@ -433,30 +431,11 @@ def scan(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> "
 
 def doctor(data: str | os.PathLike, *, progress: bool = True, **options: Any) -> "DoctorReport":
     """The data doctor's findings on a folder (or .zip): likely label errors, duplicates leaking between
-    splits, odd images. Options as finetune.doctor.run_doctor (run=, arch=, weights=, image_size=, folds=,
+    splits, odd images. Options as finetune.data_doctor.run_doctor (run=, arch=, weights=, image_size=, folds=,
     cache_dir= (default: the shared feature cache), ...). `.summary_text()` is the command line's report."""
-    from .doctor import default_cache_dir, run_doctor
+    from .data_doctor import default_cache_dir, run_doctor
 
     options.setdefault("cache_dir", default_cache_dir())
     log = _lines(progress)
     return run_doctor(_dataset_folder(os.fspath(data), None), log=log, **options)
 
-
-# ---------------------------------------------------------------------------------------------
-# finetune.train and finetune.doctor: functions here, modules of the engine there
-
-
-class _CallableModule(types.ModuleType):
-    """An engine module that, called, is the API function of its name (finetune.train(...) -> train)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _API_FUNCTIONS[self.__name__.rpartition(".")[2]](*args, **kwargs)
-
-
-_API_FUNCTIONS = {"train": train, "doctor": doctor}
-
-
-def callable_module(name: str) -> None:
-    """Make the module `name` (finetune.train or finetune.doctor) callable as the API function: importing a
-    submodule sets the package's attribute of that name to the module, so the module must answer the call."""
-    sys.modules[name].__class__ = _CallableModule

@@ -75,7 +75,7 @@ def dataset_folder(data: str, quiet: bool = False) -> str:
 
 
 def cmd_train(args) -> int:
-    from .train import resume_config, train
+    from .training import resume_config, train
 
     if args.resume:
         cfg = resume_config(args.resume, epochs=args.epochs, device=args.device)
@@ -177,7 +177,7 @@ def min_confidence_line(predictor, threshold: float, given: float | None) -> str
 
 def cmd_doctor(args) -> int:
     from .curation import add_decisions, default_curation_path, leak_decisions, load_or_new_curation, save_curation
-    from .doctor import default_cache_dir, run_doctor, write_csv, write_json
+    from .data_doctor import default_cache_dir, run_doctor, write_csv, write_json
     from .paths import default_runs_dir
 
     if args.run and (args.arch or args.weights):

@@ -134,7 +134,7 @@ def standin_weights(arch: str, path: Path) -> Path:
 
 def check_training(cfg: TrainConfig):
     from .events import read_events
-    from .train import train
+    from .training import train
 
     run = train(cfg)
     events = read_events(run)

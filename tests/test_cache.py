@@ -16,7 +16,7 @@ from finetune.config import TrainConfig
 from finetune.data import ImageListDataset, eval_transform, resize_size, scan_dataset
 from finetune.model import build_model, split_model
 from finetune.events import read_events
-from finetune.train import train
+from finetune.training import train
 
 SIZE = 64
 

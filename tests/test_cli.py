@@ -287,7 +287,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_failed_run(tmp_path, monk
 def test_a_loss_that_turns_nan_ends_the_training_keeping_the_best_model(tmp_path, monkeypatch, capsys):
     import torch
 
-    from finetune import train
+    from finetune import training as train
 
     real_setup = train.setup_session
 

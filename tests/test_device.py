@@ -34,7 +34,7 @@ def test_turing_gets_fp16_with_a_scaler_and_ampere_bf16(monkeypatch):
     assert dev.amp_choice(torch.device("cuda", 1), enabled=False)[0] is None
     assert dev.amp_choice(torch.device("cpu"))[0] is None and dev.amp_choice(torch.device("mps"))[0] is None
 
-    from finetune.train import uses_grad_scaler
+    from finetune.training import uses_grad_scaler
 
     assert uses_grad_scaler(torch.float16) and not uses_grad_scaler(torch.bfloat16) and not uses_grad_scaler(None)
 

@@ -13,7 +13,7 @@ from finetune.archive import dataset_folder
 from finetune.config import FinetuneError, TrainConfig
 from finetune.evaluate import evaluate_run
 from finetune.predict import Predictor
-from finetune.train import train
+from finetune.training import train
 
 
 @pytest.fixture(scope="module")

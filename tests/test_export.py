@@ -10,7 +10,7 @@ from finetune.config import FinetuneError, TrainConfig
 from finetune.data import eval_transform, list_images, load_rgb
 from finetune.export import export, read_metadata
 from finetune.predict import Predictor
-from finetune.train import train
+from finetune.training import train
 
 
 @pytest.fixture(scope="module")

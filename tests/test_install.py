@@ -131,7 +131,7 @@ def test_a_missing_extra_is_one_line_naming_what_to_install(monkeypatch, tmp_pat
     import torch
 
     from finetune.config import FinetuneError
-    from finetune.doctor import run_doctor
+    from finetune.data_doctor import run_doctor
     from finetune.explain import gradcam
     from finetune.export import _export_onnx, read_metadata
     from finetune.studio.app import launch

@@ -20,7 +20,7 @@ from finetune.calibrate import MISS_RATE, fit_temperature, softmax, suggest_thre
 from finetune.config import FinetuneError, TrainConfig
 from finetune.data import eval_transform, list_images, load_rgb
 from finetune.predict import Predictor, read_class_indices, write_csv
-from finetune.train import train
+from finetune.training import train
 
 CLASSES = ["red", "green", "blue"]
 

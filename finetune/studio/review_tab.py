@@ -206,7 +206,7 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
 
     def work(report):
         from ..data import scan_dataset
-        from ..doctor import default_cache_dir, run_doctor
+        from ..data_doctor import default_cache_dir, run_doctor
 
         def log(line: str) -> None:
             lines.append(line)

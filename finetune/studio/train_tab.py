@@ -240,7 +240,8 @@ def render(studio: Studio, view) -> dict:
     for name, metric in (("loss_plot", "loss"), ("acc_plot", "accuracy")):
         frame = views.curve_frame(view, metric)
         outputs[name] = gr.skip() if frame is None else gr.LinePlot(value=frame, x_lim=[0, max(1, view.epochs)])
-    outputs["log"] = "\n".join(map(views.plain, view.log))
+    # an entry may hold several lines (the data report): each line shown escaped, the breaks kept
+    outputs["log"] = "\n".join(views.plain(line) for entry in view.log for line in str(entry).split("\n"))
     text, matrix = views.training_result(view)
     outputs["result"] = text
     served = studio.serve_run_file(matrix) if matrix is not None else None

@@ -258,7 +258,7 @@ KINDS = {"label": "Likely label error", "duplicate": "Duplicate", "other": "Odd 
 
 
 def review_summary(report, kept_before: int = 0) -> str:
-    """The doctor's findings in a few lines (report: a finetune.doctor.DoctorReport)."""
+    """The doctor's findings in a few lines (report: a finetune.data_doctor.DoctorReport)."""
     s = report.summary
     check = s.get("label_check", {})
     accuracy = check.get("out_of_sample_accuracy")

@@ -17,7 +17,7 @@ from conftest import make_class_folders, tree_digest
 from finetune.config import FinetuneError, TrainConfig
 from finetune.events import format_event, read_events
 from finetune.rundir import DiskFull
-from finetune.train import resume_config, train
+from finetune.training import resume_config, train
 
 FROZEN_PREFIXES = {"head": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
                    "last": ("conv1", "bn1", "layer1", "layer2", "layer3"), "all": ()}
@@ -241,7 +241,7 @@ def test_stop_ends_at_the_next_batch_and_leaves_a_usable_run(dataset, tmp_path):
 def test_without_pretrained_weights_the_default_strategy_trains_every_layer(dataset, standin, tmp_path):
     """From scratch, `head` and `last` keep random frozen layers and end at chance: a config without
     a strategy trains all (said in one line), run.json records it; the caller's config is unchanged."""
-    from finetune.train import settle_strategy
+    from finetune.training import settle_strategy
 
     cfg = tiny_config(dataset, tmp_path, epochs=1)
     assert cfg.strategy is None
@@ -268,7 +268,7 @@ def test_no_image_is_dropped_from_an_epoch_and_no_batch_is_tiny(tmp_path):
     batches of 29 and 28; only a lone image left from a pair is left out (BatchNorm needs two)."""
     from torch.utils.data import DistributedSampler
 
-    from finetune.train import EvenBatches
+    from finetune.training import EvenBatches
 
     data = tmp_path / "data"
     make_class_folders(data / "train", classes=("cats", "dogs", "owls"), per_class=19, size=(8, 8))
@@ -337,7 +337,7 @@ def test_no_float64_tensor_where_a_gpu_would_hold_it(dataset, tmp_path, monkeypa
     its evaluation create with torch may be float64 (on MPS it would be on the device and crash)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from finetune import train as train_module
+    from finetune import training as train_module
 
     monkeypatch.setattr(train_module, "accumulator_dtype", lambda device: torch.float32)
     found = []
@@ -359,7 +359,7 @@ def test_checkpoints_hold_cpu_tensors_only_and_a_finished_runs_last_pth_only_the
     """A run stopped after an epoch keeps the whole last.pth (optimizer too) to resume exactly; once it
     ends by itself, last.pth keeps only the layers the strategy trains (model.pth has the frozen ones)
     and no optimizer: a head run's is kilobytes beside an 85 MB model.pth, and resumes all the same."""
-    from finetune.train import to_cpu
+    from finetune.training import to_cpu
 
     stop = threading.Event()
     run = train(tiny_config(dataset, tmp_path, strategy="head", epochs=2), stop=stop,
@@ -419,7 +419,7 @@ def test_a_nan_epoch_is_never_the_best_and_calibration_refuses_nan_logits():
     import numpy as np
 
     from finetune.calibrate import NonFiniteLogits, calibrate
-    from finetune.train import TrainState
+    from finetune.training import TrainState
 
     state = TrainState()
     assert state.add({"epoch": 1, "val_acc": 0.5, "val_loss": 1.0})
@@ -432,7 +432,7 @@ def test_a_nan_epoch_is_never_the_best_and_calibration_refuses_nan_logits():
 
 def test_the_lock_is_held_from_before_the_scan_and_removed_after(dataset, tmp_path, monkeypatch):
     """A studio must see a training that has no run folder yet (it is still scanning)."""
-    from finetune import train as train_module
+    from finetune import training as train_module
     from finetune.rundir import live_trainings
 
     runs = tmp_path / "runs"
@@ -453,7 +453,7 @@ def test_a_disk_too_full_even_to_mark_the_run_failed_says_so_in_the_same_line(da
     import errno
 
     from finetune import rundir
-    from finetune import train as train_module
+    from finetune import training as train_module
 
     real_write = rundir.write_text_atomic
 

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import tree_digest
 from finetune.config import FinetuneError
 from finetune.data import scan_dataset
-from finetune.doctor import (Backbone, DoctorReport, compute_embeddings, find_label_issues, hamming, load_backbone,
+from finetune.data_doctor import (Backbone, DoctorReport, compute_embeddings, find_label_issues, hamming, load_backbone,
                              near_hash_pairs, phash, records_of, run_doctor, similar_pairs, write_csv, write_json)
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 215)}
@@ -85,7 +85,7 @@ def test_mislabeled_files_are_among_the_top_issues(problem_data, doctored):
     10 lowest; a probe that saw its own images, or shuffled labels, puts them anywhere). Which of them cleanlab's
     per-class thresholds then list varies with the seed (1 to 3 of the 3), so the report is checked for
     what it always holds: at least one, each with red suggested."""
-    from finetune.doctor import out_of_sample_probs
+    from finetune.data_doctor import out_of_sample_probs
 
     report, cache, _ = doctored
     scan = scan_dataset(problem_data)
@@ -230,7 +230,7 @@ def test_label_ranking_on_given_features():
     features = (centres[labels] + rng.normal(0, 1, (90, 16))).astype(np.float32)
     given = labels.copy()
     given[[0, 31, 62]] = [1, 2, 0]
-    from finetune.doctor import Record
+    from finetune.data_doctor import Record
 
     records = [Record(f"{i}.png", "train", int(g)) for i, g in enumerate(given)]
     issues, info = find_label_issues(features, records, ["a", "b", "c"], folds=5)
@@ -241,7 +241,7 @@ def test_label_ranking_on_given_features():
 
 def test_small_class_and_tiny_classes_in_the_label_check(tmp_path):
     rng = np.random.default_rng(1)
-    from finetune.doctor import Record, other_issues
+    from finetune.data_doctor import Record, other_issues
 
     records = [Record(f"{i}.png", "train", 0) for i in range(20)] + [Record("s.png", "train", 1)]
     features = rng.normal(size=(21, 8)).astype(np.float32)
@@ -333,7 +333,7 @@ def _flip(value: int, bits) -> int:
 
 
 def _groups_of(hashes: list[int], splits: list[str], labels: list[int], exact=(), max_distance: int = 8):
-    from finetune.doctor import Record, duplicate_groups, hash_closeness
+    from finetune.data_doctor import Record, duplicate_groups, hash_closeness
 
     records = [Record(f"{k}.png", split, label) for k, (split, label) in enumerate(zip(splits, labels))]
     array = np.asarray(hashes, dtype=np.uint64)
@@ -376,7 +376,7 @@ def test_a_chain_of_look_alikes_is_not_one_group_but_a_cluster_of_copies_is():
 
 
 def test_embedding_look_alikes_do_not_chain_and_near_copies_of_one_picture_group():
-    from finetune.doctor import Record, duplicate_groups, embedding_closeness
+    from finetune.data_doctor import Record, duplicate_groups, embedding_closeness
 
     rng = np.random.default_rng(1)
     step = 0.1  # radians: adjacent cosine 0.995, two steps 0.980, three 0.955 (< 0.97)

@@ -794,9 +794,3 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
     log(f"data doctor done in {seconds['total']:.1f} s")
     return DoctorReport(scan.root, list(scan.classes), backbone.description, label_issues, groups, others, summary,
                         notes)
-
-
-# last: `finetune.doctor(...)` (this module, once imported) is the Python API's function (finetune.api)
-from .api import callable_module  # noqa: E402
-
-callable_module(__name__)

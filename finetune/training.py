@@ -812,9 +812,3 @@ class _Prepared(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.trainable(self.prepare(inputs))
-
-
-# last: `finetune.train(...)` (this module, once imported) is the Python API's function (finetune.api)
-from .api import callable_module  # noqa: E402
-
-callable_module(__name__)
