@@ -34,7 +34,7 @@ from finetune.data import ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, resize_
 from finetune.model import FROZEN_STAGES, apply_strategy, build_model, param_groups, stage_modules
 from finetune.device import (amp_choice, channels_last_for, default_workers, non_blocking, pin_memory,
                              resolve_device, seed_everything)
-from finetune.train import lr_lambda
+from finetune.training import lr_lambda
 
 
 class ClassicImages(Dataset):

@@ -71,7 +71,7 @@ def worker(kind: str, cfg_values: dict) -> dict:
         result = run_baseline(cfg, amp=bool(baseline_options.get("amp", False)),
                               channels_last=bool(baseline_options.get("channels_last", False)))
     elif kind == "ours":
-        from finetune.train import train
+        from finetune.training import train
 
         events = []
         started = time.perf_counter()
