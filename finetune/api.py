@@ -261,25 +261,32 @@ class Run(Model):
     def name(self) -> str:
         return self.path.name
 
+    # run.json may come from anyone (a run folder shared as a zip): a field of the wrong type reads
+    # as missing here, and the model itself is checked when it is loaded (Predictor.from_run)
     @property
     def status(self) -> str:
-        return self.info.get("status", "unknown")
+        return _text(self.info.get("status"), "unknown")
 
     @property
     def classes(self) -> list[str]:
-        return list(self.info.get("classes") or [])
+        classes = self.info.get("classes")
+        return [str(name) for name in classes] if isinstance(classes, list) else []
 
     @property
     def arch(self) -> str:
-        return self.info.get("arch", "?")
+        return _text(self.info.get("arch"), "?")
 
     @property
     def config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.info.get("config") or {})
+        config = self.info.get("config")
+        if not isinstance(config, dict):
+            raise FinetuneError(f"{self._run.info_path} holds no training configuration")
+        return TrainConfig.from_dict(config)
 
     @property
     def history(self) -> list[dict]:
-        return list(self.info.get("history") or [])
+        history = self.info.get("history")
+        return [record for record in history if isinstance(record, dict)] if isinstance(history, list) else []
 
     @property
     def metrics(self) -> dict:
@@ -312,29 +319,43 @@ class Run(Model):
         return export(self.path, fmt, out)
 
     def __repr__(self) -> str:
-        accuracy = self.info.get("summary", {}) or {}
-        shown_accuracy = f", accuracy={accuracy['accuracy']:.4f}" if "accuracy" in accuracy else ""
+        accuracy = _number(_dict(self.info.get("summary")).get("accuracy"))
+        shown_accuracy = f", accuracy={accuracy}" if accuracy != "?" else ""
         return f"Run({str(self.path)!r}, status={self.status!r}{shown_accuracy}, classes={len(self.classes)})"
 
     def _repr_html_(self) -> str:
         info = self.info
-        summary = info.get("summary") or {}
-        strategy = info.get("strategy") or (info.get("config") or {}).get("strategy") or "?"
-        rows = [("status", info.get("status", "unknown")), ("model", f"{info.get('arch', '?')} / {strategy}")]
+        summary = _dict(info.get("summary"))
+        strategy = _text(info.get("strategy") or _dict(info.get("config")).get("strategy"), "?")
+        rows = [("status", self.status), ("model", f"{self.arch} / {strategy}")]
         if "accuracy" in summary:
-            rows.append(("val accuracy", (f"{summary['accuracy']:.4f} (balanced "
-                                          f"{summary.get('balanced_accuracy', 0):.4f}, macro F1 "
-                                          f"{summary.get('macro_f1', 0):.4f}) on "
-                                          f"{summary.get('num_images', '?')} images")))
-        calibration = info.get("calibration") or {}
-        if calibration.get("suggested_min_confidence") is not None:
-            rows.append(("min confidence",
-                         f"{calibration['suggested_min_confidence']:.2f} (suggested from validation)"))
+            rows.append(("val accuracy", (f"{_number(summary['accuracy'])} (balanced "
+                                          f"{_number(summary.get('balanced_accuracy'))}, macro F1 "
+                                          f"{_number(summary.get('macro_f1'))}) on "
+                                          f"{_number(summary.get('num_images'), '')} images")))
+        suggested = _dict(info.get("calibration")).get("suggested_min_confidence")
+        if suggested is not None:
+            rows.append(("min confidence", f"{_number(suggested, '.2f')} (suggested from validation)"))
         if info.get("error"):
             rows.append(("error", str(info["error"])))
         rows.append(("classes", _class_list(self.classes)))
         rows.append(("folder", str(self.path)))
         return _summary_html(f"run {self.name}", rows, self._run.confusion_matrix)
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any, default: str) -> str:
+    return value if isinstance(value, str) else default
+
+
+def _number(value: Any, spec: str = ".4f") -> str:
+    """A number of run.json formatted, or "?" for anything else (a string, a list: written by hand)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "?"
+    return format(value, spec)
 
 
 def _as_list(images: Any) -> list:
@@ -363,12 +384,33 @@ def _summary_html(title: str, rows: list[tuple[str, str]], image: Path | None = 
     and folder names come from whoever made the data."""
     cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
                     f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    png = _run_png(image) if image is not None else None
     picture = ""
-    if image is not None and image.is_file():
-        encoded = base64.b64encode(image.read_bytes()).decode("ascii")
+    if png is not None:
+        encoded = base64.b64encode(png).decode("ascii")
         picture = (f"<img src='data:image/png;base64,{encoded}' alt='confusion matrix' "
                    f"style='max-width:100%;max-height:480px'>")
     return f"<div><b>{html.escape(title)}</b><table>{cells}</table>{picture}</div>"
+
+
+MAX_INLINE_PNG = 8 * 1024 * 1024  # a confusion matrix of hundreds of classes is a few MB
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run_png(path: Path) -> bytes | None:
+    """The bytes of a PNG the run wrote, or None. A run folder may come from a stranger: a link (to
+    ~/.ssh/id_rsa, say) would put another file into the notebook, which is then saved and shared; a
+    FIFO would block the kernel; a huge file would fill the page. Only a plain file is read."""
+    from .fsutil import NotRegularFile, open_regular
+
+    try:
+        if path.is_symlink():
+            return None
+        with open_regular(path) as file:
+            data = file.read(MAX_INLINE_PNG + 1)
+    except (OSError, NotRegularFile):
+        return None
+    return data if len(data) <= MAX_INLINE_PNG and data.startswith(PNG_SIGNATURE) else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,19 +139,23 @@ class RunDir:
 
     # -- run.json
     def info(self) -> dict:
-        """run.json, or {} while it does not exist (or is being replaced)."""
+        """run.json, or {} while it does not exist (or is being replaced), or holds no JSON object."""
         try:
-            return json.loads(self.info_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            info = json.loads(self.info_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
+        return info if isinstance(info, dict) else {}
 
     def require_info(self) -> dict:
         if not self.info_path.is_file():
             raise FinetuneError(f"not a run folder (no run.json): {self.path}")
         try:
-            return json.loads(self.info_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+            info = json.loads(self.info_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise FinetuneError(f"cannot read {self.info_path}: {error}") from None
+        if not isinstance(info, dict):  # a list or a number: every reader expects the run's fields
+            raise FinetuneError(f"{self.info_path} does not hold a JSON object: not a finetune run")
+        return info
 
     def require_trained(self, checkpoint: str = "model.pth") -> dict:
         """run.json of a run that has a model to load (arch, classes and the checkpoint file), else a
@@ -205,7 +209,13 @@ class RunDir:
             status = self.info().get("status", "unknown")
             raise FinetuneError(f"{self.name} has no evaluation yet (status: {status}); "
                                 f"metrics are written when a training ends")
-        return json.loads(self.metrics_path.read_text())
+        try:
+            metrics = json.loads(self.metrics_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FinetuneError(f"cannot read {self.metrics_path}: {error}") from None
+        if not isinstance(metrics, dict):
+            raise FinetuneError(f"{self.metrics_path} does not hold a JSON object")
+        return metrics
 
     def label(self) -> str:
         """'20250101-120000-resnet34-last · completed · val acc 0.930' for a dropdown."""
