@@ -77,3 +77,33 @@ def test_the_sigint_handler_is_given_back_when_train_raises(tmp_path):
     with pytest.raises(finetune.FinetuneError):
         finetune.train(tmp_path / "empty", runs_dir=tmp_path / "runs", weights="none", progress=False)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# ---------------------------------------------------------------------------------------------
+# The studio's launch()
+
+
+def test_a_launch_that_fails_leaves_a_training_it_only_followed_running(tmp_path, monkeypatch):
+    """A terminal trains in ./runs; launch() in a notebook on a port in use fails in one line and must
+    not stop that training on its way out (it never served it)."""
+    pytest.importorskip("gradio")
+    import socket
+    import types
+
+    from finetune.studio import launch
+    from finetune.studio.state import Studio
+
+    stopped = []
+    terminals = types.SimpleNamespace(process=None, kill=lambda: stopped.append("killed"), running=lambda: True)
+
+    def attach_running(self):
+        self.job = terminals
+        return tmp_path / "runs" / "the-terminals-run"
+
+    monkeypatch.setattr(Studio, "attach_running", attach_running)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(finetune.FinetuneError, match="it is in use"):
+            launch(runs_dir=tmp_path / "runs", port=taken.getsockname()[1], inline=False, quiet=True)
+    assert stopped == []

@@ -401,17 +401,16 @@ def launch(runs_dir: str | Path | None = None, port: int | None = None, share: b
             raise FinetuneError(f"cannot listen on {host}, port {port}: {why}") from None
         running = RunningStudio(demo, studio, url=local_url(host, port), host=host, port=port,
                                 auth=auth_pair is not None, attached=attached, proxy_url=proxy_url, undo=undo)
+        if share and not running.share_url:
+            raise FinetuneError("could not make the share link: gradio's share server (gradio.live) did not answer "
+                                "(no internet here?)")
     except BaseException:
-        studio.shutdown()
+        studio.shutdown(attached=False)  # a training it follows (a terminal's) goes on
         if demo is not None:
             demo.close(verbose=False)
         while undo:
             undo.pop()()
         raise
-    if share and not running.share_url:
-        running.close()
-        raise FinetuneError("could not make the share link: gradio's share server (gradio.live) did not answer "
-                            "(no internet here?)")
     import atexit
 
     atexit.register(running.close)  # the interpreter (the kernel) ending ends the studio's training too

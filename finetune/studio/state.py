@@ -225,9 +225,11 @@ class Studio:
         self.job.stop()
         return f"Stopping {self.job.run_dir.name} after the current batch; the best model so far is kept."
 
-    def shutdown(self) -> None:
-        """The app is ending: end its training too (SIGINT, then every process group is killed)."""
-        if self.job is not None:
+    def shutdown(self, attached: bool = True) -> None:
+        """The app is ending: end its training too (SIGINT, then every process group is killed).
+        attached=False: only one this studio started, not one it follows (a terminal's): a studio that
+        failed to start must not cost the user a training it never served."""
+        if self.job is not None and (attached or self.job.process is not None):
             self.job.kill()
 
     def in_use(self) -> tuple[Path, ...]:
