@@ -107,3 +107,12 @@ def test_a_launch_that_fails_leaves_a_training_it_only_followed_running(tmp_path
         with pytest.raises(finetune.FinetuneError, match="it is in use"):
             launch(runs_dir=tmp_path / "runs", port=taken.getsockname()[1], inline=False, quiet=True)
     assert stopped == []
+
+
+def test_an_auth_that_is_neither_a_pair_nor_text_is_one_line():
+    from finetune.studio.app import parse_auth
+
+    for auth in (123, b"ada:correct-horse", lambda user, password: True, ("", ""), ("ada", "short")):
+        with pytest.raises(finetune.FinetuneError):
+            parse_auth(auth)
+    assert parse_auth("") is None and parse_auth(None) is None

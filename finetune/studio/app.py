@@ -114,8 +114,10 @@ def parse_auth(text: str | tuple[str, str] | None) -> tuple[str, str] | None:
         if len(text) != 2 or not all(isinstance(part, str) for part in text):
             raise FinetuneError("auth must be (user, password) or 'user:password'")
         text = f"{text[0]}:{text[1]}" if text[0] and ":" not in text[0] else ":"
-    if not text:
+    if text is None or text is False or text == "":
         return None
+    if not isinstance(text, str):  # a number, bytes, gradio's callable auth: not what finetune checks
+        raise FinetuneError("auth must be (user, password) or 'user:password'")
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
         raise FinetuneError("--auth must look like user:password (FINETUNE_AUTH too)")
