@@ -116,3 +116,12 @@ def test_an_auth_that_is_neither_a_pair_nor_text_is_one_line():
         with pytest.raises(finetune.FinetuneError):
             parse_auth(auth)
     assert parse_auth("") is None and parse_auth(None) is None
+
+
+def test_a_port_that_is_not_one_is_one_line_before_anything_starts(tmp_path):
+    from finetune.studio import launch
+
+    for port in ("abc", 70000, 0, 7860.5):
+        with pytest.raises(finetune.FinetuneError, match="port must be a whole number from 1 to 65535"):
+            launch(runs_dir=tmp_path / "runs", port=port, inline=False, quiet=True)
+    assert not (tmp_path / "runs").exists()

@@ -339,7 +339,11 @@ def launch(runs_dir: str | Path | None = None, port: int | None = None, share: b
         raise FinetuneError(f"allowed_hosts: {problem}") from None
     if max_upload_mb <= 0:
         raise FinetuneError("max_upload_mb must be positive")
-    port = first_free_port(host) if port is None else int(port)
+    if isinstance(port, str) and port.strip().isdigit():  # from an environment variable
+        port = int(port)
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise FinetuneError(f"port must be a whole number from 1 to 65535, got {port!r}")
+    port = first_free_port(host) if port is None else port
     if share:
         print(SHARE_NOTICE, flush=True)
     runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
