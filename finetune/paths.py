@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 RUNS_ENV = "FINETUNE_RUNS_DIR"
+WORKSPACE_ENV = "FINETUNE_WORKSPACE"
 
 
 def default_runs_dir() -> Path:
@@ -21,7 +22,10 @@ def default_runs_dir() -> Path:
 def default_workspace(runs_dir: str | Path | None = None) -> Path:
     """The studio's workspace (uploads, downloads, gradio's cache): beside the runs folder, named after
     it (runs -> runs-workspace), so it is never a folder of the user's such as ~/workspace, whose
-    contents would count against the workspace quota."""
+    contents would count against the workspace quota. $FINETUNE_WORKSPACE, when set, is used instead."""
+    chosen = os.environ.get(WORKSPACE_ENV, "").strip()
+    if chosen:
+        return Path(chosen).expanduser().absolute()
     runs = Path(runs_dir).expanduser().absolute() if runs_dir is not None else default_runs_dir()
     return runs.parent / f"{runs.name or 'runs'}-workspace"
 

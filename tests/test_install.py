@@ -196,6 +196,9 @@ def test_default_folders_are_where_the_user_is_for_the_cli_the_api_and_the_studi
         assert (studio.runs_dir, studio.workspace) == (expected, expected + "-workspace")
     assert TrainConfig(runs_dir="given").runs_dir == "given"
     assert parse_args(["--runs-dir", "r", "--workspace", "w"]).workspace == "w"
+    # $FINETUNE_WORKSPACE is the same default for finetune-studio and finetune.studio.launch()
+    monkeypatch.setenv("FINETUNE_WORKSPACE", "ws")
+    assert default_workspace("r") == tmp_path / "ws" and parse_args([]).workspace == str(tmp_path / "ws")
     # the sample data is part of the package, wherever it is installed
     assert sample_data().parent == Path(finetune.__file__).resolve().parent
     assert sorted(p.name for p in sample_data().iterdir()) == ["circle", "square", "triangle"]

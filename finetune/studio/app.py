@@ -486,7 +486,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Folders relative to where the command runs, never to where finetune is installed (finetune.paths).
     parser.add_argument("--runs-dir", default=None,
                         help="where runs are saved and listed (default: $FINETUNE_RUNS_DIR, else ./runs)")
-    parser.add_argument("--workspace", default=env("FINETUNE_WORKSPACE"),
+    parser.add_argument("--workspace", default=None,
                         help="where uploads are extracted and downloads prepared (default: $FINETUNE_WORKSPACE, "
                              "else RUNS-workspace beside the runs folder)")
     parser.add_argument("--data", default=env("FINETUNE_DATA") or str(sample_data()),
