@@ -39,7 +39,8 @@ from .device import (Distributed, amp_dtype_for, channels_last_for, default_work
                      pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import Event, EventCallback, EventWriter
-from .model import FROZEN_STAGES, apply_strategy, build_model, param_groups, require_finite, safe_load, split_model
+from .model import (FROZEN_STAGES, apply_strategy, build_model, param_groups, require_finite, safe_load, split_model,
+                    state_dict_from)
 from .rundir import DiskFull, RunDir, TrainingLock, disk_full, save_atomic
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
@@ -309,11 +310,46 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
     save_atomic(checkpoint, session.run.last)
 
 
+# What a last.pth holds besides the model, and of which type: a run folder may come from anyone, and
+# a value of another type would fail deep in torch (or set odd attributes on the scheduler, whose
+# load_state_dict takes every key given) after the run was already marked running.
+CHECKPOINT_FIELDS = {"epoch": int, "history": list, "best": dict, "scheduler": dict, "rng": torch.Tensor}
+CHECKPOINT_OPTIONAL = {"optimizer": dict, "scaler": dict, "epochs_without_gain": int}
+
+
+def check_checkpoint(checkpoint: object, path: Path) -> dict:
+    """`checkpoint` (a loaded last.pth) when it has the fields finetune writes, with their types;
+    else one line naming the file and the first field that is wrong."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise FinetuneError(f"{path} is not a checkpoint finetune wrote (no model state in it)")
+    for name, kind in (*CHECKPOINT_FIELDS.items(), *CHECKPOINT_OPTIONAL.items()):
+        value = checkpoint.get(name)
+        if value is None and name in CHECKPOINT_OPTIONAL:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise FinetuneError(f"{path} is not a checkpoint finetune wrote: its {name!r} is "
+                                f"{'missing' if value is None else 'a ' + type(value).__name__}")
+    if checkpoint["rng"].dtype != torch.uint8 or checkpoint["epoch"] < 0:
+        raise FinetuneError(f"{path} is not a checkpoint finetune wrote: its random state or epoch is not one")
+    records = [checkpoint["best"], *checkpoint["history"]]
+    if not all(isinstance(record, dict) and all(_is_number(record.get(key)) for key in RECORD_NUMBERS[i > 0])
+               for i, record in enumerate(records)):
+        raise FinetuneError(f"{path} is not a checkpoint finetune wrote: its history is not one")
+    return checkpoint
+
+
+# the numbers the best epoch and each epoch's record hold (TrainState.add and plot_history read them)
+RECORD_NUMBERS = (("epoch", "val_acc", "val_loss"), ("epoch", "train_loss", "train_acc", "val_loss", "val_acc"))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def checkpoint_model_state(run: RunDir, checkpoint: dict) -> dict:
     """The whole state_dict of a last.pth: its own tensors over those of its base (a slim one's
     frozen layers, from model.pth of the same run folder)."""
-    state = checkpoint["model"]
-    require_finite(state, run.last)
+    state = state_dict_from(check_checkpoint(checkpoint, run.last)["model"], run.last)
     base = checkpoint.get("base")
     if base is None:
         return state
@@ -322,34 +358,55 @@ def checkpoint_model_state(run: RunDir, checkpoint: dict) -> dict:
     if not run.model.is_file():
         raise FinetuneError(f"{run.last} keeps only the trained layers and needs {run.model} for the others, "
                             f"which is missing")
-    full = safe_load(run.model, "model")
-    require_finite(full, run.model)
+    full = state_dict_from(safe_load(run.model, "model"), run.model)
     full.update(state)
     return full
+
+
+def load_resumed(model: nn.Module, state: dict, source: Path) -> None:
+    """The checkpoint's weights into the model built for the run; one line when they do not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise FinetuneError(f"{source} does not fit this run's model ({model.fc.out_features} classes): "
+                            f"{(lines or ['keys differ'])[0][:300]}") from None
 
 
 def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
     """Optimizer, schedule, scaler and random state from last.pth; the optimizer's tensors move to the
     training device (Optimizer.load_state_dict puts them beside their parameters). A slim last.pth has
     no optimizer state: the optimizer starts afresh, at the learning rate the schedule has reached."""
-    session.scheduler.load_state_dict(checkpoint["scheduler"])  # keeps the lambdas built for this run's length
-    if "optimizer" in checkpoint:
-        session.optimizer.load_state_dict(checkpoint["optimizer"])
-    else:
+    own = session.scheduler.state_dict()
+    if set(checkpoint["scheduler"]) != set(own):  # its load_state_dict would take any key as an attribute
+        raise FinetuneError(f"{session.run.last} does not fit this run: its scheduler state is not one finetune "
+                            f"writes")
+    try:
+        session.scheduler.load_state_dict(checkpoint["scheduler"])  # keeps the lambdas built for this run's length
+        if "optimizer" in checkpoint:
+            session.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            session.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as error:
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise FinetuneError(f"{session.run.last} does not fit this run: {type(error).__name__}: {first}") from None
+    if "optimizer" not in checkpoint:
         scheduler = session.scheduler
         for group, base_lr, factor in zip(session.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(scheduler.last_epoch)
         session.log("last.pth of a run that had ended keeps no optimizer state: AdamW starts afresh (its "
                     "moments rebuild within a few steps), at the learning rate the schedule has reached")
-    if checkpoint.get("scaler"):
-        session.scaler.load_state_dict(checkpoint["scaler"])
-    torch.set_rng_state(checkpoint["rng"])
     return TrainState.from_checkpoint(checkpoint)
 
 
 def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | None = None) -> TrainConfig:
     """The saved configuration of a run; only the number of epochs and the device may change."""
-    cfg = TrainConfig.from_dict(RunDir(run_dir).require_info()["config"])
+    run = RunDir(run_dir)
+    config = run.require_info().get("config")
+    if not isinstance(config, dict):
+        raise FinetuneError(f"{run.info_path} holds no training configuration to resume")
+    cfg = TrainConfig.from_dict(config)
     if epochs is not None:
         cfg.epochs = epochs
     if device is not None:
@@ -561,7 +618,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         state = checkpoint_model_state(run, checkpoint)
         scan = run.read_split()
         model = build_model(cfg.arch, len(scan.classes), "none")
-        model.load_state_dict(state)
+        load_resumed(model, state, run.last)
     else:
         scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
         # the weights before the run folder: unavailable or wrong weights leave no failed run behind

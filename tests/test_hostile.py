@@ -125,3 +125,59 @@ def test_a_port_that_is_not_one_is_one_line_before_anything_starts(tmp_path):
         with pytest.raises(finetune.FinetuneError, match="port must be a whole number from 1 to 65535"):
             launch(runs_dir=tmp_path / "runs", port=port, inline=False, quiet=True)
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming from a last.pth someone else wrote
+
+
+def resumable_run(tmp_path, checkpoint):
+    """A run folder (run.json with its configuration) whose last.pth is `checkpoint`."""
+    import torch
+
+    folder = fake_run(tmp_path / "runs" / "run", config={"data": str(tmp_path / "photos"), "weights": "none",
+                                                          "epochs": 1, "runs_dir": str(tmp_path / "runs")})
+    torch.save(checkpoint, folder / "last.pth")
+    return folder
+
+
+def test_a_hostile_last_pth_is_one_line_and_its_base_is_never_a_path_from_the_file(tmp_path, capsys):
+    import torch
+
+    from finetune import cli
+    from finetune.model import build_model
+
+    weights = build_model("resnet34", 2, "none").state_dict()
+    elsewhere = tmp_path / "elsewhere.pth"
+    torch.save(weights, elsewhere)  # a perfectly good model, outside the run: must not be loaded
+    slim = {"model": {"fc.weight": weights["fc.weight"], "fc.bias": weights["fc.bias"]}, "epoch": 1, "history": [],
+            "best": {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0}, "scheduler": {}, "rng": torch.get_rng_state()}
+    cases = {
+        "a list": ([1, 2], "is not a checkpoint finetune wrote"),
+        "no model": ({**slim, "model": "x"}, "is not a checkpoint finetune wrote"),
+        "a base upwards": ({**slim, "base": "../../elsewhere.pth"}, "refers to '../../elsewhere.pth'"),
+        "an absolute base": ({**slim, "base": str(elsewhere)}, "refers to"),
+        "a text epoch": ({**slim, "base": "model.pth", "epoch": "1"}, "its 'epoch' is a str"),
+        "a broken history": ({**slim, "base": "model.pth", "history": [{"epoch": 1}]}, "its history is not one"),
+    }
+    for name, (checkpoint, message) in cases.items():
+        folder = resumable_run(tmp_path / name.replace(" ", "-"), checkpoint)
+        before = (folder / "run.json").read_text()
+        assert cli.main(["train", "--resume", str(folder)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (name, err)
+        assert (folder / "run.json").read_text() == before, name  # refused before the run is touched
+
+
+def test_resumed_weights_that_do_not_fit_are_one_line(tmp_path):
+    import torch
+
+    from finetune.model import build_model
+    from finetune.training import load_resumed
+
+    model = build_model("resnet34", 3, "none")
+    state = model.state_dict()
+    for wrong in ({**state, "fc.weight": torch.zeros(7, 512)}, {**state, "evil.weight": torch.zeros(1)},
+                  {k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}):
+        with pytest.raises(finetune.FinetuneError, match=r"last.pth does not fit this run's model \(3 classes\)"):
+            load_resumed(model, wrong, tmp_path / "last.pth")
