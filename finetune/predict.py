@@ -89,6 +89,30 @@ def _collate(batch):
     return images, [i for _, i in good], failed
 
 
+def _check_run_fields(info: dict, info_path: Path) -> None:
+    """One line naming run.json and the field when what a model is loaded with is not what finetune
+    writes there (a run folder may come from anyone): its arch, classes, image size, normalisation and
+    calibration."""
+    from .config import ARCHS
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    checks = [
+        ("arch", info.get("arch") in ARCHS),
+        ("classes", isinstance(info.get("classes"), list) and all(isinstance(c, str) for c in info["classes"])),
+        ("image_size", isinstance(info.get("image_size", 224), int) and 32 <= info.get("image_size", 224) <= 1024),
+        *((key, isinstance(info.get(key, [0, 0, 0]), list) and len(info.get(key, [0, 0, 0])) == 3
+           and all(number(v) for v in info.get(key, [0, 0, 0]))) for key in ("mean", "std")),
+        ("calibration", isinstance(info.get("calibration") or {}, dict)),
+    ]
+    for key, ok in checks:
+        if not ok:
+            raise FinetuneError(f"{info_path}: its {key!r} is not one finetune writes ({info.get(key)!r:.80})")
+    if any(v <= 0 for v in info.get("std", [1, 1, 1])):
+        raise FinetuneError(f"{info_path}: its 'std' must be positive")
+
+
 class Predictor:
     """A model kept loaded and warm, with its class names, preprocessing and calibration.
 
@@ -133,6 +157,7 @@ class Predictor:
         info = run.require_trained(checkpoint)
         run_dir, info_path = run.path, run.info_path
         weights = run.path / checkpoint
+        _check_run_fields(info, info_path)
         state = state_dict_from(safe_load(weights, "model"), weights)
         classes = info["classes"]
         class_file = run.class_indices

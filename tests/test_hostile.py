@@ -53,6 +53,16 @@ def test_a_run_json_of_wrong_types_still_shows_itself_escaped(tmp_path):
         run.metrics
 
 
+def test_a_run_json_whose_model_fields_are_not_finetunes_is_one_line_naming_the_field(tmp_path):
+    hostile = {"arch": "evil", "classes": [1, 2], "image_size": "224", "mean": "x", "std": [0, 1, 1],
+               "calibration": "x"}
+    for key, value in hostile.items():
+        folder = fake_run(tmp_path / key, **{key: value})
+        (folder / "model.pth").write_bytes(b"")  # never read: run.json is refused first
+        with pytest.raises(finetune.FinetuneError, match=f"run.json: its '{key}'"):
+            finetune.load(folder).predict(tmp_path / "any.jpg")
+
+
 def test_the_inlined_confusion_matrix_is_a_png_of_the_run_never_a_link_a_fifo_or_another_file(tmp_path):
     secret = tmp_path / "id_rsa"
     secret.write_bytes(PNG + b"PRIVATE KEY")  # even a file that looks like a PNG: a link is not followed
