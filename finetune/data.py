@@ -18,7 +18,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
@@ -443,6 +443,18 @@ MAX_SCAN_DEPTH = 64
 TOO_DEEP = f"folder nested more than {MAX_SCAN_DEPTH} levels deep: not scanned"
 
 
+def _split_item(item, key: str, num_classes: int) -> bool:
+    """One (path, label) of split.json (or (path, reason) of its skipped files): a path relative to the
+    root that stays inside it, and a class index."""
+    if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+        return False
+    if key == "skipped":
+        return isinstance(item[1], str)
+    path = PurePosixPath(item[0].replace("\\", "/"))
+    return (not path.is_absolute() and ".." not in path.parts and isinstance(item[1], int)
+            and not isinstance(item[1], bool) and 0 <= item[1] < num_classes)
+
+
 @dataclass
 class DatasetScan:
     """What is in the user's folder, how it is split, and what was skipped.
@@ -494,9 +506,19 @@ class DatasetScan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DatasetScan":
+        """A scan as to_dict wrote it (split.json). ValueError naming what is not: a run folder may come
+        from anyone, and its paths are read (on --resume) below its root, so none may climb out of it."""
+        if not isinstance(data, dict) or not isinstance(data.get("root"), str) or not data["root"]:
+            raise ValueError("no data root in it")
+        classes = data.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError("its classes are not a list of names")
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         for key in ("train", "val", "test", "skipped"):
-            fields[key] = [tuple(item) for item in fields.get(key, [])]
+            items = fields.get(key, [])
+            if not isinstance(items, list) or not all(_split_item(item, key, len(classes)) for item in items):
+                raise ValueError(f"its {key!r} is not a list of (path, {'reason' if key == 'skipped' else 'label'})")
+            fields[key] = [tuple(item) for item in items]
         return cls(**fields)
 
     def _repr_pretty_(self, printer, cycle: bool) -> None:

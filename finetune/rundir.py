@@ -190,7 +190,7 @@ class RunDir:
 
                 return CuratedScan.from_dict(data)
             return DatasetScan.from_dict(data)
-        except (OSError, json.JSONDecodeError, TypeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as error:
             raise FinetuneError(f"cannot read the split of {self.path}: {error}") from None
 
     def data_root(self) -> str | None:

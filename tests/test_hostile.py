@@ -191,3 +191,27 @@ def test_resumed_weights_that_do_not_fit_are_one_line(tmp_path):
                   {k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}):
         with pytest.raises(finetune.FinetuneError, match=r"last.pth does not fit this run's model \(3 classes\)"):
             load_resumed(model, wrong, tmp_path / "last.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# A split.json someone else wrote (resume reads its paths; evaluate matches them)
+
+
+def test_a_hostile_split_json_is_unreadable_never_a_traceback_and_no_path_climbs_out(tmp_path):
+    from finetune.evaluate import in_training_split
+    from finetune.rundir import RunDir
+
+    folder = fake_run(tmp_path / "run")
+    good = {"root": str(tmp_path / "photos"), "layout": "class-folders", "classes": ["a", "b"],
+            "train": [["a/1.png", 0]], "val": [["b/1.png", 1]]}
+    hostile = [[1], {**good, "root": 5}, {**good, "classes": "ab"}, {**good, "train": 5}, {**good, "train": [5]},
+               {**good, "train": [["a/1.png", 0, 1]]}, {**good, "train": [[["a"], 0]]}, {**good, "train": [["a", 7]]},
+               {**good, "train": [["../../home/.ssh/id_rsa", 0]]}, {**good, "train": [["/etc/passwd", 0]]},
+               {**good, "train": [["a\\..\\..\\x", 0]]}, {**good, "skipped": [["x", 1]]}]
+    for split in hostile:
+        (folder / "split.json").write_text(json.dumps(split))
+        with pytest.raises(finetune.FinetuneError, match="cannot read the split of"):
+            RunDir(folder).read_split()
+        assert in_training_split(RunDir(folder), tmp_path / "photos", ["a/1.png"]) is None  # unknown, not a guess
+    (folder / "split.json").write_text(json.dumps(good))
+    assert in_training_split(RunDir(folder), tmp_path / "photos", ["a/1.png", "b/1.png"]) == {"a/1.png"}
