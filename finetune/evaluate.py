@@ -248,6 +248,21 @@ def in_training_split(run, root: str | Path, rels: list[str]) -> set[str] | None
     return {rel for rel in rels if inside / rel in trained}
 
 
+def check_report_folder(folder: Path, root: str | Path) -> None:
+    """FinetuneError when an evaluation report asked for at `folder` (--out) would change what is not
+    an evaluation's: the data folder (`root`) or anything in it, a run folder (its own metrics.json
+    and reports would be replaced: this run's, or another's), a file."""
+    resolved = folder.resolve()
+    if resolved.is_relative_to(Path(root).resolve()):  # nothing is ever written into the user's data
+        raise FinetuneError(f"refusing to write the report into the data folder {root}: choose --out outside it")
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"--out {folder} is a file, not a folder: choose a new folder")
+    if (resolved / "run.json").exists():
+        raise FinetuneError(f"refusing to write the report into the run folder {folder}: its own metrics.json "
+                            f"and reports would be replaced; choose --out elsewhere (by default a new eval-... "
+                            f"folder inside the run)")
+
+
 def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | None = None, batch_size: int = 64,
                  device: str = "auto", out: str | Path | None = None, held_out_only: bool = False,
                  predictor=None, log: Callable[[str], None] | None = None) -> Evaluation:
@@ -273,8 +288,8 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
             log(f"skipped {rel}: {reason}")
     default = f"eval-{Path(root).name}-{datetime.now():%Y%m%d-%H%M%S}"
     folder = Path(out).expanduser() if out else run_dir.path / default
-    if out and folder.resolve().is_relative_to(root):  # nothing is ever written into the user's data
-        raise FinetuneError(f"refusing to write the report into the data folder {root}: choose --out outside it")
+    if out:
+        check_report_folder(folder, root)
     trained = in_training_split(run_dir, root, [rel for rel, _ in items])
     overlap = None if trained is None else len(trained)
     warning = None
@@ -305,6 +320,12 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
     metrics["training_overlap"] = overlap  # images of the folder in the run's training split (None: unknown)
     metrics["held_out_only"] = held_out_only  # those left out of the metrics
     metrics["calibration"] = held_out_report(logits, targets, predictor.temperature, threshold)
-    write_reports(folder, metrics)
+    try:
+        write_reports(folder, metrics)
+    except OSError as error:
+        from .fsutil import disk_full
+
+        raise (disk_full(error, folder) or FinetuneError(
+            f"cannot write the report to {folder}: {error.strerror or error}")) from None
     return Evaluation(metrics=metrics, out=folder, confusion_matrix=folder / "confusion_matrix.png", data=root,
                       overlap=overlap, held_out_only=held_out_only, warning=warning)

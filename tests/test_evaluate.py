@@ -81,3 +81,23 @@ def test_the_same_zip_extracted_again_is_known_as_the_training_data(zipped_run, 
     assert unknown.overlap is None and unknown.warning is None
     with pytest.raises(FinetuneError, match="no readable split.json"):
         evaluate_run(gone, elsewhere, out=tmp_path / "u2", predictor=predictor, held_out_only=True)
+
+
+def test_an_out_that_is_the_data_through_a_link_a_run_folder_or_a_file_is_refused(zipped_run, tmp_path):
+    from finetune.predict import Predictor
+
+    run, _, root = zipped_run
+    predictor = Predictor.from_run(run, "cpu")
+    link = tmp_path / "into-data"
+    link.symlink_to(root / "val")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    metrics_before = (run / "metrics.json").read_bytes()
+    refusals = {link / "report": "into the data folder", run: "into the run folder",
+                a_file: "is a file, not a folder", a_file / "sub": "cannot write the report to"}
+    for out, message in refusals.items():
+        with pytest.raises(FinetuneError, match=message) as refused:
+            evaluate_run(run, root, out=out, predictor=predictor)
+        assert "\n" not in str(refused.value)
+    assert (run / "metrics.json").read_bytes() == metrics_before and a_file.read_text() == "mine"
+    assert not (root / "val" / "report").exists()
