@@ -646,7 +646,9 @@ def detect_layout(root: Path) -> Layout:
     others = [p for p in top if p not in splits.values()]
     notes = []
     if others:
-        shown = ", ".join(f"'{printable(p.name)}/'" for p in others)
+        # a few names, then a count: a folder of thousands of classes must still give one readable line
+        shown = ", ".join(f"'{printable(p.name)}/'" for p in others[:5]) + (
+            f" and {len(others) - 5:,} more" if len(others) > 5 else "")
         if val is None:
             raise FinetuneError(
                 f"cannot tell how {printable(str(root))} is organised: '{printable(train.name)}/' holds folders "

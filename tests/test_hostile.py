@@ -215,3 +215,21 @@ def test_a_hostile_split_json_is_unreadable_never_a_traceback_and_no_path_climbs
         assert in_training_split(RunDir(folder), tmp_path / "photos", ["a/1.png"]) is None  # unknown, not a guess
     (folder / "split.json").write_text(json.dumps(good))
     assert in_training_split(RunDir(folder), tmp_path / "photos", ["a/1.png", "b/1.png"]) == {"a/1.png"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout of a hostile tree
+
+
+def test_a_tree_of_hundreds_of_top_folders_is_still_one_short_line(tmp_path):
+    from finetune.data import detect_layout
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(300):
+        (tmp_path / f"c{i:03}\x1b[2J").mkdir()
+    with pytest.raises(finetune.FinetuneError, match="and 295 more beside it are not a split") as refused:
+        detect_layout(tmp_path)
+    assert len(str(refused.value)) < 500 and "\x1b" not in str(refused.value)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    [note] = detect_layout(tmp_path).notes
+    assert "and 295 more beside the train/ and val/ splits are not used" in note and len(note) < 300
