@@ -446,7 +446,7 @@ TOO_DEEP = f"folder nested more than {MAX_SCAN_DEPTH} levels deep: not scanned"
 def _split_item(item, key: str, num_classes: int) -> bool:
     """One (path, label) of split.json (or (path, reason) of its skipped files): a path relative to the
     root that stays inside it, and a class index."""
-    if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+    if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str):
         return False
     if key == "skipped":
         return isinstance(item[1], str)
@@ -624,6 +624,17 @@ def _holds_images(folder: Path) -> bool:
         return any(is_image_file(entry.name) and entry.is_file() for entry in entries)
 
 
+@contextmanager
+def _readable(folder: Path):
+    """A folder of the data that cannot be listed (no permission, gone meanwhile) as one line naming it
+    (deeper folders are walked past, see fsutil.walk)."""
+    try:
+        yield
+    except OSError as error:
+        where = printable(os.fsdecode(error.filename)) if error.filename else printable(str(folder))
+        raise FinetuneError(f"cannot read {where}: {error.strerror or error}") from None
+
+
 def detect_layout(root: Path) -> Layout:
     """Split folders or class folders, judged from the whole top level, not from one name.
 
@@ -699,14 +710,17 @@ def scan_dataset(
     if not root.is_dir():
         raise FinetuneError(f"data path is not a folder: {root}")
     root = root.resolve()
-    layout_found = detect_layout(root)
+    with _readable(root):
+        layout_found = detect_layout(root)
     splits = layout_found.splits
 
     per_split: dict[str, dict[str, list[str]]] = {}
     count = _FileCount(root, max_files, on_progress)
     unusable: list[tuple[str, str]] = []  # strange names and folders nested too deep: not decoded
     for split, split_dir in splits.items():
-        per_split[split] = {d.name: _image_files(d, root, count, unusable) for d in _class_dirs(split_dir)}
+        with _readable(split_dir):
+            class_dirs = _class_dirs(split_dir)
+        per_split[split] = {d.name: _image_files(d, root, count, unusable) for d in class_dirs}
 
     main_split = "all" if "all" in splits else "train"
     train_classes = set(per_split[main_split])
@@ -873,11 +887,14 @@ def scan_labelled_folder(data: str | Path, classes: list[str]) -> tuple[str, lis
     if not root.is_dir():
         raise FinetuneError(f"data folder not found: {root}" if not root.exists() else f"not a folder: {root}")
     root = root.resolve()
-    splits = find_splits(root)
+    with _readable(root):
+        splits = find_splits(root)
     split_dir = splits.get("test") or splits.get("val") or splits.get("all") or splits["train"]
     index = {name: i for i, name in enumerate(classes)}
     unusable: list[tuple[str, str]] = []
-    per_class = {d.name: _image_files(d, root, skipped=unusable) for d in _class_dirs(split_dir)}
+    with _readable(split_dir):
+        class_dirs = _class_dirs(split_dir)
+    per_class = {d.name: _image_files(d, root, skipped=unusable) for d in class_dirs}
     unknown = sorted(set(per_class) - set(index))
     if unknown:
         raise FinetuneError(f"class {unknown[0]!r} in {split_dir} is not one of the model's classes: "

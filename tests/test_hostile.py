@@ -233,3 +233,23 @@ def test_a_tree_of_hundreds_of_top_folders_is_still_one_short_line(tmp_path):
     (tmp_path / "val" / "a").mkdir(parents=True)
     [note] = detect_layout(tmp_path).notes
     assert "and 295 more beside the train/ and val/ splits are not used" in note and len(note) < 300
+
+
+def test_a_split_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from finetune import data
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    listed = Path.iterdir
+
+    def iterdir(folder):  # as for a folder of another user (this test may run as root, whom nothing stops)
+        if folder.name == "train":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return listed(folder)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    for scan in (lambda: data.scan_dataset(tmp_path), lambda: data.scan_labelled_folder(tmp_path, ["a"])):
+        with pytest.raises(finetune.FinetuneError, match=r"cannot read .*train: Permission denied"):
+            scan()
