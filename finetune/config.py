@@ -177,7 +177,9 @@ class TrainConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise FinetuneError(f"cannot read config file {path}: {error}") from None
         if isinstance(values, dict) and isinstance(values.get("config"), dict):
-            values = values["config"]  # a run.json
+            # a run.json: its runs_dir is where that run was made (recorded absolute, perhaps on another
+            # machine), not where a new one goes: that is --runs-dir, else the default
+            values = {k: v for k, v in values["config"].items() if k != "runs_dir"}
         if not isinstance(values, dict):
             raise FinetuneError(f"{path} must hold a JSON object of training options")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -407,6 +407,7 @@ def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | 
     if not isinstance(config, dict):
         raise FinetuneError(f"{run.info_path} holds no training configuration to resume")
     cfg = TrainConfig.from_dict(config)
+    cfg.runs_dir = str(run.path.absolute().parent)  # where it is now: run.json may come from another machine
     if epochs is not None:
         cfg.epochs = epochs
     if device is not None:

@@ -253,3 +253,25 @@ def test_a_split_folder_that_cannot_be_listed_is_one_line_naming_it(tmp_path, mo
     for scan in (lambda: data.scan_dataset(tmp_path), lambda: data.scan_labelled_folder(tmp_path, ["a"])):
         with pytest.raises(finetune.FinetuneError, match=r"cannot read .*train: Permission denied"):
             scan()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run.json from another machine (its runs_dir recorded absolute)
+
+
+def test_a_run_json_from_elsewhere_never_sends_a_new_run_to_its_runs_dir(tmp_path, monkeypatch):
+    from finetune.cli import build_parser, config_from_args
+    from finetune.config import TrainConfig
+    from finetune.training import resume_config
+
+    foreign = tmp_path / "home" / "someone" / "runs"  # as recorded on their machine
+    folder = fake_run(tmp_path / "here" / "runs" / "their-run",
+                      config={"data": "/their/photos", "epochs": 3, "runs_dir": str(foreign)})
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.delenv("FINETUNE_RUNS_DIR", raising=False)
+    assert TrainConfig.load(folder / "run.json").runs_dir == str(tmp_path / "here" / "runs")  # the default
+    given = config_from_args(build_parser().parse_args(["train", "--config", str(folder / "run.json"),
+                                                        "--runs-dir", str(tmp_path / "mine")]))
+    assert given.runs_dir == str(tmp_path / "mine") and given.epochs == 3
+    assert resume_config(folder).runs_dir == str(folder.parent)  # resumed where it lies now
+    assert not (tmp_path / "home").exists()
