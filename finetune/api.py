@@ -213,6 +213,8 @@ class Model:
 
         check_format(fmt)
         target = Path(out) if out is not None else self.path.with_name(self.path.stem + SUFFIXES[fmt])
+        if out is None and target.exists():  # the weights' folder is the user's, not a run's: nothing replaced
+            raise FinetuneError(f"{target} exists already: give out= to write the export elsewhere (or over it)")
         return export_predictor(self._cpu_predictor(), fmt, target)
 
     def _cpu_predictor(self) -> "Predictor":

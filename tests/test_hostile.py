@@ -81,6 +81,20 @@ def test_the_inlined_confusion_matrix_is_a_png_of_the_run_never_a_link_a_fifo_or
     assert "<img" not in run_within(20, finetune.load(folder)._repr_html_, fifos=[matrix])
 
 
+def test_a_plain_weights_files_export_never_replaces_a_file_beside_it(tmp_path):
+    import torch
+
+    from finetune.model import build_model
+
+    torch.save(build_model("resnet34", 2, "none").state_dict(), tmp_path / "model.pth")
+    (tmp_path / "class_indices.json").write_text(json.dumps({"0": "a", "1": "b"}))
+    mine = tmp_path / "model.torchscript.pt"
+    mine.write_text("the user's own export")
+    with pytest.raises(finetune.FinetuneError, match="exists already: give out="):
+        finetune.load(tmp_path / "model.pth", image_size=32, device="cpu").export("torchscript")
+    assert mine.read_text() == "the user's own export"
+
+
 def test_the_sigint_handler_is_given_back_when_train_raises(tmp_path):
     before = signal.getsignal(signal.SIGINT)
     (tmp_path / "empty").mkdir()
