@@ -81,6 +81,9 @@ def train(data: str | os.PathLike, *, progress: bool = True, on_event: EventCall
             if "out of memory" in str(error).lower():
                 raise FinetuneError("out of GPU memory: try a smaller batch_size or image_size") from None
             raise
+        finally:
+            if consumer is not None:  # a bar half-way (the scan's, an epoch's) must not stay on screen
+                consumer.close()
     return Run(path, device=cfg.device)
 
 

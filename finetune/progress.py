@@ -99,6 +99,10 @@ class TerminalProgress:
             self.bar.close()
             self.bar, self.bar_for = None, None
 
+    def close(self) -> None:
+        """The bar taken off the screen: for work that ended without its last event (an exception)."""
+        self._close_bar()
+
     def _now_and_then(self, text: str) -> None:
         """A plain progress line, at most every line_every_s seconds (none during short work)."""
         if not self.quiet and time.monotonic() - self.last_line >= self.line_every_s:

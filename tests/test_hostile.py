@@ -95,12 +95,30 @@ def test_a_plain_weights_files_export_never_replaces_a_file_beside_it(tmp_path):
     assert mine.read_text() == "the user's own export"
 
 
-def test_the_sigint_handler_is_given_back_when_train_raises(tmp_path):
+def test_the_sigint_handler_and_the_screen_are_given_back_when_train_raises(tmp_path, monkeypatch):
+    import io
+
+    from finetune import api, training
+    from finetune.progress import TerminalProgress
+
     before = signal.getsignal(signal.SIGINT)
     (tmp_path / "empty").mkdir()
     with pytest.raises(finetune.FinetuneError):
         finetune.train(tmp_path / "empty", runs_dir=tmp_path / "runs", weights="none", progress=False)
     assert signal.getsignal(signal.SIGINT) is before
+    # a bar drawn, then the training fails without its last event (here, in the scan)
+    consumer = TerminalProgress(bar=True)
+    monkeypatch.setattr(consumer, "bar_stream", lambda: io.StringIO())
+    monkeypatch.setattr(api, "for_environment", lambda progress: consumer)
+
+    def scan_then_fail(cfg, on_event=None, stop=None):
+        on_event({"type": "progress", "stage": "check", "what": "checking images", "done": 1, "total": 9})
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(training, "train", scan_then_fail)
+    with pytest.raises(OSError):
+        finetune.train(tmp_path / "empty", runs_dir=tmp_path / "runs", weights="none")
+    assert consumer.bar is None and signal.getsignal(signal.SIGINT) is before
 
 
 # ---------------------------------------------------------------------------------------------
