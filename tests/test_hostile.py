@@ -307,3 +307,16 @@ def test_a_run_json_from_elsewhere_never_sends_a_new_run_to_its_runs_dir(tmp_pat
     assert given.runs_dir == str(tmp_path / "mine") and given.epochs == 3
     assert resume_config(folder).runs_dir == str(folder.parent)  # resumed where it lies now
     assert not (tmp_path / "home").exists()
+
+
+def test_the_studios_banner_shows_a_strangers_folder_names_escaped(tmp_path):
+    import types
+
+    from finetune.studio.app import RunningStudio
+
+    studio = types.SimpleNamespace(runs_dir=tmp_path / "runs", workspace=types.SimpleNamespace(root=tmp_path / "ws"))
+    running = RunningStudio(types.SimpleNamespace(share_url=None), studio, url="http://127.0.0.1:7860",
+                            host="127.0.0.1", port=7860, auth=False, attached=tmp_path / "runs" / "x\x1b]0;owned\x07",
+                            proxy_url=None, undo=[])
+    banner = running.banner("Ctrl-C stops it.")
+    assert "\x1b" not in banner and "\x07" not in banner and "following the training still running in" in banner

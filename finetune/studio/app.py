@@ -252,7 +252,9 @@ class RunningStudio:
             lines.append(f"  through Colab's proxy: {self.proxy_url}")
         if self.attached:
             lines.append(f"  following the training still running in {self.attached}")
-        return "\n".join(lines)
+        from ..progress import shown
+
+        return shown("\n".join(lines))  # folder names (a run's, found in the runs folder) must not drive the terminal
 
     def wait(self) -> None:
         """Block until close() (from another thread) or Ctrl-C; what a script does to keep serving."""
