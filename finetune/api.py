@@ -439,6 +439,9 @@ def load(path: str | os.PathLike, classes: str | os.PathLike | list[str] | None 
         source = source / "model.pth"
     elif not source.exists():
         raise FinetuneError(f"model not found: {source}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 32 <= image_size <= 1024):
+        raise FinetuneError(f"image_size must be a whole number from 32 to 1024, got {image_size!r}")
     return Model(source, _weights_predictor(source, classes, arch, image_size or 224, device))
 
 

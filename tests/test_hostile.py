@@ -93,6 +93,9 @@ def test_a_plain_weights_files_export_never_replaces_a_file_beside_it(tmp_path):
     with pytest.raises(finetune.FinetuneError, match="exists already: give out="):
         finetune.load(tmp_path / "model.pth", image_size=32, device="cpu").export("torchscript")
     assert mine.read_text() == "the user's own export"
+    for size in ("224", 8, 0, 224.0):
+        with pytest.raises(finetune.FinetuneError, match="image_size must be a whole number from 32 to 1024"):
+            finetune.load(tmp_path / "model.pth", image_size=size)
 
 
 def test_the_sigint_handler_and_the_screen_are_given_back_when_train_raises(tmp_path, monkeypatch):
