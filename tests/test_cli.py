@@ -177,7 +177,7 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
 
 
 def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path):
-    from test_doctor import make_problem_dataset
+    from test_data_doctor import make_problem_dataset
 
     data = make_problem_dataset(tmp_path / "data")
     before = tree_digest(data)
@@ -245,7 +245,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_failed_run(tmp_path, monk
 
     import torch
 
-    from finetune import fsutil, train
+    from finetune import fsutil
+    from finetune import training as train
 
     real_write, real_save = fsutil._Sink.write, train.save_checkpoint
     full, epoch_1_model = [False], []
@@ -257,10 +258,10 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_failed_run(tmp_path, monk
         os.write(self.fd, view[: len(view) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def save_checkpoint(session, state, improved, complete):
+    def save_checkpoint(session, state, improved, complete, **options):
         full[0] = state.epoch >= 2  # the checkpoints' writes only: the clean-up's small files still fit
         try:
-            real_save(session, state, improved, complete)
+            real_save(session, state, improved, complete, **options)
         finally:
             full[0] = False
         if state.epoch == 1:

@@ -885,7 +885,7 @@ def test_review_decisions_go_to_the_curation_file_and_the_data_is_untouched(stud
     from PIL import Image
 
     from finetune.curation import load_curation
-    from test_doctor import make_problem_dataset
+    from test_data_doctor import make_problem_dataset
 
     monkeypatch.setattr(review_tab, "IMAGE_SIZE", 64)
     monkeypatch.setenv("FINETUNE_FEATURE_CACHE", str(tmp_path / "features"))
