@@ -100,6 +100,19 @@ def make_config(data: str | os.PathLike, options: dict[str, Any]) -> TrainConfig
     return TrainConfig(data=os.fspath(data) if isinstance(data, os.PathLike) else data, **values)
 
 
+def check_options(options: dict[str, Any], function: Callable, name: str, taken: Iterable[str] = ()) -> None:
+    """An unknown keyword for `function` as one line naming the closest one (as make_config does), not
+    a TypeError; `taken`: the parameters the API fills itself."""
+    import inspect
+
+    known = [p for p in inspect.signature(function).parameters if p not in taken]
+    for option in options:
+        if option not in known:
+            close = difflib.get_close_matches(option, known, n=1)
+            hint = f": did you mean {close[0]!r}?" if close else f" (the options: {', '.join(known)})"
+            raise FinetuneError(f"unknown option {option!r} for {name}{hint}")
+
+
 @contextlib.contextmanager
 def interrupt_stops(stop: threading.Event):
     """While training: the first SIGINT (Ctrl-C, a notebook's interrupt button) sets `stop`, the second
@@ -314,6 +327,7 @@ class Run(Model):
         min_confidence, batch_size, out, held_out_only (leave out images the run trained on)."""
         from .evaluate import evaluate_run
 
+        check_options(options, evaluate_run, "Run.evaluate", taken=("run", "data", "predictor", "device", "log"))
         return evaluate_run(self.path, os.fspath(data), predictor=self.predictor, **options)
 
     def export(self, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
@@ -485,6 +499,7 @@ def doctor(data: str | os.PathLike, *, progress: bool = True, **options: Any) ->
     cache_dir= (default: the shared feature cache), ...). `.summary_text()` is the command line's report."""
     from .data_doctor import default_cache_dir, run_doctor
 
+    check_options(options, run_doctor, "finetune.doctor", taken=("data", "log"))
     options.setdefault("cache_dir", default_cache_dir())
     log = _lines(progress)
     return run_doctor(_dataset_folder(os.fspath(data), None), log=log, **options)

@@ -63,6 +63,17 @@ def test_a_run_json_whose_model_fields_are_not_finetunes_is_one_line_naming_the_
             finetune.load(folder).predict(tmp_path / "any.jpg")
 
 
+def test_an_unknown_keyword_of_evaluate_or_doctor_is_one_line_naming_the_closest(tmp_path):
+    run = finetune.load(fake_run(tmp_path / "run"))
+    with pytest.raises(finetune.FinetuneError, match="unknown option 'held_out' for Run.evaluate: did you mean "
+                                                     "'held_out_only'"):
+        run.evaluate(tmp_path, held_out=True)
+    with pytest.raises(finetune.FinetuneError, match="unknown option 'predictor' for Run.evaluate"):
+        run.evaluate(tmp_path, predictor=None)  # the run's own
+    with pytest.raises(finetune.FinetuneError, match="unknown option 'fold' for finetune.doctor: did you mean 'folds'"):
+        finetune.doctor(tmp_path, fold=3)
+
+
 def test_the_inlined_confusion_matrix_is_a_png_of_the_run_never_a_link_a_fifo_or_another_file(tmp_path):
     secret = tmp_path / "id_rsa"
     secret.write_bytes(PNG + b"PRIVATE KEY")  # even a file that looks like a PNG: a link is not followed
