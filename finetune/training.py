@@ -39,8 +39,7 @@ from .device import (Distributed, amp_dtype_for, channels_last_for, default_work
                      pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import Event, EventCallback, EventWriter
-from .model import (FROZEN_STAGES, apply_strategy, build_model, param_groups, require_finite, safe_load, split_model,
-                    state_dict_from)
+from .model import FROZEN_STAGES, apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
 from .rundir import DiskFull, RunDir, TrainingLock, disk_full, save_atomic
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):

@@ -47,10 +47,10 @@ def test_a_run_json_of_wrong_types_still_shows_itself_escaped(tmp_path):
     assert repr(run) == f"Run({str(folder)!r}, status='<script>x</script>', classes=2)"
     (folder / "run.json").write_text(json.dumps({"status": "completed", "config": "x"}))
     with pytest.raises(finetune.FinetuneError, match="holds no training configuration"):
-        run.config
+        _ = run.config
     (folder / "metrics.json").write_text("{not json")
     with pytest.raises(finetune.FinetuneError, match="cannot read .*metrics.json"):
-        run.metrics
+        _ = run.metrics
 
 
 def test_a_run_json_whose_model_fields_are_not_finetunes_is_one_line_naming_the_field(tmp_path):
