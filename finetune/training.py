@@ -348,7 +348,10 @@ def _is_number(value: object) -> bool:
 def checkpoint_model_state(run: RunDir, checkpoint: dict) -> dict:
     """The whole state_dict of a last.pth: its own tensors over those of its base (a slim one's
     frozen layers, from model.pth of the same run folder)."""
-    state = state_dict_from(check_checkpoint(checkpoint, run.last)["model"], run.last)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise FinetuneError(f"{run.last} is not a checkpoint finetune wrote (no model state in it)")
+    state = state_dict_from(checkpoint["model"], run.last)  # its tensors first: a nan is named as such
+    check_checkpoint(checkpoint, run.last)
     base = checkpoint.get("base")
     if base is None:
         return state
