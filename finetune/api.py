@@ -91,11 +91,7 @@ def make_config(data: str | os.PathLike, options: dict[str, Any]) -> TrainConfig
     """A TrainConfig of `data` and keyword options; an unknown keyword is a one-line error that names the
     closest field. Paths may be given as Path objects."""
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "data"]  # data: the first argument
-    for name in options:
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            hint = f": did you mean {close[0]!r}?" if close else f" (the options: {', '.join(fields)})"
-            raise FinetuneError(f"unknown option {name!r} for finetune.train{hint}")
+    refuse_unknown(options, fields, "finetune.train")
     values = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}
     return TrainConfig(data=os.fspath(data) if isinstance(data, os.PathLike) else data, **values)
 
@@ -106,6 +102,11 @@ def check_options(options: dict[str, Any], function: Callable, name: str, taken:
     import inspect
 
     known = [p for p in inspect.signature(function).parameters if p not in taken]
+    refuse_unknown(options, known, name)
+
+
+def refuse_unknown(options: Iterable[str], known: list[str], name: str) -> None:
+    """The first option not in `known` as one line naming the closest known one (or all of them)."""
     for option in options:
         if option not in known:
             close = difflib.get_close_matches(option, known, n=1)
