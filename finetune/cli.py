@@ -297,15 +297,8 @@ def command_name() -> str:
     return "python -m finetune" if Path(sys.argv[0]).name == "__main__.py" else "finetune"
 
 
-def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Fine-tune an ImageNet ResNet on a folder of labelled images.")
-    parser.add_argument("--version", action="version", version=f"finetune-studio {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    defaults = TrainConfig()
-
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    """The `train` command: the TrainConfig options (add_config_options), --config, --resume, --quiet."""
     train_parser = sub.add_parser(
         "train", help="fine-tune a model on an image folder", formatter_class=DefaultsHelpFormatter,
         description="Train on DATA: a folder of class subfolders, or with train/ and val/ (valid/, validation/; "
@@ -319,6 +312,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     train_parser.set_defaults(func=cmd_train)
 
+
+def _add_predict_command(sub: argparse._SubParsersAction) -> None:
+    """The `predict` command: a model, images and the prediction options."""
     predict_parser = sub.add_parser("predict", help="classify images or folders with a trained model",
                        formatter_class=DefaultsHelpFormatter,
                        description="MODEL is a run folder, or a classic state_dict .pth (then --arch, and "
@@ -340,6 +336,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
                                 help="the class the heatmaps explain (default: each image's predicted class)")
     predict_parser.set_defaults(func=cmd_predict)
 
+
+def _add_doctor_command(sub: argparse._SubParsersAction) -> None:
+    """The `doctor` command: the dataset checks and where their reports go."""
     doctor_parser = sub.add_parser(
         "doctor", help="find likely label errors, duplicates leaking between splits, and odd images",
         formatter_class=DefaultsHelpFormatter,
@@ -366,6 +365,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     doctor_parser.add_argument("--quiet", action="store_true", help="no progress lines")
     doctor_parser.set_defaults(func=cmd_doctor)
 
+
+def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
+    """The `evaluate` command: a run on another labelled folder."""
     evaluate_parser = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder",
                        formatter_class=DefaultsHelpFormatter)
     evaluate_parser.add_argument("run", help="run folder")
@@ -379,6 +381,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
                                  help="leave out the images that were in the run's training split (its split.json)")
     evaluate_parser.set_defaults(func=cmd_evaluate)
 
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    """The `export` command: TorchScript or ONNX."""
     export_parser = sub.add_parser("export", help="export a run's model to TorchScript or ONNX",
                        formatter_class=DefaultsHelpFormatter)
     export_parser.add_argument("run", help="run folder")
@@ -386,6 +391,10 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     export_parser.add_argument("--out", help="output file (default: in the run folder)")
     export_parser.set_defaults(func=cmd_export)
 
+
+def _add_scan_command(sub: argparse._SubParsersAction) -> None:
+    """The `scan` command; its split options default to TrainConfig's, as train splits."""
+    defaults = TrainConfig()
     scan_parser = sub.add_parser("scan", help="check an image folder and show its classes, split and skipped files",
                                  formatter_class=DefaultsHelpFormatter,
                                  description="Decodes every image of DATA (never changes it) and shows how the "
@@ -400,6 +409,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     scan_parser.add_argument("--json", action="store_true", help="machine-readable output")
     scan_parser.set_defaults(func=cmd_scan)
 
+
+def _add_selftest_command(sub: argparse._SubParsersAction) -> None:
+    """The `selftest` command."""
     selftest_parser = sub.add_parser(
         "selftest", help="check training, caches, checkpoints, prediction and export on this machine's device",
         formatter_class=DefaultsHelpFormatter,
@@ -416,6 +428,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     selftest_parser.add_argument("--compile", action="store_true", help="also torch.compile the trainable layers")
     selftest_parser.set_defaults(func=cmd_selftest)
 
+
+def _add_sample_data_command(sub: argparse._SubParsersAction) -> None:
+    """The `sample-data` command."""
     sample_parser = sub.add_parser("sample-data", help="(re)generate the small bundled sample dataset",
                                    formatter_class=DefaultsHelpFormatter,
                                    description="Draws synthetic photos of three shapes (circle, square, triangle) "
@@ -425,6 +440,24 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     sample_parser.add_argument("--per-class", type=int, default=24, help="images per class")
     sample_parser.add_argument("--seed", type=int, default=0, help="for the drawings (the same seed, the same files)")
     sample_parser.set_defaults(func=cmd_sample_data)
+
+
+def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
+    """The whole command line: one _add_<command>_command per subcommand, in the order `--help` lists them."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description="Fine-tune an ImageNet ResNet on a folder of labelled images.")
+    parser.add_argument("--version", action="version", version=f"finetune-studio {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(sub)
+    _add_predict_command(sub)
+    _add_doctor_command(sub)
+    _add_evaluate_command(sub)
+    _add_export_command(sub)
+    _add_scan_command(sub)
+    _add_selftest_command(sub)
+    _add_sample_data_command(sub)
     return parser
 
 
