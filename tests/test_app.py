@@ -205,6 +205,7 @@ def test_training_streams_progress_curves_and_result(trained):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, trained, app_server, sample_data):
     run_dir, _ = trained
     train(client, sample_data, epochs=300)
@@ -226,6 +227,7 @@ def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, tr
     assert client.predict(api_name="/stop_training") == "No training is running."
 
 
+@pytest.mark.slow
 def test_failed_training_is_a_message_and_the_app_keeps_working(client, tmp_path, sample_data):
     data = make_class_folders(tmp_path / "one", classes=("cats",), per_class=3)
     train(client, data, epochs=1)
@@ -351,6 +353,7 @@ def test_predict_batch_server_folder(client, trained, sample_data):
 # Export
 
 
+@pytest.mark.slow
 def test_export_downloads(client, trained):
     from finetune.rundir import class_indices_json
 
@@ -410,6 +413,7 @@ def test_malformed_auth_is_refused():
     assert result.returncode != 0 and "--auth must look like user:password" in result.stderr
 
 
+@pytest.mark.slow
 def test_auth_from_the_environment_and_ending_the_app_stops_its_training(tmp_path, sample_data):
     """FINETUNE_AUTH requires a log-in. SIGTERM to the app (a service manager, `kill`) stops its
     training cleanly (status stopped, best model kept) instead of leaving it running on its own."""
@@ -721,6 +725,7 @@ def test_upload_size_and_workspace_quota(elsewhere_app, elsewhere, tmp_path):
     assert not any((elsewhere_app.workspace / "uploads").iterdir())
 
 
+@pytest.mark.slow
 def test_a_training_left_running_is_followed_and_stopped_then_a_relative_folder_trains(elsewhere_app, elsewhere):
     """Start-up found the training an earlier app left running: the Train tab follows it, a second
     training is refused, Stop ends it. Then `photos`, relative to the app's working directory, is

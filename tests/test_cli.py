@@ -25,6 +25,7 @@ def cli(*args, cwd=None, env=None):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (("train", "/no/such/folder", "--weights", "none"), "error: data folder not found: /no/such/folder"),
     (("train",), "error: give a DATA folder"),
@@ -40,6 +41,7 @@ def test_errors_are_one_line_without_traceback(args, message):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_missing_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
     data = make_class_folders(tmp_path / "d")
     env_home = tmp_path / "torch-home"
@@ -115,6 +117,7 @@ def test_every_option_round_trips_through_the_command_line_and_a_config_file(tmp
     assert overridden == TrainConfig.from_dict({**cfg.to_dict(), "epochs": 9})
 
 
+@pytest.mark.slow
 def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     data = make_class_folders(tmp_path / "photos", per_class=5)
     result = cli("train", data, "--weights", "none", "--epochs", "1", "--image-size", "64", "--batch-size", "4",
@@ -176,6 +179,7 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     assert json.loads(scanned.stdout)["classes"] == ["cats", "dogs"]
 
 
+@pytest.mark.slow
 def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path):
     from test_data_doctor import make_problem_dataset
 
@@ -198,6 +202,7 @@ def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path):
     assert inside.returncode == 2 and "inside the dataset" in inside.stderr and not (data / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_a_zip_of_class_folders_is_extracted_safely_and_used(tmp_path):
     data = make_class_folders(tmp_path / "photos", per_class=3)
     archive = tmp_path / "photos.zip"

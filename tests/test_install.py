@@ -22,6 +22,7 @@ def installed(command: str) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_finetune_command_works_from_another_folder(tmp_path, sample_data):
     done = subprocess.run([installed("finetune"), "scan", str(sample_data)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)

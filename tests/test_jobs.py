@@ -81,6 +81,7 @@ def test_every_option_reaches_the_training_process(tmp_path, monkeypatch):
     assert received.to_dict() == expected
 
 
+@pytest.mark.slow
 def test_failed_process_is_a_one_line_message(tmp_path):
     job = TrainingJob(TrainConfig(data=str(tmp_path / "missing"), weights="none", runs_dir=str(tmp_path / "runs")))
     deadline = time.time() + 60

@@ -329,6 +329,7 @@ print(json.dumps({"growth_mb": (after - before) / 1024, "skipped": len(scan.skip
 """
 
 
+@pytest.mark.slow
 def test_scanning_many_bombs_keeps_peak_memory_bounded(tmp_path, bomb):
     root = bomb_dataset(tmp_path / "d", bomb, per_class=4)
     env = {k: v for k, v in os.environ.items() if k != "FINETUNE_MAX_PIXELS"}

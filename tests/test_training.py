@@ -50,7 +50,7 @@ def standin(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("strategy", ["head", "last", "all"])
+@pytest.mark.parametrize("strategy", ["head", "last", pytest.param("all", marks=pytest.mark.slow)])
 def test_frozen_parameters_and_buffers_are_bit_identical(dataset, standin, tmp_path, strategy):
     run = train(tiny_config(dataset, tmp_path, strategy=strategy, weights=str(standin), lr=1e-2))
     before = torch.load(standin, weights_only=True)
@@ -69,6 +69,7 @@ def test_frozen_parameters_and_buffers_are_bit_identical(dataset, standin, tmp_p
     assert after["fc.weight"].shape == (3, 512)
 
 
+@pytest.mark.slow
 def test_run_folder_has_everything_needed(dataset, tmp_path):
     events = []
     run = train(tiny_config(dataset, tmp_path, strategy="last"), on_event=events.append)
@@ -193,6 +194,7 @@ def test_metrics_confidences_are_the_calibrated_ones_prediction_shows(tmp_path):
         assert shown[item["path"]].confidence == pytest.approx(item["confidence"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_metrics(dataset, tmp_path):
     first = train(tiny_config(dataset, tmp_path / "a", strategy="all", epochs=1))
     second = train(tiny_config(dataset, tmp_path / "b", strategy="all", epochs=1))
@@ -202,6 +204,7 @@ def test_same_seed_gives_same_metrics(dataset, tmp_path):
             assert a[key] == b[key]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_epoch(dataset, tmp_path):
     run = train(tiny_config(dataset, tmp_path, strategy="last", epochs=1))
     finished = torch.load(run / "last.pth", weights_only=True)  # layer4 and the head: the rest is in model.pth
@@ -331,7 +334,7 @@ def test_resnet50_head_trains(dataset, tmp_path):
     assert torch.load(run / "model.pth", weights_only=True)["fc.weight"].shape == (3, 2048)
 
 
-@pytest.mark.parametrize("strategy", ["last", "all"])
+@pytest.mark.parametrize("strategy", ["last", pytest.param("all", marks=pytest.mark.slow)])
 def test_no_float64_tensor_where_a_gpu_would_hold_it(dataset, tmp_path, monkeypatch, strategy):
     """Apple MPS has no float64. With the accumulators chosen as for a GPU, nothing the training and
     its evaluation create with torch may be float64 (on MPS it would be on the device and crash)."""
@@ -355,6 +358,7 @@ def test_no_float64_tensor_where_a_gpu_would_hold_it(dataset, tmp_path, monkeypa
     assert not found, f"float64 tensors created by {sorted(set(found))[:5]}"
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_cpu_tensors_only_and_a_finished_runs_last_pth_only_the_trained_layers(dataset, tmp_path):
     """A run stopped after an epoch keeps the whole last.pth (optimizer too) to resume exactly; once it
     ends by itself, last.pth keeps only the layers the strategy trains (model.pth has the frozen ones)
