@@ -704,25 +704,62 @@ def scan_dataset(
     is refused early). `on_progress(stage, done, total)`: stage "walk" (files seen so far) or "check"
     (images decoded of total); an exception it raises ends the scan (a cancel).
     """
+    root = _data_folder(data)
+    with _readable(root):
+        layout_found = detect_layout(root)
+    splits = layout_found.splits
+    main_split = "all" if "all" in splits else "train"
+    per_split, unusable = _list_images(root, splits, max_files, on_progress)
+    classes = _class_names(per_split, splits, main_split)
+    good, skipped = _decodable_images(root, per_split, unusable, check, on_progress)
+    _require_an_image_per_class(classes, good, per_split, splits, main_split)
+
+    notes: list[str] = layout_found.notes + _lookalike_classes(classes)
+    if "val" in splits:
+        layout, train, val = "train-val", _labelled(good, "train", classes), _labelled(good, "val", classes)
+        used_fraction = None
+        for name in classes:
+            if not good["val"].get(name):
+                notes.append(f"class {name!r} has no validation image; its metrics will be empty")
+    else:
+        layout, used_fraction = "class-folders", val_fraction
+        train, val = _drawn_split(_labelled(good, main_split, classes), classes, good[main_split], val_fraction, seed)
+    test = _labelled(good, "test", classes) if "test" in splits else []
+    notes += _imbalance_notes(classes, train)
+    return DatasetScan(
+        root=str(root), layout=layout, classes=classes, train=train, val=val, test=test,
+        skipped=skipped, warnings=notes, val_fraction=used_fraction, seed=seed if used_fraction else None,
+        split_dirs={split: folder.name for split, folder in splits.items() if split != "all"},
+    )
+
+
+def _data_folder(data: str | Path) -> Path:
+    """The data folder, resolved; one line when it is missing or not a folder."""
     root = Path(data).expanduser()
     if not root.exists():
         raise FinetuneError(f"data folder not found: {root}")
     if not root.is_dir():
         raise FinetuneError(f"data path is not a folder: {root}")
-    root = root.resolve()
-    with _readable(root):
-        layout_found = detect_layout(root)
-    splits = layout_found.splits
+    return root.resolve()
 
+
+def _list_images(root: Path, splits: dict[str, Path], max_files: int | None,
+                 on_progress: Callable[[str, int, int], None] | None
+                 ) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
+    """The image files of each split's class folders (relative to root), and the files not decoded
+    with why (strange names, folders nested too deep)."""
     per_split: dict[str, dict[str, list[str]]] = {}
     count = _FileCount(root, max_files, on_progress)
-    unusable: list[tuple[str, str]] = []  # strange names and folders nested too deep: not decoded
+    unusable: list[tuple[str, str]] = []
     for split, split_dir in splits.items():
         with _readable(split_dir):
             class_dirs = _class_dirs(split_dir)
         per_split[split] = {d.name: _image_files(d, root, count, unusable) for d in class_dirs}
+    return per_split, unusable
 
-    main_split = "all" if "all" in splits else "train"
+
+def _class_names(per_split: dict[str, dict[str, list[str]]], splits: dict[str, Path], main_split: str) -> list[str]:
+    """The classes (the main split's folders, sorted): val/ and test/ add none, and there are at least 2."""
     train_classes = set(per_split[main_split])
     for split in ("val", "test"):
         extra = sorted(set(per_split.get(split, {})) - train_classes)
@@ -735,7 +772,14 @@ def scan_dataset(
         where = splits[main_split]
         found = f"only {classes[0]!r}" if classes else "none"
         raise FinetuneError(f"need at least 2 class folders in {where}, found {found}")
+    return classes
 
+
+def _decodable_images(root: Path, per_split: dict[str, dict[str, list[str]]], unusable: list[tuple[str, str]],
+                      check: bool, on_progress: Callable[[str, int, int], None] | None
+                      ) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
+    """per_split without the files that do not decode (each one decoded unless `check` is False), and
+    every file skipped with why, sorted."""
     all_files = [rel for split in per_split.values() for files in split.values() for rel in files]
     check_progress = (lambda done, total: on_progress("check", done, total)) if on_progress else None
     bad = check_images(root, all_files, on_progress=check_progress) if check else {}
@@ -744,51 +788,48 @@ def scan_dataset(
         split: {c: [r for r in files if r not in bad] for c, files in by_class.items()}
         for split, by_class in per_split.items()
     }
+    return good, skipped
+
+
+def _require_an_image_per_class(classes: list[str], good: dict[str, dict[str, list[str]]],
+                                per_split: dict[str, dict[str, list[str]]], splits: dict[str, Path],
+                                main_split: str) -> None:
+    """One line for the first class of the main split without a decodable image."""
     for name in classes:
         if not good[main_split][name]:
             total = len(per_split[main_split][name])
             detail = f"{total} file(s), none decodable" if total else "no image files"
             raise FinetuneError(f"class {name!r} has no valid image in {splits[main_split]} ({detail})")
 
-    index = {name: i for i, name in enumerate(classes)}
 
-    def items(split: str) -> list[tuple[str, int]]:
-        return [(rel, index[c]) for c in classes for rel in good.get(split, {}).get(c, [])]
+def _labelled(good: dict[str, dict[str, list[str]]], split: str, classes: list[str]) -> list[tuple[str, int]]:
+    """A split's (path, label) pairs, class by class; the label is the class's index in `classes`."""
+    return [(rel, label) for label, c in enumerate(classes) for rel in good.get(split, {}).get(c, [])]
 
-    notes: list[str] = layout_found.notes + _lookalike_classes(classes)
-    if "val" in splits:
-        layout, train, val = "train-val", items("train"), items("val")
-        used_fraction = None
-        for name in classes:
-            if not good["val"].get(name):
-                notes.append(f"class {name!r} has no validation image; its metrics will be empty")
-    else:
-        layout, pool = "class-folders", items(main_split)
-        for name in classes:
-            if len(good[main_split][name]) < 2:
-                raise FinetuneError(
-                    f"class {name!r} has only 1 valid image: at least 2 are needed to split train/val "
-                    f"(add images or give a val/ folder)"
-                )
-        train_idx, val_idx = stratified_split([label for _, label in pool], val_fraction, seed)
-        train, val = [pool[i] for i in train_idx], [pool[i] for i in val_idx]
-        used_fraction = val_fraction
-    test = items("test") if "test" in splits else []
 
+def _drawn_split(pool: list[tuple[str, int]], classes: list[str], good: dict[str, list[str]], val_fraction: float,
+                 seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """A class-folders dataset split into train and val, stratified: each class needs 2 images."""
+    for name in classes:
+        if len(good[name]) < 2:
+            raise FinetuneError(
+                f"class {name!r} has only 1 valid image: at least 2 are needed to split train/val "
+                f"(add images or give a val/ folder)"
+            )
+    train_idx, val_idx = stratified_split([label for _, label in pool], val_fraction, seed)
+    return [pool[i] for i in train_idx], [pool[i] for i in val_idx]
+
+
+def _imbalance_notes(classes: list[str], train: list[tuple[str, int]]) -> list[str]:
+    """The warning for a training split whose largest class outnumbers its smallest IMBALANCE_RATIO times."""
     train_counts = Counter(label for _, label in train)
     largest, smallest = max(train_counts.values()), min(train_counts.values())
     if smallest and largest / smallest >= IMBALANCE_RATIO:
         big = classes[max(train_counts, key=train_counts.get)]
         small = classes[min(train_counts, key=train_counts.get)]
-        notes.append(
-            f"classes are imbalanced ({big!r}: {largest} vs {small!r}: {smallest} training images); "
-            f"consider --class-weighted-loss"
-        )
-    return DatasetScan(
-        root=str(root), layout=layout, classes=classes, train=train, val=val, test=test,
-        skipped=skipped, warnings=notes, val_fraction=used_fraction, seed=seed if used_fraction else None,
-        split_dirs={split: folder.name for split, folder in splits.items() if split != "all"},
-    )
+        return [f"classes are imbalanced ({big!r}: {largest} vs {small!r}: {smallest} training images); "
+                f"consider --class-weighted-loss"]
+    return []
 
 
 def _lookalike_classes(classes: list[str]) -> list[str]:
