@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ARCHS = ("resnet34", "resnet50")
 STRATEGIES = ("all", "last", "head")
@@ -190,6 +191,15 @@ class TrainConfig:
             return cls(**values)
         except TypeError as error:
             raise FinetuneError(f"{path}: {error}") from None
+
+
+def default_of(name: str) -> Any:
+    """TrainConfig's default for the field `name`: the one value the split (val_fraction, seed) and the
+    other options have wherever they are a parameter (scan, doctor, studio), so none can drift from training's."""
+    default = {f.name: f for f in dataclasses.fields(TrainConfig)}[name].default
+    if default is dataclasses.MISSING:
+        raise TypeError(f"TrainConfig.{name} has no plain default")
+    return default
 
 
 def cli_fields() -> list[dataclasses.Field]:
