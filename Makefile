@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup bench sample-data clean
+.PHONY: run test lint setup bench sample-data clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(ARGS)
+
+# ruff (lint, then the format) and mypy, as configured in pyproject.toml; the CI runs it before the tests
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy finetune
 
 bench: setup
 	$(PY) bench/benchmark.py $(ARGS)
