@@ -70,7 +70,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Distributed":
+    def from_env(cls) -> Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()

@@ -18,9 +18,10 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from .config import FinetuneError
 
@@ -46,7 +47,8 @@ def walk(top: str | Path, max_depth: int | None = None,
     stack: list[tuple[str, int]] = [(os.fspath(top), 0)]
     while stack:
         dirpath, depth = stack.pop()
-        dirnames, filenames = [], []
+        dirnames: list[str] = []
+        filenames: list[str] = []
         try:
             with os.scandir(dirpath) as entries:
                 for entry in entries:
@@ -259,20 +261,24 @@ def disk_full(error: BaseException, path: str | Path | None = None) -> DiskFull 
     """`error` as a DiskFull naming the file (`path` when the error does not), or None when it is
     something else. The OSError may hide behind the exception it caused: torch.save's clean-up
     raises RuntimeError('... inline_container.cc ... unexpected pos') over it."""
-    seen = []
-    while error is not None and not any(error is e for e in seen):
-        if isinstance(error, DiskFull):
-            return error
-        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-            break
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    else:
-        return None
+    seen: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and not any(cause is e for e in seen):
+        if isinstance(cause, DiskFull):
+            return cause
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS:
+            return _disk_full_line(cause, path)
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _disk_full_line(error: OSError, path: str | Path | None) -> DiskFull:
     quota = " or over its quota" if error.errno == errno.EDQUOT else ""
-    if not (error.filename or path):
+    name = error.filename or path
+    if not name:
         return DiskFull(f"disk full{quota}: could not write a file ({error.strerror})")
-    target = Path(os.fsdecode(error.filename or path))
+    target = Path(os.fsdecode(name))
     folder = next((p for p in (target, *target.parents) if p.is_dir()), None)
     try:
         free = f"{_size(shutil.disk_usage(folder).free)} free on that file system" if folder else "free space unknown"
@@ -320,7 +326,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_atomic(path: str | Path, write: Callable[[_Sink], None]) -> None:
+def write_atomic(path: str | Path, write: Callable[[_Sink], object]) -> None:
     """`write(sink)` into a temporary file (see `replacing`), then renamed over `path`. The sink writes
     every byte with os.write, so a full disk is an OSError that `replacing` turns into DiskFull."""
     with replacing(path) as tmp:

@@ -23,14 +23,14 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ARCHS, STRATEGIES, FinetuneError, TrainConfig
-from .device import (amp_choice, channels_last_for, describe_device, mps_available, resolve_device,
-                     usable_cores)
+from .config import ARCHS, STRATEGIES, FinetuneError, TrainConfig, default_strategy
+from .device import amp_choice, channels_last_for, describe_device, mps_available, resolve_device, usable_cores
 
 # Relative tolerance of logits, cached path against the full model: float32 is exact up to summation
 # order; a float16 layer3 cache and autocast on a GPU are not.
@@ -125,7 +125,9 @@ def standin_weights(arch: str, path: Path) -> Path:
     torch.manual_seed(7)
     model = getattr(models, arch)(weights=None)
     for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
+        # track_running_stats is on in torchvision's ResNets: both buffers exist
+        if (isinstance(module, torch.nn.BatchNorm2d) and module.running_mean is not None
+                and module.running_var is not None):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     torch.save(model.state_dict(), path)
@@ -140,7 +142,7 @@ def check_training(cfg: TrainConfig):
     events = read_events(run)
     rates = [e["images_per_s"] for e in events if e["type"] == "batch"]
     start = next(e for e in events if e["type"] == "start")
-    end = next((e for e in events if e["type"] == "end"), {})
+    end: Mapping[str, object] = next((e for e in events if e["type"] == "end"), {})
     ok = end.get("status") == "completed"
     return ok, (f"{end.get('status', 'no end event')}; {rates[-1] if rates else 0:.0f} images/s; "
                 f"pipeline: {start['pipeline'].split(' (')[0]}"), run
@@ -160,22 +162,21 @@ def check_frozen(run: Path, standin: Path, strategy: str):
 
 def check_checkpoints(run: Path):
     """Every tensor on the CPU, and a plain torch.load (no map_location) works."""
-    on_device = []
+    on_device: list[str] = []
+
+    def walk(obj, name: str, where: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cpu":
+                on_device.append(f"{name}:{where} on {obj.device}")
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, name, f"{where}.{key}" if where else str(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, name, f"{where}[{i}]")
+
     for name in ("model.pth", "last.pth"):
-        loaded = torch.load(run / name, weights_only=True)
-
-        def walk(obj, where):
-            if isinstance(obj, torch.Tensor):
-                if obj.device.type != "cpu":
-                    on_device.append(f"{name}:{where} on {obj.device}")
-            elif isinstance(obj, dict):
-                for key, value in obj.items():
-                    walk(value, f"{where}.{key}" if where else str(key))
-            elif isinstance(obj, (list, tuple)):
-                for i, value in enumerate(obj):
-                    walk(value, f"{where}[{i}]")
-
-        walk(loaded, "")
+        walk(torch.load(run / name, weights_only=True), name, "")
     return not on_device, "model.pth and last.pth hold CPU tensors only" if not on_device else on_device[0], None
 
 
@@ -193,9 +194,10 @@ def check_cached_logits(run: Path, cfg: TrainConfig, device: torch.device):
     model = build_model(cfg.arch, len(scan.classes), "none")
     model.load_state_dict(torch.load(run / "model.pth", weights_only=True))
     model.eval()
-    frozen, trainable = split_model(model, cfg.strategy)
+    frozen, trainable = split_model(model, cfg.strategy or default_strategy(cfg.weights))  # as train() does
     memory_format = torch.channels_last if channels_last_for(device) else torch.preserve_format
-    model.to(device, memory_format=memory_format)
+    # Module.to takes a device and a memory format together; torch's overloads list them apart
+    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     amp_dtype = amp_dtype_for(device, cfg.amp)
     pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, 0, lambda message: None)
     if pipeline.kind == "stream":
@@ -225,7 +227,8 @@ def check_predict_agrees(run: Path, device: torch.device):
     scan = rundir.read_split()
     predictor = Predictor.from_run(run, device=str(device))
     predictions = predictor.predict_paths([Path(scan.root) / rel for rel, _ in scan.val], top_k=1, workers=0)
-    wrong_predict = {rel for (rel, label), p in zip(scan.val, predictions) if p.label != scan.classes[label]}
+    wrong_predict = {rel for (rel, label), p in zip(scan.val, predictions, strict=True)
+                     if p.label != scan.classes[label]}
     wrong_eval = {m["path"] for m in metrics.get("misclassified", [])}
     differ = len(wrong_predict ^ wrong_eval)
     allowed = max(1, round(0.05 * len(scan.val)))  # half-precision paths may flip a near tie
@@ -337,8 +340,8 @@ def run_selftest(device_name: str = "auto", arch: str = "resnet34", nproc: int =
     for line in environment(device, compile_model):
         print(line)
     report = Report()
-    with tempfile.TemporaryDirectory(prefix="finetune-selftest-", dir=workdir) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="finetune-selftest-", dir=workdir) as tmp_name:
+        tmp = Path(tmp_name)
         data = make_sample_dataset(tmp / "data", per_class=24, seed=0)
         standin = standin_weights(arch, tmp / "standin.pth")
         print(f"data: the sample dataset (3 classes, 72 images) in {data}; image size {image_size}; {epochs} epoch(s) "

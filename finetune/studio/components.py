@@ -18,6 +18,7 @@ import base64
 import binascii
 import uuid
 from pathlib import Path
+from typing import TypeGuard
 from urllib.parse import unquote_to_bytes
 
 import gradio as gr
@@ -27,7 +28,8 @@ from gradio.components.label import LabelConfidence, LabelData
 def image_upload(**kwargs) -> gr.Image:
     """gr.Image(type="filepath") whose preprocess returns the file's path as uploaded, undecoded."""
     image = gr.Image(type="filepath", image_mode=None, **kwargs)
-    image.preprocess = lambda payload: uploaded_path(image, payload)
+    # the instance's own preprocess, not a subclass: gradio's front end knows gr.Image by its class
+    image.preprocess = lambda payload: uploaded_path(image, payload)  # type: ignore[method-assign]
     return image
 
 
@@ -55,11 +57,13 @@ def answer_label(**kwargs) -> gr.Label:
     """gr.Label that also takes {"label": headline, "confidences": [(class, probability), ...]}."""
     label = gr.Label(**kwargs)
     stock = label.postprocess
-    label.postprocess = lambda value: answer_data(value) if is_answer(value) else stock(value)
+    # the instance's own postprocess, not a subclass: gradio's front end knows gr.Label by its class
+    label.postprocess = (  # type: ignore[method-assign]
+        lambda value: answer_data(value) if is_answer(value) else stock(value))
     return label
 
 
-def is_answer(value) -> bool:
+def is_answer(value: object) -> TypeGuard[dict]:
     return isinstance(value, dict) and set(value) == {"label", "confidences"}
 
 

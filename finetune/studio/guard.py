@@ -35,8 +35,8 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
@@ -96,7 +96,7 @@ class AllowedHosts:
 
     @classmethod
     def of(cls, listen: str, port: int, extra: Iterable[str] = (),
-           late: Callable[[], Iterable[str]] | None = None) -> "AllowedHosts":
+           late: Callable[[], Iterable[str]] | None = None) -> AllowedHosts:
         return cls(listen, port, frozenset(parse_host_list(extra)), late)
 
     def learnt(self) -> set[str]:

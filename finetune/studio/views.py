@@ -4,6 +4,7 @@ and no events: each function takes values and returns text or rows."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def counts_rows(scan) -> list[dict]:
     return rows
 
 
-def skipped_rows(scan, archive_skipped: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+def skipped_rows(scan, archive_skipped: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """(file, reason): files of an uploaded zip that were not extracted, then images that do not decode."""
     rows = [(name, f"{why}: not extracted from the zip") for name, why in archive_skipped] + list(scan.skipped)
     return [(plain(name), plain(why)) for name, why in rows]
@@ -170,7 +171,8 @@ def training_result(view) -> tuple[str, Path | None]:
         matrix = Path(view.run_dir) / "confusion_matrix.png"
         return text, matrix if matrix.is_file() else None
     if view.status == "failed":
-        return f"### Training failed\n{md(view.error)}\n\nThe app still works: change the settings and start again.", None
+        return (f"### Training failed\n{md(view.error)}\n\n"
+                "The app still works: change the settings and start again."), None
     return "", None
 
 
