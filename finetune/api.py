@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ARCHS, FinetuneError, TrainConfig
+from .config import ARCHS, FinetuneError, TrainConfig, default_of
 from .events import Event, EventCallback
 from .progress import TerminalProgress, for_environment, in_notebook, shown
 
@@ -486,7 +486,8 @@ def infer_arch(state: dict, source: Path) -> str:
     raise FinetuneError(f"{source} is neither a resnet34 nor a resnet50 state_dict: give arch=")
 
 
-def scan(data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> "DatasetScan":
+def scan(data: str | os.PathLike, val_fraction: float = default_of("val_fraction"),
+         seed: int = default_of("seed")) -> "DatasetScan":
     """The data report of a folder (or .zip) as training would see it: classes, the train/val(/test)
     split, skipped files and warnings. In a notebook it shows as the report; `.report()` is the text."""
     from .data import scan_dataset

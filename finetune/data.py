@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .config import FinetuneError
+from .config import FinetuneError, default_of
 from .device import usable_cores
 from .fsutil import open_regular, walk
 from .names import printable, unsafe_name_reason
@@ -695,8 +695,8 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
 
 
 def scan_dataset(
-    data: str | Path, val_fraction: float = 0.2, seed: int = 0, check: bool = True,
-    max_files: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
+    data: str | Path, val_fraction: float = default_of("val_fraction"), seed: int = default_of("seed"),
+    check: bool = True, max_files: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
 ) -> DatasetScan:
     """Find classes and images, check every image, and split train/val when no split is given.
 

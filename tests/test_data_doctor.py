@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import tree_digest
-from finetune.config import FinetuneError
+from finetune.config import FinetuneError, TrainConfig
 from finetune.data import scan_dataset
 from finetune.data_doctor import (Backbone, DoctorReport, compute_embeddings, find_label_issues, hamming, load_backbone,
                              near_hash_pairs, phash, records_of, run_doctor, similar_pairs, write_csv, write_json)
@@ -320,6 +320,19 @@ def test_scan_given_directly_and_user_errors(problem_data):
         run_doctor(scan, arch="vgg", weights="none")
     with pytest.raises(FinetuneError, match="not found"):
         run_doctor(problem_data / "missing", weights="none")
+
+
+def test_the_split_defaults_are_training_s():
+    """Without a run, the doctor (and the scan, finetune.scan, the Review tab through scan_dataset) splits a
+    folder as training does: a leak it reports is one against the split a run would make."""
+    import inspect
+
+    from finetune import api
+
+    trained = TrainConfig()
+    for function in (scan_dataset, run_doctor, api.scan):
+        given = inspect.signature(function).parameters
+        assert (given["val_fraction"].default, given["seed"].default) == (trained.val_fraction, trained.seed), function
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,15 +212,15 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
             lines.append(line)
             report("log", 0, 0)
 
-        run_dir, val_fraction, seed = None, 0.2, 0
+        run_dir = None
+        split: dict = {}  # without a run: scan_dataset's defaults, which are training's (TrainConfig)
         weights = backbone or "imagenet"
         if weights not in ("imagenet", "none"):
             run_dir = resolve_run(weights, studio.runs_dir)
             config = RunDir(run_dir).info().get("config") or {}
-            val_fraction, seed = config.get("val_fraction", val_fraction), config.get("seed", seed)
+            split = {key: config[key] for key in ("val_fraction", "seed") if key in config}
         log(f"scanning {root}")
-        scan = scan_dataset(root, val_fraction=val_fraction, seed=seed, max_files=studio.max_scan_files,
-                            on_progress=report)
+        scan = scan_dataset(root, **split, max_files=studio.max_scan_files, on_progress=report)
         result = run_doctor(scan, run=run_dir, weights="imagenet" if run_dir else weights,
                             image_size=None if run_dir else IMAGE_SIZE, device=studio.prediction_device(),
                             cache_dir=default_cache_dir(), log=log)
