@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -39,17 +40,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return np.exp(_log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
-
-
-def logits_from_probs(probs) -> np.ndarray:
-    """Log-probabilities: the softmax is blind to a per-row constant, so they serve as logits
-    (for code that only kept probabilities). Clipped: a float32 softmax underflows to exact zeros."""
-    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-30, None))
-
-
-def calibrated_probs(probs, temperature: float) -> np.ndarray:
-    """Softmax probabilities -> the same with the temperature applied."""
-    return softmax(logits_from_probs(probs), temperature)
 
 
 def nll(logits, targets, temperature: float = 1.0) -> float:
@@ -155,20 +145,23 @@ def suggest_threshold(calibrated, targets, miss_rate: float = MISS_RATE) -> floa
     return math.floor(max(threshold, 1.0 / probs.shape[1]) * 1e4) / 1e4
 
 
+@overload
+def is_unknown(confidence: float, threshold: float) -> bool: ...
+@overload
+def is_unknown(confidence: np.ndarray, threshold: float) -> np.ndarray: ...
+def is_unknown(confidence, threshold):
+    """The one "unknown" rule, for a confidence or an array of them: a (calibrated) top probability
+    below `threshold`; at the threshold itself the best guess is still the answer."""
+    return confidence < threshold
+
+
 def apply_unknown(probs, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(answers, best guesses, confidences): the answer is the best guess, or UNKNOWN_INDEX (-1)
-    where the (calibrated) top probability is below `threshold`."""
+    where the top probability is unknown by `is_unknown`."""
     probs = np.asarray(probs, dtype=np.float64)
     best, confidence = probs.argmax(axis=1), probs.max(axis=1)
-    answers = np.where(confidence < threshold, UNKNOWN_INDEX, best)
+    answers = np.where(is_unknown(confidence, threshold), UNKNOWN_INDEX, best)
     return answers, best, confidence
-
-
-def label_or_unknown(classes: list[str], probs_row, threshold: float) -> tuple[str, str, float]:
-    """One image: (answer, best guess, confidence) where answer is a class name or "unknown"."""
-    answers, best, confidence = apply_unknown(np.asarray(probs_row, dtype=np.float64)[None, :], threshold)
-    guess = classes[int(best[0])]
-    return (UNKNOWN if answers[0] == UNKNOWN_INDEX else guess), guess, float(confidence[0])
 
 
 def coverage(probs, targets, threshold: float) -> dict:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .calibrate import UNKNOWN
+from .calibrate import UNKNOWN, is_unknown
 from .config import FinetuneError
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTooLarge, eval_transform, load_rgb, resize_size, to_rgb
 from .device import amp_dtype_for, channels_last_for, default_workers, non_blocking, pin_memory, resolve_device
@@ -149,7 +149,7 @@ class Predictor:
     def answer(self, top: list[tuple[str, float]], min_confidence: float | None = None) -> tuple[str, str, float]:
         """(answer, best guess, confidence) for one image's top list: answer is "unknown" below the threshold."""
         guess, confidence = top[0]
-        return (UNKNOWN if confidence < self.min_confidence(min_confidence) else guess), guess, confidence
+        return (UNKNOWN if is_unknown(confidence, self.min_confidence(min_confidence)) else guess), guess, confidence
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "model.pth") -> "Predictor":
@@ -215,7 +215,7 @@ class Predictor:
     def _answers(self, logits: torch.Tensor, top_k: int, threshold: float) -> list[tuple[list, bool]]:
         """(top, unknown) per row of logits: the one rule for a single image and for a batch."""
         tops = self._top(torch.softmax(logits / self.temperature, dim=1), top_k)
-        return [(top, top[0][1] < threshold) for top in tops]
+        return [(top, is_unknown(top[0][1], threshold)) for top in tops]
 
     def predict_one(self, image: Image.Image | str | Path, top_k: int = 5, min_confidence: float | None = None,
                     keep_logits: bool = False) -> Prediction:

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.calibrate import (MISS_RATE, UNKNOWN, UNKNOWN_INDEX, apply_unknown, calibrate, calibrated_probs, coverage,
-                                expected_calibration_error, fit_temperature, held_out_report, label_or_unknown,
-                                logits_from_probs, softmax, suggest_threshold)
+from finetune.calibrate import (MISS_RATE, UNKNOWN_INDEX, apply_unknown, calibrate, coverage, expected_calibration_error,
+                                fit_temperature, held_out_report, is_unknown, softmax, suggest_threshold)
 
 
 def overconfident_logits(n: int, classes: int, true_temperature: float, seed: int = 0):
@@ -41,14 +40,6 @@ def test_underconfident_logits_get_a_temperature_below_one():
     assert fit_temperature(logits, targets) == pytest.approx(0.4, rel=0.15)  # 30 seeds: within 0.07
 
 
-def test_log_probabilities_serve_as_logits():
-    logits, targets = overconfident_logits(500, 3, 2.0, seed=2)
-    probs = softmax(logits)
-    assert fit_temperature(logits_from_probs(probs), targets) == pytest.approx(fit_temperature(logits, targets),
-                                                                               rel=1e-3)
-    np.testing.assert_allclose(calibrated_probs(probs, 2.0), softmax(logits, 2.0), atol=1e-9)
-
-
 def test_degenerate_inputs():
     assert fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
     assert fit_temperature(np.zeros((10, 3)), np.arange(10) % 3) == 1.0  # flat logits: nothing to scale
@@ -70,8 +61,9 @@ def test_threshold_rule_and_unknown_semantics():
     answers, best, confidence = apply_unknown(np.array([[0.6, 0.4], [0.3, 0.7], [0.45, 0.55]]), 0.6)
     assert answers.tolist() == [0, 1, UNKNOWN_INDEX] and best.tolist() == [0, 1, 1]
     assert confidence.tolist() == [0.6, 0.7, 0.55]
-    assert label_or_unknown(["cat", "dog"], [0.45, 0.55], 0.6) == (UNKNOWN, "dog", 0.55)
-    assert label_or_unknown(["cat", "dog"], [0.45, 0.55], 0.5) == ("dog", "dog", 0.55)
+    # the one rule, for one confidence (a single prediction) as for arrays: at the threshold, still answered
+    assert is_unknown(0.55, 0.6) and not is_unknown(0.55, 0.5) and not is_unknown(0.6, 0.6)
+    assert is_unknown(np.array([0.59, 0.6, 0.61]), 0.6).tolist() == [True, False, False]
 
 
 def test_calibrate_record_and_reliability_plot(tmp_path):
