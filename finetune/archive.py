@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from .config import FinetuneError
 from .data import IMAGE_EXTENSIONS, is_ignored
-from .fsutil import open_user_file, remove_tree, walk
+from .fsutil import human_size, open_user_file, remove_tree, walk
 from .names import printable, unsafe_name_reason
 
 MAX_ENTRIES = 100_000
@@ -76,14 +76,6 @@ class Extraction:
     bytes: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     reused: bool = False  # an earlier, complete extraction of the same archive
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.1f} GB"
 
 
 def _entry_parts(info: zipfile.ZipInfo, source: str) -> tuple[str, ...]:
@@ -208,7 +200,7 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
     # The claimed compressed sizes may all describe one shared block: only the file itself is real.
     real_size = path.stat().st_size
     if total >= RATIO_MIN_BYTES and total > max_ratio * max(real_size, 1):
-        raise FinetuneError(f"{source} unpacks to {_size(total)} from {_size(real_size)} on disk "
+        raise FinetuneError(f"{source} unpacks to {human_size(total)} from {human_size(real_size)} on disk "
                             f"({total / max(real_size, 1):.0f}:1, a zip bomb?); at most {max_ratio:.0f}:1 is accepted")
     _check_overlaps(path, infos, source)
     if not files:
@@ -370,8 +362,9 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
         folder = Path(quota_folder) if quota_folder is not None else dest_parent
         used, need = disk_usage(folder), _disk_estimate(contents)
         if used + need > max_dest_bytes:
-            raise QuotaExceeded(f"{path.name} unpacks to {_size(need)}, and {folder} already holds {_size(used)}: "
-                                f"that is over its limit of {_size(max_dest_bytes)}", folder, used, need, max_dest_bytes)
+            raise QuotaExceeded(f"{path.name} unpacks to {human_size(need)}, and {folder} already holds "
+                                f"{human_size(used)}: that is over its limit of {human_size(max_dest_bytes)}",
+                                folder, used, need, max_dest_bytes)
     dest_parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(dest_parent, target.name)
     # unique per call, so concurrent extractions of one archive never share (or delete) a folder

@@ -257,6 +257,15 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
+def human_size(nbytes: float) -> str:
+    """A byte count for people: "512 bytes", "3.4 KB", "12.0 MB", "1.5 GB" (powers of 1000)."""
+    for unit in ("bytes", "KB", "MB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
 def disk_full(error: BaseException, path: str | Path | None = None) -> DiskFull | None:
     """`error` as a DiskFull naming the file (`path` when the error does not), or None when it is
     something else. The OSError may hide behind the exception it caused: torch.save's clean-up

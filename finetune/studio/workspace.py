@@ -27,21 +27,13 @@ from pathlib import Path
 
 from ..archive import Extraction, QuotaExceeded, disk_usage, extract
 from ..config import FinetuneError
-from ..fsutil import remove_tree, walk
+from ..fsutil import human_size, remove_tree, walk
 
 # What may be handed to the browser: model files, data (json, csv, txt), images we drew, archives
 # we made. Never .html, .svg, .js or anything else a browser would run.
 SERVED_SUFFIXES = {".pth", ".pt", ".onnx", ".json", ".csv", ".txt", ".png", ".zip"}
 UNUSED_SECONDS = 24 * 3600  # uploads not used for a day, and served files older than that, are removed
 LEFTOVER_SECONDS = 6 * 3600  # temporary folders a crash left behind
-
-
-def human_size(nbytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.1f} GB"
 
 
 class Workspace:
