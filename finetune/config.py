@@ -170,13 +170,10 @@ class TrainConfig:
     def load(cls, path: str | Path) -> "TrainConfig":
         """A configuration file (as `save` or run.json's "config" writes it); unknown keys are an error,
         so a typo is not silently ignored."""
+        from .fsutil import read_json  # here: fsutil imports FinetuneError from this module
+
         path = Path(path).expanduser()
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FinetuneError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise FinetuneError(f"cannot read config file {path}: {error}") from None
+        values = read_json(path, "config file")
         if isinstance(values, dict) and isinstance(values.get("config"), dict):
             # a run.json: its runs_dir is where that run was made (recorded absolute, perhaps on another
             # machine), not where a new one goes: that is --runs-dir, else the default

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from .config import FinetuneError
 from .data import DatasetScan
-from .fsutil import write_text_atomic
+from .fsutil import read_json, write_text_atomic
 
 CURATION_FORMAT = "finetune-curation/1"
 CURATION_FILE = "curation.json"
@@ -96,14 +96,7 @@ def new_curation(data: str | Path) -> Curation:
 def load_curation(path: str | Path) -> Curation:
     """Read and check a curation file; every problem is one line naming the file."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FinetuneError(f"curation file not found: {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinetuneError(f"{path} is not valid JSON: {error}") from None
-    except OSError as error:
-        raise FinetuneError(f"cannot read {path}: {error.strerror or error}") from None
+    raw = read_json(path, "curation file")
     if not isinstance(raw, dict) or raw.get("format") != CURATION_FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise FinetuneError(f"{path} is not a curation file (format {found!r}, expected {CURATION_FORMAT!r})")

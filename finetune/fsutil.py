@@ -14,6 +14,7 @@ half a file, two writers never share a temporary name, and a failure (a full dis
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -241,6 +242,17 @@ def open_user_file(path: str | Path, what: str) -> BinaryIO:
         raise FinetuneError(f"refusing {what} {path}: {error}") from None
     except OSError as error:
         raise FinetuneError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """The JSON value in a file the user named; every failure is one line naming `what` and the path:
+    not found, not a regular file (a FIFO would block the reader for ever), unreadable, not JSON."""
+    with open_user_file(path, what) as file:
+        data = file.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FinetuneError(f"{what} {path} is not valid JSON: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------

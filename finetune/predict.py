@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from .calibrate import UNKNOWN, is_unknown
 from .config import FinetuneError
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTooLarge, eval_transform, load_rgb, resize_size, to_rgb
 from .device import amp_dtype_for, channels_last_for, default_workers, non_blocking, pin_memory, resolve_device
-from .fsutil import open_user_file
+from .fsutil import read_json
 from .model import load_classifier, safe_load, state_dict_from
 from .rundir import RunDir
 
@@ -22,12 +21,7 @@ from .rundir import RunDir
 def read_class_indices(path: str | Path) -> list[str]:
     """Class names in index order from a classic class_indices.json ({"0": "daisy", ...})."""
     path = Path(path).expanduser()
-    with open_user_file(path, "class file") as file:  # never a FIFO, which would block the reader for ever
-        text = file.read()
-    try:
-        mapping = json.loads(text.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinetuneError(f"{path} is not valid JSON: {error}") from None
+    mapping = read_json(path, "class file")
     if isinstance(mapping, list) and all(isinstance(c, str) for c in mapping):
         return mapping
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):

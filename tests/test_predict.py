@@ -183,6 +183,25 @@ def test_a_fifo_named_jpg_is_an_error_row_not_a_hang(trained_run, tmp_path, caps
         run_within(10, lambda: read_class_indices(fifo), [fifo])
 
 
+@needs_fifo
+def test_the_json_files_a_user_names_are_read_alike(tmp_path):
+    """A class file, a curation file and a config file: not JSON, or a FIFO (which would block the reader
+    for ever), is one line naming what the file is and its path (fsutil.read_json)."""
+    from finetune.curation import load_curation
+
+    broken, fifo = tmp_path / "broken.json", tmp_path / "pipe.json"
+    broken.write_text("{not json")
+    os.mkfifo(fifo)
+    for what, read in [("class file", read_class_indices), ("curation file", load_curation),
+                       ("config file", TrainConfig.load)]:
+        with pytest.raises(FinetuneError, match=rf"^{what} \S*broken.json is not valid JSON: "):
+            read(broken)
+        with pytest.raises(FinetuneError, match=rf"^refusing {what} \S*pipe.json: not a regular file"):
+            run_within(10, lambda read=read: read(fifo), [fifo])
+        with pytest.raises(FinetuneError, match=rf"^{what} not found: \S*missing.json$"):
+            read(tmp_path / "missing.json")
+
+
 def with_calibration(run, tmp_path, temperature: float, suggested: float | None):
     """A copy of the run whose run.json says the given calibration."""
     copy = tmp_path / "run"
