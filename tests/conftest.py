@@ -96,6 +96,22 @@ def run_within(seconds: float, call, fifos=()):
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads_per_worker():
+    """Under pytest-xdist (`make test`) each worker is a process of its own: torch's threads split the
+    cores between the workers, or each would start one per core and they would take turns (slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return make_class_folders(tmp_path / "tiny")
@@ -107,6 +123,27 @@ def sample_data() -> Path:
     from finetune.paths import sample_data as shipped
 
     return shipped()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """ONE finished run, trained once per session (per worker under xdist) for the tests that only need a
+    run to read, predict with or export: two colours, 32 px, one epoch, weights="none". Shared, so never
+    written to: a test that writes into a run takes its own with copy_run."""
+    from finetune.config import TrainConfig
+    from finetune.training import train
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    data = make_class_folders(base / "photos", per_class=4)
+    return train(TrainConfig(data=str(data), runs_dir=str(base / "runs"), weights="none", strategy="last",
+                             epochs=1, batch_size=4, image_size=32, workers=0, device="cpu", seed=0))
+
+
+def copy_run(run: Path, into: Path) -> Path:
+    """A copy of a run folder (e.g. tiny_run) under `into`, for a test that writes into it."""
+    import shutil
+
+    return Path(shutil.copytree(run, into / run.name, symlinks=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from conftest import SHARED_DATASETS
-from finetune.config import FinetuneError, TrainConfig
+from conftest import SHARED_DATASETS, copy_run
+from finetune.config import FinetuneError
 from finetune.data import eval_transform, list_images, load_rgb
 from finetune.export import export, read_metadata
 from finetune.predict import Predictor
-from finetune.training import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, sample_data):
-    cfg = TrainConfig(data=str(sample_data), runs_dir=str(tmp_path_factory.mktemp("runs")), weights="none",
-                      strategy="last", epochs=1, batch_size=16, image_size=96, workers=0)
-    return train(cfg)
+def run(tiny_run, tmp_path_factory):
+    return copy_run(tiny_run, tmp_path_factory.mktemp("runs"))  # the exports are written into the run
 
 
 @pytest.fixture(scope="module")
-def real_images(sample_data):
+def real_images(sample_data, run):
     """A batch of real photos when the shared datasets are here, plus the bundled samples."""
     paths = list_images([sample_data])[::12]
     bees = SHARED_DATASETS / "hymenoptera_data" / "val" / "bees"
     if bees.is_dir():
         paths += list_images([bees])[:4]
-    return torch.stack([eval_transform(96)(load_rgb(p)) for p in paths])
+    size = json.loads((run / "run.json").read_text())["image_size"]
+    return torch.stack([eval_transform(size)(load_rgb(p)) for p in paths])
 
 
 def reference(run, images):
@@ -64,7 +64,7 @@ def test_exports_carry_classes_and_calibration(run, tmp_path):
         paths.append(export(run, "onnx", tmp_path / "m.onnx"))
     for path in paths:
         meta = read_metadata(path)
-        assert meta["classes"] == info["classes"] and meta["image_size"] == 96
+        assert meta["classes"] == info["classes"] and meta["image_size"] == 32 == info["image_size"]
         assert meta["temperature"] == info["calibration"]["temperature"]
         assert meta["min_confidence"] == info["calibration"]["suggested_min_confidence"]
         assert meta["mean"] == info["mean"] and meta["std"] == info["std"]
