@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint setup bench sample-data clean
+.PHONY: run test test-fast lint setup bench sample-data clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,8 +18,17 @@ setup: $(STAMP)
 run: setup
 	$(PY) app.py $(ARGS)
 
+# one pytest-xdist worker per core (TEST_WORKERS=0: none); a file's tests stay on one worker, so the
+# runs and the app its module fixtures start are made once
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
+
+# the tests under ~5 s each (no @pytest.mark.slow): the loop while editing
+test-fast: setup
+	$(PYTEST) -m "not slow" $(ARGS)
 
 # ruff (lint, then the format) and mypy, as configured in pyproject.toml; the CI runs it before the tests
 lint: setup
