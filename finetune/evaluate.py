@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import FinetuneError
+from .events import EpochRecord
 from .fsutil import write_atomic, write_text_atomic
 
 
@@ -116,7 +117,7 @@ def plot_confusion_matrix(matrix, classes: list[str], path: Path, title: str = "
     return path
 
 
-def plot_history(history: list[dict], path: Path) -> Path:
+def plot_history(history: list[EpochRecord], path: Path) -> Path:
     """Loss and accuracy per epoch, train and val."""
     import matplotlib
     matplotlib.use("Agg")
@@ -124,10 +125,10 @@ def plot_history(history: list[dict], path: Path) -> Path:
 
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    for key, label in (("train_acc", "train"), ("val_acc", "val")):
-        acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for label, losses, accuracies in (("train", [h["train_loss"] for h in history], [h["train_acc"] for h in history]),
+                                      ("val", [h["val_loss"] for h in history], [h["val_acc"] for h in history])):
+        loss_ax.plot(epochs, losses, marker="o", label=label)
+        acc_ax.plot(epochs, accuracies, marker="o", label=label)
     loss_ax.set(title="loss", xlabel="epoch")
     acc_ax.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
@@ -290,6 +291,30 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
     folder = Path(out).expanduser() if out else run_dir.path / default
     if out:
         check_report_folder(folder, root)
+    items, overlap, warning = _held_out(run_dir, root, items, held_out_only)
+    predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=1, batch_size=batch_size,
+                                          keep_logits=True)
+    # an unreadable image (rare: the scan decoded each one) counts as a uniform answer
+    logits = np.array([p.logits or [0.0] * len(predictor.classes) for p in predictions]).reshape(
+        len(items), len(predictor.classes))
+    targets = [label for _, label in items]
+    metrics = compute_metrics(targets, softmax(logits, predictor.temperature), predictor.classes,
+                              [rel for rel, _ in items])
+    metrics["data"] = root
+    metrics["skipped"] = skipped
+    metrics["training_overlap"] = overlap  # images of the folder in the run's training split (None: unknown)
+    metrics["held_out_only"] = held_out_only  # those left out of the metrics
+    metrics["calibration"] = held_out_report(logits, targets, predictor.temperature, threshold)
+    _write_evaluation(folder, metrics)
+    return Evaluation(metrics=metrics, out=folder, confusion_matrix=folder / "confusion_matrix.png", data=root,
+                      overlap=overlap, held_out_only=held_out_only, warning=warning)
+
+
+def _held_out(run_dir, root: str | Path, items: list[tuple[str, int]], held_out_only: bool
+              ) -> tuple[list[tuple[str, int]], int | None, str | None]:
+    """The items to evaluate (with `held_out_only`, those not in the training split of run_dir, a RunDir), how many
+    of all were in it (None: unknown, no readable split.json), and the warning when the score is not
+    held out."""
     trained = in_training_split(run_dir, root, [rel for rel, _ in items])
     overlap = None if trained is None else len(trained)
     warning = None
@@ -307,19 +332,11 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
     elif overlap:
         warning = (f"warning: {overlap} of {len(items)} images were in this run's training split: the score is not "
                    f"held out; --held-out-only evaluates the other {len(items) - overlap}")
-    predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=1, batch_size=batch_size,
-                                          keep_logits=True)
-    # an unreadable image (rare: the scan decoded each one) counts as a uniform answer
-    logits = np.array([p.logits or [0.0] * len(predictor.classes) for p in predictions]).reshape(
-        len(items), len(predictor.classes))
-    targets = [label for _, label in items]
-    metrics = compute_metrics(targets, softmax(logits, predictor.temperature), predictor.classes,
-                              [rel for rel, _ in items])
-    metrics["data"] = root
-    metrics["skipped"] = skipped
-    metrics["training_overlap"] = overlap  # images of the folder in the run's training split (None: unknown)
-    metrics["held_out_only"] = held_out_only  # those left out of the metrics
-    metrics["calibration"] = held_out_report(logits, targets, predictor.temperature, threshold)
+    return items, overlap, warning
+
+
+def _write_evaluation(folder: Path, metrics: dict) -> None:
+    """The report folder's files; a full disk or an unwritable folder is one line."""
     try:
         write_reports(folder, metrics)
     except OSError as error:
@@ -327,5 +344,3 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
 
         raise (disk_full(error, folder) or FinetuneError(
             f"cannot write the report to {folder}: {error.strerror or error}")) from None
-    return Evaluation(metrics=metrics, out=folder, confusion_matrix=folder / "confusion_matrix.png", data=root,
-                      overlap=overlap, held_out_only=held_out_only, warning=warning)

@@ -1,36 +1,155 @@
 """Training events: what the loop emits, their one text format, and the file that carries them.
 
-A training emits dicts with a "type":
+A training emits dicts with a "type", one TypedDict per type (the schema is the classes below):
 
-* ``log``: ``message``
-* ``progress`` (before the run folder exists, so never in events.jsonl; throttled like batch events):
-  stage ("walk", "check"), what ("listing files", "checking images"), done, total (0: not known yet)
-* ``start``: run_dir, arch, strategy, device, world_size, epochs, start_epoch, batches_per_epoch,
-  train_images, val_images, classes, trainable_params, total_params, pipeline
-* ``batch`` (throttled to about 2 a second): epoch, epochs, batch, batches, loss, acc, images_per_s,
-  eta_s, lr
-* ``epoch``: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, complete, images (trained
-  in the epoch, over all ranks), best, best_epoch, best_val_acc
-* ``end``: status, run_dir, best, metrics, summary, seconds (the whole wall time of the training
-  call), stages (seconds of setup: scan, weights and run folder; cache: building the data pipeline;
-  training: the epochs with their validation; evaluation: the final one), cache (the pipeline's
-  kind: stream, features or pixels)
-* ``error``: message
+* ``log`` (`LogEvent`), ``error`` (`ErrorEvent`): message
+* ``progress`` (`ProgressEvent`; before the run folder exists, so never in events.jsonl; throttled like
+  batch events): the scan's stage, done and total (0: not known yet)
+* ``start`` (`StartEvent`): the run, its model, its data and where it trains
+* ``batch`` (`BatchEvent`, throttled to about 2 a second): running loss and accuracy, speed, ETA
+* ``epoch`` (`EpochEvent`): the epoch's `EpochRecord` (also run.json's history) and the best so far
+* ``end`` (`EndEvent`): status, best epoch, metrics, and the whole wall time with where it went
 
-Rank 0 appends each one as a JSON line to ``<run>/events.jsonl`` (`EventWriter`); the terminal
-progress bar consumes them directly, the studio follows the file (`EventFollower`).
+Every event carries the "time" it was emitted (set by the training's emit). Rank 0 appends each one as
+a JSON line to ``<run>/events.jsonl`` (`EventWriter`); the terminal progress bar consumes them
+directly, the studio follows the file (`EventFollower`). Keys marked NotRequired are missing from the
+files of older runs, which still read.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: TypedDict reads NotRequired[...] from evaluated annotations only
+# (with string annotations Python 3.11 counts every key as required)
 import json
 from pathlib import Path
-from typing import Callable
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping, NotRequired, TypedDict, cast, get_args
 
-Event = dict
+
+class LogEvent(TypedDict):
+    type: Literal["log"]
+    message: str
+    time: NotRequired[float]
+
+
+class ErrorEvent(TypedDict):
+    type: Literal["error"]
+    message: str
+    time: NotRequired[float]
+
+
+class ProgressEvent(TypedDict):
+    type: Literal["progress"]
+    stage: str  # "walk", "check"
+    what: str  # "listing files", "checking images"
+    done: int
+    total: int  # 0: not known yet
+    time: NotRequired[float]
+
+
+class StartEvent(TypedDict):
+    type: Literal["start"]
+    run_dir: str
+    arch: str
+    strategy: str
+    device: str
+    world_size: int
+    epochs: int
+    start_epoch: int
+    batches_per_epoch: int
+    train_images: int
+    val_images: int
+    classes: list[str]
+    trainable_params: int
+    total_params: int
+    pipeline: str
+    time: NotRequired[float]
+
+
+class BatchEvent(TypedDict):
+    type: Literal["batch"]
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    loss: float
+    acc: float
+    images_per_s: float
+    eta_s: float
+    lr: float
+    time: NotRequired[float]
+
+
+class BestEpoch(TypedDict):
+    epoch: int  # 0: none yet
+    val_acc: float
+    val_loss: float
+
+
+class EpochRecord(TypedDict):
+    """One epoch as the training records it: the fields of its event and an entry of run.json's history."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+    complete: bool  # False: stopped during the epoch
+    images: NotRequired[int]  # trained in the epoch, over all ranks
+    best: NotRequired[bool]  # the best epoch so far (set once the epoch is counted)
+
+
+class EpochEvent(EpochRecord):
+    type: Literal["epoch"]
+    best_epoch: int
+    best_val_acc: float
+    time: NotRequired[float]
+
+
+class Timing(TypedDict):
+    """The whole wall time of a training call and where it went (in the end event and run.json)."""
+
+    seconds: float
+    # setup: scan, weights and run folder; cache: building the data pipeline; training: the epochs
+    # with their validation; evaluation: the final one
+    stages: dict[str, float]
+    cache: str  # the pipeline's kind: stream, features or pixels
+
+
+class EndEvent(TypedDict):
+    type: Literal["end"]
+    status: str
+    run_dir: str
+    best: BestEpoch
+    metrics: dict[str, Any] | None  # metrics.json without the misclassified list
+    summary: str
+    seconds: float
+    stages: NotRequired[dict[str, float]]
+    cache: NotRequired[str]
+    time: NotRequired[float]
+
+
+Event = LogEvent | ErrorEvent | ProgressEvent | StartEvent | BatchEvent | EpochEvent | EndEvent
 EventCallback = Callable[[Event], None]
+# each event type's name ("log", ...) and its TypedDict
+EVENT_TYPES: Mapping[str, type] = MappingProxyType(
+    {get_args(cls.__annotations__["type"])[0]: cls for cls in get_args(Event)})
 
 EVENTS_FILE = "events.jsonl"
+
+
+def epoch_event(record: EpochRecord, best: BestEpoch) -> EpochEvent:
+    """An epoch's event: its record (the line run.json's history keeps) and the best epoch so far."""
+    # the ignore: mypy cannot tell that a record brings no "time" (the emitter stamps it); the rest is checked
+    return {"type": "epoch", **record,  # type: ignore[typeddict-item]
+            "best_epoch": best["epoch"], "best_val_acc": best["val_acc"]}
+
+
+def end_event(status: str, run_dir: str, best: BestEpoch, metrics: dict[str, Any] | None, summary: str,
+              timing: Timing) -> EndEvent:
+    """The last event of a training that got as far as its epochs."""
+    return {"type": "end", "status": status, "run_dir": run_dir, "best": best, "metrics": metrics,
+            "summary": summary, "seconds": timing["seconds"], "stages": timing["stages"], "cache": timing["cache"]}
 
 
 def duration(seconds: float | None) -> str:
@@ -45,13 +164,13 @@ def duration(seconds: float | None) -> str:
 CACHE_NAMES = {"features": "feature cache", "pixels": "image cache"}
 
 
-def stages_text(event: Event) -> str:
+def stages_text(event: EndEvent) -> str:
     """' (feature cache 4:23, training 0:17)': where an end event's time went; stages under a second
     are left out, training never (an end event from before the stages were recorded: '')."""
     stages = event.get("stages")
     if not stages:
         return ""
-    names = {"setup": "set-up", "cache": CACHE_NAMES.get(event.get("cache"), "data pipeline"),
+    names = {"setup": "set-up", "cache": CACHE_NAMES.get(event.get("cache", ""), "data pipeline"),
              "training": "training", "evaluation": "evaluation"}
     parts = [f"{names.get(key, key)} {duration(seconds)}" for key, seconds in stages.items()
              if key == "training" or seconds >= 1]
@@ -60,23 +179,22 @@ def stages_text(event: Event) -> str:
 
 def format_event(event: Event) -> str | None:
     """The one-line text of a log, start, epoch, end or error event (None for batch events)."""
-    kind = event.get("type")
-    if kind == "log":
+    if event["type"] == "log":
         return event["message"]
-    if kind == "start":
+    if event["type"] == "start":
         workers = f" x{event['world_size']}" if event.get("world_size", 1) > 1 else ""
         return (f"{event['arch']} / {event['strategy']} on {event['device']}{workers}: "
                 f"{event['train_images']} train / {event['val_images']} val images, "
                 f"{len(event['classes'])} classes, {event['trainable_params']:,} of "
                 f"{event['total_params']:,} parameters train")
-    if kind == "epoch":
+    if event["type"] == "epoch":
         return (f"epoch {event['epoch']:>3}: train loss {event['train_loss']:.4f} acc {event['train_acc']:.4f}"
                 f" | val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}"
                 f" | {event['seconds']:.1f}s{'  *best' if event.get('best') else ''}")
-    if kind == "end":
+    if event["type"] == "end":
         return (f"{event['status']} in {duration(event.get('seconds'))}{stages_text(event)}; best epoch "
                 f"{event['best']['epoch']}\nval: {event.get('summary', '')}")
-    if kind == "error":
+    if event["type"] == "error":
         return f"error: {event.get('message')}"
     return None
 
@@ -116,10 +234,21 @@ class EventFollower:
         events = []
         for line in data[: end + 1].splitlines():
             try:
-                events.append(json.loads(line))
+                event = parse_event(json.loads(line))
             except json.JSONDecodeError:
                 continue
+            if event is not None:
+                events.append(event)
         return events
+
+
+def parse_event(value: object) -> Event | None:
+    """A JSON value read back as an event: a dict with a known "type", else None (a line that is no event,
+    which every reader would skip anyway). Its other keys are taken as written: an older run's event
+    lacks the keys marked NotRequired, and readers read those with .get."""
+    if isinstance(value, dict) and value.get("type") in EVENT_TYPES:
+        return cast(Event, value)
+    return None
 
 
 def read_events(run_dir: str | Path) -> list[Event]:

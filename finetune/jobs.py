@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import FinetuneError, TrainConfig
-from .events import EventFollower, duration, format_event
-from .rundir import FINAL_STATUSES, RunDir, list_runs, live_trainings, run_name
+from .events import Event, EventFollower, duration, format_event
+from .rundir import FINAL_STATUSES, RunDir, RunInfo, list_runs, live_trainings, run_name
 
 USABLE_STATUSES = ("completed", "stopped", "early-stopped")
 
@@ -53,33 +53,32 @@ class TrainingView:
     device: str = ""
     seconds: float | None = None
 
-    def add(self, event: dict) -> None:
-        kind = event.get("type")
+    def add(self, event: Event) -> None:
         line = format_event(event)
         if line is not None:
             self.log.append(line)
-        if kind == "start":
+        if event["type"] == "start":
             self.run_dir = event["run_dir"]
             self.epochs, self.batches = event["epochs"], event["batches_per_epoch"]
             self.status, self.device = "training", event.get("device", "")
-        elif kind == "batch":
+        elif event["type"] == "batch":
             self.epoch, self.epochs = event["epoch"], event["epochs"]
             self.batch, self.batches = event["batch"], event["batches"]
             self.images_per_s, self.eta_s = event["images_per_s"], event["eta_s"]
             x = event["epoch"] - 1 + event["batch"] / max(1, event["batches"])
             self._point(x, event["loss"], "train", "loss")
             self._point(x, event["acc"], "train", "accuracy")
-        elif kind == "epoch":
+        elif event["type"] == "epoch":
             x = float(event["epoch"])
             self._point(x, event["val_loss"], "val", "loss")
             self._point(x, event["val_acc"], "val", "accuracy")
             self.status = "evaluating" if event["epoch"] == self.epochs else "training"
-        elif kind == "end":
+        elif event["type"] == "end":
             self.status = event["status"]
             self.summary = event.get("summary", "")
             self.metrics = event.get("metrics")
             self.eta_s, self.seconds = 0, event.get("seconds")
-        elif kind == "error":
+        elif event["type"] == "error":
             self.status = "failed"
             self.error = event.get("message")
 
@@ -127,11 +126,11 @@ def train_command(config_file: str | Path, processes: int = 1) -> list[str]:
 def absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
     """The same configuration with its paths resolved once, here, against `base` (default: the
     current folder): the training process may run in another working directory."""
-    base = Path(base or os.getcwd())
+    root = Path(base or os.getcwd())
 
-    def resolve(path: str) -> str:
-        path = Path(path).expanduser()
-        return str((path if path.is_absolute() else base / path).resolve())
+    def resolve(name: str) -> str:
+        path = Path(name).expanduser()
+        return str((path if path.is_absolute() else root / path).resolve())
 
     values = cfg.to_dict()
     values["data"] = resolve(cfg.data)
@@ -187,33 +186,28 @@ class TrainingJob:
     """One training: a `python -m finetune train` process this studio started, or (`attach`) one
     that an earlier studio process started and that is still running."""
 
+    process: subprocess.Popen[str] | None  # None: attached to (or not started yet)
+    _reader: threading.Thread | None
+
     def __init__(self, cfg: TrainConfig, cwd: str | Path | None = None, env: dict | None = None,
                  processes: int = 1):
         cfg = absolute_paths(cfg.validate())
-        self.processes = max(1, int(processes))
+        processes = max(1, int(processes))
         if not cfg.run_name:
             cfg.run_name = run_name(cfg.arch, cfg.resolved_strategy(), cfg.runs_dir)
-        self.cfg = cfg
-        self.run_dir = Path(cfg.runs_dir) / cfg.run_name
         # the whole configuration travels as a file (mode 0600), not as a command line to re-parse
         handle, config_path = tempfile.mkstemp(prefix="finetune-train-", suffix=".json")
         os.close(handle)
-        self.config_file = cfg.save(config_path)
-        self.command = train_command(self.config_file, self.processes)
-        self.view = TrainingView(run_dir=str(self.run_dir))
-        self.started = time.time()
-        self.stop_requested = False
-        self._stderr: deque = deque(maxlen=50)
-        self._lock = threading.Lock()
+        config_file = cfg.save(config_path)
+        self._follow(cfg, Path(cfg.runs_dir) / cfg.run_name, processes, config_file,
+                     train_command(config_file, processes))
         child_env = dict(os.environ if env is None else env)
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         self.process = subprocess.Popen(
             self.command, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader = threading.Thread(target=self._read_stderr, args=(self.process,), daemon=True)
         self._reader.start()
-        self.follower = EventFollower(RunDir(self.run_dir).events)
-        self.attached_pids: list[int] = []
 
     @classmethod
     def attach(cls, run_dir: str | Path) -> "TrainingJob":
@@ -221,24 +215,28 @@ class TrainingJob:
         job = cls.__new__(cls)
         run = RunDir(run_dir)
         info = run.info()
-        job.processes = int(info.get("world_size", 1))
-        job.cfg = TrainConfig.from_dict(info.get("config", {}))
-        job.run_dir = run.path
-        job.config_file = None
-        job.command = []
-        job.view = TrainingView(run_dir=str(run.path))
-        job.started = time.time()
-        job.stop_requested = False
-        job._stderr = deque(maxlen=50)
-        job._lock = threading.Lock()
-        job.process = None
-        job._reader = None
-        job.follower = EventFollower(run.events)
-        job.attached_pids = training_pids(info)
+        job._follow(TrainConfig.from_dict(info.get("config", {})), run.path, int(info.get("world_size", 1)),
+                    attached_pids=training_pids(info))
         return job
 
-    def _read_stderr(self) -> None:
-        for line in self.process.stderr:
+    def _follow(self, cfg: TrainConfig, run_dir: Path, processes: int, config_file: Path | None = None,
+                command: list[str] | None = None, attached_pids: list[int] | None = None) -> None:
+        """Every attribute of a job, in one place: one this studio starts (its config file and command;
+        __init__ then starts the process) or one it attaches to (the pids run.json names)."""
+        self.cfg, self.run_dir, self.processes = cfg, run_dir, processes
+        self.config_file, self.command = config_file, command or []
+        self.view = TrainingView(run_dir=str(run_dir))
+        self.started = time.time()
+        self.stop_requested = False
+        self._stderr: deque[str] = deque(maxlen=50)
+        self._lock = threading.Lock()
+        self.process = None
+        self._reader = None
+        self.follower = EventFollower(RunDir(run_dir).events)
+        self.attached_pids = attached_pids or []
+
+    def _read_stderr(self, process: subprocess.Popen[str]) -> None:
+        for line in process.stderr or ():
             line = line.rstrip()
             if line:
                 self._stderr.append(line)
@@ -329,7 +327,8 @@ class TrainingJob:
 # Trainings left behind by an earlier studio process
 
 
-def training_pids(info: dict) -> list[int]:
+def training_pids(info: RunInfo) -> list[int]:
+    """The training's processes that run.json names (an older run: its one "pid")."""
     return [int(pid) for pid in info.get("pids") or ([info["pid"]] if info.get("pid") else [])]
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
-from .events import Event, duration, format_event
+from .events import BatchEvent, Event, ProgressEvent, duration, format_event
 from .names import printable
 
 
@@ -61,7 +62,7 @@ class TerminalProgress:
     def __init__(self, quiet: bool = False, bar: bool | None = None):
         self.quiet = quiet
         self.show_bar = not quiet and (is_terminal(sys.stderr) if bar is None else bar)
-        self.bar = None
+        self.bar: Any = None  # the open tqdm bar
         self.bar_for: tuple | None = None  # what the open bar counts: ("epoch", n) or ("progress", what)
         self.run_dir: str | None = None
         self.last_line = time.monotonic()
@@ -110,28 +111,28 @@ class TerminalProgress:
 
     # -- events
     def __call__(self, event: Event) -> None:
-        kind = event.get("type")
-        if kind == "batch":
+        if event["type"] == "batch":
             self._batch(event)
             return
-        if kind == "progress":
+        if event["type"] == "progress":
             self._progress(event)
             return
         self._close_bar()
-        if kind == "start":
+        if event["type"] == "start":
             self.run_dir = event["run_dir"]
             self.write(f"run folder: {event['run_dir']}")
-        if kind == "error":
+        if event["type"] == "error":
             return  # the caller says it once: the command line as "error: ...", the API by raising
         line = format_event(event)
         if line is not None:
             self.write(line)
-        if kind == "end" and event.get("metrics"):
+        metrics = event.get("metrics") if event["type"] == "end" else None
+        if metrics:
             from .evaluate import per_class_table
 
-            self.write(per_class_table(event["metrics"]))
+            self.write(per_class_table(metrics))
 
-    def _batch(self, event: Event) -> None:
+    def _batch(self, event: BatchEvent) -> None:
         stats = dict(loss=f"{event['loss']:.3f}", acc=f"{event['acc']:.3f}", img_s=f"{event['images_per_s']:.0f}",
                      eta=duration(event["eta_s"]))
         if self.show_bar:
@@ -143,7 +144,7 @@ class TerminalProgress:
             self._now_and_then(f"epoch {event['epoch']}/{event['epochs']}: batch {event['batch']}/{event['batches']}, "
                                + ", ".join(f"{k.replace('_', '/')} {v}" for k, v in stats.items()))
 
-    def _progress(self, event: Event) -> None:
+    def _progress(self, event: ProgressEvent) -> None:
         what, done, total = event.get("what") or event.get("stage", "working"), event["done"], event.get("total") or 0
         if self.show_bar:
             bar = self._open_bar(("progress", what), total, what, "image" if total else "file")

@@ -23,9 +23,10 @@ import os
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypedDict, Unpack, cast
 
 from .config import FinetuneError
-from .events import EVENTS_FILE
+from .events import EVENTS_FILE, BestEpoch, EpochRecord
 from .fsutil import DiskFull, disk_full, write_atomic, write_text_atomic  # noqa: F401 - re-exported
 
 try:
@@ -35,6 +36,49 @@ except ImportError:  # Windows: trainings are told apart by their pid alone
 
 RUN_FORMAT = "finetune-run/1"
 FINAL_STATUSES = ("completed", "stopped", "early-stopped", "failed")
+
+
+class RunInfo(TypedDict, total=False):
+    """run.json: what finetune writes there, read and written only through `RunDir` (info, require_info,
+    require_trained, write_info, update_info). Every key may be missing: the training fills it in as it
+    goes, and an older run has fewer keys. A run folder may come from someone else: a field that drives
+    code is checked where it is used (predict's fields, the API's readers), not trusted for its type."""
+
+    format: str  # RUN_FORMAT
+    # from the start of the training (training.start_run_folder)
+    status: str  # running, then one of FINAL_STATUSES
+    created: str  # ISO time, to sort runs
+    arch: str
+    strategy: str
+    num_classes: int
+    classes: list[str]
+    image_size: int
+    resize_size: int
+    mean: list[float]
+    std: list[float]
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    versions: dict[str, str]
+    device: str
+    world_size: int
+    curation: dict[str, Any]  # training.curation_summary, when a curation file was applied
+    # who is training (the studio checks they are alive after a restart)
+    pids: list[int]
+    pid: int  # older runs: one process
+    launcher_pid: int | None
+    host: str
+    # while it trains, and at its end
+    pipeline: str
+    history: list[EpochRecord]
+    best: BestEpoch
+    epochs_done: int
+    summary: dict[str, float] | None  # accuracy, balanced_accuracy, top_k_accuracy, macro_f1, num_images
+    seconds: float  # events.Timing
+    stages: dict[str, float]
+    cache: str
+    calibration: dict[str, Any]  # calibrate.calibrate's record: temperature, suggested_min_confidence, ...
+    error: str  # why it failed or stopped early
+
+
 def write_json(path: Path, data) -> None:
     """Write via a temporary file so a reader never sees half a file."""
     write_text_atomic(path, json.dumps(data, indent=2))
@@ -138,15 +182,15 @@ class RunDir:
         return self.model.is_file()
 
     # -- run.json
-    def info(self) -> dict:
+    def info(self) -> RunInfo:
         """run.json, or {} while it does not exist (or is being replaced), or holds no JSON object."""
         try:
             info = json.loads(self.info_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
-        return info if isinstance(info, dict) else {}
+        return cast(RunInfo, info) if isinstance(info, dict) else {}
 
-    def require_info(self) -> dict:
+    def require_info(self) -> RunInfo:
         if not self.info_path.is_file():
             raise FinetuneError(f"not a run folder (no run.json): {self.path}")
         try:
@@ -155,9 +199,9 @@ class RunDir:
             raise FinetuneError(f"cannot read {self.info_path}: {error}") from None
         if not isinstance(info, dict):  # a list or a number: every reader expects the run's fields
             raise FinetuneError(f"{self.info_path} does not hold a JSON object: not a finetune run")
-        return info
+        return cast(RunInfo, info)
 
-    def require_trained(self, checkpoint: str = "model.pth") -> dict:
+    def require_trained(self, checkpoint: str = "model.pth") -> RunInfo:
         """run.json of a run that has a model to load (arch, classes and the checkpoint file), else a
         one-line error saying what is missing."""
         info = self.require_info()
@@ -167,10 +211,10 @@ class RunDir:
             raise FinetuneError(f"{self.path} has no {checkpoint} yet (training has not finished an epoch)")
         return info
 
-    def write_info(self, info: dict) -> None:
+    def write_info(self, info: RunInfo) -> None:
         write_json(self.info_path, {"format": RUN_FORMAT, **info})
 
-    def update_info(self, **changes) -> None:
+    def update_info(self, **changes: Unpack[RunInfo]) -> None:
         info = self.info()
         info.update(changes)
         write_json(self.info_path, info)
@@ -266,16 +310,8 @@ def resolve_run(run: str | None, runs_dir: str | Path) -> Path:
     return path
 
 
-def read_run(run_dir: str | Path) -> dict:
-    return RunDir(run_dir).info()
-
-
 def read_metrics(run_dir: str | Path) -> dict:
     return RunDir(run_dir).metrics()
-
-
-def run_label(run_dir: str | Path) -> str:
-    return RunDir(run_dir).label()
 
 
 # ---------------------------------------------------------------------------------------------

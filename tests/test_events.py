@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from finetune.events import EventFollower, EventWriter, format_event, read_events
 
 
@@ -40,3 +42,55 @@ def test_the_end_line_shows_the_whole_time_and_where_it_went():
     assert format_event(streamed).startswith("completed in 1:15 (set-up 0:12, training 1:00, evaluation 0:03);")
     old = {k: v for k, v in end.items() if k not in ("stages", "cache")}  # an events.jsonl from before
     assert format_event(old).startswith("completed in 4:40; best epoch 3")
+
+
+def conforms(value, hint) -> bool:
+    """`value` is of the type an event's TypedDict gives its key (the outer type of a container)."""
+    from types import NoneType, UnionType
+    from typing import Any, Literal, Union, get_args, get_origin, is_typeddict
+
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (Union, UnionType):
+        return any(conforms(value, arg) for arg in get_args(hint))
+    if is_typeddict(hint):
+        return isinstance(value, dict) and hint.__required_keys__ <= value.keys()
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return hint is Any or isinstance(value, NoneType if hint is None else origin or hint)
+
+
+def test_every_event_a_training_emits_is_its_typed_dict(tiny_run, tmp_path, monkeypatch):
+    """Each type of event: every event has exactly the keys of its TypedDict, of the types it gives them.
+    From the shared tiny run's events.jsonl, and from a training that fails once its run folder exists
+    (the scan's progress, which only on_event gets, and an error); its events.jsonl holds the same events
+    but the progress."""
+    from typing import get_type_hints
+
+    import pytest
+    from conftest import make_class_folders
+
+    from finetune import training
+    from finetune.config import FinetuneError, TrainConfig
+    from finetune.events import EVENT_TYPES
+
+    def fail(*args, **kwargs):
+        raise FinetuneError("no data pipeline today")
+
+    monkeypatch.setattr(training, "setup_session", fail)
+    data = make_class_folders(tmp_path / "photos", per_class=2)
+    cfg = TrainConfig(data=str(data), runs_dir=str(tmp_path / "runs"), weights="none", epochs=1, image_size=32,
+                      workers=0, device="cpu")
+    failed: list = []
+    with pytest.raises(FinetuneError, match="no data pipeline today"):
+        training.train(cfg, on_event=failed.append)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert read_events(run) == [json.loads(json.dumps(e)) for e in failed if e["type"] != "progress"]
+    events = failed + read_events(tiny_run)
+    assert {e["type"] for e in events} == set(EVENT_TYPES)
+    for event in events:
+        kind = EVENT_TYPES[event["type"]]
+        assert kind.__required_keys__ <= event.keys() <= kind.__required_keys__ | kind.__optional_keys__, event
+        hints = get_type_hints(kind)
+        assert all(conforms(value, hints[key]) for key, value in event.items()), (event, hints)
