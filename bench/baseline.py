@@ -31,7 +31,7 @@ from torchvision import transforms
 
 from finetune.config import TrainConfig
 from finetune.data import ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, resize_size, scan_dataset
-from finetune.model import FROZEN_STAGES, apply_strategy, build_model, param_groups, stage_modules
+from finetune.model import apply_strategy, build_model, frozen_modules, param_groups
 from finetune.device import (amp_choice, channels_last_for, default_workers, non_blocking, pin_memory,
                              resolve_device, seed_everything)
 from finetune.training import lr_lambda
@@ -89,7 +89,7 @@ def run_baseline(cfg: TrainConfig, on_epoch=None, amp: bool = False, channels_la
     model = build_model(cfg.arch, len(scan.classes), cfg.weights)
     apply_strategy(model, cfg.strategy)  # requires_grad off on the frozen layers
     model.to(device, memory_format=memory_format)
-    frozen_modules = [m for stage in FROZEN_STAGES[cfg.strategy] for m in stage_modules(model)[stage]]
+    frozen = frozen_modules(model, cfg.strategy)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale,
                                                cfg.weights != "none"), weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(loaders["train"]))
@@ -102,7 +102,7 @@ def run_baseline(cfg: TrainConfig, on_epoch=None, amp: bool = False, channels_la
     for epoch in range(1, cfg.epochs + 1):
         for phase in ("train", "val"):
             model.train(phase == "train")
-            for module in frozen_modules:
+            for module in frozen:
                 module.eval()
             correct, count = 0, 0
             for inputs, labels in loaders[phase]:

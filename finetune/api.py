@@ -478,12 +478,14 @@ def _weights_predictor(weights: Path, classes, arch: str | None, image_size: int
 
 
 def infer_arch(state: dict, source: Path) -> str:
-    """resnet50 (bottleneck blocks, three convolutions each) or resnet34 (basic blocks, two) from the keys."""
-    if any(key.endswith(".conv3.weight") for key in state):
-        return "resnet50"
-    if "layer3.5.conv2.weight" in state:
-        return "resnet34"
-    raise FinetuneError(f"{source} is neither a resnet34 nor a resnet50 state_dict: give arch=")
+    """The architecture in the table whose layers have exactly these keys."""
+    from .architectures import ARCHITECTURES, infer_architecture
+
+    found = infer_architecture(state)
+    if found is None:
+        names = " nor ".join(f"a {name}" for name in ARCHITECTURES)
+        raise FinetuneError(f"{source} is neither {names} state_dict: give arch=")
+    return found.name
 
 
 def scan(data: str | os.PathLike, val_fraction: float = default_of("val_fraction"),

@@ -184,7 +184,7 @@ def cmd_doctor(args) -> int:
         raise FinetuneError("--run uses the run's own backbone: give either --run or --arch/--weights")
     data = dataset_folder(args.data, args.quiet)
     log = None if args.quiet else (lambda message: say(message, err=True, flush=True))
-    report = run_doctor(data, run=args.run, arch=args.arch or "resnet34", weights=args.weights or "imagenet",
+    report = run_doctor(data, run=args.run, arch=args.arch or TrainConfig.arch, weights=args.weights or "imagenet",
                         image_size=args.image_size, folds=args.folds, device=args.device, batch_size=args.batch_size,
                         cache_dir=None if args.no_cache else default_cache_dir(), log=log)
     say(report.summary_text(limit=args.show))
@@ -348,7 +348,7 @@ def _add_doctor_command(sub: argparse._SubParsersAction) -> None:
                     "~/.cache/finetune/features ($FINETUNE_FEATURE_CACHE).")
     doctor_parser.add_argument("data", help="image folder or .zip")
     doctor_parser.add_argument("--run", help="a run trained on DATA: its backbone and split settings")
-    doctor_parser.add_argument("--arch", choices=ARCHS, help="backbone without --run (default resnet34)")
+    doctor_parser.add_argument("--arch", choices=ARCHS, help=f"backbone without --run (default {TrainConfig.arch})")
     doctor_parser.add_argument("--weights", help="imagenet, none (random: rough), or a .pth state_dict (default: imagenet)")
     doctor_parser.add_argument("--image-size", type=int, help="input size of the backbone (default: the run's, or 224)")
     doctor_parser.add_argument("--folds", type=int, default=5, help="folds of the out-of-sample linear probe")
@@ -419,7 +419,7 @@ def _add_selftest_command(sub: argparse._SubParsersAction) -> None:
                     "checks what the test suite checks on a CPU, and prints a pass/fail table (exit status 0 only "
                     "when everything passes). Paste its output into a bug report.")
     selftest_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    selftest_parser.add_argument("--arch", choices=ARCHS, default="resnet34", help="architecture to test")
+    selftest_parser.add_argument("--arch", choices=ARCHS, default=TrainConfig.arch, help="architecture to test")
     selftest_parser.add_argument("--nproc", type=int, default=0, metavar="N",
                                  help="also a short torchrun training with N processes (one per GPU)")
     selftest_parser.add_argument("--image-size", type=int, default=None,

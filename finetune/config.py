@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("resnet34", "resnet50")
+from .architectures import ARCHITECTURES
+
+ARCHS = tuple(ARCHITECTURES)  # the --arch names: one row each in architectures.py
 STRATEGIES = ("all", "last", "head")
 
 STRATEGY_HELP = {

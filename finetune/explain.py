@@ -1,10 +1,10 @@
 """Grad-CAM heatmaps: which part of the image made the model say a class.
 
-pytorch-grad-cam (the `grad-cam` package) computes the map on the last convolutional stage
-(`layer4`), whose 7x7 (at 224 px) cells still know where they are in the image. The model sees the
-centre crop of the eval transform, so the map covers that crop; `overlay` puts it back where the
-crop lies in the original picture, at the picture's own size, and leaves the cropped-away border
-untinted.
+pytorch-grad-cam (the `grad-cam` package) computes the map on the layer the architectures table names
+(a ResNet's last stage, `layer4`, whose 7x7 (at 224 px) cells still know where they are in the image).
+The model sees the centre crop of the eval transform, so the map covers that crop; `overlay` puts it
+back where the crop lies in the original picture, at the picture's own size, and leaves the
+cropped-away border untinted.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from .architectures import layout_of
 from .config import FinetuneError
 from .data import load_rgb, resize_size, to_rgb
 
@@ -27,11 +28,8 @@ COLORMAP = "jet"
 
 
 def target_layer(model: nn.Module) -> nn.Module:
-    """The last block of the last convolutional stage (a torchvision ResNet's layer4[-1])."""
-    layer4 = getattr(model, "layer4", None)
-    if layer4 is None:
-        raise FinetuneError(f"cannot explain a {type(model).__name__}: it has no layer4 (not a ResNet)")
-    return layer4[-1]
+    """The layer the architectures table names for Grad-CAM (a torchvision ResNet's layer4[-1])."""
+    return layout_of(model, "explain").gradcam_layer(model)
 
 
 def class_index(classes: list[str], target: str | int | None) -> int | None:

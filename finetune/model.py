@@ -1,4 +1,5 @@
-"""ResNet-34/50 with a new head, ImageNet weights, and the three freezing strategies.
+"""The table's architectures (architectures.py) with a new head, ImageNet weights, and the three freezing
+strategies.
 
 A model is split in two for training: `frozen` (computes features that never change, run
 without gradients in eval mode) and `trainable` (everything that learns). Their composition is
@@ -14,36 +15,36 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
 
+from .architectures import ARCHITECTURES, Architecture, Weights, architecture, layout_of
 from .config import FinetuneError
 from .fsutil import open_user_file
 
 # ImageNet weights: the classic IMAGENET1K_V1 checkpoints (those the classic scripts download).
-IMAGENET_WEIGHTS = {
-    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
-}
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-# Which stages each strategy freezes (the head `fc` always trains).
-FROZEN_STAGES = {"all": (), "last": ("stem", "layer1", "layer2", "layer3"), "head": STAGES}
-# Pretrained stages learn at head_lr * backbone_lr_scale * this: earlier, more generic layers slower
-# (fastai's discriminative learning rates).
-STAGE_LR_FACTOR = {"layer4": 1.0, "layer3": 0.5, "layer2": 0.25, "layer1": 0.1, "stem": 0.1}
+IMAGENET_WEIGHTS = {name: arch.weights.member() for name, arch in ARCHITECTURES.items() if arch.weights}
 
 
-def stage_modules(model: models.ResNet) -> dict[str, list[nn.Module]]:
-    return {
-        "stem": [model.conv1, model.bn1],
-        "layer1": [model.layer1], "layer2": [model.layer2],
-        "layer3": [model.layer3], "layer4": [model.layer4],
-    }
+def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    return {stage.name: [getattr(model, name) for name in stage.modules] for stage in layout_of(model).stages}
 
 
-def imagenet_weights_path(arch: str) -> Path:
+def frozen_modules(model: nn.Module, strategy: str) -> list[nn.Module]:
+    """The modules `strategy` freezes (apply_strategy turns their gradients off)."""
+    return [getattr(model, name) for name in layout_of(model).frozen_modules(strategy)]
+
+
+def imagenet_weights(arch: str | Architecture) -> Weights:
+    """The architecture's ImageNet weights; FinetuneError when the table knows none."""
+    spec = architecture(arch)
+    if spec.weights is None:
+        raise FinetuneError(f"no ImageNet weights are known for {spec.name}: pass --weights PATH to a state_dict "
+                            f"file, or --weights none to train from scratch")
+    return spec.weights
+
+
+def imagenet_weights_path(arch: str | Architecture) -> Path:
     """Where torchvision keeps (and looks for) the downloaded ImageNet checkpoint."""
-    url = IMAGENET_WEIGHTS[arch].url
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / imagenet_weights(arch).file_name
 
 
 # The most bytes of tensors one weights file may unpack to. ResNet-50, the largest architecture here,
@@ -108,15 +109,16 @@ def safe_load(path: str | Path, what: str = "file") -> object:
             raise FinetuneError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
 
 
-def load_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+def load_imagenet_state_dict(arch: str | Architecture) -> dict[str, torch.Tensor]:
     """From the torch hub cache, downloading it there when online; clear error when neither."""
-    path = imagenet_weights_path(arch)
+    spec = architecture(arch)
+    path = imagenet_weights_path(spec)
     if not path.is_file():
         try:
-            torch.hub.load_state_dict_from_url(IMAGENET_WEIGHTS[arch].url, progress=True, check_hash=True)
+            torch.hub.load_state_dict_from_url(imagenet_weights(spec).url, progress=True, check_hash=True)
         except Exception as error:  # noqa: BLE001 - offline, proxy, disk full: all mean "not available"
             raise FinetuneError(
-                f"ImageNet weights for {arch} are not available: expected {path} and the download "
+                f"ImageNet weights for {spec.name} are not available: expected {path} and the download "
                 f"failed ({type(error).__name__}). Put {path.name} there (or set TORCH_HOME), pass "
                 f"--weights PATH to a state_dict file, or --weights none to train from scratch"
             ) from None
@@ -146,11 +148,13 @@ def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
     raise FinetuneError(f"{path} is not a state_dict (a dict of parameter name -> tensor)")
 
 
-def weights_available(arch: str, weights: str) -> tuple[bool, str]:
+def weights_available(arch: str | Architecture, weights: str) -> tuple[bool, str]:
     """(ok, message) for the UI and CLI to say before training whether the weights can be had."""
     if weights == "none":
         return True, "training from scratch (no pretrained weights)"
     if weights == "imagenet":
+        if architecture(arch).weights is None:
+            return False, f"no ImageNet weights are known for {architecture(arch).name}"
         path = imagenet_weights_path(arch)
         if path.is_file():
             return True, f"ImageNet weights found at {path}"
@@ -159,13 +163,13 @@ def weights_available(arch: str, weights: str) -> tuple[bool, str]:
     return path.is_file(), (f"weights file {path}" if path.is_file() else f"weights file not found: {path}")
 
 
-def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> models.ResNet:
-    """torchvision ResNet with pretrained backbone (ImageNet, a local file, or none) and a new head."""
-    if arch not in IMAGENET_WEIGHTS:
-        raise FinetuneError(f"unknown architecture {arch!r}: choose one of {', '.join(IMAGENET_WEIGHTS)}")
-    model = getattr(models, arch)(weights=None)
+def build_model(arch: str | Architecture, num_classes: int, weights: str = "imagenet") -> nn.Module:
+    """The architecture's torchvision model with pretrained backbone (ImageNet, a local file, or none) and a
+    new head. `arch`: a name in the table, or a row of one's own."""
+    spec = architecture(arch)
+    model = spec.build()
     if weights == "imagenet":
-        backbone = load_imagenet_state_dict(arch)
+        backbone = load_imagenet_state_dict(spec)
     elif weights in ("none", "", None):
         backbone = None
     else:
@@ -173,20 +177,23 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet") -> model
         backbone = state_dict_from(safe_load(path, "weights file"), path)
     if backbone is not None:
         load_backbone(model, backbone, source=str(weights))
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
-    if backbone is not None and backbone["fc.weight"].shape == model.fc.weight.shape:
+    name = spec.layout.head
+    setattr(model, name, nn.Linear(spec.num_features, num_classes))
+    head = getattr(model, name)
+    if backbone is not None and backbone[f"{name}.weight"].shape == head.weight.shape:
         # a fine-tuned model with the same classes: keep its head too
-        model.fc.load_state_dict({"weight": backbone["fc.weight"], "bias": backbone["fc.bias"]})
+        head.load_state_dict({"weight": backbone[f"{name}.weight"], "bias": backbone[f"{name}.bias"]})
     return model
 
 
-def load_backbone(model: models.ResNet, state_dict: dict, source: str) -> None:
-    body = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    expected = {k for k in model.state_dict() if not k.startswith("fc.")}
+def load_backbone(model: nn.Module, state_dict: dict, source: str) -> None:
+    head = layout_of(model, "load weights into").head
+    body = {k: v for k, v in state_dict.items() if not k.startswith(f"{head}.")}
+    expected = {k for k in model.state_dict() if not k.startswith(f"{head}.")}
     missing = sorted(expected - set(body))
-    if missing or "fc.weight" not in state_dict:
+    if missing or f"{head}.weight" not in state_dict:
         raise FinetuneError(
-            f"weights {source} do not fit {type(model).__name__}: missing {missing[:3] or ['fc.weight']}"
+            f"weights {source} do not fit {type(model).__name__}: missing {missing[:3] or [f'{head}.weight']}"
             f"{' ...' if len(missing) > 3 else ''} (wrong --arch?)"
         )
     try:
@@ -196,17 +203,19 @@ def load_backbone(model: models.ResNet, state_dict: dict, source: str) -> None:
         raise FinetuneError(f"weights {source} do not fit this architecture: {detail} (wrong --arch?)") from None
 
 
-def load_classifier(arch: str, state_dict: dict, num_classes: int, source: str) -> models.ResNet:
+def load_classifier(arch: str | Architecture, state_dict: dict, num_classes: int, source: str) -> nn.Module:
     """A fine-tuned model for prediction (`state_dict` as state_dict_from gives it); the head must
     match the class list."""
-    head = state_dict.get("fc.weight")
+    spec = architecture(arch)
+    arch = spec.name
+    head = state_dict.get(f"{spec.layout.head}.weight")
     if head is None:
-        raise FinetuneError(f"{source} has no classifier head (fc.weight): not a fine-tuned {arch}")
+        raise FinetuneError(f"{source} has no classifier head ({spec.layout.head}.weight): not a fine-tuned {arch}")
     if head.shape[0] != num_classes:
         raise FinetuneError(
             f"{source} has a {head.shape[0]}-class head but the class list has {num_classes} classes"
         )
-    model = getattr(models, arch)(weights=None, num_classes=num_classes)
+    model = spec.build(num_classes)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -235,38 +244,35 @@ class Frozen(nn.Module):
         return self.body(x)
 
 
-def split_model(model: models.ResNet, strategy: str) -> tuple[nn.Module, nn.Module]:
+def split_model(model: nn.Module, strategy: str) -> tuple[nn.Module, nn.Module]:
     """(frozen, trainable) modules sharing the model's parameters; trainable(frozen(x)) == model(x)."""
-    stem = [model.conv1, model.bn1, model.relu, model.maxpool]
-    pool = [model.avgpool, nn.Flatten(1)]
-    if strategy == "all":
-        return nn.Identity(), nn.Sequential(*stem, model.layer1, model.layer2, model.layer3, model.layer4,
-                                            *pool, model.fc)
-    if strategy == "last":
-        return Frozen([*stem, model.layer1, model.layer2, model.layer3]), nn.Sequential(model.layer4, *pool,
-                                                                                        model.fc)
-    if strategy == "head":
-        return Frozen([*stem, model.layer1, model.layer2, model.layer3, model.layer4, *pool]), model.fc
-    raise FinetuneError(f"unknown strategy {strategy!r}")
+    layout = layout_of(model, "split")
+    cut = layout.cut(strategy)
+    front, back = ([getattr(model, name) for stage in stages for name in stage.modules]
+                   for stages in (layout.stages[:cut], layout.stages[cut:]))
+    pool = [*(getattr(model, name) for name in layout.pool), nn.Flatten(1)]
+    head = getattr(model, layout.head)
+    if not front:
+        return nn.Identity(), nn.Sequential(*back, *pool, head)
+    if not back:
+        return Frozen([*front, *pool]), head
+    return Frozen(front), nn.Sequential(*back, *pool, head)
 
 
-def apply_strategy(model: models.ResNet, strategy: str) -> None:
-    """requires_grad off for every frozen parameter (fc always trains)."""
+def apply_strategy(model: nn.Module, strategy: str) -> None:
+    """requires_grad off for every frozen parameter (the head always trains)."""
     model.requires_grad_(True)
-    stages = stage_modules(model)
-    for stage in FROZEN_STAGES[strategy]:
-        for module in stages[stage]:
-            module.requires_grad_(False)
+    for module in frozen_modules(model, strategy):
+        module.requires_grad_(False)
 
 
-def param_groups(model: models.ResNet, strategy: str, head_lr: float, backbone_scale: float,
+def param_groups(model: nn.Module, strategy: str, head_lr: float, backbone_scale: float,
                  pretrained: bool) -> list[dict]:
     """AdamW groups: the head at head_lr, each trainable pretrained stage slower (none frozen)."""
-    groups = [{"params": list(model.fc.parameters()), "lr": head_lr, "name": "head"}]
-    for stage, modules in stage_modules(model).items():
-        if stage in FROZEN_STAGES[strategy]:
-            continue
-        scale = backbone_scale * STAGE_LR_FACTOR[stage] if pretrained else 1.0
-        params = [p for m in modules for p in m.parameters()]
-        groups.append({"params": params, "lr": head_lr * scale, "name": stage})
+    layout = layout_of(model)
+    groups = [{"params": list(getattr(model, layout.head).parameters()), "lr": head_lr, "name": "head"}]
+    for stage in layout.stages[layout.cut(strategy):]:
+        scale = backbone_scale * stage.lr_factor if pretrained else 1.0
+        params = [p for name in stage.modules for p in getattr(model, name).parameters()]
+        groups.append({"params": params, "lr": head_lr * scale, "name": stage.name})
     return groups

@@ -35,8 +35,6 @@ from .device import amp_choice, channels_last_for, describe_device, mps_availabl
 # Relative tolerance of logits, cached path against the full model: float32 is exact up to summation
 # order; a float16 layer3 cache and autocast on a GPU are not.
 LOGIT_TOLERANCE = {None: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
-FROZEN_PREFIXES = {"head": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
-                   "last": ("conv1", "bn1", "layer1", "layer2", "layer3"), "all": ()}
 
 
 @dataclass
@@ -120,10 +118,10 @@ def _total_memory_bytes() -> int | None:
 def standin_weights(arch: str, path: Path) -> Path:
     """Random 'pretrained' weights with BatchNorm statistics far from their defaults, so a frozen
     layer whose statistics moved cannot go unnoticed (ImageNet weights may not be on this machine)."""
-    from torchvision import models
+    from .architectures import architecture
 
     torch.manual_seed(7)
-    model = getattr(models, arch)(weights=None)
+    model = architecture(arch).build()
     for module in model.modules():
         # track_running_stats is on in torchvision's ResNets: both buffers exist
         if (isinstance(module, torch.nn.BatchNorm2d) and module.running_mean is not None
@@ -148,10 +146,13 @@ def check_training(cfg: TrainConfig):
                 f"pipeline: {start['pipeline'].split(' (')[0]}"), run
 
 
-def check_frozen(run: Path, standin: Path, strategy: str):
+def check_frozen(run: Path, standin: Path, strategy: str, arch: str):
+    from .architectures import architecture
+
     before = torch.load(standin, weights_only=True)
     after = torch.load(run / "model.pth", weights_only=True)
-    frozen = [k for k in after if k.startswith(FROZEN_PREFIXES[strategy])]
+    frozen_modules = architecture(arch).layout.frozen_modules(strategy)
+    frozen = [k for k in after if k.split(".")[0] in frozen_modules]
     changed = [k for k in frozen if not torch.equal(before[k], after[k])]
     if strategy == "all":
         moved = not torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
@@ -330,7 +331,7 @@ def check_torchrun(data: Path, runs: Path, nproc: int, device: torch.device, arc
 # ---------------------------------------------------------------------------------------------
 
 
-def run_selftest(device_name: str = "auto", arch: str = "resnet34", nproc: int = 0, image_size: int | None = None,
+def run_selftest(device_name: str = "auto", arch: str = TrainConfig.arch, nproc: int = 0, image_size: int | None = None,
                  epochs: int = 1, compile_model: bool = False, workdir: str | Path | None = None) -> Report:
     from .sample import make_sample_dataset
 
@@ -354,7 +355,7 @@ def run_selftest(device_name: str = "auto", arch: str = "resnet34", nproc: int =
             run = report.run(f"{strategy}: training", check_training, cfg)
             if run is None:
                 continue
-            report.run(f"{strategy}: frozen layers", check_frozen, run, standin, strategy)
+            report.run(f"{strategy}: frozen layers", check_frozen, run, standin, strategy, arch)
             report.run(f"{strategy}: cached = full model", check_cached_logits, run, cfg, device)
             report.run(f"{strategy}: checkpoints on CPU", check_checkpoints, run)
             report.run(f"{strategy}: predict = evaluate", check_predict_agrees, run, device)

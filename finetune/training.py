@@ -32,15 +32,16 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, Subset
 
 from . import cache
+from .architectures import architecture
 from .calibrate import NonFiniteLogits, calibrate, softmax
 from .config import FinetuneError, TrainConfig, default_strategy
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
 from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
                      pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
-from .events import BestEpoch, EpochRecord, Event, EventCallback, EventWriter, Timing, end_event, epoch_event
-from .model import FROZEN_STAGES, apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
-from .rundir import DiskFull, RunDir, RunInfo, TrainingLock, disk_full, save_atomic
+from .events import Event, EventCallback, EventWriter
+from .model import apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
+from .rundir import DiskFull, RunDir, TrainingLock, disk_full, save_atomic
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
 # done every this many batches, not every batch.
@@ -57,11 +58,11 @@ class TrainState:
     """Where a training is: completed epochs, their records, the best one and the patience left."""
 
     epoch: int = 0  # the last completed epoch
-    history: list[EpochRecord] = field(default_factory=list)
-    best: BestEpoch = field(default_factory=lambda: BestEpoch(epoch=0, val_acc=-1.0, val_loss=float("inf")))
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")})
     epochs_without_gain: int = 0
 
-    def add(self, record: EpochRecord) -> bool:
+    def add(self, record: dict) -> bool:
         """Record an epoch; True when it is the best so far (val accuracy, ties broken by val loss).
         An epoch whose val loss is not finite is never the best: nan logits still have an argmax."""
         improved = math.isfinite(record["val_loss"]) and (record["val_acc"] > self.best["val_acc"] or (
@@ -82,7 +83,7 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
-        return cls(epoch=checkpoint["epoch"], history=list(checkpoint["history"]), best=checkpoint["best"].copy(),
+        return cls(epoch=checkpoint["epoch"], history=list(checkpoint["history"]), best=dict(checkpoint["best"]),
                    epochs_without_gain=checkpoint.get("epochs_without_gain", 0))
 
 
@@ -276,11 +277,10 @@ def to_cpu(obj):
 CHECKPOINT_BASE = "model.pth"
 
 
-def trained_keys(state: dict, strategy: str) -> list[str]:
-    """The state_dict keys of the layers `strategy` trains (fc always; conv1 and bn1 are the stem)."""
-    frozen = FROZEN_STAGES[strategy]
-    return [key for key in state
-            if ("stem" if key.split(".")[0] in ("conv1", "bn1") else key.split(".")[0]) not in frozen]
+def trained_keys(state: dict, strategy: str, arch: str) -> list[str]:
+    """The state_dict keys of the layers `strategy` trains (the head always)."""
+    frozen = architecture(arch).layout.frozen_modules(strategy)
+    return [key for key in state if key.split(".")[0] not in frozen]
 
 
 def save_checkpoint(session: Session, state: TrainState, improved: bool, complete: bool, final: bool = False) -> None:
@@ -304,7 +304,8 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
                   "rng": torch.get_rng_state(), **state.state_dict()}
     if final and session.run.model.is_file():
         del checkpoint["optimizer"]
-        checkpoint["model"] = {key: model_state[key] for key in trained_keys(model_state, session.cfg.strategy)}
+        trained = trained_keys(model_state, session.cfg.strategy, session.cfg.arch)
+        checkpoint["model"] = {key: model_state[key] for key in trained}
         checkpoint["base"] = CHECKPOINT_BASE
     save_atomic(checkpoint, session.run.last)
 
@@ -582,11 +583,11 @@ class TrainingDiverged(FinetuneError):
     """The loss became nan or inf: raised once the run is settled (status, error, best model kept)."""
 
 
-def divergence(record: EpochRecord, lr: float) -> str | None:
+def divergence(record: dict, lr: float) -> str | None:
     """The one-line reason when an epoch's training or validation loss is not finite."""
-    for loss, what in ((record["train_loss"], "training"), (record["val_loss"], "validation")):
-        if not math.isfinite(loss):
-            return (f"training diverged: the {what} loss became {loss} in epoch {record['epoch']}; "
+    for key, what in (("train_loss", "training"), ("val_loss", "validation")):
+        if not math.isfinite(record[key]):
+            return (f"training diverged: the {what} loss became {record[key]} in epoch {record['epoch']}; "
                     f"try a lower --lr (this run used {lr:g})")
     return None
 
@@ -707,8 +708,7 @@ def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: t
     run.write_class_indices(scan.classes)
     run.write_info({
         "status": "running", "created": datetime.now().isoformat(timespec="seconds"),
-        "arch": cfg.arch, "strategy": cfg.resolved_strategy(), "num_classes": len(scan.classes),
-        "classes": scan.classes,
+        "arch": cfg.arch, "strategy": cfg.strategy, "num_classes": len(scan.classes), "classes": scan.classes,
         "image_size": cfg.image_size, "resize_size": resize_size(cfg.image_size),
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
         "versions": versions(), "device": describe_device(device), "world_size": ctx.world_size,
@@ -736,7 +736,7 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
           "classes": scan.classes, "device": describe_device(device), "world_size": ctx.world_size,
           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
           "total_params": sum(p.numel() for p in model.parameters()),
-          "pipeline": session.pipeline.description, "strategy": cfg.resolved_strategy(), "arch": cfg.arch})
+          "pipeline": session.pipeline.description, "strategy": cfg.strategy, "arch": cfg.arch})
     if ctx.is_main:
         run.update_info(config=cfg.to_dict(), pipeline=session.pipeline.description)
 
@@ -768,7 +768,7 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
                         final=not stopped and (epoch == cfg.epochs or early_stop))
         if ctx.is_main:
             run.update_info(history=state.history, best=state.best, epochs_done=epoch)
-        emit(epoch_event(record, state.best))
+        emit({"type": "epoch", **record, "best_epoch": state.best["epoch"], "best_val_acc": state.best["val_acc"]})
         if stopped or (epoch < cfg.epochs and _stop_requested(ctx, stop)):
             status = "stopped"
             session.log(f"stopped {'during' if stopped else 'after'} epoch {epoch}; keeping the best model so far "
@@ -787,19 +787,16 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
     stages = {"setup": progress.run_start - started - session.pipeline_seconds,
               "cache": session.pipeline_seconds, "training": training_end - progress.run_start,
               "evaluation": end - training_end}
-    timing = Timing(seconds=end - started, stages=stages, cache=session.pipeline.kind)
+    timing = {"seconds": end - started, "stages": stages, "cache": session.pipeline.kind}
     if ctx.is_main:
-        outcome: RunInfo = {"status": status, "summary": metrics and {
+        run.update_info(status=status, **({"error": diverged} if diverged else {}), summary=metrics and {
             k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
-            if k in metrics}, "seconds": timing["seconds"], "stages": timing["stages"], "cache": timing["cache"]}
-        if diverged:
-            outcome["error"] = diverged
-        run.update_info(**outcome)
+            if k in metrics}, **timing)
     if diverged is not None:
         emit({"type": "error", "message": diverged})
-    emit(end_event(status, str(run.path), state.best,
-                   metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
-                   summary_line(metrics) if metrics else "no epoch completed", timing))
+    emit({"type": "end", "status": status, "run_dir": str(run.path), "best": state.best,
+          "metrics": metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
+          "summary": summary_line(metrics) if metrics else "no epoch completed", **timing})
     if diverged is not None:
         raise TrainingDiverged(diverged)
     return run.path

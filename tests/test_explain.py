@@ -9,7 +9,7 @@ from PIL import Image
 
 from finetune.config import FinetuneError
 from finetune.data import eval_transform
-from finetune.explain import crop_box, explain_image, explain_paths, gradcam, overlay
+from finetune.explain import crop_box, explain_image, explain_paths, gradcam, overlay, target_layer
 from finetune.model import build_model
 from finetune.predict import Predictor
 
@@ -109,3 +109,9 @@ def test_overlay_tints_only_the_box():
     assert tuple(result[5, 5]) == (128, 128, 128) and tuple(result[45, 90]) == (128, 128, 128)
     whole = np.asarray(overlay(grey, np.zeros((4, 4), dtype=np.float32), alpha=0.5))
     assert whole[0, 0, 2] > whole[0, 0, 0]  # cold: blue everywhere, no box
+
+
+def test_the_gradcam_layer_comes_from_the_architecture_table(model):
+    assert target_layer(model) is model.layer4[-1]
+    with pytest.raises(FinetuneError, match=r"^cannot explain a Linear: it has no layer4 \(not a ResNet\)$"):
+        target_layer(torch.nn.Linear(1, 1))

@@ -12,9 +12,12 @@ import torch
 from torchvision import models
 
 from conftest import run_within
-from finetune.config import FinetuneError
-from finetune.model import (apply_strategy, build_model, imagenet_weights_path, param_groups, safe_load,
-                            split_model, weights_available)
+from finetune.api import infer_arch
+from finetune.architectures import ARCHITECTURES, Architecture, arch_choices, infer_architecture
+from finetune.config import ARCHS, STRATEGIES, FinetuneError, TrainConfig
+from finetune.explain import target_layer
+from finetune.model import (apply_strategy, build_model, imagenet_weights_path, load_classifier, param_groups,
+                            safe_load, split_model, weights_available)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +168,58 @@ def test_split_model_composes_to_the_full_model_and_frozen_stays_in_eval():
     frozen, trainable = split_model(model, "all")
     with torch.no_grad():
         assert torch.equal(trainable(frozen(images)), model(images))
+
+
+def test_the_architecture_table_agrees_with_torchvision():
+    """Each row's weights are torchvision's, its feature sizes what its model computes (on the meta device:
+    shapes without memory), and it is what config, the studio and arch inference offer."""
+    assert tuple(ARCHITECTURES) == ARCHS and TrainConfig.arch in ARCHS
+    assert arch_choices() == [("ResNet-34 (faster)", "resnet34"), ("ResNet-50 (more accurate, slower)", "resnet50")]
+    for name, arch in ARCHITECTURES.items():
+        assert {strategy for strategy, _ in arch.layout.cuts} == set(STRATEGIES)
+        member = arch.weights.member()
+        assert member.url == arch.weights.url and str(member) == arch.weights.enum
+        assert arch.weights.file_name == f"{name}-{arch.weights.hash_prefix}.pth" and len(arch.weights.hash_prefix) == 8
+        with torch.device("meta"):
+            model = arch.build()
+            images = torch.zeros(1, 3, 60, 60)
+        assert model.fc.in_features == arch.num_features
+        for strategy in STRATEGIES:
+            frozen, _ = split_model(model, strategy)
+            assert tuple(frozen(images).shape[1:]) == arch.feature_shape(strategy, 60), (name, strategy)
+        assert infer_architecture(model.state_dict()) is arch
+        assert infer_arch(model.state_dict(), "w.pth") == name
+    with pytest.raises(FinetuneError, match=r"^w.pth is neither a resnet34 nor a resnet50 state_dict: give arch=$"):
+        infer_arch({"layer1.0.conv1.weight": torch.zeros(1)}, "w.pth")
+
+
+def test_an_architecture_is_one_row(tmp_path):
+    """A ResNet-18 row made here, not in the table, goes through building, freezing, learning rates,
+    Grad-CAM, loading and arch inference with no other code to edit."""
+    resnet18 = Architecture("resnet18", "ResNet-18", "", "resnet18", weights=None, channels=(64, 64, 128, 256, 512))
+    torch.manual_seed(0)
+    model = build_model(resnet18, 3, "none")
+    assert len(model.layer3) == 2 and model.fc.out_features == 3 and resnet18.label == "ResNet-18"
+    assert target_layer(model) is model.layer4[-1]
+    images = torch.randn(2, 3, 32, 32)
+    for strategy in STRATEGIES:
+        apply_strategy(model, strategy)
+        trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"all": {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"},
+                             "last": {"layer4", "fc"}, "head": {"fc"}}[strategy]
+        groups = param_groups(model, strategy, head_lr=1e-3, backbone_scale=0.1, pretrained=True)
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+        frozen, rest = split_model(model.eval(), strategy)
+        with torch.no_grad():
+            features = frozen(images)
+            assert tuple(features.shape[1:]) == resnet18.feature_shape(strategy, 32)
+            assert torch.equal(rest(features), model(images))
+    state = model.state_dict()
+    assert infer_architecture(state, [*ARCHITECTURES.values(), resnet18]) is resnet18
+    assert infer_architecture(state) is None  # not in the shipped table
+    assert torch.equal(load_classifier(resnet18, state, 3, "m.pth").fc.weight, model.fc.weight)
+    assert weights_available(resnet18, "imagenet") == (False, "no ImageNet weights are known for resnet18")
+    with pytest.raises(FinetuneError, match="no ImageNet weights are known for resnet18: pass --weights PATH"):
+        build_model(resnet18, 3, "imagenet")
+    with pytest.raises(FinetuneError, match=r"^unknown architecture 'resnet18': choose one of resnet34, resnet50$"):
+        build_model("resnet18", 3, "none")

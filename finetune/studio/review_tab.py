@@ -15,7 +15,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import FinetuneError
+from ..architectures import architecture
+from ..config import FinetuneError, TrainConfig
 from ..curation import (SPLIT_ORDER, add_decisions, default_curation_path, leak_decisions, load_or_new_curation,
                         save_curation)
 from ..rundir import RunDir, resolve_run, run_choices
@@ -99,14 +100,15 @@ def build(studio: Studio) -> ReviewTab:
 # The backbone
 
 
-def imagenet_ready(arch: str = "resnet34") -> bool:
+def imagenet_ready(arch: str = TrainConfig.arch) -> bool:
     from ..model import weights_available
 
     return weights_available(arch, "imagenet")[0]
 
 
 def backbone_choices(studio: Studio) -> list[tuple[str, str]]:
-    imagenet = "ImageNet ResNet-34 (recommended)" if imagenet_ready() else "ImageNet ResNet-34 (weights not on this machine)"
+    imagenet = f"ImageNet {architecture(TrainConfig.arch).title} "
+    imagenet += "(recommended)" if imagenet_ready() else "(weights not on this machine)"
     return ([(imagenet, "imagenet"), ("None: random features (rough; works offline)", "none")]
             + [(f"Run: {views.plain(label)}", path)
                for label, path in run_choices(studio.runs_dir, usable_only=True)])
