@@ -39,9 +39,9 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, ev
 from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
                      pin_memory, resolve_device, seed_everything, versions)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
-from .events import Event, EventCallback, EventWriter
+from .events import BestEpoch, EpochRecord, Event, EventCallback, EventWriter, Timing, end_event, epoch_event
 from .model import apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
-from .rundir import DiskFull, RunDir, TrainingLock, disk_full, save_atomic
+from .rundir import DiskFull, RunDir, RunInfo, TrainingLock, disk_full, save_atomic
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
 # done every this many batches, not every batch.
@@ -58,11 +58,11 @@ class TrainState:
     """Where a training is: completed epochs, their records, the best one and the patience left."""
 
     epoch: int = 0  # the last completed epoch
-    history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"epoch": 0, "val_acc": -1.0, "val_loss": float("inf")})
+    history: list[EpochRecord] = field(default_factory=list)
+    best: BestEpoch = field(default_factory=lambda: BestEpoch(epoch=0, val_acc=-1.0, val_loss=float("inf")))
     epochs_without_gain: int = 0
 
-    def add(self, record: dict) -> bool:
+    def add(self, record: EpochRecord) -> bool:
         """Record an epoch; True when it is the best so far (val accuracy, ties broken by val loss).
         An epoch whose val loss is not finite is never the best: nan logits still have an argmax."""
         improved = math.isfinite(record["val_loss"]) and (record["val_acc"] > self.best["val_acc"] or (
@@ -83,7 +83,7 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
-        return cls(epoch=checkpoint["epoch"], history=list(checkpoint["history"]), best=dict(checkpoint["best"]),
+        return cls(epoch=checkpoint["epoch"], history=list(checkpoint["history"]), best=checkpoint["best"].copy(),
                    epochs_without_gain=checkpoint.get("epochs_without_gain", 0))
 
 
@@ -583,11 +583,11 @@ class TrainingDiverged(FinetuneError):
     """The loss became nan or inf: raised once the run is settled (status, error, best model kept)."""
 
 
-def divergence(record: dict, lr: float) -> str | None:
+def divergence(record: EpochRecord, lr: float) -> str | None:
     """The one-line reason when an epoch's training or validation loss is not finite."""
-    for key, what in (("train_loss", "training"), ("val_loss", "validation")):
-        if not math.isfinite(record[key]):
-            return (f"training diverged: the {what} loss became {record[key]} in epoch {record['epoch']}; "
+    for loss, what in ((record["train_loss"], "training"), (record["val_loss"], "validation")):
+        if not math.isfinite(loss):
+            return (f"training diverged: the {what} loss became {loss} in epoch {record['epoch']}; "
                     f"try a lower --lr (this run used {lr:g})")
     return None
 
@@ -708,7 +708,8 @@ def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: t
     run.write_class_indices(scan.classes)
     run.write_info({
         "status": "running", "created": datetime.now().isoformat(timespec="seconds"),
-        "arch": cfg.arch, "strategy": cfg.strategy, "num_classes": len(scan.classes), "classes": scan.classes,
+        "arch": cfg.arch, "strategy": cfg.resolved_strategy(), "num_classes": len(scan.classes),
+        "classes": scan.classes,
         "image_size": cfg.image_size, "resize_size": resize_size(cfg.image_size),
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
         "versions": versions(), "device": describe_device(device), "world_size": ctx.world_size,
@@ -736,7 +737,7 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
           "classes": scan.classes, "device": describe_device(device), "world_size": ctx.world_size,
           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
           "total_params": sum(p.numel() for p in model.parameters()),
-          "pipeline": session.pipeline.description, "strategy": cfg.strategy, "arch": cfg.arch})
+          "pipeline": session.pipeline.description, "strategy": cfg.resolved_strategy(), "arch": cfg.arch})
     if ctx.is_main:
         run.update_info(config=cfg.to_dict(), pipeline=session.pipeline.description)
 
@@ -768,7 +769,7 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
                         final=not stopped and (epoch == cfg.epochs or early_stop))
         if ctx.is_main:
             run.update_info(history=state.history, best=state.best, epochs_done=epoch)
-        emit({"type": "epoch", **record, "best_epoch": state.best["epoch"], "best_val_acc": state.best["val_acc"]})
+        emit(epoch_event(record, state.best))
         if stopped or (epoch < cfg.epochs and _stop_requested(ctx, stop)):
             status = "stopped"
             session.log(f"stopped {'during' if stopped else 'after'} epoch {epoch}; keeping the best model so far "
@@ -787,16 +788,19 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
     stages = {"setup": progress.run_start - started - session.pipeline_seconds,
               "cache": session.pipeline_seconds, "training": training_end - progress.run_start,
               "evaluation": end - training_end}
-    timing = {"seconds": end - started, "stages": stages, "cache": session.pipeline.kind}
+    timing = Timing(seconds=end - started, stages=stages, cache=session.pipeline.kind)
     if ctx.is_main:
-        run.update_info(status=status, **({"error": diverged} if diverged else {}), summary=metrics and {
+        outcome: RunInfo = {"status": status, "summary": metrics and {
             k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
-            if k in metrics}, **timing)
+            if k in metrics}, "seconds": timing["seconds"], "stages": timing["stages"], "cache": timing["cache"]}
+        if diverged:
+            outcome["error"] = diverged
+        run.update_info(**outcome)
     if diverged is not None:
         emit({"type": "error", "message": diverged})
-    emit({"type": "end", "status": status, "run_dir": str(run.path), "best": state.best,
-          "metrics": metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
-          "summary": summary_line(metrics) if metrics else "no epoch completed", **timing})
+    emit(end_event(status, str(run.path), state.best,
+                   metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
+                   summary_line(metrics) if metrics else "no epoch completed", timing))
     if diverged is not None:
         raise TrainingDiverged(diverged)
     return run.path
