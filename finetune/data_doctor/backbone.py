@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import FinetuneError
+from ..config import FinetuneError, default_of
 from ..data import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from ..rundir import RunInfo
 
 
 @dataclass
@@ -29,14 +33,14 @@ def _file_identity(path: Path) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def read_run(run: str | Path) -> tuple[Path, dict]:
+def read_run(run: str | Path) -> tuple[Path, RunInfo]:
     from ..rundir import RunDir
 
     run_dir = RunDir(Path(run).expanduser())
     return run_dir.model, run_dir.require_trained()
 
 
-def load_backbone(run: str | Path | None = None, arch: str = "resnet34", weights: str = "imagenet",
+def load_backbone(run: str | Path | None = None, arch: str = default_of("arch"), weights: str = "imagenet",
                   image_size: int | None = None) -> Backbone:
     """The feature extractor: a run's fine-tuned model (its arch, size and normalisation from run.json),
     else `arch` with `weights` ("imagenet", "none" or a .pth state_dict)."""

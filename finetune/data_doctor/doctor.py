@@ -31,7 +31,7 @@ from .report import DoctorReport
 from .stats import FLAT_STD, ImageStats, other_issues, stats_all
 
 
-def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, arch: str = "resnet34",
+def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, arch: str = default_of("arch"),
                weights: str = "imagenet", image_size: int | None = None, folds: int = 5,
                device: str | torch.device = "auto", batch_size: int = 64, cache_dir: str | Path | None = None,
                workers: int | None = None, seed: int = default_of("seed"),
@@ -106,9 +106,11 @@ def _duplicates(scan: DatasetScan, records: list[Record], stats: list[ImageStats
                 phash_distance: int, similarity: float | None) -> list[dict]:
     """Exact copies, and near ones by perceptual hash and (`similarity` not None) by embedding similarity."""
     exact = exact_groups(Path(scan.root), [r.path for r in records])
-    hashable = [i for i, s in enumerate(stats) if s is not None and s.std >= FLAT_STD]  # flat images: noise bits
-    hashes = np.asarray([stats[i].phash for i in hashable], dtype=np.uint64)
-    near = {"phash": hash_closeness(hashes, near_hash_pairs(hashes, phash_distance), phash_distance, hashable)}
+    hashed = [(i, s.phash) for i, s in enumerate(stats) if s is not None and s.std >= FLAT_STD]  # flat: noise bits
+    hashable = [i for i, _ in hashed]
+    hashes = np.asarray([phash for _, phash in hashed], dtype=np.uint64)
+    near: dict[str, dict[tuple[int, int], float] | set[tuple[int, int]]] = {
+        "phash": hash_closeness(hashes, near_hash_pairs(hashes, phash_distance), phash_distance, hashable)}
     if similarity is not None:
         eligible = np.zeros(len(records), dtype=bool)
         eligible[hashable] = True

@@ -34,7 +34,7 @@ _BIT_WEIGHTS = (np.uint64(1) << np.arange(64, dtype=np.uint64)).astype(np.uint64
 def phash(image: Image.Image) -> int:
     """64-bit perceptual hash: the 8x8 lowest DCT frequencies of a 32x32 grayscale, each bit set when
     the coefficient is above their median (the DC term left out of the median: it only says brightness)."""
-    gray = np.asarray(image.convert("L").resize((32, 32), Image.LANCZOS), dtype=np.float64)
+    gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = (_DCT32 @ gray @ _DCT32.T)[:8, :8].ravel()
     bits = low > np.median(low[1:])
     return int(np.sum(_BIT_WEIGHTS[bits], dtype=np.uint64))
@@ -75,7 +75,7 @@ def near_hash_pairs(hashes: np.ndarray, max_distance: int = PHASH_DISTANCE,
         sorted_values = values[order]
         starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=True):
             if end - start > 1:
                 pairs |= _close_pairs(order[start:end], hashes, max_distance, chunk_bytes)
     return pairs
@@ -86,13 +86,13 @@ def _close_pairs(members: np.ndarray, hashes: np.ndarray, max_distance: int, chu
     members = np.sort(members)
     member_hashes = hashes[members]
     rows = max(1, chunk_bytes // (8 * len(members)))
-    found = set()
+    found: set[tuple[int, int]] = set()
     for start in range(0, len(members), rows):
         block = hamming(member_hashes[start:start + rows, None], member_hashes[None, :])
         a, b = np.nonzero(block <= max_distance)
         a = a + start
         keep = b > a
-        found.update(zip(members[a[keep]].tolist(), members[b[keep]].tolist()))
+        found.update(zip(members[a[keep]].tolist(), members[b[keep]].tolist(), strict=True))
     return found
 
 
@@ -106,13 +106,13 @@ def similar_pairs(features: np.ndarray, threshold: float = EMBEDDING_SIMILARITY,
         return set()
     unit = features[index] / np.maximum(np.linalg.norm(features[index], axis=1, keepdims=True), 1e-12)
     rows = max(1, chunk_bytes // (4 * len(index)))
-    found = set()
+    found: set[tuple[int, int]] = set()
     for start in range(0, len(index), rows):
         sims = unit[start:start + rows] @ unit.T
         a, b = np.nonzero(sims > threshold)
         a = a + start
         keep = b > a
-        found.update(zip(index[a[keep]].tolist(), index[b[keep]].tolist()))
+        found.update(zip(index[a[keep]].tolist(), index[b[keep]].tolist(), strict=True))
     return found
 
 def file_sha256(path: Path) -> str:
@@ -128,7 +128,7 @@ def exact_groups(root: Path, rels: list[str]) -> list[list[int]]:
     by_size: dict[int, list[int]] = defaultdict(list)
     for i, rel in enumerate(rels):
         by_size[(root / rel).stat().st_size].append(i)
-    groups = []
+    groups: list[list[int]] = []
     for same_size in by_size.values():
         if len(same_size) < 2:
             continue
@@ -150,7 +150,7 @@ def hash_closeness(hashes: np.ndarray, pairs: set[tuple[int, int]], max_distance
     scale = 1.0 / max_distance if max_distance else 0.0
     if index is not None:
         a, b = np.asarray(index, dtype=np.int64)[a], np.asarray(index, dtype=np.int64)[b]
-    return dict(zip(zip(a.tolist(), b.tolist()), (distance * scale).tolist()))
+    return dict(zip(zip(a.tolist(), b.tolist(), strict=True), (distance * scale).tolist(), strict=True))
 
 
 def embedding_closeness(features: np.ndarray, pairs: set[tuple[int, int]], threshold: float,
@@ -167,7 +167,7 @@ def embedding_closeness(features: np.ndarray, pairs: set[tuple[int, int]], thres
         i, j = a[start:start + chunk], b[start:start + chunk]
         cosine = np.einsum("nd,nd->n", features[i], features[j]) / (norms[i] * norms[j])
         values.append(np.clip((1.0 - cosine) / (1.0 - threshold), 0.0, 1.0))
-    return dict(zip(ordered, np.concatenate(values).tolist()))
+    return dict(zip(ordered, np.concatenate(values).tolist(), strict=True))
 
 
 def complete_linkage(edges: dict[tuple[int, int], float]) -> list[list[int]]:
@@ -218,10 +218,10 @@ def duplicate_groups(records: list[Record], classes: list[str], exact: list[list
     hash and features, so it joins a near group as a whole or not at all."""
     node = list(range(len(records)))
     images: dict[int, list[int]] = {}
-    for group in exact:
-        for i in group:
-            node[i] = group[0]
-        images[group[0]] = sorted(group)
+    for copies in exact:
+        for i in copies:
+            node[i] = copies[0]
+        images[copies[0]] = sorted(copies)
     edges: dict[tuple[int, int], float] = {}
     for pairs in near.values():
         scored = pairs.items() if isinstance(pairs, dict) else ((pair, 1.0) for pair in pairs)
@@ -241,7 +241,7 @@ def duplicate_groups(records: list[Record], classes: list[str], exact: list[list
         for a, b in pairs:  # the methods that saw a pair inside the group (copies within an exact group too)
             if in_cluster.get(node[a], -1) == in_cluster.get(node[b], -2):
                 methods[in_cluster[node[a]]].add(method)
-    groups = []
+    groups: list[dict] = []
     for number, nodes in enumerate(found):
         indices = sorted(i for n in nodes for i in images.get(n, [n]))
         if len(indices) < 2:

@@ -37,7 +37,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
     """{row key: feature vector}; an unreadable cache is just empty (it is only a cache)."""
     try:
         with np.load(path, allow_pickle=False) as stored:
-            return dict(zip(stored["keys"].tolist(), stored["features"]))
+            return dict(zip(stored["keys"].tolist(), stored["features"], strict=True))
     except Exception:  # noqa: BLE001 - missing, truncated or from another version: recompute
         return {}
 

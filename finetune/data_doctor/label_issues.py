@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def find_label_issues(features: np.ndarray, records: list[Record], classes: list
     labels = np.asarray([r.label for r in records], dtype=np.int64)
     counts = np.bincount(labels, minlength=len(classes))
     usable = np.flatnonzero(counts >= 2)
-    info = {"images": 0, "classes": int(len(usable)), "folds": 0, "out_of_sample_accuracy": None}
+    info: dict[str, Any] = {"images": 0, "classes": int(len(usable)), "folds": 0, "out_of_sample_accuracy": None}
     if len(usable) < 2:
         return [], info
     rows = np.flatnonzero(np.isin(labels, usable))

@@ -56,7 +56,7 @@ class DoctorReport:
                      f"{sum(g['conflict'] for g in groups)} span classes (conflict)")
         for group in groups[:limit]:
             flags = [f for f in ("leak", "conflict") if group[f]]
-            members = ", ".join(f"{p} [{s}]" for p, s in zip(group["paths"][:4], group["splits"][:4]))
+            members = ", ".join(f"{p} [{s}]" for p, s in zip(group["paths"][:4], group["splits"][:4], strict=True))
             more = f" +{len(group['paths']) - 4}" if len(group["paths"]) > 4 else ""
             marks = " " + " ".join(f.upper() for f in flags) if flags else ""
             lines.append(f"  {group['kind']}{marks}: {members}{more}")
@@ -104,7 +104,7 @@ def csv_rows(report: DoctorReport) -> list[list]:
              f"p(suggested) {i['suggested_probability']:.3f}"] for i in report.label_issues]
     for g in report.duplicate_groups:
         flags = " ".join(f for f in ("leak", "conflict") if g[f])
-        for path, split, name in zip(g["paths"], g["splits"], g["classes"]):
+        for path, split, name in zip(g["paths"], g["splits"], g["classes"], strict=True):
             rows.append([f"{g['kind']} duplicate", path, split, name, "", "", number(g["group"]),
                          " ".join(filter(None, [flags, "by " + "+".join(g["methods"])]))])
     rows += [[i["problem"], i["path"], i["split"], i["class"], "", "", "", i["detail"]] for i in report.other_issues]

@@ -47,7 +47,7 @@ def other_issues(records: list[Record], stats: list[ImageStats | None], classes:
     """Unreadable, near-constant, tiny and extremely elongated images, and classes much smaller than the rest."""
     issues = [{"path": rel, "split": None, "class": None, "problem": "unreadable", "detail": reason}
               for rel, reason in skipped]
-    for record, stat in zip(records, stats):
+    for record, stat in zip(records, stats, strict=True):
         if stat is None:
             continue
         where = {"path": record.path, "split": record.split, "class": classes[record.label]}
