@@ -10,7 +10,7 @@
     run = finetune.load("runs/<name>")           # a run folder, or a classic model.pth + class_indices.json
     finetune.scan("photos/"); finetune.doctor("photos/")
 
-The engine modules behind them are named for what they hold (training.py, data_doctor.py), so
+The engine modules behind them are named for what they hold (training.py, the data_doctor package), so
 `finetune.train` and `finetune.doctor` are these plain functions whatever else is imported. Nothing here imports torch until it is needed: `import finetune` stays quick.
 """
 
