@@ -8,11 +8,13 @@ import inspect
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import gradio as gr
 
+from ..config import FinetuneError
 from ..names import printable
 from ..rundir import run_choices
 from .state import Studio
@@ -27,6 +29,16 @@ def toast_text(message) -> str:
 def error(problem: Exception | str) -> gr.Error:
     """A user's problem (FinetuneError) as one line in the UI; API clients get AppError(message)."""
     return gr.Error(toast_text(problem), print_exception=False)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A user's problem (FinetuneError) raised inside becomes the event's one-line error (`error`);
+    anything else passes on (to `bind`, which shows it as `unexpected`)."""
+    try:
+        yield
+    except FinetuneError as problem:
+        raise error(problem) from None
 
 
 def warning(message: str) -> None:

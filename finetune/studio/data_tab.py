@@ -9,9 +9,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ..config import FinetuneError
 from . import views
-from .common import Cancelled, bind, error, output_list, run_cancellable, thumbnail
+from .common import Cancelled, bind, output_list, run_cancellable, thumbnail, user_errors
 from .state import Studio
 
 
@@ -88,12 +87,11 @@ def _scan(studio: Studio, root: Path, progress, archive_skipped=()):
         progress((done, total or None), desc=views.scan_progress(stage, done, total),
                  unit="images" if stage == "check" else "files")
 
-    try:
-        result = yield from run_cancellable(work, show)
-    except Cancelled:
-        raise gr.Error("Scan cancelled.") from None
-    except FinetuneError as problem:
-        raise error(problem) from None
+    with user_errors():
+        try:
+            result = yield from run_cancellable(work, show)
+        except Cancelled:
+            raise gr.Error("Scan cancelled.") from None
     studio.workspace.touch(result.root)
     return scan_outputs(result, list(archive_skipped))
 
@@ -123,10 +121,8 @@ def upload_zip(studio: Studio, file=None, progress=gr.Progress()):
         raise gr.Error("Drop a .zip file with one folder per class.")
     path = Path(file if isinstance(file, str) else file.name)
     progress((0, None), desc=f"Extracting {views.plain(path.name)}", unit="files")
-    try:
+    with user_errors():
         extraction = studio.workspace.extract_dataset(path, keep=studio.in_use())
-    except FinetuneError as problem:
-        raise error(problem) from None
     result = yield from _scan(studio, extraction.root, progress, extraction.skipped)
     yield {**result, "path": str(extraction.root)}
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ..config import FinetuneError
 from ..rundir import RunDir, resolve_run
 from . import views
-from .common import bind, error, output_list, thumbnail
+from .common import bind, error, output_list, thumbnail, user_errors
 from .state import Studio
 
 MAX_HEATMAPS = 12  # Grad-CAM costs ~0.3 s per image on a CPU (more with the decode)
@@ -79,11 +78,9 @@ def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False,
     if not run:  # no run yet (first start): a hint, not an error
         return {"summary": views.NO_RUN_YET, "matrix": None, "table": None, "gallery": [], "note": "",
                 "calibration": "", "reliability": None, "curves": None}
-    try:
+    with user_errors():
         run_dir = RunDir(resolve_run(run, studio.runs_dir))
         metrics = run_dir.metrics()
-    except FinetuneError as problem:
-        raise error(problem) from None
     if not metrics.get("num_images"):
         raise error(f"{run_dir.name} has no validation images to evaluate")
     root = Path(run_dir.data_root() or "")
@@ -91,10 +88,8 @@ def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False,
     gallery, explained = [], 0
     predictor = None
     if heatmaps and misclassified:
-        try:
+        with user_errors():
             predictor = studio.predictor(run_dir.path)
-        except FinetuneError as problem:
-            raise error(problem) from None
     for item in misclassified[:views.MAX_MISCLASSIFIED]:
         try:
             if predictor is not None and explained < MAX_HEATMAPS:

@@ -13,9 +13,8 @@ from pathlib import Path
 import gradio as gr
 
 from ..archive import disk_usage
-from ..config import FinetuneError
 from ..rundir import RunDir, resolve_run
-from .common import bind, error, output_list
+from .common import bind, error, output_list, user_errors
 from .state import Studio
 
 EXPORTS = dict(concurrency_id="export", concurrency_limit=1)
@@ -53,10 +52,8 @@ def build(studio: Studio) -> ExportTab:
 
 
 def _run(studio: Studio, run: str | None) -> RunDir:
-    try:
+    with user_errors():
         return RunDir(resolve_run(run, studio.runs_dir))
-    except FinetuneError as problem:
-        raise error(problem) from None
 
 
 def exported(studio: Studio, run: RunDir) -> list[str] | None:
@@ -83,10 +80,8 @@ def export_model(studio: Studio, run: str | None, fmt: str) -> list[str] | None:
     from ..export import export
 
     run_dir = _run(studio, run)
-    try:
+    with user_errors():
         export(run_dir.path, fmt)
-    except FinetuneError as problem:
-        raise error(problem) from None
     return exported(studio, run_dir)
 
 
@@ -102,10 +97,8 @@ def export_zip(studio: Studio, run: str | None = None):
     run_dir = _run(studio, run)
     if studio.training() and studio.job.run_dir.resolve() == run_dir.path:
         raise error(f"{run_dir.name} is still training: zip it when it has finished")
-    try:
+    with user_errors():
         target = studio.workspace.output("exports", f"{run_dir.name}.zip", need=disk_usage(run_dir.path))
-    except FinetuneError as problem:
-        raise error(problem) from None
     # A partial file of its own (two zips of one run may be made at once), renamed into place
     # complete: a download never gets half a zip.
     handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".zip")

@@ -18,7 +18,7 @@ from ..config import FinetuneError
 from ..data import ACCEPTED_FORMATS, IMAGE_EXTENSIONS
 from ..rundir import RunDir, resolve_run
 from . import views
-from .common import bind, error, output_list, warning
+from .common import bind, output_list, user_errors, warning
 from .components import answer_label, image_upload
 from .inputs import gather_images
 from .state import Studio
@@ -114,7 +114,7 @@ def predict_image(studio: Studio, run=None, image=None, top_k=3, min_conf=None, 
     Grad-CAM overlay of the predicted class at the picture's size."""
     if image is None:
         return {"label": None, "heatmap": gr.Image(value=None, visible=bool(why))}
-    try:
+    with user_errors():
         picture = read_upload(image)
         predictor = studio.predictor(resolve_run(run, studio.runs_dir))
         lock = studio.model_lock(predictor)
@@ -127,8 +127,6 @@ def predict_image(studio: Studio, run=None, image=None, top_k=3, min_conf=None, 
 
             with lock.exclusive():
                 overlay = explain_image(predictor, picture).overlay
-    except FinetuneError as problem:
-        raise error(problem) from None
     label = {"label": views.answer_headline(answer, guess, confidence),
              "confidences": [(views.plain(name), float(p)) for name, p in top]}
     return {"label": label, "heatmap": gr.Image(value=overlay, visible=bool(why))}
@@ -142,7 +140,7 @@ def predict_batch(studio: Studio, run=None, files=None, top_k=3, folder=None, mi
     if not files and not folder:
         raise gr.Error("Drop image files or a .zip of images first (or give a folder on the server).")
     top_k = int(top_k)
-    try:
+    with user_errors():
         run_dir = resolve_run(run, studio.runs_dir)
         predictor = studio.predictor(run_dir)
         with studio.workspace.temporary() as scratch, studio.model_lock(predictor).shared():
@@ -158,8 +156,6 @@ def predict_batch(studio: Studio, run=None, files=None, top_k=3, folder=None, mi
             prediction.path = name
         name = f"predictions-{run_dir.name}-{datetime.now():%Y%m%d-%H%M%S-%f}.csv"
         csv_path = studio.workspace.output("predictions", name, need=200 * len(predictions))
-    except FinetuneError as problem:
-        raise error(problem) from None
     from ..predict import write_csv
 
     write_csv(predictions, csv_path, top_k)

@@ -21,7 +21,7 @@ from ..curation import (SPLIT_ORDER, add_decisions, default_curation_path, leak_
                         save_curation)
 from ..rundir import RunDir, resolve_run, run_choices
 from . import views
-from .common import Cancelled, bind, error, output_list, run_cancellable, thumbnail
+from .common import Cancelled, bind, output_list, run_cancellable, thumbnail, user_errors
 from .state import Studio
 
 IMAGE_SIZE: int | None = None  # the doctor's image size for ImageNet / random features (None: 224)
@@ -235,30 +235,27 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
 
     steps = run_cancellable(work, show)
     shown = 0
-    try:
-        while True:
-            try:
-                next(steps)
-            except StopIteration as finished:
-                scan, report = finished.value
-                break
-            if len(lines) != shown:
-                shown = len(lines)
-                yield {"log": "\n".join(map(views.plain, lines))}
-            else:
-                yield gr.skip()
-    except Cancelled:
-        raise gr.Error("Review cancelled.") from None
-    except FinetuneError as problem:
-        raise error(problem) from None
-    finally:
-        steps.close()
+    with user_errors():
+        try:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as finished:
+                    scan, report = finished.value
+                    break
+                if len(lines) != shown:
+                    shown = len(lines)
+                    yield {"log": "\n".join(map(views.plain, lines))}
+                else:
+                    yield gr.skip()
+        except Cancelled:
+            raise gr.Error("Review cancelled.") from None
+        finally:
+            steps.close()
     studio.workspace.touch(scan.root)
     path = curation_path(studio, scan.root)
-    try:
+    with user_errors():
         curation = load_or_new_curation(path, scan.root)
-    except FinetuneError as problem:
-        raise error(problem) from None
     kept = {d.path for d in curation.decisions if d.action == "keep"}
     found = report.to_dict()
     flagged = {i["path"] for i in found["label_issues"]}
@@ -354,7 +351,7 @@ def decide(studio: Studio, review=None, action: str = "keep", label: str | None 
         raise gr.Error("Run the doctor first: there is nothing to decide yet.")
     item = review["items"][review["index"]]
     note = views.decision_note(item)
-    try:
+    with user_errors():
         if action == "relabel":
             if label not in review["classes"]:
                 raise FinetuneError(f"choose the class to relabel {item['path']} to")
@@ -363,8 +360,6 @@ def decide(studio: Studio, review=None, action: str = "keep", label: str | None 
         curation = load_or_new_curation(review["curation"], review["data"])
         curation.set(item["path"], action, label, note)
         save_curation(curation, review["curation"])
-    except FinetuneError as problem:
-        raise error(problem) from None
     review = {**review, "index": min(len(review["items"]) - 1, review["index"] + 1)}
     return {**render(review, curation), "train_curation": review["curation"]}
 
@@ -388,11 +383,9 @@ def exclude_leaks(studio: Studio, review=None) -> dict:
     decisions = leak_decisions(review["groups"])
     if not decisions:
         raise gr.Error("No duplicates leak between the splits.")
-    try:
+    with user_errors():
         curation = add_decisions(load_or_new_curation(review["curation"], review["data"]), decisions)
         save_curation(curation, review["curation"])
-    except FinetuneError as problem:
-        raise error(problem) from None
     gr.Info(f"Excluded {len(decisions)} leaking cop{'y' if len(decisions) == 1 else 'ies'} from validation/test.")
     return {**render(review, curation), "train_curation": review["curation"]}
 
