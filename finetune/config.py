@@ -50,58 +50,86 @@ def default_strategy(weights: str) -> str:
 
 
 def option(default, help: str, group: str, *, choices=None, metavar: str | None = None, flag: str | None = None,
-           positional: bool = False):
-    """A TrainConfig field with what the command line needs to offer it.
+           positional: bool = False, studio: str | None = "advanced", rank: int = 0, label: str | None = None,
+           info: str | None = None, ui: dict | None = None):
+    """A TrainConfig field with what the command line and the studio need to offer it.
 
-    `flag` overrides the option name (e.g. "--no-amp" for a field that defaults to True)."""
+    `flag` overrides the option name (e.g. "--no-amp" for a field that defaults to True).
+    The studio's Train tab shows it by `studio`: "left" or "right" (a column of the common settings on
+    top, ordered by `rank`, which also orders the start_training endpoint's parameters), "advanced"
+    (the Advanced accordion, in its group), or None (not offered). `label` names it there (default:
+    from the field's name), `info` explains it (default: `help`, under Advanced only) and `ui` holds
+    further properties of its component (bounds, a placeholder)."""
     return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar,
-                                            "flag": flag, "positional": positional})
+                                            "flag": flag, "positional": positional, "studio": studio, "rank": rank,
+                                            "label": label, "info": info, "ui": ui or {}})
 
 
 @dataclass
 class TrainConfig:
     data: str = option("data", "image folder (class sub-folders, or train/ and val/ of them), or a .zip of one "
                        "(extracted safely to ~/.cache/finetune/datasets, or $FINETUNE_DATASETS)", "data",
-                       positional=True)
+                       positional=True, studio=None)  # the studio: chosen on the Data tab
     val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val/ folder",
-                                 "data")
+                                 "data", label="Validation fraction", ui={"minimum": 0, "maximum": 1})
     curation: str | None = option(None, "a curation.json of review decisions (exclude, relabel) to apply to DATA; "
-                                  "the folder itself is never changed", "data", metavar="FILE")
-    seed: int = option(0, "for the split, initialisation and augmentation", "data")
-    image_size: int = option(224, "crop size in pixels (train and eval)", "data")
-    arch: str = option("resnet34", "ImageNet ResNet to fine-tune", "model", choices=ARCHS)
+                                  "the folder itself is never changed", "data", metavar="FILE",
+                                  studio="left", rank=9, label="Curation file (optional): review decisions to apply",
+                                  info="Filled in from the Review tab once it has decisions for this data. Excluded "
+                                       "images are left out and relabelled ones moved; the folder is never changed. "
+                                       "Empty: train on the folder as it is.",
+                                  ui={"placeholder": "runs/curation.json"})
+    seed: int = option(0, "for the split, initialisation and augmentation", "data", studio="right", rank=8)
+    image_size: int = option(224, "crop size in pixels (train and eval)", "data", studio="right", rank=7,
+                             label="Image size (pixels)", ui={"minimum": 32, "maximum": 1024})
+    arch: str = option("resnet34", "ImageNet ResNet to fine-tune", "model", choices=ARCHS, studio="left",
+                       rank=1, label="Architecture")
     strategy: str | None = option(None, "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items())
-                                  + " (default: all with --weights none, else last)", "model", choices=STRATEGIES)
+                                  + " (default: all with --weights none, else last)", "model", choices=STRATEGIES,
+                                  studio="left", rank=2, label="What to train (strategy)")
     weights: str = option("imagenet", "imagenet (torch hub cache, downloaded when online), none (from scratch), "
-                          "or a .pth state_dict path", "model")
-    epochs: int = option(5, "epochs (on --resume: the new total)", "optim")
-    batch_size: int = option(32, "images per training step", "optim")
+                          "or a .pth state_dict path", "model", studio="left", rank=3, label="Starting weights")
+    epochs: int = option(5, "epochs (on --resume: the new total)", "optim", studio="right", rank=4,
+                         ui={"minimum": 1, "maximum": 1000})
+    batch_size: int = option(32, "images per training step", "optim", studio="right", rank=5,
+                             ui={"minimum": 1, "maximum": 4096})
     lr: float | None = option(None, "head learning rate (default: per strategy, "
-                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim")
-    backbone_lr_scale: float = option(0.1, "pretrained layers learn at lr x this (earlier stages less)", "optim")
-    weight_decay: float = option(0.05, "AdamW weight decay", "optim")
-    label_smoothing: float = option(0.1, "cross-entropy label smoothing", "optim")
-    warmup_epochs: float = option(1.0, "linear learning-rate warmup, then cosine decay", "optim")
+                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim",
+                              studio="right", rank=6, label="Learning rate (head; set per strategy)", ui={"minimum": 0})
+    backbone_lr_scale: float = option(0.1, "pretrained layers learn at lr x this (earlier stages less)", "optim",
+                                      label="Backbone learning-rate scale", ui={"minimum": 0})
+    weight_decay: float = option(0.05, "AdamW weight decay", "optim", ui={"minimum": 0})
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", "optim", ui={"minimum": 0, "maximum": 1})
+    warmup_epochs: float = option(1.0, "linear learning-rate warmup, then cosine decay", "optim",
+                                  label="Warm-up epochs", ui={"minimum": 0})
     class_weighted_loss: bool = option(False, "weight the loss by inverse class frequency (imbalanced classes)",
-                                       "optim")
+                                       "optim", label="Class-weighted loss")
     early_stopping: int = option(0, "stop after this many epochs without improvement (0: off)", "optim",
-                                 metavar="PATIENCE")
+                                 metavar="PATIENCE", label="Early stopping (patience in epochs)", ui={"minimum": 0})
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", "speed")
     workers: int | None = option(None, "data loader processes (default: sized to this process's share of the "
-                                 "cores)", "speed")
+                                 "cores)", "speed", label="Data loader workers", ui={"minimum": 0})
     amp: bool = option(True, "no mixed precision on CUDA (default: bf16 on GPUs with bf16 units, else fp16 with "
-                       "a gradient scaler)", "speed", flag="--no-amp")
+                       "a gradient scaler)", "speed", flag="--no-amp",
+                       label="Mixed precision (AMP) on CUDA",
+                       info="bf16 on GPUs with bf16 units, else fp16 with a gradient scaler")
     channels_last: bool = option(True, "keep the NCHW memory layout (channels_last is faster on CUDA and x86 "
-                                 "CPUs)", "speed", flag="--no-channels-last")
-    compile: bool = option(False, "torch.compile the trainable layers", "speed")
+                                 "CPUs)", "speed", flag="--no-channels-last",
+                                 label="channels_last memory layout", info="faster on CUDA and x86 CPUs")
+    compile: bool = option(False, "torch.compile the trainable layers", "speed", label="torch.compile")
     cache: str = option("auto", "auto: compute frozen layers once and decode images once when it fits in memory; "
-                        "off: stream", "speed", choices=("auto", "off"))
-    cache_views: int = option(2, "augmented views per image kept in a frozen-feature cache", "speed")
-    memory_budget_gb: float | None = option(None, "memory for caches in GiB (default: half the free RAM)", "speed")
+                        "off: stream", "speed", choices=("auto", "off"),
+                        label="Feature and image cache")
+    cache_views: int = option(2, "augmented views per image kept in a frozen-feature cache", "speed",
+                                  label="Cached views per image", ui={"minimum": 1})
+    memory_budget_gb: float | None = option(None, "memory for caches in GiB (default: half the free RAM)", "speed",
+                                            label="Memory budget for caches (GiB)", ui={"minimum": 0})
     runs_dir: str | None = option(None, "where run folders are created (default: $FINETUNE_RUNS_DIR, else ./runs; "
-                                  "recorded in run.json as an absolute path)", "output")
-    run_name: str | None = option(None, "run folder name (default: <time>-<arch>-<strategy>)", "output")
-    extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option
+                                  "recorded in run.json as an absolute path)", "output",
+                                  studio=None)  # the studio: its own runs folder (finetune-studio --runs-dir)
+    run_name: str | None = option(None, "run folder name (default: <time>-<arch>-<strategy>)", "output",
+                                 label="Run folder name")
+    extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option (nor in the studio)
 
     def __post_init__(self) -> None:
         # The default is resolved here, once, so the command line, the API and the studio share it and
@@ -145,7 +173,7 @@ class TrainConfig:
         accepted = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            base, _, optional = str(f.type).partition(" | ")
+            base, optional = field_type(f)
             if value is None and optional:
                 continue
             kinds = accepted[base]
@@ -204,3 +232,25 @@ def default_of(name: str) -> Any:
 def cli_fields() -> list[dataclasses.Field]:
     """The TrainConfig fields offered on the command line, in declaration order."""
     return [f for f in dataclasses.fields(TrainConfig) if "group" in f.metadata]
+
+
+def field_type(f: dataclasses.Field) -> tuple[str, bool]:
+    """("int" | "float" | "str" | "bool" | "dict", whether None is accepted) of a TrainConfig field
+    (its annotation is a string: this module postpones annotations)."""
+    base, _, optional = str(f.type).partition(" | ")
+    return base, bool(optional)
+
+
+def studio_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields the studio's Train tab offers (option(studio=...)), in declaration order."""
+    return [f for f in cli_fields() if f.metadata["studio"] is not None]
+
+
+def studio_label(f: dataclasses.Field) -> str:
+    """The field's name on the Train tab."""
+    return f.metadata["label"] or f.name.replace("_", " ").capitalize()
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    """The field's option on the command line (--class-weighted-loss, --no-amp)."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")

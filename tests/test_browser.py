@@ -121,6 +121,8 @@ def test_sample_data_is_preselected(page, sample_data):
 def test_train_one_epoch_curves_and_confusion_matrix(page, app_server):
     wait_idle(app_server)
     fast_settings(page, epochs=1)
+    page.locator("#train_advanced").get_by_text("Advanced", exact=True).click()  # closed until opened
+    page.locator("#class_weighted_loss input[type=checkbox]").check()
     page.locator("#train_data").filter(has_text="3 classes").wait_for()
     page.locator("#start_btn").click()
     # the loss curve appears while training (vega line marks), then the result and the matrix
@@ -132,6 +134,8 @@ def test_train_one_epoch_curves_and_confusion_matrix(page, app_server):
     assert "epoch   1: train loss" in page.locator("#train_log textarea").input_value()
     # the new run is what Predict now uses
     name = page.locator("#train_result").inner_text().split("Completed:")[1].split()[0]
+    config = json.loads((app_server.runs_dir / name / "run.json").read_text())["config"]
+    assert config["class_weighted_loss"] is True and config["epochs"] == 1  # a setting under Advanced, too
     open_tab(page, "4. Predict")
     page.wait_for_function("name => document.querySelector('#predict_run input')?.value.startsWith(name)",
                            arg=name, timeout=15_000)

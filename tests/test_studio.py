@@ -6,6 +6,7 @@ the cache is tested. The same handlers run behind the app's API (tests/test_app.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_class_folders, make_image, sleeper, tree_digest
+from conftest import every_option_config, make_class_folders, make_image, sleeper, tree_digest
 
 gr = pytest.importorskip("gradio")
 
@@ -35,6 +36,8 @@ from finetune.studio.state import PredictorCache, Studio  # noqa: E402
 from finetune.studio.workspace import UNUSED_SECONDS, Workspace  # noqa: E402
 
 CLASSES = ["circle", "square", "triangle"]
+HEAD = dict(arch="resnet34", strategy="head", weights="none", weights_file=None, epochs=1, batch_size=16, lr=0.01,
+            image_size=64, seed=0)  # Train tab settings of a short training (handlers take them by keyword)
 
 
 def last(generator):
@@ -245,14 +248,15 @@ def test_start_passes_every_setting_and_releases_the_gpu(studio, tmp_path, monke
     run = fake_run(studio.runs_dir, "r1")
     studio.predictors.get(run, "cuda:0")
     studio.predictors.get(run, "cpu")
-    out = train_tab.start_training(studio, "photos", "resnet50", "all", "none", None, 7, 16, 0.02, 96, 3, 1)
+    out = train_tab.start_training(studio, data="photos", arch="resnet50", strategy="all", weights="none",
+                                   weights_file=None, epochs=7, batch_size=16, lr=0.02, image_size=96, seed=3, gpus=1)
     assert out["message"] == "Started fake-run" and "train_status_text" in out["progress"]
     expected = TrainConfig(data=str(tmp_path / "cwd" / "photos"), arch="resnet50", strategy="all", weights="none",
                            epochs=7, batch_size=16, lr=0.02, image_size=96, seed=3, runs_dir=str(studio.runs_dir))
     assert studio.job.cfg.to_dict() == expected.to_dict()  # every field, the rest at their defaults
     assert [k[2] for k in studio.predictors.keys()] == ["cpu"] and released == [True]
     with pytest.raises(gr.Error, match="already running \\(fake-run"):
-        train_tab.start_training(studio, "photos", "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0)
+        train_tab.start_training(studio, data="photos", **HEAD)
 
 
 def test_without_imagenet_weights_the_train_tab_opens_on_strategy_all_and_says_why(studio, monkeypatch):
@@ -279,12 +283,98 @@ def test_without_imagenet_weights_the_train_tab_opens_on_strategy_all_and_says_w
              if getattr(block, "elem_id", None)}
     assert (by_id["weights"].value, by_id["strategy"].value) == ("imagenet", "last")
 
+# TrainConfig fields the Train tab does not offer: data (chosen on the Data tab), runs_dir (the studio's own
+# runs folder) and extra (free-form notes of the Python API, not an option). See train_tab's docstring.
+NOT_ON_THE_TRAIN_TAB = {"data", "runs_dir", "extra"}
+OLD_START_PARAMETERS = ["data", "arch", "strategy", "weights", "weights_file", "epochs", "batch_size", "lr",
+                        "image_size", "seed", "gpus", "curation"]  # API clients may pass these by position
+
+
+def built_train_tab(studio) -> train_tab.TrainTab:
+    with gr.Blocks():
+        return train_tab.build(studio)
+
+
+def start_parameters(demo) -> list[str]:
+    return [p["parameter_name"] for p in demo.get_api_info()["named_endpoints"]["/start_training"]["parameters"]]
+
+
+def in_advanced(component) -> bool:
+    while component is not None and not isinstance(component, gr.Accordion):
+        component = component.parent
+    return component is not None
+
+
+def test_the_train_tab_offers_every_option_and_passes_each_on(studio, tmp_path, monkeypatch):
+    import finetune.curation
+    import finetune.model
+
+    demo = studio_app.build_app(studio)
+    offered = {f.name for f in dataclasses.fields(TrainConfig)} - NOT_ON_THE_TRAIN_TAB
+    params = start_parameters(demo)
+    assert params[:len(OLD_START_PARAMETERS)] == OLD_START_PARAMETERS
+    assert set(params) == offered | {"data", "weights_file", "gpus"} and len(params) == len(set(params))
+    tab = built_train_tab(studio)
+    assert set(tab.settings) == offered
+    advanced = {name for name, component in tab.settings.items() if in_advanced(component)}
+    assert "class_weighted_loss" in advanced and not advanced & set(OLD_START_PARAMETERS)
+    monkeypatch.setattr(jobs, "TrainingJob", FakeJob)
+    monkeypatch.setattr(finetune.model, "weights_available", lambda arch, weights: (True, ""))
+    monkeypatch.setattr(finetune.curation, "load_curation", lambda path: None)
+    make_class_folders(tmp_path / "cwd" / "photos", per_class=2)
+    wanted = {name: getattr(every_option_config(), name) for name in offered}
+    train_tab.start_training(studio, data="photos", **wanted)
+    got = studio.job.cfg
+    assert {name: getattr(got, name) for name in offered - {"weights", "curation"}} == {
+        name: value for name, value in wanted.items() if name not in ("weights", "curation")}
+    assert got.weights.endswith("w.pth") and got.curation == str(tmp_path / "cwd" / "review" / "curation.json")
+
+
+def test_settings_from_the_page_are_checked_and_empty_boxes_are_defaults(studio):
+    cfg = train_tab.training_config(studio, data=str(studio.default_data), **{**HEAD, "epochs": 2.0}, workers=None,
+                                    run_name="  ", memory_budget_gb=None, curation="")
+    assert cfg.epochs == 2 and type(cfg.epochs) is int and cfg.workers is None and cfg.run_name is None
+    assert cfg.curation is None
+    with pytest.raises(FinetuneError, match="option cache_views must be a number"):
+        train_tab.training_config(studio, data=str(studio.default_data), **HEAD, cache_views="3")
+    with pytest.raises(FinetuneError, match="unknown training setting 'runs_dir'"):
+        train_tab.training_config(studio, data=str(studio.default_data), **HEAD, runs_dir="/elsewhere")
+
+
+def test_a_field_added_to_trainconfig_appears_on_the_train_tab(studio, monkeypatch):
+    """The tab really is generated: a new option(...) field is a setting under Advanced, an endpoint
+    parameter, and reaches the config, with nothing else edited."""
+    from finetune import config
+
+    extended = dataclasses.make_dataclass(
+        "TrainConfig", [("dropout", "float", config.option(0.0, "dropout before the new head", "optim"))],
+        bases=(TrainConfig,))
+    monkeypatch.setattr(config, "TrainConfig", extended)
+    monkeypatch.setattr(train_tab, "TrainConfig", extended)
+    box = built_train_tab(studio).settings["dropout"]
+    assert isinstance(box, gr.Number) and box.value == 0.0 and box.label == "Dropout" and in_advanced(box)
+    assert box.info == "dropout before the new head"
+    assert "dropout" in start_parameters(studio_app.build_app(studio))
+    cfg = train_tab.training_config(studio, data=str(studio.default_data), **HEAD, dropout=0.25)
+    assert isinstance(cfg, extended) and cfg.dropout == 0.25
+
+
+def test_the_data_tabs_imbalance_hint_names_the_train_tabs_setting(studio, tmp_path):
+    from finetune.data import scan_dataset
+
+    root = make_class_folders(tmp_path / "d", classes=("many",), per_class=9)
+    make_class_folders(root, classes=("few",), per_class=2)
+    text = views.data_warnings(scan_dataset(root))
+    box = built_train_tab(studio).settings["class_weighted_loss"]
+    assert f'consider "{box.label}" (Train tab, Advanced)' in text and "--" not in text
+    assert isinstance(box, gr.Checkbox) and box.value is False
+
 
 @pytest.mark.parametrize("data, message", [("", "Choose the training data first"),
                                            ("missing", "data folder not found: .*cwd/missing")])
 def test_start_refuses_missing_data(studio, data, message):
     with pytest.raises(gr.Error, match=message):
-        train_tab.start_training(studio, data, "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0)
+        train_tab.start_training(studio, data=data, **HEAD)
 
 
 def test_render_of_a_finished_training_serves_its_matrix(studio, sample_data):
@@ -324,8 +414,7 @@ def test_start_up_attaches_to_a_training_left_running_and_marks_dead_ones(studio
         assert json.loads((dead / "run.json").read_text())["status"] == "stopped"  # it has a model
         assert studio.training() and studio.prediction_device() == "cpu"
         with pytest.raises(gr.Error, match="already running \\(alive"):
-            train_tab.start_training(studio, str(studio.default_data), "resnet34", "head", "none", None, 1, 16,
-                                     0.01, 64, 0)
+            train_tab.start_training(studio, data=str(studio.default_data), **HEAD)
         first = next(train_tab.follow_training(studio))
         # a log entry of several lines (the data report) keeps its breaks; a control character shows escaped
         assert "hello from before\nLayout: x\\x1b[2J" in first["log"]
@@ -747,8 +836,8 @@ def test_hostile_names_are_shown_as_text_on_every_tab(studio, tmp_path, page_htm
     report = DoctorReport(data=str(root), classes=classes, backbone="run [x](http:evil)", label_issues=[issue],
                           other_issues=[{"problem": "small class", "class": CONTROL_CLASS, "detail": "<img src=x>"}],
                           summary={"images": 9, "other_issues": {"www.evil.example": 1}}, notes=["`tick` www.x.y"])
-    review = {"data": str(root), "classes": classes, "curation": str(tmp_path / "curation.json"),
-              "items": [issue], "index": 0, "groups": [], "leaks": 0}
+    review = review_tab.Review(data=str(root), classes=classes, curation=str(tmp_path / "curation.json"),
+                               items=[issue], index=0, groups=[], leaks=0)
     shown = review_tab.render(review)
     assert [value for _, value in shown["relabel_to"].choices] == classes  # decisions keep the real names
     markdown += [views.review_summary(report), shown["details"], shown["curation"]]
@@ -895,26 +984,26 @@ def test_review_decisions_go_to_the_curation_file_and_the_data_is_untouched(stud
     assert any(isinstance(s, dict) and "data doctor" in s.get("log", "") for s in steps[:-1])  # progress lines
     out = steps[-1]
     review, path = out["state"], studio.runs_dir / "curation.json"
-    kinds = [item["kind"] for item in review["items"]]
+    kinds = [item["kind"] for item in review.items]
     assert kinds == sorted(kinds, key=["label", "duplicate", "other"].index) and {"label", "duplicate"} <= set(kinds)
-    labels = [item["score"] for item in review["items"] if item["kind"] == "label"]
+    labels = [item["score"] for item in review.items if item["kind"] == "label"]
     assert labels == sorted(labels)  # most suspicious first
-    duplicates = [item for item in review["items"] if item["kind"] == "duplicate"]
+    duplicates = [item for item in review.items if item["kind"] == "duplicate"]
     leaks = [item["path"] for item in duplicates if item["leak"]]
     assert duplicates[:len(leaks)] == [item for item in duplicates if item["leak"]]  # leaks first
     assert "val/red/leaked_copy.png" in leaks  # shown on the val copy, its train original beside it
     assert "likely label errors" in out["summary"] and "leak between splits" in out["summary"]
     assert f"`{path}`" in out["curation"] and out["leak_btn"].interactive
     assert isinstance(out["image"], Image.Image) and all(isinstance(p, Image.Image) for p, _ in out["others"])
-    first = review["items"][0]
+    first = review.items[0]
     assert first["path"] in out["details"] and out["relabel_to"].value == first["suggested"]
 
     out = review_tab.keep_item(studio, review)
-    assert out["train_curation"] == str(path) and out["state"]["index"] == 1
-    second = out["state"]["items"][1]
+    assert out["train_curation"] == str(path) and out["state"].index == 1
+    second = out["state"].items[1]
     out = review_tab.exclude_item(studio, out["state"])
-    third = out["state"]["items"][2]
-    other_class = next(c for c in review["classes"] if c != third["given"])
+    third = out["state"].items[2]
+    other_class = next(c for c in review.classes if c != third["given"])
     out = review_tab.relabel_item(studio, out["state"], other_class)
     out = review_tab.exclude_leaks(studio, out["state"])
     decisions = {d.path: d for d in load_curation(path).decisions}
@@ -927,20 +1016,19 @@ def test_review_decisions_go_to_the_curation_file_and_the_data_is_untouched(stud
         review_tab.relabel_item(studio, out["state"], None)
 
     again = last(review_tab.run_review(studio, str(data), "none"))
-    paths = [item["path"] for item in again["state"]["items"]]
+    paths = [item["path"] for item in again["state"].items]
     assert first["path"] not in paths and second["path"] in paths  # kept: not shown again; excluded: marked
     at = paths.index(second["path"])
-    shown = review_tab.step(studio, {**again["state"], "index": at}, 0)
+    shown = review_tab.step(studio, again["state"].at(at), 0)
     assert "Decided: excluded" in shown["details"]
     assert "1 flagged image(s) you kept" in again["summary"]
     assert review_tab.curation_for(studio, str(data)) == str(path)
     assert review_tab.curation_for(studio, str(tmp_path)) == ""
-    cfg = train_tab.training_config(studio, str(data), "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0, str(path))
+    cfg = train_tab.training_config(studio, data=str(data), **HEAD, curation=str(path))
     assert cfg.curation == str(path)
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(FinetuneError, match="not a curation file"):
-        train_tab.training_config(studio, str(data), "resnet34", "head", "none", None, 1, 16, 0.01, 64, 0,
-                                  str(tmp_path / "bad.json"))
+        train_tab.training_config(studio, data=str(data), **HEAD, curation=str(tmp_path / "bad.json"))
     assert tree_digest(data) == before
 
 

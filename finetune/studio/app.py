@@ -34,12 +34,12 @@ def build_app(studio):
             train = train_tab.build(studio)
             evaluate, predict, export = evaluate_tab.build(studio), predict_tab.build(studio), export_tab.build(studio)
         data_tab.wire(studio, data, demo, ready=train.data_ready)
-        review_tab.wire(studio, review, data_path=data.path, train_curation=train.curation)
+        review_tab.wire(studio, review, data_path=data.path, train_curation=train.settings["curation"])
         followed, weights_inputs = train_tab.wire(studio, train, data_path=data.path)
         # The Train tab's curation file follows the data: the Review tab's file when it has decisions for it.
-        suggesting = bind(studio, review_tab.curation_for)
-        data.path.change(suggesting, data.path, train.curation, api_name="suggest_curation", show_progress="hidden")
-        demo.load(suggesting, data.path, train.curation, api_name="initial_curation", show_progress="hidden")
+        suggesting, curation = bind(studio, review_tab.curation_for), train.settings["curation"]
+        data.path.change(suggesting, data.path, curation, api_name="suggest_curation", show_progress="hidden")
+        demo.load(suggesting, data.path, curation, api_name="initial_curation", show_progress="hidden")
         train_tab.wire_page_load(studio, train, demo, weights_inputs)
         evaluate_tab.wire(studio, evaluate)
         predict_tab.wire(studio, predict)

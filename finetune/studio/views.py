@@ -9,6 +9,7 @@ from html import escape
 from pathlib import Path
 
 from ..names import printable
+from ..rundir import RunInfo
 
 THUMBS_PER_CLASS = 6
 MAX_MISCLASSIFIED = 60
@@ -95,7 +96,19 @@ def skipped_rows(scan, archive_skipped: Sequence[tuple[str, str]] = ()) -> list[
 
 
 def data_warnings(scan) -> str:
-    return "\n\n".join(f"**Warning:** {md(w)}" for w in scan.warnings) or "No warnings: classes are balanced."
+    return ("\n\n".join(f"**Warning:** {md(option_names(w))}" for w in scan.warnings)
+            or "No warnings: classes are balanced.")
+
+
+def option_names(text: str) -> str:
+    """The engine's messages name options as the command line spells them (--class-weighted-loss); on the
+    page they are named as the Train tab labels them."""
+    from ..config import cli_flag, studio_fields, studio_label
+
+    for f in studio_fields():
+        where = "Train tab, Advanced" if f.metadata["studio"] == "advanced" else "Train tab"
+        text = re.sub(rf"(?<![\w-]){re.escape(cli_flag(f))}(?![\w-])", f'"{studio_label(f)}" ({where})', text)
+    return text
 
 
 def data_ready(scan) -> str:
@@ -180,7 +193,7 @@ def training_result(view) -> tuple[str, Path | None]:
 # Evaluate
 
 
-def eval_summary(name: str, info: dict, metrics: dict) -> str:
+def eval_summary(name: str, info: RunInfo, metrics: dict) -> str:
     topk = ", ".join(f"top-{k} {v:.1%}" for k, v in metrics["top_k_accuracy"].items())
     return (f"**{md(name)}** ({md(info.get('status', '?'))}, {md(info.get('arch', '?'))} / "
             f"{md(info.get('strategy', '?'))}): "
@@ -203,7 +216,7 @@ def misclassified_note(wrong: int, total: int, shown: int) -> str:
     return f"{wrong} of {total} validation images misclassified" + (f" (showing {shown})" if wrong > shown else "")
 
 
-def calibration_text(info: dict) -> str:
+def calibration_text(info: RunInfo) -> str:
     """What the run's temperature scaling did on its validation images (run.json "calibration")."""
     c = info.get("calibration")
     if not c:
