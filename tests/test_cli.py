@@ -25,6 +25,20 @@ def cli(*args, cwd=None, env=None):
     return result
 
 
+def cli_here(capsys, *args) -> subprocess.CompletedProcess:
+    """cli(*args) in this process, as cli() reports it (exit status, stdout, stderr): for the steps after a
+    test's first command, as a second start of python and torch costs seconds each."""
+    from finetune.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (("train", "/no/such/folder", "--weights", "none"), "error: data folder not found: /no/such/folder"),
@@ -132,7 +146,7 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     assert re.search(r"^completed in \d+:\d\d \(.*training \d+:\d\d.*\); best epoch 1$", result.stdout, re.M)
 
     out_csv = tmp_path / "p.csv"
-    predicted = cli("predict", run, data / "cats", "--top-k", "2", "--csv", out_csv)
+    predicted = cli_here(capsys, "predict", run, data / "cats", "--top-k", "2", "--csv", out_csv)
     assert predicted.returncode == 0, predicted.stderr
     rows = list(csv.DictReader(open(out_csv)))
     assert len(rows) == 5 and {r["best_guess"] for r in rows} <= {"cats", "dogs"}
@@ -141,8 +155,8 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     assert f"min confidence {suggested:.2f} (suggested from validation" in predicted.stdout
 
     # above every confidence: all unknown, the best guess kept; heatmaps at each image's size
-    cautious = cli("predict", run, data / "cats", "--min-confidence", "1", "--csv", out_csv,
-                   "--explain", tmp_path / "why", "--explain-class", "dogs")
+    cautious = cli_here(capsys, "predict", run, data / "cats", "--min-confidence", "1", "--csv", out_csv,
+                        "--explain", tmp_path / "why", "--explain-class", "dogs")
     assert cautious.returncode == 0, cautious.stderr
     rows = list(csv.DictReader(open(out_csv)))
     assert {r["prediction"] for r in rows} == {"unknown"} and all(r["best_guess"] for r in rows)
@@ -150,11 +164,12 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     heatmaps = sorted((tmp_path / "why").glob("*.gradcam.png"))
     assert len(heatmaps) == 5 and Image.open(heatmaps[0]).size == (40, 32)
     assert "wrote 5 heatmap(s) (dogs)" in cautious.stdout
-    wrong = cli("predict", run, data / "cats", "--explain", tmp_path / "why", "--explain-class", "ferrets")
+    wrong = cli_here(capsys, "predict", run, data / "cats", "--explain", tmp_path / "why", "--explain-class",
+                     "ferrets")
     assert wrong.returncode == 2 and "ferrets" in wrong.stderr and "Traceback" not in wrong.stderr
-    assert cli("predict", run, data, "--min-confidence", "1.5").returncode == 2
+    assert cli_here(capsys, "predict", run, data, "--min-confidence", "1.5").returncode == 2
 
-    evaluated = cli("evaluate", run, data, "--out", tmp_path / "eval")
+    evaluated = cli_here(capsys, "evaluate", run, data, "--out", tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 10 and (tmp_path / "eval" / "confusion_matrix.png").exists()
@@ -164,23 +179,21 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     trained = len(json.loads((run / "split.json").read_text())["train"])
     assert 0 < trained < 10 and metrics["training_overlap"] == trained
     assert f"warning: {trained} of 10 images were in this run's training split" in evaluated.stdout
-    from finetune.cli import main  # in this process: a second start of python and torch costs seconds
-
-    assert main(["evaluate", str(run), str(data), "--out", str(tmp_path / "held-out"), "--held-out-only"]) == 0
-    assert f"held out only: left out the {trained} images that were in this run's training split" in \
-        capsys.readouterr().out
+    held = cli_here(capsys, "evaluate", run, data, "--out", tmp_path / "held-out", "--held-out-only")
+    assert held.returncode == 0
+    assert f"held out only: left out the {trained} images that were in this run's training split" in held.stdout
     held_out = json.loads((tmp_path / "held-out" / "metrics.json").read_text())
     assert held_out["num_images"] == 10 - trained and held_out["held_out_only"] is True
 
-    exported = cli("export", run, "--format", "torchscript")
+    exported = cli_here(capsys, "export", run, "--format", "torchscript")
     assert exported.returncode == 0 and (run / "model.torchscript.pt").exists()
 
-    scanned = cli("scan", data, "--json")
+    scanned = cli_here(capsys, "scan", data, "--json")
     assert json.loads(scanned.stdout)["classes"] == ["cats", "dogs"]
 
 
 @pytest.mark.slow
-def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path):
+def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path, capsys):
     from test_data_doctor import make_problem_dataset
 
     data = make_problem_dataset(tmp_path / "data")
@@ -198,12 +211,12 @@ def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path):
     assert "val/red/leaked_copy.png" in {d["path"] for d in decisions if d["action"] == "exclude"}
     assert f"train with --curation {curation}" in result.stdout
     assert tree_digest(data) == before
-    inside = cli("doctor", data, "--weights", "none", "--image-size", "64", "--json", data / "r.json")
+    inside = cli_here(capsys, "doctor", data, "--weights", "none", "--image-size", "64", "--json", data / "r.json")
     assert inside.returncode == 2 and "inside the dataset" in inside.stderr and not (data / "r.json").exists()
 
 
 @pytest.mark.slow
-def test_a_zip_of_class_folders_is_extracted_safely_and_used(tmp_path):
+def test_a_zip_of_class_folders_is_extracted_safely_and_used(tmp_path, monkeypatch, capsys):
     data = make_class_folders(tmp_path / "photos", per_class=3)
     archive = tmp_path / "photos.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -221,7 +234,8 @@ def test_a_zip_of_class_folders_is_extracted_safely_and_used(tmp_path):
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as z:
         z.writestr("../outside/cats/a.png", b"x")
-    refused = cli("scan", evil, env=env)
+    monkeypatch.setenv("FINETUNE_DATASETS", env["FINETUNE_DATASETS"])
+    refused = cli_here(capsys, "scan", evil)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("error: evil.zip: refusing entry that leaves the folder")
     assert not (tmp_path / "outside").exists()
