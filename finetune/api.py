@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .data_doctor import DoctorReport
     from .evaluate import Evaluation
     from .predict import Prediction, Predictor
+    from .rundir import RunInfo
 
 __all__ = ["Model", "Run", "doctor", "load", "scan", "train"]
 
@@ -272,7 +273,7 @@ class Run(Model):
         self._predictor = None
 
     @property
-    def info(self) -> dict:
+    def info(self) -> RunInfo:
         """run.json as it is now."""
         return self._run.info()
 
@@ -304,7 +305,7 @@ class Run(Model):
 
     @property
     def history(self) -> list[dict]:
-        history = self.info.get("history")
+        history: object = self.info.get("history")  # as written, whatever its type (see above)
         return [record for record in history if isinstance(record, dict)] if isinstance(history, list) else []
 
     @property

@@ -19,9 +19,10 @@ files of older runs, which still read.
 # no `from __future__ import annotations`: TypedDict reads NotRequired[...] from evaluated annotations only
 # (with string annotations Python 3.11 counts every key as required)
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Literal, Mapping, NotRequired, TypedDict, cast, get_args
+from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
 
 
 class LogEvent(TypedDict):
@@ -203,7 +204,7 @@ class EventWriter:
     """Appends each event as one JSON line, flushed at once so a follower sees it."""
 
     def __init__(self, path: str | Path):
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open from event to event, until close()
 
     def __call__(self, event: Event) -> None:
         self.file.write(json.dumps(event) + "\n")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -83,7 +85,7 @@ def _collate(batch):
     return images, [i for _, i in good], failed
 
 
-def _check_run_fields(info: dict, info_path: Path) -> None:
+def _check_run_fields(info: Mapping[str, Any], info_path: Path) -> None:
     """One line naming run.json and the field when what a model is loaded with is not what finetune
     writes there (a run folder may come from anyone): its arch, classes, image size, normalisation and
     calibration."""

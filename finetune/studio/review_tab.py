@@ -10,7 +10,7 @@ Images reach the browser as PIL thumbnails (gradio's own cache), never as paths 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -152,6 +152,38 @@ def review_items(report: dict, examples: dict[str, list[str]], kept: set[str] = 
     return [item for item in items if item["path"] not in kept]
 
 
+@dataclass
+class Review:
+    """The tab's state between clicks (a gr.State, which copies it): the doctor's findings on one folder
+    as items to decide, where the user is among them, and the curation file the decisions go to."""
+
+    data: str  # the folder's root
+    classes: list[str]
+    curation: str  # the curation file
+    items: list[dict]  # review_items
+    index: int = 0  # the item shown
+    groups: list[dict] = field(default_factory=list)  # the duplicate groups (to exclude every leak at once)
+    leaks: int = 0  # groups that leak between splits
+    kept_before: int = 0  # flagged images kept in an earlier review, left out of the items
+
+    @classmethod
+    def of(cls, scan, found: dict, curation: Path, kept: set[str]) -> Review:
+        """The review of a doctor's report (`found`: its to_dict()) on `scan`; images in `kept` are not shown."""
+        flagged = {i["path"] for i in found["label_issues"]}
+        groups = found["duplicate_groups"]
+        return cls(data=str(scan.root), classes=list(scan.classes), curation=str(curation),
+                   items=review_items(found, class_examples(scan, flagged), kept), groups=groups,
+                   leaks=sum(g["leak"] for g in groups), kept_before=len(kept & _flagged_paths(found)))
+
+    @property
+    def item(self) -> dict:
+        return self.items[self.index]
+
+    def at(self, index: int) -> Review:
+        """The same review showing item `index` (kept within the items)."""
+        return replace(self, index=max(0, min(len(self.items) - 1, index)))
+
+
 def duplicate_focus(group: dict) -> int:
     """The member a decision is about: the first copy outside the earliest split (a leak), else the second."""
     splits = group["splits"]
@@ -207,26 +239,11 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
     lines: list[str] = []
 
     def work(report):
-        from ..data import scan_dataset
-        from ..data_doctor import default_cache_dir, run_doctor
-
         def log(line: str) -> None:
             lines.append(line)
             report("log", 0, 0)
 
-        run_dir = None
-        split: dict = {}  # without a run: scan_dataset's defaults, which are training's (TrainConfig)
-        weights = backbone or "imagenet"
-        if weights not in ("imagenet", "none"):
-            run_dir = resolve_run(weights, studio.runs_dir)
-            config = RunDir(run_dir).info().get("config") or {}
-            split = {key: config[key] for key in ("val_fraction", "seed") if key in config}
-        log(f"scanning {root}")
-        scan = scan_dataset(root, **split, max_files=studio.max_scan_files, on_progress=report)
-        result = run_doctor(scan, run=run_dir, weights="imagenet" if run_dir else weights,
-                            image_size=None if run_dir else IMAGE_SIZE, device=studio.prediction_device(),
-                            cache_dir=default_cache_dir(), log=log)
-        return scan, result
+        return doctor_folder(studio, root, backbone or "imagenet", log, report)
 
     def show(stage, done, total):
         if stage != "log":
@@ -256,16 +273,30 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
     path = curation_path(studio, scan.root)
     with user_errors():
         curation = load_or_new_curation(path, scan.root)
-    kept = {d.path for d in curation.decisions if d.action == "keep"}
-    found = report.to_dict()
-    flagged = {i["path"] for i in found["label_issues"]}
-    review = {"data": str(scan.root), "classes": list(scan.classes), "curation": str(path),
-              "items": review_items(found, class_examples(scan, flagged), kept), "index": 0,
-              "groups": found["duplicate_groups"], "leaks": sum(g["leak"] for g in found["duplicate_groups"]),
-              "kept_before": len(kept & _flagged_paths(found))}
-    lines.append(f"done: {len(review['items'])} finding(s) to review")
-    yield {"log": "\n".join(map(views.plain, lines)), "summary": views.review_summary(report, review["kept_before"]),
+    review = Review.of(scan, report.to_dict(), path, kept={d.path for d in curation.decisions if d.action == "keep"})
+    lines.append(f"done: {len(review.items)} finding(s) to review")
+    yield {"log": "\n".join(map(views.plain, lines)), "summary": views.review_summary(report, review.kept_before),
            **render(review, curation)}
+
+
+def doctor_folder(studio: Studio, root: Path, backbone: str, log, report):
+    """The scan of `root` and the doctor's report on it, with features from `backbone` ("imagenet",
+    "none" or a run folder; a run's split is the one it trained on)."""
+    from ..data import scan_dataset
+    from ..data_doctor import default_cache_dir, run_doctor
+
+    run_dir = None
+    split: dict = {}  # without a run: scan_dataset's defaults, which are training's (TrainConfig)
+    if backbone not in ("imagenet", "none"):
+        run_dir = resolve_run(backbone, studio.runs_dir)
+        config = RunDir(run_dir).info().get("config") or {}
+        split = {key: config[key] for key in ("val_fraction", "seed") if key in config}
+    log(f"scanning {root}")
+    scan = scan_dataset(root, **split, max_files=studio.max_scan_files, on_progress=report)
+    result = run_doctor(scan, run=run_dir, weights="imagenet" if run_dir else backbone,
+                        image_size=None if run_dir else IMAGE_SIZE, device=studio.prediction_device(),
+                        cache_dir=default_cache_dir(), log=log)
+    return scan, result
 
 
 def _flagged_paths(found: dict) -> set[str]:
@@ -275,22 +306,22 @@ def _flagged_paths(found: dict) -> set[str]:
     return paths
 
 
-def render(review: dict | None, curation=None) -> dict:
+def render(review: Review | None, curation=None) -> dict:
     """The outputs that show the current item (and the curation file line) of `review`."""
     if not review:
         return {"state": None, "curation": "", "position": "", "image": None, "others": [], "details": "",
                 "relabel_to": gr.Dropdown(choices=[], value=None), **_buttons(False, False, False)}
     if curation is None:
-        curation = load_or_new_curation(review["curation"], review["data"])
+        curation = load_or_new_curation(review.curation, review.data)
     decisions = curation.by_path()
-    items, index = review["items"], review["index"]
-    outputs = {"state": review, "curation": views.curation_line(review["curation"], len(curation.decisions)),
-               "leak_btn": gr.Button(interactive=review["leaks"] > 0)}
+    items, index = review.items, review.index
+    outputs = {"state": review, "curation": views.curation_line(review.curation, len(curation.decisions)),
+               "leak_btn": gr.Button(interactive=review.leaks > 0)}
     if not items:
         return {**outputs, "position": views.NOTHING_TO_REVIEW, "image": None, "others": [], "details": "",
-                "relabel_to": class_dropdown(review["classes"]), **_buttons(False, False, False)}
-    item = items[index]
-    root = Path(review["data"])
+                "relabel_to": class_dropdown(review.classes), **_buttons(False, False, False)}
+    item = review.item
+    root = Path(review.data)
     done = sum(1 for i in items if i["path"] in decisions)
     others = []
     for rel, caption in item["others"]:
@@ -306,7 +337,7 @@ def render(review: dict | None, curation=None) -> dict:
     relabel = item.get("suggested") if item["kind"] == "label" else item.get("given")
     return {**outputs, "position": views.review_position(index, len(items), item, done),
             "image": picture, "others": others, "details": views.review_details(item, decisions.get(item["path"])),
-            "relabel_to": class_dropdown(review["classes"], relabel),
+            "relabel_to": class_dropdown(review.classes, relabel),
             **_buttons(index > 0, index < len(items) - 1, True)}
 
 
@@ -330,64 +361,62 @@ def _buttons(back: bool, forward: bool, decide: bool) -> dict:
             **{name: gr.Button(interactive=decide) for name in ("keep_btn", "exclude_btn", "relabel_btn")}}
 
 
-def step(studio: Studio, review=None, delta: int = 1) -> dict:
-    if not review or not review["items"]:
+def step(studio: Studio, review: Review | None = None, delta: int = 1) -> dict:
+    if not review or not review.items:
         return render(review)
-    review = {**review, "index": max(0, min(len(review["items"]) - 1, review["index"] + int(delta)))}
-    return render(review)
+    return render(review.at(review.index + int(delta)))
 
 
-def previous_item(studio: Studio, review=None) -> dict:
+def previous_item(studio: Studio, review: Review | None = None) -> dict:
     return step(studio, review, -1)
 
 
-def next_item(studio: Studio, review=None) -> dict:
+def next_item(studio: Studio, review: Review | None = None) -> dict:
     return step(studio, review, 1)
 
 
-def decide(studio: Studio, review=None, action: str = "keep", label: str | None = None) -> dict:
+def decide(studio: Studio, review: Review | None = None, action: str = "keep", label: str | None = None) -> dict:
     """Record a decision about the current item's image in the curation file (at once), and move on."""
-    if not review or not review["items"]:
+    if not review or not review.items:
         raise gr.Error("Run the doctor first: there is nothing to decide yet.")
-    item = review["items"][review["index"]]
+    item = review.item
     note = views.decision_note(item)
     with user_errors():
         if action == "relabel":
-            if label not in review["classes"]:
+            if label not in review.classes:
                 raise FinetuneError(f"choose the class to relabel {item['path']} to")
             if label == item["given"]:
                 action, label = "keep", None  # the class it already has
-        curation = load_or_new_curation(review["curation"], review["data"])
+        curation = load_or_new_curation(review.curation, review.data)
         curation.set(item["path"], action, label, note)
-        save_curation(curation, review["curation"])
-    review = {**review, "index": min(len(review["items"]) - 1, review["index"] + 1)}
-    return {**render(review, curation), "train_curation": review["curation"]}
+        save_curation(curation, review.curation)
+    return {**render(review.at(review.index + 1), curation), "train_curation": review.curation}
 
 
-def keep_item(studio: Studio, review=None) -> dict:
+def keep_item(studio: Studio, review: Review | None = None) -> dict:
     return decide(studio, review, "keep")
 
 
-def exclude_item(studio: Studio, review=None) -> dict:
+def exclude_item(studio: Studio, review: Review | None = None) -> dict:
     return decide(studio, review, "exclude")
 
 
-def relabel_item(studio: Studio, review=None, label: str | None = None) -> dict:
+def relabel_item(studio: Studio, review: Review | None = None, label: str | None = None) -> dict:
     return decide(studio, review, "relabel", label)
 
 
-def exclude_leaks(studio: Studio, review=None) -> dict:
+def exclude_leaks(studio: Studio, review: Review | None = None) -> dict:
     """Exclude the val/test copy of every group that leaks between splits (curation.leak_decisions)."""
     if not review:
         raise gr.Error("Run the doctor first.")
-    decisions = leak_decisions(review["groups"])
+    decisions = leak_decisions(review.groups)
     if not decisions:
         raise gr.Error("No duplicates leak between the splits.")
     with user_errors():
-        curation = add_decisions(load_or_new_curation(review["curation"], review["data"]), decisions)
-        save_curation(curation, review["curation"])
+        curation = add_decisions(load_or_new_curation(review.curation, review.data), decisions)
+        save_curation(curation, review.curation)
     gr.Info(f"Excluded {len(decisions)} leaking cop{'y' if len(decisions) == 1 else 'ies'} from validation/test.")
-    return {**render(review, curation), "train_curation": review["curation"]}
+    return {**render(review, curation), "train_curation": review.curation}
 
 
 def follow_data(studio: Studio, path: str | None = None):
