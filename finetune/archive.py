@@ -359,34 +359,13 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
     if earlier is not None and earlier.folder == target and earlier.sha256 == sha:
         return earlier
     if max_dest_bytes is not None:
-        folder = Path(quota_folder) if quota_folder is not None else dest_parent
-        used, need = disk_usage(folder), _disk_estimate(contents)
-        if used + need > max_dest_bytes:
-            raise QuotaExceeded(f"{path.name} unpacks to {human_size(need)}, and {folder} already holds "
-                                f"{human_size(used)}: that is over its limit of {human_size(max_dest_bytes)}",
-                                folder, used, need, max_dest_bytes)
+        _check_quota(path, contents, Path(quota_folder) if quota_folder is not None else dest_parent, max_dest_bytes)
     dest_parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(dest_parent, target.name)
     # unique per call, so concurrent extractions of one archive never share (or delete) a folder
     tmp = Path(tempfile.mkdtemp(dir=dest_parent, prefix=f".{target.name}.partial-"))
     try:
-        real_tmp = tmp.resolve()
-        with zipfile.ZipFile(path) as archive:
-            for info, parts in contents.files:
-                out = tmp.joinpath(*parts)
-                if not out.resolve().is_relative_to(real_tmp):  # belt and braces after the checks above
-                    raise FinetuneError(f"{path.name}: refusing entry that leaves the folder: {info.filename!r}")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                written = 0
-                with archive.open(info) as src, open(out, "xb") as dst:
-                    for block in iter(lambda: src.read(1 << 20), b""):
-                        written += len(block)
-                        if written > info.file_size:  # the header lied about the size
-                            raise FinetuneError(f"{path.name}: entry {info.filename!r} is larger than it says")
-                        dst.write(block)
-        manifest = {"archive": path.name, "sha256": sha, "files": len(contents.files), "bytes": contents.total_bytes,
-                    "skipped": [list(item) for item in contents.skipped]}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        _unpack(path, contents, tmp, sha)
         target = _install(tmp, target, sha, fallback)
     except FileExistsError as error:
         remove_tree(tmp)
@@ -402,6 +381,37 @@ def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | Non
         raise FinetuneError(f"the extraction of {path.name} at {target} disappeared; try again")
     done.reused = False
     return done
+
+
+def _check_quota(path: Path, contents: ZipContents, folder: Path, max_dest_bytes: int) -> None:
+    """QuotaExceeded when the extraction would take `folder` over `max_dest_bytes`."""
+    used, need = disk_usage(folder), _disk_estimate(contents)
+    if used + need > max_dest_bytes:
+        raise QuotaExceeded(f"{path.name} unpacks to {human_size(need)}, and {folder} already holds "
+                            f"{human_size(used)}: that is over its limit of {human_size(max_dest_bytes)}",
+                            folder, used, need, max_dest_bytes)
+
+
+def _unpack(path: Path, contents: ZipContents, tmp: Path, sha: str) -> None:
+    """The checked entries written into the new folder `tmp`, and its manifest. An entry never lands
+    outside `tmp`, nor grows past the size its header gave (both checked again as the bytes come)."""
+    real_tmp = tmp.resolve()
+    with zipfile.ZipFile(path) as archive:
+        for info, parts in contents.files:
+            out = tmp.joinpath(*parts)
+            if not out.resolve().is_relative_to(real_tmp):  # belt and braces after the checks above
+                raise FinetuneError(f"{path.name}: refusing entry that leaves the folder: {info.filename!r}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with archive.open(info) as src, open(out, "xb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    written += len(block)
+                    if written > info.file_size:  # the header lied about the size
+                        raise FinetuneError(f"{path.name}: entry {info.filename!r} is larger than it says")
+                    dst.write(block)
+    manifest = {"archive": path.name, "sha256": sha, "files": len(contents.files), "bytes": contents.total_bytes,
+                "skipped": [list(item) for item in contents.skipped]}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
 def default_datasets_dir() -> Path:
