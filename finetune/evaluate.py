@@ -312,9 +312,9 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
 
 def _held_out(run_dir, root: str | Path, items: list[tuple[str, int]], held_out_only: bool
               ) -> tuple[list[tuple[str, int]], int | None, str | None]:
-    """The items to evaluate (with `held_out_only`, those not in the training split of run_dir, a RunDir), how many
-    of all were in it (None: unknown, no readable split.json), and the warning when the score is not
-    held out."""
+    """The items to evaluate (with `held_out_only`, those not in the training split of run_dir, a
+    RunDir), how many of all were in it (None: unknown, no readable split.json), and the warning when
+    the score is not held out."""
     trained = in_training_split(run_dir, root, [rel for rel, _ in items])
     overlap = None if trained is None else len(trained)
     warning = None
