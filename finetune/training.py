@@ -87,9 +87,9 @@ class TrainState:
                    epochs_without_gain=checkpoint.get("epochs_without_gain", 0))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
-    """Everything one training process works with."""
+    """Everything one training process works with (built by keyword: twenty fields, several of one type)."""
 
     cfg: TrainConfig
     ctx: Distributed
@@ -241,19 +241,27 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
     if cfg.compile:  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs at buckets)
         step_module = torch.compile(step_module)
 
-    pretrained = cfg.weights != "none"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale, pretrained),
-                                  weight_decay=cfg.weight_decay)
-    steps = max(1, len(train_loader))
-    total_steps = steps * cfg.epochs
-    warmup = max(1, min(round(cfg.warmup_epochs * steps), total_steps // 5))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    optimizer, scheduler = optimizer_and_schedule(cfg, model, steps_per_epoch=max(1, len(train_loader)))
     scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=uses_grad_scaler(amp_dtype))
     weight = class_weights(scan).to(device) if cfg.class_weighted_loss else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    return Session(cfg, ctx, device, run, scan, model, frozen, trainable, step_module, pipeline, train_loader,
-                   val_loader, optimizer, scheduler, scaler, criterion, amp_dtype, memory_format, workers, emit,
-                   pipeline_seconds)
+    return Session(cfg=cfg, ctx=ctx, device=device, run=run, scan=scan, model=model, frozen=frozen,
+                   trainable=trainable, step_module=step_module, pipeline=pipeline, train_loader=train_loader,
+                   val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                   criterion=criterion, amp_dtype=amp_dtype, memory_format=memory_format, workers=workers,
+                   emit=emit, pipeline_seconds=pipeline_seconds)
+
+
+def optimizer_and_schedule(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int
+                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the strategy's parameter groups, and its per-step schedule over the whole run (warmup
+    at most a fifth of it)."""
+    pretrained = cfg.weights != "none"
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale, pretrained),
+                                  weight_decay=cfg.weight_decay)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, min(round(cfg.warmup_epochs * steps_per_epoch), total_steps // 5))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,9 +619,35 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
 
     if on_event is not None:  # from the start: the scan's progress comes before there is a run folder
         listeners.append(on_event)
-    # data and run folder: rank 0 scans while the others wait (patiently: a scan of many images takes
-    # longer than a collective's timeout), every rank then uses the same split
-    checkpoint = None
+    run, scan, model, checkpoint = open_run(cfg, ctx, resume_dir, emit)
+    if lock is not None:
+        lock.set_run(run.path)
+    pids = ctx.all_gather(os.getpid())
+    event_file = EventWriter(run.events) if ctx.is_main else None
+    if event_file:
+        listeners.insert(0, write_event)  # in the file before anyone reacts to it
+    try:
+        mark_running(cfg, ctx, device, run, scan, checkpoint is None, notes, pids, emit)
+        return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop, started)
+    except TrainingDiverged:
+        raise  # the run is settled already (run.json says how, the best model is kept)
+    except BaseException as error:
+        replacement = settle_failure(error, ctx, run, emit)
+        if replacement is not None:
+            raise replacement from None
+        raise
+    finally:
+        if event_file:
+            try:
+                event_file.close()
+            except OSError:  # what a full disk did not take is lost; the error above says why
+                pass
+
+
+def open_run(cfg: TrainConfig, ctx: Distributed, resume_dir: Path | None, emit: EventCallback
+             ) -> tuple[RunDir, DatasetScan, nn.Module, object]:
+    """The run folder, its split and its model, and the checkpoint a resumed run continues from (a dict
+    checkpoint_model_state has checked; None for a new run)."""
     if resume_dir is not None:
         run = RunDir(resume_dir)
         if not run.last.is_file():
@@ -623,52 +657,50 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
         scan = run.read_split()
         model = build_model(cfg.arch, len(scan.classes), "none")
         load_resumed(model, state, run.last)
-    else:
-        scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
-        # the weights before the run folder: unavailable or wrong weights leave no failed run behind
-        model = build_model(cfg.arch, len(scan.classes), cfg.weights)
-        run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
-    if lock is not None:
-        lock.set_run(run.path)
-    pids = ctx.all_gather(os.getpid())
-    event_file = EventWriter(run.events) if ctx.is_main else None
-    if event_file:
-        listeners.insert(0, write_event)  # in the file before anyone reacts to it
+        return run, scan, model, checkpoint
+    # rank 0 scans while the others wait (patiently: a scan of many images takes longer than a
+    # collective's timeout), every rank then uses the same split
+    scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
+    # the weights before the run folder: unavailable or wrong weights leave no failed run behind
+    model = build_model(cfg.arch, len(scan.classes), cfg.weights)
+    run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
+    return run, scan, model, None
+
+
+def mark_running(cfg: TrainConfig, ctx: Distributed, device: torch.device, run: RunDir, scan: DatasetScan,
+                 fresh: bool, notes: list[str], pids: list, emit: EventCallback) -> None:
+    """Before the first epoch: the notes logged, a new run's folder filled, and run.json says who trains."""
+    for note in notes:
+        emit({"type": "log", "message": note})
+    if ctx.is_main and fresh:
+        start_run_folder(run, cfg, scan, device, ctx)
+        emit({"type": "log", "message": scan.report()})
+    if ctx.is_main:  # who is training: after a restart the studio checks whether they are still alive
+        run.update_info(status="running", pids=pids, launcher_pid=os.getppid() if ctx.enabled else None,
+                        host=os.uname().nodename)
+
+
+def settle_failure(error: BaseException, ctx: Distributed, run: RunDir, emit: EventCallback
+                   ) -> FinetuneError | None:
+    """A failed run's "error" event and run.json status (each as far as a full disk allows). Returns the
+    one-line error to raise instead of `error` (a full disk named, or run.json's own failure added),
+    None to raise `error` itself."""
+    failure = disk_full(error, run.path) or error
+    message = str(failure) if isinstance(failure, FinetuneError) else \
+        "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
     try:
-        for note in notes:
-            emit({"type": "log", "message": note})
-        if ctx.is_main and checkpoint is None:
-            start_run_folder(run, cfg, scan, device, ctx)
-            emit({"type": "log", "message": scan.report()})
-        if ctx.is_main:  # who is training: after a restart the studio checks whether they are still alive
-            run.update_info(status="running", pids=pids, launcher_pid=os.getppid() if ctx.enabled else None,
-                            host=os.uname().nodename)
-        return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop, started)
-    except TrainingDiverged:
-        raise  # the run is settled already (run.json says how, the best model is kept)
-    except BaseException as error:
-        failure = disk_full(error, run.path) or error
-        message = str(failure) if isinstance(failure, FinetuneError) else \
-            "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
+        emit({"type": "error", "message": message})
+    except (OSError, FinetuneError):  # the events file may lie on that full disk too
+        pass
+    if ctx.is_main:
         try:
-            emit({"type": "error", "message": message})
-        except (OSError, FinetuneError):  # the events file may lie on that full disk too
-            pass
-        if ctx.is_main:
-            try:
-                run.update_info(status="failed", error=message)
-            except (OSError, FinetuneError) as problem:
-                problem = disk_full(problem, run.info_path) or problem
-                message += f"; {run.info_path} still says running: it could not be updated either ({problem})"
-        if isinstance(failure, FinetuneError) and (failure is not error or message != str(failure)):
-            raise (DiskFull if isinstance(failure, DiskFull) else FinetuneError)(message) from None
-        raise
-    finally:
-        if event_file:
-            try:
-                event_file.close()
-            except OSError:  # what a full disk did not take is lost; the error above says why
-                pass
+            run.update_info(status="failed", error=message)
+        except (OSError, FinetuneError) as problem:
+            problem = disk_full(problem, run.info_path) or problem
+            message += f"; {run.info_path} still says running: it could not be updated either ({problem})"
+    if isinstance(failure, FinetuneError) and (failure is not error or message != str(failure)):
+        return (DiskFull if isinstance(failure, DiskFull) else FinetuneError)(message)
+    return None
 
 
 class ScanProgress:
@@ -732,6 +764,16 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
         state = restore_checkpoint(session, checkpoint)
         session.log(f"resuming {run.path} at epoch {state.epoch + 1}")
     start_epoch = state.epoch + 1
+    announce_start(session, start_epoch)
+    progress = _Progress(session, start_epoch)
+    status, diverged = train_epochs(session, state, start_epoch, stop, progress)
+    return finish_run(session, state, status, diverged, started, progress.run_start)
+
+
+def announce_start(session: Session, start_epoch: int) -> None:
+    """The "start" event, and the settled config and data pipeline in run.json."""
+    cfg, ctx, device, run, scan, model, emit = (session.cfg, session.ctx, session.device, session.run, session.scan,
+                                                session.model, session.emit)
     emit({"type": "start", "run_dir": str(run.path), "epochs": cfg.epochs, "start_epoch": start_epoch,
           "batches_per_epoch": session.steps_per_epoch, "train_images": len(scan.train), "val_images": len(scan.val),
           "classes": scan.classes, "device": describe_device(device), "world_size": ctx.world_size,
@@ -741,28 +783,23 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
     if ctx.is_main:
         run.update_info(config=cfg.to_dict(), pipeline=session.pipeline.description)
 
-    progress = _Progress(session, start_epoch)
-    status, diverged = "completed", None
+
+def train_epochs(session: Session, state: TrainState, start_epoch: int, stop: threading.Event,
+                 progress: _Progress) -> tuple[str, str | None]:
+    """Epochs from start_epoch until the last, a stop or early stopping: the run's status, and why the
+    loss diverged when it did."""
+    cfg, ctx, run, emit = session.cfg, session.ctx, session.run, session.emit
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         train_stats, stopped = train_one_epoch(session, epoch, stop, progress)
         if not train_stats["images"]:
             break
-        val_loss, val_acc = validate(session)
-        record = {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
-                  "val_loss": val_loss, "val_acc": val_acc, "lr": session.optimizer.param_groups[0]["lr"],
-                  "seconds": time.perf_counter() - epoch_start, "complete": not stopped,
-                  "images": int(train_stats["images"])}
+        record = epoch_record(session, epoch, train_stats, stopped, epoch_start)
         # the epoch's sums were read anyway: checking them costs no extra wait for the device. Every
         # rank sees the same sums, so all of them end here together.
         diverged = divergence(record, cfg.head_lr())
         if diverged is not None:
-            # nothing of this epoch is saved: model.pth (the best epoch) and last.pth stay finite
-            usable = state.best["epoch"] > 0
-            status = "stopped" if usable else "failed"
-            diverged += (f"; the best model so far (epoch {state.best['epoch']}) is kept" if usable
-                         else "; no epoch finished before it, so there is no model")
-            break
+            return diverged_status(state, diverged)
         improved = state.add(record)
         early_stop = bool(cfg.early_stopping) and state.epochs_without_gain >= cfg.early_stopping
         save_checkpoint(session, state, improved, complete=not stopped,
@@ -771,22 +808,45 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
             run.update_info(history=state.history, best=state.best, epochs_done=epoch)
         emit(epoch_event(record, state.best))
         if stopped or (epoch < cfg.epochs and _stop_requested(ctx, stop)):
-            status = "stopped"
             session.log(f"stopped {'during' if stopped else 'after'} epoch {epoch}; keeping the best model so far "
                         f"(epoch {state.best['epoch']})")
-            break
+            return "stopped", None
         if early_stop:
-            status = "early-stopped"
             session.log(f"early stopping: no improvement for {state.epochs_without_gain} epochs "
                         f"(best epoch {state.best['epoch']})")
-            break
+            return "early-stopped", None
+    return "completed", None
 
+
+def epoch_record(session: Session, epoch: int, train_stats: dict, stopped: bool, epoch_start: float) -> EpochRecord:
+    """The epoch's line of the history: its training sums, then a validation pass."""
+    val_loss, val_acc = validate(session)
+    return {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
+            "val_loss": val_loss, "val_acc": val_acc, "lr": session.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - epoch_start, "complete": not stopped,
+            "images": int(train_stats["images"])}
+
+
+def diverged_status(state: TrainState, diverged: str) -> tuple[str, str]:
+    """A diverged run's status and error. Nothing of the diverged epoch is saved: model.pth (the best
+    epoch) and last.pth stay finite."""
+    usable = state.best["epoch"] > 0
+    diverged += (f"; the best model so far (epoch {state.best['epoch']}) is kept" if usable
+                 else "; no epoch finished before it, so there is no model")
+    return ("stopped" if usable else "failed"), diverged
+
+
+def finish_run(session: Session, state: TrainState, status: str, diverged: str | None, started: float,
+               run_start: float) -> Path:
+    """The final evaluation, run.json's status, timing and summary, and the "end" event; raises
+    TrainingDiverged after them when the loss diverged."""
+    ctx, run, emit = session.ctx, session.run, session.emit
     training_end = time.perf_counter()
     metrics = final_evaluation(session, state)
     end = time.perf_counter()
     # the whole wall time and where it went: a cache built once can take far longer than the epochs
-    stages = {"setup": progress.run_start - started - session.pipeline_seconds,
-              "cache": session.pipeline_seconds, "training": training_end - progress.run_start,
+    stages = {"setup": run_start - started - session.pipeline_seconds,
+              "cache": session.pipeline_seconds, "training": training_end - run_start,
               "evaluation": end - training_end}
     timing = Timing(seconds=end - started, stages=stages, cache=session.pipeline.kind)
     if ctx.is_main:
