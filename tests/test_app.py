@@ -22,10 +22,14 @@ from gradio_client.exceptions import AppError  # noqa: E402
 FAST = dict(arch="resnet34", strategy="head", weights="none", weights_file=None, batch_size=16, lr=0.01,
             image_size=64, seed=0)
 
+# gradio_client's httpx default (5 s) is short for a server answering its API info while the other
+# test workers keep both cores busy
+PATIENT = {"timeout": 60}
+
 
 @pytest.fixture(scope="module")
 def client(app_server, tmp_path_factory):
-    return Client(app_server.url, analytics_enabled=False, verbose=False,
+    return Client(app_server.url, analytics_enabled=False, verbose=False, httpx_kwargs=PATIENT,
                   download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
@@ -435,7 +439,8 @@ def test_auth_from_the_environment_and_ending_the_app_stops_its_training(tmp_pat
         deadline = time.time() + 90
         while True:
             try:
-                client = Client(url, auth=("ada", "secret-pass"), analytics_enabled=False, verbose=False)
+                client = Client(url, auth=("ada", "secret-pass"), analytics_enabled=False, verbose=False,
+                                httpx_kwargs=PATIENT)
                 break
             except Exception:  # noqa: BLE001 - not answering yet
                 assert time.time() < deadline and process.poll() is None, "app did not start"
@@ -666,7 +671,7 @@ def elsewhere_app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def elsewhere(elsewhere_app, tmp_path_factory):
-    return Client(elsewhere_app.url, analytics_enabled=False, verbose=False,
+    return Client(elsewhere_app.url, analytics_enabled=False, verbose=False, httpx_kwargs=PATIENT,
                   download_files=str(tmp_path_factory.mktemp("downloads-elsewhere")))
 
 
