@@ -25,9 +25,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import REPO, make_class_folders, make_image, needs_fifo, run_within, tree_digest
 from PIL import Image
 
-from conftest import REPO, make_class_folders, make_image, needs_fifo, run_within, tree_digest
 from finetune import data as data_module
 from finetune.archive import MANIFEST, QuotaExceeded, check_zip, disk_usage, extract, extract_zip, read_extraction
 from finetune.config import FinetuneError
@@ -739,7 +739,7 @@ def test_tiff_of_thousands_of_pages_is_skipped_and_named_unwalked(tmp_path):
     reason = check_image(bomb)
     with pytest.raises(ImageTooLarge, match="more than 64 pages"):  # callers that catch bombs name it
         load_rgb(bomb)
-    assert time.perf_counter() - started < 3
+    assert time.perf_counter() - started < 10  # unguarded: 20 s and more
     scan = scan_dataset(root)
     assert reason == dict(scan.skipped)["cats/pages.tif"] and "a TIFF of more than 64 pages" in reason
     assert tree_digest(root) == before
@@ -757,7 +757,7 @@ def test_progressive_jpeg_of_thousands_of_scans_is_refused_before_libjpeg(tmp_pa
     reason = check_image(path)
     with pytest.raises(ImageTooLarge, match="more than 100 JPEG scans"):
         load_rgb(path, 64)
-    assert time.perf_counter() - started < 3
+    assert time.perf_counter() - started < 10  # unguarded: 20 s and more
     assert reason.startswith("too costly to decode: more than 100 JPEG scans")
     # a large picture allows fewer scans, each of them a pass over all its pixels: 30 at the pixel limit
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
@@ -792,7 +792,7 @@ def test_exif_tags_sharing_one_block_are_refused_before_pil_reads_them(tmp_path)
     for name in ("late.png", "tags.tif"):
         started = time.perf_counter()
         reason = check_image(tmp_path / name)
-        assert time.perf_counter() - started < 3
+        assert time.perf_counter() - started < 10  # unguarded: 20 s and more
         assert reason.startswith("too costly to decode: its") and "tags claim 600 MB of data from 198 KB" in reason
     rotated = Image.Exif()
     rotated[0x0112] = 6  # an ordinary EXIF orientation still turns the picture
