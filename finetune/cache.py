@@ -429,18 +429,50 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
     need_train = sum(3 * short * math.ceil(short * max(w, h) / max(1, min(w, h))) for w, h in headers)
     need_val = 3 * size * size * len(val_idx)
     need = need_train + need_val
-    # every process must take the same path (or their batch counts differ and the collectives hang)
+    on_disk = _pixels_on_disk(need_train, need_val, budget, agree)
+    where = f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)" if on_disk \
+        else f"memory ({_gb(budget)} budget)"
+    log(f"decoding images once: {len(unique_train)} training images at short side {short} and "
+        f"{len(val_idx)} validation centre crops ({_gb(need)}) into {where}")
+    started = time.perf_counter()
+    store, val_pixels = _decode_pixels(root, scan, unique_train, val_idx, size, on_disk, log)
+    log(f"pixel cache ready in {time.perf_counter() - started:.1f} s")
+
+    position = {index: k for k, index in enumerate(unique_train)}
+    train_set = PixelCache(_ShardImages(store, position, train_idx), [scan.train[i][1] for i in train_idx],
+                           crop=v2.RandomResizedCrop(size, antialias=True))
+    val_set = PixelCache(val_pixels, [scan.val[i][1] for i in val_idx])
+    flips = torch.Generator().manual_seed(cfg.seed * 31 + shard.rank)
+    prepare_train, scale = _device_transforms(flips, memory_format)
+    # In-memory tensors on the CPU: indexing and cropping in the main process beat worker processes
+    # that would compete with the model for the cores; on a GPU, workers crop while it computes.
+    loader_workers = min(workers, 4) if device.type == "cuda" else 0
+    description = (f"decoded-pixel cache (uint8, short side {short}, in {'a memory-mapped file' if on_disk else 'memory'}"
+                   f", {_gb(need)} of a {_gb(budget)} memory budget; RandomResizedCrop per epoch, flip and "
+                   f"normalise on the {device.type})")
+    return Pipeline(train_set, val_set, loader_workers, description, prepare_train, scale,
+                    sharded=shard.world_size > 1, val_covers_all=shard.world_size == 1, kind="pixels")
+
+
+def _pixels_on_disk(need_train: int, need_val: int, budget: int, agree: Callable[[bool], bool]) -> bool:
+    """Whether the training pixels go to a memory-mapped file (over the memory budget); DoesNotFit when
+    the disk has no room either. Every process must take the same path (or their batch counts differ
+    and the collectives hang): `agree` settles each choice over all ranks."""
+    need = need_train + need_val
     on_disk = not agree(need <= budget)
     if on_disk:
         free = shutil.disk_usage(tempfile.gettempdir()).free
         if not agree(need_train <= 0.8 * free and need_val <= budget):
             raise DoesNotFit(f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
                              f"and the free disk space in {tempfile.gettempdir()}")
-    where = f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)" if on_disk \
-        else f"memory ({_gb(budget)} budget)"
-    log(f"decoding images once: {len(unique_train)} training images at short side {short} and "
-        f"{len(val_idx)} validation centre crops ({_gb(need)}) into {where}")
-    started = time.perf_counter()
+    return on_disk
+
+
+def _decode_pixels(root: Path, scan: DatasetScan, unique_train: list[int], val_idx: list[int], size: int,
+                   on_disk: bool, log: Callable[[str], None]) -> tuple[PixelStore, torch.Tensor]:
+    """The training images resized to the short side (a PixelStore), and the validation images as their
+    eval centre crops (one uint8 tensor)."""
+    short = resize_size(size)
     resize, centre = v2.Resize(short, antialias=True), v2.CenterCrop(size)
 
     def decode_train(path: Path) -> torch.Tensor:
@@ -453,23 +485,28 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
     decode_all([root / scan.train[i][0] for i in unique_train], decode_train, store.append, log,
                "decoding training images")
     store.close()
-    position = {index: k for k, index in enumerate(unique_train)}
-
-    class _Padded:  # the shard's (possibly repeated) positions over the unique stored images
-        def __getitem__(self, k: int) -> torch.Tensor:
-            return store[position[train_idx[k]]]
-
     val_pixels = torch.empty((len(val_idx), 3, size, size), dtype=torch.uint8)
     filled = iter(range(len(val_idx)))
     decode_all([root / scan.val[i][0] for i in val_idx], decode_val,
                lambda image: val_pixels[next(filled)].copy_(image), log, "decoding validation images")
-    log(f"pixel cache ready in {time.perf_counter() - started:.1f} s")
+    return store, val_pixels
 
-    train_set = PixelCache(_Padded(), [scan.train[i][1] for i in train_idx],
-                           crop=v2.RandomResizedCrop(size, antialias=True))
-    val_set = PixelCache(val_pixels, [scan.val[i][1] for i in val_idx])
+
+class _ShardImages:
+    """The shard's (possibly repeated) positions over the unique stored images."""
+
+    def __init__(self, store: PixelStore, position: dict[int, int], train_idx: list[int]):
+        self.store, self.position, self.train_idx = store, position, train_idx
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.store[self.position[self.train_idx[k]]]
+
+
+def _device_transforms(flips: torch.Generator, memory_format
+                       ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """prepare_train (a random horizontal flip per image, then scale) and scale (float, normalised, in
+    the model's memory format): both run batched on the device."""
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    flips = torch.Generator().manual_seed(cfg.seed * 31 + shard.rank)
 
     def scale(images: torch.Tensor) -> torch.Tensor:
         images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean, std)
@@ -483,14 +520,7 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         return scale(images)
 
-    # In-memory tensors on the CPU: indexing and cropping in the main process beat worker processes
-    # that would compete with the model for the cores; on a GPU, workers crop while it computes.
-    loader_workers = min(workers, 4) if device.type == "cuda" else 0
-    description = (f"decoded-pixel cache (uint8, short side {short}, in {'a memory-mapped file' if on_disk else 'memory'}"
-                   f", {_gb(need)} of a {_gb(budget)} memory budget; RandomResizedCrop per epoch, flip and "
-                   f"normalise on the {device.type})")
-    return Pipeline(train_set, val_set, loader_workers, description, prepare_train, scale,
-                    sharded=shard.world_size > 1, val_covers_all=shard.world_size == 1, kind="pixels")
+    return prepare_train, scale
 
 
 # ---------------------------------------------------------------------------------------------
