@@ -329,9 +329,70 @@ def launch(runs_dir: str | Path | None = None, port: int | None = None, share: b
     from ..config import FinetuneError
     from ..extras import check_installed
     from ..paths import default_runs_dir, default_workspace, sample_data
-    from .guard import parse_host_list
 
     check_installed("gradio")  # found, not imported: gradio is imported once GRADIO_TEMP_DIR is set
+    host, port, auth_pair, extra_hosts = _checked_options(host, port, share, auth, allowed_hosts, max_upload_mb)
+    if share:
+        print(SHARE_NOTICE, flush=True)
+    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    workspace = workspace if workspace is not None else default_workspace(runs_dir)
+    quota = int(workspace_quota_gb * 1e9) if workspace_quota_gb > 0 else None
+
+    from .. import data as _engine_data  # noqa: F401 - PIL's pixel limit, before anything decodes
+    from .state import Studio
+
+    studio = Studio(runs_dir, workspace, data if data is not None else sample_data(), browse_root, quota_bytes=quota)
+    undo: list = []
+    demo = None
+    try:
+        _use_workspace_gradio_cache(studio, undo)
+        inline, proxy_url = _notebook_display(port, share, inline, quiet)
+        attached = studio.start_up()
+        demo = build_app(studio)
+        undo.append(_keep_image_openers())
+        restrict_image_openers()  # after every import that might register a PIL plugin
+        _serve(demo, studio, host, port, auth_pair, share, inline, height, max_upload_mb,
+               extra_hosts + ([host_of(proxy_url)] if proxy_url else []), quota)
+        running = RunningStudio(demo, studio, url=local_url(host, port), host=host, port=port,
+                                auth=auth_pair is not None, attached=attached, proxy_url=proxy_url, undo=undo)
+        if share and not running.share_url:
+            raise FinetuneError("could not make the share link: gradio's share server (gradio.live) did not answer "
+                                "(no internet here?)")
+    except BaseException:
+        _abandon_start(studio, demo, undo)
+        raise
+    _close_at_exit(running, undo)
+    if not quiet:
+        print(running.banner(("It is shown below. " if inline else "") + "Stop it with .close() on what launch() "
+                             "returned."), flush=True)
+    return running
+
+
+def _abandon_start(studio, demo, undo: list) -> None:
+    """What a launch that failed half-way had started, stopped, and what it changed given back."""
+    studio.shutdown(attached=False)  # a training it follows (a terminal's) goes on
+    if demo is not None:
+        demo.close(verbose=False)
+    while undo:
+        undo.pop()()
+
+
+def _close_at_exit(running: RunningStudio, undo: list) -> None:
+    """The interpreter (the kernel) ending closes the studio, which ends its training too; close()
+    itself unregisters that."""
+    import atexit
+
+    atexit.register(running.close)
+    undo.append(lambda: atexit.unregister(running.close))
+
+
+def _checked_options(host: str, port, share: bool, auth, allowed_hosts, max_upload_mb: float
+                     ) -> tuple[str, int, tuple[str, str] | None, list[str]]:
+    """launch()'s network options checked before anything starts: the host, the port (the first free one
+    when None), the log-in, and the extra host names. One line for each mistake."""
+    from ..config import FinetuneError
+    from .guard import parse_host_list
+
     host = normalise_host(host)
     auth_pair = parse_auth(os.environ.get("FINETUNE_AUTH") if auth is None else auth)
     refuse_exposure(host, share, auth_pair)
@@ -346,87 +407,66 @@ def launch(runs_dir: str | Path | None = None, port: int | None = None, share: b
     if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
         raise FinetuneError(f"port must be a whole number from 1 to 65535, got {port!r}")
     port = first_free_port(host) if port is None else port
-    if share:
-        print(SHARE_NOTICE, flush=True)
-    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    workspace = workspace if workspace is not None else default_workspace(runs_dir)
-    quota = int(workspace_quota_gb * 1e9) if workspace_quota_gb > 0 else None
+    return host, port, auth_pair, extra_hosts
 
-    from .. import data as _engine_data  # noqa: F401 - PIL's pixel limit, before anything decodes
+
+def _use_workspace_gradio_cache(studio, undo: list) -> None:
+    """Gradio's cache (uploads, and a copy of every file the page shows or downloads) in the workspace:
+    private (0700, not the shared <temp>/gradio), held to the quota, cleaned up with it. Set before
+    gradio is imported (some of it reads the variable once, at import) and kept while the studio runs:
+    gradio checks every file a request names against it. `undo` gets what gives the variable back."""
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(studio.workspace.gradio_cache)
+    undo.append(lambda: _restore_env("GRADIO_TEMP_DIR", previous, str(studio.workspace.gradio_cache)))
+    import gradio  # noqa: F401 - the first import, when this is the first studio: with the variable set
+
+
+def _notebook_display(port: int, share: bool, inline: bool | None, quiet: bool) -> tuple[bool, str | None]:
+    """Whether to show the studio in the notebook (None: in Jupyter and Colab), and Colab's proxy address
+    for it; says so when the notebook's browser cannot reach it."""
+    kind = notebook_kind()
+    if inline is None:
+        inline = kind in ("colab", "jupyter") or (kind == "hosted" and share)
+    if kind == "hosted" and not share and not quiet:
+        print("This notebook's browser cannot reach the studio (Kaggle and SageMaker have no proxy to the "
+              "kernel's ports): launch(share=True, auth=...) gives it a public link.", flush=True)
+    proxy_url = colab_proxy_url(port) if kind == "colab" else None
+    if kind == "colab" and proxy_url is None and not quiet:
+        print("Colab did not say at which address its proxy serves the studio (is the notebook's tab "
+              "open?): if the page answers 'Invalid host header', pass that address's host as "
+              "allowed_hosts=[...].", flush=True)
+    return inline, proxy_url
+
+
+def _serve(demo, studio, host: str, port: int, auth_pair: tuple[str, str] | None, share: bool, inline: bool,
+           height: int, max_upload_mb: float, extra_hosts: list[str], quota: int | None) -> None:
+    """demo served in the background behind the studio's guards (allowed hosts, log-in backoff, upload
+    room); one line when it cannot listen."""
+    import gradio as gr
+
+    from ..config import FinetuneError
     from .guard import AllowedHosts, Backoff, middleware
-    from .state import Studio
+    from .views import CSS
 
-    studio = Studio(runs_dir, workspace, data if data is not None else sample_data(), browse_root, quota_bytes=quota)
-    undo: list = []
-    demo = None
+    # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
+    # outside every concurrency_limit; gradio_client and the page go through the queue.
+    demo.queue(default_concurrency_limit=1, api_open=False)
+    hosts = AllowedHosts.of(host, port, extra_hosts,
+                            late=lambda: [demo.share_url] if getattr(demo, "share_url", None) else [])
+    guards = middleware(hosts, Backoff() if auth_pair else None,
+                        (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None)
     try:
-        # Gradio's cache (uploads, and a copy of every file the page shows or downloads) in the workspace:
-        # private (0700, not the shared <temp>/gradio), held to the quota, cleaned up with it. Set before
-        # gradio is imported (some of it reads the variable once, at import) and kept while the studio
-        # runs: gradio checks every file a request names against it.
-        previous = os.environ.get("GRADIO_TEMP_DIR")
-        os.environ["GRADIO_TEMP_DIR"] = str(studio.workspace.gradio_cache)
-        undo.append(lambda: _restore_env("GRADIO_TEMP_DIR", previous, str(studio.workspace.gradio_cache)))
-        import gradio as gr
-
-        from .views import CSS
-
-        kind = notebook_kind()
-        if inline is None:
-            inline = kind in ("colab", "jupyter") or (kind == "hosted" and share)
-        if kind == "hosted" and not share and not quiet:
-            print("This notebook's browser cannot reach the studio (Kaggle and SageMaker have no proxy to the "
-                  "kernel's ports): launch(share=True, auth=...) gives it a public link.", flush=True)
-        proxy_url = colab_proxy_url(port) if kind == "colab" else None
-        if kind == "colab" and proxy_url is None and not quiet:
-            print("Colab did not say at which address its proxy serves the studio (is the notebook's tab "
-                  "open?): if the page answers 'Invalid host header', pass that address's host as "
-                  "allowed_hosts=[...].", flush=True)
-        proxy_hosts = [host_of(proxy_url)] if proxy_url else []
-
-        attached = studio.start_up()
-        demo = build_app(studio)
-        undo.append(_keep_image_openers())
-        restrict_image_openers()  # after every import that might register a PIL plugin
-        # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
-        # outside every concurrency_limit; gradio_client and the page go through the queue.
-        demo.queue(default_concurrency_limit=1, api_open=False)
-        hosts = AllowedHosts.of(host, port, extra_hosts + proxy_hosts,
-                                late=lambda: [demo.share_url] if getattr(demo, "share_url", None) else [])
-        guards = middleware(hosts, Backoff() if auth_pair else None,
-                            (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None)
-        try:
-            # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
-            # share passed always: gradio turns it on by itself in Colab and Kaggle.
-            demo.launch(server_name=host, server_port=port, auth=auth_pair, share=share, inline=inline,
-                        height=height, show_error=True, allowed_paths=[str(studio.workspace.served)],
-                        blocked_paths=[str(studio.workspace.uploads), str(studio.workspace.inputs)],
-                        max_file_size=int(max_upload_mb * 1e6), ssr_mode=False, pwa=False, mcp_server=False,
-                        enable_monitoring=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"],
-                        quiet=True, prevent_thread_lock=True, inbrowser=False, app_kwargs={"middleware": guards})
-        except OSError as problem:  # the port is taken (gradio's words name its own options), no such address
-            why = "it is in use: choose another (port=, --port)" if "empty port" in str(problem) else problem
-            raise FinetuneError(f"cannot listen on {host}, port {port}: {why}") from None
-        running = RunningStudio(demo, studio, url=local_url(host, port), host=host, port=port,
-                                auth=auth_pair is not None, attached=attached, proxy_url=proxy_url, undo=undo)
-        if share and not running.share_url:
-            raise FinetuneError("could not make the share link: gradio's share server (gradio.live) did not answer "
-                                "(no internet here?)")
-    except BaseException:
-        studio.shutdown(attached=False)  # a training it follows (a terminal's) goes on
-        if demo is not None:
-            demo.close(verbose=False)
-        while undo:
-            undo.pop()()
-        raise
-    import atexit
-
-    atexit.register(running.close)  # the interpreter (the kernel) ending ends the studio's training too
-    undo.append(lambda: atexit.unregister(running.close))
-    if not quiet:
-        print(running.banner(("It is shown below. " if inline else "") + "Stop it with .close() on what launch() "
-                             "returned."), flush=True)
-    return running
+        # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
+        # share passed always: gradio turns it on by itself in Colab and Kaggle.
+        demo.launch(server_name=host, server_port=port, auth=auth_pair, share=share, inline=inline,
+                    height=height, show_error=True, allowed_paths=[str(studio.workspace.served)],
+                    blocked_paths=[str(studio.workspace.uploads), str(studio.workspace.inputs)],
+                    max_file_size=int(max_upload_mb * 1e6), ssr_mode=False, pwa=False, mcp_server=False,
+                    enable_monitoring=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"],
+                    quiet=True, prevent_thread_lock=True, inbrowser=False, app_kwargs={"middleware": guards})
+    except OSError as problem:  # the port is taken (gradio's words name its own options), no such address
+        why = "it is in use: choose another (port=, --port)" if "empty port" in str(problem) else problem
+        raise FinetuneError(f"cannot listen on {host}, port {port}: {why}") from None
 
 
 def host_of(url: str) -> str:
