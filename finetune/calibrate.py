@@ -118,7 +118,7 @@ def reliability_plot(probs_before, probs_after, targets, path: str | Path, bins:
         ece = expected_calibration_error(probs, targets, bins)
         ax.set(title=f"{title} (ECE {ece:.3f})", xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
         ax.grid(alpha=0.3)
-        for x, n in zip(centres[shown], counts[shown]):
+        for x, n in zip(centres[shown], counts[shown], strict=True):
             ax.text(x, 0.02, str(n), ha="center", fontsize=7, rotation=90, color="white")
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left")

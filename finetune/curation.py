@@ -63,7 +63,7 @@ class Curation:
         return {"format": CURATION_FORMAT, "data": self.data, "decisions": [d.to_dict() for d in self.decisions]}
 
 
-def normalise_path(path: str, where: str) -> str:
+def normalise_path(path: object, where: str) -> str:
     """A relative path inside the data root, with forward slashes; a one-line error otherwise."""
     if not isinstance(path, str) or not path.strip():
         raise FinetuneError(f"{where}: 'path' must be a non-empty string")
@@ -172,28 +172,34 @@ def apply_curation(scan: DatasetScan, curation: Curation) -> CuratedScan:
         if decision.action == "relabel" and decision.label not in index:
             raise FinetuneError(f"{where}: relabel of {decision.path!r} to {decision.label!r}: not a class of "
                                 f"this dataset ({', '.join(scan.classes)})")
-    record = {"file": curation.source, "format": CURATION_FORMAT, "excluded": [], "relabelled": [], "kept": 0,
-              "unknown": []}
+    excluded: list[dict] = []
+    relabelled: list[dict] = []
+    kept = 0
     seen: set[str] = set()
     new_splits: dict[str, list[tuple[str, int]]] = {}
     for split in SPLIT_ORDER:
         kept_items = []
         for rel, label in getattr(scan, split):
-            decision = decisions.get(rel)
+            chosen = decisions.get(rel)
             seen.add(rel)
-            if decision is not None and decision.action == "exclude":
-                record["excluded"].append({"path": rel, "split": split, "class": scan.classes[label],
-                                           **({"note": decision.note} if decision.note else {})})
+            if chosen is None:
+                kept_items.append((rel, label))
                 continue
-            new = index[decision.label] if decision is not None and decision.action == "relabel" else label
+            if chosen.action == "exclude":
+                excluded.append({"path": rel, "split": split, "class": scan.classes[label],
+                                 **({"note": chosen.note} if chosen.note else {})})
+                continue
+            # a relabel's label is a class of this scan: checked above
+            new = index[chosen.label] if chosen.action == "relabel" and chosen.label is not None else label
             if new != label:
-                record["relabelled"].append({"path": rel, "split": split, "from": scan.classes[label],
-                                             "to": decision.label})
-            elif decision is not None:
-                record["kept"] += 1  # a keep, or a relabel to the class it already has
+                relabelled.append({"path": rel, "split": split, "from": scan.classes[label], "to": chosen.label})
+            else:
+                kept += 1  # a keep, or a relabel to the class it already has
             kept_items.append((rel, new))
         new_splits[split] = kept_items
-    record["unknown"] = sorted(set(decisions) - seen)
+    unknown = sorted(set(decisions) - seen)
+    record = {"file": curation.source, "format": CURATION_FORMAT, "excluded": excluded, "relabelled": relabelled,
+              "kept": kept, "unknown": unknown}
 
     empty = [name for i, name in enumerate(scan.classes) if not any(lb == i for _, lb in new_splits["train"])]
     if empty:
@@ -202,8 +208,8 @@ def apply_curation(scan: DatasetScan, curation: Curation) -> CuratedScan:
     for i, name in enumerate(scan.classes):
         if any(lb == i for _, lb in scan.val) and not any(lb == i for _, lb in new_splits["val"]):
             notes.append(f"after the curation class {name!r} has no validation image; its metrics will be empty")
-    if record["unknown"]:
-        notes.append(f"the curation names {len(record['unknown'])} file(s) that are not in the data (ignored)")
+    if unknown:
+        notes.append(f"the curation names {len(unknown)} file(s) that are not in the data (ignored)")
     if Path(curation.data).expanduser().resolve() != Path(scan.root).resolve():
         notes.append(f"the curation was made for {curation.data}, applied to {scan.root} (paths are relative)")
     base = {f.name: copy.deepcopy(getattr(scan, f.name)) for f in dataclasses.fields(DatasetScan)}
@@ -226,8 +232,8 @@ def leak_decisions(duplicate_groups: list[dict]) -> list[Decision]:
         if len(set(splits)) < 2:
             continue
         first = min(splits, key=SPLIT_ORDER.index)
-        originals = [p for p, s in zip(group["paths"], splits) if s == first]
-        for path, split in zip(group["paths"], splits):
+        originals = [p for p, s in zip(group["paths"], splits, strict=True) if s == first]
+        for path, split in zip(group["paths"], splits, strict=True):
             if split != first:
                 decisions.append(Decision(path, "exclude", note=f"leak: {group['kind']} duplicate in {split} "
                                                                 f"of {first} file {originals[0]}"))

@@ -15,11 +15,11 @@ import time
 import unicodedata
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 import numpy as np
 import torch
@@ -424,7 +424,7 @@ def check_images(root: Path, relpaths: list[str], workers: int | None = None,
     pool = ThreadPoolExecutor(max_workers=workers)  # PIL releases the GIL while decoding
     try:
         reasons = pool.map(lambda rel: check_image(root / rel, budget), relpaths)
-        for done, (rel, reason) in enumerate(zip(relpaths, reasons), 1):
+        for done, (rel, reason) in enumerate(zip(relpaths, reasons, strict=True), 1):
             if reason is not None:
                 found[rel] = reason
             if on_progress is not None and (done % 50 == 0 or done == len(relpaths)):
@@ -505,7 +505,7 @@ class DatasetScan:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DatasetScan":
+    def from_dict(cls, data: dict) -> DatasetScan:
         """A scan as to_dict wrote it (split.json). ValueError naming what is not: a run folder may come
         from anyone, and its paths are read (on --resume) below its root, so none may climb out of it."""
         if not isinstance(data, dict) or not isinstance(data.get("root"), str) or not data["root"]:
@@ -825,8 +825,8 @@ def _imbalance_notes(classes: list[str], train: list[tuple[str, int]]) -> list[s
     train_counts = Counter(label for _, label in train)
     largest, smallest = max(train_counts.values()), min(train_counts.values())
     if smallest and largest / smallest >= IMBALANCE_RATIO:
-        big = classes[max(train_counts, key=train_counts.get)]
-        small = classes[min(train_counts, key=train_counts.get)]
+        big = classes[max(train_counts, key=train_counts.__getitem__)]
+        small = classes[min(train_counts, key=train_counts.__getitem__)]
         return [f"classes are imbalanced ({big!r}: {largest} vs {small!r}: {smallest} training images); "
                 f"consider --class-weighted-loss"]
     return []
@@ -918,7 +918,8 @@ class ImageListDataset(Dataset):
         return self.transform(load_rgb(self.root / rel, self.min_size)), label
 
 
-def scan_labelled_folder(data: str | Path, classes: list[str]) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
+def scan_labelled_folder(data: str | Path,
+                         classes: list[str]) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
     """Images to evaluate a trained model on: (root, [(relpath, label)], skipped).
 
     Takes the folder's test/ split if it has one, else its val/ split, else every class folder.

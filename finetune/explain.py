@@ -10,9 +10,9 @@ cropped-away border untinted.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = ALPHA, color
     left, top = int(round(left)), int(round(top))
     right, bottom = max(left + 1, int(round(right))), max(top + 1, int(round(bottom)))
     heat = np.asarray(heatmap, dtype=np.float32)
-    resized = Image.fromarray(heat, mode="F").resize((right - left, bottom - top), Image.BILINEAR)
+    resized = Image.fromarray(heat, mode="F").resize((right - left, bottom - top), Image.Resampling.BILINEAR)
     heat = np.clip(np.asarray(resized), 0.0, 1.0)
     colours = matplotlib.colormaps[colormap](heat)[..., :3] * 255.0
     pixels = np.asarray(image, dtype=np.float32).copy()
@@ -155,7 +155,8 @@ def explain_paths(predictor, paths: list[str | Path], out_dir: str | Path, targe
     except OSError as error:
         raise FinetuneError(f"cannot create the explanation folder {out}: {error.strerror or error}") from None
     class_index(predictor.classes, target_class)  # a wrong class name fails before any work
-    written, used = [], set()
+    written: list[Path] = []
+    used: set[str] = set()
     for given in paths:
         path = Path(given)
         try:

@@ -138,13 +138,14 @@ def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """Accept a plain state_dict, or a checkpoint dict that holds one under 'model'/'state_dict';
     its values must be finite (require_finite)."""
     if isinstance(obj, dict):
+        state: dict = obj
         for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
+            if isinstance(state.get(key), dict):
+                state = state[key]
                 break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            require_finite(obj, path)
-            return {k.removeprefix("module."): v for k, v in obj.items()}
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            require_finite(state, path)
+            return {k.removeprefix("module."): v for k, v in state.items()}
     raise FinetuneError(f"{path} is not a state_dict (a dict of parameter name -> tensor)")
 
 
@@ -237,7 +238,7 @@ class Frozen(nn.Module):
         self.body.requires_grad_(False)
         self.train(False)  # torchvision builds models in training mode
 
-    def train(self, mode: bool = True) -> "Frozen":
+    def train(self, mode: bool = True) -> Frozen:
         return super().train(False)  # BatchNorm running statistics must not move
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,10 @@ and see what the engine finds in them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -96,7 +98,7 @@ def _scan(studio: Studio, root: Path, progress, archive_skipped=()):
     return scan_outputs(result, list(archive_skipped))
 
 
-def scan_outputs(result, archive_skipped: list[tuple[str, str]] = ()) -> dict:
+def scan_outputs(result, archive_skipped: Sequence[tuple[str, str]] = ()) -> dict:
     gallery = []
     for rel, name in views.thumbnail_picks(result):
         try:
@@ -156,7 +158,7 @@ def wire(studio: Studio, c: DataTab, demo: gr.Blocks, ready: gr.Markdown) -> Non
                "warnings": c.warnings, "ready": ready}
     scanning = bind(studio, scan, outputs)
     absolute = bind(studio, absolute_path)
-    shown = dict(show_progress_on=[c.summary])
+    shown: dict[str, Any] = dict(show_progress_on=[c.summary])
     scans = [
         c.scan_btn.click(scanning, c.path, output_list(outputs), api_name="scan_folder", **shown),
         c.path.submit(scanning, c.path, output_list(outputs), api_name="scan_folder_submit", **shown),
@@ -171,4 +173,4 @@ def wire(studio: Studio, c: DataTab, demo: gr.Blocks, ready: gr.Markdown) -> Non
     scans.append(demo.load(scanning, c.path, output_list(outputs), api_name="initial_scan", **shown))
     c.browser.change(bind(studio, pick_folder), c.browser, c.path, api_name="pick_folder")
     # Cancel ends a running scan: its thread stops at the next image it checks.
-    c.cancel_btn.click(None, None, None, cancels=scans, api_name=False)
+    c.cancel_btn.click(None, None, None, cancels=[*scans], api_visibility="private")

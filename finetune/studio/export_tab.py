@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -17,7 +18,7 @@ from ..rundir import RunDir, resolve_run
 from .common import bind, error, output_list, user_errors
 from .state import Studio
 
-EXPORTS = dict(concurrency_id="export", concurrency_limit=1)
+EXPORTS: dict[str, Any] = dict(concurrency_id="export", concurrency_limit=1)
 EXPORTED_NAMES = ("model.torchscript.pt", "model.onnx")
 
 
@@ -95,7 +96,8 @@ def export_onnx(studio: Studio, run: str | None = None):
 
 def export_zip(studio: Studio, run: str | None = None):
     run_dir = _run(studio, run)
-    if studio.training() and studio.job.run_dir.resolve() == run_dir.path:
+    job = studio.running_job()
+    if job is not None and job.run_dir.resolve() == run_dir.path:
         raise error(f"{run_dir.name} is still training: zip it when it has finished")
     with user_errors():
         target = studio.workspace.output("exports", f"{run_dir.name}.zip", need=disk_usage(run_dir.path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import pandas as pd
@@ -23,7 +24,10 @@ from .components import answer_label, image_upload
 from .inputs import gather_images
 from .state import Studio
 
-PREDICT = dict(concurrency_id="predict", concurrency_limit=2)
+if TYPE_CHECKING:
+    from PIL import Image
+
+PREDICT: dict[str, Any] = dict(concurrency_id="predict", concurrency_limit=2)
 
 
 @dataclass
@@ -79,7 +83,7 @@ def build(studio: Studio) -> PredictTab:
                       csv, table)
 
 
-def read_upload(path) -> "Image.Image":
+def read_upload(path) -> Image.Image:
     """An uploaded image decoded by load_rgb (accepted formats only, the pixel limit), or one clear line."""
     from PIL import Image
 
@@ -152,7 +156,7 @@ def predict_batch(studio: Studio, run=None, files=None, top_k=3, folder=None, mi
             predictions = predictor.predict_paths(
                 batch.paths, top_k=top_k, min_confidence=None if min_conf is None else float(min_conf),
                 on_progress=lambda done, total: progress((done, total), desc="Classifying", unit="images"))
-        for prediction, name in zip(predictions, batch.names):
+        for prediction, name in zip(predictions, batch.names, strict=True):
             prediction.path = name
         name = f"predictions-{run_dir.name}-{datetime.now():%Y%m%d-%H%M%S-%f}.csv"
         csv_path = studio.workspace.output("predictions", name, need=200 * len(predictions))

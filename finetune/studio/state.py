@@ -10,9 +10,9 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 from .. import jobs
 from ..config import FinetuneError, TrainConfig
@@ -177,8 +177,13 @@ class Studio:
             raise FinetuneError(folder_problem(problem)) from None
 
     # -- the training
+    def running_job(self) -> jobs.TrainingJob | None:
+        """The training job while it runs, else None."""
+        job = self.job
+        return job if job is not None and job.running() else None
+
     def training(self) -> bool:
-        return self.job is not None and self.job.running()
+        return self.running_job() is not None
 
     def attach_running(self) -> Path | None:
         """At start-up: follow a training an earlier app process (or a terminal) left running in this
@@ -194,9 +199,10 @@ class Studio:
     def require_idle(self) -> None:
         """FinetuneError while a training runs: this studio's, or one started elsewhere (a terminal)
         in the same runs folder."""
-        if self.training():
-            view = self.job.update()
-            raise FinetuneError(f"A training is already running ({Path(view.run_dir).name}: "
+        job = self.running_job()
+        if job is not None:
+            view = job.update()
+            raise FinetuneError(f"A training is already running ({Path(view.run_dir or job.run_dir).name}: "
                                 f"{view.progress_text()}). Wait for it to finish or press Stop first. "
                                 f"One training at a time.")
         jobs.require_no_training(self.runs_dir)
@@ -220,10 +226,11 @@ class Studio:
             release_gpu_memory()
 
     def stop(self) -> str:
-        if not self.training():
+        job = self.running_job()
+        if job is None:
             return "No training is running."
-        self.job.stop()
-        return f"Stopping {self.job.run_dir.name} after the current batch; the best model so far is kept."
+        job.stop()
+        return f"Stopping {job.run_dir.name} after the current batch; the best model so far is kept."
 
     def shutdown(self, attached: bool = True) -> None:
         """The app is ending: end its training too (SIGINT, then every process group is killed).
@@ -234,7 +241,8 @@ class Studio:
 
     def in_use(self) -> tuple[Path, ...]:
         """Data a running training reads (kept by the workspace clean-up)."""
-        return (Path(self.job.cfg.data),) if self.training() and self.job.cfg is not None else ()
+        job = self.running_job()
+        return (Path(job.cfg.data),) if job is not None and job.cfg is not None else ()
 
     # -- predictions
     def prediction_device(self) -> str:
