@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune.studio.app import main  # noqa: E402 - after the path; it sets gradio's environment first
+from finetune.studio.app import main  # after the path line; it sets gradio's environment first
 
 if __name__ == "__main__":
     sys.exit(main())

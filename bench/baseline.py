@@ -31,9 +31,16 @@ from torchvision import transforms
 
 from finetune.config import TrainConfig
 from finetune.data import ACCEPTED_FORMATS, IMAGENET_MEAN, IMAGENET_STD, resize_size, scan_dataset
+from finetune.device import (
+    amp_choice,
+    channels_last_for,
+    default_workers,
+    non_blocking,
+    pin_memory,
+    resolve_device,
+    seed_everything,
+)
 from finetune.model import apply_strategy, build_model, frozen_modules, param_groups
-from finetune.device import (amp_choice, channels_last_for, default_workers, non_blocking, pin_memory,
-                             resolve_device, seed_everything)
 from finetune.training import lr_lambda
 
 

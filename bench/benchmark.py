@@ -87,10 +87,11 @@ def worker(kind: str, cfg_values: dict) -> dict:
         seconds = time.perf_counter() - started
         info = json.loads((run / "run.json").read_text())
         start = next(e for e in events if e["type"] == "start")
-        result = {"seconds": seconds, "first_epoch_s": marks.get("first_epoch_s"), "best_val_acc": info["best"]["val_acc"],
-                  "val_acc_history": [h["val_acc"] for h in info["history"]], "train_images": start["train_images"],
-                  "val_images": start["val_images"], "pipeline": start["pipeline"], "run_dir": str(run),
-                  "status": info["status"], "final_val_accuracy": (info.get("summary") or {}).get("accuracy")}
+        result = {"seconds": seconds, "first_epoch_s": marks.get("first_epoch_s"),
+                  "best_val_acc": info["best"]["val_acc"], "val_acc_history": [h["val_acc"] for h in info["history"]],
+                  "train_images": start["train_images"], "val_images": start["val_images"],
+                  "pipeline": start["pipeline"], "run_dir": str(run), "status": info["status"],
+                  "final_val_accuracy": (info.get("summary") or {}).get("accuracy")}
         amp_dtype, amp_reason = amp_choice(device, cfg.amp)  # what train chose (the same helpers)
         result.update(precision=precision_name(amp_dtype), amp_reason=amp_reason,
                       grad_scaler=amp_dtype == torch.float16,
@@ -144,7 +145,8 @@ def predict_worker(run_dir: str, device: str, images: list[str]) -> dict:
     return {"latency_p50_ms": statistics.median(latencies),
             "latency_p95_ms": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
             "folder_images": len(images), "folder_seconds": folder_s,
-            "folder_images_per_s": len(images) / folder_s, "folder_errors": sum(p.error is not None for p in predictions)}
+            "folder_images_per_s": len(images) / folder_s,
+            "folder_errors": sum(p.error is not None for p in predictions)}
 
 
 def run_subprocess(kind: str, values: dict, timeout: float | None = None) -> dict:

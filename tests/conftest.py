@@ -182,7 +182,8 @@ def app_server(tmp_path_factory):
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs_dir),
-             "--workspace", str(workspace), "--browse-root", str(REPO)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+             "--workspace", str(workspace), "--browse-root", str(REPO)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = AppServer(f"http://127.0.0.1:{port}", runs_dir, workspace, log, process)
     deadline = time.time() + 120
     while True:

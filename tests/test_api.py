@@ -13,10 +13,10 @@ import textwrap
 import warnings
 
 import pytest
+from conftest import REPO, make_class_folders
 from PIL import Image
 
 import finetune
-from conftest import REPO, make_class_folders
 
 HOSTILE = "<img src=x onerror=alert(1)>"  # a class folder a stranger named
 CLASSES = ("cats", "dogs", HOSTILE)
@@ -114,7 +114,7 @@ def test_predict_on_paths_and_on_pil_images_agree(trained):
     images = [Image.open(p) for p in paths]
     by_path, by_image = run.predict(paths, top_k=3), run.predict(images, top_k=3)
     mixed = run.predict([paths[0], images[1], photos / CLASSES[2]])
-    for p, q in zip(by_path, by_image):
+    for p, q in zip(by_path, by_image, strict=True):
         assert [name for name, _ in p.top] == [name for name, _ in q.top]
         assert [prob for _, prob in p.top] == pytest.approx([prob for _, prob in q.top], abs=1e-4)
         assert p.unknown == q.unknown

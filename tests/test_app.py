@@ -12,12 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import make_class_folders, sleeper
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
+from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
 FAST = dict(arch="resnet34", strategy="head", weights="none", weights_file=None, batch_size=16, lr=0.01,
             image_size=64, seed=0)
@@ -445,7 +444,7 @@ def test_auth_from_the_environment_and_ending_the_app_stops_its_training(tmp_pat
             except Exception:  # noqa: BLE001 - not answering yet
                 assert time.time() < deadline and process.poll() is None, "app did not start"
                 time.sleep(0.5)
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError):
             Client(url, analytics_enabled=False, verbose=False)  # no log-in: refused
         # guessing: after a few failures, refused (429) before the password is checked, then the
         # right one works once the back-off has passed

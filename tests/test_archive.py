@@ -7,12 +7,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import make_class_folders, needs_fifo, run_within
 
 from finetune.archive import check_zip, extract, extract_zip, read_extraction, skipped_summary
 from finetune.config import FinetuneError
 from finetune.data import scan_dataset
-
-from conftest import make_class_folders, needs_fifo, run_within
 
 
 def zip_folder(folder: Path, out: Path, prefix: str = "") -> Path:

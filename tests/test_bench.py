@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_class_folders
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -83,8 +82,8 @@ def test_markdown_gpu_and_cpu_rows(benchmark):
     assert "speed-up vs classic" in header and "speed-up vs like-for-like" in header
     assert "peak GPU memory classic / like-for-like / ours (MB)" in header
     assert lines[1].count("---") == len(header)
-    gpu = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
-    cpu = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|"))))
+    gpu = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|")), strict=True))
+    cpu = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|")), strict=True))
     assert gpu["time classic / like-for-like / ours (s)"] == "40.0 / 20.0 / 10.0"
     assert gpu["speed-up vs classic"] == "**4.00x**" and gpu["speed-up vs like-for-like"] == "**2.00x**"
     assert gpu["peak GPU memory classic / like-for-like / ours (MB)"] == "5120 / 3010 / 2901"
@@ -101,7 +100,7 @@ def test_markdown_without_like_for_like(benchmark):
     table = benchmark.markdown([row], [])
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     assert "time classic / ours (s)" in header and "speed-up vs like-for-like" not in header
-    cells = dict(zip(header, (c.strip() for c in table.splitlines()[2].strip("|").split("|"))))
+    cells = dict(zip(header, (c.strip() for c in table.splitlines()[2].strip("|").split("|")), strict=True))
     assert cells["time classic / ours (s)"] == "30.0 / 15.0" and cells["speed-up vs classic"] == "**2.00x**"
     assert cells["peak GPU memory classic / ours (MB)"] == "-"
     assert "not run" in table

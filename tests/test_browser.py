@@ -16,7 +16,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -6,16 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import make_class_folders
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from PIL import Image
-
-from conftest import make_class_folders
 from finetune import cache
 from finetune.config import TrainConfig
 from finetune.data import ImageListDataset, eval_transform, resize_size, scan_dataset
-from finetune.model import build_model, split_model
 from finetune.events import read_events
+from finetune.model import build_model, split_model
 from finetune.training import train
 
 SIZE = 64
@@ -134,7 +133,7 @@ def test_random_crop_views_do_not_depend_on_worker_processes(photos):
     views = cache.ImageViews(scan.root, scan.train, list(range(len(scan.train))), SIZE, views=4, seed=3)
     in_process = [views[i][0] for i in range(len(views))]
     with_workers = [item[0][0] for item in DataLoader(views, batch_size=1, num_workers=2)]
-    for a, b in zip(in_process, with_workers):
+    for a, b in zip(in_process, with_workers, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(in_process[0][2], in_process[0][3])  # two different random crops
 

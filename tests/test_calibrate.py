@@ -9,8 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.calibrate import (MISS_RATE, UNKNOWN_INDEX, apply_unknown, calibrate, coverage, expected_calibration_error,
-                                fit_temperature, held_out_report, is_unknown, softmax, suggest_threshold)
+from finetune.calibrate import (
+    MISS_RATE,
+    UNKNOWN_INDEX,
+    apply_unknown,
+    calibrate,
+    coverage,
+    expected_calibration_error,
+    fit_temperature,
+    held_out_report,
+    is_unknown,
+    softmax,
+    suggest_threshold,
+)
 
 
 def overconfident_logits(n: int, classes: int, true_temperature: float, seed: int = 0):
@@ -75,7 +86,8 @@ def test_calibrate_record_and_reliability_plot(tmp_path):
     # the rule itself: at most MISS_RATE of the right answers (rounded up) are below the threshold
     confidence, right = softmax(logits, record["temperature"]).max(1), softmax(logits).argmax(1) == targets
     assert (confidence[right] < record["suggested_min_confidence"]).sum() <= np.ceil(MISS_RATE * right.sum())
-    assert record["at_suggested"]["answered"] == pytest.approx(np.mean(confidence >= record["suggested_min_confidence"]))
+    answered = np.mean(confidence >= record["suggested_min_confidence"])
+    assert record["at_suggested"]["answered"] == pytest.approx(answered)
     assert record["plot"] == "reliability.png"
     with Image.open(tmp_path / "reliability.png") as image:
         assert image.format == "PNG" and image.width > 400

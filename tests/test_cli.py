@@ -9,14 +9,12 @@ import math
 import os
 import re
 import subprocess
-import zipfile
 import sys
+import zipfile
 
 import pytest
-
-from PIL import Image
-
 from conftest import REPO, every_option_config, make_class_folders, make_image, tree_digest
+from PIL import Image
 
 
 def cli(*args, cwd=None, env=None):
@@ -148,7 +146,8 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     out_csv = tmp_path / "p.csv"
     predicted = cli_here(capsys, "predict", run, data / "cats", "--top-k", "2", "--csv", out_csv)
     assert predicted.returncode == 0, predicted.stderr
-    rows = list(csv.DictReader(open(out_csv)))
+    with open(out_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 5 and {r["best_guess"] for r in rows} <= {"cats", "dogs"}
     assert {r["prediction"] for r in rows} <= {"cats", "dogs", "unknown"}
     suggested = json.loads((run / "run.json").read_text())["calibration"]["suggested_min_confidence"]
@@ -158,7 +157,8 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     cautious = cli_here(capsys, "predict", run, data / "cats", "--min-confidence", "1", "--csv", out_csv,
                         "--explain", tmp_path / "why", "--explain-class", "dogs")
     assert cautious.returncode == 0, cautious.stderr
-    rows = list(csv.DictReader(open(out_csv)))
+    with open(out_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert {r["prediction"] for r in rows} == {"unknown"} and all(r["best_guess"] for r in rows)
     assert "unknown (best guess " in cautious.stdout
     heatmaps = sorted((tmp_path / "why").glob("*.gradcam.png"))
@@ -371,7 +371,7 @@ def test_names_with_terminal_escapes_are_printed_escaped(tmp_path, monkeypatch, 
     outputs["predict"] = run("predict", run_dir, data / "cats", "--top-k", "2", "--csv", tmp_path / "p.csv")
     outputs["doctor"] = run("doctor", data, "--weights", "none", "--image-size", "32", "--device", "cpu",
                             "--no-cache", "--folds", "2")
-    for command, (code, text) in outputs.items():
+    for command, (_code, text) in outputs.items():
         assert "\x1b" not in text and "\x07" not in text, command
     shown = {"title": "photos\\x1b]0;pwned\\x07", "clipboard": "evil\\x1b]52;c;aGk=\\x07", "clear": "x\\x1b[2J.png"}
     assert shown["title"] in outputs["train"][1] and shown["clear"] in outputs["scan"][1]

@@ -6,11 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_class_folders, tree_digest
+
 from finetune.config import FinetuneError
-from finetune.curation import (CURATION_FORMAT, CuratedScan, Decision, add_decisions, apply_curation,
-                               leak_decisions, load_curation, new_curation, save_curation)
+from finetune.curation import (
+    CURATION_FORMAT,
+    CuratedScan,
+    Decision,
+    add_decisions,
+    apply_curation,
+    leak_decisions,
+    load_curation,
+    new_curation,
+    save_curation,
+)
 from finetune.data import DatasetScan, scan_dataset
 
 

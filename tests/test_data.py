@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import make_class_folders, make_image, shared_dataset, tree_digest
 from PIL import Image
 
-from conftest import make_class_folders, make_image, shared_dataset, tree_digest
 from finetune import data as data_module
 from finetune.config import FinetuneError
 from finetune.data import check_image, load_rgb, scan_dataset, scan_labelled_folder, stratified_split

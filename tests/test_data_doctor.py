@@ -11,13 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tree_digest
 from PIL import Image
 
-from conftest import tree_digest
 from finetune.config import FinetuneError, TrainConfig
 from finetune.data import scan_dataset
-from finetune.data_doctor import (Backbone, DoctorReport, compute_embeddings, find_label_issues, hamming, load_backbone,
-                             near_hash_pairs, phash, records_of, run_doctor, similar_pairs, write_csv, write_json)
+from finetune.data_doctor import (
+    Backbone,
+    DoctorReport,
+    compute_embeddings,
+    find_label_issues,
+    hamming,
+    load_backbone,
+    near_hash_pairs,
+    phash,
+    records_of,
+    run_doctor,
+    similar_pairs,
+    write_csv,
+    write_json,
+)
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 215)}
 SIZE = 56
@@ -122,7 +135,7 @@ def test_exact_duplicates_and_leaks_and_conflicts(doctored):
 
     leak = _group_with(report, "val/red/leaked_copy.png")
     assert leak["kind"] == "exact" and leak["leak"] and not leak["conflict"]
-    assert sorted(zip(leak["paths"], leak["splits"])) == [("train/red/img_1.png", "train"),
+    assert sorted(zip(leak["paths"], leak["splits"], strict=True)) == [("train/red/img_1.png", "train"),
                                                           ("val/red/leaked_copy.png", "val")]
 
     conflict = _group_with(report, "train/red/conflicting_copy.png")
@@ -157,7 +170,8 @@ def test_report_json_csv_and_summary(doctored, tmp_path):
     assert {"label_issues", "duplicate_groups", "other_issues", "summary"} <= set(data)
     assert set(data["label_issues"][0]) >= {"path", "given", "suggested", "score"}
     assert set(data["duplicate_groups"][0]) >= {"paths", "splits", "classes", "kind", "leak", "conflict"}
-    rows = list(csv.DictReader(open(write_csv(report, tmp_path / "doctor.csv"), encoding="utf-8")))
+    with open(write_csv(report, tmp_path / "doctor.csv"), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert {r["finding"] for r in rows} >= {"label issue", "exact duplicate", "near duplicate", "tiny"}
     text = report.summary_text()
     assert "Likely label errors" in text and "LEAK" in text and "CONFLICT" in text
@@ -172,7 +186,8 @@ def test_csv_cells_that_look_like_formulas_are_escaped(tmp_path):
     report = DoctorReport(str(tmp_path / "data"), ["a", "=b"], "test", label_issues=[
         {"path": "=HYPERLINK(\"http://x\")", "split": "train", "given": "a", "suggested": "=b", "score": 0.1,
          "suggested_probability": 0.8}])
-    rows = list(csv.reader(open(write_csv(report, tmp_path / "out.csv"), encoding="utf-8")))
+    with open(write_csv(report, tmp_path / "out.csv"), newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
     assert rows[1][1].startswith("'=") and rows[1][4] == "'=b" and rows[1][5] == "0.100000"
 
 
@@ -264,7 +279,7 @@ def test_perceptual_hash_blocking_finds_exactly_the_close_pairs():
     hashes = np.concatenate([base, close[::7]])
     for distance in (0, 4, 8, 12):
         d = hamming(hashes[:, None], hashes[None, :])
-        brute = {(i, j) for i, j in zip(*np.nonzero(d <= distance)) if i < j}
+        brute = {(i, j) for i, j in zip(*np.nonzero(d <= distance), strict=True) if i < j}
         assert near_hash_pairs(hashes, distance, chunk_bytes=4096) == brute
     with pytest.raises(FinetuneError):
         near_hash_pairs(hashes, 40)
@@ -286,7 +301,7 @@ def test_embedding_similarity_chunked_equals_full():
     features[90] = features[10] + rng.normal(0, 0.05, 32)
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     sims = unit @ unit.T
-    full = {(i, j) for i, j in zip(*np.nonzero(sims > 0.97)) if i < j}
+    full = {(i, j) for i, j in zip(*np.nonzero(sims > 0.97), strict=True) if i < j}
     assert full == {(3, 60), (10, 90)}
     assert similar_pairs(features, 0.97, chunk_bytes=4 * 120 * 7) == full  # 7 rows at a time
     eligible = np.ones(120, dtype=bool)
@@ -348,7 +363,7 @@ def _flip(value: int, bits) -> int:
 def _groups_of(hashes: list[int], splits: list[str], labels: list[int], exact=(), max_distance: int = 8):
     from finetune.data_doctor import Record, duplicate_groups, hash_closeness
 
-    records = [Record(f"{k}.png", split, label) for k, (split, label) in enumerate(zip(splits, labels))]
+    records = [Record(f"{k}.png", split, label) for k, (split, label) in enumerate(zip(splits, labels, strict=True))]
     array = np.asarray(hashes, dtype=np.uint64)
     pairs = near_hash_pairs(array, max_distance)
     groups = duplicate_groups(records, ["a", "b"], [list(g) for g in exact],
@@ -381,7 +396,7 @@ def test_a_chain_of_look_alikes_is_not_one_group_but_a_cluster_of_copies_is():
         assert distance[np.ix_(indices, indices)].max() <= 8, (indices, distance[np.ix_(indices, indices)])
     assert not any(0 in m and 25 in m for m in members)
     assert sorted(sum(members, [])) == sorted(set(sum(members, [])))  # nobody in two groups
-    by_member = {i: g for g, m in zip(groups, members) for i in m}
+    by_member = {i: g for g, m in zip(groups, members, strict=True) for i in m}
     assert sorted(members[groups.index(by_member[26])]) == [26, 27, 28, 29, 30, 31]  # the 5, and 28's twin
     assert by_member[26]["kind"] == "near" and by_member[26]["methods"] == ["phash", "sha256"]
     assert by_member[26]["conflict"] and not by_member[26]["leak"]

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, make_class_folders
-from finetune.predict import Predictor
+
 from finetune.events import read_events
+from finetune.predict import Predictor
 
 
 @pytest.mark.slow

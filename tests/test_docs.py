@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-
 from conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -86,7 +85,8 @@ def test_every_docs_page_is_linked_from_the_front_page():
 
 
 def test_the_two_setup_commands_open_the_front_page():
-    first_block = re.search(r"^```[^\n]*\n(.*?)^```", (REPO / "README.md").read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    first_block = re.search(r"^```[^\n]*\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
     assert first_block and "make run" in first_block.group(1) and "make test" in first_block.group(1)
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert re.search(r"^run:", makefile, re.MULTILINE) and re.search(r"^test:", makefile, re.MULTILINE)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SHARED_DATASETS, copy_run
+
 from finetune.config import FinetuneError
 from finetune.data import eval_transform, list_images, load_rgb
 from finetune.export import export, read_metadata

@@ -9,10 +9,10 @@ import os
 import signal
 
 import pytest
+from conftest import run_within
 from PIL import Image
 
 import finetune
-from conftest import run_within
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

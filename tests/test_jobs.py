@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, every_option_config, make_class_folders
+
 from finetune.config import TrainConfig
 from finetune.jobs import TrainingJob, TrainingView, train_command
 

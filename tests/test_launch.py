@@ -18,7 +18,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import REPO, free_port
 
 PASSWORD = ("ada", "correct-horse")
@@ -95,7 +94,8 @@ SCRIPT = textwrap.dedent('''
     with urllib.request.urlopen(studio.url + "/config", timeout=30) as response:
         config = json.loads(response.read())
     report = dict(status=response.status, version=config.get("version"), url=studio.url,
-                  same_signals=signal.getsignal(signal.SIGINT) is sigint and signal.getsignal(signal.SIGTERM) is sigterm,
+                  same_signals=(signal.getsignal(signal.SIGINT) is sigint
+                                and signal.getsignal(signal.SIGTERM) is sigterm),
                   temp_while_running=os.environ.get("GRADIO_TEMP_DIR"), narrowed=len(Image.OPEN) < len(openers),
                   workspace=str(studio.workspace), repr=repr(studio))
     studio.close()

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_class_folders, make_image, needs_fifo, run_within
 from PIL import Image
 from torchvision import models
 
-from conftest import make_class_folders, make_image, needs_fifo, run_within
 from finetune.calibrate import MISS_RATE, fit_temperature, softmax, suggest_threshold
 from finetune.config import FinetuneError, TrainConfig
 from finetune.data import eval_transform, list_images, load_rgb
@@ -68,7 +68,7 @@ def test_predictor_matches_a_plain_torchvision_forward(trained_run):
     batch = torch.stack([eval_transform(64)(load_rgb(p)) for p in paths])
     with torch.no_grad():
         probs = torch.softmax(model(batch), dim=1)
-    for path, row, p in zip(paths, probs, predictor.predict_paths(paths, top_k=3)):
+    for row, p in zip(probs, predictor.predict_paths(paths, top_k=3), strict=True):
         assert p.label == names[str(int(row.argmax()))]
         assert p.confidence == pytest.approx(float(row.max()), abs=1e-5)
         assert sum(prob for _, prob in p.top) == pytest.approx(1.0, abs=1e-5)
@@ -132,16 +132,17 @@ def test_batches_include_the_last_partial_one_and_bad_files_become_rows(trained_
     small = predictor.predict_paths(paths, top_k=3, batch_size=3)
     whole = predictor.predict_paths(paths, top_k=3, batch_size=64)
     assert len(small) == 8 and [p.path for p in small] == [str(p) for p in paths]
-    for a, b in zip(small[:7], whole[:7]):
+    for a, b in zip(small[:7], whole[:7], strict=True):
         assert a.label == b.label and a.confidence == pytest.approx(b.confidence, abs=1e-5)
     assert small[7].error and "broken.jpg" in small[7].path and small[7].top == []
 
     out = write_csv(small, tmp_path / "predictions.csv", top_k=3)
-    rows = list(csv.DictReader(open(out)))
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "prediction", "best_guess", "confidence", "class_2", "probability_2", "class_3",
                              "probability_3", "error"]
-    assert rows[0]["best_guess"] == small[0].label and rows[0]["prediction"] == small[0].answer and float(rows[0]["confidence"]) == pytest.approx(
-        small[0].confidence, abs=1e-6)
+    assert rows[0]["best_guess"] == small[0].label and rows[0]["prediction"] == small[0].answer
+    assert float(rows[0]["confidence"]) == pytest.approx(small[0].confidence, abs=1e-6)
     assert rows[7]["prediction"] == "" and rows[7]["error"]
 
 
@@ -174,7 +175,8 @@ def test_a_fifo_named_jpg_is_an_error_row_not_a_hang(trained_run, tmp_path, caps
     os.mkfifo(fifo)
     predictor = Predictor.from_run(run, device="cpu")
     rows = run_within(30, lambda: predictor.predict_paths(list_images([folder])), [fifo])
-    assert [(Path(r.path).name, r.error) for r in rows] == [("a.png", None), ("x.jpg", "not a regular file (a named pipe)")]
+    assert [(Path(r.path).name, r.error) for r in rows] == [("a.png", None),
+                                                            ("x.jpg", "not a regular file (a named pipe)")]
     with pytest.raises(FinetuneError, match=r"cannot read image \S*x.jpg: not a regular file \(a named pipe\)"):
         run_within(30, lambda: predictor.predict_image(fifo), [fifo])
     assert run_within(60, lambda: cli.main(["predict", str(run), str(folder), "--device", "cpu"]), [fifo]) == 1
@@ -223,7 +225,7 @@ def test_the_runs_temperature_calibrates_every_probability(trained_run, tmp_path
     hot = Predictor.from_run(with_calibration(run, tmp_path / "t", 3.0, None), device="cpu")
     expected = torch.softmax(logits / 3.0, dim=1)
     torch.testing.assert_close(hot.probabilities(batch), expected, atol=1e-5, rtol=0)
-    for path, row, p in zip(paths, expected, hot.predict_paths(paths, top_k=3)):
+    for path, row, p in zip(paths, expected, hot.predict_paths(paths, top_k=3), strict=True):
         assert p.confidence == pytest.approx(float(row.max()), abs=1e-5)
         assert hot.predict_image(path, top_k=1)[0][1] == pytest.approx(float(row.max()), abs=1e-5)
 
@@ -242,7 +244,8 @@ def test_below_the_min_confidence_the_answer_is_unknown_with_the_best_guess(trai
     with pytest.raises(FinetuneError, match="min confidence must be between 0 and 1"):
         predictor.min_confidence(1.5)
     out = write_csv(default, tmp_path / "p.csv", top_k=2)
-    rows = list(csv.DictReader(open(out)))
+    with open(out, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert [r["prediction"] for r in rows] == ["unknown"] * 6
     assert [r["best_guess"] for r in rows] == [p.label for p in default]
 
@@ -265,7 +268,7 @@ def test_the_threshold_is_the_validation_rule_and_below_it_every_answer_is_unkno
     assert threshold == calibration["suggested_min_confidence"]
     assert threshold == pytest.approx(suggest_threshold(softmax(logits, predictor.temperature), targets), abs=2e-3)
     confidences = np.array([p.confidence for p in val])
-    right = np.array([p.label == predictor.classes[t] for p, t in zip(val, targets)])
+    right = np.array([p.label == predictor.classes[t] for p, t in zip(val, targets, strict=True)])
     # the rule on the confidences prediction gives (the training's differ in the last digits)
     rule = suggest_threshold(softmax(logits, predictor.temperature), targets)
     assert right.any() and confidences[right].max() >= rule  # the surest right answer is given
@@ -365,6 +368,7 @@ def test_a_pipe_closed_early_still_gets_the_csv_and_the_heatmaps(trained_run, tm
         monkeypatch.undo()
     reader.join(10)
     assert code == 0 and first[0].startswith(b"min confidence ")
-    rows = list(csv.DictReader(open(out_csv)))
+    with open(out_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 5 and all(r["best_guess"] in CLASSES and not r["error"] for r in rows)
     assert len(list(heatmaps.glob("*.gradcam.png"))) == 5

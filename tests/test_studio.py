@@ -20,7 +20,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import every_option_config, make_class_folders, make_image, sleeper, tree_digest
 
 gr = pytest.importorskip("gradio")
@@ -30,8 +29,7 @@ from finetune.config import FinetuneError, TrainConfig  # noqa: E402
 from finetune.names import printable  # noqa: E402
 from finetune.predict import Prediction  # noqa: E402
 from finetune.studio import app as studio_app  # noqa: E402
-from finetune.studio import (common, data_tab, evaluate_tab, export_tab, predict_tab, review_tab,  # noqa: E402
-                             train_tab, views)
+from finetune.studio import common, data_tab, evaluate_tab, export_tab, predict_tab, review_tab, train_tab, views  # noqa: E402
 from finetune.studio.state import PredictorCache, Studio  # noqa: E402
 from finetune.studio.workspace import UNUSED_SECONDS, Workspace  # noqa: E402
 
@@ -43,8 +41,8 @@ HEAD = dict(arch="resnet34", strategy="head", weights="none", weights_file=None,
 def last(generator):
     """The final output of a generator handler (what the API returns)."""
     result = None
-    for result in generator:
-        pass
+    for output in generator:
+        result = output
     return result
 
 
@@ -254,7 +252,7 @@ def test_start_passes_every_setting_and_releases_the_gpu(studio, tmp_path, monke
     expected = TrainConfig(data=str(tmp_path / "cwd" / "photos"), arch="resnet50", strategy="all", weights="none",
                            epochs=7, batch_size=16, lr=0.02, image_size=96, seed=3, runs_dir=str(studio.runs_dir))
     assert studio.job.cfg.to_dict() == expected.to_dict()  # every field, the rest at their defaults
-    assert [k[2] for k in studio.predictors.keys()] == ["cpu"] and released == [True]
+    assert [k[2] for k in studio.predictors.keys()] == ["cpu"] and released == [True]  # noqa: SIM118 - not a dict
     with pytest.raises(gr.Error, match="already running \\(fake-run"):
         train_tab.start_training(studio, data="photos", **HEAD)
 
@@ -409,7 +407,8 @@ def test_start_up_attaches_to_a_training_left_running_and_marks_dead_ones(studio
                          host=os.uname().nodename, created="2025-01-02T10:00:00")
         dead = fake_run(studio.runs_dir, "dead", model=True, status="running", pids=[2**22 + 12345],
                         host=os.uname().nodename)
-        (alive / "events.jsonl").write_text(json.dumps({"type": "log", "message": "hello from before\nLayout: x\x1b[2J"}) + "\n")
+        earlier = {"type": "log", "message": "hello from before\nLayout: x\x1b[2J"}
+        (alive / "events.jsonl").write_text(json.dumps(earlier) + "\n")
         assert studio.attach_running() == alive
         assert json.loads((dead / "run.json").read_text())["status"] == "stopped"  # it has a model
         assert studio.training() and studio.prediction_device() == "cpu"
@@ -575,7 +574,7 @@ class FakePredictor:
         self.thresholds.append(min_confidence)
         if on_progress:
             on_progress(len(paths), len(paths))
-        return [Prediction(str(p), [("circle", 0.7), ("square", 0.3)][:top_k], unknown=0.7 < (min_confidence or 0))
+        return [Prediction(str(p), [("circle", 0.7), ("square", 0.3)][:top_k], unknown=(min_confidence or 0) > 0.7)
                 for p in paths]
 
 
@@ -594,14 +593,14 @@ def test_predictor_cache_key_and_eviction(tmp_path):
     cache.get(b, "cpu")
     cache.get(a, "cpu")  # a is now the most recently used
     cache.get(c, "cpu")  # evicts b
-    assert [k[0] for k in cache.keys()] == [str(a), str(c)]
+    assert [k[0] for k in cache.keys()] == [str(a), str(c)]  # noqa: SIM118 - PredictorCache is not a dict
     cache.get(a, "cuda:0")  # another device: loaded again
     assert loads[-1] == ("a", "cuda:0") and len(cache.keys()) == 2
     stamp = (a / "model.pth").stat().st_mtime_ns + 10**9
     os.utime(a / "model.pth", ns=(stamp, stamp))  # a better model.pth
     cache.get(a, "cuda:0")
-    assert loads[-1] == ("a", "cuda:0") and [k[1] for k in cache.keys() if k[2] == "cuda:0"] == [stamp]
-    assert cache.drop_accelerated() == 1 and all(k[2] == "cpu" for k in cache.keys())
+    assert loads[-1] == ("a", "cuda:0") and [k[1] for k in cache.keys() if k[2] == "cuda:0"] == [stamp]  # noqa: SIM118
+    assert cache.drop_accelerated() == 1 and all(k[2] == "cpu" for k in cache.keys())  # noqa: SIM118
     with pytest.raises(FinetuneError, match="has no model yet"):
         cache.get(fake_run(tmp_path / "runs", "empty", model=False), "cpu")
 
@@ -972,9 +971,9 @@ def test_review_decisions_go_to_the_curation_file_and_the_data_is_untouched(stud
     leak button write curation.json next to the runs; a kept image is not shown again; the folder is
     byte-for-byte the same; images go to the browser as PIL thumbnails, never as dataset paths."""
     from PIL import Image
+    from test_data_doctor import make_problem_dataset
 
     from finetune.curation import load_curation
-    from test_data_doctor import make_problem_dataset
 
     monkeypatch.setattr(review_tab, "IMAGE_SIZE", 64)
     monkeypatch.setenv("FINETUNE_FEATURE_CACHE", str(tmp_path / "features"))

@@ -11,9 +11,9 @@ import threading
 
 import pytest
 import torch
+from conftest import make_class_folders, tree_digest
 from torchvision import models
 
-from conftest import make_class_folders, tree_digest
 from finetune.config import FinetuneError, TrainConfig
 from finetune.events import format_event, read_events
 from finetune.rundir import DiskFull
@@ -187,7 +187,7 @@ def test_metrics_confidences_are_the_calibrated_ones_prediction_shows(tmp_path):
     predictor = Predictor.from_run(run, device="cpu")
     split = json.loads((run / "split.json").read_text())
     predictions = predictor.predict_paths([data / rel for rel, _ in split["val"]], top_k=1)
-    shown = {rel: p for (rel, _), p in zip(split["val"], predictions)}
+    shown = {rel: p for (rel, _), p in zip(split["val"], predictions, strict=True)}
     assert metrics["misclassified"], "the test needs a mistake to compare"
     for item in metrics["misclassified"]:
         assert shown[item["path"]].label == item["predicted"]
@@ -199,7 +199,7 @@ def test_same_seed_gives_same_metrics(dataset, tmp_path):
     first = train(tiny_config(dataset, tmp_path / "a", strategy="all", epochs=1))
     second = train(tiny_config(dataset, tmp_path / "b", strategy="all", epochs=1))
     history = [json.loads((run / "run.json").read_text())["history"] for run in (first, second)]
-    for a, b in zip(*history):
+    for a, b in zip(*history, strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert a[key] == b[key]
 
