@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
 from .config import FinetuneError
 
@@ -347,13 +347,14 @@ def replacing(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_atomic(path: str | Path, write: Callable[[_Sink], object]) -> None:
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """`write(sink)` into a temporary file (see `replacing`), then renamed over `path`. The sink writes
     every byte with os.write, so a full disk is an OSError that `replacing` turns into DiskFull."""
     with replacing(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
-            write(_Sink(fd))
+            # typed as the file object torch.save and savefig take; they call only write() and flush()
+            write(cast(IO[bytes], _Sink(fd)))
         finally:
             os.close(fd)
 
