@@ -124,9 +124,10 @@ class TrainConfig:
                                   label="Cached views per image", ui={"minimum": 1})
     memory_budget_gb: float | None = option(None, "memory for caches in GiB (default: half the free RAM)", "speed",
                                             label="Memory budget for caches (GiB)", ui={"minimum": 0})
-    runs_dir: str | None = option(None, "where run folders are created (default: $FINETUNE_RUNS_DIR, else ./runs; "
-                                  "recorded in run.json as an absolute path)", "output",
-                                  studio=None)  # the studio: its own runs folder (finetune-studio --runs-dir)
+    # typed str: None given (the default) is replaced by __post_init__, so every reader gets a folder
+    runs_dir: str = option(None, "where run folders are created (default: $FINETUNE_RUNS_DIR, else ./runs; "
+                           "recorded in run.json as an absolute path)", "output",
+                           studio=None)  # the studio: its own runs folder (finetune-studio --runs-dir)
     run_name: str | None = option(None, "run folder name (default: <time>-<arch>-<strategy>)", "output",
                                  label="Run folder name")
     extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option (nor in the studio)
@@ -134,7 +135,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # The default is resolved here, once, so the command line, the API and the studio share it and
         # run.json records the folder used: where the user is, never where finetune is installed.
-        if self.runs_dir is None:
+        given: str | None = self.runs_dir  # None until here (the field is typed for its readers)
+        if given is None:
             from .paths import default_runs_dir
 
             self.runs_dir = str(default_runs_dir())
@@ -146,7 +148,7 @@ class TrainConfig:
         """The strategy given, or the default for the weights (default_strategy)."""
         return self.strategy or default_strategy(self.weights)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         self._check_types()
         if self.arch not in ARCHS:
             raise FinetuneError(f"unknown architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
@@ -185,7 +187,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -197,7 +199,7 @@ class TrainConfig:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         """A configuration file (as `save` or run.json's "config" writes it); unknown keys are an error,
         so a typo is not silently ignored."""
         from .fsutil import read_json  # here: fsutil imports FinetuneError from this module

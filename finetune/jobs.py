@@ -210,7 +210,7 @@ class TrainingJob:
         self._reader.start()
 
     @classmethod
-    def attach(cls, run_dir: str | Path) -> "TrainingJob":
+    def attach(cls, run_dir: str | Path) -> TrainingJob:
         """Follow (and be able to stop) a training an earlier studio process started."""
         job = cls.__new__(cls)
         run = RunDir(run_dir)
@@ -374,6 +374,7 @@ def require_no_training(runs_dir: str | Path) -> None:
         here = lock.get("host") in (None, os.uname().nodename)
         where = "" if here else f" on {lock.get('host')}"
         run = f", run {Path(lock['run_dir']).name}" if lock.get("run_dir") else ""
+        kill = f", or kill {lock['pid']}" if here and lock.get("pid") else ""
         raise FinetuneError(f"a training started from a terminal (pid {lock.get('pid', '?')}{where}, data "
                             f"{lock.get('data', '?')}{run}) is running in this runs folder; wait for it or stop it "
-                            f"(Ctrl-C in its terminal{', or kill ' + str(lock['pid']) if here and lock.get('pid') else ''})")
+                            f"(Ctrl-C in its terminal{kill})")
