@@ -11,7 +11,8 @@
     finetune.scan("photos/"); finetune.doctor("photos/")
 
 The engine modules behind them are named for what they hold (training.py, the data_doctor package), so
-`finetune.train` and `finetune.doctor` are these plain functions whatever else is imported. Nothing here imports torch until it is needed: `import finetune` stays quick.
+`finetune.train` and `finetune.doctor` are these plain functions whatever else is imported. Nothing here imports
+torch until it is needed: `import finetune` stays quick.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ STOP_MESSAGE = "stopping after the current batch (interrupt again to abort)"
 
 
 def train(data: str | os.PathLike, *, progress: bool = True, on_event: EventCallback | None = None,
-          stop: threading.Event | None = None, **options: Any) -> "Run":
+          stop: threading.Event | None = None, **options: Any) -> Run:
     """Fine-tune on `data` (a folder of class folders, or with train/ and val/; or a .zip of one) and
     return the Run. `options`: any TrainConfig field (epochs=5, arch="resnet50", weights="none", ...).
 
@@ -161,12 +162,12 @@ class Model:
     and a Model for a plain weights file (a classic model.pth with its class_indices.json), which has no
     run behind it: no metrics, status or configuration, and nothing to evaluate against its split."""
 
-    def __init__(self, path: str | os.PathLike, predictor: "Predictor"):
+    def __init__(self, path: str | os.PathLike, predictor: Predictor):
         self.path = Path(path)
         self._predictor = predictor
 
     @property
-    def predictor(self) -> "Predictor":
+    def predictor(self) -> Predictor:
         """The model loaded (once) with its classes, preprocessing and calibration."""
         return self._predictor
 
@@ -179,7 +180,7 @@ class Model:
         return self.predictor.arch
 
     def predict(self, images: Any, top_k: int = 3, min_confidence: float | None = None,
-                batch_size: int = 64) -> list["Prediction"]:
+                batch_size: int = 64) -> list[Prediction]:
         """Predictions for image files, folders (searched recursively) and PIL images, one or a list, in
         the order given (a folder's images sorted). Each has .label (the best guess), .confidence
         (calibrated), .unknown (below `min_confidence`, default the run's suggestion from validation;
@@ -198,7 +199,7 @@ class Model:
                 slots.append(item)
             elif isinstance(item, (str, os.PathLike)):
                 skipped: list[tuple[str, str]] = []
-                slots.extend(list_images([item], skipped))
+                slots.extend(list_images([Path(item)], skipped))
                 slots.extend(Prediction(name, error=reason) for name, reason in skipped)
             else:
                 raise FinetuneError(f"cannot predict a {type(item).__name__}: give image files, folders or PIL images")
@@ -217,12 +218,14 @@ class Model:
                 results.append(slot)
         return results
 
-    def explain(self, image: "str | os.PathLike | Image.Image", target_class: str | int | None = None) -> "Image.Image":
+    def explain(self, image: str | os.PathLike | Image.Image, target_class: str | int | None = None) -> Image.Image:
         """A Grad-CAM overlay: the image (at its own size) tinted where it made the model say
         `target_class` (default: the predicted class)."""
         from .explain import explain_image
 
-        return explain_image(self.predictor, image, target_class).overlay
+        # a path of any kind as a Path: explain_image reads str and Path, and would take another for an image
+        path_or_image = Path(image) if isinstance(image, (str, os.PathLike)) else image
+        return explain_image(self.predictor, path_or_image, target_class).overlay
 
     def export(self, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
         """The model as ONNX ("onnx") or TorchScript ("torchscript"), with its classes, preprocessing and
@@ -235,7 +238,7 @@ class Model:
             raise FinetuneError(f"{target} exists already: give out= to write the export elsewhere (or over it)")
         return export_predictor(self._cpu_predictor(), fmt, target)
 
-    def _cpu_predictor(self) -> "Predictor":
+    def _cpu_predictor(self) -> Predictor:
         from .predict import Predictor
 
         p = self.predictor
@@ -243,7 +246,7 @@ class Model:
                          "cpu", source=p.source, temperature=p.temperature,
                          suggested_min_confidence=p.suggested_min_confidence)
 
-    def evaluate(self, data: str | os.PathLike, **options: Any) -> "Evaluation":
+    def evaluate(self, data: str | os.PathLike, **options: Any) -> Evaluation:
         raise FinetuneError(f"{self.path} is a plain weights file, not a run: evaluation needs a run folder (its "
                             f"split tells held-out images from training ones, its folder keeps the report); "
                             f"predict, explain and export work")
@@ -270,7 +273,7 @@ class Run(Model):
         self.device = device
         self._run = RunDir(self.path)
         self._run.require_info()  # a one-line error for a folder that is not a run
-        self._predictor = None
+        self._loaded: Predictor | None = None  # on first use (Model's _predictor is never None)
 
     @property
     def info(self) -> RunInfo:
@@ -316,14 +319,14 @@ class Run(Model):
         return self._run.metrics()
 
     @property
-    def predictor(self) -> "Predictor":
-        if self._predictor is None:
+    def predictor(self) -> Predictor:
+        if self._loaded is None:
             from .predict import Predictor
 
-            self._predictor = Predictor.from_run(self.path, self.device)
-        return self._predictor
+            self._loaded = Predictor.from_run(self.path, self.device)
+        return self._loaded
 
-    def evaluate(self, data: str | os.PathLike, **options: Any) -> "Evaluation":
+    def evaluate(self, data: str | os.PathLike, **options: Any) -> Evaluation:
         """The model on another labelled folder or .zip (its test/ or val/ split if it has one): metrics,
         confusion matrix and calibration report, written to RUN/eval-<data>-<time> (or out=). Options:
         min_confidence, batch_size, out, held_out_only (leave out images the run trained on)."""
@@ -337,7 +340,7 @@ class Run(Model):
         calibration inside; returns the file (default: model.onnx / model.torchscript.pt in the run)."""
         from .export import export
 
-        return export(self.path, fmt, out)
+        return export(self.path, fmt, Path(out) if out else None)
 
     def __repr__(self) -> str:
         accuracy = _number(_dict(self.info.get("summary")).get("accuracy"))
@@ -461,7 +464,7 @@ def load(path: str | os.PathLike, classes: str | os.PathLike | list[str] | None 
     return Model(source, _weights_predictor(source, classes, arch, image_size or 224, device))
 
 
-def _weights_predictor(weights: Path, classes, arch: str | None, image_size: int, device: str) -> "Predictor":
+def _weights_predictor(weights: Path, classes, arch: str | None, image_size: int, device: str) -> Predictor:
     from .model import load_classifier, safe_load, state_dict_from
     from .predict import Predictor, read_class_indices
 
@@ -490,7 +493,7 @@ def infer_arch(state: dict, source: Path) -> str:
 
 
 def scan(data: str | os.PathLike, val_fraction: float = default_of("val_fraction"),
-         seed: int = default_of("seed")) -> "DatasetScan":
+         seed: int = default_of("seed")) -> DatasetScan:
     """The data report of a folder (or .zip) as training would see it: classes, the train/val(/test)
     split, skipped files and warnings. In a notebook it shows as the report; `.report()` is the text."""
     from .data import scan_dataset
@@ -498,7 +501,7 @@ def scan(data: str | os.PathLike, val_fraction: float = default_of("val_fraction
     return scan_dataset(_dataset_folder(os.fspath(data), None), val_fraction, seed)
 
 
-def doctor(data: str | os.PathLike, *, progress: bool = True, **options: Any) -> "DoctorReport":
+def doctor(data: str | os.PathLike, *, progress: bool = True, **options: Any) -> DoctorReport:
     """The data doctor's findings on a folder (or .zip): likely label errors, duplicates leaking between
     splits, odd images. Options as finetune.data_doctor.run_doctor (run=, arch=, weights=, image_size=, folds=,
     cache_dir= (default: the shared feature cache), ...). `.summary_text()` is the command line's report."""

@@ -18,6 +18,7 @@ written last (`.complete`) records the archive's full sha256, what was written a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -145,7 +146,7 @@ def _check_overlaps(path: Path, infos: list[zipfile.ZipInfo], source: str) -> No
     except OSError as error:
         raise FinetuneError(f"{source} is not a readable .zip archive ({error})") from None
     spans.sort()
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
         if start < end:
             raise FinetuneError(f"{source}: entries {first!r} and {second!r} overlap (the same data listed "
                                 f"twice, a zip bomb?); refusing the archive")
@@ -191,8 +192,9 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
             raise FinetuneError(f"{source} unpacks to more than {max_total_bytes / 1024**3:.1f} GiB; "
                                 f"that is over the limit")
         if info.file_size >= RATIO_MIN_BYTES and info.file_size > max_ratio * max(info.compress_size, 1):
-            raise FinetuneError(f"{source}: entry {info.filename!r} is compressed {info.file_size / max(info.compress_size, 1):.0f}"
-                                f":1 (a zip bomb?); at most {max_ratio:.0f}:1 is accepted")
+            raise FinetuneError(f"{source}: entry {info.filename!r} is compressed "
+                                f"{info.file_size / max(info.compress_size, 1):.0f}:1 (a zip bomb?); "
+                                f"at most {max_ratio:.0f}:1 is accepted")
         files.append((info, parts))
     if total >= RATIO_MIN_BYTES and total > max_ratio * max(compressed, 1):
         raise FinetuneError(f"{source} is compressed {total / max(compressed, 1):.0f}:1 overall (a zip bomb?); "
@@ -269,7 +271,8 @@ def disk_usage(folder: str | Path) -> int:
 def _disk_estimate(contents: ZipContents) -> int:
     """What writing the files will take on disk: whole blocks, and a block per folder."""
     folders = {parts[:-1] for _, parts in contents.files}
-    return sum(max(BLOCK, -(-info.file_size // BLOCK) * BLOCK) for info, _ in contents.files) + BLOCK * (len(folders) + 2)
+    blocks = sum(max(BLOCK, -(-info.file_size // BLOCK) * BLOCK) for info, _ in contents.files)
+    return blocks + BLOCK * (len(folders) + 2)
 
 
 def read_extraction(folder: str | Path) -> Extraction | None:

@@ -154,7 +154,7 @@ def cmd_predict(args) -> int:
     if args.explain:
         from .explain import explain_paths
 
-        readable = [Path(p.path) for p in predictions if p.error is None]
+        readable: list[str | Path] = [Path(p.path) for p in predictions if p.error is None]
         heatmaps = explain_paths(predictor, readable, args.explain, args.explain_class)
     with output_may_close():
         if csv_path is not None:
@@ -349,7 +349,8 @@ def _add_doctor_command(sub: argparse._SubParsersAction) -> None:
     doctor_parser.add_argument("data", help="image folder or .zip")
     doctor_parser.add_argument("--run", help="a run trained on DATA: its backbone and split settings")
     doctor_parser.add_argument("--arch", choices=ARCHS, help=f"backbone without --run (default {TrainConfig.arch})")
-    doctor_parser.add_argument("--weights", help="imagenet, none (random: rough), or a .pth state_dict (default: imagenet)")
+    doctor_parser.add_argument("--weights",
+                               help="imagenet, none (random: rough), or a .pth state_dict (default: imagenet)")
     doctor_parser.add_argument("--image-size", type=int, help="input size of the backbone (default: the run's, or 224)")
     doctor_parser.add_argument("--folds", type=int, default=5, help="folds of the out-of-sample linear probe")
     doctor_parser.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
@@ -368,10 +369,12 @@ def _add_doctor_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     """The `evaluate` command: a run on another labelled folder."""
-    evaluate_parser = sub.add_parser("evaluate", help="metrics and confusion matrix of a run on another labelled folder",
-                       formatter_class=DefaultsHelpFormatter)
+    evaluate_parser = sub.add_parser("evaluate",
+                                     help="metrics and confusion matrix of a run on another labelled folder",
+                                     formatter_class=DefaultsHelpFormatter)
     evaluate_parser.add_argument("run", help="run folder")
-    evaluate_parser.add_argument("data", help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)")
+    evaluate_parser.add_argument("data",
+                                 help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)")
     evaluate_parser.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
     evaluate_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     evaluate_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -23,8 +23,13 @@ def compute_metrics(targets, probs, classes: list[str], paths: list[str] | None 
 
     Confusion matrix rows are true classes, columns predictions (scikit-learn's convention).
     """
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 precision_recall_fscore_support, top_k_accuracy_score)
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
 
     targets = np.asarray(targets, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)

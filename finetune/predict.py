@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,7 @@ class Predictor:
         return (UNKNOWN if is_unknown(confidence, self.min_confidence(min_confidence)) else guess), guess, confidence
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "model.pth") -> "Predictor":
+    def from_run(cls, run_dir: str | Path, device: str = "auto", checkpoint: str = "model.pth") -> Predictor:
         run = RunDir(Path(run_dir).expanduser())
         info = run.require_trained(checkpoint)
         run_dir, info_path = run.path, run.info_path
@@ -168,7 +168,7 @@ class Predictor:
 
     @classmethod
     def from_files(cls, weights: str | Path, class_indices: str | Path, arch: str, image_size: int = 224,
-                   device: str = "auto") -> "Predictor":
+                   device: str = "auto") -> Predictor:
         """A plain state_dict + class_indices.json, as the classic train.py/predict.py scripts use."""
         classes = read_class_indices(class_indices)
         state = state_dict_from(safe_load(weights, "model"), Path(weights))
@@ -177,7 +177,7 @@ class Predictor:
 
     @classmethod
     def load(cls, source: str | Path, classes: str | Path | None = None, arch: str | None = None,
-             image_size: int = 224, device: str = "auto") -> "Predictor":
+             image_size: int = 224, device: str = "auto") -> Predictor:
         """A run folder, or a .pth file with a class file beside it (or given) and --arch."""
         source = Path(source).expanduser()
         if source.is_dir():
@@ -192,8 +192,8 @@ class Predictor:
     def _top(self, probs: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
         k = max(1, min(top_k, len(self.classes)))
         values, indices = probs.topk(k, dim=1)
-        return [[(self.classes[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]
-                for vs, ix in zip(values, indices)]
+        return [[(self.classes[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist(), strict=True)]
+                for vs, ix in zip(values, indices, strict=True)]
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -236,18 +236,18 @@ class Predictor:
         applies it; `answer` applies one to this list)."""
         return self.predict_one(image, top_k, min_confidence=0.0).top
 
-    def predict_paths(self, paths: list[str | Path], top_k: int = 5, batch_size: int = 64,
+    def predict_paths(self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 64,
                       workers: int | None = None, on_progress=None,
                       min_confidence: float | None = None, keep_logits: bool = False) -> list[Prediction]:
         """Batched (the last partial batch included), decoded in parallel; bad files become error rows;
         a confidence below `min_confidence` (default: the run's suggestion) marks the row unknown.
         `keep_logits`: each row also keeps the raw model output (for calibration reports)."""
         threshold = self.min_confidence(min_confidence)
-        paths = [Path(p) for p in paths]
+        files = [Path(p) for p in paths]
         if workers is None:
-            workers = min(default_workers(self.device), max(0, len(paths) // batch_size))
-        results: list[Prediction] = [Prediction(str(p)) for p in paths]
-        loader = DataLoader(_Files(paths, self.transform, self.min_size), batch_size=batch_size,
+            workers = min(default_workers(self.device), max(0, len(files) // batch_size))
+        results: list[Prediction] = [Prediction(str(p)) for p in files]
+        loader = DataLoader(_Files(files, self.transform, self.min_size), batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate, pin_memory=pin_memory(self.device))
         done = 0
         for images, indices, failed in loader:
@@ -256,12 +256,12 @@ class Predictor:
             if images is not None:
                 logits = self.logits(images)
                 for index, (top, unknown), raw in zip(indices, self._answers(logits, top_k, threshold),
-                                                      logits.tolist()):
+                                                      logits.tolist(), strict=True):
                     results[index].top, results[index].unknown = top, unknown
                     results[index].logits = raw if keep_logits else None
             done += len(indices) + len(failed)
             if on_progress:
-                on_progress(done, len(paths))
+                on_progress(done, len(files))
         return results
 
 
@@ -276,7 +276,7 @@ def write_csv(predictions: list[Prediction], path: str | Path, top_k: int) -> Pa
         header += [f"class_{k}", f"probability_{k}"]
     rows = []
     for p in predictions:
-        row = [p.path, p.answer or "", p.label or "", number(p.confidence, ".6f") if p.top else ""]
+        row = [p.path, p.answer or "", p.label or "", number(p.top[0][1], ".6f") if p.top else ""]
         for k in range(1, top_k):
             row += [p.top[k][0], number(p.top[k][1], ".6f")] if k < len(p.top) else ["", ""]
         rows.append(row + [p.error or ""])

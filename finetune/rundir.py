@@ -32,7 +32,7 @@ from .fsutil import DiskFull, disk_full, write_atomic, write_text_atomic  # noqa
 try:
     import fcntl
 except ImportError:  # Windows: trainings are told apart by their pid alone
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # checked before each use
 
 RUN_FORMAT = "finetune-run/1"
 FINAL_STATUSES = ("completed", "stopped", "early-stopped", "failed")
@@ -115,7 +115,7 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     @classmethod
-    def create(cls, runs_dir: str | Path, arch: str, strategy: str, name: str | None = None) -> "RunDir":
+    def create(cls, runs_dir: str | Path, arch: str, strategy: str, name: str | None = None) -> RunDir:
         """A new, empty run folder (never an existing one)."""
         runs_dir = Path(runs_dir)
         while True:
@@ -336,7 +336,7 @@ class TrainingLock:
         self._fd: int | None = None
         self._written = 0
 
-    def __enter__(self) -> "TrainingLock":
+    def __enter__(self) -> TrainingLock:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         name = f"{LOCK_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # filled and locked under a name no reader looks at, then renamed: a reader never finds the
@@ -370,6 +370,7 @@ class TrainingLock:
             pass
 
     def _write(self) -> None:
+        assert self._fd is not None, "written only while the lock file is open"
         data = json.dumps(self.info).encode()
         # in place (a rename would drop the lock), padded over the old text: JSON ignores the spaces
         os.pwrite(self._fd, data.ljust(self._written), 0)
