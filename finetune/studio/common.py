@@ -90,8 +90,10 @@ def bind(studio: Studio, handler: Callable, outputs: dict | None = None) -> Call
                 raise shielded(problem) from None
 
     params = list(inspect.signature(handler).parameters.values())[1:]
-    event.shielded = True  # its exceptions reach the page escaped (a test checks every event of the app)
-    event.__signature__ = inspect.Signature(params)
+    # function attributes mypy does not know of: `shielded` (its exceptions reach the page escaped; a test
+    # checks every event of the app) and the signature gradio reads
+    event.shielded = True  # type: ignore[attr-defined]
+    event.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     event.__name__ = event.__qualname__ = handler.__name__
     event.__doc__ = handler.__doc__
     return event

@@ -10,15 +10,23 @@ Images reach the browser as PIL thumbnails (gradio's own cache), never as paths 
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from ..architectures import architecture
 from ..config import FinetuneError, TrainConfig
-from ..curation import (SPLIT_ORDER, add_decisions, default_curation_path, leak_decisions, load_or_new_curation,
-                        save_curation)
+from ..curation import (
+    SPLIT_ORDER,
+    add_decisions,
+    default_curation_path,
+    leak_decisions,
+    load_or_new_curation,
+    save_curation,
+)
 from ..rundir import RunDir, resolve_run, run_choices
 from . import views
 from .common import Cancelled, bind, output_list, run_cancellable, thumbnail, user_errors
@@ -28,7 +36,7 @@ IMAGE_SIZE: int | None = None  # the doctor's image size for ImageNet / random f
 EXAMPLES_PER_CLASS = 4  # images of the suggested class shown beside a label issue
 THUMB = 360
 SIDE_THUMB = 160
-DOCTOR = dict(concurrency_id="doctor", concurrency_limit=1)
+DOCTOR: dict[str, Any] = dict(concurrency_id="doctor", concurrency_limit=1)
 
 
 @dataclass
@@ -128,7 +136,7 @@ def refresh_backbones(studio: Studio, current: str | None = None) -> gr.Dropdown
 # Findings -> items to review
 
 
-def review_items(report: dict, examples: dict[str, list[str]], kept: set[str] = frozenset()) -> list[dict]:
+def review_items(report: dict, examples: dict[str, list[str]], kept: AbstractSet[str] = frozenset()) -> list[dict]:
     """The findings in review order, one item per flagged image (a duplicate group: one item, shown on
     the copy that would go); items whose image was kept in an earlier review are left out."""
     items = []
@@ -139,7 +147,7 @@ def review_items(report: dict, examples: dict[str, list[str]], kept: set[str] = 
                       "others": [(p, issue["suggested"]) for p in examples.get(issue["suggested"], [])
                                  if p != issue["path"]][:EXAMPLES_PER_CLASS]})
     for group in sorted(report["duplicate_groups"], key=lambda g: not g["leak"]):
-        members = list(zip(group["paths"], group["splits"], group["classes"]))
+        members = list(zip(group["paths"], group["splits"], group["classes"], strict=True))
         focus = duplicate_focus(group)
         path, split, name = members[focus]
         items.append({"kind": "duplicate", "path": path, "split": split, "given": name, "group_kind": group["kind"],
@@ -353,7 +361,7 @@ def enlarged(image, size: int):
         return image
     from PIL import Image
 
-    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def _buttons(back: bool, forward: bool, decide: bool) -> dict:
@@ -442,7 +450,7 @@ def wire(studio: Studio, c: ReviewTab, data_path: gr.Textbox, train_curation: gr
     running = {**shown, "log": c.log, "summary": c.summary}
     review = c.run_btn.click(bind(studio, run_review, running), [c.data, c.backbone], output_list(running),
                              api_name="run_doctor", show_progress_on=[c.summary], **DOCTOR)
-    c.cancel_btn.click(None, None, None, cancels=[review], api_name=False)
+    c.cancel_btn.click(None, None, None, cancels=[review], api_visibility="private")
     c.prev_btn.click(bind(studio, previous_item, shown), c.state, output_list(shown), api_name="review_previous")
     c.next_btn.click(bind(studio, next_item, shown), c.state, output_list(shown), api_name="review_next")
     deciding = {**shown, "train_curation": train_curation}
@@ -451,5 +459,6 @@ def wire(studio: Studio, c: ReviewTab, data_path: gr.Textbox, train_curation: gr
                                     (c.leak_btn, exclude_leaks, [c.state])):
         button.click(bind(studio, handler, deciding), inputs, output_list(deciding),
                      api_name=f"review_{handler.__name__}", concurrency_id="review_decide", concurrency_limit=1)
-    data_path.change(bind(studio, follow_data), data_path, c.data, api_name=False, show_progress="hidden")
-    c.tab.select(bind(studio, refresh_backbones), c.backbone, c.backbone, api_name=False)
+    data_path.change(bind(studio, follow_data), data_path, c.data, api_visibility="private",
+                     show_progress="hidden")
+    c.tab.select(bind(studio, refresh_backbones), c.backbone, c.backbone, api_visibility="private")
