@@ -36,10 +36,10 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -49,8 +49,17 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .config import TrainConfig
-from .data import (IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, load_rgb, open_image,
-                   resize_size, train_transform)
+from .data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetScan,
+    ImageListDataset,
+    eval_transform,
+    load_rgb,
+    open_image,
+    resize_size,
+    train_transform,
+)
 from .device import Distributed, decode_threads, non_blocking, pin_memory
 from .fsutil import remove_tree
 
@@ -161,7 +170,8 @@ def streaming_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, m
     """Decode and augment every image every epoch; the frozen part runs on every batch."""
     # JPEG draft decoding: RandomResizedCrop may zoom in, so keep detail up to twice the crop size.
     train_set = ImageListDataset(scan.root, scan.train, train_transform(cfg.image_size), min_size=cfg.image_size * 2)
-    val_set = ImageListDataset(scan.root, scan.val, eval_transform(cfg.image_size), min_size=resize_size(cfg.image_size))
+    val_set = ImageListDataset(scan.root, scan.val, eval_transform(cfg.image_size),
+                               min_size=resize_size(cfg.image_size))
     prepare = frozen_runner(frozen, memory_format)
     description = "streamed images (decoded every epoch" + (
         ", frozen layers run every batch" if not isinstance(frozen, nn.Identity) else "") + ")"
@@ -306,7 +316,8 @@ def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, dev
         raise DoesNotFit(f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of "
                          f"{_gb(budget)}")
 
-    views_text = {1: "centre", 2: "centre + flip"}.get(cfg.cache_views, f"centre + flip + {cfg.cache_views - 2} random crops")
+    views_text = {1: "centre", 2: "centre + flip"}.get(cfg.cache_views,
+                                                       f"centre + flip + {cfg.cache_views - 2} random crops")
     log(f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
         f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} of a {_gb(budget)} budget")
     started = time.perf_counter()
@@ -353,18 +364,20 @@ class PixelStore:
     def __init__(self, on_disk: bool):
         self.on_disk = on_disk
         self.tensors: list[torch.Tensor] = []
-        self.shapes: list[tuple[int, int, int]] = []
+        self.shapes: list[tuple[int, ...]] = []
         self.offsets: list[int] = []
-        self._array = None
+        self._array: np.memmap | None = None
         self._dir = tempfile.mkdtemp(prefix="finetune-pixels-") if on_disk else None
-        self._file = open(Path(self._dir, "pixels.u8"), "wb") if on_disk else None
+        self._path = Path(self._dir, "pixels.u8") if self._dir else None
+        # open across append() calls until close() maps it: no with-block fits
+        self._file = open(self._path, "wb") if self._path else None  # noqa: SIM115
         self._size = 0
-        if on_disk:
+        if self._dir:
             weakref.finalize(self, remove_tree, self._dir)
 
     def append(self, image: torch.Tensor) -> None:
         image = image.contiguous()
-        if self.on_disk:
+        if self._file is not None:
             self.offsets.append(self._size)
             self.shapes.append(tuple(image.shape))
             self._file.write(image.numpy().tobytes())
@@ -373,16 +386,15 @@ class PixelStore:
             self.tensors.append(image)
 
     def close(self) -> None:
-        if self.on_disk:
+        if self._file is not None and self._path is not None:
             self._file.close()
-            self._array = np.memmap(Path(self._dir, "pixels.u8"), dtype=np.uint8, mode="r",
-                                    shape=(max(1, self._size),))
+            self._array = np.memmap(self._path, dtype=np.uint8, mode="r", shape=(max(1, self._size),))
 
     def __len__(self) -> int:
         return len(self.tensors) if not self.on_disk else len(self.shapes)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if not self.on_disk:
+        if self._array is None:  # in memory (a store on disk maps its file in close())
             return self.tensors[index]
         c, h, w = self.shapes[index]
         start = self.offsets[index]
@@ -405,7 +417,7 @@ class PixelCache(Dataset):
         return image, self.labels[position]
 
 
-def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: Callable[[torch.Tensor], None],
+def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: Callable[[torch.Tensor], object],
                log: Callable[[str], None], what: str) -> None:
     """Decode in parallel threads (PIL and torch release the GIL), keep the order."""
     threads = decode_threads()
@@ -447,8 +459,9 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
     # In-memory tensors on the CPU: indexing and cropping in the main process beat worker processes
     # that would compete with the model for the cores; on a GPU, workers crop while it computes.
     loader_workers = min(workers, 4) if device.type == "cuda" else 0
-    description = (f"decoded-pixel cache (uint8, short side {short}, in {'a memory-mapped file' if on_disk else 'memory'}"
-                   f", {_gb(need)} of a {_gb(budget)} memory budget; RandomResizedCrop per epoch, flip and "
+    where = "a memory-mapped file" if on_disk else "memory"
+    description = (f"decoded-pixel cache (uint8, short side {short}, in {where}, {_gb(need)} of a {_gb(budget)} "
+                   f"memory budget; RandomResizedCrop per epoch, flip and "
                    f"normalise on the {device.type})")
     return Pipeline(train_set, val_set, loader_workers, description, prepare_train, scale,
                     sharded=shard.world_size > 1, val_covers_all=shard.world_size == 1, kind="pixels")

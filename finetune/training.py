@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,8 +38,18 @@ from .architectures import architecture
 from .calibrate import NonFiniteLogits, calibrate, softmax
 from .config import FinetuneError, TrainConfig, default_strategy
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
-from .device import (Distributed, amp_dtype_for, channels_last_for, default_workers, describe_device, non_blocking,
-                     pin_memory, resolve_device, seed_everything, versions)
+from .device import (
+    Distributed,
+    amp_dtype_for,
+    channels_last_for,
+    default_workers,
+    describe_device,
+    non_blocking,
+    pin_memory,
+    resolve_device,
+    seed_everything,
+    versions,
+)
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import BestEpoch, EpochRecord, Event, EventCallback, EventWriter, Timing, end_event, epoch_event
 from .model import apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
@@ -82,7 +94,7 @@ class TrainState:
                 "epochs_without_gain": self.epochs_without_gain}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "TrainState":
+    def from_checkpoint(cls, checkpoint: dict) -> TrainState:
         return cls(epoch=checkpoint["epoch"], history=list(checkpoint["history"]), best=checkpoint["best"].copy(),
                    epochs_without_gain=checkpoint.get("epochs_without_gain", 0))
 
@@ -104,7 +116,7 @@ class Session:
     train_loader: DataLoader
     val_loader: DataLoader
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     amp_dtype: torch.dtype | None
@@ -167,7 +179,7 @@ class EvenBatches(Sampler[list[int]]):
     one image (at 1x1 maps it fails). Every rank gets the same number of batches (the samplers
     give each rank as many indices), as DDP needs."""
 
-    def __init__(self, sampler: Sampler[int], batch_size: int):
+    def __init__(self, sampler: RandomSampler | DistributedSampler, batch_size: int):
         self.sampler, self.batch_size = sampler, batch_size
 
     def sizes(self, n: int) -> list[int]:
@@ -195,12 +207,13 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: t
     """`shuffle`: the training loader (shuffled, EvenBatches); else in order, in batches of batch_size.
     `sharded`: the dataset already holds only this rank's part (a cache built per rank)."""
     generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=workers, pin_memory=pin_memory(device), persistent_workers=workers > 0,
+    common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory(device), persistent_workers=workers > 0,
                   generator=generator, prefetch_factor=4 if workers > 0 else None)
     if not shuffle:
         if ctx.enabled and not sharded:
             dataset = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
         return DataLoader(dataset, batch_size=batch_size, **common)
+    sampler: RandomSampler | DistributedSampler
     if ctx.enabled and not sharded:  # padded so that every rank has as many images
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True, seed=seed)
     else:  # the loader's own generator, as DataLoader(shuffle=True) would use it
@@ -216,10 +229,10 @@ def epoch_sampler(loader: DataLoader):
 def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run: RunDir, scan: DatasetScan,
                   model: nn.Module, emit: EventCallback) -> Session:
     """Model on the device, the fastest data pipeline that fits, loaders, optimizer and schedule."""
-    apply_strategy(model, cfg.strategy)
-    frozen, trainable = split_model(model, cfg.strategy)
+    apply_strategy(model, cfg.resolved_strategy())
+    frozen, trainable = split_model(model, cfg.resolved_strategy())
     memory_format = torch.channels_last if channels_last_for(device, cfg.channels_last) else torch.preserve_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stubs split the two
     amp_dtype = amp_dtype_for(device, cfg.amp)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
 
@@ -239,7 +252,7 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs at buckets)
-        step_module = torch.compile(step_module)
+        step_module = cast(nn.Module, torch.compile(step_module))  # an OptimizedModule, typed as a callable
 
     optimizer, scheduler = optimizer_and_schedule(cfg, model, steps_per_epoch=max(1, len(train_loader)))
     scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=uses_grad_scaler(amp_dtype))
@@ -253,12 +266,12 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
 
 
 def optimizer_and_schedule(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int
-                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the strategy's parameter groups, and its per-step schedule over the whole run (warmup
     at most a fifth of it)."""
     pretrained = cfg.weights != "none"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale, pretrained),
-                                  weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg.resolved_strategy(), cfg.head_lr(), cfg.backbone_lr_scale, pretrained)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, min(round(cfg.warmup_epochs * steps_per_epoch), total_steps // 5))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
@@ -312,7 +325,7 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
                   "rng": torch.get_rng_state(), **state.state_dict()}
     if final and session.run.model.is_file():
         del checkpoint["optimizer"]
-        trained = trained_keys(model_state, session.cfg.strategy, session.cfg.arch)
+        trained = trained_keys(model_state, session.cfg.resolved_strategy(), session.cfg.arch)
         checkpoint["model"] = {key: model_state[key] for key in trained}
         checkpoint["base"] = CHECKPOINT_BASE
     save_atomic(checkpoint, session.run.last)
@@ -354,7 +367,7 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def checkpoint_model_state(run: RunDir, checkpoint: dict) -> dict:
+def checkpoint_model_state(run: RunDir, checkpoint: object) -> dict:
     """The whole state_dict of a last.pth: its own tensors over those of its base (a slim one's
     frozen layers, from model.pth of the same run folder)."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
@@ -380,7 +393,8 @@ def load_resumed(model: nn.Module, state: dict, source: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-        raise FinetuneError(f"{source} does not fit this run's model ({model.fc.out_features} classes): "
+        classes = cast(nn.Linear, model.fc).out_features
+        raise FinetuneError(f"{source} does not fit this run's model ({classes} classes): "
                             f"{(lines or ['keys differ'])[0][:300]}") from None
 
 
@@ -396,6 +410,11 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
         session.scheduler.load_state_dict(checkpoint["scheduler"])  # keeps the lambdas built for this run's length
         if "optimizer" in checkpoint:
             session.optimizer.load_state_dict(checkpoint["optimizer"])
+        else:  # in the try: base_lrs come from the file, and another run's count of groups does not fit
+            scheduler = session.scheduler
+            for group, base_lr, factor in zip(session.optimizer.param_groups, scheduler.base_lrs,
+                                              scheduler.lr_lambdas, strict=True):
+                group["lr"] = base_lr * factor(scheduler.last_epoch)
         if checkpoint.get("scaler"):
             session.scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"])
@@ -403,9 +422,6 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
         first = str(error).splitlines()[0] if str(error) else ""
         raise FinetuneError(f"{session.run.last} does not fit this run: {type(error).__name__}: {first}") from None
     if "optimizer" not in checkpoint:
-        scheduler = session.scheduler
-        for group, base_lr, factor in zip(session.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(scheduler.last_epoch)
         session.log("last.pth of a run that had ended keeps no optimizer state: AdamW starts afresh (its "
                     "moments rebuild within a few steps), at the learning rate the schedule has reached")
     return TrainState.from_checkpoint(checkpoint)
@@ -430,7 +446,7 @@ def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | 
 # One epoch, validation
 
 
-def train_one_epoch(session: Session, epoch: int, stop: threading.Event, progress: "_Progress") -> tuple[dict, bool]:
+def train_one_epoch(session: Session, epoch: int, stop: threading.Event, progress: _Progress) -> tuple[dict, bool]:
     """One pass over the training data. Returns (train loss and accuracy over all ranks, stopped)."""
     s = session
     sampler = epoch_sampler(s.train_loader)
@@ -611,9 +627,9 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
             for listener in listeners:
                 listener(event)
 
-    def write_event(event: Event) -> None:
+    def write_event(writer: EventWriter, event: Event) -> None:
         try:
-            event_file(event)
+            writer(event)
         except OSError as error:  # a write error has no file name: give it one
             raise (disk_full(error, run.events) or error) from None
 
@@ -625,7 +641,7 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
     pids = ctx.all_gather(os.getpid())
     event_file = EventWriter(run.events) if ctx.is_main else None
     if event_file:
-        listeners.insert(0, write_event)  # in the file before anyone reacts to it
+        listeners.insert(0, functools.partial(write_event, event_file))  # in the file before anyone reacts to it
     try:
         mark_running(cfg, ctx, device, run, scan, checkpoint is None, notes, pids, emit)
         return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop, started)
@@ -663,7 +679,8 @@ def open_run(cfg: TrainConfig, ctx: Distributed, resume_dir: Path | None, emit: 
     scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
     # the weights before the run folder: unavailable or wrong weights leave no failed run behind
     model = build_model(cfg.arch, len(scan.classes), cfg.weights)
-    run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.strategy, cfg.run_name) if ctx.is_main else None)
+    run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.resolved_strategy(), cfg.run_name)
+                        if ctx.is_main else None)
     return run, scan, model, None
 
 
@@ -736,6 +753,7 @@ def scan_for_training(cfg: TrainConfig, on_progress: Callable[[str, int, int], N
 def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: torch.device,
                      ctx: Distributed) -> None:
     """What a run folder holds before the first epoch: split, report, class map, run.json."""
+    curation = getattr(scan, "curation", None)  # a CuratedScan's (curation.apply_curation)
     run.write_split(scan)
     run.write_class_indices(scan.classes)
     run.write_info({
@@ -745,7 +763,7 @@ def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: t
         "image_size": cfg.image_size, "resize_size": resize_size(cfg.image_size),
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
         "versions": versions(), "device": describe_device(device), "world_size": ctx.world_size,
-        **({"curation": curation_summary(scan.curation)} if getattr(scan, "curation", None) else {}),
+        **({"curation": curation_summary(curation)} if curation else {}),
     })
 
 

@@ -51,7 +51,7 @@ def build_app(studio):
         refreshing = bind(studio, refresh_runs)
         evaluate.refresh.click(refreshing, run_lists, run_lists, api_name="list_runs")
         for tab in (evaluate.tab, predict.tab, export.tab):
-            tab.select(refreshing, run_lists, run_lists, api_name=False)
+            tab.select(refreshing, run_lists, run_lists, api_visibility="private")
         followed.then(bind(studio, select_trained_run), run_lists, run_lists, api_name="refresh_runs_after_training")
         demo.load(bind(studio, latest_runs), None, run_lists, api_name="initial_runs")
     return demo
@@ -103,7 +103,7 @@ def where(host: str, port: int) -> str:
     return f"listening on {host}, port {port} ({scope}): open http://{url_host}:{port}"
 
 
-def parse_auth(text: str | tuple[str, str] | None) -> tuple[str, str] | None:
+def parse_auth(text: object) -> tuple[str, str] | None:
     """(user, password) of FINETUNE_AUTH / --auth / launch(auth=...) ("user:password" or a pair);
     FinetuneError when it is malformed or the password is short (the back-off slows guessing, it does
     not make a short password safe)."""
@@ -287,7 +287,7 @@ class RunningStudio:
                 while self._undo:
                     self._undo.pop()()
 
-    def __enter__(self) -> "RunningStudio":
+    def __enter__(self) -> RunningStudio:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -303,7 +303,8 @@ class RunningStudio:
 
         if self.closed:
             return f"<p>Finetune Studio at {escape(self.url)}: closed.</p>"
-        links = [(self.proxy_url, "through Colab's proxy"), (self.share_url, "share link"), (self.url, "on this machine")]
+        links = [(self.proxy_url, "through Colab's proxy"), (self.share_url, "share link"),
+                 (self.url, "on this machine")]
         items = " · ".join(f'<a href="{escape(u, quote=True)}" target="_blank">{escape(what)}</a>'
                            for u, what in links if u)
         return (f"<p><b>Finetune Studio</b> ({items}); runs in <code>{escape(str(self.runs_dir))}</code>. "
@@ -499,9 +500,8 @@ def _keep_image_openers():
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..paths import default_runs_dir, default_workspace, sample_data
-
     from .. import __version__
+    from ..paths import default_runs_dir, default_workspace, sample_data
 
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -560,7 +560,8 @@ def main(argv=None) -> int:
     from ..names import printable
 
     args = parse_args(argv)
-    os.environ["GRADIO_SERVER_NAME"] = args.host  # the command's own process: whatever gradio falls back to is this host
+    # the command's own process: whatever gradio falls back to is this host
+    os.environ["GRADIO_SERVER_NAME"] = args.host
     try:
         running = launch(args.runs_dir, args.port, share=args.share, auth=args.auth, inline=False, host=args.host,
                          data=args.data, workspace=args.workspace, browse_root=args.browse_root,
