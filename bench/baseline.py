@@ -80,25 +80,39 @@ def run_baseline(cfg: TrainConfig, on_epoch=None, amp: bool = False, channels_la
     scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, check=False)
     size = cfg.image_size
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([transforms.Resize(resize_size(size)), transforms.CenterCrop(size),
-                                 transforms.ToTensor(), normalize])
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    val_tf = transforms.Compose(
+        [transforms.Resize(resize_size(size)), transforms.CenterCrop(size), transforms.ToTensor(), normalize]
+    )
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     loaders = {
-        "train": DataLoader(ClassicImages(scan.root, scan.train, train_tf), batch_size=cfg.batch_size, shuffle=True,
-                            num_workers=workers, drop_last=len(scan.train) > cfg.batch_size, pin_memory=pinned,
-                            generator=torch.Generator().manual_seed(cfg.seed)),
-        "val": DataLoader(ClassicImages(scan.root, scan.val, val_tf), batch_size=cfg.batch_size * 2,
-                          num_workers=workers, pin_memory=pinned),
+        "train": DataLoader(
+            ClassicImages(scan.root, scan.train, train_tf),
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=len(scan.train) > cfg.batch_size,
+            pin_memory=pinned,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        ),
+        "val": DataLoader(
+            ClassicImages(scan.root, scan.val, val_tf),
+            batch_size=cfg.batch_size * 2,
+            num_workers=workers,
+            pin_memory=pinned,
+        ),
     }
 
     model = build_model(cfg.arch, len(scan.classes), cfg.weights)
     apply_strategy(model, cfg.strategy)  # requires_grad off on the frozen layers
     model.to(device, memory_format=memory_format)
     frozen = frozen_modules(model, cfg.strategy)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale,
-                                               cfg.weights != "none"), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.strategy, cfg.head_lr(), cfg.backbone_lr_scale, cfg.weights != "none"),
+        weight_decay=cfg.weight_decay,
+    )
     steps_per_epoch = max(1, len(loaders["train"]))
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, min(round(cfg.warmup_epochs * steps_per_epoch), total // 5))
@@ -136,10 +150,23 @@ def run_baseline(cfg: TrainConfig, on_epoch=None, amp: bool = False, channels_la
             first_epoch_s = time.perf_counter() - started
         if on_epoch:
             on_epoch(epoch, history[-1])
-    return {"seconds": time.perf_counter() - started, "first_epoch_s": first_epoch_s, "best_val_acc": best_acc,
-            "val_acc_history": history, "train_images": len(scan.train), "val_images": len(scan.val),
-            "workers": workers, "has_best_weights": best_weights is not None, "device": str(device),
-            "precision": precision_name(amp_dtype), "amp_reason": amp_reason, "grad_scaler": scaler.is_enabled(),
-            "memory_layout": "channels_last" if model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-            else "NCHW", "pin_memory": pinned, "non_blocking": copy_async,
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None}
+    return {
+        "seconds": time.perf_counter() - started,
+        "first_epoch_s": first_epoch_s,
+        "best_val_acc": best_acc,
+        "val_acc_history": history,
+        "train_images": len(scan.train),
+        "val_images": len(scan.val),
+        "workers": workers,
+        "has_best_weights": best_weights is not None,
+        "device": str(device),
+        "precision": precision_name(amp_dtype),
+        "amp_reason": amp_reason,
+        "grad_scaler": scaler.is_enabled(),
+        "memory_layout": "channels_last"
+        if model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        else "NCHW",
+        "pin_memory": pinned,
+        "non_blocking": copy_async,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+    }

@@ -68,8 +68,11 @@ def worker(kind: str, cfg_values: dict) -> dict:
         sys.path.insert(0, str(REPO / "bench"))
         from baseline import run_baseline
 
-        result = run_baseline(cfg, amp=bool(baseline_options.get("amp", False)),
-                              channels_last=bool(baseline_options.get("channels_last", False)))
+        result = run_baseline(
+            cfg,
+            amp=bool(baseline_options.get("amp", False)),
+            channels_last=bool(baseline_options.get("channels_last", False)),
+        )
     elif kind == "ours":
         from finetune.training import train
 
@@ -87,16 +90,26 @@ def worker(kind: str, cfg_values: dict) -> dict:
         seconds = time.perf_counter() - started
         info = json.loads((run / "run.json").read_text())
         start = next(e for e in events if e["type"] == "start")
-        result = {"seconds": seconds, "first_epoch_s": marks.get("first_epoch_s"),
-                  "best_val_acc": info["best"]["val_acc"], "val_acc_history": [h["val_acc"] for h in info["history"]],
-                  "train_images": start["train_images"], "val_images": start["val_images"],
-                  "pipeline": start["pipeline"], "run_dir": str(run), "status": info["status"],
-                  "final_val_accuracy": (info.get("summary") or {}).get("accuracy")}
+        result = {
+            "seconds": seconds,
+            "first_epoch_s": marks.get("first_epoch_s"),
+            "best_val_acc": info["best"]["val_acc"],
+            "val_acc_history": [h["val_acc"] for h in info["history"]],
+            "train_images": start["train_images"],
+            "val_images": start["val_images"],
+            "pipeline": start["pipeline"],
+            "run_dir": str(run),
+            "status": info["status"],
+            "final_val_accuracy": (info.get("summary") or {}).get("accuracy"),
+        }
         amp_dtype, amp_reason = amp_choice(device, cfg.amp)  # what train chose (the same helpers)
-        result.update(precision=precision_name(amp_dtype), amp_reason=amp_reason,
-                      grad_scaler=amp_dtype == torch.float16,
-                      memory_layout="channels_last" if channels_last_for(device, cfg.channels_last) else "NCHW",
-                      device=str(device))
+        result.update(
+            precision=precision_name(amp_dtype),
+            amp_reason=amp_reason,
+            grad_scaler=amp_dtype == torch.float16,
+            memory_layout="channels_last" if channels_last_for(device, cfg.channels_last) else "NCHW",
+            device=str(device),
+        )
     elif kind == "predict":
         result = predict_worker(cfg_values["run_dir"], cfg_values["device"], cfg_values["images"])
     else:
@@ -142,18 +155,29 @@ def predict_worker(run_dir: str, device: str, images: list[str]) -> dict:
     t = time.perf_counter()
     predictions = predictor.predict_paths(images)
     folder_s = time.perf_counter() - t
-    return {"latency_p50_ms": statistics.median(latencies),
-            "latency_p95_ms": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
-            "folder_images": len(images), "folder_seconds": folder_s,
-            "folder_images_per_s": len(images) / folder_s,
-            "folder_errors": sum(p.error is not None for p in predictions)}
+    return {
+        "latency_p50_ms": statistics.median(latencies),
+        "latency_p95_ms": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "folder_images": len(images),
+        "folder_seconds": folder_s,
+        "folder_images_per_s": len(images) / folder_s,
+        "folder_errors": sum(p.error is not None for p in predictions),
+    }
 
 
 def run_subprocess(kind: str, values: dict, timeout: float | None = None) -> dict:
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as out:
         out_path = out.name
-    command = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_config", json.dumps(values),
-               "--_out", out_path]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_worker",
+        kind,
+        "--_config",
+        json.dumps(values),
+        "--_out",
+        out_path,
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     completed = subprocess.run(command, cwd=REPO, env=env, timeout=timeout, capture_output=True, text=True)
     if completed.returncode != 0:
@@ -187,8 +211,10 @@ def machine() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {cores} cores{mem}, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{platform.platform()}")
+    return (
+        f"{cpu}, {cores} cores{mem}, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{platform.platform()}"
+    )
 
 
 VARIANTS = (("baseline", "classic"), ("like_for_like", "like-for-like"), ("ours", "ours"))
@@ -224,38 +250,57 @@ def markdown(results: list[dict], predicts: list[dict]) -> str:
     header = ["arch", "strategy", "epochs", f"time {names} (s)", "speed-up vs classic"]
     if with_lfl:
         header.append("speed-up vs like-for-like")
-    header += [f"images/s {names}", f"first epoch {names} (s)", f"peak RSS {names} (MB)",
-               f"peak GPU memory {names} (MB)", f"best val acc {names}", "ours: pipeline"]
+    header += [
+        f"images/s {names}",
+        f"first epoch {names} (s)",
+        f"peak RSS {names} (MB)",
+        f"peak GPU memory {names} (MB)",
+        f"best val acc {names}",
+        "ours: pipeline",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         row = [r["arch"], r["strategy"], str(r["epochs"]), cells(r, "seconds", ".1f"), speedup(r, "baseline")]
         if with_lfl:
             row.append(speedup(r, "like_for_like"))
-        row += [cells(r, "images_per_s", ".1f"), cells(r, "first_epoch_s", ".1f"), cells(r, "peak_rss_mb", ".0f"),
-                cells(r, "peak_gpu_mb", ".0f"), cells(r, "best_val_acc", ".3f"), r["ours"]["pipeline"].split(" (")[0]]
+        row += [
+            cells(r, "images_per_s", ".1f"),
+            cells(r, "first_epoch_s", ".1f"),
+            cells(r, "peak_rss_mb", ".0f"),
+            cells(r, "peak_gpu_mb", ".0f"),
+            cells(r, "best_val_acc", ".3f"),
+            r["ours"]["pipeline"].split(" (")[0],
+        ]
         lines.append("| " + " | ".join(row) + " |")
     if results:
         legend = {}
         for v, label in variants:
             seen = sorted({_settings(r.get(v)) for r in results if r.get(v)})
             legend[label] = " or ".join(seen) or "not run"
-        lines += ["", "Precision and memory layout: " + "; ".join(f"{label} ({how})" for label, how in legend.items())
-                  + ". Speed-up: the baseline's time / ours."]
+        lines += [
+            "",
+            "Precision and memory layout: "
+            + "; ".join(f"{label} ({how})" for label, how in legend.items())
+            + ". Speed-up: the baseline's time / ours.",
+        ]
         if not with_lfl:
             lines[-1] += " (like-for-like baseline not run.)"
     if predicts:
         lines += ["", "| arch | single-image predict p50 / p95 (ms) | folder predict (images/s) |", "|---|---|---|"]
         for p in predicts:
-            lines.append(f"| {p['arch']} | {p['latency_p50_ms']:.1f} / {p['latency_p95_ms']:.1f} | "
-                         f"{p['folder_images_per_s']:.1f} ({p['folder_images']} images) |")
+            lines.append(
+                f"| {p['arch']} | {p['latency_p50_ms']:.1f} / {p['latency_p95_ms']:.1f} | "
+                f"{p['folder_images_per_s']:.1f} ({p['folder_images']} images) |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "hymenoptera_data"))
-    parser.add_argument("--epochs", type=int, default=None, help="epochs for every strategy (default: head 10, "
-                        "last 10, all 2)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs for every strategy (default: head 10, last 10, all 2)"
+    )
     parser.add_argument("--archs", default="resnet50")
     parser.add_argument("--strategies", default="head,last,all")
     parser.add_argument("--device", default="auto")
@@ -264,9 +309,11 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-predict", action="store_true")
-    parser.add_argument("--no-like-for-like", action="store_true",
-                        help="run the baseline only as the classic script (fp32, NCHW), not also at our precision "
-                        "and memory layout")
+    parser.add_argument(
+        "--no-like-for-like",
+        action="store_true",
+        help="run the baseline only as the classic script (fp32, NCHW), not also at our precision and memory layout",
+    )
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_config", help=argparse.SUPPRESS)
     parser.add_argument("--_out", help=argparse.SUPPRESS)
@@ -293,9 +340,19 @@ def main(argv=None) -> int:
     for arch in args.archs.split(","):
         for strategy in args.strategies.split(","):
             epochs = args.epochs or DEFAULT_EPOCHS[strategy]
-            values = dict(data=args.data, arch=arch, strategy=strategy, weights=args.weights, epochs=epochs,
-                          batch_size=args.batch_size, image_size=args.image_size, seed=args.seed,
-                          device=args.device, runs_dir=str(runs_dir), run_name=f"{arch}-{strategy}")
+            values = dict(
+                data=args.data,
+                arch=arch,
+                strategy=strategy,
+                weights=args.weights,
+                epochs=epochs,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                seed=args.seed,
+                device=args.device,
+                runs_dir=str(runs_dir),
+                run_name=f"{arch}-{strategy}",
+            )
             row = {"arch": arch, "strategy": strategy, "epochs": epochs}
             for name, options in runs:
                 if name != "ours" and options is None:
@@ -311,11 +368,15 @@ def main(argv=None) -> int:
                 result["baseline_options"] = options
                 row[name] = result
                 gpu = f", peak GPU {result['peak_gpu_mb']:.0f} MB" if result.get("peak_gpu_mb") is not None else ""
-                print(f"    {result['seconds']:.1f}s ({_settings(result)}), best val acc {result['best_val_acc']:.3f}, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MB{gpu}", flush=True)
+                print(
+                    f"    {result['seconds']:.1f}s ({_settings(result)}), best val acc {result['best_val_acc']:.3f}, "
+                    f"peak RSS {result['peak_rss_mb']:.0f} MB{gpu}",
+                    flush=True,
+                )
             row["speedup"] = row["baseline"]["seconds"] / row["ours"]["seconds"]
-            row["speedup_vs_like_for_like"] = (row["like_for_like"]["seconds"] / row["ours"]["seconds"]
-                                               if row["like_for_like"] else None)
+            row["speedup_vs_like_for_like"] = (
+                row["like_for_like"]["seconds"] / row["ours"]["seconds"] if row["like_for_like"] else None
+            )
             results.append(row)
             partial = {"machine": machine(), "args": vars(args), "results": results, "predict": predicts}
             (RESULTS / f"benchmark-{stamp}.json").write_text(json.dumps(partial, indent=2))

@@ -52,8 +52,14 @@ STOP_MESSAGE = "stopping after the current batch (interrupt again to abort)"
 # Training
 
 
-def train(data: str | os.PathLike, *, progress: bool = True, on_event: EventCallback | None = None,
-          stop: threading.Event | None = None, **options: Any) -> Run:
+def train(
+    data: str | os.PathLike,
+    *,
+    progress: bool = True,
+    on_event: EventCallback | None = None,
+    stop: threading.Event | None = None,
+    **options: Any,
+) -> Run:
     """Fine-tune on `data` (a folder of class folders, or with train/ and val/; or a .zip of one) and
     return the Run. `options`: any TrainConfig field (epochs=5, arch="resnet50", weights="none", ...).
 
@@ -179,8 +185,9 @@ class Model:
     def arch(self) -> str:
         return self.predictor.arch
 
-    def predict(self, images: Any, top_k: int = 3, min_confidence: float | None = None,
-                batch_size: int = 64) -> list[Prediction]:
+    def predict(
+        self, images: Any, top_k: int = 3, min_confidence: float | None = None, batch_size: int = 64
+    ) -> list[Prediction]:
         """Predictions for image files, folders (searched recursively) and PIL images, one or a list, in
         the order given (a folder's images sorted). Each has .label (the best guess), .confidence
         (calibrated), .unknown (below `min_confidence`, default the run's suggestion from validation;
@@ -204,8 +211,11 @@ class Model:
             else:
                 raise FinetuneError(f"cannot predict a {type(item).__name__}: give image files, folders or PIL images")
         paths = [slot for slot in slots if isinstance(slot, Path)]
-        batched = iter(predictor.predict_paths(paths, top_k=top_k, batch_size=batch_size, min_confidence=threshold)
-                       if paths else [])
+        batched = iter(
+            predictor.predict_paths(paths, top_k=top_k, batch_size=batch_size, min_confidence=threshold)
+            if paths
+            else []
+        )
         results = []
         for number, slot in enumerate(slots):
             if isinstance(slot, Path):
@@ -242,21 +252,34 @@ class Model:
         from .predict import Predictor
 
         p = self.predictor
-        return Predictor(_cpu_copy(p.model), p.classes, p.arch, p.image_size, p.transform_mean, p.transform_std,
-                         "cpu", source=p.source, temperature=p.temperature,
-                         suggested_min_confidence=p.suggested_min_confidence)
+        return Predictor(
+            _cpu_copy(p.model),
+            p.classes,
+            p.arch,
+            p.image_size,
+            p.transform_mean,
+            p.transform_std,
+            "cpu",
+            source=p.source,
+            temperature=p.temperature,
+            suggested_min_confidence=p.suggested_min_confidence,
+        )
 
     def evaluate(self, data: str | os.PathLike, **options: Any) -> Evaluation:
-        raise FinetuneError(f"{self.path} is a plain weights file, not a run: evaluation needs a run folder (its "
-                            f"split tells held-out images from training ones, its folder keeps the report); "
-                            f"predict, explain and export work")
+        raise FinetuneError(
+            f"{self.path} is a plain weights file, not a run: evaluation needs a run folder (its "
+            f"split tells held-out images from training ones, its folder keeps the report); "
+            f"predict, explain and export work"
+        )
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}, arch={self.arch!r}, classes={len(self.classes)})"
 
     def _repr_html_(self) -> str:
-        return _summary_html(f"model {self.path.name}", [("architecture", self.arch), ("weights", str(self.path)),
-                                                         ("classes", _class_list(self.classes))])
+        return _summary_html(
+            f"model {self.path.name}",
+            [("architecture", self.arch), ("weights", str(self.path)), ("classes", _class_list(self.classes))],
+        )
 
 
 class Run(Model):
@@ -353,10 +376,17 @@ class Run(Model):
         strategy = _text(info.get("strategy") or _dict(info.get("config")).get("strategy"), "?")
         rows = [("status", self.status), ("model", f"{self.arch} / {strategy}")]
         if "accuracy" in summary:
-            rows.append(("val accuracy", (f"{_number(summary['accuracy'])} (balanced "
-                                          f"{_number(summary.get('balanced_accuracy'))}, macro F1 "
-                                          f"{_number(summary.get('macro_f1'))}) on "
-                                          f"{_number(summary.get('num_images'), '')} images")))
+            rows.append(
+                (
+                    "val accuracy",
+                    (
+                        f"{_number(summary['accuracy'])} (balanced "
+                        f"{_number(summary.get('balanced_accuracy'))}, macro F1 "
+                        f"{_number(summary.get('macro_f1'))}) on "
+                        f"{_number(summary.get('num_images'), '')} images"
+                    ),
+                )
+            )
         suggested = _dict(info.get("calibration")).get("suggested_min_confidence")
         if suggested is not None:
             rows.append(("min confidence", f"{_number(suggested, '.2f')} (suggested from validation)"))
@@ -406,14 +436,19 @@ def _class_list(classes: list[str], limit: int = 20) -> str:
 def _summary_html(title: str, rows: list[tuple[str, str]], image: Path | None = None) -> str:
     """A small table and, when there is one, the confusion matrix inline. Every string is escaped: class
     and folder names come from whoever made the data."""
-    cells = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-                    f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    cells = "".join(
+        f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+        f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+        for k, v in rows
+    )
     png = _run_png(image) if image is not None else None
     picture = ""
     if png is not None:
         encoded = base64.b64encode(png).decode("ascii")
-        picture = (f"<img src='data:image/png;base64,{encoded}' alt='confusion matrix' "
-                   f"style='max-width:100%;max-height:480px'>")
+        picture = (
+            f"<img src='data:image/png;base64,{encoded}' alt='confusion matrix' "
+            f"style='max-width:100%;max-height:480px'>"
+        )
     return f"<div><b>{html.escape(title)}</b><table>{cells}</table>{picture}</div>"
 
 
@@ -441,8 +476,13 @@ def _run_png(path: Path) -> bytes | None:
 # Loading, scanning, the doctor
 
 
-def load(path: str | os.PathLike, classes: str | os.PathLike | list[str] | None = None, arch: str | None = None,
-         image_size: int | None = None, device: str = "auto") -> Model:
+def load(
+    path: str | os.PathLike,
+    classes: str | os.PathLike | list[str] | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
+    device: str = "auto",
+) -> Model:
     """A run folder -> Run. A classic weights file (a torchvision ResNet state_dict .pth), or a folder that
     holds model.pth without run.json -> Model: its classes from `classes` (a class_indices.json, or the
     names in index order), else the class_indices.json beside it; `arch` (resnet34 or resnet50) is read
@@ -458,8 +498,9 @@ def load(path: str | os.PathLike, classes: str | os.PathLike | list[str] | None 
         source = source / "model.pth"
     elif not source.exists():
         raise FinetuneError(f"model not found: {source}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or not 32 <= image_size <= 1024):
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or not 32 <= image_size <= 1024
+    ):
         raise FinetuneError(f"image_size must be a whole number from 32 to 1024, got {image_size!r}")
     return Model(source, _weights_predictor(source, classes, arch, image_size or 224, device))
 
@@ -492,8 +533,9 @@ def infer_arch(state: dict, source: Path) -> str:
     return found.name
 
 
-def scan(data: str | os.PathLike, val_fraction: float = default_of("val_fraction"),
-         seed: int = default_of("seed")) -> DatasetScan:
+def scan(
+    data: str | os.PathLike, val_fraction: float = default_of("val_fraction"), seed: int = default_of("seed")
+) -> DatasetScan:
     """The data report of a folder (or .zip) as training would see it: classes, the train/val(/test)
     split, skipped files and warnings. In a notebook it shows as the report; `.report()` is the text."""
     from .data import scan_dataset
@@ -511,4 +553,3 @@ def doctor(data: str | os.PathLike, *, progress: bool = True, **options: Any) ->
     options.setdefault("cache_dir", default_cache_dir())
     log = _lines(progress)
     return run_doctor(_dataset_folder(os.fspath(data), None), log=log, **options)
-

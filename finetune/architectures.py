@@ -80,11 +80,11 @@ class Layout:
         raise FinetuneError(f"unknown strategy {strategy!r}")
 
     def frozen_stages(self, strategy: str) -> tuple[str, ...]:
-        return tuple(stage.name for stage in self.stages[:self.cut(strategy)])
+        return tuple(stage.name for stage in self.stages[: self.cut(strategy)])
 
     def frozen_modules(self, strategy: str) -> tuple[str, ...]:
         """The attributes `strategy` freezes (their state_dict keys start with these names)."""
-        modules = tuple(name for stage in self.stages[:self.cut(strategy)] for name in stage.modules)
+        modules = tuple(name for stage in self.stages[: self.cut(strategy)] for name in stage.modules)
         return modules + self.pool if self.cut(strategy) == len(self.stages) else modules
 
     def attributes(self) -> tuple[str, ...]:
@@ -104,8 +104,13 @@ class Layout:
 # more generic stages learn slower (fastai's discriminative learning rates).
 RESNET = Layout(
     family="ResNet",
-    stages=(Stage("stem", ("conv1", "bn1", "relu", "maxpool"), 0.1), Stage("layer1", ("layer1",), 0.1),
-            Stage("layer2", ("layer2",), 0.25), Stage("layer3", ("layer3",), 0.5), Stage("layer4", ("layer4",), 1.0)),
+    stages=(
+        Stage("stem", ("conv1", "bn1", "relu", "maxpool"), 0.1),
+        Stage("layer1", ("layer1",), 0.1),
+        Stage("layer2", ("layer2",), 0.25),
+        Stage("layer3", ("layer3",), 0.5),
+        Stage("layer4", ("layer4",), 1.0),
+    ),
     pool=("avgpool",),
     head="fc",
     cuts=(("all", 0), ("last", 4), ("head", 5)),
@@ -168,14 +173,29 @@ def _ignored_key(key: str, head: str) -> bool:
     return key.startswith(head + ".") or key.endswith(".num_batches_tracked")
 
 
-ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType({arch.name: arch for arch in (
-    Architecture("resnet34", "ResNet-34", "faster", "resnet34",
-                 Weights("ResNet34_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet34-b627a593.pth"),
-                 channels=(64, 64, 128, 256, 512)),
-    Architecture("resnet50", "ResNet-50", "more accurate, slower", "resnet50",
-                 Weights("ResNet50_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
-                 channels=(64, 256, 512, 1024, 2048)),
-)})
+ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
+    {
+        arch.name: arch
+        for arch in (
+            Architecture(
+                "resnet34",
+                "ResNet-34",
+                "faster",
+                "resnet34",
+                Weights("ResNet34_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet34-b627a593.pth"),
+                channels=(64, 64, 128, 256, 512),
+            ),
+            Architecture(
+                "resnet50",
+                "ResNet-50",
+                "more accurate, slower",
+                "resnet50",
+                Weights("ResNet50_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+                channels=(64, 256, 512, 1024, 2048),
+            ),
+        )
+    }
+)
 
 
 def architecture(arch: str | Architecture) -> Architecture:
@@ -202,8 +222,10 @@ def layout_of(model: nn.Module, doing: str = "use") -> Layout:
             return layout
     from .config import FinetuneError
 
-    raise FinetuneError(f"cannot {doing} a {type(model).__name__}: it has no {layouts[0].missing(model)} "
-                        f"(not a {' or '.join(layout.family for layout in layouts)})")
+    raise FinetuneError(
+        f"cannot {doing} a {type(model).__name__}: it has no {layouts[0].missing(model)} "
+        f"(not a {' or '.join(layout.family for layout in layouts)})"
+    )
 
 
 def infer_architecture(keys: Iterable[str], candidates: Iterable[Architecture] | None = None) -> Architecture | None:

@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import NoReturn
 
 from .config import FinetuneError
 from .data import IMAGE_EXTENSIONS, is_ignored
@@ -91,15 +92,21 @@ def _entry_parts(info: zipfile.ZipInfo, source: str) -> tuple[str, ...]:
     if stat.S_ISLNK(mode):
         raise FinetuneError(f"{source}: refusing symbolic link entry: {info.filename!r}")
     if len(parts) > MAX_DEPTH:
-        raise FinetuneError(f"{source}: refusing entry nested {len(parts)} levels deep (at most {MAX_DEPTH} "
-                            f"are accepted): {_shown(name)}")
+        raise FinetuneError(
+            f"{source}: refusing entry nested {len(parts)} levels deep (at most {MAX_DEPTH} "
+            f"are accepted): {_shown(name)}"
+        )
     longest = max((len(part.encode()) for part in parts), default=0)
     if longest > MAX_NAME_BYTES:
-        raise FinetuneError(f"{source}: refusing entry with a name of {longest} bytes (at most {MAX_NAME_BYTES} "
-                            f"are accepted): {_shown(name)}")
+        raise FinetuneError(
+            f"{source}: refusing entry with a name of {longest} bytes (at most {MAX_NAME_BYTES} "
+            f"are accepted): {_shown(name)}"
+        )
     if len(name.encode()) > MAX_PATH_BYTES:
-        raise FinetuneError(f"{source}: refusing entry with a path of {len(name.encode())} bytes (at most "
-                            f"{MAX_PATH_BYTES} are accepted): {_shown(name)}")
+        raise FinetuneError(
+            f"{source}: refusing entry with a path of {len(name.encode())} bytes (at most "
+            f"{MAX_PATH_BYTES} are accepted): {_shown(name)}"
+        )
     return parts
 
 
@@ -131,13 +138,15 @@ def _check_overlaps(path: Path, infos: list[zipfile.ZipInfo], source: str) -> No
         with open(path, "rb") as f:
             for info in infos:
                 if info.header_offset < 0:
-                    raise FinetuneError(f"{source} is not a readable .zip archive (entry {info.filename!r} "
-                                        f"starts before the file)")
+                    raise FinetuneError(
+                        f"{source} is not a readable .zip archive (entry {info.filename!r} starts before the file)"
+                    )
                 f.seek(info.header_offset)
                 header = f.read(_LOCAL_HEADER.size)
                 if len(header) < _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
-                    raise FinetuneError(f"{source} is not a readable .zip archive (entry {info.filename!r} "
-                                        f"has no local header)")
+                    raise FinetuneError(
+                        f"{source} is not a readable .zip archive (entry {info.filename!r} has no local header)"
+                    )
                 _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
                 end = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length + info.compress_size
                 if end > real_size:
@@ -148,25 +157,22 @@ def _check_overlaps(path: Path, infos: list[zipfile.ZipInfo], source: str) -> No
     spans.sort()
     for (_, end, first), (start, _, second) in itertools.pairwise(spans):
         if start < end:
-            raise FinetuneError(f"{source}: entries {first!r} and {second!r} overlap (the same data listed "
-                                f"twice, a zip bomb?); refusing the archive")
+            raise FinetuneError(
+                f"{source}: entries {first!r} and {second!r} overlap (the same data listed "
+                f"twice, a zip bomb?); refusing the archive"
+            )
 
 
-def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes: int = MAX_TOTAL_BYTES,
-              max_ratio: float = MAX_RATIO) -> ZipContents:
+def check_zip(
+    path: str | Path,
+    max_entries: int = MAX_ENTRIES,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_ratio: float = MAX_RATIO,
+) -> ZipContents:
     """Validate every entry; returns the image files to write and what is skipped (with reasons)."""
     path = Path(path)
     source = path.name
-    open_user_file(path, "zip file").close()  # a FIFO named .zip would block is_zipfile for ever
-    if not zipfile.is_zipfile(path):
-        raise FinetuneError(f"{source} is not a .zip archive")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise FinetuneError(f"{source} is not a readable .zip archive ({error})") from None
-    if len(infos) > max_entries:
-        raise FinetuneError(f"{source} has {len(infos):,} entries; at most {max_entries:,} are accepted")
+    infos = _zip_entries(path, source, max_entries)
     total, compressed, files, skipped, named, not_images = 0, 0, [], [], set(), 0
     for info in infos:
         parts = _entry_parts(info, source)
@@ -189,29 +195,60 @@ def check_zip(path: str | Path, max_entries: int = MAX_ENTRIES, max_total_bytes:
         total += info.file_size
         compressed += info.compress_size
         if total > max_total_bytes:
-            raise FinetuneError(f"{source} unpacks to more than {max_total_bytes / 1024**3:.1f} GiB; "
-                                f"that is over the limit")
+            raise FinetuneError(
+                f"{source} unpacks to more than {max_total_bytes / 1024**3:.1f} GiB; that is over the limit"
+            )
         if info.file_size >= RATIO_MIN_BYTES and info.file_size > max_ratio * max(info.compress_size, 1):
-            raise FinetuneError(f"{source}: entry {info.filename!r} is compressed "
-                                f"{info.file_size / max(info.compress_size, 1):.0f}:1 (a zip bomb?); "
-                                f"at most {max_ratio:.0f}:1 is accepted")
+            raise FinetuneError(
+                f"{source}: entry {info.filename!r} is compressed "
+                f"{info.file_size / max(info.compress_size, 1):.0f}:1 (a zip bomb?); "
+                f"at most {max_ratio:.0f}:1 is accepted"
+            )
         files.append((info, parts))
+    _check_overall_ratio(path, source, total, compressed, max_ratio)
+    _check_overlaps(path, infos, source)
+    if not files:
+        _no_files(source, skipped, not_images)
+    return ZipContents(files, skipped, total)
+
+
+def _zip_entries(path: Path, source: str, max_entries: int) -> list[zipfile.ZipInfo]:
+    open_user_file(path, "zip file").close()  # a FIFO named .zip would block is_zipfile for ever
+    if not zipfile.is_zipfile(path):
+        raise FinetuneError(f"{source} is not a .zip archive")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise FinetuneError(f"{source} is not a readable .zip archive ({error})") from None
+    if len(infos) > max_entries:
+        raise FinetuneError(f"{source} has {len(infos):,} entries; at most {max_entries:,} are accepted")
+    return infos
+
+
+def _check_overall_ratio(path: Path, source: str, total: int, compressed: int, max_ratio: float) -> None:
     if total >= RATIO_MIN_BYTES and total > max_ratio * max(compressed, 1):
-        raise FinetuneError(f"{source} is compressed {total / max(compressed, 1):.0f}:1 overall (a zip bomb?); "
-                            f"at most {max_ratio:.0f}:1 is accepted")
+        raise FinetuneError(
+            f"{source} is compressed {total / max(compressed, 1):.0f}:1 overall (a zip bomb?); "
+            f"at most {max_ratio:.0f}:1 is accepted"
+        )
     # The claimed compressed sizes may all describe one shared block: only the file itself is real.
     real_size = path.stat().st_size
     if total >= RATIO_MIN_BYTES and total > max_ratio * max(real_size, 1):
-        raise FinetuneError(f"{source} unpacks to {human_size(total)} from {human_size(real_size)} on disk "
-                            f"({total / max(real_size, 1):.0f}:1, a zip bomb?); at most {max_ratio:.0f}:1 is accepted")
-    _check_overlaps(path, infos, source)
-    if not files:
-        if not_images:
-            example = next(name for name, why in skipped if not why.startswith("hidden"))
-            raise FinetuneError(f"{source} contains no image files ({not_images} other file(s), e.g. '{example}'; "
-                                f"accepted: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        raise FinetuneError(f"{source} contains no files")
-    return ZipContents(files, skipped, total)
+        raise FinetuneError(
+            f"{source} unpacks to {human_size(total)} from {human_size(real_size)} on disk "
+            f"({total / max(real_size, 1):.0f}:1, a zip bomb?); at most {max_ratio:.0f}:1 is accepted"
+        )
+
+
+def _no_files(source: str, skipped: list[tuple[str, str]], not_images: int) -> NoReturn:
+    if not_images:
+        example = next(name for name, why in skipped if not why.startswith("hidden"))
+        raise FinetuneError(
+            f"{source} contains no image files ({not_images} other file(s), e.g. '{example}'; "
+            f"accepted: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    raise FinetuneError(f"{source} contains no files")
 
 
 def skipped_summary(skipped: list[tuple[str, str]], limit: int = 5) -> str:
@@ -290,9 +327,16 @@ def read_extraction(folder: str | Path) -> Extraction | None:
         sha = data["sha256"]
         if not isinstance(sha, str) or len(sha) != 64:
             return None
-        return Extraction(root=dataset_root(candidate), folder=candidate, archive=str(data["archive"]), sha256=sha,
-                          files=int(data["files"]), bytes=int(data["bytes"]),
-                          skipped=[(str(name), str(why)) for name, why in data.get("skipped", [])], reused=True)
+        return Extraction(
+            root=dataset_root(candidate),
+            folder=candidate,
+            archive=str(data["archive"]),
+            sha256=sha,
+            files=int(data["files"]),
+            bytes=int(data["bytes"]),
+            skipped=[(str(name), str(why)) for name, why in data.get("skipped", [])],
+            reused=True,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -334,12 +378,18 @@ def _install(tmp: Path, target: Path, sha: str, fallback: Path) -> Path:
         except FileNotFoundError:  # someone else moved it aside: try again
             continue
         remove_tree(aside)  # a link in the way is unlinked, never followed
-    raise FinetuneError(f"could not put the extracted files in place at {target} (other extractions kept "
-                        f"replacing it); try again")
+    raise FinetuneError(
+        f"could not put the extracted files in place at {target} (other extractions kept replacing it); try again"
+    )
 
 
-def extract(path: str | Path, dest_parent: str | Path, max_dest_bytes: int | None = None,
-            quota_folder: str | Path | None = None, **limits) -> Extraction:
+def extract(
+    path: str | Path,
+    dest_parent: str | Path,
+    max_dest_bytes: int | None = None,
+    quota_folder: str | Path | None = None,
+    **limits,
+) -> Extraction:
     """Extract the image files into a new folder `dest_parent/<name>-<hash>/`; what was skipped is in
     the result (and in the folder's manifest, see `read_extraction`).
 
@@ -390,9 +440,14 @@ def _check_quota(path: Path, contents: ZipContents, folder: Path, max_dest_bytes
     """QuotaExceeded when the extraction would take `folder` over `max_dest_bytes`."""
     used, need = disk_usage(folder), _disk_estimate(contents)
     if used + need > max_dest_bytes:
-        raise QuotaExceeded(f"{path.name} unpacks to {human_size(need)}, and {folder} already holds "
-                            f"{human_size(used)}: that is over its limit of {human_size(max_dest_bytes)}",
-                            folder, used, need, max_dest_bytes)
+        raise QuotaExceeded(
+            f"{path.name} unpacks to {human_size(need)}, and {folder} already holds "
+            f"{human_size(used)}: that is over its limit of {human_size(max_dest_bytes)}",
+            folder,
+            used,
+            need,
+            max_dest_bytes,
+        )
 
 
 def _unpack(path: Path, contents: ZipContents, tmp: Path, sha: str) -> None:
@@ -412,8 +467,13 @@ def _unpack(path: Path, contents: ZipContents, tmp: Path, sha: str) -> None:
                     if written > info.file_size:  # the header lied about the size
                         raise FinetuneError(f"{path.name}: entry {info.filename!r} is larger than it says")
                     dst.write(block)
-    manifest = {"archive": path.name, "sha256": sha, "files": len(contents.files), "bytes": contents.total_bytes,
-                "skipped": [list(item) for item in contents.skipped]}
+    manifest = {
+        "archive": path.name,
+        "sha256": sha,
+        "files": len(contents.files),
+        "bytes": contents.total_bytes,
+        "skipped": [list(item) for item in contents.skipped],
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 

@@ -165,16 +165,21 @@ def frozen_runner(frozen: nn.Module, memory_format) -> Callable[[torch.Tensor], 
     return prepare
 
 
-def streaming_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, memory_format,
-                       workers: int, reason: str = "") -> Pipeline:
+def streaming_pipeline(
+    cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, memory_format, workers: int, reason: str = ""
+) -> Pipeline:
     """Decode and augment every image every epoch; the frozen part runs on every batch."""
     # JPEG draft decoding: RandomResizedCrop may zoom in, so keep detail up to twice the crop size.
     train_set = ImageListDataset(scan.root, scan.train, train_transform(cfg.image_size), min_size=cfg.image_size * 2)
-    val_set = ImageListDataset(scan.root, scan.val, eval_transform(cfg.image_size),
-                               min_size=resize_size(cfg.image_size))
+    val_set = ImageListDataset(
+        scan.root, scan.val, eval_transform(cfg.image_size), min_size=resize_size(cfg.image_size)
+    )
     prepare = frozen_runner(frozen, memory_format)
-    description = "streamed images (decoded every epoch" + (
-        ", frozen layers run every batch" if not isinstance(frozen, nn.Identity) else "") + ")"
+    description = (
+        "streamed images (decoded every epoch"
+        + (", frozen layers run every batch" if not isinstance(frozen, nn.Identity) else "")
+        + ")"
+    )
     if reason:
         description += f": {reason}"
     return Pipeline(train_set, val_set, workers, description, prepare, prepare)
@@ -195,8 +200,17 @@ class ImageViews(Dataset):
     Views 2..V-1: RandomResizedCrop + random flip, seeded per (seed, image index, view).
     """
 
-    def __init__(self, root: str | Path, items: list[tuple[str, int]], indices: list[int], image_size: int,
-                 views: int, seed: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self,
+        root: str | Path,
+        items: list[tuple[str, int]],
+        indices: list[int],
+        image_size: int,
+        views: int,
+        seed: int,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ):
         self.root, self.items, self.indices = Path(root), items, indices
         self.image_size, self.views, self.seed = image_size, views, seed
         self.min_size = resize_size(image_size) if views <= 2 else image_size * 2
@@ -263,21 +277,39 @@ class Progress:
         if done >= self.total or now - self.last_time >= 10:
             rate = done / max(now - self.start, 1e-9)
             eta = (self.total - done) / rate if rate > 0 else 0.0
-            self.log(f"{self.what}: {done}/{self.total} images ({100 * done // max(1, self.total)}%, "
-                     f"{rate:.1f} images/s{f', about {eta:.0f} s left' if done < self.total else ''})")
+            self.log(
+                f"{self.what}: {done}/{self.total} images ({100 * done // max(1, self.total)}%, "
+                f"{rate:.1f} images/s{f', about {eta:.0f} s left' if done < self.total else ''})"
+            )
             self.last_time = now
 
 
 @torch.no_grad()  # not inference_mode: cached tensors must be usable as inputs of trainable layers later
-def compute_features(frozen: nn.Module, source: ImageViews, shape: tuple[int, ...], store_dtype: torch.dtype,
-                     device: torch.device, amp_dtype, memory_format, batch_size: int, workers: int,
-                     log: Callable[[str], None], what: str) -> torch.Tensor:
+def compute_features(
+    frozen: nn.Module,
+    source: ImageViews,
+    shape: tuple[int, ...],
+    store_dtype: torch.dtype,
+    device: torch.device,
+    amp_dtype,
+    memory_format,
+    batch_size: int,
+    workers: int,
+    log: Callable[[str], None],
+    what: str,
+) -> torch.Tensor:
     """Run the frozen part once over every view of every image: features [V, N, *shape] on the CPU."""
     views, count = source.views, len(source)
     features = torch.empty((views, count, *shape), dtype=store_dtype)
     per_batch = max(1, batch_size // views)
-    loader = DataLoader(source, batch_size=per_batch, num_workers=workers, pin_memory=pin_memory(device),
-                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(
+        source,
+        batch_size=per_batch,
+        num_workers=workers,
+        pin_memory=pin_memory(device),
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     progress = Progress(log, what, count)
     done = 0
     frozen.eval()
@@ -289,7 +321,7 @@ def compute_features(frozen: nn.Module, source: ImageViews, shape: tuple[int, ..
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = frozen(images)
         out = out.float().view(b, views, *shape).transpose(0, 1)
-        features[:, done:done + b] = out.to("cpu", dtype=store_dtype).contiguous()
+        features[:, done : done + b] = out.to("cpu", dtype=store_dtype).contiguous()
         done += b
         progress.update(done)
     return features
@@ -301,9 +333,19 @@ def frozen_output_shape(frozen: nn.Module, image_size: int, device: torch.device
     return tuple(frozen(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
 
 
-def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
-                     memory_format, workers: int, log: Callable[[str], None], budget: int,
-                     shard: Shard, agree: Callable[[bool], bool]) -> Pipeline:
+def feature_pipeline(
+    cfg: TrainConfig,
+    scan: DatasetScan,
+    frozen: nn.Module,
+    device: torch.device,
+    amp_dtype,
+    memory_format,
+    workers: int,
+    log: Callable[[str], None],
+    budget: int,
+    shard: Shard,
+    agree: Callable[[bool], bool],
+) -> Pipeline:
     """Cached frozen features; DoesNotFit (with the reason) when they would not fit."""
     shape = frozen_output_shape(frozen, cfg.image_size, device)
     # head: pooled vectors, tiny -> float32 (exact); last: layer3 maps -> float16 (half the memory)
@@ -313,18 +355,30 @@ def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, dev
     need = per_image * (cfg.cache_views * len(train_idx) + len(val_idx))
     what = f"{'x'.join(map(str, shape))} {str(store_dtype).removeprefix('torch.')}"
     if not agree(need <= budget):
-        raise DoesNotFit(f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of "
-                         f"{_gb(budget)}")
+        raise DoesNotFit(
+            f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of {_gb(budget)}"
+        )
 
-    views_text = {1: "centre", 2: "centre + flip"}.get(cfg.cache_views,
-                                                       f"centre + flip + {cfg.cache_views - 2} random crops")
-    log(f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
-        f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} of a {_gb(budget)} budget")
+    views_text = {1: "centre", 2: "centre + flip"}.get(
+        cfg.cache_views, f"centre + flip + {cfg.cache_views - 2} random crops"
+    )
+    log(
+        f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
+        f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} of a {_gb(budget)} budget"
+    )
     started = time.perf_counter()
     train_source = ImageViews(scan.root, scan.train, train_idx, cfg.image_size, cfg.cache_views, cfg.seed)
     val_source = ImageViews(scan.root, scan.val, val_idx, cfg.image_size, 1, cfg.seed)
-    common = dict(shape=shape, store_dtype=store_dtype, device=device, amp_dtype=amp_dtype,
-                  memory_format=memory_format, batch_size=max(cfg.batch_size, 32), workers=workers, log=log)
+    common = dict(
+        shape=shape,
+        store_dtype=store_dtype,
+        device=device,
+        amp_dtype=amp_dtype,
+        memory_format=memory_format,
+        batch_size=max(cfg.batch_size, 32),
+        workers=workers,
+        log=log,
+    )
     train_features = compute_features(frozen, train_source, what="caching training features", **common)
     val_features = compute_features(frozen, val_source, what="caching validation features", **common)
     train_labels = torch.tensor([scan.train[i][1] for i in train_idx], dtype=torch.long)
@@ -339,11 +393,23 @@ def feature_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, dev
             features = features.contiguous(memory_format=torch.channels_last)
         return features
 
-    description = (f"cached frozen features ({'pooled ' if len(shape) == 1 else 'layer3 output '}{what}, "
-                   f"{cfg.cache_views} view(s): {views_text}, one picked per image each epoch; {_gb(need)} "
-                   f"of a {_gb(budget)} memory budget)")
-    return Pipeline(train_set, val_set, 0, description, prepare, prepare, set_epoch=train_set.set_epoch,
-                    sharded=shard.world_size > 1, val_covers_all=shard.world_size == 1, kind="features")
+    description = (
+        f"cached frozen features ({'pooled ' if len(shape) == 1 else 'layer3 output '}{what}, "
+        f"{cfg.cache_views} view(s): {views_text}, one picked per image each epoch; {_gb(need)} "
+        f"of a {_gb(budget)} memory budget)"
+    )
+    return Pipeline(
+        train_set,
+        val_set,
+        0,
+        description,
+        prepare,
+        prepare,
+        set_epoch=train_set.set_epoch,
+        sharded=shard.world_size > 1,
+        val_covers_all=shard.world_size == 1,
+        kind="features",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +464,7 @@ class PixelStore:
             return self.tensors[index]
         c, h, w = self.shapes[index]
         start = self.offsets[index]
-        return torch.from_numpy(np.array(self._array[start:start + c * h * w])).view(c, h, w)
+        return torch.from_numpy(np.array(self._array[start : start + c * h * w])).view(c, h, w)
 
 
 class PixelCache(Dataset):
@@ -417,8 +483,13 @@ class PixelCache(Dataset):
         return image, self.labels[position]
 
 
-def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: Callable[[torch.Tensor], object],
-               log: Callable[[str], None], what: str) -> None:
+def decode_all(
+    paths: list[Path],
+    decode: Callable[[Path], torch.Tensor],
+    sink: Callable[[torch.Tensor], object],
+    log: Callable[[str], None],
+    what: str,
+) -> None:
     """Decode in parallel threads (PIL and torch release the GIL), keep the order."""
     threads = decode_threads()
     progress = Progress(log, what, len(paths))
@@ -428,9 +499,17 @@ def decode_all(paths: list[Path], decode: Callable[[Path], torch.Tensor], sink: 
             progress.update(done)
 
 
-def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, memory_format, workers: int,
-                   log: Callable[[str], None], budget: int, shard: Shard,
-                   agree: Callable[[bool], bool]) -> Pipeline:
+def pixel_pipeline(
+    cfg: TrainConfig,
+    scan: DatasetScan,
+    device: torch.device,
+    memory_format,
+    workers: int,
+    log: Callable[[str], None],
+    budget: int,
+    shard: Shard,
+    agree: Callable[[bool], bool],
+) -> Pipeline:
     """Images decoded and resized once (uint8); the augmentation still runs every epoch. DoesNotFit
     (with the reason) when they fit neither in the memory budget nor on the disk."""
     size, short = cfg.image_size, resize_size(cfg.image_size)
@@ -442,17 +521,25 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
     need_val = 3 * size * size * len(val_idx)
     need = need_train + need_val
     on_disk = _pixels_on_disk(need_train, need_val, budget, agree)
-    where = f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)" if on_disk \
+    where = (
+        f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)"
+        if on_disk
         else f"memory ({_gb(budget)} budget)"
-    log(f"decoding images once: {len(unique_train)} training images at short side {short} and "
-        f"{len(val_idx)} validation centre crops ({_gb(need)}) into {where}")
+    )
+    log(
+        f"decoding images once: {len(unique_train)} training images at short side {short} and "
+        f"{len(val_idx)} validation centre crops ({_gb(need)}) into {where}"
+    )
     started = time.perf_counter()
     store, val_pixels = _decode_pixels(root, scan, unique_train, val_idx, size, on_disk, log)
     log(f"pixel cache ready in {time.perf_counter() - started:.1f} s")
 
     position = {index: k for k, index in enumerate(unique_train)}
-    train_set = PixelCache(_ShardImages(store, position, train_idx), [scan.train[i][1] for i in train_idx],
-                           crop=v2.RandomResizedCrop(size, antialias=True))
+    train_set = PixelCache(
+        _ShardImages(store, position, train_idx),
+        [scan.train[i][1] for i in train_idx],
+        crop=v2.RandomResizedCrop(size, antialias=True),
+    )
     val_set = PixelCache(val_pixels, [scan.val[i][1] for i in val_idx])
     flips = torch.Generator().manual_seed(cfg.seed * 31 + shard.rank)
     prepare_train, scale = _device_transforms(flips, memory_format)
@@ -460,11 +547,22 @@ def pixel_pipeline(cfg: TrainConfig, scan: DatasetScan, device: torch.device, me
     # that would compete with the model for the cores; on a GPU, workers crop while it computes.
     loader_workers = min(workers, 4) if device.type == "cuda" else 0
     where = "a memory-mapped file" if on_disk else "memory"
-    description = (f"decoded-pixel cache (uint8, short side {short}, in {where}, {_gb(need)} of a {_gb(budget)} "
-                   f"memory budget; RandomResizedCrop per epoch, flip and "
-                   f"normalise on the {device.type})")
-    return Pipeline(train_set, val_set, loader_workers, description, prepare_train, scale,
-                    sharded=shard.world_size > 1, val_covers_all=shard.world_size == 1, kind="pixels")
+    description = (
+        f"decoded-pixel cache (uint8, short side {short}, in {where}, {_gb(need)} of a {_gb(budget)} "
+        f"memory budget; RandomResizedCrop per epoch, flip and "
+        f"normalise on the {device.type})"
+    )
+    return Pipeline(
+        train_set,
+        val_set,
+        loader_workers,
+        description,
+        prepare_train,
+        scale,
+        sharded=shard.world_size > 1,
+        val_covers_all=shard.world_size == 1,
+        kind="pixels",
+    )
 
 
 def _pixels_on_disk(need_train: int, need_val: int, budget: int, agree: Callable[[bool], bool]) -> bool:
@@ -476,13 +574,22 @@ def _pixels_on_disk(need_train: int, need_val: int, budget: int, agree: Callable
     if on_disk:
         free = shutil.disk_usage(tempfile.gettempdir()).free
         if not agree(need_train <= 0.8 * free and need_val <= budget):
-            raise DoesNotFit(f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
-                             f"and the free disk space in {tempfile.gettempdir()}")
+            raise DoesNotFit(
+                f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
+                f"and the free disk space in {tempfile.gettempdir()}"
+            )
     return on_disk
 
 
-def _decode_pixels(root: Path, scan: DatasetScan, unique_train: list[int], val_idx: list[int], size: int,
-                   on_disk: bool, log: Callable[[str], None]) -> tuple[PixelStore, torch.Tensor]:
+def _decode_pixels(
+    root: Path,
+    scan: DatasetScan,
+    unique_train: list[int],
+    val_idx: list[int],
+    size: int,
+    on_disk: bool,
+    log: Callable[[str], None],
+) -> tuple[PixelStore, torch.Tensor]:
     """The training images resized to the short side (a PixelStore), and the validation images as their
     eval centre crops (one uint8 tensor)."""
     short = resize_size(size)
@@ -495,13 +602,19 @@ def _decode_pixels(root: Path, scan: DatasetScan, unique_train: list[int], val_i
         return centre(resize(TF.to_image(load_rgb(path, short))))
 
     store = PixelStore(on_disk)
-    decode_all([root / scan.train[i][0] for i in unique_train], decode_train, store.append, log,
-               "decoding training images")
+    decode_all(
+        [root / scan.train[i][0] for i in unique_train], decode_train, store.append, log, "decoding training images"
+    )
     store.close()
     val_pixels = torch.empty((len(val_idx), 3, size, size), dtype=torch.uint8)
     filled = iter(range(len(val_idx)))
-    decode_all([root / scan.val[i][0] for i in val_idx], decode_val,
-               lambda image: val_pixels[next(filled)].copy_(image), log, "decoding validation images")
+    decode_all(
+        [root / scan.val[i][0] for i in val_idx],
+        decode_val,
+        lambda image: val_pixels[next(filled)].copy_(image),
+        log,
+        "decoding validation images",
+    )
     return store, val_pixels
 
 
@@ -515,8 +628,9 @@ class _ShardImages:
         return self.store[self.position[self.train_idx[k]]]
 
 
-def _device_transforms(flips: torch.Generator, memory_format
-                       ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+def _device_transforms(
+    flips: torch.Generator, memory_format
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """prepare_train (a random horizontal flip per image, then scale) and scale (float, normalised, in
     the model's memory format): both run batched on the device."""
     mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
@@ -539,9 +653,17 @@ def _device_transforms(flips: torch.Generator, memory_format
 # ---------------------------------------------------------------------------------------------
 
 
-def build_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, device: torch.device, amp_dtype,
-                   memory_format, workers: int, log: Callable[[str], None],
-                   ctx: Distributed | None = None) -> Pipeline:
+def build_pipeline(
+    cfg: TrainConfig,
+    scan: DatasetScan,
+    frozen: nn.Module,
+    device: torch.device,
+    amp_dtype,
+    memory_format,
+    workers: int,
+    log: Callable[[str], None],
+    ctx: Distributed | None = None,
+) -> Pipeline:
     """The fastest pipeline that fits: cached features (head, last), cached pixels (all), else streamed.
 
     `ctx`: this process's place among several (torchrun). The memory budget is measured on rank 0
@@ -561,8 +683,9 @@ def build_pipeline(cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, devic
             if isinstance(frozen, nn.Identity):
                 built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard, agree)
             else:
-                built = feature_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, budget,
-                                         shard, agree)
+                built = feature_pipeline(
+                    cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, budget, shard, agree
+                )
             log(f"data pipeline: {built.description}")
             return built
         except DoesNotFit as why:

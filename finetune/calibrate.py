@@ -25,8 +25,9 @@ UNKNOWN_INDEX = -1
 ECE_BINS = 15
 MISS_RATE = 0.05  # share of correct validation answers the suggested threshold may turn into "unknown"
 T_BOUNDS = (0.05, 20.0)  # a temperature outside this says the logits are degenerate, not miscalibrated
-THRESHOLD_RULE = (f"the calibrated confidence below which {MISS_RATE:.0%} of the correctly classified "
-                  f"validation images lie")
+THRESHOLD_RULE = (
+    f"the calibrated confidence below which {MISS_RATE:.0%} of the correctly classified validation images lie"
+)
 
 
 class NonFiniteLogits(ValueError):
@@ -65,8 +66,12 @@ def fit_temperature(logits, targets) -> float:
         # answer everything, noise included, with a confidence of exactly 1
         return 1.0
     low, high = (math.log(b) for b in T_BOUNDS)
-    result = minimize_scalar(lambda log_t: nll(logits, targets, math.exp(log_t)), bounds=(low, high),
-                             method="bounded", options={"xatol": 1e-4})
+    result = minimize_scalar(
+        lambda log_t: nll(logits, targets, math.exp(log_t)),
+        bounds=(low, high),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     temperature = float(math.exp(result.x))
     # keep T = 1 unless scaling really helps: a flat objective must not move the probabilities
     return temperature if nll(logits, targets, temperature) < nll(logits, targets) - 1e-9 else 1.0
@@ -101,6 +106,7 @@ def _bin_stats(probs: np.ndarray, targets: np.ndarray, bins: int) -> tuple[np.nd
 def reliability_plot(probs_before, probs_after, targets, path: str | Path, bins: int = ECE_BINS) -> Path:
     """Accuracy against confidence per bin, before and after scaling, with each ECE in the title."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -112,8 +118,9 @@ def reliability_plot(probs_before, probs_after, targets, path: str | Path, bins:
         probs = np.asarray(probs, dtype=np.float64)
         counts, accuracy, _ = _bin_stats(probs, targets, bins)
         shown = counts > 0
-        ax.bar(centres[shown], accuracy[shown], width=width * 0.95, color="tab:blue", edgecolor="black",
-               label="accuracy")
+        ax.bar(
+            centres[shown], accuracy[shown], width=width * 0.95, color="tab:blue", edgecolor="black", label="accuracy"
+        )
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         ece = expected_calibration_error(probs, targets, bins)
         ax.set(title=f"{title} (ECE {ece:.3f})", xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
@@ -169,8 +176,10 @@ def coverage(probs, targets, threshold: float) -> dict:
     answers, _, _ = apply_unknown(probs, threshold)
     targets = np.asarray(targets, dtype=np.int64)
     answered = answers != UNKNOWN_INDEX
-    return {"answered": float(answered.mean()) if len(targets) else 0.0,
-            "accuracy_answered": float((answers[answered] == targets[answered]).mean()) if answered.any() else 0.0}
+    return {
+        "answered": float(answered.mean()) if len(targets) else 0.0,
+        "accuracy_answered": float((answers[answered] == targets[answered]).mean()) if answered.any() else 0.0,
+    }
 
 
 def calibrate(logits, targets, plot_path: str | Path | None = None) -> dict:
@@ -209,13 +218,18 @@ def held_out_report(logits, targets, temperature: float, threshold: float) -> di
     logits = np.asarray(logits, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.int64)
     calibrated = softmax(logits, temperature)
-    return {"temperature": temperature, "ece_raw": expected_calibration_error(softmax(logits), targets),
-            "ece_calibrated": expected_calibration_error(calibrated, targets), "min_confidence": threshold,
-            **coverage(calibrated, targets, threshold)}
+    return {
+        "temperature": temperature,
+        "ece_raw": expected_calibration_error(softmax(logits), targets),
+        "ece_calibrated": expected_calibration_error(calibrated, targets),
+        "min_confidence": threshold,
+        **coverage(calibrated, targets, threshold),
+    }
 
 
 def held_out_line(report: dict) -> str:
-    return (f"calibration (temperature {report['temperature']:.3f}): ECE {report['ece_raw']:.3f} raw, "
-            f"{report['ece_calibrated']:.3f} calibrated; at min confidence {report['min_confidence']:.2f}, "
-            f"{report['answered']:.0%} answered, {report['accuracy_answered']:.1%} of those right")
-
+    return (
+        f"calibration (temperature {report['temperature']:.3f}): ECE {report['ece_raw']:.3f} raw, "
+        f"{report['ece_calibrated']:.3f} calibrated; at min confidence {report['min_confidence']:.2f}, "
+        f"{report['answered']:.0%} answered, {report['accuracy_answered']:.1%} of those right"
+    )

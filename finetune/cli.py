@@ -43,8 +43,7 @@ def install_stop_handlers(stop: threading.Event, progress: TerminalProgress | No
             from .jobs import mark_ended
             from .rundir import RunDir
 
-            mark_ended(RunDir(progress.run_dir), f"terminated: did not stop within {SIGTERM_GRACE_S:.0f} s "
-                                                 f"of SIGTERM")
+            mark_ended(RunDir(progress.run_dir), f"terminated: did not stop within {SIGTERM_GRACE_S:.0f} s of SIGTERM")
         say("error: terminated: could not stop in time", err=True, flush=True)
         os._exit(143)
 
@@ -139,16 +138,18 @@ def cmd_predict(args) -> int:
         check_installed("pytorch_grad_cam")  # before the predictions are printed, not after
     with output_may_close():
         say(min_confidence_line(predictor, threshold, args.min_confidence))
-    predictions = predictor.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size,
-                                          min_confidence=threshold)
+    predictions = predictor.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size, min_confidence=threshold)
     csv_path = write_csv(predictions, args.csv, args.top_k) if args.csv else None  # before any printing
     with output_may_close():
         for p in predictions:
             if p.error:
                 say(f"{p.path}: error: {p.error}")
             else:
-                answer = f"unknown (best guess {p.label} {p.confidence:.3f})" if p.unknown else \
-                    f"{p.label} {p.confidence:.3f}"
+                answer = (
+                    f"unknown (best guess {p.label} {p.confidence:.3f})"
+                    if p.unknown
+                    else f"{p.label} {p.confidence:.3f}"
+                )
                 say(f"{p.path}: " + ", ".join([answer] + [f"{name} {prob:.3f}" for name, prob in p.top[1:]]))
     heatmaps = None
     if args.explain:
@@ -184,9 +185,18 @@ def cmd_doctor(args) -> int:
         raise FinetuneError("--run uses the run's own backbone: give either --run or --arch/--weights")
     data = dataset_folder(args.data, args.quiet)
     log = None if args.quiet else (lambda message: say(message, err=True, flush=True))
-    report = run_doctor(data, run=args.run, arch=args.arch or TrainConfig.arch, weights=args.weights or "imagenet",
-                        image_size=args.image_size, folds=args.folds, device=args.device, batch_size=args.batch_size,
-                        cache_dir=None if args.no_cache else default_cache_dir(), log=log)
+    report = run_doctor(
+        data,
+        run=args.run,
+        arch=args.arch or TrainConfig.arch,
+        weights=args.weights or "imagenet",
+        image_size=args.image_size,
+        folds=args.folds,
+        device=args.device,
+        batch_size=args.batch_size,
+        cache_dir=None if args.no_cache else default_cache_dir(),
+        log=log,
+    )
     say(report.summary_text(limit=args.show))
     if args.json:
         say(f"wrote {write_json(report, args.json)}")
@@ -203,9 +213,16 @@ def cmd_doctor(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
 
-    evaluation = evaluate_run(args.run, args.data, min_confidence=args.min_confidence, batch_size=args.batch_size,
-                              device=args.device, out=args.out, held_out_only=args.held_out_only,
-                              log=lambda line: say(line, err=True))
+    evaluation = evaluate_run(
+        args.run,
+        args.data,
+        min_confidence=args.min_confidence,
+        batch_size=args.batch_size,
+        device=args.device,
+        out=args.out,
+        held_out_only=args.held_out_only,
+        log=lambda line: say(line, err=True),
+    )
     say(evaluation.summary_text())
     return 0
 
@@ -261,8 +278,12 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = re.sub(r"\(default (?!:)", "(default: ", action.help or "")
         shows_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
-        if (any(action.default is v for v in (None, False, True)) or "default" in text
-                or action.default is argparse.SUPPRESS or not shows_default):
+        if (
+            any(action.default is v for v in (None, False, True))
+            or "default" in text
+            or action.default is argparse.SUPPRESS
+            or not shows_default
+        ):
             return text
         return text + " (default: %(default)s)"
 
@@ -284,11 +305,19 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         if base == "bool":
-            group.add_argument(flag, dest=f.name, default=None, help=meta["help"],
-                               action="store_false" if f.default else "store_true")
+            group.add_argument(
+                flag, dest=f.name, default=None, help=meta["help"], action="store_false" if f.default else "store_true"
+            )
         else:
-            group.add_argument(flag, dest=f.name, default=None, type=types[base], choices=meta["choices"],
-                               metavar=meta["metavar"], help=meta["help"] + shown)
+            group.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                type=types[base],
+                choices=meta["choices"],
+                metavar=meta["metavar"],
+                help=meta["help"] + shown,
+            )
 
 
 def command_name() -> str:
@@ -300,25 +329,37 @@ def command_name() -> str:
 def _add_train_command(sub: argparse._SubParsersAction) -> None:
     """The `train` command: the TrainConfig options (add_config_options), --config, --resume, --quiet."""
     train_parser = sub.add_parser(
-        "train", help="fine-tune a model on an image folder", formatter_class=DefaultsHelpFormatter,
+        "train",
+        help="fine-tune a model on an image folder",
+        formatter_class=DefaultsHelpFormatter,
         description="Train on DATA: a folder of class subfolders, or with train/ and val/ (valid/, validation/; "
-                    "optional test/) of class subfolders. Put -- before DATA if its name starts with a dash.")
+        "optional test/) of class subfolders. Put -- before DATA if its name starts with a dash.",
+    )
     add_config_options(train_parser)
-    train_parser.add_argument("--config", metavar="FILE.json",
-                              help="a whole configuration (as the studio writes it, or a run's run.json); options "
-                                   "given on the command line override it")
-    train_parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed "
-                              "epoch (only --epochs and --device may change)")
+    train_parser.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help="a whole configuration (as the studio writes it, or a run's run.json); options "
+        "given on the command line override it",
+    )
+    train_parser.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its last completed epoch (only --epochs and --device may change)",
+    )
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     train_parser.set_defaults(func=cmd_train)
 
 
 def _add_predict_command(sub: argparse._SubParsersAction) -> None:
     """The `predict` command: a model, images and the prediction options."""
-    predict_parser = sub.add_parser("predict", help="classify images or folders with a trained model",
-                       formatter_class=DefaultsHelpFormatter,
-                       description="MODEL is a run folder, or a classic state_dict .pth (then --arch, and "
-                                   "--classes unless class_indices.json lies beside it).")
+    predict_parser = sub.add_parser(
+        "predict",
+        help="classify images or folders with a trained model",
+        formatter_class=DefaultsHelpFormatter,
+        description="MODEL is a run folder, or a classic state_dict .pth (then --arch, and "
+        "--classes unless class_indices.json lies beside it).",
+    )
     predict_parser.add_argument("model", help="run folder or .pth file")
     predict_parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     predict_parser.add_argument("--top-k", type=int, default=3, help="classes listed per image")
@@ -328,37 +369,52 @@ def _add_predict_command(sub: argparse._SubParsersAction) -> None:
     predict_parser.add_argument("--classes", help="class_indices.json for a plain .pth")
     predict_parser.add_argument("--image-size", type=int, default=224, help="input size of a plain .pth")
     predict_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    predict_parser.add_argument("--min-confidence", type=probability, metavar="P",
-                                help="answer 'unknown' (with the best guess beside it) below this calibrated "
-                                     "confidence (default: the run's suggestion from validation; 0: always answer)")
+    predict_parser.add_argument(
+        "--min-confidence",
+        type=probability,
+        metavar="P",
+        help="answer 'unknown' (with the best guess beside it) below this calibrated "
+        "confidence (default: the run's suggestion from validation; 0: always answer)",
+    )
     predict_parser.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM heatmap per image to DIR")
-    predict_parser.add_argument("--explain-class", metavar="CLASS",
-                                help="the class the heatmaps explain (default: each image's predicted class)")
+    predict_parser.add_argument(
+        "--explain-class",
+        metavar="CLASS",
+        help="the class the heatmaps explain (default: each image's predicted class)",
+    )
     predict_parser.set_defaults(func=cmd_predict)
 
 
 def _add_doctor_command(sub: argparse._SubParsersAction) -> None:
     """The `doctor` command: the dataset checks and where their reports go."""
     doctor_parser = sub.add_parser(
-        "doctor", help="find likely label errors, duplicates leaking between splits, and odd images",
+        "doctor",
+        help="find likely label errors, duplicates leaking between splits, and odd images",
         formatter_class=DefaultsHelpFormatter,
         description="Reads DATA (never changes it): features from a backbone (the run's with --run, else ImageNet), "
-                    "a K-fold linear probe ranked by cleanlab for label errors, exact and perceptual-hash "
-                    "duplicates, tiny, flat and extreme-aspect images, small classes. Features are cached in "
-                    "~/.cache/finetune/features ($FINETUNE_FEATURE_CACHE).")
+        "a K-fold linear probe ranked by cleanlab for label errors, exact and perceptual-hash "
+        "duplicates, tiny, flat and extreme-aspect images, small classes. Features are cached in "
+        "~/.cache/finetune/features ($FINETUNE_FEATURE_CACHE).",
+    )
     doctor_parser.add_argument("data", help="image folder or .zip")
     doctor_parser.add_argument("--run", help="a run trained on DATA: its backbone and split settings")
     doctor_parser.add_argument("--arch", choices=ARCHS, help=f"backbone without --run (default {TrainConfig.arch})")
-    doctor_parser.add_argument("--weights",
-                               help="imagenet, none (random: rough), or a .pth state_dict (default: imagenet)")
+    doctor_parser.add_argument(
+        "--weights", help="imagenet, none (random: rough), or a .pth state_dict (default: imagenet)"
+    )
     doctor_parser.add_argument("--image-size", type=int, help="input size of the backbone (default: the run's, or 224)")
     doctor_parser.add_argument("--folds", type=int, default=5, help="folds of the out-of-sample linear probe")
     doctor_parser.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
     doctor_parser.add_argument("--csv", metavar="FILE", help="write one row per finding as CSV")
-    doctor_parser.add_argument("--leaks-to", metavar="FILE", nargs="?", const="",
-                               help="add 'exclude' decisions for the val/test copies of leaking duplicates to this "
-                                    "curation file (default: curation.json in $FINETUNE_RUNS_DIR, else ./runs), for "
-                                    "train --curation")
+    doctor_parser.add_argument(
+        "--leaks-to",
+        metavar="FILE",
+        nargs="?",
+        const="",
+        help="add 'exclude' decisions for the val/test copies of leaking duplicates to this "
+        "curation file (default: curation.json in $FINETUNE_RUNS_DIR, else ./runs), for "
+        "train --curation",
+    )
     doctor_parser.add_argument("--show", type=int, default=10, help="findings listed per kind in the summary")
     doctor_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     doctor_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -369,26 +425,37 @@ def _add_doctor_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     """The `evaluate` command: a run on another labelled folder."""
-    evaluate_parser = sub.add_parser("evaluate",
-                                     help="metrics and confusion matrix of a run on another labelled folder",
-                                     formatter_class=DefaultsHelpFormatter)
+    evaluate_parser = sub.add_parser(
+        "evaluate",
+        help="metrics and confusion matrix of a run on another labelled folder",
+        formatter_class=DefaultsHelpFormatter,
+    )
     evaluate_parser.add_argument("run", help="run folder")
-    evaluate_parser.add_argument("data",
-                                 help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)")
+    evaluate_parser.add_argument(
+        "data", help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)"
+    )
     evaluate_parser.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
     evaluate_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     evaluate_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    evaluate_parser.add_argument("--min-confidence", type=probability, metavar="P",
-                                 help="the threshold whose coverage is reported (default: the run's suggestion)")
-    evaluate_parser.add_argument("--held-out-only", action="store_true",
-                                 help="leave out the images that were in the run's training split (its split.json)")
+    evaluate_parser.add_argument(
+        "--min-confidence",
+        type=probability,
+        metavar="P",
+        help="the threshold whose coverage is reported (default: the run's suggestion)",
+    )
+    evaluate_parser.add_argument(
+        "--held-out-only",
+        action="store_true",
+        help="leave out the images that were in the run's training split (its split.json)",
+    )
     evaluate_parser.set_defaults(func=cmd_evaluate)
 
 
 def _add_export_command(sub: argparse._SubParsersAction) -> None:
     """The `export` command: TorchScript or ONNX."""
-    export_parser = sub.add_parser("export", help="export a run's model to TorchScript or ONNX",
-                       formatter_class=DefaultsHelpFormatter)
+    export_parser = sub.add_parser(
+        "export", help="export a run's model to TorchScript or ONNX", formatter_class=DefaultsHelpFormatter
+    )
     export_parser.add_argument("run", help="run folder")
     export_parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
     export_parser.add_argument("--out", help="output file (default: in the run folder)")
@@ -398,17 +465,24 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
 def _add_scan_command(sub: argparse._SubParsersAction) -> None:
     """The `scan` command; its split options default to TrainConfig's, as train splits."""
     defaults = TrainConfig()
-    scan_parser = sub.add_parser("scan", help="check an image folder and show its classes, split and skipped files",
-                                 formatter_class=DefaultsHelpFormatter,
-                                 description="Decodes every image of DATA (never changes it) and shows how the "
-                                             "folder was understood (class folders, or train/ and val/ splits), "
-                                             "the images per class and split, and the files skipped, with why.")
+    scan_parser = sub.add_parser(
+        "scan",
+        help="check an image folder and show its classes, split and skipped files",
+        formatter_class=DefaultsHelpFormatter,
+        description="Decodes every image of DATA (never changes it) and shows how the "
+        "folder was understood (class folders, or train/ and val/ splits), "
+        "the images per class and split, and the files skipped, with why.",
+    )
     scan_parser.add_argument("data", help="image folder or .zip")
-    scan_parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                             help="share of each class held out for validation when DATA has no val/ folder, "
-                                  "as train splits it")
-    scan_parser.add_argument("--seed", type=int, default=defaults.seed,
-                             help="for the train/val split, as train's --seed")
+    scan_parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        help="share of each class held out for validation when DATA has no val/ folder, as train splits it",
+    )
+    scan_parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="for the train/val split, as train's --seed"
+    )
     scan_parser.add_argument("--json", action="store_true", help="machine-readable output")
     scan_parser.set_defaults(func=cmd_scan)
 
@@ -416,17 +490,25 @@ def _add_scan_command(sub: argparse._SubParsersAction) -> None:
 def _add_selftest_command(sub: argparse._SubParsersAction) -> None:
     """The `selftest` command."""
     selftest_parser = sub.add_parser(
-        "selftest", help="check training, caches, checkpoints, prediction and export on this machine's device",
+        "selftest",
+        help="check training, caches, checkpoints, prediction and export on this machine's device",
         formatter_class=DefaultsHelpFormatter,
         description="Trains each strategy briefly on a generated sample dataset with the settings of the device, "
-                    "checks what the test suite checks on a CPU, and prints a pass/fail table (exit status 0 only "
-                    "when everything passes). Paste its output into a bug report.")
+        "checks what the test suite checks on a CPU, and prints a pass/fail table (exit status 0 only "
+        "when everything passes). Paste its output into a bug report.",
+    )
     selftest_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     selftest_parser.add_argument("--arch", choices=ARCHS, default=TrainConfig.arch, help="architecture to test")
-    selftest_parser.add_argument("--nproc", type=int, default=0, metavar="N",
-                                 help="also a short torchrun training with N processes (one per GPU)")
-    selftest_parser.add_argument("--image-size", type=int, default=None,
-                                 help="input size (default 224 on a GPU, 96 on a CPU)")
+    selftest_parser.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also a short torchrun training with N processes (one per GPU)",
+    )
+    selftest_parser.add_argument(
+        "--image-size", type=int, default=None, help="input size (default 224 on a GPU, 96 on a CPU)"
+    )
     selftest_parser.add_argument("--epochs", type=int, default=1, help="epochs per strategy")
     selftest_parser.add_argument("--compile", action="store_true", help="also torch.compile the trainable layers")
     selftest_parser.set_defaults(func=cmd_selftest)
@@ -434,11 +516,14 @@ def _add_selftest_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_sample_data_command(sub: argparse._SubParsersAction) -> None:
     """The `sample-data` command."""
-    sample_parser = sub.add_parser("sample-data", help="(re)generate the small bundled sample dataset",
-                                   formatter_class=DefaultsHelpFormatter,
-                                   description="Draws synthetic photos of three shapes (circle, square, triangle) "
-                                               "into OUT/<shape>/: a dataset to try finetune on, made here, not "
-                                               "downloaded; the same files for the same seed.")
+    sample_parser = sub.add_parser(
+        "sample-data",
+        help="(re)generate the small bundled sample dataset",
+        formatter_class=DefaultsHelpFormatter,
+        description="Draws synthetic photos of three shapes (circle, square, triangle) "
+        "into OUT/<shape>/: a dataset to try finetune on, made here, not "
+        "downloaded; the same files for the same seed.",
+    )
     sample_parser.add_argument("out", nargs="?", default="data", help="folder to write the class folders into")
     sample_parser.add_argument("--per-class", type=int, default=24, help="images per class")
     sample_parser.add_argument("--seed", type=int, default=0, help="for the drawings (the same seed, the same files)")
@@ -449,8 +534,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     """The whole command line: one _add_<command>_command per subcommand, in the order `--help` lists them."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Fine-tune an ImageNet ResNet on a folder of labelled images.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Fine-tune an ImageNet ResNet on a folder of labelled images."
+    )
     parser.add_argument("--version", action="version", version=f"finetune-studio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_command(sub)

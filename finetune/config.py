@@ -49,9 +49,21 @@ def default_strategy(weights: str) -> str:
     return "all" if weights in ("none", "", None) else "last"
 
 
-def option(default, help: str, group: str, *, choices=None, metavar: str | None = None, flag: str | None = None,
-           positional: bool = False, studio: str | None = "advanced", rank: int = 0, label: str | None = None,
-           info: str | None = None, ui: dict | None = None):
+def option(
+    default,
+    help: str,
+    group: str,
+    *,
+    choices=None,
+    metavar: str | None = None,
+    flag: str | None = None,
+    positional: bool = False,
+    studio: str | None = "advanced",
+    rank: int = 0,
+    label: str | None = None,
+    info: str | None = None,
+    ui: dict | None = None,
+):
     """A TrainConfig field with what the command line and the studio need to offer it.
 
     `flag` overrides the option name (e.g. "--no-amp" for a field that defaults to True).
@@ -60,76 +72,179 @@ def option(default, help: str, group: str, *, choices=None, metavar: str | None 
     (the Advanced accordion, in its group), or None (not offered). `label` names it there (default:
     from the field's name), `info` explains it (default: `help`, under Advanced only) and `ui` holds
     further properties of its component (bounds, a placeholder)."""
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices, "metavar": metavar,
-                                            "flag": flag, "positional": positional, "studio": studio, "rank": rank,
-                                            "label": label, "info": info, "ui": ui or {}})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "group": group,
+            "choices": choices,
+            "metavar": metavar,
+            "flag": flag,
+            "positional": positional,
+            "studio": studio,
+            "rank": rank,
+            "label": label,
+            "info": info,
+            "ui": ui or {},
+        },
+    )
 
 
 @dataclass
 class TrainConfig:
-    data: str = option("data", "image folder (class sub-folders, or train/ and val/ of them), or a .zip of one "
-                       "(extracted safely to ~/.cache/finetune/datasets, or $FINETUNE_DATASETS)", "data",
-                       positional=True, studio=None)  # the studio: chosen on the Data tab
-    val_fraction: float = option(0.2, "share of each class held out for validation when DATA has no val/ folder",
-                                 "data", label="Validation fraction", ui={"minimum": 0, "maximum": 1})
-    curation: str | None = option(None, "a curation.json of review decisions (exclude, relabel) to apply to DATA; "
-                                  "the folder itself is never changed", "data", metavar="FILE",
-                                  studio="left", rank=9, label="Curation file (optional): review decisions to apply",
-                                  info="Filled in from the Review tab once it has decisions for this data. Excluded "
-                                       "images are left out and relabelled ones moved; the folder is never changed. "
-                                       "Empty: train on the folder as it is.",
-                                  ui={"placeholder": "runs/curation.json"})
+    data: str = option(
+        "data",
+        "image folder (class sub-folders, or train/ and val/ of them), or a .zip of one "
+        "(extracted safely to ~/.cache/finetune/datasets, or $FINETUNE_DATASETS)",
+        "data",
+        positional=True,
+        studio=None,
+    )  # the studio: chosen on the Data tab
+    val_fraction: float = option(
+        0.2,
+        "share of each class held out for validation when DATA has no val/ folder",
+        "data",
+        label="Validation fraction",
+        ui={"minimum": 0, "maximum": 1},
+    )
+    curation: str | None = option(
+        None,
+        "a curation.json of review decisions (exclude, relabel) to apply to DATA; the folder itself is never changed",
+        "data",
+        metavar="FILE",
+        studio="left",
+        rank=9,
+        label="Curation file (optional): review decisions to apply",
+        info="Filled in from the Review tab once it has decisions for this data. Excluded "
+        "images are left out and relabelled ones moved; the folder is never changed. "
+        "Empty: train on the folder as it is.",
+        ui={"placeholder": "runs/curation.json"},
+    )
     seed: int = option(0, "for the split, initialisation and augmentation", "data", studio="right", rank=8)
-    image_size: int = option(224, "crop size in pixels (train and eval)", "data", studio="right", rank=7,
-                             label="Image size (pixels)", ui={"minimum": 32, "maximum": 1024})
-    arch: str = option("resnet34", "ImageNet ResNet to fine-tune", "model", choices=ARCHS, studio="left",
-                       rank=1, label="Architecture")
-    strategy: str | None = option(None, "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items())
-                                  + " (default: all with --weights none, else last)", "model", choices=STRATEGIES,
-                                  studio="left", rank=2, label="What to train (strategy)")
-    weights: str = option("imagenet", "imagenet (torch hub cache, downloaded when online), none (from scratch), "
-                          "or a .pth state_dict path", "model", studio="left", rank=3, label="Starting weights")
-    epochs: int = option(5, "epochs (on --resume: the new total)", "optim", studio="right", rank=4,
-                         ui={"minimum": 1, "maximum": 1000})
-    batch_size: int = option(32, "images per training step", "optim", studio="right", rank=5,
-                             ui={"minimum": 1, "maximum": 4096})
-    lr: float | None = option(None, "head learning rate (default: per strategy, "
-                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim",
-                              studio="right", rank=6, label="Learning rate (head; set per strategy)", ui={"minimum": 0})
-    backbone_lr_scale: float = option(0.1, "pretrained layers learn at lr x this (earlier stages less)", "optim",
-                                      label="Backbone learning-rate scale", ui={"minimum": 0})
+    image_size: int = option(
+        224,
+        "crop size in pixels (train and eval)",
+        "data",
+        studio="right",
+        rank=7,
+        label="Image size (pixels)",
+        ui={"minimum": 32, "maximum": 1024},
+    )
+    arch: str = option(
+        "resnet34", "ImageNet ResNet to fine-tune", "model", choices=ARCHS, studio="left", rank=1, label="Architecture"
+    )
+    strategy: str | None = option(
+        None,
+        "; ".join(f"{k}: {v}" for k, v in STRATEGY_HELP.items()) + " (default: all with --weights none, else last)",
+        "model",
+        choices=STRATEGIES,
+        studio="left",
+        rank=2,
+        label="What to train (strategy)",
+    )
+    weights: str = option(
+        "imagenet",
+        "imagenet (torch hub cache, downloaded when online), none (from scratch), or a .pth state_dict path",
+        "model",
+        studio="left",
+        rank=3,
+        label="Starting weights",
+    )
+    epochs: int = option(
+        5, "epochs (on --resume: the new total)", "optim", studio="right", rank=4, ui={"minimum": 1, "maximum": 1000}
+    )
+    batch_size: int = option(
+        32, "images per training step", "optim", studio="right", rank=5, ui={"minimum": 1, "maximum": 4096}
+    )
+    lr: float | None = option(
+        None,
+        "head learning rate (default: per strategy, " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
+        "optim",
+        studio="right",
+        rank=6,
+        label="Learning rate (head; set per strategy)",
+        ui={"minimum": 0},
+    )
+    backbone_lr_scale: float = option(
+        0.1,
+        "pretrained layers learn at lr x this (earlier stages less)",
+        "optim",
+        label="Backbone learning-rate scale",
+        ui={"minimum": 0},
+    )
     weight_decay: float = option(0.05, "AdamW weight decay", "optim", ui={"minimum": 0})
     label_smoothing: float = option(0.1, "cross-entropy label smoothing", "optim", ui={"minimum": 0, "maximum": 1})
-    warmup_epochs: float = option(1.0, "linear learning-rate warmup, then cosine decay", "optim",
-                                  label="Warm-up epochs", ui={"minimum": 0})
-    class_weighted_loss: bool = option(False, "weight the loss by inverse class frequency (imbalanced classes)",
-                                       "optim", label="Class-weighted loss")
-    early_stopping: int = option(0, "stop after this many epochs without improvement (0: off)", "optim",
-                                 metavar="PATIENCE", label="Early stopping (patience in epochs)", ui={"minimum": 0})
+    warmup_epochs: float = option(
+        1.0, "linear learning-rate warmup, then cosine decay", "optim", label="Warm-up epochs", ui={"minimum": 0}
+    )
+    class_weighted_loss: bool = option(
+        False, "weight the loss by inverse class frequency (imbalanced classes)", "optim", label="Class-weighted loss"
+    )
+    early_stopping: int = option(
+        0,
+        "stop after this many epochs without improvement (0: off)",
+        "optim",
+        metavar="PATIENCE",
+        label="Early stopping (patience in epochs)",
+        ui={"minimum": 0},
+    )
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", "speed")
-    workers: int | None = option(None, "data loader processes (default: sized to this process's share of the "
-                                 "cores)", "speed", label="Data loader workers", ui={"minimum": 0})
-    amp: bool = option(True, "no mixed precision on CUDA (default: bf16 on GPUs with bf16 units, else fp16 with "
-                       "a gradient scaler)", "speed", flag="--no-amp",
-                       label="Mixed precision (AMP) on CUDA",
-                       info="bf16 on GPUs with bf16 units, else fp16 with a gradient scaler")
-    channels_last: bool = option(True, "keep the NCHW memory layout (channels_last is faster on CUDA and x86 "
-                                 "CPUs)", "speed", flag="--no-channels-last",
-                                 label="channels_last memory layout", info="faster on CUDA and x86 CPUs")
+    workers: int | None = option(
+        None,
+        "data loader processes (default: sized to this process's share of the cores)",
+        "speed",
+        label="Data loader workers",
+        ui={"minimum": 0},
+    )
+    amp: bool = option(
+        True,
+        "no mixed precision on CUDA (default: bf16 on GPUs with bf16 units, else fp16 with a gradient scaler)",
+        "speed",
+        flag="--no-amp",
+        label="Mixed precision (AMP) on CUDA",
+        info="bf16 on GPUs with bf16 units, else fp16 with a gradient scaler",
+    )
+    channels_last: bool = option(
+        True,
+        "keep the NCHW memory layout (channels_last is faster on CUDA and x86 CPUs)",
+        "speed",
+        flag="--no-channels-last",
+        label="channels_last memory layout",
+        info="faster on CUDA and x86 CPUs",
+    )
     compile: bool = option(False, "torch.compile the trainable layers", "speed", label="torch.compile")
-    cache: str = option("auto", "auto: compute frozen layers once and decode images once when it fits in memory; "
-                        "off: stream", "speed", choices=("auto", "off"),
-                        label="Feature and image cache")
-    cache_views: int = option(2, "augmented views per image kept in a frozen-feature cache", "speed",
-                                  label="Cached views per image", ui={"minimum": 1})
-    memory_budget_gb: float | None = option(None, "memory for caches in GiB (default: half the free RAM)", "speed",
-                                            label="Memory budget for caches (GiB)", ui={"minimum": 0})
+    cache: str = option(
+        "auto",
+        "auto: compute frozen layers once and decode images once when it fits in memory; off: stream",
+        "speed",
+        choices=("auto", "off"),
+        label="Feature and image cache",
+    )
+    cache_views: int = option(
+        2,
+        "augmented views per image kept in a frozen-feature cache",
+        "speed",
+        label="Cached views per image",
+        ui={"minimum": 1},
+    )
+    memory_budget_gb: float | None = option(
+        None,
+        "memory for caches in GiB (default: half the free RAM)",
+        "speed",
+        label="Memory budget for caches (GiB)",
+        ui={"minimum": 0},
+    )
     # typed str: None given (the default) is replaced by __post_init__, so every reader gets a folder
-    runs_dir: str = option(None, "where run folders are created (default: $FINETUNE_RUNS_DIR, else ./runs; "
-                           "recorded in run.json as an absolute path)", "output",
-                           studio=None)  # the studio: its own runs folder (finetune-studio --runs-dir)
-    run_name: str | None = option(None, "run folder name (default: <time>-<arch>-<strategy>)", "output",
-                                 label="Run folder name")
+    runs_dir: str = option(
+        None,
+        "where run folders are created (default: $FINETUNE_RUNS_DIR, else ./runs; "
+        "recorded in run.json as an absolute path)",
+        "output",
+        studio=None,
+    )  # the studio: its own runs folder (finetune-studio --runs-dir)
+    run_name: str | None = option(
+        None, "run folder name (default: <time>-<arch>-<strategy>)", "output", label="Run folder name"
+    )
     extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option (nor in the studio)
 
     def __post_init__(self) -> None:
@@ -180,8 +295,10 @@ class TrainConfig:
                 continue
             kinds = accepted[base]
             if not isinstance(value, kinds) or (base != "bool" and isinstance(value, bool)):
-                raise FinetuneError(f"option {f.name} must be {'a number' if base in ('int', 'float') else 'a ' + base}"
-                                    f"{' (whole)' if base == 'int' else ''}, got {value!r}")
+                raise FinetuneError(
+                    f"option {f.name} must be {'a number' if base in ('int', 'float') else 'a ' + base}"
+                    f"{' (whole)' if base == 'int' else ''}, got {value!r}"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -122,8 +122,9 @@ def save_curation(curation: Curation, path: str | Path) -> Path:
     data_root = Path(curation.data).expanduser().resolve()
     target = path.resolve()
     if target == data_root or data_root in target.parents:
-        raise FinetuneError(f"the curation file must not be inside the dataset {data_root}: {path} "
-                            f"(keep it next to the runs)")
+        raise FinetuneError(
+            f"the curation file must not be inside the dataset {data_root}: {path} (keep it next to the runs)"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(curation.to_dict(), indent=2) + "\n")  # two pages may save at once
@@ -148,14 +149,21 @@ class CuratedScan(DatasetScan):
 
 
 def curation_report(record: dict) -> str:
-    lines = [f"Curation: {record.get('file') or 'decisions'}: {len(record['excluded'])} excluded, "
-             f"{len(record['relabelled'])} relabelled, {record['kept']} kept as they are"]
-    lines += [f"  excluded {e['path']} ({e['split']}, {e['class']}){': ' + e['note'] if e.get('note') else ''}"
-              for e in record["excluded"]]
+    lines = [
+        f"Curation: {record.get('file') or 'decisions'}: {len(record['excluded'])} excluded, "
+        f"{len(record['relabelled'])} relabelled, {record['kept']} kept as they are"
+    ]
+    lines += [
+        f"  excluded {e['path']} ({e['split']}, {e['class']}){': ' + e['note'] if e.get('note') else ''}"
+        for e in record["excluded"]
+    ]
     lines += [f"  relabelled {r['path']} ({r['split']}): {r['from']} -> {r['to']}" for r in record["relabelled"]]
     if record["unknown"]:
-        lines.append(f"  {len(record['unknown'])} decision(s) name files not in this dataset (ignored): "
-                     + ", ".join(record["unknown"][:5]) + (" ..." if len(record["unknown"]) > 5 else ""))
+        lines.append(
+            f"  {len(record['unknown'])} decision(s) name files not in this dataset (ignored): "
+            + ", ".join(record["unknown"][:5])
+            + (" ..." if len(record["unknown"]) > 5 else "")
+        )
     return "\n".join(lines)
 
 
@@ -168,10 +176,7 @@ def apply_curation(scan: DatasetScan, curation: Curation) -> CuratedScan:
     where = curation.source or CURATION_FILE
     decisions = curation.by_path()
     index = {name: i for i, name in enumerate(scan.classes)}
-    for decision in decisions.values():
-        if decision.action == "relabel" and decision.label not in index:
-            raise FinetuneError(f"{where}: relabel of {decision.path!r} to {decision.label!r}: not a class of "
-                                f"this dataset ({', '.join(scan.classes)})")
+    _check_relabels(where, decisions, index)
     excluded: list[dict] = []
     relabelled: list[dict] = []
     kept = 0
@@ -186,8 +191,14 @@ def apply_curation(scan: DatasetScan, curation: Curation) -> CuratedScan:
                 kept_items.append((rel, label))
                 continue
             if chosen.action == "exclude":
-                excluded.append({"path": rel, "split": split, "class": scan.classes[label],
-                                 **({"note": chosen.note} if chosen.note else {})})
+                excluded.append(
+                    {
+                        "path": rel,
+                        "split": split,
+                        "class": scan.classes[label],
+                        **({"note": chosen.note} if chosen.note else {}),
+                    }
+                )
                 continue
             # a relabel's label is a class of this scan: checked above
             new = index[chosen.label] if chosen.action == "relabel" and chosen.label is not None else label
@@ -198,9 +209,38 @@ def apply_curation(scan: DatasetScan, curation: Curation) -> CuratedScan:
             kept_items.append((rel, new))
         new_splits[split] = kept_items
     unknown = sorted(set(decisions) - seen)
-    record = {"file": curation.source, "format": CURATION_FORMAT, "excluded": excluded, "relabelled": relabelled,
-              "kept": kept, "unknown": unknown}
+    record = {
+        "file": curation.source,
+        "format": CURATION_FORMAT,
+        "excluded": excluded,
+        "relabelled": relabelled,
+        "kept": kept,
+        "unknown": unknown,
+    }
 
+    notes = _curated_notes(where, scan, curation, new_splits, unknown)
+    base = {f.name: copy.deepcopy(getattr(scan, f.name)) for f in dataclasses.fields(DatasetScan)}
+    return CuratedScan(**{**base, **new_splits, "warnings": notes, "curation": record})
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions from the data doctor
+
+
+def _check_relabels(where: str, decisions: dict[str, Decision], index: dict[str, int]) -> None:
+    for decision in decisions.values():
+        if decision.action == "relabel" and decision.label not in index:
+            raise FinetuneError(
+                f"{where}: relabel of {decision.path!r} to {decision.label!r}: not a class of "
+                f"this dataset ({', '.join(index)})"
+            )
+
+
+def _curated_notes(
+    where: str, scan: DatasetScan, curation: Curation, new_splits: dict[str, list[tuple[str, int]]], unknown: list[str]
+) -> list[str]:
+    """The scan's warnings and what the curation changed that a user should know; no training image
+    left in a class is an error."""
     empty = [name for i, name in enumerate(scan.classes) if not any(lb == i for _, lb in new_splits["train"])]
     if empty:
         raise FinetuneError(f"{where}: after the curation class {empty[0]!r} has no training image left")
@@ -212,12 +252,7 @@ def apply_curation(scan: DatasetScan, curation: Curation) -> CuratedScan:
         notes.append(f"the curation names {len(unknown)} file(s) that are not in the data (ignored)")
     if Path(curation.data).expanduser().resolve() != Path(scan.root).resolve():
         notes.append(f"the curation was made for {curation.data}, applied to {scan.root} (paths are relative)")
-    base = {f.name: copy.deepcopy(getattr(scan, f.name)) for f in dataclasses.fields(DatasetScan)}
-    return CuratedScan(**{**base, **new_splits, "warnings": notes, "curation": record})
-
-
-# ---------------------------------------------------------------------------------------------
-# Decisions from the data doctor
+    return notes
 
 
 def leak_decisions(duplicate_groups: list[dict]) -> list[Decision]:
@@ -235,8 +270,13 @@ def leak_decisions(duplicate_groups: list[dict]) -> list[Decision]:
         originals = [p for p, s in zip(group["paths"], splits, strict=True) if s == first]
         for path, split in zip(group["paths"], splits, strict=True):
             if split != first:
-                decisions.append(Decision(path, "exclude", note=f"leak: {group['kind']} duplicate in {split} "
-                                                                f"of {first} file {originals[0]}"))
+                decisions.append(
+                    Decision(
+                        path,
+                        "exclude",
+                        note=f"leak: {group['kind']} duplicate in {split} of {first} file {originals[0]}",
+                    )
+                )
     return decisions
 
 

@@ -187,8 +187,10 @@ def _check_tiff(fp, size: int, what: str, max_pages: int) -> None:
                 if pages > max_pages:
                     if what != "TIFF":  # PIL reads no further in an EXIF block than its first IFDs
                         break
-                    raise ImageTooCostly(f"too costly to decode: a TIFF of more than {max_pages} pages "
-                                         f"(at most {max_pages}; only the first is used)")
+                    raise ImageTooCostly(
+                        f"too costly to decode: a TIFF of more than {max_pages} pages "
+                        f"(at most {max_pages}; only the first is used)"
+                    )
             fp.seek(offset)
             raw = fp.read(struct.calcsize(count_format))
             if len(raw) < struct.calcsize(count_format):
@@ -201,8 +203,9 @@ def _check_tiff(fp, size: int, what: str, max_pages: int) -> None:
             nbytes = table["count"].astype(np.float64) * unit
             claimed += float(nbytes[nbytes > inline].sum())
             if claimed > 2 * size + _TAG_SLACK:
-                raise ImageTooCostly(f"too costly to decode: its {what} tags claim {_size_text(claimed)} of data "
-                                     f"from {_size_text(size)}")
+                raise ImageTooCostly(
+                    f"too costly to decode: its {what} tags claim {_size_text(claimed)} of data from {_size_text(size)}"
+                )
             sub = table[np.isin(table["tag"], _EXIF_SUB_IFDS) & (table["count"] == 1) & np.isin(types, (4, 13, 16, 18))]
             pending.extend((int(value), False) for value in sub["value"])
             following = fp.read(inline)
@@ -232,12 +235,13 @@ def _check_jpeg(data, size: int) -> None:
             scans += 1
             if scans > allowed:
                 at = f" over {_megapixels(pixels)} megapixels" if allowed < MAX_JPEG_SCANS else ""
-                raise ImageTooCostly(f"too costly to decode: more than {allowed} JPEG scans{at} "
-                                     f"(a progressive JPEG has about 10)")
-        elif marker == 0xE1 and data[position + 2:position + 8] == b"Exif\0\0":
-            _check_exif(data[position + 8:position + length])
-        elif marker == 0xE2 and data[position + 2:position + 6] == b"MPF\0":
-            _check_exif(data[position + 6:position + length])
+                raise ImageTooCostly(
+                    f"too costly to decode: more than {allowed} JPEG scans{at} (a progressive JPEG has about 10)"
+                )
+        elif marker == 0xE1 and data[position + 2 : position + 8] == b"Exif\0\0":
+            _check_exif(data[position + 8 : position + length])
+        elif marker == 0xE2 and data[position + 2 : position + 6] == b"MPF\0":
+            _check_exif(data[position + 6 : position + length])
         position += length
 
 
@@ -253,8 +257,11 @@ def _check_structure(file) -> None:
     size = os.fstat(file.fileno()).st_size
     file.seek(0)
     head = file.read(4)
-    if len(head) == 4 and head[:2] in (b"II", b"MM") and struct.unpack(
-            "<H" if head[:2] == b"II" else ">H", head[2:4])[0] in (42, 43):  # TIFF, BigTIFF
+    if (
+        len(head) == 4
+        and head[:2] in (b"II", b"MM")
+        and struct.unpack("<H" if head[:2] == b"II" else ">H", head[2:4])[0] in (42, 43)
+    ):  # TIFF, BigTIFF
         _check_tiff(file, size, "TIFF", MAX_TIFF_PAGES)
     elif head[:3] == b"\xff\xd8\xff":
         try:
@@ -312,8 +319,10 @@ def open_image(path: str | Path) -> Image.Image:
     width, height = image.size
     if width * height > limit:  # PIL's guard is global: other code may have switched it off
         image.close()
-        raise ImageTooLarge(f"image too large: {width} x {height} pixels ({_megapixels(width * height)} megapixels), "
-                            f"over the limit of {_megapixels(limit)} megapixels")
+        raise ImageTooLarge(
+            f"image too large: {width} x {height} pixels ({_megapixels(width * height)} megapixels), "
+            f"over the limit of {_megapixels(limit)} megapixels"
+        )
     return image
 
 
@@ -391,8 +400,10 @@ def check_image(path: str | Path, budget: PixelBudget | None = None) -> str | No
         if width < 1 or height < 1:
             return "image has no pixels"
         if spent > MAX_DECODE_SECONDS:
-            return (f"too costly to decode: {spent:.1f} s of CPU time for {width} x {height} pixels "
-                    f"(at most {MAX_DECODE_SECONDS:g} s)")
+            return (
+                f"too costly to decode: {spent:.1f} s of CPU time for {width} x {height} pixels "
+                f"(at most {MAX_DECODE_SECONDS:g} s)"
+            )
         return None
     except ImageTooLarge as error:
         return str(error)
@@ -409,8 +420,9 @@ def check_image(path: str | Path, budget: PixelBudget | None = None) -> str | No
         return f"cannot decode ({type(error).__name__}: {error})"
 
 
-def check_images(root: Path, relpaths: list[str], workers: int | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+def check_images(
+    root: Path, relpaths: list[str], workers: int | None = None, on_progress: Callable[[int, int], None] | None = None
+) -> dict[str, str]:
     """Decode every file in parallel; returns {relpath: reason} for those that fail.
 
     Threads decode together only while their images' pixels add up to one image at the pixel limit,
@@ -451,8 +463,13 @@ def _split_item(item, key: str, num_classes: int) -> bool:
     if key == "skipped":
         return isinstance(item[1], str)
     path = PurePosixPath(item[0].replace("\\", "/"))
-    return (not path.is_absolute() and ".." not in path.parts and isinstance(item[1], int)
-            and not isinstance(item[1], bool) and 0 <= item[1] < num_classes)
+    return (
+        not path.is_absolute()
+        and ".." not in path.parts
+        and isinstance(item[1], int)
+        and not isinstance(item[1], bool)
+        and 0 <= item[1] < num_classes
+    )
 
 
 @dataclass
@@ -476,9 +493,11 @@ class DatasetScan:
 
     def layout_text(self) -> str:
         """What the scan understood of the folder, in one line."""
+
         def held_out(where: str = "") -> str:
-            return (f"{round((self.val_fraction or 0) * 100)}% of each class{where} held out for validation"
-                    + (f" (seed {self.seed})" if self.seed is not None else ""))
+            return f"{round((self.val_fraction or 0) * 100)}% of each class{where} held out for validation" + (
+                f" (seed {self.seed})" if self.seed is not None else ""
+            )
 
         if not self.split_dirs and self.layout == "class-folders":
             return f"class folders at the top ({len(self.classes)} classes); {held_out()}"
@@ -548,8 +567,9 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     for folder in found:
         reason = unsafe_name_reason(folder.name)
         if reason is not None:
-            raise FinetuneError(f"class folder '{printable(folder.name)}' in {printable(str(split_dir))}: {reason}; "
-                                f"rename it")
+            raise FinetuneError(
+                f"class folder '{printable(folder.name)}' in {printable(str(split_dir))}: {reason}; rename it"
+            )
     return found
 
 
@@ -563,14 +583,17 @@ class _FileCount:
     def add(self, n: int) -> None:
         before, self.seen = self.seen, self.seen + n
         if self.limit is not None and self.seen > self.limit:
-            raise FinetuneError(f"{self.root} holds more than {self.limit:,} files: choose a smaller folder "
-                                f"(at most {self.limit:,} files are scanned)")
+            raise FinetuneError(
+                f"{self.root} holds more than {self.limit:,} files: choose a smaller folder "
+                f"(at most {self.limit:,} files are scanned)"
+            )
         if self.on_progress is not None and self.seen // 1000 > before // 1000:
             self.on_progress("walk", self.seen, 0)
 
 
-def _image_files(class_dir: Path, root: Path, count: _FileCount | None = None,
-                 skipped: list[tuple[str, str]] | None = None) -> list[str]:
+def _image_files(
+    class_dir: Path, root: Path, count: _FileCount | None = None, skipped: list[tuple[str, str]] | None = None
+) -> list[str]:
     """Image files anywhere under a class folder (nested folders belong to the class, down to
     MAX_SCAN_DEPTH levels). Image files and folders with a name a terminal or browser would act on
     (see finetune.names), and folders nested deeper, are left out and added to `skipped` as
@@ -659,18 +682,22 @@ def detect_layout(root: Path) -> Layout:
     if others:
         # a few names, then a count: a folder of thousands of classes must still give one readable line
         shown = ", ".join(f"'{printable(p.name)}/'" for p in others[:5]) + (
-            f" and {len(others) - 5:,} more" if len(others) > 5 else "")
+            f" and {len(others) - 5:,} more" if len(others) > 5 else ""
+        )
         if val is None:
             raise FinetuneError(
                 f"cannot tell how {printable(str(root))} is organised: '{printable(train.name)}/' holds folders "
                 f"(a train split of class folders?) but {shown} beside it {'is' if len(others) == 1 else 'are'} "
                 f"not a split (val/, test/): put every class folder at the top, or the class folders of each "
-                f"split in train/ and val/")
+                f"split in train/ and val/"
+            )
         notes.append(f"{shown} beside the train/ and val/ splits {'is' if len(others) == 1 else 'are'} not used")
     for split, folder in splits.items():
         if split != "train" and _holds_images(folder):
-            raise FinetuneError(f"'{printable(folder.name)}/' in {printable(str(root))} holds images of its own: in a "
-                                f"train/ and {printable(folder.name)}/ layout each split holds one folder per class")
+            raise FinetuneError(
+                f"'{printable(folder.name)}/' in {printable(str(root))} holds images of its own: in a "
+                f"train/ and {printable(folder.name)}/ layout each split holds one folder per class"
+            )
     return Layout(splits, notes)
 
 
@@ -695,8 +722,12 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
 
 
 def scan_dataset(
-    data: str | Path, val_fraction: float = default_of("val_fraction"), seed: int = default_of("seed"),
-    check: bool = True, max_files: int | None = None, on_progress: Callable[[str, int, int], None] | None = None,
+    data: str | Path,
+    val_fraction: float = default_of("val_fraction"),
+    seed: int = default_of("seed"),
+    check: bool = True,
+    max_files: int | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> DatasetScan:
     """Find classes and images, check every image, and split train/val when no split is given.
 
@@ -727,8 +758,16 @@ def scan_dataset(
     test = _labelled(good, "test", classes) if "test" in splits else []
     notes += _imbalance_notes(classes, train)
     return DatasetScan(
-        root=str(root), layout=layout, classes=classes, train=train, val=val, test=test,
-        skipped=skipped, warnings=notes, val_fraction=used_fraction, seed=seed if used_fraction else None,
+        root=str(root),
+        layout=layout,
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        skipped=skipped,
+        warnings=notes,
+        val_fraction=used_fraction,
+        seed=seed if used_fraction else None,
         split_dirs={split: folder.name for split, folder in splits.items() if split != "all"},
     )
 
@@ -743,9 +782,9 @@ def _data_folder(data: str | Path) -> Path:
     return root.resolve()
 
 
-def _list_images(root: Path, splits: dict[str, Path], max_files: int | None,
-                 on_progress: Callable[[str, int, int], None] | None
-                 ) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
+def _list_images(
+    root: Path, splits: dict[str, Path], max_files: int | None, on_progress: Callable[[str, int, int], None] | None
+) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
     """The image files of each split's class folders (relative to root), and the files not decoded
     with why (strange names, folders nested too deep)."""
     per_split: dict[str, dict[str, list[str]]] = {}
@@ -764,9 +803,7 @@ def _class_names(per_split: dict[str, dict[str, list[str]]], splits: dict[str, P
     for split in ("val", "test"):
         extra = sorted(set(per_split.get(split, {})) - train_classes)
         if extra:
-            raise FinetuneError(
-                f"class {extra[0]!r} is in {splits[split].name}/ but not in {splits[main_split].name}/"
-            )
+            raise FinetuneError(f"class {extra[0]!r} is in {splits[split].name}/ but not in {splits[main_split].name}/")
     classes = sorted(train_classes)
     if len(classes) < 2:
         where = splits[main_split]
@@ -775,9 +812,13 @@ def _class_names(per_split: dict[str, dict[str, list[str]]], splits: dict[str, P
     return classes
 
 
-def _decodable_images(root: Path, per_split: dict[str, dict[str, list[str]]], unusable: list[tuple[str, str]],
-                      check: bool, on_progress: Callable[[str, int, int], None] | None
-                      ) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
+def _decodable_images(
+    root: Path,
+    per_split: dict[str, dict[str, list[str]]],
+    unusable: list[tuple[str, str]],
+    check: bool,
+    on_progress: Callable[[str, int, int], None] | None,
+) -> tuple[dict[str, dict[str, list[str]]], list[tuple[str, str]]]:
     """per_split without the files that do not decode (each one decoded unless `check` is False), and
     every file skipped with why, sorted."""
     all_files = [rel for split in per_split.values() for files in split.values() for rel in files]
@@ -791,9 +832,13 @@ def _decodable_images(root: Path, per_split: dict[str, dict[str, list[str]]], un
     return good, skipped
 
 
-def _require_an_image_per_class(classes: list[str], good: dict[str, dict[str, list[str]]],
-                                per_split: dict[str, dict[str, list[str]]], splits: dict[str, Path],
-                                main_split: str) -> None:
+def _require_an_image_per_class(
+    classes: list[str],
+    good: dict[str, dict[str, list[str]]],
+    per_split: dict[str, dict[str, list[str]]],
+    splits: dict[str, Path],
+    main_split: str,
+) -> None:
     """One line for the first class of the main split without a decodable image."""
     for name in classes:
         if not good[main_split][name]:
@@ -807,8 +852,9 @@ def _labelled(good: dict[str, dict[str, list[str]]], split: str, classes: list[s
     return [(rel, label) for label, c in enumerate(classes) for rel in good.get(split, {}).get(c, [])]
 
 
-def _drawn_split(pool: list[tuple[str, int]], classes: list[str], good: dict[str, list[str]], val_fraction: float,
-                 seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def _drawn_split(
+    pool: list[tuple[str, int]], classes: list[str], good: dict[str, list[str]], val_fraction: float, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """A class-folders dataset split into train and val, stratified: each class needs 2 images."""
     for name in classes:
         if len(good[name]) < 2:
@@ -827,8 +873,10 @@ def _imbalance_notes(classes: list[str], train: list[tuple[str, int]]) -> list[s
     if smallest and largest / smallest >= IMBALANCE_RATIO:
         big = classes[max(train_counts, key=train_counts.__getitem__)]
         small = classes[min(train_counts, key=train_counts.__getitem__)]
-        return [f"classes are imbalanced ({big!r}: {largest} vs {small!r}: {smallest} training images); "
-                f"consider --class-weighted-loss"]
+        return [
+            f"classes are imbalanced ({big!r}: {largest} vs {small!r}: {smallest} training images); "
+            f"consider --class-weighted-loss"
+        ]
     return []
 
 
@@ -848,8 +896,10 @@ def _lookalike_classes(classes: list[str]) -> list[str]:
         else:
             shown = " and ".join(f"'{printable(n)}'" for n in names)
             how = "only in letter case"
-        notes.append(f"classes {shown} differ {how}: they are kept as separate classes; rename the folders "
-                     f"if they are meant to be one")
+        notes.append(
+            f"classes {shown} differ {how}: they are kept as separate classes; rename the folders "
+            f"if they are meant to be one"
+        )
     return notes
 
 
@@ -882,23 +932,27 @@ def resize_size(image_size: int) -> int:
 
 
 def train_transform(image_size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(resize_size(image_size), antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize_size(image_size), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
 
 class ImageListDataset(Dataset):
@@ -918,8 +972,9 @@ class ImageListDataset(Dataset):
         return self.transform(load_rgb(self.root / rel, self.min_size)), label
 
 
-def scan_labelled_folder(data: str | Path,
-                         classes: list[str]) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
+def scan_labelled_folder(
+    data: str | Path, classes: list[str]
+) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
     """Images to evaluate a trained model on: (root, [(relpath, label)], skipped).
 
     Takes the folder's test/ split if it has one, else its val/ split, else every class folder.
@@ -939,8 +994,9 @@ def scan_labelled_folder(data: str | Path,
     per_class = {d.name: _image_files(d, root, skipped=unusable) for d in class_dirs}
     unknown = sorted(set(per_class) - set(index))
     if unknown:
-        raise FinetuneError(f"class {unknown[0]!r} in {split_dir} is not one of the model's classes: "
-                            f"{', '.join(classes)}")
+        raise FinetuneError(
+            f"class {unknown[0]!r} in {split_dir} is not one of the model's classes: {', '.join(classes)}"
+        )
     files = [rel for rels in per_class.values() for rel in rels]
     bad = check_images(root, files)
     items = [(rel, index[c]) for c, rels in per_class.items() for rel in rels if rel not in bad]

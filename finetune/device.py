@@ -81,8 +81,9 @@ class Distributed:
         timeout, used only while rank 0 scans the images and the others wait for the result."""
         if not self.enabled or dist.is_initialized():
             return
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
         self._patient = dist.new_group(backend="gloo", timeout=SCAN_WAIT)
 
     def close(self) -> None:
@@ -95,8 +96,9 @@ class Distributed:
             return value
         holder = [value]
         group = getattr(self, "_patient", None) if patient else None
-        dist.broadcast_object_list(holder, src=0, group=group,
-                                   device=None if group is not None else self._collective_device())
+        dist.broadcast_object_list(
+            holder, src=0, group=group, device=None if group is not None else self._collective_device()
+        )
         return holder[0]
 
     def all_gather(self, value) -> list:
@@ -134,8 +136,9 @@ class Distributed:
 
     @staticmethod
     def _collective_device() -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +184,8 @@ def _cuda_for_rank(name: str, ctx: Distributed, index: int) -> torch.device:
         if ctx.local_world_size > count or ctx.local_rank >= count:
             raise FinetuneError(
                 f"torchrun started {ctx.local_world_size} processes on this machine but only {count} GPU(s) "
-                f"are visible: use --nproc_per_node {count} (one process per GPU), or --device cpu")
+                f"are visible: use --nproc_per_node {count} (one process per GPU), or --device cpu"
+            )
         index = ctx.local_rank
     if index >= count:
         raise FinetuneError(f"device {name!r}: only {count} CUDA device(s) visible")
@@ -209,8 +213,10 @@ def amp_choice(device: torch.device, enabled: bool = True) -> tuple[torch.dtype 
         native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     if major >= 8 and native_bf16:
         return torch.bfloat16, f"bf16: compute capability {major}.{minor} has bf16 units"
-    return torch.float16, (f"fp16 with a gradient scaler: compute capability {major}.{minor} has no bf16 units "
-                           f"(emulated bf16 would be slow)")
+    return torch.float16, (
+        f"fp16 with a gradient scaler: compute capability {major}.{minor} has no bf16 units "
+        f"(emulated bf16 would be slow)"
+    )
 
 
 def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
@@ -264,5 +270,9 @@ def seed_everything(seed: int) -> None:
 def versions() -> dict:
     import torchvision
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+    }

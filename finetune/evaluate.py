@@ -39,9 +39,7 @@ def compute_metrics(targets, probs, classes: list[str], paths: list[str] | None 
         return {"num_images": 0, "classes": classes}
     preds = probs.argmax(axis=1)
     present = sorted(set(targets.tolist()))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        targets, preds, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(targets, preds, labels=labels, zero_division=0)
     metrics = {
         "num_images": int(len(targets)),
         "accuracy": float(accuracy_score(targets, preds)),
@@ -50,8 +48,12 @@ def compute_metrics(targets, probs, classes: list[str], paths: list[str] | None 
         "top_k_accuracy": {},
         "classes": classes,
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(classes)
         },
         "macro_f1": float(np.mean([f1[i] for i in present])),
@@ -65,8 +67,12 @@ def compute_metrics(targets, probs, classes: list[str], paths: list[str] | None 
             metrics["top_k_accuracy"][str(k)] = float(top_k_accuracy_score(targets, probs, k=k, labels=labels))
     if paths is not None:
         metrics["misclassified"] = [
-            {"path": paths[i], "true": classes[targets[i]], "predicted": classes[preds[i]],
-             "confidence": float(probs[i, preds[i]])}
+            {
+                "path": paths[i],
+                "true": classes[targets[i]],
+                "predicted": classes[preds[i]],
+                "confidence": float(probs[i, preds[i]]),
+            }
             for i in np.flatnonzero(preds != targets)
         ]
         metrics["misclassified"].sort(key=lambda m: -m["confidence"])
@@ -86,14 +92,16 @@ def per_class_table(metrics: dict) -> str:
     width = max([len(c) for c in metrics["classes"]] + [5])
     lines = ["  " + "class".ljust(width) + "  precision  recall      f1  support"]
     for name, m in metrics["per_class"].items():
-        lines.append(f"  {name.ljust(width)}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:6.3f}"
-                     f"  {m['support']:7d}")
+        lines.append(
+            f"  {name.ljust(width)}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:6.3f}  {m['support']:7d}"
+        )
     return "\n".join(lines)
 
 
 def plot_confusion_matrix(matrix, classes: list[str], path: Path, title: str = "Confusion matrix") -> Path:
     """Counts and row-normalised side by side."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -114,8 +122,15 @@ def plot_confusion_matrix(matrix, classes: list[str], path: Path, title: str = "
             threshold = data.max() / 2 if data.max() else 0.5
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=8,
-                            color="white" if data[i, j] > threshold else "black")
+                    ax.text(
+                        j,
+                        i,
+                        format(data[i, j], fmt),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if data[i, j] > threshold else "black",
+                    )
         fig.colorbar(im, ax=ax, shrink=0.8)
     write_atomic(path, lambda sink: fig.savefig(sink, format="png", dpi=110))
     plt.close(fig)
@@ -125,13 +140,16 @@ def plot_confusion_matrix(matrix, classes: list[str], path: Path, title: str = "
 def plot_history(history: list[EpochRecord], path: Path) -> Path:
     """Loss and accuracy per epoch, train and val."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for label, losses, accuracies in (("train", [h["train_loss"] for h in history], [h["train_acc"] for h in history]),
-                                      ("val", [h["val_loss"] for h in history], [h["val_acc"] for h in history])):
+    for label, losses, accuracies in (
+        ("train", [h["train_loss"] for h in history], [h["train_acc"] for h in history]),
+        ("val", [h["val_loss"] for h in history], [h["val_acc"] for h in history]),
+    ):
         loss_ax.plot(epochs, losses, marker="o", label=label)
         acc_ax.plot(epochs, accuracies, marker="o", label=label)
     loss_ax.set(title="loss", xlabel="epoch")
@@ -152,15 +170,29 @@ def write_reports(out_dir: Path, metrics: dict, prefix: str = "") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / f"{prefix}metrics.json", json.dumps(metrics, indent=2))
     if metrics.get("num_images"):
-        plot_confusion_matrix(metrics["confusion_matrix"], metrics["classes"],
-                              out_dir / f"{prefix}confusion_matrix.png")
-        write_csv(out_dir / f"{prefix}per_class.csv", ["class", "precision", "recall", "f1", "support"],
-                  ([name, number(m["precision"], ".4f"), number(m["recall"], ".4f"), number(m["f1"], ".4f"),
-                    int(m["support"])] for name, m in metrics["per_class"].items()))
+        plot_confusion_matrix(
+            metrics["confusion_matrix"], metrics["classes"], out_dir / f"{prefix}confusion_matrix.png"
+        )
+        write_csv(
+            out_dir / f"{prefix}per_class.csv",
+            ["class", "precision", "recall", "f1", "support"],
+            (
+                [
+                    name,
+                    number(m["precision"], ".4f"),
+                    number(m["recall"], ".4f"),
+                    number(m["f1"], ".4f"),
+                    int(m["support"]),
+                ]
+                for name, m in metrics["per_class"].items()
+            ),
+        )
     if "misclassified" in metrics:
-        write_csv(out_dir / f"{prefix}misclassified.csv", ["path", "true", "predicted", "confidence"],
-                  ([m["path"], m["true"], m["predicted"], number(m["confidence"], ".6f")]
-                   for m in metrics["misclassified"]))
+        write_csv(
+            out_dir / f"{prefix}misclassified.csv",
+            ["path", "true", "predicted", "confidence"],
+            ([m["path"], m["true"], m["predicted"], number(m["confidence"], ".6f")] for m in metrics["misclassified"]),
+        )
 
 
 @torch.inference_mode()
@@ -229,7 +261,7 @@ def _data_key(root: Path, hint: tuple[str, str] | None = None) -> tuple[str, Pat
         return extraction.sha256, root.relative_to(extraction.folder)
     if hint is not None and hint[0] in root.parts:
         at = len(root.parts) - 1 - root.parts[::-1].index(hint[0])
-        return hint[1], Path(*root.parts[at + 1:])
+        return hint[1], Path(*root.parts[at + 1 :])
     return "", root
 
 
@@ -264,14 +296,25 @@ def check_report_folder(folder: Path, root: str | Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"--out {folder} is a file, not a folder: choose a new folder")
     if (resolved / "run.json").exists():
-        raise FinetuneError(f"refusing to write the report into the run folder {folder}: its own metrics.json "
-                            f"and reports would be replaced; choose --out elsewhere (by default a new eval-... "
-                            f"folder inside the run)")
+        raise FinetuneError(
+            f"refusing to write the report into the run folder {folder}: its own metrics.json "
+            f"and reports would be replaced; choose --out elsewhere (by default a new eval-... "
+            f"folder inside the run)"
+        )
 
 
-def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | None = None, batch_size: int = 64,
-                 device: str = "auto", out: str | Path | None = None, held_out_only: bool = False,
-                 predictor=None, log: Callable[[str], None] | None = None) -> Evaluation:
+def evaluate_run(
+    run: str | Path,
+    data: str | Path,
+    *,
+    min_confidence: float | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    out: str | Path | None = None,
+    held_out_only: bool = False,
+    predictor=None,
+    log: Callable[[str], None] | None = None,
+) -> Evaluation:
     """A trained run on a labelled folder or .zip (its test/ or val/ split if it has one): calibrated
     metrics, the calibration report at `min_confidence` (default: the run's suggestion), and the report
     folder `out` (default RUN/eval-<data>-<time>) with metrics.json, confusion_matrix.png, per_class.csv,
@@ -297,26 +340,35 @@ def evaluate_run(run: str | Path, data: str | Path, *, min_confidence: float | N
     if out:
         check_report_folder(folder, root)
     items, overlap, warning = _held_out(run_dir, root, items, held_out_only)
-    predictions = predictor.predict_paths([Path(root, rel) for rel, _ in items], top_k=1, batch_size=batch_size,
-                                          keep_logits=True)
-    # an unreadable image (rare: the scan decoded each one) counts as a uniform answer
-    logits = np.array([p.logits or [0.0] * len(predictor.classes) for p in predictions]).reshape(
-        len(items), len(predictor.classes))
+    logits = _logits_of(predictor, root, items, batch_size)
     targets = [label for _, label in items]
-    metrics = compute_metrics(targets, softmax(logits, predictor.temperature), predictor.classes,
-                              [rel for rel, _ in items])
+    metrics = compute_metrics(
+        targets, softmax(logits, predictor.temperature), predictor.classes, [rel for rel, _ in items]
+    )
     metrics["data"] = root
     metrics["skipped"] = skipped
     metrics["training_overlap"] = overlap  # images of the folder in the run's training split (None: unknown)
     metrics["held_out_only"] = held_out_only  # those left out of the metrics
     metrics["calibration"] = held_out_report(logits, targets, predictor.temperature, threshold)
     _write_evaluation(folder, metrics)
-    return Evaluation(metrics=metrics, out=folder, confusion_matrix=folder / "confusion_matrix.png", data=root,
-                      overlap=overlap, held_out_only=held_out_only, warning=warning)
+    matrix = folder / "confusion_matrix.png"
+    return Evaluation(metrics, folder, matrix, root, overlap, held_out_only, warning)
 
 
-def _held_out(run_dir, root: str | Path, items: list[tuple[str, int]], held_out_only: bool
-              ) -> tuple[list[tuple[str, int]], int | None, str | None]:
+def _logits_of(predictor, root: str, items: list[tuple[str, int]], batch_size: int) -> np.ndarray:
+    """(images, classes) logits of the images at `root`/rel."""
+    predictions = predictor.predict_paths(
+        [Path(root, rel) for rel, _ in items], top_k=1, batch_size=batch_size, keep_logits=True
+    )
+    # an unreadable image (rare: the scan decoded each one) counts as a uniform answer
+    return np.array([p.logits or [0.0] * len(predictor.classes) for p in predictions]).reshape(
+        len(items), len(predictor.classes)
+    )
+
+
+def _held_out(
+    run_dir, root: str | Path, items: list[tuple[str, int]], held_out_only: bool
+) -> tuple[list[tuple[str, int]], int | None, str | None]:
     """The items to evaluate (with `held_out_only`, those not in the training split of run_dir, a
     RunDir), how many of all were in it (None: unknown, no readable split.json), and the warning when
     the score is not held out."""
@@ -325,18 +377,23 @@ def _held_out(run_dir, root: str | Path, items: list[tuple[str, int]], held_out_
     warning = None
     if held_out_only:
         if trained is None:
-            raise FinetuneError(f"{run_dir.path} has no readable split.json: which images it was trained on is "
-                                f"unknown, so none can be called held out")
+            raise FinetuneError(
+                f"{run_dir.path} has no readable split.json: which images it was trained on is "
+                f"unknown, so none can be called held out"
+            )
         total = len(items)
         items = [item for item in items if item[0] not in trained]
         if not items:
-            raise FinetuneError(f"all {total} images of {root} were in the training split of {run_dir.name}: "
-                                f"none are held out")
+            raise FinetuneError(
+                f"all {total} images of {root} were in the training split of {run_dir.name}: none are held out"
+            )
     elif overlap == len(items):
         warning = f"warning: all {overlap} images were in this run's training split: the score is not held out"
     elif overlap:
-        warning = (f"warning: {overlap} of {len(items)} images were in this run's training split: the score is not "
-                   f"held out; --held-out-only evaluates the other {len(items) - overlap}")
+        warning = (
+            f"warning: {overlap} of {len(items)} images were in this run's training split: the score is not "
+            f"held out; --held-out-only evaluates the other {len(items) - overlap}"
+        )
     return items, overlap, warning
 
 
@@ -347,5 +404,6 @@ def _write_evaluation(folder: Path, metrics: dict) -> None:
     except OSError as error:
         from .fsutil import disk_full
 
-        raise (disk_full(error, folder) or FinetuneError(
-            f"cannot write the report to {folder}: {error.strerror or error}")) from None
+        raise (
+            disk_full(error, folder) or FinetuneError(f"cannot write the report to {folder}: {error.strerror or error}")
+        ) from None

@@ -134,7 +134,8 @@ Event = LogEvent | ErrorEvent | ProgressEvent | StartEvent | BatchEvent | EpochE
 EventCallback = Callable[[Event], None]
 # each event type's name ("log", ...) and its TypedDict
 EVENT_TYPES: Mapping[str, type] = MappingProxyType(
-    {get_args(cls.__annotations__["type"])[0]: cls for cls in get_args(Event)})
+    {get_args(cls.__annotations__["type"])[0]: cls for cls in get_args(Event)}
+)
 
 EVENTS_FILE = "events.jsonl"
 
@@ -142,15 +143,29 @@ EVENTS_FILE = "events.jsonl"
 def epoch_event(record: EpochRecord, best: BestEpoch) -> EpochEvent:
     """An epoch's event: its record (the line run.json's history keeps) and the best epoch so far."""
     # the ignore: mypy cannot tell that a record brings no "time" (the emitter stamps it); the rest is checked
-    return {"type": "epoch", **record,  # type: ignore[typeddict-item]
-            "best_epoch": best["epoch"], "best_val_acc": best["val_acc"]}
+    return {
+        "type": "epoch",
+        **record,  # type: ignore[typeddict-item]
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["val_acc"],
+    }
 
 
-def end_event(status: str, run_dir: str, best: BestEpoch, metrics: dict[str, Any] | None, summary: str,
-              timing: Timing) -> EndEvent:
+def end_event(
+    status: str, run_dir: str, best: BestEpoch, metrics: dict[str, Any] | None, summary: str, timing: Timing
+) -> EndEvent:
     """The last event of a training that got as far as its epochs."""
-    return {"type": "end", "status": status, "run_dir": run_dir, "best": best, "metrics": metrics,
-            "summary": summary, "seconds": timing["seconds"], "stages": timing["stages"], "cache": timing["cache"]}
+    return {
+        "type": "end",
+        "status": status,
+        "run_dir": run_dir,
+        "best": best,
+        "metrics": metrics,
+        "summary": summary,
+        "seconds": timing["seconds"],
+        "stages": timing["stages"],
+        "cache": timing["cache"],
+    }
 
 
 def duration(seconds: float | None) -> str:
@@ -158,8 +173,11 @@ def duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds:
         return "?"
     seconds = int(round(max(0, seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 CACHE_NAMES = {"features": "feature cache", "pixels": "image cache"}
@@ -171,10 +189,17 @@ def stages_text(event: EndEvent) -> str:
     stages = event.get("stages")
     if not stages:
         return ""
-    names = {"setup": "set-up", "cache": CACHE_NAMES.get(event.get("cache", ""), "data pipeline"),
-             "training": "training", "evaluation": "evaluation"}
-    parts = [f"{names.get(key, key)} {duration(seconds)}" for key, seconds in stages.items()
-             if key == "training" or seconds >= 1]
+    names = {
+        "setup": "set-up",
+        "cache": CACHE_NAMES.get(event.get("cache", ""), "data pipeline"),
+        "training": "training",
+        "evaluation": "evaluation",
+    }
+    parts = [
+        f"{names.get(key, key)} {duration(seconds)}"
+        for key, seconds in stages.items()
+        if key == "training" or seconds >= 1
+    ]
     return f" ({', '.join(parts)})"
 
 
@@ -184,17 +209,23 @@ def format_event(event: Event) -> str | None:
         return event["message"]
     if event["type"] == "start":
         workers = f" x{event['world_size']}" if event.get("world_size", 1) > 1 else ""
-        return (f"{event['arch']} / {event['strategy']} on {event['device']}{workers}: "
-                f"{event['train_images']} train / {event['val_images']} val images, "
-                f"{len(event['classes'])} classes, {event['trainable_params']:,} of "
-                f"{event['total_params']:,} parameters train")
+        return (
+            f"{event['arch']} / {event['strategy']} on {event['device']}{workers}: "
+            f"{event['train_images']} train / {event['val_images']} val images, "
+            f"{len(event['classes'])} classes, {event['trainable_params']:,} of "
+            f"{event['total_params']:,} parameters train"
+        )
     if event["type"] == "epoch":
-        return (f"epoch {event['epoch']:>3}: train loss {event['train_loss']:.4f} acc {event['train_acc']:.4f}"
-                f" | val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}"
-                f" | {event['seconds']:.1f}s{'  *best' if event.get('best') else ''}")
+        return (
+            f"epoch {event['epoch']:>3}: train loss {event['train_loss']:.4f} acc {event['train_acc']:.4f}"
+            f" | val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}"
+            f" | {event['seconds']:.1f}s{'  *best' if event.get('best') else ''}"
+        )
     if event["type"] == "end":
-        return (f"{event['status']} in {duration(event.get('seconds'))}{stages_text(event)}; best epoch "
-                f"{event['best']['epoch']}\nval: {event.get('summary', '')}")
+        return (
+            f"{event['status']} in {duration(event.get('seconds'))}{stages_text(event)}; best epoch "
+            f"{event['best']['epoch']}\nval: {event.get('summary', '')}"
+        )
     if event["type"] == "error":
         return f"error: {event.get('message')}"
     return None

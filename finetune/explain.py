@@ -78,8 +78,13 @@ def crop_box(original_size: tuple[int, int], image_size: int) -> tuple[float, fl
     return left, top, left + crop_w, top + crop_h
 
 
-def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = ALPHA, colormap: str = COLORMAP,
-            box: tuple[float, float, float, float] | None = None) -> Image.Image:
+def overlay(
+    image: Image.Image,
+    heatmap: np.ndarray,
+    alpha: float = ALPHA,
+    colormap: str = COLORMAP,
+    box: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
     """The image with the heatmap blended over it, at the image's own size.
 
     `box`: the region the heatmap covers (e.g. `crop_box`); None: the whole image. Outside it the
@@ -100,8 +105,9 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = ALPHA, color
     pixels[top:bottom, left:right] = (1 - alpha) * region + alpha * colours[: region.shape[0], : region.shape[1]]
     result = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), mode="RGB")
     if box is not None and (left, top, right, bottom) != (0, 0, width, height):
-        ImageDraw.Draw(result).rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255),
-                                         width=max(1, min(width, height) // 200))
+        ImageDraw.Draw(result).rectangle(
+            (left, top, right - 1, bottom - 1), outline=(255, 255, 255), width=max(1, min(width, height) // 200)
+        )
     return result
 
 
@@ -130,8 +136,13 @@ def explain_image(predictor, image: Image.Image | str | Path, target_class: str 
     predicted = int(probs.argmax())
     explained = predicted if target is None else target
     heatmap = gradcam(model, tensor, explained)
-    return Explanation(heatmap, overlay(image, heatmap, box=crop_box(image.size, predictor.image_size)),
-                       predictor.classes[explained], predictor.classes[predicted], float(probs[explained]))
+    return Explanation(
+        heatmap,
+        overlay(image, heatmap, box=crop_box(image.size, predictor.image_size)),
+        predictor.classes[explained],
+        predictor.classes[predicted],
+        float(probs[explained]),
+    )
 
 
 def _output_name(path: Path, used: set[str]) -> str:
@@ -145,8 +156,13 @@ def _output_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def explain_paths(predictor, paths: list[str | Path], out_dir: str | Path, target_class: str | int | None = None,
-                  log: Callable[[str], None] | None = None) -> list[Path]:
+def explain_paths(
+    predictor,
+    paths: list[str | Path],
+    out_dir: str | Path,
+    target_class: str | int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
     """A heatmap overlay PNG per image in `out_dir` (created); unreadable images are skipped (and logged).
     Returns the written files in the order of `paths`."""
     out = Path(out_dir).expanduser()
@@ -169,6 +185,8 @@ def explain_paths(predictor, paths: list[str | Path], out_dir: str | Path, targe
         explanation.overlay.save(target)
         written.append(target)
         if log:
-            log(f"{path}: heatmap for {explanation.target} (p={explanation.probability:.3f}, predicted "
-                f"{explanation.predicted}) -> {target}")
+            log(
+                f"{path}: heatmap for {explanation.target} (p={explanation.probability:.3f}, predicted "
+                f"{explanation.predicted}) -> {target}"
+            )
     return written

@@ -23,11 +23,18 @@ METADATA_KEY = "finetune"
 
 
 def export_metadata(predictor: Predictor) -> dict:
-    return {"format": "finetune-export/1", "arch": predictor.arch, "classes": predictor.classes,
-            "image_size": predictor.image_size, "resize_size": predictor.min_size,
-            "mean": list(predictor.transform_mean), "std": list(predictor.transform_std),
-            "temperature": predictor.temperature, "min_confidence": predictor.suggested_min_confidence,
-            "probabilities": "softmax(logits / temperature); answer 'unknown' when the top one < min_confidence"}
+    return {
+        "format": "finetune-export/1",
+        "arch": predictor.arch,
+        "classes": predictor.classes,
+        "image_size": predictor.image_size,
+        "resize_size": predictor.min_size,
+        "mean": list(predictor.transform_mean),
+        "std": list(predictor.transform_std),
+        "temperature": predictor.temperature,
+        "min_confidence": predictor.suggested_min_confidence,
+        "probabilities": "softmax(logits / temperature); answer 'unknown' when the top one < min_confidence",
+    }
 
 
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -70,9 +77,16 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, meta
     from .extras import require
 
     onnx = require("onnx")
-    torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     exported = onnx.load(str(path))
     entry = exported.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, metadata

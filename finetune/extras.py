@@ -64,5 +64,7 @@ def require(module: str) -> ModuleType:
         if (error.name or "").partition(".")[0] == top:
             raise FinetuneError(missing_message(module)) from None
         need = EXTRAS[top]
-        raise FinetuneError(f"{need.feature}: {need.package} is installed but cannot be imported ({error}); "
-                            f"reinstall it: {install_hint(need.extra)}") from None
+        raise FinetuneError(
+            f"{need.feature}: {need.package} is installed but cannot be imported ({error}); "
+            f"reinstall it: {install_hint(need.extra)}"
+        ) from None

@@ -29,13 +29,17 @@ from .config import FinetuneError
 _NOFOLLOW_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 # Removal by file descriptors (openat, unlinkat) reaches any depth: a path longer than PATH_MAX
 # (4096 bytes) cannot be named, but each folder can be opened relative to its parent.
-_BY_FD = ({os.open, os.unlink, os.rmdir} <= os.supports_dir_fd and os.scandir in os.supports_fd
-          and hasattr(os, "O_DIRECTORY"))
+_BY_FD = (
+    {os.open, os.unlink, os.rmdir} <= os.supports_dir_fd and os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY")
+)
 
 
-def walk(top: str | Path, max_depth: int | None = None,
-         on_too_deep: Callable[[str], None] | None = None,
-         on_error: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk(
+    top: str | Path,
+    max_depth: int | None = None,
+    on_too_deep: Callable[[str], None] | None = None,
+    on_error: Callable[[OSError], None] | None = None,
+) -> Iterator[tuple[str, list[str], list[str]]]:
     """(dirpath, dirnames, filenames) for `top` and every folder under it, top-down and depth-first in
     the order of dirnames, like os.walk(top): sort or prune dirnames in place to choose what is entered.
 
@@ -197,8 +201,13 @@ class NotRegularFile(FinetuneError):
 
 
 def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+    for test, kind in (
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return kind
     return "not a file"
@@ -319,7 +328,7 @@ class _Sink:
         view = memoryview(data).cast("B")
         size = view.nbytes
         while view:
-            view = view[os.write(self.fd, view):]
+            view = view[os.write(self.fd, view) :]
         return size
 
     def flush(self) -> None:

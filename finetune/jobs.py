@@ -91,16 +91,20 @@ class TrainingView:
             return 1.0
         if not self.epochs or not self.batches:
             return 0.0
-        return min(1.0, ((self.epoch - 1) * self.batches + self.batch) / (self.epochs * self.batches)) \
-            if self.epoch else 0.0
+        return (
+            min(1.0, ((self.epoch - 1) * self.batches + self.batch) / (self.epochs * self.batches))
+            if self.epoch
+            else 0.0
+        )
 
     def progress_text(self) -> str:
         if self.status == "starting":
             return "preparing: checking the images and building the model…"
         if self.epoch == 0 and self.status == "training":
             return "preparing the data pipeline…"
-        text = (f"epoch {self.epoch}/{self.epochs} · batch {self.batch}/{self.batches} · "
-                f"{self.images_per_s:.0f} images/s")
+        text = (
+            f"epoch {self.epoch}/{self.epochs} · batch {self.batch}/{self.batches} · {self.images_per_s:.0f} images/s"
+        )
         if self.status == "training":
             return text + f" · about {duration(self.eta_s)} left"
         if self.status == "evaluating":
@@ -189,8 +193,7 @@ class TrainingJob:
     process: subprocess.Popen[str] | None  # None: attached to (or not started yet)
     _reader: threading.Thread | None
 
-    def __init__(self, cfg: TrainConfig, cwd: str | Path | None = None, env: dict | None = None,
-                 processes: int = 1):
+    def __init__(self, cfg: TrainConfig, cwd: str | Path | None = None, env: dict | None = None, processes: int = 1):
         cfg = absolute_paths(cfg.validate())
         processes = max(1, int(processes))
         if not cfg.run_name:
@@ -199,13 +202,22 @@ class TrainingJob:
         handle, config_path = tempfile.mkstemp(prefix="finetune-train-", suffix=".json")
         os.close(handle)
         config_file = cfg.save(config_path)
-        self._follow(cfg, Path(cfg.runs_dir) / cfg.run_name, processes, config_file,
-                     train_command(config_file, processes))
+        self._follow(
+            cfg, Path(cfg.runs_dir) / cfg.run_name, processes, config_file, train_command(config_file, processes)
+        )
         child_env = dict(os.environ if env is None else env)
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         self.process = subprocess.Popen(
-            self.command, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+            self.command,
+            cwd=cwd,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read_stderr, args=(self.process,), daemon=True)
         self._reader.start()
 
@@ -215,12 +227,23 @@ class TrainingJob:
         job = cls.__new__(cls)
         run = RunDir(run_dir)
         info = run.info()
-        job._follow(TrainConfig.from_dict(info.get("config", {})), run.path, int(info.get("world_size", 1)),
-                    attached_pids=training_pids(info))
+        job._follow(
+            TrainConfig.from_dict(info.get("config", {})),
+            run.path,
+            int(info.get("world_size", 1)),
+            attached_pids=training_pids(info),
+        )
         return job
 
-    def _follow(self, cfg: TrainConfig, run_dir: Path, processes: int, config_file: Path | None = None,
-                command: list[str] | None = None, attached_pids: list[int] | None = None) -> None:
+    def _follow(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        processes: int,
+        config_file: Path | None = None,
+        command: list[str] | None = None,
+        attached_pids: list[int] | None = None,
+    ) -> None:
         """Every attribute of a job, in one place: one this studio starts (its config file and command;
         __init__ then starts the process) or one it attaches to (the pids run.json names)."""
         self.cfg, self.run_dir, self.processes = cfg, run_dir, processes
@@ -375,6 +398,8 @@ def require_no_training(runs_dir: str | Path) -> None:
         where = "" if here else f" on {lock.get('host')}"
         run = f", run {Path(lock['run_dir']).name}" if lock.get("run_dir") else ""
         kill = f", or kill {lock['pid']}" if here and lock.get("pid") else ""
-        raise FinetuneError(f"a training started from a terminal (pid {lock.get('pid', '?')}{where}, data "
-                            f"{lock.get('data', '?')}{run}) is running in this runs folder; wait for it or stop it "
-                            f"(Ctrl-C in its terminal{kill})")
+        raise FinetuneError(
+            f"a training started from a terminal (pid {lock.get('pid', '?')}{where}, data "
+            f"{lock.get('data', '?')}{run}) is running in this runs folder; wait for it or stop it "
+            f"(Ctrl-C in its terminal{kill})"
+        )

@@ -37,8 +37,10 @@ def imagenet_weights(arch: str | Architecture) -> Weights:
     """The architecture's ImageNet weights; FinetuneError when the table knows none."""
     spec = architecture(arch)
     if spec.weights is None:
-        raise FinetuneError(f"no ImageNet weights are known for {spec.name}: pass --weights PATH to a state_dict "
-                            f"file, or --weights none to train from scratch")
+        raise FinetuneError(
+            f"no ImageNet weights are known for {spec.name}: pass --weights PATH to a state_dict "
+            f"file, or --weights none to train from scratch"
+        )
     return spec.weights
 
 
@@ -67,7 +69,8 @@ def _check_weights_archive(file, path: Path, what: str) -> None:
         if head[:1] == b"\x80":  # a bare pickle stream: torch's legacy format
             raise FinetuneError(
                 f"refusing {what} {path}: it is in torch's legacy format (before PyTorch 1.6), whose tensors "
-                f"may claim any size; load it where you trust it and save it again with torch.save")
+                f"may claim any size; load it where you trust it and save it again with torch.save"
+            )
         raise FinetuneError(f"cannot read {what} {path}: not a file torch.save writes (a zip archive)")
     try:
         with zipfile.ZipFile(file) as archive:
@@ -79,15 +82,20 @@ def _check_weights_archive(file, path: Path, what: str) -> None:
         if record.compress_type != zipfile.ZIP_STORED:
             raise FinetuneError(
                 f"refusing {what} {path}: its record {record.filename!r} is compressed, which torch.save never "
-                f"does (it could unpack to far more than the file holds)")
+                f"does (it could unpack to far more than the file holds)"
+            )
         total += record.file_size
     size = os.fstat(file.fileno()).st_size
     if total > size:
-        raise FinetuneError(f"refusing {what} {path}: its records claim {total:,} bytes, more than the file's "
-                            f"{size:,} (records sharing their data?)")
+        raise FinetuneError(
+            f"refusing {what} {path}: its records claim {total:,} bytes, more than the file's "
+            f"{size:,} (records sharing their data?)"
+        )
     if total > MAX_WEIGHTS_BYTES:
-        raise FinetuneError(f"refusing {what} {path}: it holds {total / 1e6:,.0f} MB, more than the "
-                            f"{MAX_WEIGHTS_BYTES / 1e6:,.0f} MB a ResNet checkpoint needs")
+        raise FinetuneError(
+            f"refusing {what} {path}: it holds {total / 1e6:,.0f} MB, more than the "
+            f"{MAX_WEIGHTS_BYTES / 1e6:,.0f} MB a ResNet checkpoint needs"
+        )
 
 
 def safe_load(path: str | Path, what: str = "file") -> object:
@@ -130,8 +138,9 @@ def require_finite(state_dict: dict, source: str | Path) -> None:
     for name, tensor in state_dict.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             what = "nan" if torch.isnan(tensor).any() else "infinite"
-            raise FinetuneError(f"refusing the weights in {source}: {name} holds {what} values "
-                                f"(a diverged or damaged model)")
+            raise FinetuneError(
+                f"refusing the weights in {source}: {name} holds {what} values (a diverged or damaged model)"
+            )
 
 
 def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -213,9 +222,7 @@ def load_classifier(arch: str | Architecture, state_dict: dict, num_classes: int
     if head is None:
         raise FinetuneError(f"{source} has no classifier head ({spec.layout.head}.weight): not a fine-tuned {arch}")
     if head.shape[0] != num_classes:
-        raise FinetuneError(
-            f"{source} has a {head.shape[0]}-class head but the class list has {num_classes} classes"
-        )
+        raise FinetuneError(f"{source} has a {head.shape[0]}-class head but the class list has {num_classes} classes")
     model = spec.build(num_classes)
     try:
         model.load_state_dict(state_dict)
@@ -249,8 +256,10 @@ def split_model(model: nn.Module, strategy: str) -> tuple[nn.Module, nn.Module]:
     """(frozen, trainable) modules sharing the model's parameters; trainable(frozen(x)) == model(x)."""
     layout = layout_of(model, "split")
     cut = layout.cut(strategy)
-    front, back = ([getattr(model, name) for stage in stages for name in stage.modules]
-                   for stages in (layout.stages[:cut], layout.stages[cut:]))
+    front, back = (
+        [getattr(model, name) for stage in stages for name in stage.modules]
+        for stages in (layout.stages[:cut], layout.stages[cut:])
+    )
     pool = [*(getattr(model, name) for name in layout.pool), nn.Flatten(1)]
     head = getattr(model, layout.head)
     if not front:
@@ -267,12 +276,13 @@ def apply_strategy(model: nn.Module, strategy: str) -> None:
         module.requires_grad_(False)
 
 
-def param_groups(model: nn.Module, strategy: str, head_lr: float, backbone_scale: float,
-                 pretrained: bool) -> list[dict]:
+def param_groups(
+    model: nn.Module, strategy: str, head_lr: float, backbone_scale: float, pretrained: bool
+) -> list[dict]:
     """AdamW groups: the head at head_lr, each trainable pretrained stage slower (none frozen)."""
     layout = layout_of(model)
     groups = [{"params": list(getattr(model, layout.head).parameters()), "lr": head_lr, "name": "head"}]
-    for stage in layout.stages[layout.cut(strategy):]:
+    for stage in layout.stages[layout.cut(strategy) :]:
         scale = backbone_scale * stage.lr_factor if pretrained else 1.0
         params = [p for name in stage.modules for p in getattr(model, name).parameters()]
         groups.append({"params": params, "lr": head_lr * scale, "name": stage.name})

@@ -20,8 +20,7 @@ _ESCAPED_TOO = frozenset("\u2028\u2029")
 
 
 def _needs_escape(char: str) -> bool:
-    return (char in BIDI_CONTROLS or char in _ESCAPED_TOO
-            or unicodedata.category(char) in ("Cc", "Cs"))
+    return char in BIDI_CONTROLS or char in _ESCAPED_TOO or unicodedata.category(char) in ("Cc", "Cs")
 
 
 def _escape(char: str) -> str:

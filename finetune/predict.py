@@ -98,8 +98,15 @@ def _check_run_fields(info: Mapping[str, Any], info_path: Path) -> None:
         ("arch", info.get("arch") in ARCHS),
         ("classes", isinstance(info.get("classes"), list) and all(isinstance(c, str) for c in info["classes"])),
         ("image_size", isinstance(info.get("image_size", 224), int) and 32 <= info.get("image_size", 224) <= 1024),
-        *((key, isinstance(info.get(key, [0, 0, 0]), list) and len(info.get(key, [0, 0, 0])) == 3
-           and all(number(v) for v in info.get(key, [0, 0, 0]))) for key in ("mean", "std")),
+        *(
+            (
+                key,
+                isinstance(info.get(key, [0, 0, 0]), list)
+                and len(info.get(key, [0, 0, 0])) == 3
+                and all(number(v) for v in info.get(key, [0, 0, 0])),
+            )
+            for key in ("mean", "std")
+        ),
         ("calibration", isinstance(info.get("calibration") or {}, dict)),
     ]
     for key, ok in checks:
@@ -117,9 +124,19 @@ class Predictor:
     `min_confidence` an answer is "unknown" (with the best guess kept); the default is the
     threshold suggested from validation (see finetune.calibrate), 0 means always answer."""
 
-    def __init__(self, model: torch.nn.Module, classes: list[str], arch: str, image_size: int = 224,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, device: str | torch.device = "auto", source: str = "",
-                 temperature: float = 1.0, suggested_min_confidence: float | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        classes: list[str],
+        arch: str,
+        image_size: int = 224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        device: str | torch.device = "auto",
+        source: str = "",
+        temperature: float = 1.0,
+        suggested_min_confidence: float | None = None,
+    ):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.channels_last = channels_last_for(self.device)
@@ -161,14 +178,23 @@ class Predictor:
             raise FinetuneError(f"{class_file} does not match the classes in {info_path}")
         model = load_classifier(info["arch"], state, len(classes), str(weights))
         calibration = info.get("calibration") or {}
-        return cls(model, classes, info["arch"], info.get("image_size", 224), info.get("mean", IMAGENET_MEAN),
-                   info.get("std", IMAGENET_STD), device, source=str(run_dir),
-                   temperature=calibration.get("temperature", 1.0),
-                   suggested_min_confidence=calibration.get("suggested_min_confidence"))
+        return cls(
+            model,
+            classes,
+            info["arch"],
+            info.get("image_size", 224),
+            info.get("mean", IMAGENET_MEAN),
+            info.get("std", IMAGENET_STD),
+            device,
+            source=str(run_dir),
+            temperature=calibration.get("temperature", 1.0),
+            suggested_min_confidence=calibration.get("suggested_min_confidence"),
+        )
 
     @classmethod
-    def from_files(cls, weights: str | Path, class_indices: str | Path, arch: str, image_size: int = 224,
-                   device: str = "auto") -> Predictor:
+    def from_files(
+        cls, weights: str | Path, class_indices: str | Path, arch: str, image_size: int = 224, device: str = "auto"
+    ) -> Predictor:
         """A plain state_dict + class_indices.json, as the classic train.py/predict.py scripts use."""
         classes = read_class_indices(class_indices)
         state = state_dict_from(safe_load(weights, "model"), Path(weights))
@@ -176,8 +202,14 @@ class Predictor:
         return cls(model, classes, arch, image_size, device=device, source=str(weights))
 
     @classmethod
-    def load(cls, source: str | Path, classes: str | Path | None = None, arch: str | None = None,
-             image_size: int = 224, device: str = "auto") -> Predictor:
+    def load(
+        cls,
+        source: str | Path,
+        classes: str | Path | None = None,
+        arch: str | None = None,
+        image_size: int = 224,
+        device: str = "auto",
+    ) -> Predictor:
         """A run folder, or a .pth file with a class file beside it (or given) and --arch."""
         source = Path(source).expanduser()
         if source.is_dir():
@@ -192,8 +224,10 @@ class Predictor:
     def _top(self, probs: torch.Tensor, top_k: int) -> list[list[tuple[str, float]]]:
         k = max(1, min(top_k, len(self.classes)))
         values, indices = probs.topk(k, dim=1)
-        return [[(self.classes[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist(), strict=True)]
-                for vs, ix in zip(values, indices, strict=True)]
+        return [
+            [(self.classes[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist(), strict=True)]
+            for vs, ix in zip(values, indices, strict=True)
+        ]
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -213,8 +247,13 @@ class Predictor:
         tops = self._top(torch.softmax(logits / self.temperature, dim=1), top_k)
         return [(top, is_unknown(top[0][1], threshold)) for top in tops]
 
-    def predict_one(self, image: Image.Image | str | Path, top_k: int = 5, min_confidence: float | None = None,
-                    keep_logits: bool = False) -> Prediction:
+    def predict_one(
+        self,
+        image: Image.Image | str | Path,
+        top_k: int = 5,
+        min_confidence: float | None = None,
+        keep_logits: bool = False,
+    ) -> Prediction:
         """One image (a PIL image in any mode, or a path) answered as `predict_paths` answers it: calibrated,
         "unknown" below `min_confidence` (default: the run's suggestion) with the best guess kept. A path that
         cannot be read is a FinetuneError here, not an error row."""
@@ -236,9 +275,16 @@ class Predictor:
         applies it; `answer` applies one to this list)."""
         return self.predict_one(image, top_k, min_confidence=0.0).top
 
-    def predict_paths(self, paths: Sequence[str | Path], top_k: int = 5, batch_size: int = 64,
-                      workers: int | None = None, on_progress=None,
-                      min_confidence: float | None = None, keep_logits: bool = False) -> list[Prediction]:
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        top_k: int = 5,
+        batch_size: int = 64,
+        workers: int | None = None,
+        on_progress=None,
+        min_confidence: float | None = None,
+        keep_logits: bool = False,
+    ) -> list[Prediction]:
         """Batched (the last partial batch included), decoded in parallel; bad files become error rows;
         a confidence below `min_confidence` (default: the run's suggestion) marks the row unknown.
         `keep_logits`: each row also keeps the raw model output (for calibration reports)."""
@@ -247,16 +293,22 @@ class Predictor:
         if workers is None:
             workers = min(default_workers(self.device), max(0, len(files) // batch_size))
         results: list[Prediction] = [Prediction(str(p)) for p in files]
-        loader = DataLoader(_Files(files, self.transform, self.min_size), batch_size=batch_size,
-                            num_workers=workers, collate_fn=_collate, pin_memory=pin_memory(self.device))
+        loader = DataLoader(
+            _Files(files, self.transform, self.min_size),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=pin_memory(self.device),
+        )
         done = 0
         for images, indices, failed in loader:
             for index, error in failed:
                 results[index].error = error
             if images is not None:
                 logits = self.logits(images)
-                for index, (top, unknown), raw in zip(indices, self._answers(logits, top_k, threshold),
-                                                      logits.tolist(), strict=True):
+                for index, (top, unknown), raw in zip(
+                    indices, self._answers(logits, top_k, threshold), logits.tolist(), strict=True
+                ):
                     results[index].top, results[index].unknown = top, unknown
                     results[index].logits = raw if keep_logits else None
             done += len(indices) + len(failed)

@@ -88,10 +88,17 @@ class TerminalProgress:
         if self.bar_for != key:
             self._close_bar()
             # tqdm's own rate would count throttled events: show the loop's instead (in the postfix)
-            self.bar = self.tqdm_class()(total=total or None, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
-                                         file=self.bar_stream(),
-                                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                                    "[{elapsed}{postfix}]" if total else None)
+            self.bar = self.tqdm_class()(
+                total=total or None,
+                desc=desc,
+                unit=unit,
+                leave=False,
+                dynamic_ncols=True,
+                file=self.bar_stream(),
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+                if total
+                else None,
+            )
             self.bar_for = key
         return self.bar
 
@@ -133,16 +140,23 @@ class TerminalProgress:
             self.write(per_class_table(metrics))
 
     def _batch(self, event: BatchEvent) -> None:
-        stats = dict(loss=f"{event['loss']:.3f}", acc=f"{event['acc']:.3f}", img_s=f"{event['images_per_s']:.0f}",
-                     eta=duration(event["eta_s"]))
+        stats = dict(
+            loss=f"{event['loss']:.3f}",
+            acc=f"{event['acc']:.3f}",
+            img_s=f"{event['images_per_s']:.0f}",
+            eta=duration(event["eta_s"]),
+        )
         if self.show_bar:
-            bar = self._open_bar(("epoch", event["epoch"]), event["batches"],
-                                 f"epoch {event['epoch']}/{event['epochs']}", "batch")
+            bar = self._open_bar(
+                ("epoch", event["epoch"]), event["batches"], f"epoch {event['epoch']}/{event['epochs']}", "batch"
+            )
             bar.n = event["batch"]
             bar.set_postfix(stats, refresh=True)
         else:
-            self._now_and_then(f"epoch {event['epoch']}/{event['epochs']}: batch {event['batch']}/{event['batches']}, "
-                               + ", ".join(f"{k.replace('_', '/')} {v}" for k, v in stats.items()))
+            self._now_and_then(
+                f"epoch {event['epoch']}/{event['epochs']}: batch {event['batch']}/{event['batches']}, "
+                + ", ".join(f"{k.replace('_', '/')} {v}" for k, v in stats.items())
+            )
 
     def _progress(self, event: ProgressEvent) -> None:
         what, done, total = event.get("what") or event.get("stage", "working"), event["done"], event.get("total") or 0
@@ -151,8 +165,9 @@ class TerminalProgress:
             bar.n = done
             bar.refresh()
         else:
-            self._now_and_then(f"{what}: {done:,}/{total:,} ({100 * done // total}%)" if total else
-                               f"{what}: {done:,} so far")
+            self._now_and_then(
+                f"{what}: {done:,}/{total:,} ({100 * done // total}%)" if total else f"{what}: {done:,} so far"
+            )
 
 
 class NotebookProgress(TerminalProgress):

@@ -251,8 +251,9 @@ class RunDir:
     def metrics(self) -> dict:
         if not self.metrics_path.is_file():
             status = self.info().get("status", "unknown")
-            raise FinetuneError(f"{self.name} has no evaluation yet (status: {status}); "
-                                f"metrics are written when a training ends")
+            raise FinetuneError(
+                f"{self.name} has no evaluation yet (status: {status}); metrics are written when a training ends"
+            )
         try:
             metrics = json.loads(self.metrics_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -283,8 +284,9 @@ def list_runs(runs_dir: str | Path) -> list[Path]:
     found = [p for p in runs_dir.iterdir() if p.is_dir() and RunDir(p).is_run()]
 
     def created(p: Path) -> tuple[str, str]:
-        stamp = RunDir(p).info().get("created") or \
-            datetime.fromtimestamp(p.stat().st_mtime).isoformat(timespec="seconds")
+        stamp = RunDir(p).info().get("created") or datetime.fromtimestamp(p.stat().st_mtime).isoformat(
+            timespec="seconds"
+        )
         return stamp, p.name
 
     return sorted(found, key=created, reverse=True)
@@ -292,8 +294,7 @@ def list_runs(runs_dir: str | Path) -> list[Path]:
 
 def run_choices(runs_dir: str | Path, usable_only: bool = False) -> list[tuple[str, str]]:
     """[(label, path)] newest first; usable_only: only runs that have a model.pth."""
-    return [(RunDir(p).label(), str(p)) for p in list_runs(runs_dir)
-            if not usable_only or RunDir(p).has_model()]
+    return [(RunDir(p).label(), str(p)) for p in list_runs(runs_dir) if not usable_only or RunDir(p).has_model()]
 
 
 def resolve_run(run: str | None, runs_dir: str | Path) -> Path:
@@ -330,8 +331,13 @@ class TrainingLock:
 
     def __init__(self, runs_dir: str | Path, data: str | Path):
         self.runs_dir = Path(runs_dir)
-        self.info = {"pid": os.getpid(), "host": os.uname().nodename,
-                     "started": datetime.now().isoformat(timespec="seconds"), "data": str(data), "run_dir": None}
+        self.info = {
+            "pid": os.getpid(),
+            "host": os.uname().nodename,
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "data": str(data),
+            "run_dir": None,
+        }
         self.path: Path | None = None
         self._fd: int | None = None
         self._written = 0

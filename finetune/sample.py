@@ -16,8 +16,11 @@ def _draw(shape: str, rng: random.Random, size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(2, 5)):  # clutter so the task is not trivial
         x, y = rng.randint(0, size), rng.randint(0, size)
-        draw.line((x, y, x + rng.randint(-40, 40), y + rng.randint(-40, 40)),
-                  fill=tuple(rng.randint(0, 255) for _ in range(3)), width=rng.randint(1, 3))
+        draw.line(
+            (x, y, x + rng.randint(-40, 40), y + rng.randint(-40, 40)),
+            fill=tuple(rng.randint(0, 255) for _ in range(3)),
+            width=rng.randint(1, 3),
+        )
     colour = tuple(rng.randint(0, 160) for _ in range(3))
     half = rng.randint(size // 6, size // 3)
     cx, cy = rng.randint(half, size - half), rng.randint(half, size - half)
@@ -27,7 +30,9 @@ def _draw(shape: str, rng: random.Random, size: int) -> Image.Image:
         draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=colour)
     else:
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=colour)
-    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).rotate(rng.uniform(-25, 25), fillcolor=background)
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).rotate(
+        rng.uniform(-25, 25), fillcolor=background
+    )
 
 
 def make_sample_dataset(out: str | Path = "data", per_class: int = 24, seed: int = 0, size: int = 96) -> Path:

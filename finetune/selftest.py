@@ -85,22 +85,30 @@ def environment(device: torch.device, compile_model: bool) -> list[str]:
     from .cache import available_memory_bytes
 
     amp_dtype, why = amp_choice(device, True)
-    lines = [f"finetune selftest on {describe_device(device)}",
-             f"  torch {torch.__version__}, torchvision {torchvision.__version__}, python {sys.version.split()[0]}",
-             f"  CUDA {torch.version.cuda or '-'} (available: {torch.cuda.is_available()}, "
-             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s)), "
-             f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}, "
-             f"MPS available: {mps_available()}"]
+    lines = [
+        f"finetune selftest on {describe_device(device)}",
+        f"  torch {torch.__version__}, torchvision {torchvision.__version__}, python {sys.version.split()[0]}",
+        f"  CUDA {torch.version.cuda or '-'} (available: {torch.cuda.is_available()}, "
+        f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s)), "
+        f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else '-'}, "
+        f"MPS available: {mps_available()}",
+    ]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        lines.append(f"  GPU: {props.name}, compute capability {props.major}.{props.minor}, "
-                     f"{props.total_memory / 1024**3:.1f} GiB")
+        lines.append(
+            f"  GPU: {props.name}, compute capability {props.major}.{props.minor}, "
+            f"{props.total_memory / 1024**3:.1f} GiB"
+        )
     lines.append(f"  mixed precision: {str(amp_dtype).removeprefix('torch.') if amp_dtype else 'off'} ({why})")
-    lines.append(f"  channels_last: {'on' if channels_last_for(device) else 'off'}; "
-                 f"torch.compile: {'on' if compile_model else 'off (--compile to test it)'}")
+    lines.append(
+        f"  channels_last: {'on' if channels_last_for(device) else 'off'}; "
+        f"torch.compile: {'on' if compile_model else 'off (--compile to test it)'}"
+    )
     total = _total_memory_bytes()
-    lines.append(f"  CPU: {usable_cores()} usable cores; RAM: {available_memory_bytes() / 1024**3:.1f} GiB available"
-                 + (f" of {total / 1024**3:.1f} GiB" if total else ""))
+    lines.append(
+        f"  CPU: {usable_cores()} usable cores; RAM: {available_memory_bytes() / 1024**3:.1f} GiB available"
+        + (f" of {total / 1024**3:.1f} GiB" if total else "")
+    )
     return lines
 
 
@@ -124,8 +132,11 @@ def standin_weights(arch: str, path: Path) -> Path:
     model = architecture(arch).build()
     for module in model.modules():
         # track_running_stats is on in torchvision's ResNets: both buffers exist
-        if (isinstance(module, torch.nn.BatchNorm2d) and module.running_mean is not None
-                and module.running_var is not None):
+        if (
+            isinstance(module, torch.nn.BatchNorm2d)
+            and module.running_mean is not None
+            and module.running_var is not None
+        ):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
     torch.save(model.state_dict(), path)
@@ -142,8 +153,14 @@ def check_training(cfg: TrainConfig):
     start = next(e for e in events if e["type"] == "start")
     end: Mapping[str, object] = next((e for e in events if e["type"] == "end"), {})
     ok = end.get("status") == "completed"
-    return ok, (f"{end.get('status', 'no end event')}; {rates[-1] if rates else 0:.0f} images/s; "
-                f"pipeline: {start['pipeline'].split(' (')[0]}"), run
+    return (
+        ok,
+        (
+            f"{end.get('status', 'no end event')}; {rates[-1] if rates else 0:.0f} images/s; "
+            f"pipeline: {start['pipeline'].split(' (')[0]}"
+        ),
+        run,
+    )
 
 
 def check_frozen(run: Path, standin: Path, strategy: str, arch: str):
@@ -157,8 +174,15 @@ def check_frozen(run: Path, standin: Path, strategy: str, arch: str):
     if strategy == "all":
         moved = not torch.equal(before["layer1.0.conv1.weight"], after["layer1.0.conv1.weight"])
         return moved, "every layer trained" if moved else "layer1 did not change", None
-    return not changed, (f"{len(frozen)} frozen tensors (weights and BatchNorm buffers) bit-identical" if not changed
-                         else f"{len(changed)} frozen tensors changed, e.g. {changed[0]}"), None
+    return (
+        not changed,
+        (
+            f"{len(frozen)} frozen tensors (weights and BatchNorm buffers) bit-identical"
+            if not changed
+            else f"{len(changed)} frozen tensors changed, e.g. {changed[0]}"
+        ),
+        None,
+    )
 
 
 def check_checkpoints(run: Path):
@@ -204,18 +228,32 @@ def check_cached_logits(run: Path, cfg: TrainConfig, device: torch.device):
     if pipeline.kind == "stream":
         return False, f"no cache was built ({pipeline.description})", None
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        cached = torch.cat([trainable(pipeline.prepare_eval(x.to(device))).float().cpu()
-                            for x, _ in DataLoader(pipeline.val, batch_size=16)])
+        cached = torch.cat(
+            [
+                trainable(pipeline.prepare_eval(x.to(device))).float().cpu()
+                for x, _ in DataLoader(pipeline.val, batch_size=16)
+            ]
+        )
         images = ImageListDataset(scan.root, scan.val, eval_transform(cfg.image_size), resize_size(cfg.image_size))
-        full = torch.cat([model(x.to(device).contiguous(memory_format=memory_format)).float().cpu()
-                          for x, _ in DataLoader(images, batch_size=16)])
+        full = torch.cat(
+            [
+                model(x.to(device).contiguous(memory_format=memory_format)).float().cpu()
+                for x, _ in DataLoader(images, batch_size=16)
+            ]
+        )
     scale = full.abs().max().clamp_min(1e-6)
     error = float((cached - full).abs().max() / scale)
     agree = float((cached.argmax(1) == full.argmax(1)).float().mean())
     tolerance = LOGIT_TOLERANCE[amp_dtype] if cfg.strategy != "last" else max(LOGIT_TOLERANCE[amp_dtype], 5e-2)
     ok = error <= tolerance and agree >= 0.9
-    return ok, (f"{pipeline.kind} cache: max relative logit difference {error:.1e} (tolerance {tolerance:.0e}), "
-                f"same top-1 for {agree:.0%} of {len(full)} images"), None
+    return (
+        ok,
+        (
+            f"{pipeline.kind} cache: max relative logit difference {error:.1e} (tolerance {tolerance:.0e}), "
+            f"same top-1 for {agree:.0%} of {len(full)} images"
+        ),
+        None,
+    )
 
 
 def check_predict_agrees(run: Path, device: torch.device):
@@ -228,13 +266,17 @@ def check_predict_agrees(run: Path, device: torch.device):
     scan = rundir.read_split()
     predictor = Predictor.from_run(run, device=str(device))
     predictions = predictor.predict_paths([Path(scan.root) / rel for rel, _ in scan.val], top_k=1, workers=0)
-    wrong_predict = {rel for (rel, label), p in zip(scan.val, predictions, strict=True)
-                     if p.label != scan.classes[label]}
+    wrong_predict = {
+        rel for (rel, label), p in zip(scan.val, predictions, strict=True) if p.label != scan.classes[label]
+    }
     wrong_eval = {m["path"] for m in metrics.get("misclassified", [])}
     differ = len(wrong_predict ^ wrong_eval)
     allowed = max(1, round(0.05 * len(scan.val)))  # half-precision paths may flip a near tie
-    return differ <= allowed, (f"predict and evaluate disagree on {differ} of {len(scan.val)} images "
-                               f"(allowed {allowed})"), None
+    return (
+        differ <= allowed,
+        (f"predict and evaluate disagree on {differ} of {len(scan.val)} images (allowed {allowed})"),
+        None,
+    )
 
 
 def check_calibration_and_heatmaps(run: Path, device: torch.device):
@@ -268,8 +310,10 @@ def check_calibration_and_heatmaps(run: Path, device: torch.device):
         problems.append(f"heatmap {first.heatmap.shape}, finite: {bool(np.isfinite(first.heatmap).all())}")
     if np.array_equal(first.heatmap, second.heatmap):
         problems.append("the same heatmap for two classes")
-    detail = (f"temperature {temperature:.3f}, ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}; "
-              f"Grad-CAM on {device.type}")
+    detail = (
+        f"temperature {temperature:.3f}, ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}; "
+        f"Grad-CAM on {device.type}"
+    )
     return not problems, "; ".join(problems) or detail, None
 
 
@@ -302,13 +346,41 @@ def check_torchrun(data: Path, runs: Path, nproc: int, device: torch.device, arc
     from .events import read_events
     from .rundir import RunDir
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "finetune", "train", "--weights", "none", "--arch", arch, "--strategy", "last",
-               "--epochs", "2", "--batch-size", "8", "--image-size", str(image_size),
-               "--device", "cuda" if device.type == "cuda" else "cpu", "--runs-dir", str(runs), "--run-name", "ddp",
-               "--quiet", "--", str(data)]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep +
-               os.environ.get("PYTHONPATH", ""))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "finetune",
+        "train",
+        "--weights",
+        "none",
+        "--arch",
+        arch,
+        "--strategy",
+        "last",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--image-size",
+        str(image_size),
+        "--device",
+        "cuda" if device.type == "cuda" else "cpu",
+        "--runs-dir",
+        str(runs),
+        "--run-name",
+        "ddp",
+        "--quiet",
+        "--",
+        str(data),
+    ]
+    env = dict(
+        os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         tail = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
@@ -316,8 +388,11 @@ def check_torchrun(data: Path, runs: Path, nproc: int, device: torch.device, arc
     run = RunDir(runs / "ddp")
     info = run.info()
     events = read_events(run.path)
-    problems = [name for name in ("model.pth", "last.pth", "metrics.json", "class_indices.json", "split.json")
-                if not (run.path / name).is_file()]
+    problems = [
+        name
+        for name in ("model.pth", "last.pth", "metrics.json", "class_indices.json", "split.json")
+        if not (run.path / name).is_file()
+    ]
     if info.get("status") != "completed" or info.get("world_size") != nproc:
         problems.append(f"status {info.get('status')}, world size {info.get('world_size')}")
     if sum(e["type"] == "start" for e in events) != 1:
@@ -331,8 +406,15 @@ def check_torchrun(data: Path, runs: Path, nproc: int, device: torch.device, arc
 # ---------------------------------------------------------------------------------------------
 
 
-def run_selftest(device_name: str = "auto", arch: str = TrainConfig.arch, nproc: int = 0, image_size: int | None = None,
-                 epochs: int = 1, compile_model: bool = False, workdir: str | Path | None = None) -> Report:
+def run_selftest(
+    device_name: str = "auto",
+    arch: str = TrainConfig.arch,
+    nproc: int = 0,
+    image_size: int | None = None,
+    epochs: int = 1,
+    compile_model: bool = False,
+    workdir: str | Path | None = None,
+) -> Report:
     from .sample import make_sample_dataset
 
     device = resolve_device(device_name)
@@ -345,12 +427,26 @@ def run_selftest(device_name: str = "auto", arch: str = TrainConfig.arch, nproc:
         tmp = Path(tmp_name)
         data = make_sample_dataset(tmp / "data", per_class=24, seed=0)
         standin = standin_weights(arch, tmp / "standin.pth")
-        print(f"data: the sample dataset (3 classes, 72 images) in {data}; image size {image_size}; {epochs} epoch(s) "
-              f"per strategy", flush=True)
+        print(
+            f"data: the sample dataset (3 classes, 72 images) in {data}; image size {image_size}; {epochs} epoch(s) "
+            f"per strategy",
+            flush=True,
+        )
         for strategy in STRATEGIES:
-            cfg = TrainConfig(data=str(data), arch=arch, strategy=strategy, weights=str(standin), epochs=epochs,
-                              batch_size=16, image_size=image_size, device=str(device), compile=compile_model,
-                              runs_dir=str(tmp / "runs"), run_name=strategy, seed=0).validate()
+            cfg = TrainConfig(
+                data=str(data),
+                arch=arch,
+                strategy=strategy,
+                weights=str(standin),
+                epochs=epochs,
+                batch_size=16,
+                image_size=image_size,
+                device=str(device),
+                compile=compile_model,
+                runs_dir=str(tmp / "runs"),
+                run_name=strategy,
+                seed=0,
+            ).validate()
             print(f"{strategy}:", flush=True)
             run = report.run(f"{strategy}: training", check_training, cfg)
             if run is None:
@@ -375,7 +471,6 @@ def main(args) -> int:
     report = run_selftest(args.device, args.arch, args.nproc, args.image_size, args.epochs, args.compile)
     print()
     print(report.table())
-    verdict = "all checks passed" if report.passed else \
-        f"{sum(not c.passed for c in report.checks)} check(s) FAILED"
+    verdict = "all checks passed" if report.passed else f"{sum(not c.passed for c in report.checks)} check(s) FAILED"
     print(f"\n{verdict} in {time.perf_counter() - started:.0f} s")
     return 0 if report.passed else 1

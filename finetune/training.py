@@ -77,8 +77,10 @@ class TrainState:
     def add(self, record: EpochRecord) -> bool:
         """Record an epoch; True when it is the best so far (val accuracy, ties broken by val loss).
         An epoch whose val loss is not finite is never the best: nan logits still have an argmax."""
-        improved = math.isfinite(record["val_loss"]) and (record["val_acc"] > self.best["val_acc"] or (
-            record["val_acc"] == self.best["val_acc"] and record["val_loss"] < self.best["val_loss"]))
+        improved = math.isfinite(record["val_loss"]) and (
+            record["val_acc"] > self.best["val_acc"]
+            or (record["val_acc"] == self.best["val_acc"] and record["val_loss"] < self.best["val_loss"])
+        )
         if improved:
             self.best = {"epoch": record["epoch"], "val_acc": record["val_acc"], "val_loss": record["val_loss"]}
             self.epochs_without_gain = 0
@@ -90,13 +92,21 @@ class TrainState:
         return improved
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "history": self.history, "best": self.best,
-                "epochs_without_gain": self.epochs_without_gain}
+        return {
+            "epoch": self.epoch,
+            "history": self.history,
+            "best": self.best,
+            "epochs_without_gain": self.epochs_without_gain,
+        }
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> TrainState:
-        return cls(epoch=checkpoint["epoch"], history=list(checkpoint["history"]), best=checkpoint["best"].copy(),
-                   epochs_without_gain=checkpoint.get("epochs_without_gain", 0))
+        return cls(
+            epoch=checkpoint["epoch"],
+            history=list(checkpoint["history"]),
+            best=checkpoint["best"].copy(),
+            epochs_without_gain=checkpoint.get("epochs_without_gain", 0),
+        )
 
 
 @dataclass(kw_only=True)
@@ -198,17 +208,30 @@ class EvenBatches(Sampler[list[int]]):
         indices = list(self.sampler)
         start = 0
         for size in self.sizes(len(indices)):
-            yield indices[start:start + size]
+            yield indices[start : start + size]
             start += size
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device, seed: int,
-                ctx: Distributed, sharded: bool = False) -> DataLoader:
+def make_loader(
+    dataset,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    device: torch.device,
+    seed: int,
+    ctx: Distributed,
+    sharded: bool = False,
+) -> DataLoader:
     """`shuffle`: the training loader (shuffled, EvenBatches); else in order, in batches of batch_size.
     `sharded`: the dataset already holds only this rank's part (a cache built per rank)."""
     generator = torch.Generator().manual_seed(seed)
-    common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory(device), persistent_workers=workers > 0,
-                  generator=generator, prefetch_factor=4 if workers > 0 else None)
+    common: dict[str, Any] = dict(
+        num_workers=workers,
+        pin_memory=pin_memory(device),
+        persistent_workers=workers > 0,
+        generator=generator,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     if not shuffle:
         if ctx.enabled and not sharded:
             dataset = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
@@ -226,8 +249,15 @@ def epoch_sampler(loader: DataLoader):
     return getattr(loader.batch_sampler, "sampler", loader.sampler)
 
 
-def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run: RunDir, scan: DatasetScan,
-                  model: nn.Module, emit: EventCallback) -> Session:
+def setup_session(
+    cfg: TrainConfig,
+    ctx: Distributed,
+    device: torch.device,
+    run: RunDir,
+    scan: DatasetScan,
+    model: nn.Module,
+    emit: EventCallback,
+) -> Session:
     """Model on the device, the fastest data pipeline that fits, loaders, optimizer and schedule."""
     apply_strategy(model, cfg.resolved_strategy())
     frozen, trainable = split_model(model, cfg.resolved_strategy())
@@ -242,15 +272,18 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
     pipeline_start = time.perf_counter()
     pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, ctx)
     pipeline_seconds = time.perf_counter() - pipeline_start
-    train_loader = make_loader(pipeline.train, cfg.batch_size, True, pipeline.workers, device, cfg.seed, ctx,
-                               sharded=pipeline.sharded)
-    val_loader = make_loader(pipeline.val, cfg.batch_size * 2, False, pipeline.workers, device, cfg.seed, ctx,
-                             sharded=pipeline.sharded)
+    train_loader = make_loader(
+        pipeline.train, cfg.batch_size, True, pipeline.workers, device, cfg.seed, ctx, sharded=pipeline.sharded
+    )
+    val_loader = make_loader(
+        pipeline.val, cfg.batch_size * 2, False, pipeline.workers, device, cfg.seed, ctx, sharded=pipeline.sharded
+    )
 
     step_module: nn.Module = trainable
     if ctx.enabled:
         step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+            step_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs at buckets)
         step_module = cast(nn.Module, torch.compile(step_module))  # an OptimizedModule, typed as a callable
 
@@ -258,15 +291,34 @@ def setup_session(cfg: TrainConfig, ctx: Distributed, device: torch.device, run:
     scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=uses_grad_scaler(amp_dtype))
     weight = class_weights(scan).to(device) if cfg.class_weighted_loss else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    return Session(cfg=cfg, ctx=ctx, device=device, run=run, scan=scan, model=model, frozen=frozen,
-                   trainable=trainable, step_module=step_module, pipeline=pipeline, train_loader=train_loader,
-                   val_loader=val_loader, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                   criterion=criterion, amp_dtype=amp_dtype, memory_format=memory_format, workers=workers,
-                   emit=emit, pipeline_seconds=pipeline_seconds)
+    return Session(
+        cfg=cfg,
+        ctx=ctx,
+        device=device,
+        run=run,
+        scan=scan,
+        model=model,
+        frozen=frozen,
+        trainable=trainable,
+        step_module=step_module,
+        pipeline=pipeline,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        criterion=criterion,
+        amp_dtype=amp_dtype,
+        memory_format=memory_format,
+        workers=workers,
+        emit=emit,
+        pipeline_seconds=pipeline_seconds,
+    )
 
 
-def optimizer_and_schedule(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int
-                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def optimizer_and_schedule(
+    cfg: TrainConfig, model: nn.Module, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the strategy's parameter groups, and its per-step schedule over the whole run (warmup
     at most a fifth of it)."""
     pretrained = cfg.weights != "none"
@@ -320,9 +372,14 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
         save_atomic(model_state, session.run.model)
     if not complete:
         return
-    checkpoint = {"model": model_state, "optimizer": to_cpu(session.optimizer.state_dict()),
-                  "scheduler": session.scheduler.state_dict(), "scaler": session.scaler.state_dict(),
-                  "rng": torch.get_rng_state(), **state.state_dict()}
+    checkpoint = {
+        "model": model_state,
+        "optimizer": to_cpu(session.optimizer.state_dict()),
+        "scheduler": session.scheduler.state_dict(),
+        "scaler": session.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        **state.state_dict(),
+    }
     if final and session.run.model.is_file():
         del checkpoint["optimizer"]
         trained = trained_keys(model_state, session.cfg.resolved_strategy(), session.cfg.arch)
@@ -348,13 +405,17 @@ def check_checkpoint(checkpoint: object, path: Path) -> dict:
         if value is None and name in CHECKPOINT_OPTIONAL:
             continue
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise FinetuneError(f"{path} is not a checkpoint finetune wrote: its {name!r} is "
-                                f"{'missing' if value is None else 'a ' + type(value).__name__}")
+            raise FinetuneError(
+                f"{path} is not a checkpoint finetune wrote: its {name!r} is "
+                f"{'missing' if value is None else 'a ' + type(value).__name__}"
+            )
     if checkpoint["rng"].dtype != torch.uint8 or checkpoint["epoch"] < 0:
         raise FinetuneError(f"{path} is not a checkpoint finetune wrote: its random state or epoch is not one")
     records = [checkpoint["best"], *checkpoint["history"]]
-    if not all(isinstance(record, dict) and all(_is_number(record.get(key)) for key in RECORD_NUMBERS[i > 0])
-               for i, record in enumerate(records)):
+    if not all(
+        isinstance(record, dict) and all(_is_number(record.get(key)) for key in RECORD_NUMBERS[i > 0])
+        for i, record in enumerate(records)
+    ):
         raise FinetuneError(f"{path} is not a checkpoint finetune wrote: its history is not one")
     return checkpoint
 
@@ -380,8 +441,9 @@ def checkpoint_model_state(run: RunDir, checkpoint: object) -> dict:
     if base != CHECKPOINT_BASE:  # only ever this name beside it: never a path taken from the file
         raise FinetuneError(f"{run.last} refers to {base!r}: not a checkpoint finetune wrote")
     if not run.model.is_file():
-        raise FinetuneError(f"{run.last} keeps only the trained layers and needs {run.model} for the others, "
-                            f"which is missing")
+        raise FinetuneError(
+            f"{run.last} keeps only the trained layers and needs {run.model} for the others, which is missing"
+        )
     full = state_dict_from(safe_load(run.model, "model"), run.model)
     full.update(state)
     return full
@@ -394,8 +456,9 @@ def load_resumed(model: nn.Module, state: dict, source: Path) -> None:
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
         classes = cast(nn.Linear, model.fc).out_features
-        raise FinetuneError(f"{source} does not fit this run's model ({classes} classes): "
-                            f"{(lines or ['keys differ'])[0][:300]}") from None
+        raise FinetuneError(
+            f"{source} does not fit this run's model ({classes} classes): {(lines or ['keys differ'])[0][:300]}"
+        ) from None
 
 
 def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
@@ -404,16 +467,16 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
     no optimizer state: the optimizer starts afresh, at the learning rate the schedule has reached."""
     own = session.scheduler.state_dict()
     if set(checkpoint["scheduler"]) != set(own):  # its load_state_dict would take any key as an attribute
-        raise FinetuneError(f"{session.run.last} does not fit this run: its scheduler state is not one finetune "
-                            f"writes")
+        raise FinetuneError(f"{session.run.last} does not fit this run: its scheduler state is not one finetune writes")
     try:
         session.scheduler.load_state_dict(checkpoint["scheduler"])  # keeps the lambdas built for this run's length
         if "optimizer" in checkpoint:
             session.optimizer.load_state_dict(checkpoint["optimizer"])
         else:  # in the try: base_lrs come from the file, and another run's count of groups does not fit
             scheduler = session.scheduler
-            for group, base_lr, factor in zip(session.optimizer.param_groups, scheduler.base_lrs,
-                                              scheduler.lr_lambdas, strict=True):
+            for group, base_lr, factor in zip(
+                session.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+            ):
                 group["lr"] = base_lr * factor(scheduler.last_epoch)
         if checkpoint.get("scaler"):
             session.scaler.load_state_dict(checkpoint["scaler"])
@@ -422,8 +485,10 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
         first = str(error).splitlines()[0] if str(error) else ""
         raise FinetuneError(f"{session.run.last} does not fit this run: {type(error).__name__}: {first}") from None
     if "optimizer" not in checkpoint:
-        session.log("last.pth of a run that had ended keeps no optimizer state: AdamW starts afresh (its "
-                    "moments rebuild within a few steps), at the learning rate the schedule has reached")
+        session.log(
+            "last.pth of a run that had ended keeps no optimizer state: AdamW starts afresh (its "
+            "moments rebuild within a few steps), at the learning rate the schedule has reached"
+        )
     return TrainState.from_checkpoint(checkpoint)
 
 
@@ -480,8 +545,11 @@ def train_one_epoch(session: Session, epoch: int, stop: threading.Event, progres
             stopped = True
             break
     loss_total, correct_total, count_total = s.ctx.sum([float(loss_sum.item()), float(correct.item()), float(count)])
-    return {"train_loss": loss_total / max(count_total, 1), "train_acc": correct_total / max(count_total, 1),
-            "images": count_total}, stopped
+    return {
+        "train_loss": loss_total / max(count_total, 1),
+        "train_acc": correct_total / max(count_total, 1),
+        "images": count_total,
+    }, stopped
 
 
 def _should_stop(ctx: Distributed, stop: threading.Event, batch: int) -> bool:
@@ -534,8 +602,9 @@ class _Progress:
     def start_epoch(self) -> None:
         self.epoch_start, self.last_emit = time.perf_counter(), 0.0
 
-    def batch(self, epoch: int, batch: int, count: int, loss_sum: torch.Tensor, correct: torch.Tensor,
-              lr: float) -> None:
+    def batch(
+        self, epoch: int, batch: int, count: int, loss_sum: torch.Tensor, correct: torch.Tensor, lr: float
+    ) -> None:
         self.done += 1
         s = self.session
         if not s.ctx.is_main:
@@ -545,18 +614,32 @@ class _Progress:
         if not (batch == 1 or batch == steps or now - self.last_emit >= 1 / BATCH_EVENTS_PER_SECOND):
             return
         self.last_emit = now
-        s.emit({"type": "batch", "epoch": epoch, "epochs": s.cfg.epochs, "batch": batch, "batches": steps,
-                "loss": loss_sum.item() / count, "acc": correct.item() / count,
+        s.emit(
+            {
+                "type": "batch",
+                "epoch": epoch,
+                "epochs": s.cfg.epochs,
+                "batch": batch,
+                "batches": steps,
+                "loss": loss_sum.item() / count,
+                "acc": correct.item() / count,
                 "images_per_s": count * s.ctx.world_size / max(now - self.epoch_start, 1e-9),
-                "eta_s": (now - self.run_start) / self.done * (self.remaining_batches - self.done), "lr": lr})
+                "eta_s": (now - self.run_start) / self.done * (self.remaining_batches - self.done),
+                "lr": lr,
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole training
 
 
-def train(cfg: TrainConfig, on_event: EventCallback | None = None, stop: threading.Event | None = None,
-          resume: str | Path | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    on_event: EventCallback | None = None,
+    stop: threading.Event | None = None,
+    resume: str | Path | None = None,
+) -> Path:
     """Fine-tune and write a run folder; returns its path. `stop.set()` ends at the next batch.
     A config without a strategy gets the default for its weights (config.default_strategy); `cfg`
     itself is not changed, run.json records the strategy used."""
@@ -594,12 +677,16 @@ def settle_strategy(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     if cfg.strategy is None:
         cfg = dataclasses.replace(cfg, strategy=cfg.resolved_strategy())
         if from_scratch:
-            return cfg, ("strategy all (the default without pretrained weights): every layer trains, as layers "
-                         "left frozen would keep their random values")
+            return cfg, (
+                "strategy all (the default without pretrained weights): every layer trains, as layers "
+                "left frozen would keep their random values"
+            )
         return cfg, None
     if from_scratch and cfg.strategy != "all":
-        return cfg, (f"warning: strategy {cfg.strategy} without pretrained weights: the layers it freezes keep "
-                     f"their random values, so it learns little; strategy all trains every layer")
+        return cfg, (
+            f"warning: strategy {cfg.strategy} without pretrained weights: the layers it freezes keep "
+            f"their random values, so it learns little; strategy all trains every layer"
+        )
     return cfg, None
 
 
@@ -611,13 +698,24 @@ def divergence(record: EpochRecord, lr: float) -> str | None:
     """The one-line reason when an epoch's training or validation loss is not finite."""
     for loss, what in ((record["train_loss"], "training"), (record["val_loss"], "validation")):
         if not math.isfinite(loss):
-            return (f"training diverged: the {what} loss became {loss} in epoch {record['epoch']}; "
-                    f"try a lower --lr (this run used {lr:g})")
+            return (
+                f"training diverged: the {what} loss became {loss} in epoch {record['epoch']}; "
+                f"try a lower --lr (this run used {lr:g})"
+            )
     return None
 
 
-def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, stop, resume_dir,
-           lock: TrainingLock | None, started: float, notes: list[str]) -> Path:
+def _train(
+    cfg: TrainConfig,
+    ctx: Distributed,
+    device: torch.device,
+    on_event,
+    stop,
+    resume_dir,
+    lock: TrainingLock | None,
+    started: float,
+    notes: list[str],
+) -> Path:
     seed_everything(cfg.seed)
     listeners: list[EventCallback] = []
 
@@ -660,8 +758,9 @@ def _train(cfg: TrainConfig, ctx: Distributed, device: torch.device, on_event, s
                 pass
 
 
-def open_run(cfg: TrainConfig, ctx: Distributed, resume_dir: Path | None, emit: EventCallback
-             ) -> tuple[RunDir, DatasetScan, nn.Module, object]:
+def open_run(
+    cfg: TrainConfig, ctx: Distributed, resume_dir: Path | None, emit: EventCallback
+) -> tuple[RunDir, DatasetScan, nn.Module, object]:
     """The run folder, its split and its model, and the checkpoint a resumed run continues from (a dict
     checkpoint_model_state has checked; None for a new run)."""
     if resume_dir is not None:
@@ -679,13 +778,23 @@ def open_run(cfg: TrainConfig, ctx: Distributed, resume_dir: Path | None, emit: 
     scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
     # the weights before the run folder: unavailable or wrong weights leave no failed run behind
     model = build_model(cfg.arch, len(scan.classes), cfg.weights)
-    run = ctx.broadcast(RunDir.create(cfg.runs_dir, cfg.arch, cfg.resolved_strategy(), cfg.run_name)
-                        if ctx.is_main else None)
+    run = ctx.broadcast(
+        RunDir.create(cfg.runs_dir, cfg.arch, cfg.resolved_strategy(), cfg.run_name) if ctx.is_main else None
+    )
     return run, scan, model, None
 
 
-def mark_running(cfg: TrainConfig, ctx: Distributed, device: torch.device, run: RunDir, scan: DatasetScan,
-                 fresh: bool, notes: list[str], pids: list, emit: EventCallback) -> None:
+def mark_running(
+    cfg: TrainConfig,
+    ctx: Distributed,
+    device: torch.device,
+    run: RunDir,
+    scan: DatasetScan,
+    fresh: bool,
+    notes: list[str],
+    pids: list,
+    emit: EventCallback,
+) -> None:
     """Before the first epoch: the notes logged, a new run's folder filled, and run.json says who trains."""
     for note in notes:
         emit({"type": "log", "message": note})
@@ -693,18 +802,23 @@ def mark_running(cfg: TrainConfig, ctx: Distributed, device: torch.device, run: 
         start_run_folder(run, cfg, scan, device, ctx)
         emit({"type": "log", "message": scan.report()})
     if ctx.is_main:  # who is training: after a restart the studio checks whether they are still alive
-        run.update_info(status="running", pids=pids, launcher_pid=os.getppid() if ctx.enabled else None,
-                        host=os.uname().nodename)
+        run.update_info(
+            status="running", pids=pids, launcher_pid=os.getppid() if ctx.enabled else None, host=os.uname().nodename
+        )
 
 
-def settle_failure(error: BaseException, ctx: Distributed, run: RunDir, emit: EventCallback
-                   ) -> FinetuneError | None:
+def settle_failure(error: BaseException, ctx: Distributed, run: RunDir, emit: EventCallback) -> FinetuneError | None:
     """A failed run's "error" event and run.json status (each as far as a full disk allows). Returns the
     one-line error to raise instead of `error` (a full disk named, or run.json's own failure added),
     None to raise `error` itself."""
     failure = disk_full(error, run.path) or error
-    message = str(failure) if isinstance(failure, FinetuneError) else \
-        "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
+    message = (
+        str(failure)
+        if isinstance(failure, FinetuneError)
+        else "interrupted"
+        if isinstance(failure, KeyboardInterrupt)
+        else f"{type(failure).__name__}: {failure}"
+    )
     try:
         emit({"type": "error", "message": message})
     except (OSError, FinetuneError):  # the events file may lie on that full disk too
@@ -734,8 +848,9 @@ class ScanProgress:
         now = time.perf_counter()
         if (total and done >= total) or now - self.last >= 1 / BATCH_EVENTS_PER_SECOND:
             self.last = now
-            self.emit({"type": "progress", "stage": stage, "what": self.WHAT.get(stage, stage), "done": done,
-                       "total": total})
+            self.emit(
+                {"type": "progress", "stage": stage, "what": self.WHAT.get(stage, stage), "done": done, "total": total}
+            )
 
 
 def scan_for_training(cfg: TrainConfig, on_progress: Callable[[str, int, int], None] | None = None) -> DatasetScan:
@@ -750,32 +865,47 @@ def scan_for_training(cfg: TrainConfig, on_progress: Callable[[str, int, int], N
     return scan
 
 
-def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: torch.device,
-                     ctx: Distributed) -> None:
+def start_run_folder(run: RunDir, cfg: TrainConfig, scan: DatasetScan, device: torch.device, ctx: Distributed) -> None:
     """What a run folder holds before the first epoch: split, report, class map, run.json."""
     curation = getattr(scan, "curation", None)  # a CuratedScan's (curation.apply_curation)
     run.write_split(scan)
     run.write_class_indices(scan.classes)
-    run.write_info({
-        "status": "running", "created": datetime.now().isoformat(timespec="seconds"),
-        "arch": cfg.arch, "strategy": cfg.resolved_strategy(), "num_classes": len(scan.classes),
-        "classes": scan.classes,
-        "image_size": cfg.image_size, "resize_size": resize_size(cfg.image_size),
-        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
-        "versions": versions(), "device": describe_device(device), "world_size": ctx.world_size,
-        **({"curation": curation_summary(curation)} if curation else {}),
-    })
+    run.write_info(
+        {
+            "status": "running",
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "arch": cfg.arch,
+            "strategy": cfg.resolved_strategy(),
+            "num_classes": len(scan.classes),
+            "classes": scan.classes,
+            "image_size": cfg.image_size,
+            "resize_size": resize_size(cfg.image_size),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "config": cfg.to_dict(),
+            "versions": versions(),
+            "device": describe_device(device),
+            "world_size": ctx.world_size,
+            **({"curation": curation_summary(curation)} if curation else {}),
+        }
+    )
 
 
 def curation_summary(record: dict) -> dict:
     """What run.json keeps of an applied curation (split.json has the full list)."""
     leaks = [e["path"] for e in record["excluded"] if (e.get("note") or "").startswith("leak")]
-    return {"file": record.get("file"), "excluded": len(record["excluded"]),
-            "relabelled": len(record["relabelled"]), "leaks_removed": leaks, "unknown_paths": len(record["unknown"])}
+    return {
+        "file": record.get("file"),
+        "excluded": len(record["excluded"]),
+        "relabelled": len(record["relabelled"]),
+        "leaks_removed": leaks,
+        "unknown_paths": len(record["unknown"]),
+    }
 
 
-def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpoint, emit, stop,
-                started: float) -> Path:
+def _run_epochs(
+    cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpoint, emit, stop, started: float
+) -> Path:
     session = setup_session(cfg, ctx, device, run, scan, model, emit)
     state = TrainState()
     if checkpoint is not None:
@@ -790,20 +920,41 @@ def _run_epochs(cfg, ctx, device, run: RunDir, scan: DatasetScan, model, checkpo
 
 def announce_start(session: Session, start_epoch: int) -> None:
     """The "start" event, and the settled config and data pipeline in run.json."""
-    cfg, ctx, device, run, scan, model, emit = (session.cfg, session.ctx, session.device, session.run, session.scan,
-                                                session.model, session.emit)
-    emit({"type": "start", "run_dir": str(run.path), "epochs": cfg.epochs, "start_epoch": start_epoch,
-          "batches_per_epoch": session.steps_per_epoch, "train_images": len(scan.train), "val_images": len(scan.val),
-          "classes": scan.classes, "device": describe_device(device), "world_size": ctx.world_size,
-          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-          "total_params": sum(p.numel() for p in model.parameters()),
-          "pipeline": session.pipeline.description, "strategy": cfg.resolved_strategy(), "arch": cfg.arch})
+    cfg, ctx, device, run, scan, model, emit = (
+        session.cfg,
+        session.ctx,
+        session.device,
+        session.run,
+        session.scan,
+        session.model,
+        session.emit,
+    )
+    emit(
+        {
+            "type": "start",
+            "run_dir": str(run.path),
+            "epochs": cfg.epochs,
+            "start_epoch": start_epoch,
+            "batches_per_epoch": session.steps_per_epoch,
+            "train_images": len(scan.train),
+            "val_images": len(scan.val),
+            "classes": scan.classes,
+            "device": describe_device(device),
+            "world_size": ctx.world_size,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "pipeline": session.pipeline.description,
+            "strategy": cfg.resolved_strategy(),
+            "arch": cfg.arch,
+        }
+    )
     if ctx.is_main:
         run.update_info(config=cfg.to_dict(), pipeline=session.pipeline.description)
 
 
-def train_epochs(session: Session, state: TrainState, start_epoch: int, stop: threading.Event,
-                 progress: _Progress) -> tuple[str, str | None]:
+def train_epochs(
+    session: Session, state: TrainState, start_epoch: int, stop: threading.Event, progress: _Progress
+) -> tuple[str, str | None]:
     """Epochs from start_epoch until the last, a stop or early stopping: the run's status, and why the
     loss diverged when it did."""
     cfg, ctx, run, emit = session.cfg, session.ctx, session.run, session.emit
@@ -820,18 +971,23 @@ def train_epochs(session: Session, state: TrainState, start_epoch: int, stop: th
             return diverged_status(state, diverged)
         improved = state.add(record)
         early_stop = bool(cfg.early_stopping) and state.epochs_without_gain >= cfg.early_stopping
-        save_checkpoint(session, state, improved, complete=not stopped,
-                        final=not stopped and (epoch == cfg.epochs or early_stop))
+        save_checkpoint(
+            session, state, improved, complete=not stopped, final=not stopped and (epoch == cfg.epochs or early_stop)
+        )
         if ctx.is_main:
             run.update_info(history=state.history, best=state.best, epochs_done=epoch)
         emit(epoch_event(record, state.best))
         if stopped or (epoch < cfg.epochs and _stop_requested(ctx, stop)):
-            session.log(f"stopped {'during' if stopped else 'after'} epoch {epoch}; keeping the best model so far "
-                        f"(epoch {state.best['epoch']})")
+            session.log(
+                f"stopped {'during' if stopped else 'after'} epoch {epoch}; keeping the best model so far "
+                f"(epoch {state.best['epoch']})"
+            )
             return "stopped", None
         if early_stop:
-            session.log(f"early stopping: no improvement for {state.epochs_without_gain} epochs "
-                        f"(best epoch {state.best['epoch']})")
+            session.log(
+                f"early stopping: no improvement for {state.epochs_without_gain} epochs "
+                f"(best epoch {state.best['epoch']})"
+            )
             return "early-stopped", None
     return "completed", None
 
@@ -839,23 +995,34 @@ def train_epochs(session: Session, state: TrainState, start_epoch: int, stop: th
 def epoch_record(session: Session, epoch: int, train_stats: dict, stopped: bool, epoch_start: float) -> EpochRecord:
     """The epoch's line of the history: its training sums, then a validation pass."""
     val_loss, val_acc = validate(session)
-    return {"epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
-            "val_loss": val_loss, "val_acc": val_acc, "lr": session.optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - epoch_start, "complete": not stopped,
-            "images": int(train_stats["images"])}
+    return {
+        "epoch": epoch,
+        "train_loss": train_stats["train_loss"],
+        "train_acc": train_stats["train_acc"],
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": session.optimizer.param_groups[0]["lr"],
+        "seconds": time.perf_counter() - epoch_start,
+        "complete": not stopped,
+        "images": int(train_stats["images"]),
+    }
 
 
 def diverged_status(state: TrainState, diverged: str) -> tuple[str, str]:
     """A diverged run's status and error. Nothing of the diverged epoch is saved: model.pth (the best
     epoch) and last.pth stay finite."""
     usable = state.best["epoch"] > 0
-    diverged += (f"; the best model so far (epoch {state.best['epoch']}) is kept" if usable
-                 else "; no epoch finished before it, so there is no model")
+    diverged += (
+        f"; the best model so far (epoch {state.best['epoch']}) is kept"
+        if usable
+        else "; no epoch finished before it, so there is no model"
+    )
     return ("stopped" if usable else "failed"), diverged
 
 
-def finish_run(session: Session, state: TrainState, status: str, diverged: str | None, started: float,
-               run_start: float) -> Path:
+def finish_run(
+    session: Session, state: TrainState, status: str, diverged: str | None, started: float, run_start: float
+) -> Path:
     """The final evaluation, run.json's status, timing and summary, and the "end" event; raises
     TrainingDiverged after them when the loss diverged."""
     ctx, run, emit = session.ctx, session.run, session.emit
@@ -863,22 +1030,41 @@ def finish_run(session: Session, state: TrainState, status: str, diverged: str |
     metrics = final_evaluation(session, state)
     end = time.perf_counter()
     # the whole wall time and where it went: a cache built once can take far longer than the epochs
-    stages = {"setup": run_start - started - session.pipeline_seconds,
-              "cache": session.pipeline_seconds, "training": training_end - run_start,
-              "evaluation": end - training_end}
+    stages = {
+        "setup": run_start - started - session.pipeline_seconds,
+        "cache": session.pipeline_seconds,
+        "training": training_end - run_start,
+        "evaluation": end - training_end,
+    }
     timing = Timing(seconds=end - started, stages=stages, cache=session.pipeline.kind)
     if ctx.is_main:
-        outcome: RunInfo = {"status": status, "summary": metrics and {
-            k: metrics[k] for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
-            if k in metrics}, "seconds": timing["seconds"], "stages": timing["stages"], "cache": timing["cache"]}
+        outcome: RunInfo = {
+            "status": status,
+            "summary": metrics
+            and {
+                k: metrics[k]
+                for k in ("accuracy", "balanced_accuracy", "top_k_accuracy", "macro_f1", "num_images")
+                if k in metrics
+            },
+            "seconds": timing["seconds"],
+            "stages": timing["stages"],
+            "cache": timing["cache"],
+        }
         if diverged:
             outcome["error"] = diverged
         run.update_info(**outcome)
     if diverged is not None:
         emit({"type": "error", "message": diverged})
-    emit(end_event(status, str(run.path), state.best,
-                   metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
-                   summary_line(metrics) if metrics else "no epoch completed", timing))
+    emit(
+        end_event(
+            status,
+            str(run.path),
+            state.best,
+            metrics and {k: v for k, v in metrics.items() if k != "misclassified"},
+            summary_line(metrics) if metrics else "no epoch completed",
+            timing,
+        )
+    )
     if diverged is not None:
         raise TrainingDiverged(diverged)
     return run.path
@@ -927,22 +1113,30 @@ def calibrate_run(s: Session, logits: np.ndarray, targets: np.ndarray) -> dict:
         s.log(f"warning: calibration skipped ({problem}); predictions use the raw probabilities")
         return {"temperature": 1.0}
     s.run.update_info(calibration=record)
-    s.log(f"calibration on {record['val_images']} val images: temperature {record['temperature']:.3f}, "
-          f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}; suggested min confidence "
-          f"{record['suggested_min_confidence']:.2f} ({record['at_suggested']['answered']:.0%} of val answered)")
+    s.log(
+        f"calibration on {record['val_images']} val images: temperature {record['temperature']:.3f}, "
+        f"ECE {record['ece_before']:.3f} -> {record['ece_after']:.3f}; suggested min confidence "
+        f"{record['suggested_min_confidence']:.2f} ({record['at_suggested']['answered']:.0%} of val answered)"
+    )
     return record
 
 
 def _split_logits(s: Session, split: str, items: list[tuple[str, int]]):
     if split == "val" and s.pipeline.val_covers_all:
-        loader = DataLoader(s.pipeline.val, batch_size=s.cfg.batch_size * 2, num_workers=s.pipeline.workers,
-                            pin_memory=pin_memory(s.device))
+        loader = DataLoader(
+            s.pipeline.val,
+            batch_size=s.cfg.batch_size * 2,
+            num_workers=s.pipeline.workers,
+            pin_memory=pin_memory(s.device),
+        )
         with torch.inference_mode():
             return predict_logits(_Prepared(s.trainable, s.pipeline.prepare_eval), loader, s.device, s.amp_dtype)
-    dataset = ImageListDataset(s.scan.root, items, eval_transform(s.cfg.image_size),
-                               min_size=resize_size(s.cfg.image_size))
-    loader = DataLoader(dataset, batch_size=s.cfg.batch_size * 2, num_workers=s.workers,
-                        pin_memory=pin_memory(s.device))
+    dataset = ImageListDataset(
+        s.scan.root, items, eval_transform(s.cfg.image_size), min_size=resize_size(s.cfg.image_size)
+    )
+    loader = DataLoader(
+        dataset, batch_size=s.cfg.batch_size * 2, num_workers=s.workers, pin_memory=pin_memory(s.device)
+    )
     return predict_logits(s.model, loader, s.device, s.amp_dtype, s.memory_format == torch.channels_last)
 
 

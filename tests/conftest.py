@@ -28,7 +28,8 @@ def tree_digest(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under root (to prove a folder was not changed)."""
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -55,11 +56,35 @@ def every_option_config():
     """A TrainConfig with every command-line option away from its default (round-trip tests)."""
     from finetune.config import TrainConfig, cli_fields
 
-    cfg = TrainConfig(data="photos", arch="resnet50", strategy="head", weights="w.pth", epochs=2, batch_size=3,
-                      lr=0.02, backbone_lr_scale=0.3, weight_decay=0.01, label_smoothing=0.0, warmup_epochs=0.5,
-                      image_size=64, val_fraction=0.3, seed=7, device="cpu", workers=0, class_weighted_loss=True,
-                      early_stopping=2, amp=False, channels_last=False, compile=True, cache="off", cache_views=3,
-                      memory_budget_gb=1.5, runs_dir="my-runs", run_name="n", curation="review/curation.json")
+    cfg = TrainConfig(
+        data="photos",
+        arch="resnet50",
+        strategy="head",
+        weights="w.pth",
+        epochs=2,
+        batch_size=3,
+        lr=0.02,
+        backbone_lr_scale=0.3,
+        weight_decay=0.01,
+        label_smoothing=0.0,
+        warmup_epochs=0.5,
+        image_size=64,
+        val_fraction=0.3,
+        seed=7,
+        device="cpu",
+        workers=0,
+        class_weighted_loss=True,
+        early_stopping=2,
+        amp=False,
+        channels_last=False,
+        compile=True,
+        cache="off",
+        cache_views=3,
+        memory_budget_gb=1.5,
+        runs_dir="my-runs",
+        run_name="n",
+        curation="review/curation.json",
+    )
     untested = [f.name for f in cli_fields() if getattr(cfg, f.name) == f.default]
     assert not untested, f"give these options a non-default value in every_option_config: {untested}"
     return cfg
@@ -135,8 +160,20 @@ def tiny_run(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("tiny-run")
     data = make_class_folders(base / "photos", per_class=4)
-    return train(TrainConfig(data=str(data), runs_dir=str(base / "runs"), weights="none", strategy="last",
-                             epochs=1, batch_size=4, image_size=32, workers=0, device="cpu", seed=0))
+    return train(
+        TrainConfig(
+            data=str(data),
+            runs_dir=str(base / "runs"),
+            weights="none",
+            strategy="last",
+            epochs=1,
+            batch_size=4,
+            image_size=32,
+            workers=0,
+            device="cpu",
+            seed=0,
+        )
+    )
 
 
 def copy_run(run: Path, into: Path) -> Path:
@@ -181,9 +218,23 @@ def app_server(tmp_path_factory):
     env.pop("FINETUNE_AUTH", None)
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs_dir),
-             "--workspace", str(workspace), "--browse-root", str(REPO)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(REPO / "app.py"),
+                "--port",
+                str(port),
+                "--runs-dir",
+                str(runs_dir),
+                "--workspace",
+                str(workspace),
+                "--browse-root",
+                str(REPO),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = AppServer(f"http://127.0.0.1:{port}", runs_dir, workspace, log, process)
     deadline = time.time() + 120
     while True:

@@ -31,10 +31,17 @@ def trained(tmp_path_factory):
     holdout = make_class_folders(base / "holdout", CLASSES, per_class=2)
     events, out, err = [], io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(record=True):
-        run = finetune.train(photos, strategy="head", epochs=1, runs_dir=base / "runs", progress=False,
-                             on_event=events.append, **TINY)
-    return {"run": run, "photos": photos, "holdout": holdout, "events": events,
-            "printed": out.getvalue() + err.getvalue(), "base": base}
+        run = finetune.train(
+            photos, strategy="head", epochs=1, runs_dir=base / "runs", progress=False, on_event=events.append, **TINY
+        )
+    return {
+        "run": run,
+        "photos": photos,
+        "holdout": holdout,
+        "events": events,
+        "printed": out.getvalue() + err.getvalue(),
+        "base": base,
+    }
 
 
 @pytest.mark.slow
@@ -181,9 +188,14 @@ STOPPED_BY_SIGINT = textwrap.dedent("""
 @pytest.mark.slow
 def test_ctrl_c_stops_at_the_next_batch_keeps_the_model_and_a_captured_log_is_clean_lines(tmp_path):
     data = make_class_folders(tmp_path / "photos", per_class=5)
-    result = subprocess.run([sys.executable, "-c", STOPPED_BY_SIGINT, str(data), str(tmp_path / "runs")],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", STOPPED_BY_SIGINT, str(data), str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr
     assert "status stopped model True restored True" in result.stdout
     assert "stopping after the current batch (interrupt again to abort)" in result.stderr
@@ -207,10 +219,23 @@ def test_the_command_line_shows_the_scan_on_a_terminal_and_keeps_a_redirected_st
     master, slave = pty.openpty()
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     options = [part for key, value in TINY.items() for part in ("--" + key.replace("_", "-"), str(value))]
-    command = [sys.executable, "-m", "finetune", "train", str(data), "--runs-dir", str(tmp_path / "runs"),
-               "--epochs", "1", "--strategy", "head", *options]
-    process = subprocess.Popen(command,
-                               stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, cwd=REPO, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "finetune",
+        "train",
+        str(data),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--epochs",
+        "1",
+        "--strategy",
+        "head",
+        *options,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, cwd=REPO, text=True
+    )
     os.close(slave)
     terminal = bytearray()
 
@@ -248,13 +273,42 @@ def events_of_a_short_run() -> list[dict]:
         {"type": "progress", "stage": "check", "what": "checking images", "done": 50, "total": 100},
         {"type": "progress", "stage": "check", "what": "checking images", "done": 100, "total": 100},
         {"type": "log", "message": "Data: photos"},
-        {"type": "start", "run_dir": "runs/r", "arch": "resnet34", "strategy": "head", "device": "CPU", "epochs": 1,
-         "train_images": 80, "val_images": 20, "classes": ["a", "b"], "trainable_params": 1026,
-         "total_params": 21_000_000, "world_size": 1},
-        {"type": "batch", "epoch": 1, "epochs": 1, "batch": 1, "batches": 3, "loss": 0.7, "acc": 0.5,
-         "images_per_s": 100.0, "eta_s": 2.0, "lr": 0.001},
-        {"type": "epoch", "epoch": 1, "train_loss": 0.6, "train_acc": 0.6, "val_loss": 0.5, "val_acc": 0.7,
-         "seconds": 1.0, "best": True},
+        {
+            "type": "start",
+            "run_dir": "runs/r",
+            "arch": "resnet34",
+            "strategy": "head",
+            "device": "CPU",
+            "epochs": 1,
+            "train_images": 80,
+            "val_images": 20,
+            "classes": ["a", "b"],
+            "trainable_params": 1026,
+            "total_params": 21_000_000,
+            "world_size": 1,
+        },
+        {
+            "type": "batch",
+            "epoch": 1,
+            "epochs": 1,
+            "batch": 1,
+            "batches": 3,
+            "loss": 0.7,
+            "acc": 0.5,
+            "images_per_s": 100.0,
+            "eta_s": 2.0,
+            "lr": 0.001,
+        },
+        {
+            "type": "epoch",
+            "epoch": 1,
+            "train_loss": 0.6,
+            "train_acc": 0.6,
+            "val_loss": 0.5,
+            "val_acc": 0.7,
+            "seconds": 1.0,
+            "best": True,
+        },
     ]
 
 
@@ -266,10 +320,12 @@ def test_without_a_terminal_there_is_no_bar_only_lines(capsys):
         progress(event)
     out, err = capsys.readouterr()
     assert err == "" and "\r" not in out
-    assert out.splitlines() == ["Data: photos", "run folder: runs/r",
-                                ("resnet34 / head on CPU: 80 train / 20 val images, 2 classes, 1,026 of 21,000,000 "
-                                 "parameters train"),
-                                "epoch   1: train loss 0.6000 acc 0.6000 | val loss 0.5000 acc 0.7000 | 1.0s  *best"]
+    assert out.splitlines() == [
+        "Data: photos",
+        "run folder: runs/r",
+        ("resnet34 / head on CPU: 80 train / 20 val images, 2 classes, 1,026 of 21,000,000 parameters train"),
+        "epoch   1: train loss 0.6000 acc 0.6000 | val loss 0.5000 acc 0.7000 | 1.0s  *best",
+    ]
 
     progress = TerminalProgress()
     progress.line_every_s = 0  # a long scan and a long epoch: a plain line now and then

@@ -18,8 +18,9 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
-FAST = dict(arch="resnet34", strategy="head", weights="none", weights_file=None, batch_size=16, lr=0.01,
-            image_size=64, seed=0)
+FAST = dict(
+    arch="resnet34", strategy="head", weights="none", weights_file=None, batch_size=16, lr=0.01, image_size=64, seed=0
+)
 
 # gradio_client's httpx default (5 s) is short for a server answering its API info while the other
 # test workers keep both cores busy
@@ -28,8 +29,13 @@ PATIENT = {"timeout": 60}
 
 @pytest.fixture(scope="module")
 def client(app_server, tmp_path_factory):
-    return Client(app_server.url, analytics_enabled=False, verbose=False, httpx_kwargs=PATIENT,
-                  download_files=str(tmp_path_factory.mktemp("downloads")))
+    return Client(
+        app_server.url,
+        analytics_enabled=False,
+        verbose=False,
+        httpx_kwargs=PATIENT,
+        download_files=str(tmp_path_factory.mktemp("downloads")),
+    )
 
 
 def follow(client, until=None, timeout=240):
@@ -43,7 +49,7 @@ def follow(client, until=None, timeout=240):
             break
         assert time.time() - start < timeout, "training did not end in time"
     if until is None:
-        updates.extend(o for o in job.outputs()[len(updates):])
+        updates.extend(o for o in job.outputs()[len(updates) :])
     return updates
 
 
@@ -53,9 +59,19 @@ def status_text(update) -> str:
 
 def train(client, data, epochs=1, **overrides):
     settings = dict(FAST, **overrides)
-    client.predict(str(data), settings["arch"], settings["strategy"], settings["weights"], settings["weights_file"],
-                   epochs, settings["batch_size"], settings["lr"], settings["image_size"], settings["seed"],
-                   api_name="/start_training")
+    client.predict(
+        str(data),
+        settings["arch"],
+        settings["strategy"],
+        settings["weights"],
+        settings["weights_file"],
+        epochs,
+        settings["batch_size"],
+        settings["lr"],
+        settings["image_size"],
+        settings["seed"],
+        api_name="/start_training",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +112,13 @@ def test_scan_reports_skipped_files_and_imbalance(client, tmp_path):
     assert "imbalanced" in warnings
 
 
-@pytest.mark.parametrize("path, message", [
-    ("/no/such/folder", "data folder not found: /no/such/folder"),
-    ("", "Type a folder path"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/no/such/folder", "data folder not found: /no/such/folder"),
+        ("", "Type a folder path"),
+    ],
+)
 def test_scan_errors_are_messages(client, path, message):
     with pytest.raises(AppError, match=message):
         client.predict(path, api_name="/scan_folder")
@@ -116,8 +135,9 @@ def test_upload_zip_with_one_top_folder(client, app_server, sample_data, tmp_pat
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted(sample_data.rglob("*.jpg"))[::4]:
             z.write(path, "my shapes/" + path.relative_to(sample_data).as_posix())
-    summary, counts, gallery, skipped, warnings, ready, path = client.predict(handle_file(str(archive)),
-                                                                             api_name="/upload_zip")
+    summary, counts, gallery, skipped, warnings, ready, path = client.predict(
+        handle_file(str(archive)), api_name="/upload_zip"
+    )
     assert "3 classes" in summary and "my shapes" in summary
     uploads = app_server.workspace / "uploads"
     assert path.startswith(str(uploads)) and path.endswith("my shapes") and path in summary
@@ -174,18 +194,31 @@ def test_strategy_sets_its_learning_rate(client):
     assert client.predict("head", api_name="/strategy_lr") == DEFAULT_LR["head"]
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(data="/no/such/folder"), "data folder not found"),
-    (dict(epochs=0), "Value 0 is less than minimum value 1"),
-    (dict(weights="file"), "Upload a weights file"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(data="/no/such/folder"), "data folder not found"),
+        (dict(epochs=0), "Value 0 is less than minimum value 1"),
+        (dict(weights="file"), "Upload a weights file"),
+    ],
+)
 def test_start_refuses_bad_settings(client, sample_data, change, message):
     settings = dict(FAST, data=str(sample_data), epochs=1)
     settings.update(change)
     with pytest.raises(AppError, match=message):
-        client.predict(settings["data"], settings["arch"], settings["strategy"], settings["weights"],
-                       settings["weights_file"], settings["epochs"], settings["batch_size"], settings["lr"],
-                       settings["image_size"], settings["seed"], api_name="/start_training")
+        client.predict(
+            settings["data"],
+            settings["arch"],
+            settings["strategy"],
+            settings["weights"],
+            settings["weights_file"],
+            settings["epochs"],
+            settings["batch_size"],
+            settings["lr"],
+            settings["image_size"],
+            settings["seed"],
+            api_name="/start_training",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +230,7 @@ def test_training_streams_progress_curves_and_result(trained):
     assert len(updates) >= 3
     assert any("batch" in status_text(u) and "images/s" in status_text(u) for u in updates)
     progress, loss, acc, log, result, matrix = updates[-1]
-    assert "completed" in progress and 'width:100%' in progress
+    assert "completed" in progress and "width:100%" in progress
     series = {row[2] for row in loss["value"]["data"]}
     assert series == {"train", "val"}
     assert "epoch   1: train loss" in log
@@ -217,8 +250,9 @@ def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, tr
     follow(client, until=lambda u: "batch" in status_text(u), timeout=120)
     # prediction with the earlier run while the training runs; that the training is still running when
     # the answer comes ("Stopping" below) shows it did not wait for it, on any machine's speed
-    label, _ = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("circle/*.jpg")))), 3,
-                              api_name="/predict_image")
+    label, _ = client.predict(
+        str(run_dir), handle_file(str(next(sample_data.glob("circle/*.jpg")))), 3, api_name="/predict_image"
+    )
     assert label["label"] in ("circle", "square", "triangle")
     assert "Stopping" in client.predict(api_name="/stop_training")
     updates = follow(client, timeout=120)
@@ -262,7 +296,8 @@ def test_list_runs_newest_first(client, trained, app_server):
 def test_evaluate_run(client, trained):
     run_dir, _ = trained
     summary, matrix, table, gallery, note, calibration, reliability, curves = client.predict(
-        str(run_dir), api_name="/evaluate_run")
+        str(run_dir), api_name="/evaluate_run"
+    )
     assert run_dir.name in summary and "accuracy" in summary and "top-1" in summary
     assert "**Calibration** on 15 validation images" in calibration and Path(reliability).name == "reliability.png"
     assert Path(matrix).name == "confusion_matrix.png" and Path(curves).name == "training_curves.png"
@@ -279,10 +314,13 @@ def test_evaluate_run(client, trained):
         assert "correctly" in note
 
 
-@pytest.mark.parametrize("run, message", [
-    ("/etc", "not a run in"),
-    ("no-such-run", "not a run folder"),
-])
+@pytest.mark.parametrize(
+    "run, message",
+    [
+        ("/etc", "not a run in"),
+        ("no-such-run", "not a run folder"),
+    ],
+)
 def test_evaluate_errors(client, run, message):
     with pytest.raises(AppError, match=message):
         client.predict(run, api_name="/evaluate_run")
@@ -294,8 +332,9 @@ def test_evaluate_errors(client, run, message):
 
 def test_predict_image(client, trained, sample_data):
     run_dir, _ = trained
-    label, heatmap = client.predict(str(run_dir), handle_file(str(next(sample_data.glob("square/*.jpg")))), 2,
-                                    api_name="/predict_image")  # no minimum confidence given: 0, an answer
+    label, heatmap = client.predict(
+        str(run_dir), handle_file(str(next(sample_data.glob("square/*.jpg")))), 2, api_name="/predict_image"
+    )  # no minimum confidence given: 0, an answer
     assert label["label"] in ("circle", "square", "triangle")
     assert len(label["confidences"]) == 2
     assert 0 <= label["confidences"][0]["confidence"] <= 1
@@ -320,8 +359,13 @@ def test_predict_batch_images_and_zip(client, trained, sample_data, tmp_path):
     with zipfile.ZipFile(archive, "w") as z:
         for path in sorted(sample_data.glob("circle/*.jpg"))[:3]:
             z.write(path, "batch/" + path.name)
-    table, csv_file = client.predict(str(run_dir), [handle_file(str(p)) for p in images] + [handle_file(str(archive))],
-                                     3, None, api_name="/predict_batch")
+    table, csv_file = client.predict(
+        str(run_dir),
+        [handle_file(str(p)) for p in images] + [handle_file(str(archive))],
+        3,
+        None,
+        api_name="/predict_batch",
+    )
     assert len(table["data"]) == 5
     assert table["headers"][:4] == ["file", "prediction", "best guess", "confidence"]
     assert table["data"][0][0] == images[0].name and table["data"][2][0].startswith("more.zip/")
@@ -400,8 +444,9 @@ def run_app(*args, env=None, timeout=60):
     full_env = dict(os.environ)
     full_env.pop("FINETUNE_AUTH", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, str(REPO / "app.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, str(REPO / "app.py"), *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def test_non_loopback_host_without_auth_is_refused():
@@ -430,16 +475,29 @@ def test_auth_from_the_environment_and_ending_the_app_stops_its_training(tmp_pat
     port = free_port()
     env = dict(os.environ, FINETUNE_AUTH="ada:secret-pass")
     runs_dir = tmp_path / "runs"
-    process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir",
-                                str(runs_dir), "--workspace", str(tmp_path / "ws")], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "app.py"),
+            "--port",
+            str(port),
+            "--runs-dir",
+            str(runs_dir),
+            "--workspace",
+            str(tmp_path / "ws"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
         while True:
             try:
-                client = Client(url, auth=("ada", "secret-pass"), analytics_enabled=False, verbose=False,
-                                httpx_kwargs=PATIENT)
+                client = Client(
+                    url, auth=("ada", "secret-pass"), analytics_enabled=False, verbose=False, httpx_kwargs=PATIENT
+                )
                 break
             except Exception:  # noqa: BLE001 - not answering yet
                 assert time.time() < deadline and process.poll() is None, "app did not start"
@@ -495,8 +553,7 @@ def file_url(server_url: str, path) -> str:
     return f"{server_url}/gradio_api/file={quote(str(path))}"
 
 
-def test_zip_riders_are_skipped_and_nothing_of_the_users_is_served(client, app_server, trained, sample_data,
-                                                                   tmp_path):
+def test_zip_riders_are_skipped_and_nothing_of_the_users_is_served(client, app_server, trained, sample_data, tmp_path):
     """A zip with .html/.svg/.js riders: only its images are extracted, the rest is listed as skipped,
     and the server serves nothing from the uploads or the runs folder (only workspace/served)."""
     import httpx
@@ -507,8 +564,9 @@ def test_zip_riders_are_skipped_and_nothing_of_the_users_is_served(client, app_s
             z.write(path, "riders/" + path.relative_to(sample_data).as_posix())
         z.writestr("riders/index.html", "<script>fetch('/steal?c=' + document.cookie)</script>")
         z.writestr("riders/circle/logo.svg", "<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>")
-    summary, counts, gallery, skipped, warnings, ready, path = client.predict(handle_file(str(archive)),
-                                                                             api_name="/upload_zip")
+    summary, counts, gallery, skipped, warnings, ready, path = client.predict(
+        handle_file(str(archive)), api_name="/upload_zip"
+    )
     root = Path(path)
     named = {row[0]: row[1] for row in skipped["value"]["data"]}
     assert skipped["visible"] and "2 file(s) skipped" in summary
@@ -517,16 +575,24 @@ def test_zip_riders_are_skipped_and_nothing_of_the_users_is_served(client, app_s
     assert on_disk and all(p.suffix == ".jpg" or p.name == ".complete" for p in on_disk)
     # neither the riders (where they would have been), nor the user's images, nor run files are served
     run_dir, _ = trained
-    for refused in (root / "index.html", root / "circle" / "logo.svg", next(root.rglob("*.jpg")),
-                    run_dir / "run.json", run_dir / "class_indices.json", sample_data / "circle" / "circle_00.jpg"):
+    for refused in (
+        root / "index.html",
+        root / "circle" / "logo.svg",
+        next(root.rglob("*.jpg")),
+        run_dir / "run.json",
+        run_dir / "class_indices.json",
+        sample_data / "circle" / "circle_00.jpg",
+    ):
         assert get(file_url(app_server.url, refused))[0] == 403, refused
     # what a handler published is served
-    status, headers = get(file_url(app_server.url, app_server.workspace / "served" / "runs" / run_dir.name /
-                                   "confusion_matrix.png"))
+    status, headers = get(
+        file_url(app_server.url, app_server.workspace / "served" / "runs" / run_dir.name / "confusion_matrix.png")
+    )
     assert status == 200 and headers["content-type"] == "image/png"
     # an .html posted straight to gradio's upload route is kept in gradio's cache, served only as a download
-    uploaded = httpx.post(f"{app_server.url}/gradio_api/upload",
-                          files={"files": ("page.html", b"<script>alert(1)</script>", "text/html")}).json()[0]
+    uploaded = httpx.post(
+        f"{app_server.url}/gradio_api/upload", files={"files": ("page.html", b"<script>alert(1)</script>", "text/html")}
+    ).json()[0]
     status, headers = get(file_url(app_server.url, uploaded))
     assert status == 200 and "text/html" not in headers["content-type"]
     assert headers["content-disposition"].startswith("attachment")
@@ -551,8 +617,15 @@ def test_only_the_apps_own_host_names_are_answered(app_server):
         answer = httpx.get(f"{app_server.url}/config", headers={"Host": host})
         assert answer.status_code == 400 and "Invalid host header" in answer.text, host
         assert "components" not in answer.text
-    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "localhost", f"[::1]:{port}", "[::1]",
-                 f"LOCALHOST:{port}"):
+    for host in (
+        f"127.0.0.1:{port}",
+        "127.0.0.1",
+        f"localhost:{port}",
+        "localhost",
+        f"[::1]:{port}",
+        "[::1]",
+        f"LOCALHOST:{port}",
+    ):
         assert httpx.get(f"{app_server.url}/config", headers={"Host": host}).status_code == 200, host
     # a script on another page (another port of this machine included) may not read the answers,
     # which gradio's CORS rules would allow it for any localhost page; a link from elsewhere still opens
@@ -572,19 +645,31 @@ def test_a_cross_origin_upload_is_refused_and_writes_nothing(app_server):
     payload = {"files": ("planted.png", b"\x89PNG not really", "image/png")}
     before = cache_files(app_server)
     port = int(app_server.url.rsplit(":", 1)[1])
-    for headers in ({"Origin": "http://evil.example"}, {"Origin": f"http://evil.example:{port}"},
-                    {"Origin": "null"}, {"Origin": f"http://127.0.0.1:{port + 1}"},
-                    {"Origin": f"http://localhost:{port + 1}"}, {"Origin": f"file://127.0.0.1:{port}"},
-                    {"Referer": "http://evil.example/page.html"}):
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": f"http://evil.example:{port}"},
+        {"Origin": "null"},
+        {"Origin": f"http://127.0.0.1:{port + 1}"},
+        {"Origin": f"http://localhost:{port + 1}"},
+        {"Origin": f"file://127.0.0.1:{port}"},
+        {"Referer": "http://evil.example/page.html"},
+    ):
         answer = httpx.post(url, files=payload, headers=headers)
         assert answer.status_code == 403 and "Cross-origin request refused" in answer.text, headers
     # other state-changing routes are refused the same way: joining the queue runs a handler
-    joined = httpx.post(f"{app_server.url}/gradio_api/queue/join", headers={"Origin": "http://evil.example"},
-                        json={"data": ["/etc"], "fn_index": 0, "session_hash": "x", "event_data": None})
+    joined = httpx.post(
+        f"{app_server.url}/gradio_api/queue/join",
+        headers={"Origin": "http://evil.example"},
+        json={"data": ["/etc"], "fn_index": 0, "session_hash": "x", "event_data": None},
+    )
     assert joined.status_code == 403
     assert cache_files(app_server) == before
-    for headers in ({"Origin": app_server.url}, {"Origin": f"http://localhost:{port}"},
-                    {"Referer": f"{app_server.url}/?view=api"}, {}):
+    for headers in (
+        {"Origin": app_server.url},
+        {"Origin": f"http://localhost:{port}"},
+        {"Referer": f"{app_server.url}/?view=api"},
+        {},
+    ):
         answer = httpx.post(url, files=payload, headers=headers)
         assert answer.status_code == 200, (headers, answer.text)
         assert Path(answer.json()[0]).is_relative_to(app_server.workspace / "gradio-cache")
@@ -610,8 +695,9 @@ def test_gradio_cache_is_private_and_in_the_workspace(app_server, client, sample
     cache = app_server.workspace / "gradio-cache"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     assert stat.S_IMODE(app_server.workspace.stat().st_mode) == 0o700  # made by the app
-    uploaded = httpx.post(f"{app_server.url}/gradio_api/upload",
-                          files={"files": ("mine.png", b"\x89PNG private", "image/png")}).json()[0]
+    uploaded = httpx.post(
+        f"{app_server.url}/gradio_api/upload", files={"files": ("mine.png", b"\x89PNG private", "image/png")}
+    ).json()[0]
     assert Path(uploaded).is_relative_to(cache) and Path(uploaded).read_bytes() == b"\x89PNG private"
     gallery = client.predict(str(sample_data), api_name="/scan_folder")[2]
     assert gallery and cache_files(app_server)  # thumbnails too (the client downloads them from there)
@@ -631,28 +717,57 @@ def elsewhere_app(tmp_path_factory):
     base = tmp_path_factory.mktemp("elsewhere")
     cwd, runs_dir = base / "cwd", base / "runs"
     make_class_folders(cwd / "photos", classes=("cats", "dogs"), per_class=6, size=(64, 64))
-    left = subprocess.Popen([sys.executable, "-c", sleeper(300), "finetune", "train"],
-                            start_new_session=True)
+    left = subprocess.Popen([sys.executable, "-c", sleeper(300), "finetune", "train"], start_new_session=True)
     from finetune.jobs import is_training_process
 
     while not is_training_process(left.pid):
         time.sleep(0.02)
     run = runs_dir / "20250101-100000-resnet34-head"
     run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"format": "finetune-run/1", "status": "running", "pids": [left.pid],
-                                              "host": os.uname().nodename, "created": "2025-01-01T10:00:00",
-                                              "arch": "resnet34", "strategy": "head", "classes": ["a", "b"]}))
-    (run / "events.jsonl").write_text(json.dumps({"type": "log", "message": "epoch 7 of a training from before"})
-                                      + "\n")
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "format": "finetune-run/1",
+                "status": "running",
+                "pids": [left.pid],
+                "host": os.uname().nodename,
+                "created": "2025-01-01T10:00:00",
+                "arch": "resnet34",
+                "strategy": "head",
+                "classes": ["a", "b"],
+            }
+        )
+    )
+    (run / "events.jsonl").write_text(
+        json.dumps({"type": "log", "message": "epoch 7 of a training from before"}) + "\n"
+    )
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_SERVER_NAME="0.0.0.0", FINETUNE_HOST="  ")
     env.pop("FINETUNE_AUTH", None)
     log = base / "app.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "app.py"), "--host", "", "--port", str(port), "--runs-dir", "../runs",
-             "--workspace", "ws", "--max-upload-mb", "1", "--workspace-quota-gb", "0.0003"], cwd=cwd, env=env,
-            stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(REPO / "app.py"),
+                "--host",
+                "",
+                "--port",
+                str(port),
+                "--runs-dir",
+                "../runs",
+                "--workspace",
+                "ws",
+                "--max-upload-mb",
+                "1",
+                "--workspace-quota-gb",
+                "0.0003",
+            ],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = AppServer(f"http://127.0.0.1:{port}", runs_dir, cwd / "ws", log, process)
     server.port, server.cwd, server.left, server.left_run = port, cwd, left, run
     deadline = time.time() + 120
@@ -670,8 +785,13 @@ def elsewhere_app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def elsewhere(elsewhere_app, tmp_path_factory):
-    return Client(elsewhere_app.url, analytics_enabled=False, verbose=False, httpx_kwargs=PATIENT,
-                  download_files=str(tmp_path_factory.mktemp("downloads-elsewhere")))
+    return Client(
+        elsewhere_app.url,
+        analytics_enabled=False,
+        verbose=False,
+        httpx_kwargs=PATIENT,
+        download_files=str(tmp_path_factory.mktemp("downloads-elsewhere")),
+    )
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -689,7 +809,7 @@ def listening_addresses(port: int) -> set[str]:
             address, hex_port = local.split(":")
             if state == "0A" and int(hex_port, 16) == port:  # LISTEN
                 raw = bytes.fromhex(address)
-                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host order per word
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # host order per word
                 found.add(str(ipaddress.ip_address(words)))
     return found
 
@@ -707,13 +827,15 @@ def test_empty_host_listens_on_loopback_only_and_says_so(elsewhere_app):
 def test_upload_size_and_workspace_quota(elsewhere_app, elsewhere, tmp_path):
     import httpx
 
-    big = httpx.post(f"{elsewhere_app.url}/gradio_api/upload",
-                     files={"files": ("big.zip", b"0" * 1_500_000, "application/zip")})
+    big = httpx.post(
+        f"{elsewhere_app.url}/gradio_api/upload", files={"files": ("big.zip", b"0" * 1_500_000, "application/zip")}
+    )
     assert big.status_code == 413
     # under the upload limit but not within the workspace quota (gradio's cache is in it): refused
     # before gradio writes it
-    fits_limit = httpx.post(f"{elsewhere_app.url}/gradio_api/upload",
-                            files={"files": ("half.zip", b"0" * 500_000, "application/zip")})
+    fits_limit = httpx.post(
+        f"{elsewhere_app.url}/gradio_api/upload", files={"files": ("half.zip", b"0" * 500_000, "application/zip")}
+    )
     assert fits_limit.status_code == 413 and "The workspace is full: this upload needs" in fits_limit.text
     from PIL import Image
 

@@ -137,15 +137,25 @@ def test_truncated_zip_is_a_clear_error(tmp_path):
         extract_zip(bad, tmp_path / "uploads")
 
 
-
 def test_check_zip_lists_the_images_to_write_and_what_it_skips(tmp_path):
-    archive = zip_entries(tmp_path / "mixed.zip", {"cats/a.png": b"x" * 10, "cats/b.JPG": b"y" * 5,
-                                                   "notes.md": b"#", "cats/Thumbs.db": b"", "cats/.git/HEAD": b""})
+    archive = zip_entries(
+        tmp_path / "mixed.zip",
+        {
+            "cats/a.png": b"x" * 10,
+            "cats/b.JPG": b"y" * 5,
+            "notes.md": b"#",
+            "cats/Thumbs.db": b"",
+            "cats/.git/HEAD": b"",
+        },
+    )
     contents = check_zip(archive)
     assert [parts for _, parts in contents.files] == [("cats", "a.png"), ("cats", "b.JPG")]
     assert contents.total_bytes == 15
-    assert contents.skipped == [("notes.md", "not an image file"), ("cats/Thumbs.db", "hidden or system file"),
-                                ("cats/.git/", "hidden or system folder")]
+    assert contents.skipped == [
+        ("notes.md", "not an image file"),
+        ("cats/Thumbs.db", "hidden or system file"),
+        ("cats/.git/", "hidden or system folder"),
+    ]
     assert skipped_summary(contents.skipped, limit=1) == "notes.md (not an image file) and 2 more"
 
 

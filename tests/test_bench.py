@@ -31,13 +31,26 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def tiny_values(data: Path, tmp: Path) -> dict:
-    return dict(data=str(data), arch="resnet34", strategy="head", weights="none", epochs=1, batch_size=4,
-                image_size=32, seed=0, device="cpu", workers=0, runs_dir=str(tmp / "runs"))
+    return dict(
+        data=str(data),
+        arch="resnet34",
+        strategy="head",
+        weights="none",
+        epochs=1,
+        batch_size=4,
+        image_size=32,
+        seed=0,
+        device="cpu",
+        workers=0,
+        runs_dir=str(tmp / "runs"),
+    )
 
 
-@pytest.mark.parametrize("options, layout", [({"amp": True, "channels_last": True}, "channels_last"),
-                                             ({"amp": False, "channels_last": False}, "NCHW")],
-                         ids=["like-for-like", "classic"])
+@pytest.mark.parametrize(
+    "options, layout",
+    [({"amp": True, "channels_last": True}, "channels_last"), ({"amp": False, "channels_last": False}, "NCHW")],
+    ids=["like-for-like", "classic"],
+)
 def test_baseline_in_process(benchmark, tiny, tmp_path, options, layout, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the worker puts bench/ on the path
     result = benchmark.worker("baseline", dict(tiny_values(tiny, tmp_path), baseline_options=options))
@@ -62,19 +75,36 @@ def test_like_for_like_options_on_cpu(benchmark):
 
 
 def fake_run(seconds: float, gpu: float | None, precision="fp32", layout="NCHW", **extra) -> dict:
-    return {"seconds": seconds, "images_per_s": 100 / seconds, "first_epoch_s": seconds / 2, "peak_rss_mb": 2000.0,
-            "peak_gpu_mb": gpu, "best_val_acc": 0.9, "precision": precision, "memory_layout": layout, **extra}
+    return {
+        "seconds": seconds,
+        "images_per_s": 100 / seconds,
+        "first_epoch_s": seconds / 2,
+        "peak_rss_mb": 2000.0,
+        "peak_gpu_mb": gpu,
+        "best_val_acc": 0.9,
+        "precision": precision,
+        "memory_layout": layout,
+        **extra,
+    }
 
 
 def test_markdown_gpu_and_cpu_rows(benchmark):
-    gpu_row = {"arch": "resnet50", "strategy": "all", "epochs": 2,
-               "baseline": fake_run(40.0, 5120.4),
-               "like_for_like": fake_run(20.0, 3010.0, "bf16", "channels_last"),
-               "ours": fake_run(10.0, 2900.6, "bf16", "channels_last", pipeline="streaming (GPU augment)")}
-    cpu_row = {"arch": "resnet34", "strategy": "head", "epochs": 10,
-               "baseline": fake_run(90.0, None),
-               "like_for_like": fake_run(60.0, None, "fp32", "channels_last"),
-               "ours": fake_run(30.0, None, "fp32", "channels_last", pipeline="cached features (2 views)")}
+    gpu_row = {
+        "arch": "resnet50",
+        "strategy": "all",
+        "epochs": 2,
+        "baseline": fake_run(40.0, 5120.4),
+        "like_for_like": fake_run(20.0, 3010.0, "bf16", "channels_last"),
+        "ours": fake_run(10.0, 2900.6, "bf16", "channels_last", pipeline="streaming (GPU augment)"),
+    }
+    cpu_row = {
+        "arch": "resnet34",
+        "strategy": "head",
+        "epochs": 10,
+        "baseline": fake_run(90.0, None),
+        "like_for_like": fake_run(60.0, None, "fp32", "channels_last"),
+        "ours": fake_run(30.0, None, "fp32", "channels_last", pipeline="cached features (2 views)"),
+    }
     table = benchmark.markdown([gpu_row, cpu_row], [])
     lines = table.splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -95,8 +125,14 @@ def test_markdown_gpu_and_cpu_rows(benchmark):
 
 
 def test_markdown_without_like_for_like(benchmark):
-    row = {"arch": "resnet34", "strategy": "last", "epochs": 1, "baseline": fake_run(30.0, None),
-           "like_for_like": None, "ours": fake_run(15.0, None, "fp32", "channels_last", pipeline="streaming")}
+    row = {
+        "arch": "resnet34",
+        "strategy": "last",
+        "epochs": 1,
+        "baseline": fake_run(30.0, None),
+        "like_for_like": None,
+        "ours": fake_run(15.0, None, "fp32", "channels_last", pipeline="streaming"),
+    }
     table = benchmark.markdown([row], [])
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     assert "time classic / ours (s)" in header and "speed-up vs like-for-like" not in header

@@ -23,8 +23,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = os.environ.get("FINETUNE_CHROMIUM", "/usr/lib/chromium/chromium")
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
     "--disable-features=AutofillServerCommunication,OptimizationHints,MediaRouter",
 ]
@@ -136,8 +141,9 @@ def test_train_one_epoch_curves_and_confusion_matrix(page, app_server):
     config = json.loads((app_server.runs_dir / name / "run.json").read_text())["config"]
     assert config["class_weighted_loss"] is True and config["epochs"] == 1  # a setting under Advanced, too
     open_tab(page, "4. Predict")
-    page.wait_for_function("name => document.querySelector('#predict_run input')?.value.startsWith(name)",
-                           arg=name, timeout=15_000)
+    page.wait_for_function(
+        "name => document.querySelector('#predict_run input')?.value.startsWith(name)", arg=name, timeout=15_000
+    )
 
 
 def test_evaluate_shows_confusion_matrix_and_table(page):
@@ -167,8 +173,10 @@ def test_drop_an_image_and_read_the_label(page, sample_data):
 def test_download_class_indices(page):
     open_tab(page, "5. Export")
     button = page.locator("#download_class_indices")
-    page.wait_for_function("() => !document.querySelector('#download_class_indices button, "
-                           "button#download_class_indices')?.disabled", timeout=30_000)
+    page.wait_for_function(
+        "() => !document.querySelector('#download_class_indices button, button#download_class_indices')?.disabled",
+        timeout=30_000,
+    )
     with page.expect_download() as download:
         button.click()
     data = Path(download.value.path()).read_bytes()
@@ -193,8 +201,9 @@ def test_hostile_names_are_shown_as_text(page, tmp_path):
     from conftest import make_class_folders
 
     classes = ("www.evil.example", "$$\\Huge X$$", "<img src=x onerror=alert(1)>", "`tick`")
-    root = make_class_folders(tmp_path / "[Session expired: log in](http:evil.example) <img src=x>", classes=classes,
-                              per_class=2)
+    root = make_class_folders(
+        tmp_path / "[Session expired: log in](http:evil.example) <img src=x>", classes=classes, per_class=2
+    )
     box = page.locator("#data_path textarea, #data_path input").first
     box.fill(str(root))
     page.locator("#scan_btn").click()
@@ -203,8 +212,11 @@ def test_hostile_names_are_shown_as_text(page, tmp_path):
     open_tab(page, "2. Train")  # its data line is drawn once the tab is open
     page.locator("#train_data").filter(has_text="4 classes").wait_for()
     assert all(name in page.locator("#train_data").inner_text() for name in classes)
-    markup = ", ".join(f"#{where} {tag}" for where in ("data_summary", "data_warnings", "train_data")
-                       for tag in ("a", "img", "h1", "h2", "h3", ".katex", ".latex-block", "code code"))
+    markup = ", ".join(
+        f"#{where} {tag}"
+        for where in ("data_summary", "data_warnings", "train_data")
+        for tag in ("a", "img", "h1", "h2", "h3", ".katex", ".latex-block", "code code")
+    )
     assert page.locator(markup).count() == 0
     open_tab(page, "1. Data")
     box.fill("/no/<img src=x onerror=alert(1)>")

@@ -56,8 +56,9 @@ def model():
 def pipeline_for(cfg, model, log=None, strategy=None):
     scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed)
     frozen, trainable = split_model(model, strategy or cfg.strategy)
-    built = cache.build_pipeline(cfg, scan, frozen, torch.device("cpu"), None, torch.preserve_format, 0,
-                                 log or (lambda message: None))
+    built = cache.build_pipeline(
+        cfg, scan, frozen, torch.device("cpu"), None, torch.preserve_format, 0, log or (lambda message: None)
+    )
     return scan, frozen, trainable, built
 
 

@@ -124,4 +124,3 @@ def test_held_out_report_of_the_raw_and_the_calibrated_model():
     assert report["ece_raw"] == pytest.approx(expected_calibration_error(softmax(logits), targets), abs=1e-9)
     assert report["ece_calibrated"] == pytest.approx(expected_calibration_error(softmax(logits, 2.5), targets))
     assert report == {**report, **coverage(softmax(logits, 2.5), targets, 0.5)}
-

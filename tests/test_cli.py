@@ -18,8 +18,14 @@ from PIL import Image
 
 
 def cli(*args, cwd=None, env=None):
-    result = subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True,
-                            cwd=cwd or REPO, timeout=300, env=None if env is None else {**os.environ, **env})
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
+    )
     return result
 
 
@@ -38,14 +44,17 @@ def cli_here(capsys, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (("train", "/no/such/folder", "--weights", "none"), "error: data folder not found: /no/such/folder"),
-    (("train",), "error: give a DATA folder"),
-    (("predict", "/no/such/run", "x.jpg"), "error: model not found: /no/such/run"),
-    (("evaluate", "/no/such/run", "data"), "error: not a run folder"),
-    (("export", "/no/such/run"), "error: not a run folder"),
-    (("train", "data", "--epochs", "0"), "error: epochs must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("train", "/no/such/folder", "--weights", "none"), "error: data folder not found: /no/such/folder"),
+        (("train",), "error: give a DATA folder"),
+        (("predict", "/no/such/run", "x.jpg"), "error: model not found: /no/such/run"),
+        (("evaluate", "/no/such/run", "data"), "error: not a run folder"),
+        (("export", "/no/such/run"), "error: not a run folder"),
+        (("train", "data", "--epochs", "0"), "error: epochs must be at least 1, got 0"),
+    ],
+)
 def test_errors_are_one_line_without_traceback(args, message):
     result = cli(*args)
     assert result.returncode == 2
@@ -58,13 +67,24 @@ def test_missing_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
     data = make_class_folders(tmp_path / "d")
     env_home = tmp_path / "torch-home"
     result = subprocess.run(
-        [sys.executable, "-c", "import torch.hub, urllib.error, sys\n"
-         "def offline(*a, **k): raise urllib.error.URLError('offline')\n"
-         "torch.hub.load_state_dict_from_url = offline\n"
-         "from finetune.cli import main; sys.exit(main(sys.argv[1:]))",
-         "train", str(data), "--runs-dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, cwd=REPO, env={"TORCH_HOME": str(env_home), "PATH": "/usr/bin:/bin"},
-        timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import torch.hub, urllib.error, sys\n"
+            "def offline(*a, **k): raise urllib.error.URLError('offline')\n"
+            "torch.hub.load_state_dict_from_url = offline\n"
+            "from finetune.cli import main; sys.exit(main(sys.argv[1:]))",
+            "train",
+            str(data),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"TORCH_HOME": str(env_home), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert f"{env_home}/hub/checkpoints/resnet34-b627a593.pth" in result.stderr
     assert "Traceback" not in result.stderr
@@ -89,8 +109,16 @@ def test_every_option_of_every_command_has_a_help_text_and_defaults_read_one_way
 
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) >= {"train", "predict", "evaluate", "export", "doctor", "scan", "selftest",
-                                     "sample-data"}
+    assert set(commands.choices) >= {
+        "train",
+        "predict",
+        "evaluate",
+        "export",
+        "doctor",
+        "scan",
+        "selftest",
+        "sample-data",
+    }
     for name, command in commands.choices.items():
         undocumented = [a.dest for a in command._actions if not (a.help or "").strip()]
         assert not undocumented, f"{name}: no help text for {undocumented}"
@@ -132,15 +160,32 @@ def test_every_option_round_trips_through_the_command_line_and_a_config_file(tmp
 @pytest.mark.slow
 def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     data = make_class_folders(tmp_path / "photos", per_class=5)
-    result = cli("train", data, "--weights", "none", "--epochs", "1", "--image-size", "64", "--batch-size", "4",
-                 "--runs-dir", tmp_path / "runs", "--workers", "0", "--strategy", "head")
+    result = cli(
+        "train",
+        data,
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--workers",
+        "0",
+        "--strategy",
+        "head",
+    )
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / result.stdout.strip().splitlines()[-1].split("run folder: ")[1].split("/")[-1]
     assert (run / "model.pth").exists()
     assert "epoch   1:" in result.stdout and "val: " in result.stdout
     assert "\r" not in result.stdout + result.stderr  # a captured log: no progress bar among the lines
-    assert "warning: strategy head without pretrained weights: the layers it freezes keep their random" \
-           in result.stdout  # an explicit strategy is kept, and questioned in one line
+    assert (
+        "warning: strategy head without pretrained weights: the layers it freezes keep their random" in result.stdout
+    )  # an explicit strategy is kept, and questioned in one line
     assert re.search(r"^completed in \d+:\d\d \(.*training \d+:\d\d.*\); best epoch 1$", result.stdout, re.M)
 
     out_csv = tmp_path / "p.csv"
@@ -154,8 +199,20 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     assert f"min confidence {suggested:.2f} (suggested from validation" in predicted.stdout
 
     # above every confidence: all unknown, the best guess kept; heatmaps at each image's size
-    cautious = cli_here(capsys, "predict", run, data / "cats", "--min-confidence", "1", "--csv", out_csv,
-                        "--explain", tmp_path / "why", "--explain-class", "dogs")
+    cautious = cli_here(
+        capsys,
+        "predict",
+        run,
+        data / "cats",
+        "--min-confidence",
+        "1",
+        "--csv",
+        out_csv,
+        "--explain",
+        tmp_path / "why",
+        "--explain-class",
+        "dogs",
+    )
     assert cautious.returncode == 0, cautious.stderr
     with open(out_csv, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -164,8 +221,7 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     heatmaps = sorted((tmp_path / "why").glob("*.gradcam.png"))
     assert len(heatmaps) == 5 and Image.open(heatmaps[0]).size == (40, 32)
     assert "wrote 5 heatmap(s) (dogs)" in cautious.stdout
-    wrong = cli_here(capsys, "predict", run, data / "cats", "--explain", tmp_path / "why", "--explain-class",
-                     "ferrets")
+    wrong = cli_here(capsys, "predict", run, data / "cats", "--explain", tmp_path / "why", "--explain-class", "ferrets")
     assert wrong.returncode == 2 and "ferrets" in wrong.stderr and "Traceback" not in wrong.stderr
     assert cli_here(capsys, "predict", run, data, "--min-confidence", "1.5").returncode == 2
 
@@ -199,8 +255,23 @@ def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path, capsys):
     data = make_problem_dataset(tmp_path / "data")
     before = tree_digest(data)
     curation = tmp_path / "runs" / "curation.json"
-    result = cli("doctor", data, "--weights", "none", "--image-size", "64", "--device", "cpu", "--no-cache",
-                 "--json", tmp_path / "report.json", "--csv", tmp_path / "report.csv", "--leaks-to", curation)
+    result = cli(
+        "doctor",
+        data,
+        "--weights",
+        "none",
+        "--image-size",
+        "64",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--json",
+        tmp_path / "report.json",
+        "--csv",
+        tmp_path / "report.csv",
+        "--leaks-to",
+        curation,
+    )
     assert result.returncode == 0, result.stderr
     assert "Likely label errors:" in result.stdout and "Duplicate groups:" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
@@ -251,8 +322,27 @@ def train_in_process(data, runs, monkeypatch, capsys) -> tuple[int, list[str], s
     from finetune import cli
 
     monkeypatch.setattr(cli, "install_stop_handlers", lambda stop, progress=None: None)
-    code = cli.main(["train", str(data), "--runs-dir", str(runs), "--weights", "none", "--strategy", "head",
-                     "--epochs", "3", "--batch-size", "4", "--image-size", "64", "--workers", "0", "--quiet"])
+    code = cli.main(
+        [
+            "train",
+            str(data),
+            "--runs-dir",
+            str(runs),
+            "--weights",
+            "none",
+            "--strategy",
+            "head",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "64",
+            "--workers",
+            "0",
+            "--quiet",
+        ]
+    )
     out, err = capsys.readouterr()
     assert "Traceback" not in err, err
     return code, [line for line in err.splitlines() if line.startswith("error:")], out
@@ -327,8 +417,10 @@ def test_a_loss_that_turns_nan_ends_the_training_keeping_the_best_model(tmp_path
     data, runs = make_class_folders(tmp_path / "d", classes=("a", "b", "c")), tmp_path / "runs"
     code, errors, _ = train_in_process(data, runs, monkeypatch, capsys)
     assert code == 2
-    assert errors == ["error: training diverged: the training loss became nan in epoch 2; try a lower --lr "
-                      "(this run used 0.003); the best model so far (epoch 1) is kept"]
+    assert errors == [
+        "error: training diverged: the training loss became nan in epoch 2; try a lower --lr "
+        "(this run used 0.003); the best model so far (epoch 1) is kept"
+    ]
     (run,) = [p for p in runs.iterdir()]
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "stopped" and info["error"].startswith("training diverged")  # stopped: usable
@@ -358,10 +450,28 @@ def test_names_with_terminal_escapes_are_printed_escaped(tmp_path, monkeypatch, 
         captured = capfd.readouterr()
         return code, captured.out + captured.err
 
-    outputs = {"scan": run("scan", data), "scan of the other": run("scan", other),  # refused or scanned
-               "train": run("train", data, "--weights", "none", "--epochs", "1", "--image-size", "32",
-                             "--batch-size", "4", "--workers", "0", "--strategy", "head", "--runs-dir",
-                             tmp_path / "runs")}
+    outputs = {
+        "scan": run("scan", data),
+        "scan of the other": run("scan", other),  # refused or scanned
+        "train": run(
+            "train",
+            data,
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--strategy",
+            "head",
+            "--runs-dir",
+            tmp_path / "runs",
+        ),
+    }
     assert outputs["train"][0] == 0, outputs["train"][1]
     run_dir = next((tmp_path / "runs").iterdir())
     classes = [f"evil{clipboard}", "dogs"]  # a run from elsewhere may call its classes anything
@@ -369,8 +479,9 @@ def test_names_with_terminal_escapes_are_printed_escaped(tmp_path, monkeypatch, 
     (run_dir / "run.json").write_text(json.dumps({**info, "classes": classes}))
     (run_dir / "class_indices.json").write_text(json.dumps(dict(enumerate(classes))))
     outputs["predict"] = run("predict", run_dir, data / "cats", "--top-k", "2", "--csv", tmp_path / "p.csv")
-    outputs["doctor"] = run("doctor", data, "--weights", "none", "--image-size", "32", "--device", "cpu",
-                            "--no-cache", "--folds", "2")
+    outputs["doctor"] = run(
+        "doctor", data, "--weights", "none", "--image-size", "32", "--device", "cpu", "--no-cache", "--folds", "2"
+    )
     for command, (_code, text) in outputs.items():
         assert "\x1b" not in text and "\x07" not in text, command
     shown = {"title": "photos\\x1b]0;pwned\\x07", "clipboard": "evil\\x1b]52;c;aGk=\\x07", "clear": "x\\x1b[2J.png"}

@@ -77,41 +77,71 @@ def test_round_trip_exclude_relabel_keep(split_data, tmp_path):
 
 def test_leak_groups_become_exclusions_of_the_val_and_test_copies(split_data, tmp_path):
     groups = [
-        {"kind": "exact", "paths": ["train/cats/img_0.png", "val/cats/img_1.png"], "splits": ["train", "val"],
-         "classes": ["cats", "cats"]},
-        {"kind": "near", "paths": ["val/dogs/img_0.png", "test/dogs/x.png", "train/dogs/img_2.png"],
-         "splits": ["val", "test", "train"], "classes": ["dogs", "dogs", "dogs"]},
-        {"kind": "near", "paths": ["val/fish/img_0.png", "test/fish/y.png"], "splits": ["val", "test"],
-         "classes": ["fish", "fish"]},
-        {"kind": "exact", "paths": ["train/cats/img_1.png", "train/cats/img_2.png"], "splits": ["train", "train"],
-         "classes": ["cats", "cats"]},
+        {
+            "kind": "exact",
+            "paths": ["train/cats/img_0.png", "val/cats/img_1.png"],
+            "splits": ["train", "val"],
+            "classes": ["cats", "cats"],
+        },
+        {
+            "kind": "near",
+            "paths": ["val/dogs/img_0.png", "test/dogs/x.png", "train/dogs/img_2.png"],
+            "splits": ["val", "test", "train"],
+            "classes": ["dogs", "dogs", "dogs"],
+        },
+        {
+            "kind": "near",
+            "paths": ["val/fish/img_0.png", "test/fish/y.png"],
+            "splits": ["val", "test"],
+            "classes": ["fish", "fish"],
+        },
+        {
+            "kind": "exact",
+            "paths": ["train/cats/img_1.png", "train/cats/img_2.png"],
+            "splits": ["train", "train"],
+            "classes": ["cats", "cats"],
+        },
     ]
     decisions = leak_decisions(groups)
     assert [(d.path, d.action) for d in decisions] == [
-        ("val/cats/img_1.png", "exclude"), ("val/dogs/img_0.png", "exclude"), ("test/dogs/x.png", "exclude"),
-        ("test/fish/y.png", "exclude")]
+        ("val/cats/img_1.png", "exclude"),
+        ("val/dogs/img_0.png", "exclude"),
+        ("test/dogs/x.png", "exclude"),
+        ("test/fish/y.png", "exclude"),
+    ]
     assert "train/cats/img_0.png" in decisions[0].note
     curated = apply_curation(scan_dataset(split_data), add_decisions(new_curation(split_data), decisions))
     assert "val/cats/img_1.png" not in dict(curated.val)
     assert any(e.get("note", "").startswith("leak:") for e in curated.curation["excluded"])
 
 
-@pytest.mark.parametrize("content, message", [
-    ("not json", "not valid JSON"),
-    ('{"format": "other", "data": "x", "decisions": []}', "not a curation file"),
-    ('[1, 2]', "not a curation file"),
-    ('{"format": "finetune-curation/1", "decisions": []}', "'data'"),
-    ('{"format": "finetune-curation/1", "data": "x", "decisions": {}}', "'decisions' must be a list"),
-    ('{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "a.png", "action": "delete"}]}',
-     "action 'delete'"),
-    ('{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "a.png", "action": "relabel"}]}',
-     "needs the new class"),
-    ('{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "/etc/a.png", "action": "keep"}]}',
-     "must be relative"),
-    ('{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "../a.png", "action": "keep"}]}',
-     "must be relative"),
-    ('{"format": "finetune-curation/1", "data": "x", "decisions": ["a.png"]}', "decision 1"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "not valid JSON"),
+        ('{"format": "other", "data": "x", "decisions": []}', "not a curation file"),
+        ("[1, 2]", "not a curation file"),
+        ('{"format": "finetune-curation/1", "decisions": []}', "'data'"),
+        ('{"format": "finetune-curation/1", "data": "x", "decisions": {}}', "'decisions' must be a list"),
+        (
+            '{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "a.png", "action": "delete"}]}',
+            "action 'delete'",
+        ),
+        (
+            '{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "a.png", "action": "relabel"}]}',
+            "needs the new class",
+        ),
+        (
+            '{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "/etc/a.png", "action": "keep"}]}',
+            "must be relative",
+        ),
+        (
+            '{"format": "finetune-curation/1", "data": "x", "decisions": [{"path": "../a.png", "action": "keep"}]}',
+            "must be relative",
+        ),
+        ('{"format": "finetune-curation/1", "data": "x", "decisions": ["a.png"]}', "decision 1"),
+    ],
+)
 def test_bad_curation_files_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "curation.json"
     path.write_text(content)
@@ -142,9 +172,18 @@ def test_missing_file_unknown_class_emptied_class_and_saving_inside_the_data(spl
 
 def test_windows_separators_and_dot_prefix_are_normalised(split_data, tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"format": CURATION_FORMAT, "data": str(split_data), "decisions": [
-        {"path": "train\\cats\\img_0.png", "action": "exclude"},
-        {"path": "./train/dogs/img_0.png", "action": "exclude"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": CURATION_FORMAT,
+                "data": str(split_data),
+                "decisions": [
+                    {"path": "train\\cats\\img_0.png", "action": "exclude"},
+                    {"path": "./train/dogs/img_0.png", "action": "exclude"},
+                ],
+            }
+        )
+    )
     curation = load_curation(path)
     assert [d.path for d in curation.decisions] == ["train/cats/img_0.png", "train/dogs/img_0.png"]
     assert curation.decisions[0] == Decision("train/cats/img_0.png", "exclude")

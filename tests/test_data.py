@@ -105,17 +105,30 @@ def test_bad_files_are_skipped_named_with_reason_and_folder_unchanged(tmp_path):
     assert tree_digest(root) == before
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda root: None, "data folder not found"),
-    (lambda root: root.write_text("x"), "not a folder"),
-    (lambda root: make_class_folders(root, classes=("only",)), "at least 2 class folders"),
-    (lambda root: (make_class_folders(root), (root / "empty").mkdir()), "class 'empty' has no valid image"),
-    (lambda root: (make_class_folders(root), (root / "bad").mkdir(), (root / "bad" / "x.jpg").write_bytes(b"")),
-     "class 'bad' has no valid image"),
-    (lambda root: (make_class_folders(root), make_image(root / "one" / "x.png")), "class 'one' has only 1 valid image"),
-    (lambda root: (make_class_folders(root / "train"), make_class_folders(root / "val", classes=("cats", "owls"))),
-     "class 'owls' is in val/ but not in train/"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "data folder not found"),
+        (lambda root: root.write_text("x"), "not a folder"),
+        (lambda root: make_class_folders(root, classes=("only",)), "at least 2 class folders"),
+        (lambda root: (make_class_folders(root), (root / "empty").mkdir()), "class 'empty' has no valid image"),
+        (
+            lambda root: (make_class_folders(root), (root / "bad").mkdir(), (root / "bad" / "x.jpg").write_bytes(b"")),
+            "class 'bad' has no valid image",
+        ),
+        (
+            lambda root: (make_class_folders(root), make_image(root / "one" / "x.png")),
+            "class 'one' has only 1 valid image",
+        ),
+        (
+            lambda root: (
+                make_class_folders(root / "train"),
+                make_class_folders(root / "val", classes=("cats", "owls")),
+            ),
+            "class 'owls' is in val/ but not in train/",
+        ),
+    ],
+)
 def test_bad_datasets_give_one_line_errors(tmp_path, setup, message):
     root = tmp_path / "d"
     setup(root)
@@ -164,14 +177,22 @@ def test_train_and_val_of_class_folders_are_splits_and_the_report_says_so(tmp_pa
     assert "Layout: train/ and test/ splits, no val/ (2 classes); 20% of each class in train/ held out" in report
 
 
-@pytest.mark.parametrize("setup, message", [
-    # a train/ of folders beside a folder that is no split: a train split, or a class with sub-folders?
-    (lambda root: (make_class_folders(root / "train"), make_class_folders(root, classes=("bus",))),
-     "cannot tell how {root} is organised: 'train/' holds folders (a train split of class folders?) but "
-     "'bus/' beside it is not a split (val/, test/)"),
-    (lambda root: (make_class_folders(root / "train"), make_class_folders(root, classes=("val",))),
-     "'val/' in {root} holds images of its own: in a train/ and val/ layout each split holds one folder per class"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        # a train/ of folders beside a folder that is no split: a train split, or a class with sub-folders?
+        (
+            lambda root: (make_class_folders(root / "train"), make_class_folders(root, classes=("bus",))),
+            "cannot tell how {root} is organised: 'train/' holds folders (a train split of class folders?) but "
+            "'bus/' beside it is not a split (val/, test/)",
+        ),
+        (
+            lambda root: (make_class_folders(root / "train"), make_class_folders(root, classes=("val",))),
+            "'val/' in {root} holds images of its own: "
+            "in a train/ and val/ layout each split holds one folder per class",
+        ),
+    ],
+)
 def test_a_tree_that_is_neither_layout_is_a_one_line_error_naming_the_folder(tmp_path, setup, message):
     root = tmp_path / "d"
     setup(root)
@@ -202,15 +223,19 @@ def _pixel(image):
     return image.convert("RGB").getpixel((0, 0)) if image.mode != "RGB" else image.getpixel((0, 0))
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("L", (128, 128, 128)),
-    ("1", (255, 255, 255)),
-    ("CMYK", None),
-    ("P", None),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("L", (128, 128, 128)),
+        ("1", (255, 255, 255)),
+        ("CMYK", None),
+        ("P", None),
+    ],
+)
 def test_plain_modes_become_rgb(tmp_path, mode, expected):
-    source = Image.new("RGB", (8, 6), (128, 128, 128) if mode in ("L",) else (255, 255, 255) if mode == "1"
-                       else (200, 40, 40)).convert(mode)
+    source = Image.new(
+        "RGB", (8, 6), (128, 128, 128) if mode in ("L",) else (255, 255, 255) if mode == "1" else (200, 40, 40)
+    ).convert(mode)
     path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.tif" if mode == "1" else "x.png")
     source.save(path)
     image = load_rgb(path)
@@ -415,5 +440,9 @@ def test_printable_escapes_only_what_a_terminal_or_browser_acts_on():
     assert printable("café 猫 ÿ-ß_ok.jpg") == "café 猫 ÿ-ß_ok.jpg"
     assert printable("bad\udcffbyte") == r"bad\udcffbyte"  # an undecodable byte in a file name
     assert [unsafe_name_reason(n) for n in ("café.jpg", "a\x1bb", "a\u2067b", "a\u061cb", "\udcff")] == [
-        None, "name contains control characters", "name contains bidirectional control characters",
-        "name contains bidirectional control characters", "name is not valid UTF-8"]
+        None,
+        "name contains control characters",
+        "name contains bidirectional control characters",
+        "name contains bidirectional control characters",
+        "name is not valid UTF-8",
+    ]

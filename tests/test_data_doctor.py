@@ -39,8 +39,9 @@ SIZE = 56
 def textured(colour, seed: int, size: int = SIZE) -> Image.Image:
     """A plain colour with a smooth random pattern of its own: distinct hashes, the same colour class."""
     rng = np.random.default_rng(seed)
-    low = np.asarray(Image.fromarray((rng.random((5, 5)) * 255).astype(np.uint8)).resize((size, size),
-                                                                                           Image.BICUBIC), np.float32)
+    low = np.asarray(
+        Image.fromarray((rng.random((5, 5)) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32
+    )
     pixels = np.asarray(colour, np.float32)[None, None, :] * (0.55 + 0.9 * low[..., None] / 255)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
@@ -114,8 +115,9 @@ def test_mislabeled_files_are_among_the_top_issues(problem_data, doctored):
         assert ranks.max() < 10 and all(probs[i].argmax() == red for i in moved), (fold_seed, ranks)
 
     listed = [issue for issue in report.label_issues if issue["path"] in MOVED]
-    assert listed and all(issue == {**issue, "split": "train", "given": "green", "suggested": "red"}
-                          for issue in listed)
+    assert listed and all(
+        issue == {**issue, "split": "train", "given": "green", "suggested": "red"} for issue in listed
+    )
     assert all(0.0 <= issue["score"] < 0.5 for issue in listed)
     scores = [issue["score"] for issue in report.label_issues]
     assert scores == sorted(scores)  # most suspicious (lowest label quality) first
@@ -135,8 +137,10 @@ def test_exact_duplicates_and_leaks_and_conflicts(doctored):
 
     leak = _group_with(report, "val/red/leaked_copy.png")
     assert leak["kind"] == "exact" and leak["leak"] and not leak["conflict"]
-    assert sorted(zip(leak["paths"], leak["splits"], strict=True)) == [("train/red/img_1.png", "train"),
-                                                          ("val/red/leaked_copy.png", "val")]
+    assert sorted(zip(leak["paths"], leak["splits"], strict=True)) == [
+        ("train/red/img_1.png", "train"),
+        ("val/red/leaked_copy.png", "val"),
+    ]
 
     conflict = _group_with(report, "train/red/conflicting_copy.png")
     assert conflict["conflict"] and sorted(conflict["classes"]) == ["blue", "red"]
@@ -183,9 +187,21 @@ def test_report_json_csv_and_summary(doctored, tmp_path):
 
 
 def test_csv_cells_that_look_like_formulas_are_escaped(tmp_path):
-    report = DoctorReport(str(tmp_path / "data"), ["a", "=b"], "test", label_issues=[
-        {"path": "=HYPERLINK(\"http://x\")", "split": "train", "given": "a", "suggested": "=b", "score": 0.1,
-         "suggested_probability": 0.8}])
+    report = DoctorReport(
+        str(tmp_path / "data"),
+        ["a", "=b"],
+        "test",
+        label_issues=[
+            {
+                "path": '=HYPERLINK("http://x")',
+                "split": "train",
+                "given": "a",
+                "suggested": "=b",
+                "score": 0.1,
+                "suggested_probability": 0.8,
+            }
+        ],
+    )
     with open(write_csv(report, tmp_path / "out.csv"), newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[1][1].startswith("'=") and rows[1][4] == "'=b" and rows[1][5] == "0.100000"
@@ -219,16 +235,25 @@ def test_backbone_from_a_run_folder(tmp_path):
     run.mkdir()
     model = build_model("resnet34", 3, "none")
     torch.save(model.state_dict(), run / "model.pth")
-    (run / "run.json").write_text(json.dumps({"arch": "resnet34", "classes": ["a", "b", "c"], "image_size": 48,
-                                              "config": {"weights": "imagenet"}}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {"arch": "resnet34", "classes": ["a", "b", "c"], "image_size": 48, "config": {"weights": "imagenet"}}
+        )
+    )
     backbone = load_backbone(run)
     assert isinstance(backbone, Backbone) and backbone.image_size == 48 and backbone.pretrained
     assert backbone.identity.startswith("run:")
     with torch.no_grad():
         x = torch.randn(2, 3, 48, 48)
         model.eval()
-        expected = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
-            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
+        expected = torch.flatten(
+            model.avgpool(
+                model.layer4(
+                    model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))))
+                )
+            ),
+            1,
+        )
         np.testing.assert_allclose(backbone.module(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
     (run / "model.pth").unlink()
     with pytest.raises(FinetuneError, match="no model.pth"):
@@ -263,8 +288,13 @@ def test_small_class_and_tiny_classes_in_the_label_check(tmp_path):
     issues, info = find_label_issues(features, records, ["big", "small"])
     assert issues == [] and info["classes"] == 1  # one class with >= 2 images: nothing to compare
     found = other_issues(records, [None] * len(records), ["big", "small"], [("x.png", "truncated image")])
-    assert {"path": None, "split": None, "class": "small", "problem": "small class",
-            "detail": "1 image; the other classes have 20 (median)"} in found
+    assert {
+        "path": None,
+        "split": None,
+        "class": "small",
+        "problem": "small class",
+        "detail": "1 image; the other classes have 20 (median)",
+    } in found
     assert any(i["problem"] == "unreadable" and i["path"] == "x.png" for i in found)
 
 
@@ -318,8 +348,16 @@ def test_second_run_uses_the_feature_cache_and_embedding_similarity(problem_data
     monkeypatch.setattr(feature_cache, "compute_features", no_forward_pass)  # not a time bound: any CPU
     report, cache, _ = doctored
     messages: list[str] = []
-    again = run_doctor(problem_data, weights="none", image_size=64, device="cpu", cache_dir=cache,
-                       use_embeddings=True, similarity=0.9999, log=messages.append)
+    again = run_doctor(
+        problem_data,
+        weights="none",
+        image_size=64,
+        device="cpu",
+        cache_dir=cache,
+        use_embeddings=True,
+        similarity=0.9999,
+        log=messages.append,
+    )
     assert any(f"{again.summary['images']} of {again.summary['images']} images from" in m for m in messages)
     assert again.label_issues == report.label_issues
     leak = _group_with(again, "val/red/leaked_copy.png")  # identical pixels: identical features
@@ -366,8 +404,9 @@ def _groups_of(hashes: list[int], splits: list[str], labels: list[int], exact=()
     records = [Record(f"{k}.png", split, label) for k, (split, label) in enumerate(zip(splits, labels, strict=True))]
     array = np.asarray(hashes, dtype=np.uint64)
     pairs = near_hash_pairs(array, max_distance)
-    groups = duplicate_groups(records, ["a", "b"], [list(g) for g in exact],
-                              {"phash": hash_closeness(array, pairs, max_distance)})
+    groups = duplicate_groups(
+        records, ["a", "b"], [list(g) for g in exact], {"phash": hash_closeness(array, pairs, max_distance)}
+    )
     return groups, pairs, [[int(p.split(".")[0]) for p in g["paths"]] for g in groups]
 
 
@@ -377,7 +416,7 @@ def test_a_chain_of_look_alikes_is_not_one_group_but_a_cluster_of_copies_is():
 
     rng = np.random.default_rng(0)
     bits = rng.permutation(64)
-    chain = [_flip(0, bits[:2 * k]) for k in range(26)]  # 0..25, A..Z: 2 more bits a step, A to Z 50 bits
+    chain = [_flip(0, bits[: 2 * k]) for k in range(26)]  # 0..25, A..Z: 2 more bits a step, A to Z 50 bits
     base = int(rng.integers(0, 2**62))
     cluster = [_flip(base, rng.choice(64, size=3, replace=False)) for _ in range(5)]  # 26..30: pairwise <= 6
     original = int(rng.integers(0, 2**62))

@@ -14,8 +14,11 @@ from finetune.config import FinetuneError
 def test_turing_gets_fp16_with_a_scaler_and_ampere_bf16(monkeypatch):
     gpus = {0: (7, 5), 1: (8, 0)}
     asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(torch.device(d).index)
-                        or gpus[torch.device(d).index])
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_capability",
+        lambda d=None: asked.append(torch.device(d).index) or gpus[torch.device(d).index],
+    )
     current = {}
 
     @contextlib.contextmanager
@@ -25,8 +28,11 @@ def test_turing_gets_fp16_with_a_scaler_and_ampere_bf16(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", on_device)
     # emulation counts by default: True even on a T4 (7.5); only the native answer tells them apart
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: including_emulation or gpus[current["index"]][0] >= 8)
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: including_emulation or gpus[current["index"]][0] >= 8,
+    )
     dtype, why = dev.amp_choice(torch.device("cuda", 0))
     assert dtype == torch.float16 and "7.5" in why and "scaler" in why
     assert dev.amp_choice(torch.device("cuda", 1))[0] == torch.bfloat16

@@ -21,10 +21,35 @@ def test_torchrun_two_cpu_processes_write_one_normal_run(tmp_path, strategy):
     data = make_class_folders(tmp_path / "data", classes=("red", "green", "blue"), per_class=7)
     runs = tmp_path / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "finetune", "train", str(data), "--weights", "none", "--strategy", strategy,
-               "--epochs", "2", "--batch-size", "4", "--image-size", "64", "--workers", "0", "--device", "cpu",
-               "--runs-dir", str(runs), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "finetune",
+        "train",
+        str(data),
+        "--weights",
+        "none",
+        "--strategy",
+        strategy,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--runs-dir",
+        str(runs),
+        "--quiet",
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -34,8 +59,15 @@ def test_torchrun_two_cpu_processes_write_one_normal_run(tmp_path, strategy):
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and info["world_size"] == 2
     assert [h["epoch"] for h in info["history"]] == [1, 2]
-    for name in ("model.pth", "last.pth", "class_indices.json", "metrics.json", "confusion_matrix.png",
-                 "split.json", "data_report.txt"):
+    for name in (
+        "model.pth",
+        "last.pth",
+        "class_indices.json",
+        "metrics.json",
+        "confusion_matrix.png",
+        "split.json",
+        "data_report.txt",
+    ):
         assert (run / name).is_file(), name
 
     events = read_events(run)
@@ -54,10 +86,25 @@ def test_torchrun_two_cpu_processes_write_one_normal_run(tmp_path, strategy):
 
 def torchrun(script_or_module: list[str], tmp_path, nproc=2, **popen):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               *script_or_module]
-    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, **popen)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *script_or_module,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
 
 
 @pytest.mark.slow
@@ -74,7 +121,8 @@ def test_ranks_with_different_memory_readings_agree_on_one_pipeline(tmp_path):
         "from finetune.cli import main\n"
         f"sys.exit(main(['train', '--weights', 'none', '--strategy', 'last', '--epochs', '2', '--batch-size', '4',"
         f" '--image-size', '64', '--workers', '0', '--device', 'cpu', '--runs-dir', {str(tmp_path / 'runs')!r},"
-        f" '--quiet', '--', {str(data)!r}]))\n")
+        f" '--quiet', '--', {str(data)!r}]))\n"
+    )
     process = torchrun([str(script)], tmp_path)
     try:
         out, err = process.communicate(timeout=240)
@@ -120,9 +168,33 @@ def test_torchrun_shutdown_leaves_no_process_and_no_running_run(tmp_path, how):
 
     data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
     runs = tmp_path / "runs"
-    process = torchrun(["-m", "finetune", "train", "--weights", "none", "--strategy", "all", "--epochs", "200",
-                        "--batch-size", "2", "--image-size", "32", "--workers", "0", "--device", "cpu",
-                        "--runs-dir", str(runs), "--quiet", "--", str(data)], tmp_path)
+    process = torchrun(
+        [
+            "-m",
+            "finetune",
+            "train",
+            "--weights",
+            "none",
+            "--strategy",
+            "all",
+            "--epochs",
+            "200",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--runs-dir",
+            str(runs),
+            "--quiet",
+            "--",
+            str(data),
+        ],
+        tmp_path,
+    )
     try:
         run, info = _wait_for_training(runs)
         pids = info["pids"]

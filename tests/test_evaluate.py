@@ -27,8 +27,17 @@ def zipped_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FINETUNE_DATASETS", str(base / "first"))
         root = dataset_folder(archive)
-    cfg = TrainConfig(data=root, runs_dir=str(base / "runs"), weights="none", strategy="head", epochs=1,
-                      batch_size=4, image_size=32, workers=0, device="cpu")
+    cfg = TrainConfig(
+        data=root,
+        runs_dir=str(base / "runs"),
+        weights="none",
+        strategy="head",
+        epochs=1,
+        batch_size=4,
+        image_size=32,
+        workers=0,
+        device="cpu",
+    )
     return train(cfg), archive, Path(root)
 
 
@@ -93,8 +102,12 @@ def test_an_out_that_is_the_data_through_a_link_a_run_folder_or_a_file_is_refuse
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     metrics_before = (run / "metrics.json").read_bytes()
-    refusals = {link / "report": "into the data folder", run: "into the run folder",
-                a_file: "is a file, not a folder", a_file / "sub": "cannot write the report to"}
+    refusals = {
+        link / "report": "into the data folder",
+        run: "into the run folder",
+        a_file: "is a file, not a folder",
+        a_file / "sub": "cannot write the report to",
+    }
     for out, message in refusals.items():
         with pytest.raises(FinetuneError, match=message) as refused:
             evaluate_run(run, root, out=out, predictor=predictor)

@@ -22,23 +22,42 @@ def test_event_follower_reads_only_complete_lines(tmp_path):
 def test_writer_and_reader_round_trip(tmp_path):
     writer = EventWriter(tmp_path / "events.jsonl")
     writer({"type": "log", "message": "a"})
-    writer({"type": "epoch", "epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 0.9, "val_acc": 0.6,
-            "seconds": 1.0, "best": True})
+    writer(
+        {
+            "type": "epoch",
+            "epoch": 1,
+            "train_loss": 1.0,
+            "train_acc": 0.5,
+            "val_loss": 0.9,
+            "val_acc": 0.6,
+            "seconds": 1.0,
+            "best": True,
+        }
+    )
     writer.close()
     events = read_events(tmp_path)
     assert [e["type"] for e in events] == ["log", "epoch"]
-    assert format_event(events[1]) == ("epoch   1: train loss 1.0000 acc 0.5000 | val loss 0.9000 acc 0.6000"
-                                       " | 1.0s  *best")
+    assert format_event(events[1]) == (
+        "epoch   1: train loss 1.0000 acc 0.5000 | val loss 0.9000 acc 0.6000 | 1.0s  *best"
+    )
     assert format_event({"type": "batch"}) is None
 
 
 def test_the_end_line_shows_the_whole_time_and_where_it_went():
     """A 40,000-image head run printed 'completed in 0:03' after 280 s: the feature cache took 263."""
-    end = {"type": "end", "status": "completed", "best": {"epoch": 3}, "summary": "val acc 0.9", "seconds": 280.2,
-           "cache": "features", "stages": {"setup": 0.6, "cache": 263.0, "training": 16.5, "evaluation": 0.1}}
+    end = {
+        "type": "end",
+        "status": "completed",
+        "best": {"epoch": 3},
+        "summary": "val acc 0.9",
+        "seconds": 280.2,
+        "cache": "features",
+        "stages": {"setup": 0.6, "cache": 263.0, "training": 16.5, "evaluation": 0.1},
+    }
     assert format_event(end) == "completed in 4:40 (feature cache 4:23, training 0:16); best epoch 3\nval: val acc 0.9"
-    streamed = dict(end, seconds=75.0, cache="stream",
-                    stages={"setup": 12.0, "cache": 0.01, "training": 60.0, "evaluation": 3.0})
+    streamed = dict(
+        end, seconds=75.0, cache="stream", stages={"setup": 12.0, "cache": 0.01, "training": 60.0, "evaluation": 3.0}
+    )
     assert format_event(streamed).startswith("completed in 1:15 (set-up 0:12, training 1:00, evaluation 0:03);")
     old = {k: v for k, v in end.items() if k not in ("stages", "cache")}  # an events.jsonl from before
     assert format_event(old).startswith("completed in 4:40; best epoch 3")
@@ -80,8 +99,15 @@ def test_every_event_a_training_emits_is_its_typed_dict(tiny_run, tmp_path, monk
 
     monkeypatch.setattr(training, "setup_session", fail)
     data = make_class_folders(tmp_path / "photos", per_class=2)
-    cfg = TrainConfig(data=str(data), runs_dir=str(tmp_path / "runs"), weights="none", epochs=1, image_size=32,
-                      workers=0, device="cpu")
+    cfg = TrainConfig(
+        data=str(data),
+        runs_dir=str(tmp_path / "runs"),
+        weights="none",
+        epochs=1,
+        image_size=32,
+        workers=0,
+        device="cpu",
+    )
     failed: list = []
     with pytest.raises(FinetuneError, match="no data pipeline today"):
         training.train(cfg, on_event=failed.append)

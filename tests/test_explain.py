@@ -20,7 +20,7 @@ def pattern(width: int, height: int, seed: int = 0) -> Image.Image:
     """A bright square on a dark textured background: something for the map to find."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 60, (height, width, 3)).astype(np.uint8)
-    pixels[height // 4: height // 2, width // 2: 3 * width // 4] = (230, 200, 40)
+    pixels[height // 4 : height // 2, width // 2 : 3 * width // 4] = (230, 200, 40)
     return Image.fromarray(pixels)
 
 
@@ -55,13 +55,18 @@ def test_explain_paths_writes_overlays_at_the_original_size(model, tmp_path):
     pattern(80, 200, seed=1).convert("RGB").save(tmp_path / "two" / "photo.jpg", quality=90)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     messages: list[str] = []
-    written = explain_paths(predictor, [tmp_path / "one" / "photo.png", tmp_path / "broken.jpg",
-                                        tmp_path / "two" / "photo.jpg"], tmp_path / "out", log=messages.append)
+    written = explain_paths(
+        predictor,
+        [tmp_path / "one" / "photo.png", tmp_path / "broken.jpg", tmp_path / "two" / "photo.jpg"],
+        tmp_path / "out",
+        log=messages.append,
+    )
     assert [p.name for p in written] == ["photo.gradcam.png", "photo-2.gradcam.png"]
     assert [Image.open(p).size for p in written] == [(150, 90), (80, 200)]
     assert any("skipped" in m and "broken.jpg" in m for m in messages)
-    explained = explain_paths(predictor, [tmp_path / "one" / "photo.png"], tmp_path / "out_b", target_class="b",
-                              log=messages.append)
+    explained = explain_paths(
+        predictor, [tmp_path / "one" / "photo.png"], tmp_path / "out_b", target_class="b", log=messages.append
+    )
     assert len(explained) == 1 and "heatmap for b" in messages[-1]
     with pytest.raises(FinetuneError, match="unknown class 'zebra'"):
         explain_paths(predictor, [tmp_path / "one" / "photo.png"], tmp_path / "out_c", target_class="zebra")

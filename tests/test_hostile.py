@@ -20,8 +20,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def fake_run(folder, **info):
     """A run folder as a stranger might hand one over: run.json and whatever else is given."""
     folder.mkdir(parents=True)
-    base = {"format": "finetune-run/1", "status": "completed", "arch": "resnet34", "classes": ["a", "b"],
-            "config": {"data": "x"}}
+    base = {
+        "format": "finetune-run/1",
+        "status": "completed",
+        "arch": "resnet34",
+        "classes": ["a", "b"],
+        "config": {"data": "x"},
+    }
     (folder / "run.json").write_text(json.dumps({**base, **info}))
     return folder
 
@@ -38,8 +43,15 @@ def test_a_run_json_that_is_not_an_object_is_one_line(tmp_path):
 
 
 def test_a_run_json_of_wrong_types_still_shows_itself_escaped(tmp_path):
-    folder = fake_run(tmp_path / "run", status="<script>x</script>", classes=[1, {"<u>": 2}], history=5,
-                      summary={"accuracy": "<i>high</i>", "num_images": []}, calibration="x", strategy=["?"])
+    folder = fake_run(
+        tmp_path / "run",
+        status="<script>x</script>",
+        classes=[1, {"<u>": 2}],
+        history=5,
+        summary={"accuracy": "<i>high</i>", "num_images": []},
+        calibration="x",
+        strategy=["?"],
+    )
     run = finetune.load(folder)
     page = run._repr_html_()
     assert "<script>" not in page and "&lt;script&gt;" in page and "<i>" not in page and "<u>" not in page
@@ -54,8 +66,14 @@ def test_a_run_json_of_wrong_types_still_shows_itself_escaped(tmp_path):
 
 
 def test_a_run_json_whose_model_fields_are_not_finetunes_is_one_line_naming_the_field(tmp_path):
-    hostile = {"arch": "evil", "classes": [1, 2], "image_size": "224", "mean": "x", "std": [0, 1, 1],
-               "calibration": "x"}
+    hostile = {
+        "arch": "evil",
+        "classes": [1, 2],
+        "image_size": "224",
+        "mean": "x",
+        "std": [0, 1, 1],
+        "calibration": "x",
+    }
     for key, value in hostile.items():
         folder = fake_run(tmp_path / key, **{key: value})
         (folder / "model.pth").write_bytes(b"")  # never read: run.json is refused first
@@ -65,8 +83,9 @@ def test_a_run_json_whose_model_fields_are_not_finetunes_is_one_line_naming_the_
 
 def test_an_unknown_keyword_of_evaluate_or_doctor_is_one_line_naming_the_closest(tmp_path):
     run = finetune.load(fake_run(tmp_path / "run"))
-    with pytest.raises(finetune.FinetuneError, match="unknown option 'held_out' for Run.evaluate: did you mean "
-                                                     "'held_out_only'"):
+    with pytest.raises(
+        finetune.FinetuneError, match="unknown option 'held_out' for Run.evaluate: did you mean 'held_out_only'"
+    ):
         run.evaluate(tmp_path, held_out=True)
     with pytest.raises(finetune.FinetuneError, match="unknown option 'predictor' for Run.evaluate"):
         run.evaluate(tmp_path, predictor=None)  # the run's own
@@ -191,8 +210,10 @@ def resumable_run(tmp_path, checkpoint):
     """A run folder (run.json with its configuration) whose last.pth is `checkpoint`."""
     import torch
 
-    folder = fake_run(tmp_path / "runs" / "run", config={"data": str(tmp_path / "photos"), "weights": "none",
-                                                          "epochs": 1, "runs_dir": str(tmp_path / "runs")})
+    folder = fake_run(
+        tmp_path / "runs" / "run",
+        config={"data": str(tmp_path / "photos"), "weights": "none", "epochs": 1, "runs_dir": str(tmp_path / "runs")},
+    )
     torch.save(checkpoint, folder / "last.pth")
     return folder
 
@@ -206,8 +227,14 @@ def test_a_hostile_last_pth_is_one_line_and_its_base_is_never_a_path_from_the_fi
     weights = build_model("resnet34", 2, "none").state_dict()
     elsewhere = tmp_path / "elsewhere.pth"
     torch.save(weights, elsewhere)  # a perfectly good model, outside the run: must not be loaded
-    slim = {"model": {"fc.weight": weights["fc.weight"], "fc.bias": weights["fc.bias"]}, "epoch": 1, "history": [],
-            "best": {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0}, "scheduler": {}, "rng": torch.get_rng_state()}
+    slim = {
+        "model": {"fc.weight": weights["fc.weight"], "fc.bias": weights["fc.bias"]},
+        "epoch": 1,
+        "history": [],
+        "best": {"epoch": 1, "val_acc": 0.5, "val_loss": 1.0},
+        "scheduler": {},
+        "rng": torch.get_rng_state(),
+    }
     cases = {
         "a list": ([1, 2], "is not a checkpoint finetune wrote"),
         "no model": ({**slim, "model": "x"}, "is not a checkpoint finetune wrote"),
@@ -233,8 +260,11 @@ def test_resumed_weights_that_do_not_fit_are_one_line(tmp_path):
 
     model = build_model("resnet34", 3, "none")
     state = model.state_dict()
-    for wrong in ({**state, "fc.weight": torch.zeros(7, 512)}, {**state, "evil.weight": torch.zeros(1)},
-                  {k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}):
+    for wrong in (
+        {**state, "fc.weight": torch.zeros(7, 512)},
+        {**state, "evil.weight": torch.zeros(1)},
+        {k: v for k, v in state.items() if k != "layer1.0.conv1.weight"},
+    ):
         with pytest.raises(finetune.FinetuneError, match=r"last.pth does not fit this run's model \(3 classes\)"):
             load_resumed(model, wrong, tmp_path / "last.pth")
 
@@ -248,12 +278,27 @@ def test_a_hostile_split_json_is_unreadable_never_a_traceback_and_no_path_climbs
     from finetune.rundir import RunDir
 
     folder = fake_run(tmp_path / "run")
-    good = {"root": str(tmp_path / "photos"), "layout": "class-folders", "classes": ["a", "b"],
-            "train": [["a/1.png", 0]], "val": [["b/1.png", 1]]}
-    hostile = [[1], {**good, "root": 5}, {**good, "classes": "ab"}, {**good, "train": 5}, {**good, "train": [5]},
-               {**good, "train": [["a/1.png", 0, 1]]}, {**good, "train": [[["a"], 0]]}, {**good, "train": [["a", 7]]},
-               {**good, "train": [["../../home/.ssh/id_rsa", 0]]}, {**good, "train": [["/etc/passwd", 0]]},
-               {**good, "train": [["a\\..\\..\\x", 0]]}, {**good, "skipped": [["x", 1]]}]
+    good = {
+        "root": str(tmp_path / "photos"),
+        "layout": "class-folders",
+        "classes": ["a", "b"],
+        "train": [["a/1.png", 0]],
+        "val": [["b/1.png", 1]],
+    }
+    hostile = [
+        [1],
+        {**good, "root": 5},
+        {**good, "classes": "ab"},
+        {**good, "train": 5},
+        {**good, "train": [5]},
+        {**good, "train": [["a/1.png", 0, 1]]},
+        {**good, "train": [[["a"], 0]]},
+        {**good, "train": [["a", 7]]},
+        {**good, "train": [["../../home/.ssh/id_rsa", 0]]},
+        {**good, "train": [["/etc/passwd", 0]]},
+        {**good, "train": [["a\\..\\..\\x", 0]]},
+        {**good, "skipped": [["x", 1]]},
+    ]
     for split in hostile:
         (folder / "split.json").write_text(json.dumps(split))
         with pytest.raises(finetune.FinetuneError, match="cannot read the split of"):
@@ -311,13 +356,16 @@ def test_a_run_json_from_elsewhere_never_sends_a_new_run_to_its_runs_dir(tmp_pat
     from finetune.training import resume_config
 
     foreign = tmp_path / "home" / "someone" / "runs"  # as recorded on their machine
-    folder = fake_run(tmp_path / "here" / "runs" / "their-run",
-                      config={"data": "/their/photos", "epochs": 3, "runs_dir": str(foreign)})
+    folder = fake_run(
+        tmp_path / "here" / "runs" / "their-run",
+        config={"data": "/their/photos", "epochs": 3, "runs_dir": str(foreign)},
+    )
     monkeypatch.chdir(tmp_path / "here")
     monkeypatch.delenv("FINETUNE_RUNS_DIR", raising=False)
     assert TrainConfig.load(folder / "run.json").runs_dir == str(tmp_path / "here" / "runs")  # the default
-    given = config_from_args(build_parser().parse_args(["train", "--config", str(folder / "run.json"),
-                                                        "--runs-dir", str(tmp_path / "mine")]))
+    given = config_from_args(
+        build_parser().parse_args(["train", "--config", str(folder / "run.json"), "--runs-dir", str(tmp_path / "mine")])
+    )
     assert given.runs_dir == str(tmp_path / "mine") and given.epochs == 3
     assert resume_config(folder).runs_dir == str(folder.parent)  # resumed where it lies now
     assert not (tmp_path / "home").exists()
@@ -329,8 +377,16 @@ def test_the_studios_banner_shows_a_strangers_folder_names_escaped(tmp_path):
     from finetune.studio.app import RunningStudio
 
     studio = types.SimpleNamespace(runs_dir=tmp_path / "runs", workspace=types.SimpleNamespace(root=tmp_path / "ws"))
-    running = RunningStudio(types.SimpleNamespace(share_url=None), studio, url="http://127.0.0.1:7860",
-                            host="127.0.0.1", port=7860, auth=False, attached=tmp_path / "runs" / "x\x1b]0;owned\x07",
-                            proxy_url=None, undo=[])
+    running = RunningStudio(
+        types.SimpleNamespace(share_url=None),
+        studio,
+        url="http://127.0.0.1:7860",
+        host="127.0.0.1",
+        port=7860,
+        auth=False,
+        attached=tmp_path / "runs" / "x\x1b]0;owned\x07",
+        proxy_url=None,
+        undo=[],
+    )
     banner = running.banner("Ctrl-C stops it.")
     assert "\x1b" not in banner and "\x07" not in banner and "following the training still running in" in banner

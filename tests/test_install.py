@@ -23,8 +23,9 @@ def installed(command: str) -> str:
 
 @pytest.mark.slow
 def test_finetune_command_works_from_another_folder(tmp_path, sample_data):
-    done = subprocess.run([installed("finetune"), "scan", str(sample_data)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [installed("finetune"), "scan", str(sample_data)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "3 classes" in done.stdout
     done = subprocess.run([sys.executable, "-m", "finetune", "--help"], cwd=tmp_path, capture_output=True, text=True)
@@ -32,8 +33,9 @@ def test_finetune_command_works_from_another_folder(tmp_path, sample_data):
 
 
 def test_studio_command_is_installed(tmp_path):
-    done = subprocess.run([installed("finetune-studio"), "--help"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [installed("finetune-studio"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "--host" in done.stdout
 
@@ -77,8 +79,9 @@ def declared_extras() -> dict[str, dict]:
         for line in lines:
             requirement = Requirement(line)
             if requirement.name == DISTRIBUTION:
-                expanded += [item for extra in sorted(requirement.extras)
-                             for item in project()["optional-dependencies"][extra]]
+                expanded += [
+                    item for extra in sorted(requirement.extras) for item in project()["optional-dependencies"][extra]
+                ]
             else:
                 expanded.append(line)
         extras[name] = requirements(expanded)
@@ -113,10 +116,16 @@ def test_every_library_finetune_imports_is_declared():
                 continue
             for name in names:
                 imported.setdefault(name.partition(".")[0], path.relative_to(REPO).as_posix())
-    third_party = {top: where for top, where in imported.items()
-                   if top not in sys.stdlib_module_names and top not in OPTIONAL_PROBES | {"finetune", "__future__"}}
-    undeclared = {top: where for top, where in third_party.items()
-                  if DISTRIBUTION_OF.get(top, top).lower().replace("_", "-") not in declared}
+    third_party = {
+        top: where
+        for top, where in imported.items()
+        if top not in sys.stdlib_module_names and top not in OPTIONAL_PROBES | {"finetune", "__future__"}
+    }
+    undeclared = {
+        top: where
+        for top, where in third_party.items()
+        if DISTRIBUTION_OF.get(top, top).lower().replace("_", "-") not in declared
+    }
     assert not undeclared, f"imported but not in pyproject.toml: {undeclared}"
 
 
@@ -145,15 +154,18 @@ def test_a_missing_extra_is_one_line_naming_what_to_install(monkeypatch, tmp_pat
     assert str(raised.value) == "the studio needs gradio: pip install 'finetune-studio[studio]'"
     assert not any(tmp_path.iterdir()), "no folder made before the check"
     hide(monkeypatch, "cleanlab")
-    with pytest.raises(FinetuneError,
-                       match=r"^the data doctor needs cleanlab: pip install 'finetune-studio\[doctor\]'$"):
+    with pytest.raises(
+        FinetuneError, match=r"^the data doctor needs cleanlab: pip install 'finetune-studio\[doctor\]'$"
+    ):
         run_doctor(tmp_path)
     hide(monkeypatch, "pytorch_grad_cam")
     with pytest.raises(FinetuneError, match=r"^Grad-CAM needs grad-cam: pip install 'finetune-studio\[explain\]'$"):
         gradcam(torch.nn.Linear(1, 1), torch.zeros(3, 32, 32))
     hide(monkeypatch, "onnx")
-    for call in (lambda: read_metadata(tmp_path / "model.onnx"),
-                 lambda: _export_onnx(torch.nn.Linear(1, 1), torch.zeros(1, 1), tmp_path / "model.onnx", "{}")):
+    for call in (
+        lambda: read_metadata(tmp_path / "model.onnx"),
+        lambda: _export_onnx(torch.nn.Linear(1, 1), torch.zeros(1, 1), tmp_path / "model.onnx", "{}"),
+    ):
         with pytest.raises(FinetuneError, match=r"^ONNX export needs onnx: pip install 'finetune-studio\[onnx\]'$"):
             call()
 
@@ -167,8 +179,9 @@ def test_the_commands_say_a_missing_extra_in_one_line_and_exit_2(tmp_path, monke
     # the finetune-studio command, in a process of its own without gradio
     env = {k: v for k, v in os.environ.items() if k not in ("FINETUNE_AUTH", "FINETUNE_RUNS_DIR")}
     code = "import sys; sys.modules['gradio'] = None; from finetune.studio.app import main; sys.exit(main())"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == "error: the studio needs gradio: pip install 'finetune-studio[studio]'\n"
     assert not any(tmp_path.iterdir()), "no runs folder or workspace made"
@@ -209,20 +222,36 @@ def test_version_and_usage_lines_name_the_command_typed(tmp_path):
     import finetune
 
     version = f"finetune-studio {finetune.__version__}"
-    for command in ([installed("finetune")], [sys.executable, "-m", "finetune"], [installed("finetune-studio")],
-                    [sys.executable, "-m", "finetune.studio"]):
+    for command in (
+        [installed("finetune")],
+        [sys.executable, "-m", "finetune"],
+        [installed("finetune-studio")],
+        [sys.executable, "-m", "finetune.studio"],
+    ):
         done = subprocess.run([*command, "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert (done.returncode, done.stdout.strip()) == (0, version), command
-    for command, typed in (([installed("finetune"), "train"], "finetune train"),
-                           ([sys.executable, "-m", "finetune", "train"], "python -m finetune train"),
-                           ([installed("finetune-studio")], "finetune-studio"),
-                           ([sys.executable, "-m", "finetune.studio"], "python -m finetune.studio")):
+    for command, typed in (
+        ([installed("finetune"), "train"], "finetune train"),
+        ([sys.executable, "-m", "finetune", "train"], "python -m finetune train"),
+        ([installed("finetune-studio")], "finetune-studio"),
+        ([sys.executable, "-m", "finetune.studio"], "python -m finetune.studio"),
+    ):
         done = subprocess.run([*command, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith(f"usage: {typed} ["), (command, done.stdout[:80])
 
 
-NEVER_PACKAGED = {".git", ".venv", "runs", "workspace", "runs-workspace", "test-artifacts", "__pycache__", "tests",
-                  ".pytest_cache", "bench"}
+NEVER_PACKAGED = {
+    ".git",
+    ".venv",
+    "runs",
+    "workspace",
+    "runs-workspace",
+    "test-artifacts",
+    "__pycache__",
+    "tests",
+    ".pytest_cache",
+    "bench",
+}
 
 
 def source_tree(target: Path) -> Path:
@@ -230,8 +259,13 @@ def source_tree(target: Path) -> Path:
     writes its egg-info and build/ there, not into the checkout."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs a git checkout to know which files are the project's")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file() and not source.is_symlink():
@@ -251,8 +285,12 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
     pytest.importorskip("build")
     src, dist = source_tree(tmp_path / "src"), tmp_path / "dist"
     # sdist first, then the wheel built from the sdist: a file the sdist lacks breaks the wheel
-    built = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(src)],
-                           capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (wheel,), (sdist,) = dist.glob("*.whl"), dist.glob("*.tar.gz")
     assert wheel.name.startswith(f"finetune_studio-{finetune.__version__}-")
@@ -274,8 +312,13 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
     shipped = sorted(n for n in in_wheel if n.startswith("finetune/sample_data/") and n.endswith(".jpg"))
     assert len(shipped) == len(list(sample_data().rglob("*.jpg"))) > 0
     assert "Name: finetune-studio" in metadata
-    assert {line.split(": ")[1] for line in metadata.splitlines() if line.startswith("Provides-Extra:")} == \
-        {"studio", "doctor", "explain", "onnx", "all"}
+    assert {line.split(": ")[1] for line in metadata.splitlines() if line.startswith("Provides-Extra:")} == {
+        "studio",
+        "doctor",
+        "explain",
+        "onnx",
+        "all",
+    }
     assert "finetune = finetune.cli:console" in entry_points
     assert "finetune-studio = finetune.studio.app:main" in entry_points
 
@@ -283,15 +326,22 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
     fresh = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)
     python = fresh / "bin" / "python"
-    where = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     import sysconfig
 
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(where, "borrowed.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
-    installed_wheel = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                                      "--no-deps", "--no-index", str(wheel)], capture_output=True, text=True,
-                                     timeout=300)
+    installed_wheel = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert installed_wheel.returncode == 0, installed_wheel.stderr[-3000:]
     site = Path(where)
     # as installed without extras (`pip install finetune-studio`): every optional library hidden at start-up
@@ -303,8 +353,9 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") and k != "PYTHONPATH"}
 
     def run(*args, timeout=120):
-        return subprocess.run([str(a) for a in args], cwd=elsewhere, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(a) for a in args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=timeout
+        )
 
     where_code = "import finetune, finetune.paths; print(finetune.__file__); print(finetune.paths.sample_data())"
     package, data = run(python, "-c", where_code).stdout.split()
@@ -313,11 +364,26 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
     assert version.stdout.strip() == f"finetune-studio {finetune.__version__}", version.stderr
     assert run(fresh / "bin" / "finetune-studio", "--help").returncode == 0
     studio = run(fresh / "bin" / "finetune-studio")
-    assert (studio.returncode, studio.stderr) == (2, "error: the studio needs gradio: pip install "
-                                                     "'finetune-studio[studio]'\n")
+    assert (studio.returncode, studio.stderr) == (
+        2,
+        "error: the studio needs gradio: pip install 'finetune-studio[studio]'\n",
+    )
 
-    trained = run(fresh / "bin" / "finetune", "train", data, "--weights", "none", "--epochs", "1", "--image-size", "32",
-                  "--workers", "0", "--quiet", timeout=600)
+    trained = run(
+        fresh / "bin" / "finetune",
+        "train",
+        data,
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        timeout=600,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run_dir,) = (elsewhere / "runs").iterdir()
     assert (run_dir / "model.pth").is_file()

@@ -17,28 +17,88 @@ from finetune.jobs import TrainingJob, TrainingView, train_command
 def test_training_view_progress_and_curves():
     view = TrainingView()
     assert "preparing" in view.progress_text()
-    view.add({"type": "start", "run_dir": "/r", "epochs": 2, "batches_per_epoch": 4, "train_images": 8,
-              "val_images": 2, "classes": ["a", "b"], "device": "CPU", "trainable_params": 10,
-              "total_params": 100, "arch": "resnet34", "strategy": "head"})
-    view.add({"type": "batch", "epoch": 1, "epochs": 2, "batch": 2, "batches": 4, "loss": 1.0, "acc": 0.5,
-              "images_per_s": 12.0, "eta_s": 65})
+    view.add(
+        {
+            "type": "start",
+            "run_dir": "/r",
+            "epochs": 2,
+            "batches_per_epoch": 4,
+            "train_images": 8,
+            "val_images": 2,
+            "classes": ["a", "b"],
+            "device": "CPU",
+            "trainable_params": 10,
+            "total_params": 100,
+            "arch": "resnet34",
+            "strategy": "head",
+        }
+    )
+    view.add(
+        {
+            "type": "batch",
+            "epoch": 1,
+            "epochs": 2,
+            "batch": 2,
+            "batches": 4,
+            "loss": 1.0,
+            "acc": 0.5,
+            "images_per_s": 12.0,
+            "eta_s": 65,
+        }
+    )
     assert view.fraction() == pytest.approx(0.25)
     assert view.progress_text() == "epoch 1/2 · batch 2/4 · 12 images/s · about 1:05 left"
-    view.add({"type": "epoch", "epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 0.9, "val_acc": 0.6,
-              "seconds": 1.0, "best": True})
+    view.add(
+        {
+            "type": "epoch",
+            "epoch": 1,
+            "train_loss": 1.0,
+            "train_acc": 0.5,
+            "val_loss": 0.9,
+            "val_acc": 0.6,
+            "seconds": 1.0,
+            "best": True,
+        }
+    )
     assert {(c["series"], c["metric"]) for c in view.curves} == {
-        ("train", "loss"), ("train", "accuracy"), ("val", "loss"), ("val", "accuracy")}
-    view.add({"type": "end", "status": "stopped", "summary": "2 images: accuracy 0.5", "best": {"epoch": 1},
-              "seconds": 3})
+        ("train", "loss"),
+        ("train", "accuracy"),
+        ("val", "loss"),
+        ("val", "accuracy"),
+    }
+    view.add(
+        {"type": "end", "status": "stopped", "summary": "2 images: accuracy 0.5", "best": {"epoch": 1}, "seconds": 3}
+    )
     assert view.fraction() == 1.0 and view.progress_text().startswith("stopped after 1/2 epochs")
 
 
 def test_a_diverging_loss_puts_no_point_on_the_curves():
     view = TrainingView()
-    view.add({"type": "batch", "epoch": 2, "epochs": 2, "batch": 1, "batches": 4, "loss": float("nan"), "acc": 0.3,
-              "images_per_s": 12.0, "eta_s": 5})
-    view.add({"type": "epoch", "epoch": 2, "train_loss": float("nan"), "train_acc": 0.3, "val_loss": float("inf"),
-              "val_acc": 0.3, "seconds": 1.0, "best": False})
+    view.add(
+        {
+            "type": "batch",
+            "epoch": 2,
+            "epochs": 2,
+            "batch": 1,
+            "batches": 4,
+            "loss": float("nan"),
+            "acc": 0.3,
+            "images_per_s": 12.0,
+            "eta_s": 5,
+        }
+    )
+    view.add(
+        {
+            "type": "epoch",
+            "epoch": 2,
+            "train_loss": float("nan"),
+            "train_acc": 0.3,
+            "val_loss": float("inf"),
+            "val_acc": 0.3,
+            "seconds": 1.0,
+            "best": False,
+        }
+    )
     assert {(c["series"], c["metric"]) for c in view.curves} == {("train", "accuracy"), ("val", "accuracy")}
 
 
@@ -46,22 +106,41 @@ def test_a_run_stopped_by_a_diverging_loss_says_why_not_on_request(tmp_path):
     """The training emits its error, then its end with status "stopped" (the best model is usable)."""
     from finetune.studio.views import training_result
 
-    message = ("training diverged: the training loss became nan in epoch 2; try a lower --lr (this run used "
-               "0.003); the best model so far (epoch 1) is kept")
+    message = (
+        "training diverged: the training loss became nan in epoch 2; try a lower --lr (this run used "
+        "0.003); the best model so far (epoch 1) is kept"
+    )
     for events, expected, absent in (
-            ([{"type": "error", "message": message}], "training diverged", "on request"),
-            ([], "Stopped on request", "diverged")):
+        ([{"type": "error", "message": message}], "training diverged", "on request"),
+        ([], "Stopped on request", "diverged"),
+    ):
         view = TrainingView(run_dir=str(tmp_path))
-        for event in [*events, {"type": "end", "status": "stopped", "run_dir": str(tmp_path), "best": {"epoch": 1},
-                                "summary": "val acc 0.5", "seconds": 3.0}]:
+        for event in [
+            *events,
+            {
+                "type": "end",
+                "status": "stopped",
+                "run_dir": str(tmp_path),
+                "best": {"epoch": 1},
+                "summary": "val acc 0.5",
+                "seconds": 3.0,
+            },
+        ]:
             view.add(event)
         text, _ = training_result(view)
         assert view.status == "stopped" and expected in text and absent not in text, text
 
 
 def test_train_command_passes_the_whole_config_as_a_file(tmp_path):
-    assert train_command(tmp_path / "c.json") == [sys.executable, "-m", "finetune", "train", "--config",
-                                                  str(tmp_path / "c.json"), "--quiet"]
+    assert train_command(tmp_path / "c.json") == [
+        sys.executable,
+        "-m",
+        "finetune",
+        "train",
+        "--config",
+        str(tmp_path / "c.json"),
+        "--quiet",
+    ]
 
 
 def test_every_option_reaches_the_training_process(tmp_path, monkeypatch):
@@ -76,8 +155,13 @@ def test_every_option_reaches_the_training_process(tmp_path, monkeypatch):
     launched = job.command[job.command.index("--config") + 1]
     args = build_parser().parse_args(["train", "--config", launched])
     received = config_from_args(args)
-    expected = dict(cfg.to_dict(), data=str(tmp_path / "photos"), weights=str(tmp_path / "w.pth"),
-                    runs_dir=str(tmp_path / "my-runs"), curation=str(tmp_path / "review" / "curation.json"))
+    expected = dict(
+        cfg.to_dict(),
+        data=str(tmp_path / "photos"),
+        weights=str(tmp_path / "w.pth"),
+        runs_dir=str(tmp_path / "my-runs"),
+        curation=str(tmp_path / "review" / "curation.json"),
+    )
     assert received.to_dict() == expected
 
 
@@ -104,10 +188,23 @@ def test_killed_process_says_so(tmp_path):
 def test_two_process_training_under_torchrun_stops_cleanly(tmp_path):
     """What the app launches when several GPUs are visible (here 2 CPU processes, gloo)."""
     data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
-    cfg = TrainConfig(data=str(data), weights="none", epochs=50, batch_size=2, image_size=32, workers=0,
-                      device="cpu", runs_dir=str(tmp_path / "runs"))
-    assert train_command("c.json", processes=2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
-                                                        "--nproc_per_node", "2"]
+    cfg = TrainConfig(
+        data=str(data),
+        weights="none",
+        epochs=50,
+        batch_size=2,
+        image_size=32,
+        workers=0,
+        device="cpu",
+        runs_dir=str(tmp_path / "runs"),
+    )
+    assert train_command("c.json", processes=2)[1:6] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     job = TrainingJob(cfg, cwd=REPO, processes=2)
     deadline = time.time() + 180
     while job.update().batch == 0 and job.running() and time.time() < deadline:
@@ -140,9 +237,11 @@ def test_the_studio_refuses_to_start_beside_a_terminal_training_that_is_still_sc
         cfg = TrainConfig(data=str(data), weights="none", runs_dir=str(runs))
         with pytest.raises(FinetuneError) as refused:
             studio.start(cfg)
-        assert str(refused.value) == (f"a training started from a terminal (pid {holder.pid}, data {data}) is "
-                                      f"running in this runs folder; wait for it or stop it (Ctrl-C in its "
-                                      f"terminal, or kill {holder.pid})")
+        assert str(refused.value) == (
+            f"a training started from a terminal (pid {holder.pid}, data {data}) is "
+            f"running in this runs folder; wait for it or stop it (Ctrl-C in its "
+            f"terminal, or kill {holder.pid})"
+        )
         assert studio.job is None and not [p for p in runs.iterdir() if p.is_dir()], "nothing was started"
         assert studio.start_up() is None  # not followable yet (no run folder): start-up goes on
     finally:
@@ -160,7 +259,7 @@ def test_studio_start_up_survives_a_run_it_cannot_mark_and_folders_it_cannot_mak
 
     runs = tmp_path / "runs"
     run = rundir.RunDir.create(runs, "resnet34", "head", "left-running")
-    run.write_info({"status": "running", "pids": [2 ** 22 + 1]})
+    run.write_info({"status": "running", "pids": [2**22 + 1]})
 
     def disk_is_full(path, text):
         raise rundir.DiskFull(f"disk full: could not write {path} (0.0 MB free on that file system)")

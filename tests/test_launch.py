@@ -55,16 +55,18 @@ def fetch(url: str, host: str | None = None, origin: str | None = None, method: 
 
 
 def test_importing_the_studio_sets_only_gradios_telemetry_switch():
-    code = ("import os, sys, json; before = dict(os.environ); import finetune.studio; "
-            "print(json.dumps({k: os.environ.get(k) for k in set(before) | set(os.environ) "
-            "if before.get(k) != os.environ.get(k)}))")
+    code = (
+        "import os, sys, json; before = dict(os.environ); import finetune.studio; "
+        "print(json.dumps({k: os.environ.get(k) for k in set(before) | set(os.environ) "
+        "if before.get(k) != os.environ.get(k)}))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_", "GRADIO_"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"GRADIO_ANALYTICS_ENABLED": "False"}
 
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, os, signal, socket, sys, urllib.request
     from ipaddress import ip_address
 
@@ -106,7 +108,7 @@ SCRIPT = textwrap.dedent('''
     report.update(changed=sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)),
                   openers_back=set(Image.OPEN) == openers, outside=outside, closed_repr=repr(studio))
     print("REPORT " + json.dumps(report))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -117,8 +119,9 @@ def test_launch_from_a_script_ignores_argv_keeps_signals_stays_offline_and_gives
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_", "GRADIO_", "FINETUNE_"))}
     env.update(T_RUNS=str(tmp_path / "runs"), T_PORT=str(port), PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout.split("REPORT ", 1)[1])
     assert report["status"] == 200 and report["version"] and report["url"] == f"http://127.0.0.1:{port}"
@@ -185,8 +188,9 @@ def fake_share_server(monkeypatch):
     assert gr  # gradio was importable
 
 
-def test_share_with_a_log_in_makes_the_link_lets_its_host_in_and_close_ends_it(tmp_path, monkeypatch, capsys,
-                                                                              fake_share_server):
+def test_share_with_a_log_in_makes_the_link_lets_its_host_in_and_close_ends_it(
+    tmp_path, monkeypatch, capsys, fake_share_server
+):
     from gradio import tunneling
 
     from finetune.studio import launch
@@ -207,10 +211,19 @@ def test_share_with_a_log_in_makes_the_link_lets_its_host_in_and_close_ends_it(t
         assert fetch(studio.url + "/", host=f"other{port}.gradio.live")[0] == 400
         assert fetch(studio.url + "/", host="gradio.live")[0] == 400
         reset = json.dumps({"session_hash": "x"}).encode()
-        assert fetch(studio.url + "/gradio_api/reset", host=share_host, origin=f"https://{share_host}",
-                     method="POST", body=reset)[0] not in (400, 403)
-        assert fetch(studio.url + "/gradio_api/reset", host=share_host, origin="https://evil.gradio.live",
-                     method="POST", body=reset)[0] == 403
+        assert fetch(
+            studio.url + "/gradio_api/reset", host=share_host, origin=f"https://{share_host}", method="POST", body=reset
+        )[0] not in (400, 403)
+        assert (
+            fetch(
+                studio.url + "/gradio_api/reset",
+                host=share_host,
+                origin="https://evil.gradio.live",
+                method="POST",
+                body=reset,
+            )[0]
+            == 403
+        )
     finally:
         studio.close()
     assert tunnel.killed and tunnel not in tunneling.CURRENT_TUNNELS
@@ -275,7 +288,7 @@ def colab(monkeypatch):
     monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
     monkeypatch.setattr(IPython.core.getipython, "get_ipython", lambda: shell)
     monkeypatch.setattr(IPython.display, "display", lambda *objects, **kw: shown.extend(objects))
-    return types.SimpleNamespace(port=port, proxy=proxy, host=proxy[len("https://"):-1], asked=asked, shown=shown)
+    return types.SimpleNamespace(port=port, proxy=proxy, host=proxy[len("https://") : -1], asked=asked, shown=shown)
 
 
 def test_in_colab_it_shows_through_the_kernels_proxy_and_lets_in_that_host_only(tmp_path, monkeypatch, colab):
@@ -293,14 +306,23 @@ def test_in_colab_it_shows_through_the_kernels_proxy_and_lets_in_that_host_only(
         assert fetch(studio.url + "/config", host=colab.host)[0] == 200
         reset = json.dumps({"session_hash": "x"}).encode()
         for host in (colab.host, f"127.0.0.1:{colab.port}"):
-            assert fetch(studio.url + "/gradio_api/reset", host=host, origin=f"https://{colab.host}",
-                         method="POST", body=reset)[0] not in (400, 403)
+            assert fetch(
+                studio.url + "/gradio_api/reset", host=host, origin=f"https://{colab.host}", method="POST", body=reset
+            )[0] not in (400, 403)
         another_vm = colab.host.replace("q1w2e3r4t5y", "zzzzzzzzzzz")
         another_port = colab.host.replace(f"-{colab.port}-", f"-{colab.port + 1}-")
         for host in (another_vm, another_port, "colab.googleusercontent.com", "x.prod.colab.dev"):
             assert fetch(studio.url + "/config", host=host)[0] == 400, host
-            assert fetch(studio.url + "/gradio_api/reset", host=f"127.0.0.1:{colab.port}", origin=f"https://{host}",
-                         method="POST", body=reset)[0] == 403, host
+            assert (
+                fetch(
+                    studio.url + "/gradio_api/reset",
+                    host=f"127.0.0.1:{colab.port}",
+                    origin=f"https://{host}",
+                    method="POST",
+                    body=reset,
+                )[0]
+                == 403
+            ), host
     finally:
         studio.close()
     assert port_is_free(colab.port)
@@ -310,8 +332,9 @@ def test_guard_lets_in_late_names_only_once_known():
     from finetune.studio.guard import AllowedHosts
 
     link = []
-    hosts = AllowedHosts.of("127.0.0.1", 7860, ["abc-496ff2e9c6d22116-7860-colab.googleusercontent.com"],
-                            late=lambda: link)
+    hosts = AllowedHosts.of(
+        "127.0.0.1", 7860, ["abc-496ff2e9c6d22116-7860-colab.googleusercontent.com"], late=lambda: link
+    )
     assert hosts.allows("abc-496ff2e9c6d22116-7860-colab.googleusercontent.com")
     assert hosts.allows_origin("https://abc-496ff2e9c6d22116-7860-colab.googleusercontent.com", "127.0.0.1:7860")
     assert not hosts.allows("1234abcd.gradio.live")  # the share link, before gradio has it
@@ -384,8 +407,9 @@ def test_the_studio_in_a_jupyter_kernel_shows_inline_answers_trains_beside_it_an
 
     port, runs = free_port(), tmp_path / "runs"
     data = make_class_folders(tmp_path / "photos", classes=("cats", "dogs"), per_class=4)
-    nb = execute_notebook(NOTEBOOK, cwd=tmp_path, timeout=300,
-                          env={"T_PORT": str(port), "T_RUNS": str(runs), "T_DATA": str(data)})
+    nb = execute_notebook(
+        NOTEBOOK, cwd=tmp_path, timeout=300, env={"T_PORT": str(port), "T_RUNS": str(runs), "T_DATA": str(data)}
+    )
     text = notebook_text(nb)
     assert "config answered 200" in text and "closed <Finetune Studio at" in text and "(closed)>" in text
     # shown inline: gradio's iframe of the local address, as a local Jupyter's browser reaches it

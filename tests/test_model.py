@@ -139,11 +139,14 @@ def test_legacy_and_non_regular_weights_files_are_refused_by_name(tmp_path):
         safe_load(tmp_path, "model")
 
 
-@pytest.mark.parametrize("strategy, trainable_prefixes", [
-    ("all", ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")),
-    ("last", ("layer4", "fc")),
-    ("head", ("fc",)),
-])
+@pytest.mark.parametrize(
+    "strategy, trainable_prefixes",
+    [
+        ("all", ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")),
+        ("last", ("layer4", "fc")),
+        ("head", ("fc",)),
+    ],
+)
 def test_each_strategy_trains_exactly_its_parameters(strategy, trainable_prefixes):
     model = build_model("resnet34", 4, "none")
     apply_strategy(model, strategy)
@@ -213,8 +216,14 @@ def test_an_architecture_is_one_row(tmp_path):
     for strategy in STRATEGIES:
         apply_strategy(model, strategy)
         trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
-        assert trainable == {"all": {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"},
-                             "last": {"layer4", "fc"}, "head": {"fc"}}[strategy]
+        assert (
+            trainable
+            == {
+                "all": {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"},
+                "last": {"layer4", "fc"},
+                "head": {"fc"},
+            }[strategy]
+        )
         groups = param_groups(model, strategy, head_lr=1e-3, backbone_scale=0.1, pretrained=True)
         assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
         frozen, rest = split_model(model.eval(), strategy)

@@ -32,11 +32,22 @@ def trained_run(tmp_path_factory):
     `last` rather than `head`: random (not pretrained) backbone features are huge (norms ~500), which a
     lone linear head learns from badly; the trainable layer4 BatchNorm rescales them.
     """
-    data = make_class_folders(tmp_path_factory.mktemp("data") / "colours", classes=("red", "green", "blue"),
-                              per_class=8)
-    cfg = TrainConfig(data=str(data), runs_dir=str(tmp_path_factory.mktemp("runs")), weights="none",
-                      strategy="last", epochs=6, lr=1e-3, batch_size=4, image_size=64, workers=0, seed=0,
-                      label_smoothing=0.0)
+    data = make_class_folders(
+        tmp_path_factory.mktemp("data") / "colours", classes=("red", "green", "blue"), per_class=8
+    )
+    cfg = TrainConfig(
+        data=str(data),
+        runs_dir=str(tmp_path_factory.mktemp("runs")),
+        weights="none",
+        strategy="last",
+        epochs=6,
+        lr=1e-3,
+        batch_size=4,
+        image_size=64,
+        workers=0,
+        seed=0,
+        label_smoothing=0.0,
+    )
     return train(cfg), data
 
 
@@ -139,8 +150,17 @@ def test_batches_include_the_last_partial_one_and_bad_files_become_rows(trained_
     out = write_csv(small, tmp_path / "predictions.csv", top_k=3)
     with open(out, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "prediction", "best_guess", "confidence", "class_2", "probability_2", "class_3",
-                             "probability_3", "error"]
+    assert list(rows[0]) == [
+        "path",
+        "prediction",
+        "best_guess",
+        "confidence",
+        "class_2",
+        "probability_2",
+        "class_3",
+        "probability_3",
+        "error",
+    ]
     assert rows[0]["best_guess"] == small[0].label and rows[0]["prediction"] == small[0].answer
     assert float(rows[0]["confidence"]) == pytest.approx(small[0].confidence, abs=1e-6)
     assert rows[7]["prediction"] == "" and rows[7]["error"]
@@ -175,8 +195,10 @@ def test_a_fifo_named_jpg_is_an_error_row_not_a_hang(trained_run, tmp_path, caps
     os.mkfifo(fifo)
     predictor = Predictor.from_run(run, device="cpu")
     rows = run_within(30, lambda: predictor.predict_paths(list_images([folder])), [fifo])
-    assert [(Path(r.path).name, r.error) for r in rows] == [("a.png", None),
-                                                            ("x.jpg", "not a regular file (a named pipe)")]
+    assert [(Path(r.path).name, r.error) for r in rows] == [
+        ("a.png", None),
+        ("x.jpg", "not a regular file (a named pipe)"),
+    ]
     with pytest.raises(FinetuneError, match=r"cannot read image \S*x.jpg: not a regular file \(a named pipe\)"):
         run_within(30, lambda: predictor.predict_image(fifo), [fifo])
     assert run_within(60, lambda: cli.main(["predict", str(run), str(folder), "--device", "cpu"]), [fifo]) == 1
@@ -194,8 +216,11 @@ def test_the_json_files_a_user_names_are_read_alike(tmp_path):
     broken, fifo = tmp_path / "broken.json", tmp_path / "pipe.json"
     broken.write_text("{not json")
     os.mkfifo(fifo)
-    for what, read in [("class file", read_class_indices), ("curation file", load_curation),
-                       ("config file", TrainConfig.load)]:
+    for what, read in [
+        ("class file", read_class_indices),
+        ("curation file", load_curation),
+        ("config file", TrainConfig.load),
+    ]:
         with pytest.raises(FinetuneError, match=rf"^{what} \S*broken.json is not valid JSON: "):
             read(broken)
         with pytest.raises(FinetuneError, match=rf"^refusing {what} \S*pipe.json: not a regular file"):
@@ -305,8 +330,9 @@ def test_a_run_whose_model_holds_nan_is_refused_in_one_line(tmp_path):
     (run / "run.json").write_text(json.dumps({"arch": "resnet34", "classes": ["a", "b"], "status": "completed"}))
     with pytest.raises(FinetuneError) as caught:
         Predictor.from_run(run, device="cpu")
-    assert str(caught.value) == (f"refusing the weights in {run / 'model.pth'}: fc.bias holds infinite values "
-                                 f"(a diverged or damaged model)")
+    assert str(caught.value) == (
+        f"refusing the weights in {run / 'model.pth'}: fc.bias holds infinite values (a diverged or damaged model)"
+    )
 
 
 def test_one_image_gets_the_answer_a_batch_gives_it(trained_run, tmp_path):
@@ -363,8 +389,12 @@ def test_a_pipe_closed_early_still_gets_the_csv_and_the_heatmaps(trained_run, tm
     out_csv, heatmaps = tmp_path / "p.csv", tmp_path / "why"
     with open(write_end, "w", encoding="utf-8") as stdout:  # block-buffered, as a piped stdout is
         monkeypatch.setattr(sys, "stdout", stdout)
-        code = run_within(120, lambda: cli.main(["predict", str(run), str(folder), "--csv", str(out_csv),
-                                                 "--explain", str(heatmaps), "--device", "cpu"]))
+        code = run_within(
+            120,
+            lambda: cli.main(
+                ["predict", str(run), str(folder), "--csv", str(out_csv), "--explain", str(heatmaps), "--device", "cpu"]
+            ),
+        )
         monkeypatch.undo()
     reader.join(10)
     assert code == 0 and first[0].startswith(b"min confidence ")

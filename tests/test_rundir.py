@@ -18,8 +18,7 @@ from finetune.rundir import RunDir, list_runs, read_metrics, resolve_run, run_ch
 def make_run(runs_dir, name, created, status="completed", model=True, accuracy=0.5):
     run = runs_dir / name
     run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"created": created, "status": status,
-                                              "summary": {"accuracy": accuracy}}))
+    (run / "run.json").write_text(json.dumps({"created": created, "status": status, "summary": {"accuracy": accuracy}}))
     if model:
         (run / "model.pth").write_bytes(b"x")
     return run
@@ -70,7 +69,6 @@ def test_info_updates_keep_what_was_there(tmp_path):
     assert run.class_indices.read_text() == '{\n    "0": "daisy",\n    "1": "roses"\n}'
 
 
-
 def test_require_trained_names_what_is_missing(tmp_path):
     run = RunDir(tmp_path / "r")
     run.path.mkdir()
@@ -108,8 +106,9 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, m
     monkeypatch.setattr(fsutil._Sink, "write", disk_fills)
     with pytest.raises(rundir.DiskFull) as caught:  # torch.save raises RuntimeError over the OSError
         rundir.save_atomic({"w": torch.zeros(1000)}, target)
-    assert re.fullmatch(rf"disk full: could not write {target} \([\d.]+ [MG]B free on that file system\)",
-                        str(caught.value))
+    assert re.fullmatch(
+        rf"disk full: could not write {target} \([\d.]+ [MG]B free on that file system\)", str(caught.value)
+    )
     with pytest.raises(rundir.DiskFull, match=f"could not write {tmp_path / 'run.json'}"):
         rundir.write_json(tmp_path / "run.json", {"status": "failed"})
     monkeypatch.undo()
@@ -137,15 +136,22 @@ def test_temporary_names_are_unique_so_two_writers_never_share_one(tmp_path):
     assert target.read_bytes() == b"outer" and [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
-HOLD_LOCK = ("import sys\nfrom finetune.rundir import TrainingLock\n"
-             "with TrainingLock(sys.argv[1], sys.argv[2]) as lock:\n"
-             "    print(lock.path, flush=True)\n    sys.stdin.readline()\n")
+HOLD_LOCK = (
+    "import sys\nfrom finetune.rundir import TrainingLock\n"
+    "with TrainingLock(sys.argv[1], sys.argv[2]) as lock:\n"
+    "    print(lock.path, flush=True)\n    sys.stdin.readline()\n"
+)
 
 
 def hold_lock(runs_dir, data) -> subprocess.Popen:
     """Another process that holds a training's lock in `runs_dir` until its stdin closes."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(runs_dir), str(data)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(runs_dir), str(data)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     holder.lock_path = Path(holder.stdout.readline().strip())
     assert holder.lock_path.is_file(), "the lock holder did not start"
     return holder
@@ -158,7 +164,8 @@ def test_two_trainings_hold_locks_side_by_side_and_a_dead_ones_lock_is_stale(tmp
     first, second = hold_lock(runs, "/data/one"), hold_lock(runs, "/data/two")  # neither refuses the other
     try:
         assert sorted((t["pid"], t["data"]) for t in live_trainings(runs)) == sorted(
-            [(first.pid, "/data/one"), (second.pid, "/data/two")])
+            [(first.pid, "/data/one"), (second.pid, "/data/two")]
+        )
         first.kill()  # SIGKILL: no clean-up ran, the file stays, but nobody holds its flock
         first.wait(10)
         assert first.lock_path.is_file()

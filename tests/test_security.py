@@ -79,9 +79,13 @@ def test_zip_with_html_svg_and_script_riders_extracts_only_images(tmp_path):
     assert written == [MANIFEST] + [f"{c}/img_{i}.png" for c in ("cats", "dogs") for i in range(3)]
     skipped = dict(result.skipped)
     assert skipped == {
-        "index.html": "not an image file", "cats/evil.svg": "not an image file", "dogs/app.js": "not an image file",
-        "dogs/photo.png.html": "not an image file", "readme.txt": "not an image file",
-        "__MACOSX/": "hidden or system folder", "cats/.DS_Store": "hidden or system file",
+        "index.html": "not an image file",
+        "cats/evil.svg": "not an image file",
+        "dogs/app.js": "not an image file",
+        "dogs/photo.png.html": "not an image file",
+        "readme.txt": "not an image file",
+        "__MACOSX/": "hidden or system folder",
+        "cats/.DS_Store": "hidden or system file",
     }
     assert result.files == 6 and result.sha256 == archive_sha and not result.reused
     # the manifest keeps the report for whoever reuses the folder later
@@ -120,12 +124,36 @@ def overlapping_zip(path: Path, count: int, block_parts, method: int) -> Path:
         chunks.append(packer.flush())
     payload = b"".join(chunks)
     names = [f"cats/{i:04d}.png".encode() for i in range(count)]
-    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(payload), raw_size,
-                        len(names[0]), 0) + names[0]
+    local = (
+        struct.pack(
+            "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(payload), raw_size, len(names[0]), 0
+        )
+        + names[0]
+    )
     central = b"".join(
-        struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, method, 0, 0x21, crc, len(payload), raw_size,
-                    len(name), 0, 0, 0, 0, 0, 0) + name
-        for name in names)
+        struct.pack(
+            "<4sHHHHHHIIIHHHHHII",
+            b"PK\x01\x02",
+            20,
+            20,
+            0,
+            method,
+            0,
+            0x21,
+            crc,
+            len(payload),
+            raw_size,
+            len(name),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+        + name
+        for name in names
+    )
     end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), len(local) + len(payload), 0)
     path.write_bytes(local + payload + central + end)
     return path
@@ -142,10 +170,14 @@ def deflated_hundred_to_one():
         yield rng.randbytes(1000) + bytes(109_000)
 
 
-@pytest.mark.parametrize("count, block, method", [
-    (300, stored_megabyte, zipfile.ZIP_STORED),  # 300 MB from a 1 MB file, every ratio claimed 1:1
-    (60, deflated_hundred_to_one, zipfile.ZIP_DEFLATED),  # 6 GB from a 1 MB file, 100:1 per entry
-], ids=["stored", "deflated"])
+@pytest.mark.parametrize(
+    "count, block, method",
+    [
+        (300, stored_megabyte, zipfile.ZIP_STORED),  # 300 MB from a 1 MB file, every ratio claimed 1:1
+        (60, deflated_hundred_to_one, zipfile.ZIP_DEFLATED),  # 6 GB from a 1 MB file, 100:1 per entry
+    ],
+    ids=["stored", "deflated"],
+)
 def test_overlapping_entries_zip_is_refused(tmp_path, count, block, method):
     archive = overlapping_zip(tmp_path / "overlap.zip", count, block(), method)
     size = archive.stat().st_size
@@ -276,6 +308,7 @@ def test_disk_usage_counts_blocks_once_and_does_not_follow_links(tmp_path):
 def bomb_png(path: Path, width: int = 12000, height: int = 12000) -> Path:
     """A valid single-colour greyscale PNG of `width` x `height` (144 megapixels by default) in about
     140 KB, written row by row so making it costs no memory."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -333,8 +366,9 @@ print(json.dumps({"growth_mb": (after - before) / 1024, "skipped": len(scan.skip
 def test_scanning_many_bombs_keeps_peak_memory_bounded(tmp_path, bomb):
     root = bomb_dataset(tmp_path / "d", bomb, per_class=4)
     env = {k: v for k, v in os.environ.items() if k != "FINETUNE_MAX_PIXELS"}
-    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(root)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(root)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["skipped"] == 8
@@ -412,10 +446,28 @@ def test_prediction_csv_escapes_formula_names_and_keeps_numbers(tmp_path):
         Prediction("plain.png", [("cats", 1.0), ("dogs", 0.0), ("\rowls", 0.0)]),
     ]
     rows = read_rows(write_csv(predictions, tmp_path / "p.csv", top_k=3))
-    assert rows[0] == ["path", "prediction", "best_guess", "confidence", "class_2", "probability_2", "class_3",
-                       "probability_3", "error"]
-    assert rows[1] == ["'" + FORMULA_FILE, "'+cmd", "'+cmd", "0.750000", "'@SUM(1)", "0.200000", "'-2+3", "0.050000",
-                       ""]
+    assert rows[0] == [
+        "path",
+        "prediction",
+        "best_guess",
+        "confidence",
+        "class_2",
+        "probability_2",
+        "class_3",
+        "probability_3",
+        "error",
+    ]
+    assert rows[1] == [
+        "'" + FORMULA_FILE,
+        "'+cmd",
+        "'+cmd",
+        "0.750000",
+        "'@SUM(1)",
+        "0.200000",
+        "'-2+3",
+        "0.050000",
+        "",
+    ]
     assert rows[2] == ["'\t=1+1.png", "", "", "", "", "", "", "", "'=cannot decode"]
     assert rows[3] == ["plain.png", "cats", "cats", "1.000000", "dogs", "0.000000", "'\rowls", "0.000000", ""]
 
@@ -475,8 +527,9 @@ def png_bytes(colour=(10, 200, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def deep_tree(top: Path, levels: int = DEEP, name: str = "a", content: bytes | None = None,
-              link_to: Path | None = None) -> None:
+def deep_tree(
+    top: Path, levels: int = DEEP, name: str = "a", content: bytes | None = None, link_to: Path | None = None
+) -> None:
     """top/a/a/.../a (`levels` folders) made relative to each folder's descriptor, so no path is
     ever longer than one name; an image at levels 3 and at the bottom, and a link to `link_to` there."""
     fd = os.open(top, os.O_RDONLY)
@@ -529,8 +582,7 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 
 def test_zip_nested_1100_folders_deep_is_refused_before_anything_is_written(tmp_path):
     make_class_folders(tmp_path / "data")
-    archive = zip_folder(tmp_path / "data", tmp_path / "deep.zip",
-                         extra={"cats/" + "a/" * DEEP + "x.png": png_bytes()})
+    archive = zip_folder(tmp_path / "data", tmp_path / "deep.zip", extra={"cats/" + "a/" * DEEP + "x.png": png_bytes()})
     assert archive.stat().st_size < 100_000
     with pytest.raises(FinetuneError, match=r"nested 1102 levels deep \(at most 32") as error:
         check_zip(archive)
@@ -540,11 +592,14 @@ def test_zip_nested_1100_folders_deep_is_refused_before_anything_is_written(tmp_
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.parametrize("entry, what", [
-    ("cats/" + "n" * 296 + ".png", "a name of 300 bytes"),
-    ("cats/" + "é" * 140 + ".png", "a name of 284 bytes"),  # bytes in UTF-8, not characters
-    ("cats/" + "/".join(["d" * 200] * 6) + "/x.png", "a path of 1216 bytes"),
-])
+@pytest.mark.parametrize(
+    "entry, what",
+    [
+        ("cats/" + "n" * 296 + ".png", "a name of 300 bytes"),
+        ("cats/" + "é" * 140 + ".png", "a name of 284 bytes"),  # bytes in UTF-8, not characters
+        ("cats/" + "/".join(["d" * 200] * 6) + "/x.png", "a path of 1216 bytes"),
+    ],
+)
 def test_zip_with_an_overlong_name_or_path_is_refused(tmp_path, entry, what):
     make_class_folders(tmp_path / "data")
     archive = zip_folder(tmp_path / "data", tmp_path / "long.zip", extra={entry: png_bytes()})
@@ -553,13 +608,16 @@ def test_zip_with_an_overlong_name_or_path_is_refused(tmp_path, entry, what):
     one_line(error)
 
 
-@pytest.mark.parametrize("entry, shown", [
-    ("cats/\x1b[2Jcleared.png", r"\x1b[2Jcleared.png"),
-    ("cats/holiday\u202egnp.jpg", r"holiday\u202egnp.jpg"),  # shows as 'holidaygpj.png'
-    ("ca\nts/a.png", r"ca\x0ats/a.png"),
-    ("cats/a\u2066b.png", r"a\u2066b.png"),
-    ("cats/a\x85b.png", r"a\x85b.png"),  # C1 control
-])
+@pytest.mark.parametrize(
+    "entry, shown",
+    [
+        ("cats/\x1b[2Jcleared.png", r"\x1b[2Jcleared.png"),
+        ("cats/holiday\u202egnp.jpg", r"holiday\u202egnp.jpg"),  # shows as 'holidaygpj.png'
+        ("ca\nts/a.png", r"ca\x0ats/a.png"),
+        ("cats/a\u2066b.png", r"a\u2066b.png"),
+        ("cats/a\x85b.png", r"a\x85b.png"),  # C1 control
+    ],
+)
 def test_zip_entry_with_control_or_bidi_characters_is_refused_and_named_escaped(tmp_path, entry, shown):
     make_class_folders(tmp_path / "data")
     archive = zip_folder(tmp_path / "data", tmp_path / "names.zip", extra={entry: png_bytes()})
@@ -673,8 +731,10 @@ def test_image_named_with_a_right_to_left_override_is_skipped_undecoded(tmp_path
     check = data_module.check_images
     monkeypatch.setattr(data_module, "check_images", lambda r, rels, **kw: decoded.extend(rels) or check(r, rels, **kw))
     scan = scan_dataset(root)
-    assert dict(scan.skipped) == {r"cats/holiday\u202egnp.jpg": "name contains bidirectional control characters",
-                                  r"dogs/tab\x09here/": "name contains control characters"}
+    assert dict(scan.skipped) == {
+        r"cats/holiday\u202egnp.jpg": "name contains bidirectional control characters",
+        r"dogs/tab\x09here/": "name contains control characters",
+    }
     assert len(decoded) == 12 and not any("\u202e" in rel or "\t" in rel for rel in decoded)
     assert "\u202e" not in scan.report() and "\t" not in scan.report()
     found: list = []
@@ -703,14 +763,23 @@ def test_classes_differing_only_in_case_or_normalisation_are_kept_apart_with_a_w
 
 def many_page_tiff(pages: int) -> bytes:
     """A valid TIFF of `pages` 1 x 1 grey pages (PIL's save_all takes minutes for thousands)."""
-    entries = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-               (273, 4, 1, 8), (278, 3, 1, 1), (279, 4, 1, 1)]  # width, height, 8 bits, raw, grey, strip
+    entries = [
+        (256, 3, 1, 1),
+        (257, 3, 1, 1),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, 1, 8),
+        (278, 3, 1, 1),
+        (279, 4, 1, 1),
+    ]  # width, height, 8 bits, raw, grey, strip
     out = bytearray(b"II*\x00" + struct.pack("<L", 10) + b"\x80\x00")  # first IFD at 10, the pixel at 8
     for page in range(pages):
         out += struct.pack("<H", len(entries))
         for tag, kind, count, value in entries:
-            out += struct.pack("<HHL", tag, kind, count) + struct.pack("<HH" if kind == 3 else "<L", *(
-                (value, 0) if kind == 3 else (value,)))
+            out += struct.pack("<HHL", tag, kind, count) + struct.pack(
+                "<HH" if kind == 3 else "<L", *((value, 0) if kind == 3 else (value,))
+            )
         out += struct.pack("<L", len(out) + 4 if page < pages - 1 else 0)
     return bytes(out)
 
@@ -812,8 +881,10 @@ def test_fifo_named_like_an_image_is_skipped_not_waited_on(tmp_path):
     with pytest.raises(FinetuneError, match="not a regular file"):
         run_within(10, lambda: load_rgb(fifo), [fifo])
     scan = run_within(30, lambda: scan_dataset(root), [fifo])
-    assert dict(scan.skipped) == {"cats/x.jpg": "not a regular file (a named pipe)",
-                                  "dogs/folder.png": "not a regular file (a folder)"}
+    assert dict(scan.skipped) == {
+        "cats/x.jpg": "not a regular file (a named pipe)",
+        "dogs/folder.png": "not a regular file (a folder)",
+    }
     assert len(scan.train) + len(scan.val) == 12
     os.symlink(root / "cats" / "img_0.png", root / "cats" / "link.png")  # a link to an image is fine
     assert check_image(root / "cats" / "link.png") is None

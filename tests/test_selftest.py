@@ -13,8 +13,14 @@ from conftest import REPO
 @pytest.mark.slow
 def test_selftest_on_the_cpu_passes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "finetune", "selftest", "--device", "cpu", "--image-size", "64"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune", "selftest", "--device", "cpu", "--image-size", "64"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     out = done.stdout
     assert "mixed precision: off" in out and "channels_last: on" in out

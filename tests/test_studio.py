@@ -34,8 +34,17 @@ from finetune.studio.state import PredictorCache, Studio  # noqa: E402
 from finetune.studio.workspace import UNUSED_SECONDS, Workspace  # noqa: E402
 
 CLASSES = ["circle", "square", "triangle"]
-HEAD = dict(arch="resnet34", strategy="head", weights="none", weights_file=None, epochs=1, batch_size=16, lr=0.01,
-            image_size=64, seed=0)  # Train tab settings of a short training (handlers take them by keyword)
+HEAD = dict(
+    arch="resnet34",
+    strategy="head",
+    weights="none",
+    weights_file=None,
+    epochs=1,
+    batch_size=16,
+    lr=0.01,
+    image_size=64,
+    seed=0,
+)  # Train tab settings of a short training (handlers take them by keyword)
 
 
 def last(generator):
@@ -46,24 +55,50 @@ def last(generator):
     return result
 
 
-def fake_run(runs_dir: Path, name: str, data: Path | None = None, model: bool = True,
-             created: str = "2025-01-01T10:00:00", status: str = "completed", **info) -> Path:
+def fake_run(
+    runs_dir: Path,
+    name: str,
+    data: Path | None = None,
+    model: bool = True,
+    created: str = "2025-01-01T10:00:00",
+    status: str = "completed",
+    **info,
+) -> Path:
     run = runs_dir / name
     run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"format": "finetune-run/1", "status": status, "arch": "resnet34",
-                                              "strategy": "head", "classes": CLASSES, "created": created,
-                                              "summary": {"accuracy": 0.9}, **info}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "format": "finetune-run/1",
+                "status": status,
+                "arch": "resnet34",
+                "strategy": "head",
+                "classes": CLASSES,
+                "created": created,
+                "summary": {"accuracy": 0.9},
+                **info,
+            }
+        )
+    )
     (run / "class_indices.json").write_text(json.dumps({str(i): c for i, c in enumerate(CLASSES)}, indent=4))
     if model:
         (run / "model.pth").write_bytes(b"weights")
     if data is not None:
         (run / "split.json").write_text(json.dumps({"root": str(data)}))
         wrong = [{"path": "circle/circle_00.jpg", "true": "circle", "predicted": "square", "confidence": 0.8}]
-        (run / "metrics.json").write_text(json.dumps({
-            "num_images": 15, "accuracy": 0.9333, "balanced_accuracy": 0.93, "macro_f1": 0.931,
-            "top_k_accuracy": {"1": 0.9333, "2": 1.0},
-            "per_class": {c: {"precision": 0.9, "recall": 0.95, "f1": 0.92, "support": 5} for c in CLASSES},
-            "misclassified": wrong}))
+        (run / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "num_images": 15,
+                    "accuracy": 0.9333,
+                    "balanced_accuracy": 0.93,
+                    "macro_f1": 0.931,
+                    "top_k_accuracy": {"1": 0.9333, "2": 1.0},
+                    "per_class": {c: {"precision": 0.9, "recall": 0.95, "f1": 0.92, "support": 5} for c in CLASSES},
+                    "misclassified": wrong,
+                }
+            )
+        )
         make_image(run / "confusion_matrix.png", size=(20, 20))
         make_image(run / "training_curves.png", size=(20, 10))
     return run
@@ -246,11 +281,33 @@ def test_start_passes_every_setting_and_releases_the_gpu(studio, tmp_path, monke
     run = fake_run(studio.runs_dir, "r1")
     studio.predictors.get(run, "cuda:0")
     studio.predictors.get(run, "cpu")
-    out = train_tab.start_training(studio, data="photos", arch="resnet50", strategy="all", weights="none",
-                                   weights_file=None, epochs=7, batch_size=16, lr=0.02, image_size=96, seed=3, gpus=1)
+    out = train_tab.start_training(
+        studio,
+        data="photos",
+        arch="resnet50",
+        strategy="all",
+        weights="none",
+        weights_file=None,
+        epochs=7,
+        batch_size=16,
+        lr=0.02,
+        image_size=96,
+        seed=3,
+        gpus=1,
+    )
     assert out["message"] == "Started fake-run" and "train_status_text" in out["progress"]
-    expected = TrainConfig(data=str(tmp_path / "cwd" / "photos"), arch="resnet50", strategy="all", weights="none",
-                           epochs=7, batch_size=16, lr=0.02, image_size=96, seed=3, runs_dir=str(studio.runs_dir))
+    expected = TrainConfig(
+        data=str(tmp_path / "cwd" / "photos"),
+        arch="resnet50",
+        strategy="all",
+        weights="none",
+        epochs=7,
+        batch_size=16,
+        lr=0.02,
+        image_size=96,
+        seed=3,
+        runs_dir=str(studio.runs_dir),
+    )
     assert studio.job.cfg.to_dict() == expected.to_dict()  # every field, the rest at their defaults
     assert [k[2] for k in studio.predictors.keys()] == ["cpu"] and released == [True]  # noqa: SIM118 - not a dict
     with pytest.raises(gr.Error, match="already running \\(fake-run"):
@@ -277,15 +334,31 @@ def test_without_imagenet_weights_the_train_tab_opens_on_strategy_all_and_says_w
     assert "strategy_for_weights" in {fn.api_name for fn in demo.fns.values()}
 
     monkeypatch.setattr(finetune.model, "weights_available", lambda arch, weights: (True, "x"))
-    by_id = {block.elem_id: block for block in studio_app.build_app(studio).blocks.values()
-             if getattr(block, "elem_id", None)}
+    by_id = {
+        block.elem_id: block
+        for block in studio_app.build_app(studio).blocks.values()
+        if getattr(block, "elem_id", None)
+    }
     assert (by_id["weights"].value, by_id["strategy"].value) == ("imagenet", "last")
+
 
 # TrainConfig fields the Train tab does not offer: data (chosen on the Data tab), runs_dir (the studio's own
 # runs folder) and extra (free-form notes of the Python API, not an option). See train_tab's docstring.
 NOT_ON_THE_TRAIN_TAB = {"data", "runs_dir", "extra"}
-OLD_START_PARAMETERS = ["data", "arch", "strategy", "weights", "weights_file", "epochs", "batch_size", "lr",
-                        "image_size", "seed", "gpus", "curation"]  # API clients may pass these by position
+OLD_START_PARAMETERS = [
+    "data",
+    "arch",
+    "strategy",
+    "weights",
+    "weights_file",
+    "epochs",
+    "batch_size",
+    "lr",
+    "image_size",
+    "seed",
+    "gpus",
+    "curation",
+]  # API clients may pass these by position
 
 
 def built_train_tab(studio) -> train_tab.TrainTab:
@@ -310,7 +383,7 @@ def test_the_train_tab_offers_every_option_and_passes_each_on(studio, tmp_path, 
     demo = studio_app.build_app(studio)
     offered = {f.name for f in dataclasses.fields(TrainConfig)} - NOT_ON_THE_TRAIN_TAB
     params = start_parameters(demo)
-    assert params[:len(OLD_START_PARAMETERS)] == OLD_START_PARAMETERS
+    assert params[: len(OLD_START_PARAMETERS)] == OLD_START_PARAMETERS
     assert set(params) == offered | {"data", "weights_file", "gpus"} and len(params) == len(set(params))
     tab = built_train_tab(studio)
     assert set(tab.settings) == offered
@@ -324,13 +397,21 @@ def test_the_train_tab_offers_every_option_and_passes_each_on(studio, tmp_path, 
     train_tab.start_training(studio, data="photos", **wanted)
     got = studio.job.cfg
     assert {name: getattr(got, name) for name in offered - {"weights", "curation"}} == {
-        name: value for name, value in wanted.items() if name not in ("weights", "curation")}
+        name: value for name, value in wanted.items() if name not in ("weights", "curation")
+    }
     assert got.weights.endswith("w.pth") and got.curation == str(tmp_path / "cwd" / "review" / "curation.json")
 
 
 def test_settings_from_the_page_are_checked_and_empty_boxes_are_defaults(studio):
-    cfg = train_tab.training_config(studio, data=str(studio.default_data), **{**HEAD, "epochs": 2.0}, workers=None,
-                                    run_name="  ", memory_budget_gb=None, curation="")
+    cfg = train_tab.training_config(
+        studio,
+        data=str(studio.default_data),
+        **{**HEAD, "epochs": 2.0},
+        workers=None,
+        run_name="  ",
+        memory_budget_gb=None,
+        curation="",
+    )
     assert cfg.epochs == 2 and type(cfg.epochs) is int and cfg.workers is None and cfg.run_name is None
     assert cfg.curation is None
     with pytest.raises(FinetuneError, match="option cache_views must be a number"):
@@ -345,8 +426,10 @@ def test_a_field_added_to_trainconfig_appears_on_the_train_tab(studio, monkeypat
     from finetune import config
 
     extended = dataclasses.make_dataclass(
-        "TrainConfig", [("dropout", "float", config.option(0.0, "dropout before the new head", "optim"))],
-        bases=(TrainConfig,))
+        "TrainConfig",
+        [("dropout", "float", config.option(0.0, "dropout before the new head", "optim"))],
+        bases=(TrainConfig,),
+    )
     monkeypatch.setattr(config, "TrainConfig", extended)
     monkeypatch.setattr(train_tab, "TrainConfig", extended)
     box = built_train_tab(studio).settings["dropout"]
@@ -368,8 +451,9 @@ def test_the_data_tabs_imbalance_hint_names_the_train_tabs_setting(studio, tmp_p
     assert isinstance(box, gr.Checkbox) and box.value is False
 
 
-@pytest.mark.parametrize("data, message", [("", "Choose the training data first"),
-                                           ("missing", "data folder not found: .*cwd/missing")])
+@pytest.mark.parametrize(
+    "data, message", [("", "Choose the training data first"), ("missing", "data folder not found: .*cwd/missing")]
+)
 def test_start_refuses_missing_data(studio, data, message):
     with pytest.raises(gr.Error, match=message):
         train_tab.start_training(studio, data=data, **HEAD)
@@ -377,8 +461,9 @@ def test_start_refuses_missing_data(studio, data, message):
 
 def test_render_of_a_finished_training_serves_its_matrix(studio, sample_data):
     run = fake_run(studio.runs_dir, "r1", data=sample_data)
-    view = jobs.TrainingView(run_dir=str(run), epochs=1, epoch=1, batch=4, batches=4, status="completed",
-                             summary="15 images: accuracy 0.93")
+    view = jobs.TrainingView(
+        run_dir=str(run), epochs=1, epoch=1, batch=4, batches=4, status="completed", summary="15 images: accuracy 0.93"
+    )
     view.curves = [{"epoch": 0.5, "value": 1.0, "series": "train", "metric": "loss"}]
     out = train_tab.render(studio, view)
     assert "width:100%" in out["progress"] and out["result"].startswith("### Completed: r1")
@@ -391,8 +476,9 @@ def test_render_of_a_finished_training_serves_its_matrix(studio, sample_data):
 def running_process(tmp_path: Path) -> subprocess.Popen:
     """A process that looks like a finetune training to the studio (argv: ... finetune train) and
     ends on SIGINT, as a training does."""
-    process = subprocess.Popen([sys.executable, "-c", sleeper(120), "finetune", "train"],
-                               start_new_session=True, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", sleeper(120), "finetune", "train"], start_new_session=True, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 10
     while not jobs.is_training_process(process.pid):  # /proc shows the new command line a moment later
         assert time.time() < deadline
@@ -403,10 +489,18 @@ def running_process(tmp_path: Path) -> subprocess.Popen:
 def test_start_up_attaches_to_a_training_left_running_and_marks_dead_ones(studio, tmp_path):
     process = running_process(tmp_path)
     try:
-        alive = fake_run(studio.runs_dir, "alive", model=False, status="running", pids=[process.pid],
-                         host=os.uname().nodename, created="2025-01-02T10:00:00")
-        dead = fake_run(studio.runs_dir, "dead", model=True, status="running", pids=[2**22 + 12345],
-                        host=os.uname().nodename)
+        alive = fake_run(
+            studio.runs_dir,
+            "alive",
+            model=False,
+            status="running",
+            pids=[process.pid],
+            host=os.uname().nodename,
+            created="2025-01-02T10:00:00",
+        )
+        dead = fake_run(
+            studio.runs_dir, "dead", model=True, status="running", pids=[2**22 + 12345], host=os.uname().nodename
+        )
         earlier = {"type": "log", "message": "hello from before\nLayout: x\x1b[2J"}
         (alive / "events.jsonl").write_text(json.dumps(earlier) + "\n")
         assert studio.attach_running() == alive
@@ -430,8 +524,9 @@ def test_start_up_attaches_to_a_training_left_running_and_marks_dead_ones(studio
 def test_shutdown_ends_the_training(studio, tmp_path):
     process = running_process(tmp_path)
     try:
-        run = fake_run(studio.runs_dir, "alive", model=True, status="running", pids=[process.pid],
-                       host=os.uname().nodename)
+        run = fake_run(
+            studio.runs_dir, "alive", model=True, status="running", pids=[process.pid], host=os.uname().nodename
+        )
         studio.attach_running()
         studio.shutdown()
         assert process.wait(10) is not None
@@ -460,16 +555,27 @@ def test_evaluate_view_of_a_fake_run(studio, sample_data):
     assert out["summary"].startswith("**r1** (completed, resnet34 / head)") and "accuracy **93.3%**" in out["summary"]
     assert "top-2 100.0%" in out["summary"]
     assert list(out["table"]["class"]) == CLASSES
-    (image, caption), = out["gallery"]
+    ((image, caption),) = out["gallery"]
     assert caption == "circle → square (80%)" and image.size[0] <= 200
     assert out["note"] == "1 of 15 validation images misclassified"
     for key, name in (("matrix", "confusion_matrix.png"), ("curves", "training_curves.png")):
         served = Path(out[key])
         assert served.name == name and served.is_relative_to(studio.workspace.served)
     assert out["calibration"].startswith("This run has no calibration") and out["reliability"] is None
-    calibrated = fake_run(studio.runs_dir, "r2", data=sample_data, calibration={
-        "temperature": 1.5, "temperature_at_bound": False, "val_images": 15, "ece_before": 0.12, "ece_after": 0.04,
-        "suggested_min_confidence": 0.55, "at_suggested": {"answered": 0.9, "accuracy_answered": 0.97}})
+    calibrated = fake_run(
+        studio.runs_dir,
+        "r2",
+        data=sample_data,
+        calibration={
+            "temperature": 1.5,
+            "temperature_at_bound": False,
+            "val_images": 15,
+            "ece_before": 0.12,
+            "ece_after": 0.04,
+            "suggested_min_confidence": 0.55,
+            "at_suggested": {"answered": 0.9, "accuracy_answered": 0.97},
+        },
+    )
     make_image(calibrated / "reliability.png", size=(20, 10))
     out = evaluate_tab.evaluate_run(studio, str(calibrated))
     assert "temperature 1.500" in out["calibration"] and "**0.040** after" in out["calibration"]
@@ -574,8 +680,10 @@ class FakePredictor:
         self.thresholds.append(min_confidence)
         if on_progress:
             on_progress(len(paths), len(paths))
-        return [Prediction(str(p), [("circle", 0.7), ("square", 0.3)][:top_k], unknown=(min_confidence or 0) > 0.7)
-                for p in paths]
+        return [
+            Prediction(str(p), [("circle", 0.7), ("square", 0.3)][:top_k], unknown=(min_confidence or 0) > 0.7)
+            for p in paths
+        ]
 
 
 def test_predictor_cache_key_and_eviction(tmp_path):
@@ -627,8 +735,12 @@ def test_batch_predict_is_bounded_and_removes_its_temporary_inputs(studio, sampl
     before = tree_digest(sample_data)
     with pytest.warns(UserWarning, match="Only the first 4 images were classified: at most 4 per request"):
         out = predict_tab.predict_batch(studio, str(run), [str(p) for p in images] + [str(archive)], 2, None)
-    assert list(out["table"]["file"]) == [images[0].name, images[1].name, "more.zip/batch/circle_00.jpg",
-                                          "more.zip/batch/circle_01.jpg"]
+    assert list(out["table"]["file"]) == [
+        images[0].name,
+        images[1].name,
+        "more.zip/batch/circle_00.jpg",
+        "more.zip/batch/circle_01.jpg",
+    ]
     assert not any(studio.workspace.inputs.iterdir())  # the extracted zip is gone
     assert Path(out["csv"]).parent == studio.workspace.served / "predictions"
     with pytest.warns(UserWarning, match="Only the first 4 images were classified: at most 4 per request"):
@@ -647,8 +759,10 @@ def test_batch_predict_is_bounded_and_removes_its_temporary_inputs(studio, sampl
 # Start-up options
 
 
-@pytest.mark.parametrize("given, host", [("", "127.0.0.1"), ("  ", "127.0.0.1"), (None, "127.0.0.1"),
-                                         ("[::1]", "::1"), (" 0.0.0.0 ", "0.0.0.0")])
+@pytest.mark.parametrize(
+    "given, host",
+    [("", "127.0.0.1"), ("  ", "127.0.0.1"), (None, "127.0.0.1"), ("[::1]", "::1"), (" 0.0.0.0 ", "0.0.0.0")],
+)
 def test_host_is_normalised(given, host):
     assert studio_app.normalise_host(given) == host
 
@@ -661,14 +775,14 @@ def test_empty_host_from_the_environment_means_loopback(monkeypatch):
     assert not studio_app.is_loopback("0.0.0.0") and not studio_app.is_loopback("")
     assert "all IPv4 interfaces" in studio_app.where("0.0.0.0", 7860)
     assert "all interfaces" in studio_app.where("::", 7860)
-    assert studio_app.where("127.0.0.1", 7860) == ("listening on 127.0.0.1, port 7860 (this computer only): "
-                                                   "open http://127.0.0.1:7860")
+    assert studio_app.where("127.0.0.1", 7860) == (
+        "listening on 127.0.0.1, port 7860 (this computer only): open http://127.0.0.1:7860"
+    )
 
 
 def test_a_short_or_malformed_password_is_refused_at_start(monkeypatch, capsys):
     monkeypatch.delenv("FINETUNE_AUTH", raising=False)
-    for given, message in (("ada:short", "has 5 characters: use at least 8"),
-                           ("ada", "must look like user:password")):
+    for given, message in (("ada:short", "has 5 characters: use at least 8"), ("ada", "must look like user:password")):
         assert studio_app.main(["--auth", given, "--port", "1"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "short" not in err  # the password is not shown
@@ -708,6 +822,7 @@ def test_names_from_users_are_shown_not_rendered(studio, tmp_path):
         last(data_tab.scan(studio, "/no/<img src=x onerror=alert(1)>"))
     assert "&lt;img src=x onerror=alert(1)&gt;" in raised.value.message
 
+
 # ---------------------------------------------------------------------------------------------
 # Names shown as text: whatever a folder, file, class or run is called, the page shows its name
 
@@ -744,17 +859,23 @@ def page_html(tmp_path_factory):
             copy = tmp_path_factory.mktemp("gradio-markdown") / "chunks"
             shutil.copytree(chunks, copy)
             (copy / "package.json").write_text('{"type": "module"}')
-            (copy / bundle.name).write_text(source.replace(
-                exports[0], f"export {{ {exports[1]}, {factory[1]} as create_marked }};"), encoding="utf-8")
+            (copy / bundle.name).write_text(
+                source.replace(exports[0], f"export {{ {exports[1]}, {factory[1]} as create_marked }};"),
+                encoding="utf-8",
+            )
             marked = copy / "render.mjs"
-            marked.write_text(f'import {{ readFileSync }} from "fs";\nimport {{ create_marked }} from '
-                              f'"./{bundle.name}";\n{GRADIO_MARKED}', encoding="utf-8")
+            marked.write_text(
+                f'import {{ readFileSync }} from "fs";\nimport {{ create_marked }} from '
+                f'"./{bundle.name}";\n{GRADIO_MARKED}',
+                encoding="utf-8",
+            )
 
     def render(texts: list[str]) -> list[str]:
         html = [commonmark.render(text) for text in texts]
         if marked is not None:
-            out = subprocess.run(["node", str(marked)], input=json.dumps(texts), capture_output=True, text=True,
-                                 timeout=60)
+            out = subprocess.run(
+                ["node", str(marked)], input=json.dumps(texts), capture_output=True, text=True, timeout=60
+            )
             assert out.returncode == 0, out.stderr
             html += json.loads(out.stdout)
         return html
@@ -808,35 +929,67 @@ def test_hostile_names_are_shown_as_text_on_every_tab(studio, tmp_path, page_htm
     assert "cls\\x0a# Heading" in raised.value.message and "&lt;img src=x" in raised.value.message
 
     classes = [CONTROL_CLASS, *HOSTILE_CLASSES[:2]]
-    run = fake_run(studio.runs_dir, "run [x](http:evil) <img src=x>", data=root, classes=classes,
-                   status="completed `x`")
+    run = fake_run(
+        studio.runs_dir, "run [x](http:evil) <img src=x>", data=root, classes=classes, status="completed `x`"
+    )
     (run / "class_indices.json").write_text(json.dumps(dict(enumerate(classes))))
     image = f"{HOSTILE_CLASSES[1]}/img_0.png"
-    (run / "metrics.json").write_text(json.dumps({
-        "num_images": 3, "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5, "top_k_accuracy": {"1": 0.5},
-        "per_class": {c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 1} for c in classes},
-        "misclassified": [{"path": image, "true": classes[1], "predicted": CONTROL_CLASS, "confidence": 0.8}]}))
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "num_images": 3,
+                "accuracy": 0.5,
+                "balanced_accuracy": 0.5,
+                "macro_f1": 0.5,
+                "top_k_accuracy": {"1": 0.5},
+                "per_class": {c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 1} for c in classes},
+                "misclassified": [{"path": image, "true": classes[1], "predicted": CONTROL_CLASS, "confidence": 0.8}],
+            }
+        )
+    )
     out = evaluate_tab.evaluate_run(studio, str(run))
     assert out["gallery"], "the misclassified image is shown"
     markdown += [out["summary"], out["note"], out["calibration"]]
     texts += list(out["table"]["class"]) + [caption for _, caption in out["gallery"]]
 
     torch.manual_seed(0)
-    predictor = Predictor(build_model("resnet34", len(classes), "none"), classes, "resnet34", image_size=32,
-                          device="cpu")
+    predictor = Predictor(
+        build_model("resnet34", len(classes), "none"), classes, "resnet34", image_size=32, device="cpu"
+    )
     studio.predictors = PredictorCache(3, loader=lambda run, device: predictor)
     label = predict_tab.predict_image(studio, str(run), str(root / image), top_k=3)["label"]
     assert {name for name, _ in label["confidences"]} == {printable(c) for c in classes}
     table = predict_tab.predict_batch(studio, str(run), None, 3, str(root / HOSTILE_CLASSES[1]))["table"]
     texts += [label["label"]] + [name for name, _ in label["confidences"]] + list(map(str, table.to_numpy().ravel()))
 
-    issue = {"kind": "label", "path": image, "split": "train", "given": classes[1], "suggested": CONTROL_CLASS,
-             "score": 0.1, "probability": 0.9, "others": [(image, CONTROL_CLASS)]}
-    report = DoctorReport(data=str(root), classes=classes, backbone="run [x](http:evil)", label_issues=[issue],
-                          other_issues=[{"problem": "small class", "class": CONTROL_CLASS, "detail": "<img src=x>"}],
-                          summary={"images": 9, "other_issues": {"www.evil.example": 1}}, notes=["`tick` www.x.y"])
-    review = review_tab.Review(data=str(root), classes=classes, curation=str(tmp_path / "curation.json"),
-                               items=[issue], index=0, groups=[], leaks=0)
+    issue = {
+        "kind": "label",
+        "path": image,
+        "split": "train",
+        "given": classes[1],
+        "suggested": CONTROL_CLASS,
+        "score": 0.1,
+        "probability": 0.9,
+        "others": [(image, CONTROL_CLASS)],
+    }
+    report = DoctorReport(
+        data=str(root),
+        classes=classes,
+        backbone="run [x](http:evil)",
+        label_issues=[issue],
+        other_issues=[{"problem": "small class", "class": CONTROL_CLASS, "detail": "<img src=x>"}],
+        summary={"images": 9, "other_issues": {"www.evil.example": 1}},
+        notes=["`tick` www.x.y"],
+    )
+    review = review_tab.Review(
+        data=str(root),
+        classes=classes,
+        curation=str(tmp_path / "curation.json"),
+        items=[issue],
+        index=0,
+        groups=[],
+        leaks=0,
+    )
     shown = review_tab.render(review)
     assert [value for _, value in shown["relabel_to"].choices] == classes  # decisions keep the real names
     markdown += [views.review_summary(report), shown["details"], shown["curation"]]
@@ -901,8 +1054,14 @@ def small_predictor():
     from finetune.predict import Predictor
 
     torch.manual_seed(0)
-    return Predictor(build_model("resnet34", len(CLASSES), "none"), CLASSES, "resnet34", image_size=64,
-                     device="cpu", suggested_min_confidence=0.95)
+    return Predictor(
+        build_model("resnet34", len(CLASSES), "none"),
+        CLASSES,
+        "resnet34",
+        image_size=64,
+        device="cpu",
+        suggested_min_confidence=0.95,
+    )
 
 
 def test_unknown_below_the_threshold_and_why_shows_the_heatmap_at_the_images_size(studio, tmp_path, small_predictor):
@@ -910,8 +1069,9 @@ def test_unknown_below_the_threshold_and_why_shows_the_heatmap_at_the_images_siz
     run = fake_run(studio.runs_dir, "r1", calibration={"temperature": 1.3, "suggested_min_confidence": 0.95})
     picture = make_image(tmp_path / "up" / "photo.png", (30, 200, 90), size=(90, 70))
     assert predict_tab.run_threshold(studio, str(run)) == {
-        "min_conf": 0.95, "min_note": "Suggested from validation: 0.95 (below it the answer is *unknown*, with "
-                                      "the best guess)."}
+        "min_conf": 0.95,
+        "min_note": "Suggested from validation: 0.95 (below it the answer is *unknown*, with the best guess).",
+    }
     old = fake_run(studio.runs_dir, "old")
     assert predict_tab.run_threshold(studio, str(old))["min_conf"] == 0.0
     assert "no calibration" in predict_tab.run_threshold(studio, str(old))["min_note"]
@@ -946,8 +1106,9 @@ def test_an_upload_in_another_format_is_refused_without_decoding(studio, tmp_pat
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n(pwned) print\nshowpage\n%%EOF\n")
     with pytest.raises(gr.Error) as raised:
         predict_tab.predict_image(studio, str(run), str(eps), 3, 0.0, False)
-    assert raised.value.message == ("drawing.eps is not an image this app reads: only JPEG, PNG, BMP, GIF, WEBP, "
-                                    "TIFF files are opened")
+    assert raised.value.message == (
+        "drawing.eps is not an image this app reads: only JPEG, PNG, BMP, GIF, WEBP, TIFF files are opened"
+    )
     upload = predict_tab.image_upload()
     assert upload.type == "filepath" and upload.image_mode is None
     assert upload.preprocess(gr.data_classes.ImageData(path=str(eps), orig_name="drawing.eps")) == str(eps)
@@ -989,7 +1150,7 @@ def test_review_decisions_go_to_the_curation_file_and_the_data_is_untouched(stud
     assert labels == sorted(labels)  # most suspicious first
     duplicates = [item for item in review.items if item["kind"] == "duplicate"]
     leaks = [item["path"] for item in duplicates if item["leak"]]
-    assert duplicates[:len(leaks)] == [item for item in duplicates if item["leak"]]  # leaks first
+    assert duplicates[: len(leaks)] == [item for item in duplicates if item["leak"]]  # leaks first
     assert "val/red/leaked_copy.png" in leaks  # shown on the val copy, its train original beside it
     assert "likely label errors" in out["summary"] and "leak between splits" in out["summary"]
     assert f"`{path}`" in out["curation"] and out["leak_btn"].interactive
@@ -1045,14 +1206,20 @@ def test_evaluate_heatmaps_of_the_misclassified_images(studio, sample_data, smal
     studio.predictors = PredictorCache(3, loader=lambda run, device: small_predictor)
     run = fake_run(studio.runs_dir, "r1", data=sample_data)
     metrics = json.loads((run / "metrics.json").read_text())
-    wrong = [{"path": f"square/square_0{i}.jpg", "true": "square", "predicted": "circle", "confidence": 0.6}
-             for i in range(3)]
+    wrong = [
+        {"path": f"square/square_0{i}.jpg", "true": "square", "predicted": "circle", "confidence": 0.6}
+        for i in range(3)
+    ]
     (run / "metrics.json").write_text(json.dumps({**metrics, "misclassified": metrics["misclassified"] + wrong}))
     monkeypatch.setattr(evaluate_tab, "MAX_HEATMAPS", 2)
     out = evaluate_tab.evaluate_run(studio, str(run), True)
     captions = [caption for _, caption in out["gallery"]]
-    assert captions == ["circle → square (80%) · heatmap", "square → circle (60%) · heatmap",
-                        "square → circle (60%)", "square → circle (60%)"]
+    assert captions == [
+        "circle → square (80%) · heatmap",
+        "square → circle (60%) · heatmap",
+        "square → circle (60%)",
+        "square → circle (60%)",
+    ]
     heat, plain = out["gallery"][0][0], out["gallery"][2][0]
     assert heat.size == plain.size == (96, 96) and heat.tobytes() != plain.tobytes()
     assert out["note"].endswith("· heatmaps on the first 2")
@@ -1103,8 +1270,9 @@ def test_an_upload_beyond_the_workspace_quota_is_refused_before_gradio_writes_it
 
     workspace = Workspace(tmp_path / "ws", quota_bytes=200_000)
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(workspace.gradio_cache))
-    client = guarded_app(AllowedHosts.of("127.0.0.1", 7860),
-                         check_room=lambda need: workspace.check_room(need, "this upload"))
+    client = guarded_app(
+        AllowedHosts.of("127.0.0.1", 7860), check_room=lambda need: workspace.check_room(need, "this upload")
+    )
     small = client.post("/gradio_api/upload", files={"files": ("a.zip", b"0" * 10_000, "application/zip")})
     assert small.status_code == 200, small.text
     big = client.post("/gradio_api/upload", files={"files": ("b.zip", b"0" * 300_000, "application/zip")})

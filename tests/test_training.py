@@ -19,21 +19,24 @@ from finetune.events import format_event, read_events
 from finetune.rundir import DiskFull
 from finetune.training import resume_config, train
 
-FROZEN_PREFIXES = {"head": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
-                   "last": ("conv1", "bn1", "layer1", "layer2", "layer3"), "all": ()}
+FROZEN_PREFIXES = {
+    "head": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
+    "last": ("conv1", "bn1", "layer1", "layer2", "layer3"),
+    "all": (),
+}
 
 
 def tiny_config(data, runs, **overrides) -> TrainConfig:
-    values = dict(data=str(data), runs_dir=str(runs), weights="none", epochs=2, batch_size=4, image_size=64,
-                  workers=0, seed=0)
+    values = dict(
+        data=str(data), runs_dir=str(runs), weights="none", epochs=2, batch_size=4, image_size=64, workers=0, seed=0
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return make_class_folders(tmp_path_factory.mktemp("data") / "pets", classes=("cats", "dogs", "owls"),
-                              per_class=6)
+    return make_class_folders(tmp_path_factory.mktemp("data") / "pets", classes=("cats", "dogs", "owls"), per_class=6)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +145,9 @@ def test_curation_is_applied_recorded_and_survives_resume(dataset, tmp_path):
     assert load_curation(path).by_path()[relabelled].label == "owls"
 
     events = []
-    run = train(tiny_config(dataset, tmp_path / "runs", strategy="head", epochs=1, curation=str(path)),
-                on_event=events.append)
+    run = train(
+        tiny_config(dataset, tmp_path / "runs", strategy="head", epochs=1, curation=str(path)), on_event=events.append
+    )
     split = json.loads((run / "split.json").read_text())
     train_paths = dict((p, label) for p, label in split["train"])
     assert excluded_train not in train_paths and leaked_val not in {p for p, _ in split["val"]}
@@ -277,8 +281,10 @@ def test_no_image_is_dropped_from_an_epoch_and_no_batch_is_tiny(tmp_path):
     make_class_folders(data / "train", classes=("cats", "dogs", "owls"), per_class=19, size=(8, 8))
     make_class_folders(data / "val", classes=("cats", "dogs", "owls"), per_class=1, size=(8, 8))
     events = []
-    train(tiny_config(data, tmp_path / "runs", strategy="head", epochs=1, batch_size=32, image_size=32),
-          on_event=events.append)
+    train(
+        tiny_config(data, tmp_path / "runs", strategy="head", epochs=1, batch_size=32, image_size=32),
+        on_event=events.append,
+    )
     (start,) = [e for e in events if e["type"] == "start"]
     (epoch,) = [e for e in events if e["type"] == "epoch"]
     assert start["train_images"] == 57 and start["batches_per_epoch"] == 2 and epoch["images"] >= 54
@@ -291,14 +297,14 @@ def test_no_image_is_dropped_from_an_epoch_and_no_batch_is_tiny(tmp_path):
     for n, batch in [(57, 32), (1000, 32), (3, 2), (5, 5), (33, 4)]:  # never more than one image left out
         assert n - 1 <= sum(sizes(n, batch)) <= n and min(sizes(n, batch)) >= min(n, 2, batch)
     # several processes: each rank's sampler has as many indices, so every rank has as many batches
-    per_rank = [len(EvenBatches(DistributedSampler(range(57), 2, rank, shuffle=True, seed=0), 8))
-                for rank in (0, 1)]
+    per_rank = [len(EvenBatches(DistributedSampler(range(57), 2, rank, shuffle=True, seed=0), 8)) for rank in (0, 1)]
     assert per_rank[0] == per_rank[1] == 4
 
 
 def test_early_stopping_and_class_weighted_loss(dataset, tmp_path):
-    cfg = tiny_config(dataset, tmp_path, strategy="head", epochs=6, early_stopping=1, lr=1e-12,
-                      class_weighted_loss=True)
+    cfg = tiny_config(
+        dataset, tmp_path, strategy="head", epochs=6, early_stopping=1, lr=1e-12, class_weighted_loss=True
+    )
     run = train(cfg)
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "early-stopped"
@@ -348,7 +354,7 @@ def test_no_float64_tensor_where_a_gpu_would_hold_it(dataset, tmp_path, monkeypa
     class Float64Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64:
                     found.append(str(func))
             return out
@@ -366,13 +372,19 @@ def test_checkpoints_hold_cpu_tensors_only_and_a_finished_runs_last_pth_only_the
     from finetune.training import to_cpu
 
     stop = threading.Event()
-    run = train(tiny_config(dataset, tmp_path, strategy="head", epochs=2), stop=stop,
-                on_event=lambda event: stop.set() if event["type"] == "epoch" else None)
+    run = train(
+        tiny_config(dataset, tmp_path, strategy="head", epochs=2),
+        stop=stop,
+        on_event=lambda event: stop.set() if event["type"] == "epoch" else None,
+    )
     assert json.loads((run / "run.json").read_text())["status"] == "stopped"
     for name in ("model.pth", "last.pth"):
         loaded = torch.load(run / name, weights_only=True)  # no map_location: as on a CPU-only machine
-        tensors = list(loaded.values()) if name == "model.pth" else \
-            list(loaded["model"].values()) + [t for s in loaded["optimizer"]["state"].values() for t in s.values()]
+        tensors = (
+            list(loaded.values())
+            if name == "model.pth"
+            else list(loaded["model"].values()) + [t for s in loaded["optimizer"]["state"].values() for t in s.values()]
+        )
         assert tensors and all(t.device.type == "cpu" for t in tensors if isinstance(t, torch.Tensor))
     assert "base" not in loaded and len(loaded["model"]) == len(torch.load(run / "model.pth", weights_only=True))
     nested = {"a": [torch.ones(1), (torch.zeros(2), 3)], "b": "x"}
@@ -406,16 +418,21 @@ def test_weights_with_a_nan_are_refused_in_one_line_naming_the_file_and_tensor(d
     with pytest.raises(FinetuneError) as caught:
         train(tiny_config(dataset, tmp_path / "runs", weights=str(weights), strategy="head"))
     message = str(caught.value)
-    assert message == f"refusing the weights in {weights}: layer1.0.conv1.weight holds nan values " \
-                      f"(a diverged or damaged model)"
+    assert (
+        message == f"refusing the weights in {weights}: layer1.0.conv1.weight holds nan values "
+        f"(a diverged or damaged model)"
+    )
     assert not any((tmp_path / "runs").iterdir()), "no run folder (and no lock) left behind"
 
     # the same for a run's last.pth on --resume
     run = tmp_path / "runs" / "r"
     run.mkdir()
     torch.save({"model": {"conv1.weight": torch.full((2, 2), float("inf"))}}, run / "last.pth")
-    with pytest.raises(FinetuneError, match=rf"refusing the weights in {run / 'last.pth'}: conv1.weight holds "
-                                            r"infinite values"):
+    with pytest.raises(
+        FinetuneError,
+        match=rf"refusing the weights in {run / 'last.pth'}: conv1.weight holds "
+        r"infinite values",
+    ):
         train(tiny_config(dataset, tmp_path / "runs"), resume=run)
 
 
@@ -473,9 +490,12 @@ def test_a_disk_too_full_even_to_mark_the_run_failed_says_so_in_the_same_line(da
         train(tiny_config(dataset, tmp_path / "runs"))
     monkeypatch.setattr(rundir, "write_text_atomic", real_write)
     (run,) = [p for p in (tmp_path / "runs").iterdir()]
-    assert re.fullmatch(rf"disk full: could not write {run}/last.pth \(.* free on that file system\); "
-                        rf"{run}/run.json still says running: it could not be updated either \(disk full: could "
-                        rf"not write {run}/run.json \(.*\)\)", str(caught.value)), caught.value
+    assert re.fullmatch(
+        rf"disk full: could not write {run}/last.pth \(.* free on that file system\); "
+        rf"{run}/run.json still says running: it could not be updated either \(disk full: could "
+        rf"not write {run}/run.json \(.*\)\)",
+        str(caught.value),
+    ), caught.value
     assert json.loads((run / "run.json").read_text())["status"] == "running"
 
 
@@ -483,8 +503,7 @@ def _mount_tmpfs(folder, size: str) -> bool:
     folder.mkdir(parents=True)
     if shutil.which("mount") is None:
         return False
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
     return done.returncode == 0
 
 
@@ -498,11 +517,16 @@ def test_a_really_full_disk_at_the_second_checkpoint(dataset, tmp_path):
     try:
         epochs = []
         with pytest.raises(DiskFull) as caught:
-            train(tiny_config(dataset, runs, strategy="head", epochs=3), on_event=lambda e: epochs.append(e)
-                  if e["type"] == "epoch" else None)
+            train(
+                tiny_config(dataset, runs, strategy="head", epochs=3),
+                on_event=lambda e: epochs.append(e) if e["type"] == "epoch" else None,
+            )
         assert [e["epoch"] for e in epochs] == [1]
-        assert re.fullmatch(rf"disk full: could not write {runs}/\S+/(model|last)\.pth \([\d.]+ MB free on that "
-                            rf"file system\)", str(caught.value)), caught.value
+        assert re.fullmatch(
+            rf"disk full: could not write {runs}/\S+/(model|last)\.pth \([\d.]+ MB free on that "
+            rf"file system\)",
+            str(caught.value),
+        ), caught.value
         (run,) = [p for p in runs.iterdir() if p.is_dir()]
         info = json.loads((run / "run.json").read_text())
         assert info["status"] == "failed" and info["error"] == str(caught.value)

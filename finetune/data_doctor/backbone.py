@@ -40,8 +40,12 @@ def read_run(run: str | Path) -> tuple[Path, RunInfo]:
     return run_dir.model, run_dir.require_trained()
 
 
-def load_backbone(run: str | Path | None = None, arch: str = default_of("arch"), weights: str = "imagenet",
-                  image_size: int | None = None) -> Backbone:
+def load_backbone(
+    run: str | Path | None = None,
+    arch: str = default_of("arch"),
+    weights: str = "imagenet",
+    image_size: int | None = None,
+) -> Backbone:
     """The feature extractor: a run's fine-tuned model (its arch, size and normalisation from run.json),
     else `arch` with `weights` ("imagenet", "none" or a .pth state_dict)."""
     from ..model import IMAGENET_WEIGHTS, build_model, split_model
@@ -51,8 +55,11 @@ def load_backbone(run: str | Path | None = None, arch: str = default_of("arch"),
         arch, size = info["arch"], int(image_size or info.get("image_size", 224))
         model = build_model(arch, len(info["classes"]), str(model_path))
         source = (info.get("config") or {}).get("weights", "imagenet")
-        backbone_of = dict(identity=f"run:{_file_identity(model_path)}", pretrained=source != "none",
-                           description=f"{arch} fine-tuned in {Path(run).expanduser()}")
+        backbone_of = dict(
+            identity=f"run:{_file_identity(model_path)}",
+            pretrained=source != "none",
+            description=f"{arch} fine-tuned in {Path(run).expanduser()}",
+        )
         mean, std = tuple(info.get("mean", IMAGENET_MEAN)), tuple(info.get("std", IMAGENET_STD))
     else:
         size = int(image_size or 224)
@@ -61,16 +68,22 @@ def load_backbone(run: str | Path | None = None, arch: str = default_of("arch"),
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = build_model(arch, 2, "none")
-            backbone_of = dict(identity=f"{arch}:none:seed0:torch{torch.__version__}", pretrained=False,
-                               description=f"{arch} with random weights (no pretraining)")
+            backbone_of = dict(
+                identity=f"{arch}:none:seed0:torch{torch.__version__}",
+                pretrained=False,
+                description=f"{arch} with random weights (no pretraining)",
+            )
         else:
             model = build_model(arch, 2, weights)
             if weights == "imagenet":
                 identity = f"{arch}:imagenet:{IMAGENET_WEIGHTS[arch]}"
             else:
                 identity = f"{arch}:file:{_file_identity(Path(weights).expanduser())}"
-            backbone_of = dict(identity=identity, pretrained=True,
-                               description=f"{arch} with {'ImageNet' if weights == 'imagenet' else weights} weights")
+            backbone_of = dict(
+                identity=identity,
+                pretrained=True,
+                description=f"{arch} with {'ImageNet' if weights == 'imagenet' else weights} weights",
+            )
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     if size < 32:
         raise FinetuneError(f"image size {size} is too small for a ResNet (at least 32)")

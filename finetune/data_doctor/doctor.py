@@ -31,13 +31,24 @@ from .report import DoctorReport
 from .stats import FLAT_STD, ImageStats, other_issues, stats_all
 
 
-def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, arch: str = default_of("arch"),
-               weights: str = "imagenet", image_size: int | None = None, folds: int = 5,
-               device: str | torch.device = "auto", batch_size: int = 64, cache_dir: str | Path | None = None,
-               workers: int | None = None, seed: int = default_of("seed"),
-               val_fraction: float = default_of("val_fraction"), phash_distance: int = PHASH_DISTANCE,
-               similarity: float = EMBEDDING_SIMILARITY, use_embeddings: bool | None = None,
-               log: Log | None = None) -> DoctorReport:
+def run_doctor(
+    data: str | Path | DatasetScan,
+    run: str | Path | None = None,
+    arch: str = default_of("arch"),
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    folds: int = 5,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    seed: int = default_of("seed"),
+    val_fraction: float = default_of("val_fraction"),
+    phash_distance: int = PHASH_DISTANCE,
+    similarity: float = EMBEDDING_SIMILARITY,
+    use_embeddings: bool | None = None,
+    log: Log | None = None,
+) -> DoctorReport:
     """Scan (or take a scan), compute features, and find label issues, duplicates and other problems.
 
     With `run`, its backbone, image size and split settings (val_fraction, seed) are used; without, the
@@ -46,21 +57,17 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
     is pretrained; random features say nothing about similarity). `cache_dir`: the feature cache
     (None: no cache; `default_cache_dir()` is the usual place)."""
     log = log or quiet
-    if folds < 2:
-        raise FinetuneError(f"folds must be at least 2, not {folds}")
-    if not 0.0 < similarity < 1.0:
-        raise FinetuneError(f"embedding similarity must be between 0 and 1, not {similarity}")
-    from ..extras import require
-
-    require("cleanlab")  # now, not after minutes of features
+    _check_settings(folds, similarity)
     seconds: dict[str, float] = {}
     with _timed(seconds, "total"):
         with _timed(seconds, "scan"):
             scan = data if isinstance(data, DatasetScan) else _scan(data, run, val_fraction, seed)
         records = records_of(scan)
         backbone = load_backbone(run, arch, weights, image_size)
-        log(f"data doctor: {len(records)} images in {len(scan.classes)} classes; features from "
-            f"{backbone.description} at {backbone.image_size} px")
+        log(
+            f"data doctor: {len(records)} images in {len(scan.classes)} classes; features from "
+            f"{backbone.description} at {backbone.image_size} px"
+        )
         with _timed(seconds, "features"):
             features = compute_embeddings(scan, backbone, device, batch_size, cache_dir, workers, log)
         with _timed(seconds, "label check"):
@@ -72,19 +79,39 @@ def run_doctor(data: str | Path | DatasetScan, run: str | Path | None = None, ar
             near_similarity = similarity if embeddings_used else None
             groups = _duplicates(scan, records, stats, features, phash_distance, near_similarity)
             others = other_issues(records, stats, scan.classes, scan.skipped)
-    summary = {
-        "images": len(records), "splits": {s: len(getattr(scan, s)) for s in SPLITS},
-        "label_issues": len(label_issues), "label_check": check,
-        "duplicate_groups": len(groups), "leak_groups": sum(g["leak"] for g in groups),
+    summary = _summary(scan, records, label_issues, check, groups, others, phash_distance, near_similarity)
+    summary["image_size"] = backbone.image_size
+    summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    log(f"data doctor done in {seconds['total']:.1f} s")
+    notes = _notes(backbone.pretrained, run is not None, check["classes"] < len(scan.classes))
+    return DoctorReport(
+        scan.root, list(scan.classes), backbone.description, label_issues, groups, others, summary, notes
+    )
+
+
+def _check_settings(folds: int, similarity: float) -> None:
+    if folds < 2:
+        raise FinetuneError(f"folds must be at least 2, not {folds}")
+    if not 0.0 < similarity < 1.0:
+        raise FinetuneError(f"embedding similarity must be between 0 and 1, not {similarity}")
+    from ..extras import require
+
+    require("cleanlab")  # now, not after minutes of features
+
+
+def _summary(scan, records, label_issues, check, groups, others, phash_distance, near_similarity) -> dict:
+    """The report's counts; run_doctor adds the image size and the seconds."""
+    return {
+        "images": len(records),
+        "splits": {s: len(getattr(scan, s)) for s in SPLITS},
+        "label_issues": len(label_issues),
+        "label_check": check,
+        "duplicate_groups": len(groups),
+        "leak_groups": sum(g["leak"] for g in groups),
         "conflict_groups": sum(g["conflict"] for g in groups),
         "other_issues": dict(Counter(i["problem"] for i in others)),
-        "near_duplicates": {"phash_max_distance": phash_distance,
-                            "embedding_similarity": similarity if embeddings_used else None},
-        "image_size": backbone.image_size, "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "near_duplicates": {"phash_max_distance": phash_distance, "embedding_similarity": near_similarity},
     }
-    log(f"data doctor done in {seconds['total']:.1f} s")
-    return DoctorReport(scan.root, list(scan.classes), backbone.description, label_issues, groups, others, summary,
-                        _notes(backbone.pretrained, run is not None, check["classes"] < len(scan.classes)))
 
 
 @contextmanager
@@ -102,32 +129,44 @@ def _scan(data: str | Path, run: str | Path | None, val_fraction: float, seed: i
     return scan_dataset(data, val_fraction=val_fraction, seed=seed)
 
 
-def _duplicates(scan: DatasetScan, records: list[Record], stats: list[ImageStats | None], features: np.ndarray,
-                phash_distance: int, similarity: float | None) -> list[dict]:
+def _duplicates(
+    scan: DatasetScan,
+    records: list[Record],
+    stats: list[ImageStats | None],
+    features: np.ndarray,
+    phash_distance: int,
+    similarity: float | None,
+) -> list[dict]:
     """Exact copies, and near ones by perceptual hash and (`similarity` not None) by embedding similarity."""
     exact = exact_groups(Path(scan.root), [r.path for r in records])
     hashed = [(i, s.phash) for i, s in enumerate(stats) if s is not None and s.std >= FLAT_STD]  # flat: noise bits
     hashable = [i for i, _ in hashed]
     hashes = np.asarray([phash for _, phash in hashed], dtype=np.uint64)
     near: dict[str, dict[tuple[int, int], float] | set[tuple[int, int]]] = {
-        "phash": hash_closeness(hashes, near_hash_pairs(hashes, phash_distance), phash_distance, hashable)}
+        "phash": hash_closeness(hashes, near_hash_pairs(hashes, phash_distance), phash_distance, hashable)
+    }
     if similarity is not None:
         eligible = np.zeros(len(records), dtype=bool)
         eligible[hashable] = True
-        near["embedding"] = embedding_closeness(features, similar_pairs(features, similarity, eligible=eligible),
-                                                similarity)
+        near["embedding"] = embedding_closeness(
+            features, similar_pairs(features, similarity, eligible=eligible), similarity
+        )
     return duplicate_groups(records, scan.classes, exact, near)
 
 
 def _notes(pretrained: bool, from_run: bool, classes_left_out: bool) -> list[str]:
     notes = []
     if not pretrained and from_run:
-        notes.append("the run was trained from scratch (weights none), not fine-tuned from ImageNet: its features "
-                     "are weaker and embedding similarity is off; label suggestions are rough")
+        notes.append(
+            "the run was trained from scratch (weights none), not fine-tuned from ImageNet: its features "
+            "are weaker and embedding similarity is off; label suggestions are rough"
+        )
     elif not pretrained:
-        notes.append("the features come from a backbone without pretraining: label suggestions are rough, and "
-                     "embedding similarity is off (ImageNet weights, or a run trained on this data, give better "
-                     "ones)")
+        notes.append(
+            "the features come from a backbone without pretraining: label suggestions are rough, and "
+            "embedding similarity is off (ImageNet weights, or a run trained on this data, give better "
+            "ones)"
+        )
     if classes_left_out:
         notes.append("classes with fewer than 2 images are left out of the label check")
     return notes

@@ -58,8 +58,9 @@ def _bands(max_distance: int) -> list[tuple[int, int]]:
     return [(edges[k], edges[k + 1] - edges[k]) for k in range(count)]
 
 
-def near_hash_pairs(hashes: np.ndarray, max_distance: int = PHASH_DISTANCE,
-                    chunk_bytes: int = CHUNK_BYTES) -> set[tuple[int, int]]:
+def near_hash_pairs(
+    hashes: np.ndarray, max_distance: int = PHASH_DISTANCE, chunk_bytes: int = CHUNK_BYTES
+) -> set[tuple[int, int]]:
     """Index pairs (i < j) with Hamming distance <= max_distance, without comparing all pairs.
 
     Pigeonhole blocking: cut the 64 bits into max_distance + 1 bands; two hashes that differ in at most
@@ -88,7 +89,7 @@ def _close_pairs(members: np.ndarray, hashes: np.ndarray, max_distance: int, chu
     rows = max(1, chunk_bytes // (8 * len(members)))
     found: set[tuple[int, int]] = set()
     for start in range(0, len(members), rows):
-        block = hamming(member_hashes[start:start + rows, None], member_hashes[None, :])
+        block = hamming(member_hashes[start : start + rows, None], member_hashes[None, :])
         a, b = np.nonzero(block <= max_distance)
         a = a + start
         keep = b > a
@@ -96,8 +97,12 @@ def _close_pairs(members: np.ndarray, hashes: np.ndarray, max_distance: int, chu
     return found
 
 
-def similar_pairs(features: np.ndarray, threshold: float = EMBEDDING_SIMILARITY,
-                  chunk_bytes: int = CHUNK_BYTES, eligible: np.ndarray | None = None) -> set[tuple[int, int]]:
+def similar_pairs(
+    features: np.ndarray,
+    threshold: float = EMBEDDING_SIMILARITY,
+    chunk_bytes: int = CHUNK_BYTES,
+    eligible: np.ndarray | None = None,
+) -> set[tuple[int, int]]:
     """Index pairs (i < j) whose features have cosine similarity > threshold: exact, by a chunked
     matrix product (a block of rows against all, at most `chunk_bytes` of similarities at a time)."""
     features = np.asarray(features, dtype=np.float32)
@@ -108,12 +113,13 @@ def similar_pairs(features: np.ndarray, threshold: float = EMBEDDING_SIMILARITY,
     rows = max(1, chunk_bytes // (4 * len(index)))
     found: set[tuple[int, int]] = set()
     for start in range(0, len(index), rows):
-        sims = unit[start:start + rows] @ unit.T
+        sims = unit[start : start + rows] @ unit.T
         a, b = np.nonzero(sims > threshold)
         a = a + start
         keep = b > a
         found.update(zip(index[a[keep]].tolist(), index[b[keep]].tolist(), strict=True))
     return found
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -139,8 +145,9 @@ def exact_groups(root: Path, rels: list[str]) -> list[list[int]]:
     return groups
 
 
-def hash_closeness(hashes: np.ndarray, pairs: set[tuple[int, int]], max_distance: int,
-                   index: list[int] | None = None) -> dict[tuple[int, int], float]:
+def hash_closeness(
+    hashes: np.ndarray, pairs: set[tuple[int, int]], max_distance: int, index: list[int] | None = None
+) -> dict[tuple[int, int], float]:
     """{(i, j): Hamming distance / max_distance} for pairs of positions in `hashes` (0: the same hash,
     1: at the limit), keyed by `index[position]` when given (the records the hashes belong to)."""
     if not pairs:
@@ -153,8 +160,9 @@ def hash_closeness(hashes: np.ndarray, pairs: set[tuple[int, int]], max_distance
     return dict(zip(zip(a.tolist(), b.tolist(), strict=True), (distance * scale).tolist(), strict=True))
 
 
-def embedding_closeness(features: np.ndarray, pairs: set[tuple[int, int]], threshold: float,
-                        chunk: int = 8192) -> dict[tuple[int, int], float]:
+def embedding_closeness(
+    features: np.ndarray, pairs: set[tuple[int, int]], threshold: float, chunk: int = 8192
+) -> dict[tuple[int, int], float]:
     """{(i, j): (1 - cosine similarity) / (1 - threshold)}: 0 for the same direction, 1 at the threshold."""
     if not pairs:
         return {}
@@ -164,7 +172,7 @@ def embedding_closeness(features: np.ndarray, pairs: set[tuple[int, int]], thres
     norms = np.maximum(np.linalg.norm(features, axis=1), 1e-12)
     values = []
     for start in range(0, len(a), chunk):  # bounded memory: a chunk of pairs at a time
-        i, j = a[start:start + chunk], b[start:start + chunk]
+        i, j = a[start : start + chunk], b[start : start + chunk]
         cosine = np.einsum("nd,nd->n", features[i], features[j]) / (norms[i] * norms[j])
         values.append(np.clip((1.0 - cosine) / (1.0 - threshold), 0.0, 1.0))
     return dict(zip(ordered, np.concatenate(values).tolist(), strict=True))
@@ -207,8 +215,12 @@ def complete_linkage(edges: dict[tuple[int, int], float]) -> list[list[int]]:
     return [sorted(nodes) for nodes in members.values()]
 
 
-def duplicate_groups(records: list[Record], classes: list[str], exact: list[list[int]],
-                     near: dict[str, dict[tuple[int, int], float] | set[tuple[int, int]]]) -> list[dict]:
+def duplicate_groups(
+    records: list[Record],
+    classes: list[str],
+    exact: list[list[int]],
+    near: dict[str, dict[tuple[int, int], float] | set[tuple[int, int]]],
+) -> list[dict]:
     """Exact groups as they are, and near pairs (by method) formed into groups in which every two images
     are near copies of each other (complete linkage, closest first): look-alikes that each resemble the
     next (A~B~C...~Z, A far from Z) are not chained into one group. Leaks and conflicts first, then larger.
@@ -248,12 +260,17 @@ def duplicate_groups(records: list[Record], classes: list[str], exact: list[list
             continue
         splits = [records[i].split for i in indices]
         labels = [classes[records[i].label] for i in indices]
-        groups.append({
-            "kind": "exact" if len(nodes) == 1 else "near",
-            "paths": [records[i].path for i in indices], "splits": splits, "classes": labels,
-            "leak": len(set(splits)) > 1, "conflict": len(set(labels)) > 1,
-            "methods": sorted(methods[number]),
-        })
+        groups.append(
+            {
+                "kind": "exact" if len(nodes) == 1 else "near",
+                "paths": [records[i].path for i in indices],
+                "splits": splits,
+                "classes": labels,
+                "leak": len(set(splits)) > 1,
+                "conflict": len(set(labels)) > 1,
+                "methods": sorted(methods[number]),
+            }
+        )
     groups.sort(key=lambda g: (not g["leak"], not g["conflict"], -len(g["paths"]), g["paths"][0]))
     for number, group in enumerate(groups, start=1):
         group["group"] = number

@@ -52,9 +52,15 @@ def _write_cache(path: Path, keys: list[str], features: np.ndarray) -> None:
         pass  # a read-only or full cache folder costs speed next time, nothing else
 
 
-def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbone: Backbone,
-                       device: str | torch.device = "auto", batch_size: int = 64, cache_dir: str | Path | None = None,
-                       workers: int | None = None, log: Log | None = None) -> np.ndarray:
+def compute_embeddings(
+    data: DatasetScan | tuple[str | Path, list[str]],
+    backbone: Backbone,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    log: Log | None = None,
+) -> np.ndarray:
     """Pooled backbone features [N, D] (float32) of every image: a scan's train, val and test in that
     order, or (root, relative paths). Only images missing from the cache (`cache_dir`) are computed."""
     from ..cache import ImageViews, compute_features
@@ -80,12 +86,24 @@ def compute_embeddings(data: DatasetScan | tuple[str | Path, list[str]], backbon
         module = module.to(memory_format=memory_format)
         with torch.no_grad():
             shape = tuple(module(torch.zeros(1, 3, backbone.image_size, backbone.image_size, device=device)).shape[1:])
-        source = ImageViews(root, [(rel, 0) for rel in rels], missing, backbone.image_size, 1, 0,
-                            backbone.mean, backbone.std)
+        source = ImageViews(
+            root, [(rel, 0) for rel in rels], missing, backbone.image_size, 1, 0, backbone.mean, backbone.std
+        )
         if workers is None:  # on the CPU the model needs the cores; a GPU needs decoding in parallel
             workers = min(8, usable_cores()) if device.type == "cuda" else 0
-        computed = compute_features(module, source, shape, torch.float32, device, amp_dtype_for(device), memory_format,
-                                    batch_size, workers, log, "computing features")[0].numpy()
+        computed = compute_features(
+            module,
+            source,
+            shape,
+            torch.float32,
+            device,
+            amp_dtype_for(device),
+            memory_format,
+            batch_size,
+            workers,
+            log,
+            "computing features",
+        )[0].numpy()
     dim = computed.shape[1] if missing else len(next(iter(cached.values())))
     features = np.empty((len(rels), dim), dtype=np.float32)
     computed_rows = iter(computed)

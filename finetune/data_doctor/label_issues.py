@@ -34,8 +34,9 @@ def out_of_sample_probs(features: np.ndarray, labels: np.ndarray, folds: int = 5
     return probs
 
 
-def find_label_issues(features: np.ndarray, records: list[Record], classes: list[str], folds: int = 5,
-                      seed: int = 0) -> tuple[list[dict], dict]:
+def find_label_issues(
+    features: np.ndarray, records: list[Record], classes: list[str], folds: int = 5, seed: int = 0
+) -> tuple[list[dict], dict]:
     """Issues {path, split, given, suggested, score} most suspicious first, and facts about the check.
 
     score: cleanlab's label quality (self-confidence, 0..1): the out-of-sample probability of the
@@ -56,8 +57,11 @@ def find_label_issues(features: np.ndarray, records: list[Record], classes: list
     remap = {int(c): i for i, c in enumerate(usable)}
     local = np.asarray([remap[int(v)] for v in labels[rows]], dtype=np.int64)
     probs = out_of_sample_probs(features[rows], local, folds, seed)
-    info.update(images=int(len(rows)), folds=max(2, min(folds, int(counts[usable].min()))),
-                out_of_sample_accuracy=float((probs.argmax(axis=1) == local).mean()))
+    info.update(
+        images=int(len(rows)),
+        folds=max(2, min(folds, int(counts[usable].min()))),
+        out_of_sample_accuracy=float((probs.argmax(axis=1) == local).mean()),
+    )
     ranked = cleanlab_issues(local, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     quality = get_label_quality_scores(local, probs, method="self_confidence")
     issues = []
@@ -66,7 +70,14 @@ def find_label_issues(features: np.ndarray, records: list[Record], classes: list
         others[local[i]] = -1.0  # the suggestion is another class, even where the given one is argmax
         suggested = int(others.argmax())
         record = records[rows[i]]
-        issues.append({"path": record.path, "split": record.split, "given": classes[record.label],
-                       "suggested": classes[int(usable[suggested])], "score": round(float(quality[i]), 6),
-                       "suggested_probability": round(float(probs[i, suggested]), 6)})
+        issues.append(
+            {
+                "path": record.path,
+                "split": record.split,
+                "given": classes[record.label],
+                "suggested": classes[int(usable[suggested])],
+                "score": round(float(quality[i]), 6),
+                "suggested_probability": round(float(probs[i, suggested]), 6),
+            }
+        )
     return issues, info

@@ -25,9 +25,17 @@ class DoctorReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"format": DOCTOR_FORMAT, "data": self.data, "classes": self.classes, "backbone": self.backbone,
-                "summary": self.summary, "notes": self.notes, "label_issues": self.label_issues,
-                "duplicate_groups": self.duplicate_groups, "other_issues": self.other_issues}
+        return {
+            "format": DOCTOR_FORMAT,
+            "data": self.data,
+            "classes": self.classes,
+            "backbone": self.backbone,
+            "summary": self.summary,
+            "notes": self.notes,
+            "label_issues": self.label_issues,
+            "duplicate_groups": self.duplicate_groups,
+            "other_issues": self.other_issues,
+        }
 
     def _repr_pretty_(self, printer, cycle: bool) -> None:
         """How IPython and Jupyter show a report: its summary (names through names.printable), not every finding."""
@@ -37,23 +45,34 @@ class DoctorReport:
 
     def summary_text(self, limit: int = 10) -> str:
         s = self.summary
-        lines = [f"Data doctor: {self.data}", f"  {s['images']} images, {len(self.classes)} classes; "
-                 f"features from {self.backbone}"]
+        lines = [
+            f"Data doctor: {self.data}",
+            f"  {s['images']} images, {len(self.classes)} classes; features from {self.backbone}",
+        ]
         check = s.get("label_check", {})
         accuracy = check.get("out_of_sample_accuracy")
-        lines.append(f"Likely label errors: {len(self.label_issues)}"
-                     + (f" (linear probe on the features, {check['folds']}-fold: {accuracy:.1%} out-of-sample "
-                        f"accuracy)" if accuracy is not None else ""))
+        lines.append(
+            f"Likely label errors: {len(self.label_issues)}"
+            + (
+                f" (linear probe on the features, {check['folds']}-fold: {accuracy:.1%} out-of-sample accuracy)"
+                if accuracy is not None
+                else ""
+            )
+        )
         for issue in self.label_issues[:limit]:
-            lines.append(f"  {issue['path']}  given {issue['given']}, suggested {issue['suggested']} "
-                         f"(label quality {issue['score']:.3f})")
+            lines.append(
+                f"  {issue['path']}  given {issue['given']}, suggested {issue['suggested']} "
+                f"(label quality {issue['score']:.3f})"
+            )
         if len(self.label_issues) > limit:
             lines.append(f"  ... {len(self.label_issues) - limit} more (--json / --csv for all)")
         groups = self.duplicate_groups
         kinds = Counter(g["kind"] for g in groups)
-        lines.append(f"Duplicate groups: {len(groups)} ({kinds.get('exact', 0)} exact, {kinds.get('near', 0)} near); "
-                     f"{sum(g['leak'] for g in groups)} span splits (leak), "
-                     f"{sum(g['conflict'] for g in groups)} span classes (conflict)")
+        lines.append(
+            f"Duplicate groups: {len(groups)} ({kinds.get('exact', 0)} exact, {kinds.get('near', 0)} near); "
+            f"{sum(g['leak'] for g in groups)} span splits (leak), "
+            f"{sum(g['conflict'] for g in groups)} span classes (conflict)"
+        )
         for group in groups[:limit]:
             flags = [f for f in ("leak", "conflict") if group[f]]
             members = ", ".join(f"{p} [{s}]" for p, s in zip(group["paths"][:4], group["splits"][:4], strict=True))
@@ -100,13 +119,34 @@ def csv_rows(report: DoctorReport) -> list[list]:
     """One row per finding: label issues, every member of every duplicate group, other problems."""
     from ..csvfile import number
 
-    rows = [["label issue", i["path"], i["split"], i["given"], i["suggested"], number(i["score"], ".6f"), "",
-             f"p(suggested) {i['suggested_probability']:.3f}"] for i in report.label_issues]
+    rows = [
+        [
+            "label issue",
+            i["path"],
+            i["split"],
+            i["given"],
+            i["suggested"],
+            number(i["score"], ".6f"),
+            "",
+            f"p(suggested) {i['suggested_probability']:.3f}",
+        ]
+        for i in report.label_issues
+    ]
     for g in report.duplicate_groups:
         flags = " ".join(f for f in ("leak", "conflict") if g[f])
         for path, split, name in zip(g["paths"], g["splits"], g["classes"], strict=True):
-            rows.append([f"{g['kind']} duplicate", path, split, name, "", "", number(g["group"]),
-                         " ".join(filter(None, [flags, "by " + "+".join(g["methods"])]))])
+            rows.append(
+                [
+                    f"{g['kind']} duplicate",
+                    path,
+                    split,
+                    name,
+                    "",
+                    "",
+                    number(g["group"]),
+                    " ".join(filter(None, [flags, "by " + "+".join(g["methods"])])),
+                ]
+            )
     rows += [[i["problem"], i["path"], i["split"], i["class"], "", "", "", i["detail"]] for i in report.other_issues]
     return rows
 

@@ -38,15 +38,20 @@ def image_stats(path: Path) -> ImageStats | None:
     small.thumbnail((STATS_SIZE * 2, STATS_SIZE * 2))
     return ImageStats(width, height, float(np.asarray(small, dtype=np.float32).std()), phash(image))
 
+
 def stats_all(root: Path, records: list[Record]) -> list[ImageStats | None]:
     with ThreadPoolExecutor(max_workers=min(16, usable_cores() * 2)) as pool:  # PIL releases the GIL
         return list(pool.map(lambda r: image_stats(root / r.path), records, chunksize=16))
 
-def other_issues(records: list[Record], stats: list[ImageStats | None], classes: list[str],
-                 skipped: list[tuple[str, str]]) -> list[dict]:
+
+def other_issues(
+    records: list[Record], stats: list[ImageStats | None], classes: list[str], skipped: list[tuple[str, str]]
+) -> list[dict]:
     """Unreadable, near-constant, tiny and extremely elongated images, and classes much smaller than the rest."""
-    issues = [{"path": rel, "split": None, "class": None, "problem": "unreadable", "detail": reason}
-              for rel, reason in skipped]
+    issues = [
+        {"path": rel, "split": None, "class": None, "problem": "unreadable", "detail": reason}
+        for rel, reason in skipped
+    ]
     for record, stat in zip(records, stats, strict=True):
         if stat is None:
             continue
@@ -57,15 +62,27 @@ def other_issues(records: list[Record], stats: list[ImageStats | None], classes:
         if short < TINY_SIDE:
             issues.append({**where, "problem": "tiny", "detail": f"{stat.width}x{stat.height} px"})
         if long / max(1, short) > ASPECT_LIMIT:
-            issues.append({**where, "problem": "aspect ratio",
-                           "detail": f"{stat.width}x{stat.height} px ({long / max(1, short):.1f}:1)"})
+            issues.append(
+                {
+                    **where,
+                    "problem": "aspect ratio",
+                    "detail": f"{stat.width}x{stat.height} px ({long / max(1, short):.1f}:1)",
+                }
+            )
     counts = Counter(r.label for r in records)
     for label, name in enumerate(classes):
         others = [counts.get(i, 0) for i in range(len(classes)) if i != label]
         typical = float(np.median(others)) if others else 0.0
         if counts.get(label, 0) * IMBALANCE_RATIO <= typical:
             count = counts.get(label, 0)
-            issues.append({"path": None, "split": None, "class": name, "problem": "small class",
-                           "detail": f"{count} image{'' if count == 1 else 's'}; the other classes have "
-                                     f"{typical:.0f} (median)"})
+            issues.append(
+                {
+                    "path": None,
+                    "split": None,
+                    "class": name,
+                    "problem": "small class",
+                    "detail": f"{count} image{'' if count == 1 else 's'}; the other classes have "
+                    f"{typical:.0f} (median)",
+                }
+            )
     return issues

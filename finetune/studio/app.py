@@ -25,10 +25,13 @@ def build_app(studio):
     from .common import bind, latest_runs, refresh_runs, select_trained_run
 
     with gr.Blocks(title="Finetune Studio", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
-        gr.Markdown("# Finetune Studio\nTeach a ResNet your own image classes: **1. Data** → **2. Train** → "
-                    "**3. Evaluate** → **4. Predict** → **5. Export**. The sample shapes dataset is already "
-                    "selected: go to *Train* and press *Start training*. *Review data* finds mislabelled, "
-                    "duplicated and leaking images before you train.", elem_id="intro")
+        gr.Markdown(
+            "# Finetune Studio\nTeach a ResNet your own image classes: **1. Data** → **2. Train** → "
+            "**3. Evaluate** → **4. Predict** → **5. Export**. The sample shapes dataset is already "
+            "selected: go to *Train* and press *Start training*. *Review data* finds mislabelled, "
+            "duplicated and leaking images before you train.",
+            elem_id="intro",
+        )
         with gr.Tabs(elem_id="tabs"):
             data, review = data_tab.build(studio), review_tab.build(studio)
             train = train_tab.build(studio)
@@ -97,8 +100,10 @@ def where(host: str, port: int) -> str:
     """The start-up line's account of where the app listens, and the address to open."""
     url_host = f"[{host}]" if ":" in host else host
     if host in ALL_INTERFACES:
-        return (f"listening on {ALL_INTERFACES[host]} ({host}), port {port}: open http://<this machine's "
-                f"address>:{port} (http://127.0.0.1:{port} here)")
+        return (
+            f"listening on {ALL_INTERFACES[host]} ({host}), port {port}: open http://<this machine's "
+            f"address>:{port} (http://127.0.0.1:{port} here)"
+        )
     scope = "this computer only" if is_loopback(host) else "this address only"
     return f"listening on {host}, port {port} ({scope}): open http://{url_host}:{port}"
 
@@ -122,8 +127,10 @@ def parse_auth(text: object) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise FinetuneError("--auth must look like user:password (FINETUNE_AUTH too)")
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise FinetuneError(f"the password in FINETUNE_AUTH (or --auth) has {len(password)} characters: use at "
-                            f"least {MIN_PASSWORD_LENGTH}")
+        raise FinetuneError(
+            f"the password in FINETUNE_AUTH (or --auth) has {len(password)} characters: use at "
+            f"least {MIN_PASSWORD_LENGTH}"
+        )
     return user, password
 
 
@@ -139,11 +146,13 @@ def env_number(name: str, default: float) -> float:
 # Starting the studio: launch() for Python and notebooks, and what main() runs
 
 
-SHARE_NOTICE = ("share=True: a public link through gradio's share server (gradio.live) makes this studio reachable "
-                "from the internet by anyone who has the link, until the studio is closed (gradio ends a link after "
-                "a week at most). The log-in is what protects it: whoever logs in can do all you can here: see the "
-                "images of any folder this process can read, train on this machine, download its runs' models and "
-                "files, and upload files.")
+SHARE_NOTICE = (
+    "share=True: a public link through gradio's share server (gradio.live) makes this studio reachable "
+    "from the internet by anyone who has the link, until the studio is closed (gradio ends a link after "
+    "a week at most). The log-in is what protects it: whoever logs in can do all you can here: see the "
+    "images of any folder this process can read, train on this machine, download its runs' models and "
+    "files, and upload files."
+)
 
 
 def refuse_exposure(host: str, share: bool, auth) -> None:
@@ -151,13 +160,17 @@ def refuse_exposure(host: str, share: bool, auth) -> None:
     from ..config import FinetuneError
 
     if share and auth is None:
-        raise FinetuneError("refusing to make a share link without a log-in: anyone with the link could train, read "
-                            "and download here. Set FINETUNE_AUTH=user:password (or auth=(user, password), or "
-                            "--auth, which `ps` shows to other users)")
+        raise FinetuneError(
+            "refusing to make a share link without a log-in: anyone with the link could train, read "
+            "and download here. Set FINETUNE_AUTH=user:password (or auth=(user, password), or "
+            "--auth, which `ps` shows to other users)"
+        )
     if not is_loopback(host) and auth is None:
-        raise FinetuneError(f"refusing to listen on {host} without a log-in: anyone who can reach this machine "
-                            f"could train, read and download here. Set FINETUNE_AUTH=user:password (or --auth, which "
-                            f"`ps` shows to other users), or use --host 127.0.0.1.")
+        raise FinetuneError(
+            f"refusing to listen on {host} without a log-in: anyone who can reach this machine "
+            f"could train, read and download here. Set FINETUNE_AUTH=user:password (or --auth, which "
+            f"`ps` shows to other users), or use --host 127.0.0.1."
+        )
 
 
 def local_url(host: str, port: int) -> str:
@@ -188,7 +201,7 @@ def first_free_port(host: str, start: int = 7860, tries: int = 100) -> int:
 
 
 def notebook_kind() -> str | None:
-    """"colab", "hosted" (Kaggle, SageMaker: no proxy to the kernel's ports), "jupyter" (a kernel whose
+    """ "colab", "hosted" (Kaggle, SageMaker: no proxy to the kernel's ports), "jupyter" (a kernel whose
     browser can reach this machine's loopback, as a local Jupyter's can), or None (no notebook: a script,
     a terminal IPython). gradio's own checks."""
     try:
@@ -224,8 +237,9 @@ class RunningStudio:
     `close()` ends its training and the server and frees the port; `wait()` blocks until Ctrl-C or close().
     Also a context manager (`with finetune.studio.launch() as studio:`)."""
 
-    def __init__(self, demo, studio, *, url: str, host: str, port: int, auth: bool, attached, proxy_url: str | None,
-                 undo: list):
+    def __init__(
+        self, demo, studio, *, url: str, host: str, port: int, auth: bool, attached, proxy_url: str | None, undo: list
+    ):
         self.demo, self.studio, self.url, self.host, self.port = demo, studio, url, host, port
         self.auth, self.attached, self.proxy_url, self._undo = auth, attached, proxy_url, undo
         self.closed = False
@@ -243,9 +257,14 @@ class RunningStudio:
         return self.studio.workspace.root
 
     def banner(self, ending: str) -> str:
-        lines = [(f"Finetune Studio is {where(self.host, self.port)} in a browser"
-                  f"{' (log-in required)' if self.auth else ''}. {ending}"),
-                 f"  runs: {self.runs_dir}", f"  uploads and downloads: {self.workspace}"]
+        lines = [
+            (
+                f"Finetune Studio is {where(self.host, self.port)} in a browser"
+                f"{' (log-in required)' if self.auth else ''}. {ending}"
+            ),
+            f"  runs: {self.runs_dir}",
+            f"  uploads and downloads: {self.workspace}",
+        ]
         if self.share_url:
             lines.append(f"  share link: {self.share_url} (log-in required; it ends when the studio closes)")
         if self.proxy_url:
@@ -303,19 +322,37 @@ class RunningStudio:
 
         if self.closed:
             return f"<p>Finetune Studio at {escape(self.url)}: closed.</p>"
-        links = [(self.proxy_url, "through Colab's proxy"), (self.share_url, "share link"),
-                 (self.url, "on this machine")]
-        items = " · ".join(f'<a href="{escape(u, quote=True)}" target="_blank">{escape(what)}</a>'
-                           for u, what in links if u)
-        return (f"<p><b>Finetune Studio</b> ({items}); runs in <code>{escape(str(self.runs_dir))}</code>. "
-                f"<code>.close()</code> stops it.</p>")
+        links = [
+            (self.proxy_url, "through Colab's proxy"),
+            (self.share_url, "share link"),
+            (self.url, "on this machine"),
+        ]
+        items = " · ".join(
+            f'<a href="{escape(u, quote=True)}" target="_blank">{escape(what)}</a>' for u, what in links if u
+        )
+        return (
+            f"<p><b>Finetune Studio</b> ({items}); runs in <code>{escape(str(self.runs_dir))}</code>. "
+            f"<code>.close()</code> stops it.</p>"
+        )
 
 
-def launch(runs_dir: str | Path | None = None, port: int | None = None, share: bool = False,
-           auth: str | tuple[str, str] | None = None, inline: bool | None = None, host: str = "127.0.0.1",
-           data: str | Path | None = None, *, workspace: str | Path | None = None,
-           browse_root: str | Path | None = None, allowed_hosts=(), max_upload_mb: float = 2048,
-           workspace_quota_gb: float = 20, height: int = 900, quiet: bool = False) -> RunningStudio:
+def launch(
+    runs_dir: str | Path | None = None,
+    port: int | None = None,
+    share: bool = False,
+    auth: str | tuple[str, str] | None = None,
+    inline: bool | None = None,
+    host: str = "127.0.0.1",
+    data: str | Path | None = None,
+    *,
+    workspace: str | Path | None = None,
+    browse_root: str | Path | None = None,
+    allowed_hosts=(),
+    max_upload_mb: float = 2048,
+    workspace_quota_gb: float = 20,
+    height: int = 900,
+    quiet: bool = False,
+) -> RunningStudio:
     """Start the studio in this process, in the background, and return a RunningStudio (`.url`, `.close()`).
 
     runs_dir: default $FINETUNE_RUNS_DIR, else ./runs; workspace: beside it; data: the folder preselected
@@ -352,20 +389,45 @@ def launch(runs_dir: str | Path | None = None, port: int | None = None, share: b
         demo = build_app(studio)
         undo.append(_keep_image_openers())
         restrict_image_openers()  # after every import that might register a PIL plugin
-        _serve(demo, studio, host, port, auth_pair, share, inline, height, max_upload_mb,
-               extra_hosts + ([host_of(proxy_url)] if proxy_url else []), quota)
-        running = RunningStudio(demo, studio, url=local_url(host, port), host=host, port=port,
-                                auth=auth_pair is not None, attached=attached, proxy_url=proxy_url, undo=undo)
+        _serve(
+            demo,
+            studio,
+            host,
+            port,
+            auth_pair,
+            share,
+            inline,
+            height,
+            max_upload_mb,
+            extra_hosts + ([host_of(proxy_url)] if proxy_url else []),
+            quota,
+        )
+        running = RunningStudio(
+            demo,
+            studio,
+            url=local_url(host, port),
+            host=host,
+            port=port,
+            auth=auth_pair is not None,
+            attached=attached,
+            proxy_url=proxy_url,
+            undo=undo,
+        )
         if share and not running.share_url:
-            raise FinetuneError("could not make the share link: gradio's share server (gradio.live) did not answer "
-                                "(no internet here?)")
+            raise FinetuneError(
+                "could not make the share link: gradio's share server (gradio.live) did not answer (no internet here?)"
+            )
     except BaseException:
         _abandon_start(studio, demo, undo)
         raise
     _close_at_exit(running, undo)
     if not quiet:
-        print(running.banner(("It is shown below. " if inline else "") + "Stop it with .close() on what launch() "
-                             "returned."), flush=True)
+        print(
+            running.banner(
+                ("It is shown below. " if inline else "") + "Stop it with .close() on what launch() returned."
+            ),
+            flush=True,
+        )
     return running
 
 
@@ -387,8 +449,9 @@ def _close_at_exit(running: RunningStudio, undo: list) -> None:
     undo.append(lambda: atexit.unregister(running.close))
 
 
-def _checked_options(host: str, port, share: bool, auth, allowed_hosts, max_upload_mb: float
-                     ) -> tuple[str, int, tuple[str, str] | None, list[str]]:
+def _checked_options(
+    host: str, port, share: bool, auth, allowed_hosts, max_upload_mb: float
+) -> tuple[str, int, tuple[str, str] | None, list[str]]:
     """launch()'s network options checked before anything starts: the host, the port (the first free one
     when None), the log-in, and the extra host names. One line for each mistake."""
     from ..config import FinetuneError
@@ -429,18 +492,35 @@ def _notebook_display(port: int, share: bool, inline: bool | None, quiet: bool) 
     if inline is None:
         inline = kind in ("colab", "jupyter") or (kind == "hosted" and share)
     if kind == "hosted" and not share and not quiet:
-        print("This notebook's browser cannot reach the studio (Kaggle and SageMaker have no proxy to the "
-              "kernel's ports): launch(share=True, auth=...) gives it a public link.", flush=True)
+        print(
+            "This notebook's browser cannot reach the studio (Kaggle and SageMaker have no proxy to the "
+            "kernel's ports): launch(share=True, auth=...) gives it a public link.",
+            flush=True,
+        )
     proxy_url = colab_proxy_url(port) if kind == "colab" else None
     if kind == "colab" and proxy_url is None and not quiet:
-        print("Colab did not say at which address its proxy serves the studio (is the notebook's tab "
-              "open?): if the page answers 'Invalid host header', pass that address's host as "
-              "allowed_hosts=[...].", flush=True)
+        print(
+            "Colab did not say at which address its proxy serves the studio (is the notebook's tab "
+            "open?): if the page answers 'Invalid host header', pass that address's host as "
+            "allowed_hosts=[...].",
+            flush=True,
+        )
     return inline, proxy_url
 
 
-def _serve(demo, studio, host: str, port: int, auth_pair: tuple[str, str] | None, share: bool, inline: bool,
-           height: int, max_upload_mb: float, extra_hosts: list[str], quota: int | None) -> None:
+def _serve(
+    demo,
+    studio,
+    host: str,
+    port: int,
+    auth_pair: tuple[str, str] | None,
+    share: bool,
+    inline: bool,
+    height: int,
+    max_upload_mb: float,
+    extra_hosts: list[str],
+    quota: int | None,
+) -> None:
     """demo served in the background behind the studio's guards (allowed hosts, log-in backoff, upload
     room); one line when it cannot listen."""
     import gradio as gr
@@ -452,19 +532,40 @@ def _serve(demo, studio, host: str, port: int, auth_pair: tuple[str, str] | None
     # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
     # outside every concurrency_limit; gradio_client and the page go through the queue.
     demo.queue(default_concurrency_limit=1, api_open=False)
-    hosts = AllowedHosts.of(host, port, extra_hosts,
-                            late=lambda: [demo.share_url] if getattr(demo, "share_url", None) else [])
-    guards = middleware(hosts, Backoff() if auth_pair else None,
-                        (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None)
+    hosts = AllowedHosts.of(
+        host, port, extra_hosts, late=lambda: [demo.share_url] if getattr(demo, "share_url", None) else []
+    )
+    guards = middleware(
+        hosts,
+        Backoff() if auth_pair else None,
+        (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None,
+    )
     try:
         # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
         # share passed always: gradio turns it on by itself in Colab and Kaggle.
-        demo.launch(server_name=host, server_port=port, auth=auth_pair, share=share, inline=inline,
-                    height=height, show_error=True, allowed_paths=[str(studio.workspace.served)],
-                    blocked_paths=[str(studio.workspace.uploads), str(studio.workspace.inputs)],
-                    max_file_size=int(max_upload_mb * 1e6), ssr_mode=False, pwa=False, mcp_server=False,
-                    enable_monitoring=False, css=CSS, theme=gr.themes.Default(), footer_links=["settings"],
-                    quiet=True, prevent_thread_lock=True, inbrowser=False, app_kwargs={"middleware": guards})
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            auth=auth_pair,
+            share=share,
+            inline=inline,
+            height=height,
+            show_error=True,
+            allowed_paths=[str(studio.workspace.served)],
+            blocked_paths=[str(studio.workspace.uploads), str(studio.workspace.inputs)],
+            max_file_size=int(max_upload_mb * 1e6),
+            ssr_mode=False,
+            pwa=False,
+            mcp_server=False,
+            enable_monitoring=False,
+            css=CSS,
+            theme=gr.themes.Default(),
+            footer_links=["settings"],
+            quiet=True,
+            prevent_thread_lock=True,
+            inbrowser=False,
+            app_kwargs={"middleware": guards},
+        )
     except OSError as problem:  # the port is taken (gradio's words name its own options), no such address
         why = "it is in use: choose another (port=, --port)" if "empty port" in str(problem) else problem
         raise FinetuneError(f"cannot listen on {host}, port {port}: {why}") from None
@@ -509,37 +610,70 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m finetune.studio" if Path(sys.argv[0]).name == "__main__.py" else None,
         description="Finetune Studio: train and use an image classifier in the browser.",
         epilog="Beyond this computer a log-in is required: set FINETUNE_AUTH=user:password in the environment "
-               "(recommended: --auth on the command line is visible to every user of the machine in `ps`).")
+        "(recommended: --auth on the command line is visible to every user of the machine in `ps`).",
+    )
     parser.add_argument("--version", action="version", version=f"finetune-studio {__version__}")
-    parser.add_argument("--host", default=env("FINETUNE_HOST", "127.0.0.1"),
-                        help="address to listen on (also FINETUNE_HOST; default and when empty: 127.0.0.1, this "
-                             "computer only; 0.0.0.0 = every interface, needs a log-in)")
+    parser.add_argument(
+        "--host",
+        default=env("FINETUNE_HOST", "127.0.0.1"),
+        help="address to listen on (also FINETUNE_HOST; default and when empty: 127.0.0.1, this "
+        "computer only; 0.0.0.0 = every interface, needs a log-in)",
+    )
     parser.add_argument("--port", type=int, default=int(env("FINETUNE_PORT", "7860")))
-    parser.add_argument("--allowed-hosts", default=env("FINETUNE_ALLOWED_HOSTS", ""), metavar="NAMES",
-                        help="more host names the browser may use to reach the app, comma-separated, e.g. an "
-                             "HTTPS reverse proxy's (also FINETUNE_ALLOWED_HOSTS; the listening address and "
-                             "localhost always work)")
-    parser.add_argument("--auth", default=env("FINETUNE_AUTH"), metavar="USER:PASSWORD",
-                        help="log-in required; prefer the FINETUNE_AUTH environment variable (not shown by `ps`)")
-    parser.add_argument("--share", action="store_true",
-                        help="also a public https://….gradio.live link through gradio's share server, for a machine "
-                             "the browser cannot reach (Kaggle, a remote Jupyter): anyone with the link reaches the "
-                             "studio while it runs, so a log-in is required (FINETUNE_AUTH)")
+    parser.add_argument(
+        "--allowed-hosts",
+        default=env("FINETUNE_ALLOWED_HOSTS", ""),
+        metavar="NAMES",
+        help="more host names the browser may use to reach the app, comma-separated, e.g. an "
+        "HTTPS reverse proxy's (also FINETUNE_ALLOWED_HOSTS; the listening address and "
+        "localhost always work)",
+    )
+    parser.add_argument(
+        "--auth",
+        default=env("FINETUNE_AUTH"),
+        metavar="USER:PASSWORD",
+        help="log-in required; prefer the FINETUNE_AUTH environment variable (not shown by `ps`)",
+    )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="also a public https://….gradio.live link through gradio's share server, for a machine "
+        "the browser cannot reach (Kaggle, a remote Jupyter): anyone with the link reaches the "
+        "studio while it runs, so a log-in is required (FINETUNE_AUTH)",
+    )
     # Folders relative to where the command runs, never to where finetune is installed (finetune.paths).
-    parser.add_argument("--runs-dir", default=None,
-                        help="where runs are saved and listed (default: $FINETUNE_RUNS_DIR, else ./runs)")
-    parser.add_argument("--workspace", default=None,
-                        help="where uploads are extracted and downloads prepared (default: $FINETUNE_WORKSPACE, "
-                             "else RUNS-workspace beside the runs folder)")
-    parser.add_argument("--data", default=env("FINETUNE_DATA") or str(sample_data()),
-                        help="dataset folder preselected in the UI (default: the sample data shipped with finetune)")
-    parser.add_argument("--browse-root", default=env("FINETUNE_BROWSE_ROOT", str(Path.home())),
-                        help="top folder of the server folder browser on the Data tab (default: home folder)")
-    parser.add_argument("--max-upload-mb", type=float, default=env_number("FINETUNE_MAX_UPLOAD_MB", 2048),
-                        help="largest file a browser may upload, in MB (also FINETUNE_MAX_UPLOAD_MB; default 2048)")
-    parser.add_argument("--workspace-quota-gb", type=float, default=env_number("FINETUNE_WORKSPACE_QUOTA_GB", 20),
-                        help="disk the workspace may take, in GB; uploads beyond it are refused (also "
-                             "FINETUNE_WORKSPACE_QUOTA_GB; default 20; 0 = no limit)")
+    parser.add_argument(
+        "--runs-dir", default=None, help="where runs are saved and listed (default: $FINETUNE_RUNS_DIR, else ./runs)"
+    )
+    parser.add_argument(
+        "--workspace",
+        default=None,
+        help="where uploads are extracted and downloads prepared (default: $FINETUNE_WORKSPACE, "
+        "else RUNS-workspace beside the runs folder)",
+    )
+    parser.add_argument(
+        "--data",
+        default=env("FINETUNE_DATA") or str(sample_data()),
+        help="dataset folder preselected in the UI (default: the sample data shipped with finetune)",
+    )
+    parser.add_argument(
+        "--browse-root",
+        default=env("FINETUNE_BROWSE_ROOT", str(Path.home())),
+        help="top folder of the server folder browser on the Data tab (default: home folder)",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=env_number("FINETUNE_MAX_UPLOAD_MB", 2048),
+        help="largest file a browser may upload, in MB (also FINETUNE_MAX_UPLOAD_MB; default 2048)",
+    )
+    parser.add_argument(
+        "--workspace-quota-gb",
+        type=float,
+        default=env_number("FINETUNE_WORKSPACE_QUOTA_GB", 20),
+        help="disk the workspace may take, in GB; uploads beyond it are refused (also "
+        "FINETUNE_WORKSPACE_QUOTA_GB; default 20; 0 = no limit)",
+    )
     args = parser.parse_args(argv)
     args.runs_dir = args.runs_dir or str(default_runs_dir())
     args.workspace = args.workspace or str(default_workspace(args.runs_dir))
@@ -563,10 +697,21 @@ def main(argv=None) -> int:
     # the command's own process: whatever gradio falls back to is this host
     os.environ["GRADIO_SERVER_NAME"] = args.host
     try:
-        running = launch(args.runs_dir, args.port, share=args.share, auth=args.auth, inline=False, host=args.host,
-                         data=args.data, workspace=args.workspace, browse_root=args.browse_root,
-                         allowed_hosts=args.allowed_hosts, max_upload_mb=args.max_upload_mb,
-                         workspace_quota_gb=args.workspace_quota_gb, quiet=True)
+        running = launch(
+            args.runs_dir,
+            args.port,
+            share=args.share,
+            auth=args.auth,
+            inline=False,
+            host=args.host,
+            data=args.data,
+            workspace=args.workspace,
+            browse_root=args.browse_root,
+            allowed_hosts=args.allowed_hosts,
+            max_upload_mb=args.max_upload_mb,
+            workspace_quota_gb=args.workspace_quota_gb,
+            quiet=True,
+        )
     except FinetuneError as problem:
         print(f"error: {printable(str(problem))}", file=sys.stderr)
         return 2

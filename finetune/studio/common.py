@@ -73,6 +73,7 @@ def bind(studio: Studio, handler: Callable, outputs: dict | None = None) -> Call
         return {outputs[name]: value for name, value in result.items()}
 
     if inspect.isgeneratorfunction(handler):
+
         def event(*args, **kwargs):
             steps = handler(studio, *args, **kwargs)
             try:
@@ -83,6 +84,7 @@ def bind(studio: Studio, handler: Callable, outputs: dict | None = None) -> Call
             finally:
                 steps.close()  # a cancelled event: the handler's own finally runs now
     else:
+
         def event(*args, **kwargs):
             try:
                 return convert(handler(studio, *args, **kwargs))

@@ -59,7 +59,8 @@ def answer_label(**kwargs) -> gr.Label:
     stock = label.postprocess
     # the instance's own postprocess, not a subclass: gradio's front end knows gr.Label by its class
     label.postprocess = (  # type: ignore[method-assign]
-        lambda value: answer_data(value) if is_answer(value) else stock(value))
+        lambda value: answer_data(value) if is_answer(value) else stock(value)
+    )
     return label
 
 
@@ -68,5 +69,7 @@ def is_answer(value: object) -> TypeGuard[dict]:
 
 
 def answer_data(value: dict) -> LabelData:
-    return LabelData(label=value["label"], confidences=[
-        LabelConfidence(label=name, confidence=float(p)) for name, p in value["confidences"]])
+    return LabelData(
+        label=value["label"],
+        confidences=[LabelConfidence(label=name, confidence=float(p)) for name, p in value["confidences"]],
+    )

@@ -34,35 +34,61 @@ class DataTab:
 
 def build(studio: Studio) -> DataTab:
     with gr.Tab("1. Data", id="data", elem_id="tab_data") as tab:
-        gr.Markdown("Images in **one folder per class** (`cats/…`, `dogs/…`), or with `train/` and `val/` "
-                    "folders of class folders. Your files are only read, never changed.", elem_id="data_help")
+        gr.Markdown(
+            "Images in **one folder per class** (`cats/…`, `dogs/…`), or with `train/` and `val/` "
+            "folders of class folders. Your files are only read, never changed.",
+            elem_id="data_help",
+        )
         with gr.Row():
             with gr.Column(scale=3):
-                path = gr.Textbox(value=studio.default_data, label="Folder on this computer (server)",
-                                  info="Type or paste a path, then press Enter or 'Use this folder'. A relative "
-                                       f"path means a folder in {studio.base_dir}.", elem_id="data_path")
+                path = gr.Textbox(
+                    value=studio.default_data,
+                    label="Folder on this computer (server)",
+                    info="Type or paste a path, then press Enter or 'Use this folder'. A relative "
+                    f"path means a folder in {studio.base_dir}.",
+                    elem_id="data_path",
+                )
                 with gr.Row():
                     scan_btn = gr.Button("Use this folder", variant="primary", elem_id="scan_btn")
                     sample_btn = gr.Button("Use the sample data", elem_id="sample_btn")
                     cancel_btn = gr.Button("Cancel scan", variant="secondary", elem_id="scan_cancel_btn")
                 with gr.Accordion("Browse folders on the server", open=False, elem_id="browse_acc"):
-                    browser = gr.FileExplorer(root_dir=studio.browse_root, glob="**/", file_count="single",
-                                              ignore_glob="**/.*", label="Pick a folder (its path is copied above)",
-                                              elem_id="folder_browser", height=300)
+                    browser = gr.FileExplorer(
+                        root_dir=studio.browse_root,
+                        glob="**/",
+                        file_count="single",
+                        ignore_glob="**/.*",
+                        label="Pick a folder (its path is copied above)",
+                        elem_id="folder_browser",
+                        height=300,
+                    )
             with gr.Column(scale=2):
-                zip_in = gr.File(label="…or drop a .zip (one folder per class; only its images are used)",
-                                 file_types=[".zip"], type="filepath", elem_id="zip_upload")
+                zip_in = gr.File(
+                    label="…or drop a .zip (one folder per class; only its images are used)",
+                    file_types=[".zip"],
+                    type="filepath",
+                    elem_id="zip_upload",
+                )
         summary = gr.Markdown(elem_id="data_summary")
         warnings = gr.Markdown(elem_id="data_warnings")
         with gr.Row():
-            counts = gr.Dataframe(label="Images per class and split", interactive=False, elem_id="class_counts",
-                                  scale=2)
-            skipped = gr.Dataframe(label="Skipped files and why", interactive=False, visible=False,
-                                   elem_id="skipped_files", scale=3)
-        thumbs = gr.Gallery(label="A few images of each class", columns=8, height="auto", object_fit="contain",
-                            allow_preview=True, elem_id="class_thumbs")
-    return DataTab(tab, path, scan_btn, sample_btn, cancel_btn, browser, zip_in, summary, warnings, counts,
-                   skipped, thumbs)
+            counts = gr.Dataframe(
+                label="Images per class and split", interactive=False, elem_id="class_counts", scale=2
+            )
+            skipped = gr.Dataframe(
+                label="Skipped files and why", interactive=False, visible=False, elem_id="skipped_files", scale=3
+            )
+        thumbs = gr.Gallery(
+            label="A few images of each class",
+            columns=8,
+            height="auto",
+            object_fit="contain",
+            allow_preview=True,
+            elem_id="class_thumbs",
+        )
+    return DataTab(
+        tab, path, scan_btn, sample_btn, cancel_btn, browser, zip_in, summary, warnings, counts, skipped, thumbs
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +112,11 @@ def _scan(studio: Studio, root: Path, progress, archive_skipped=()):
         return scan_dataset(root, max_files=studio.max_scan_files, on_progress=report)
 
     def show(stage, done, total):
-        progress((done, total or None), desc=views.scan_progress(stage, done, total),
-                 unit="images" if stage == "check" else "files")
+        progress(
+            (done, total or None),
+            desc=views.scan_progress(stage, done, total),
+            unit="images" if stage == "check" else "files",
+        )
 
     with user_errors():
         try:
@@ -154,8 +183,14 @@ def sample_data(studio: Studio):
 
 def wire(studio: Studio, c: DataTab, demo: gr.Blocks, ready: gr.Markdown) -> None:
     """`ready` is the data line on the Train tab. The page load scans the preselected folder."""
-    outputs = {"summary": c.summary, "counts": c.counts, "thumbs": c.thumbs, "skipped": c.skipped,
-               "warnings": c.warnings, "ready": ready}
+    outputs = {
+        "summary": c.summary,
+        "counts": c.counts,
+        "thumbs": c.thumbs,
+        "skipped": c.skipped,
+        "warnings": c.warnings,
+        "ready": ready,
+    }
     scanning = bind(studio, scan, outputs)
     absolute = bind(studio, absolute_path)
     shown: dict[str, Any] = dict(show_progress_on=[c.summary])
@@ -165,11 +200,17 @@ def wire(studio: Studio, c: DataTab, demo: gr.Blocks, ready: gr.Markdown) -> Non
     ]
     for event in scans:
         event.success(absolute, c.path, c.path, api_name=False, show_progress="hidden")
-    scans.append(c.sample_btn.click(bind(studio, sample_data), None, c.path, api_name="use_sample_data").then(
-        scanning, c.path, output_list(outputs), api_name="scan_sample", **shown))
+    scans.append(
+        c.sample_btn.click(bind(studio, sample_data), None, c.path, api_name="use_sample_data").then(
+            scanning, c.path, output_list(outputs), api_name="scan_sample", **shown
+        )
+    )
     with_path = {**outputs, "path": c.path}
-    scans.append(c.zip_in.upload(bind(studio, upload_zip, with_path), c.zip_in, output_list(with_path),
-                                 api_name="upload_zip", **shown))
+    scans.append(
+        c.zip_in.upload(
+            bind(studio, upload_zip, with_path), c.zip_in, output_list(with_path), api_name="upload_zip", **shown
+        )
+    )
     scans.append(demo.load(scanning, c.path, output_list(outputs), api_name="initial_scan", **shown))
     c.browser.change(bind(studio, pick_folder), c.browser, c.path, api_name="pick_folder")
     # Cancel ends a running scan: its thread stops at the next image it checks.

@@ -39,27 +39,60 @@ def build(studio: Studio) -> EvaluateTab:
             run = gr.Dropdown(label="Run", elem_id="eval_run", scale=4, allow_custom_value=True)
             refresh = gr.Button("Refresh runs", elem_id="eval_refresh", scale=1)
         summary = gr.Markdown(elem_id="eval_summary")
-        gr.Markdown("#### Confusion matrix\nRows are the true classes, columns the predictions; left counts, right "
-                    "the share of each true class.", elem_id="eval_matrix_help")
-        matrix = gr.Image(label="Confusion matrix", show_label=False, type="filepath", interactive=False,
-                          elem_id="eval_matrix", height=420)
+        gr.Markdown(
+            "#### Confusion matrix\nRows are the true classes, columns the predictions; left counts, right "
+            "the share of each true class.",
+            elem_id="eval_matrix_help",
+        )
+        matrix = gr.Image(
+            label="Confusion matrix",
+            show_label=False,
+            type="filepath",
+            interactive=False,
+            elem_id="eval_matrix",
+            height=420,
+        )
         table = gr.Dataframe(label="Per class", interactive=False, elem_id="eval_table")
         note = gr.Markdown(elem_id="eval_note")
-        heatmaps = gr.Checkbox(value=False, elem_id="eval_heatmaps",
-                               label=f"Heatmaps: where the model looked for its wrong answer (Grad-CAM; the first "
-                                     f"{MAX_HEATMAPS} images, about a second each on a CPU)")
-        gallery = gr.Gallery(label="Misclassified validation images (true → predicted, confidence)", columns=5,
-                             height="auto", object_fit="contain", elem_id="eval_gallery")
-        gr.Markdown("#### Calibration\nHow far the confidence can be trusted: accuracy against confidence, before "
-                    "and after temperature scaling (the diagonal is perfect).", elem_id="eval_calibration_help")
+        heatmaps = gr.Checkbox(
+            value=False,
+            elem_id="eval_heatmaps",
+            label=f"Heatmaps: where the model looked for its wrong answer (Grad-CAM; the first "
+            f"{MAX_HEATMAPS} images, about a second each on a CPU)",
+        )
+        gallery = gr.Gallery(
+            label="Misclassified validation images (true → predicted, confidence)",
+            columns=5,
+            height="auto",
+            object_fit="contain",
+            elem_id="eval_gallery",
+        )
+        gr.Markdown(
+            "#### Calibration\nHow far the confidence can be trusted: accuracy against confidence, before "
+            "and after temperature scaling (the diagonal is perfect).",
+            elem_id="eval_calibration_help",
+        )
         calibration = gr.Markdown(elem_id="eval_calibration")
-        reliability = gr.Image(label="Reliability", show_label=False, type="filepath", interactive=False,
-                               elem_id="eval_reliability", height=320)
+        reliability = gr.Image(
+            label="Reliability",
+            show_label=False,
+            type="filepath",
+            interactive=False,
+            elem_id="eval_reliability",
+            height=320,
+        )
         gr.Markdown("#### Training curves", elem_id="eval_curves_help")
-        curves = gr.Image(label="Training curves", show_label=False, type="filepath", interactive=False,
-                          elem_id="eval_curves", height=360)
-    return EvaluateTab(tab, run, refresh, summary, matrix, table, note, heatmaps, gallery, calibration, reliability,
-                       curves)
+        curves = gr.Image(
+            label="Training curves",
+            show_label=False,
+            type="filepath",
+            interactive=False,
+            elem_id="eval_curves",
+            height=360,
+        )
+    return EvaluateTab(
+        tab, run, refresh, summary, matrix, table, note, heatmaps, gallery, calibration, reliability, curves
+    )
 
 
 def heatmap_thumbnail(studio: Studio, predictor, path: Path, size: int = 200):
@@ -76,8 +109,16 @@ def heatmap_thumbnail(studio: Studio, predictor, path: Path, size: int = 200):
 
 def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False, progress=gr.Progress()) -> dict:
     if not run:  # no run yet (first start): a hint, not an error
-        return {"summary": views.NO_RUN_YET, "matrix": None, "table": None, "gallery": [], "note": "",
-                "calibration": "", "reliability": None, "curves": None}
+        return {
+            "summary": views.NO_RUN_YET,
+            "matrix": None,
+            "table": None,
+            "gallery": [],
+            "note": "",
+            "calibration": "",
+            "reliability": None,
+            "curves": None,
+        }
     with user_errors():
         run_dir = RunDir(resolve_run(run, studio.runs_dir))
         metrics = run_dir.metrics()
@@ -90,7 +131,7 @@ def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False,
     if heatmaps and misclassified:
         with user_errors():
             predictor = studio.predictor(run_dir.path)
-    for item in misclassified[:views.MAX_MISCLASSIFIED]:
+    for item in misclassified[: views.MAX_MISCLASSIFIED]:
         try:
             if predictor is not None and explained < MAX_HEATMAPS:
                 progress((explained, min(MAX_HEATMAPS, len(misclassified))), desc="Heatmaps", unit="images")
@@ -115,9 +156,22 @@ def evaluate_run(studio: Studio, run: str | None = None, heatmaps: bool = False,
 
 
 def wire(studio: Studio, c: EvaluateTab) -> None:
-    outputs = {"summary": c.summary, "matrix": c.matrix, "table": c.table, "gallery": c.gallery, "note": c.note,
-               "calibration": c.calibration, "reliability": c.reliability, "curves": c.curves}
+    outputs = {
+        "summary": c.summary,
+        "matrix": c.matrix,
+        "table": c.table,
+        "gallery": c.gallery,
+        "note": c.note,
+        "calibration": c.calibration,
+        "reliability": c.reliability,
+        "curves": c.curves,
+    }
     evaluating = bind(studio, evaluate_run, outputs)
     c.run.change(evaluating, [c.run, c.heatmaps], output_list(outputs), api_name="evaluate_run")
-    c.heatmaps.change(evaluating, [c.run, c.heatmaps], output_list(outputs), api_name="evaluate_run_heatmaps",
-                      show_progress_on=[c.gallery])
+    c.heatmaps.change(
+        evaluating,
+        [c.run, c.heatmaps],
+        output_list(outputs),
+        api_name="evaluate_run_heatmaps",
+        show_progress_on=[c.gallery],
+    )

@@ -37,18 +37,26 @@ class ExportTab:
 def build(studio: Studio) -> ExportTab:
     with gr.Tab("5. Export", id="export", elem_id="tab_export") as tab:
         run = gr.Dropdown(label="Run", elem_id="export_run", allow_custom_value=True)
-        gr.Markdown("`class_indices.json` is the classic class map (`{\"0\": \"name\", …}`) that goes with "
-                    "`model.pth` (a plain state_dict) in the classic `predict.py`.", elem_id="export_help")
+        gr.Markdown(
+            '`class_indices.json` is the classic class map (`{"0": "name", …}`) that goes with '
+            "`model.pth` (a plain state_dict) in the classic `predict.py`.",
+            elem_id="export_help",
+        )
         with gr.Row():
-            classes = gr.DownloadButton("Download class_indices.json", interactive=False,
-                                        elem_id="download_class_indices")
+            classes = gr.DownloadButton(
+                "Download class_indices.json", interactive=False, elem_id="download_class_indices"
+            )
             model = gr.DownloadButton("Download model.pth", interactive=False, elem_id="download_model")
         with gr.Row():
             torchscript_btn = gr.Button("Export TorchScript", elem_id="export_torchscript_btn")
             onnx_btn = gr.Button("Export ONNX", elem_id="export_onnx_btn")
             zip_btn = gr.Button("Zip the whole run folder", elem_id="export_zip_btn")
-        files = gr.File(label="Exported files (click a name to download)", file_count="multiple", interactive=False,
-                        elem_id="exported_files")
+        files = gr.File(
+            label="Exported files (click a name to download)",
+            file_count="multiple",
+            interactive=False,
+            elem_id="exported_files",
+        )
     return ExportTab(tab, run, classes, model, torchscript_btn, onnx_btn, zip_btn, files)
 
 
@@ -68,13 +76,18 @@ def exported(studio: Studio, run: RunDir) -> list[str] | None:
 def export_files(studio: Studio, run: str | None = None) -> dict:
     """The files a run offers for download now (class map, weights, exports made so far)."""
     if not run:  # no run yet: buttons stay disabled
-        return {"classes": gr.DownloadButton(value=None, interactive=False),
-                "model": gr.DownloadButton(value=None, interactive=False), "files": None}
+        return {
+            "classes": gr.DownloadButton(value=None, interactive=False),
+            "model": gr.DownloadButton(value=None, interactive=False),
+            "files": None,
+        }
     run_dir = _run(studio, run)
     classes, model = studio.serve_run_file(run_dir.class_indices), studio.serve_run_file(run_dir.model)
-    return {"classes": gr.DownloadButton(value=classes, interactive=classes is not None),
-            "model": gr.DownloadButton(value=model, interactive=model is not None),
-            "files": exported(studio, run_dir)}
+    return {
+        "classes": gr.DownloadButton(value=classes, interactive=classes is not None),
+        "model": gr.DownloadButton(value=model, interactive=model is not None),
+        "files": exported(studio, run_dir),
+    }
 
 
 def export_model(studio: Studio, run: str | None, fmt: str) -> list[str] | None:
@@ -106,7 +119,7 @@ def export_zip(studio: Studio, run: str | None = None):
     handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".zip")
     os.close(handle)
     try:
-        shutil.make_archive(partial[:-len(".zip")], "zip", root_dir=run_dir.path.parent, base_dir=run_dir.name)
+        shutil.make_archive(partial[: -len(".zip")], "zip", root_dir=run_dir.path.parent, base_dir=run_dir.name)
         os.replace(partial, target)
     except BaseException:
         Path(partial).unlink(missing_ok=True)

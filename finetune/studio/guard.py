@@ -95,14 +95,15 @@ class AllowedHosts:
         object.__setattr__(self, "names", frozenset(own | LOOPBACK_NAMES | self.extra))
 
     @classmethod
-    def of(cls, listen: str, port: int, extra: Iterable[str] = (),
-           late: Callable[[], Iterable[str]] | None = None) -> AllowedHosts:
+    def of(
+        cls, listen: str, port: int, extra: Iterable[str] = (), late: Callable[[], Iterable[str]] | None = None
+    ) -> AllowedHosts:
         return cls(listen, port, frozenset(parse_host_list(extra)), late)
 
     def learnt(self) -> set[str]:
         """The host names of the `late` addresses (URLs or names) known now."""
         names = set()
-        for address in (self.late() if self.late is not None else ()):
+        for address in self.late() if self.late is not None else ():
             if address:
                 text = str(address).strip()
                 name = host_name(urlsplit(text).netloc if "//" in text else text)
@@ -114,8 +115,11 @@ class AllowedHosts:
         # On every interface any address of the machine is legitimate, and behind a port forward
         # (a container) the browser's address is not even the machine's own. An address typed as
         # such cannot be a rebinding: that needs a DNS name the attacker controls.
-        return (name in self.names or (self.listen in ALL_INTERFACES and is_ip(name))
-                or (self.late is not None and name in self.learnt()))
+        return (
+            name in self.names
+            or (self.listen in ALL_INTERFACES and is_ip(name))
+            or (self.late is not None and name in self.learnt())
+        )
 
     def allows_origin(self, origin: str, host_header: str) -> bool:
         """Whether a page at `origin` (scheme://host[:port]) is this app's own page, for a request
@@ -164,15 +168,15 @@ class RequestGuard:
         host = headers.get("host", "")
         name = host_name(host)
         if name is None or not self.hosts.allows(name.lower()):
-            return _refuse(400, "Invalid host header: this app does not answer to that name (see "
-                                "FINETUNE_ALLOWED_HOSTS)")
+            return _refuse(
+                400, "Invalid host header: this app does not answer to that name (see FINETUNE_ALLOWED_HOSTS)"
+            )
         changes = scope["type"] == "websocket" or scope["method"] not in SAFE_METHODS
         origin = headers.get("origin")
         if origin is None and changes:  # a Referer alone also comes with links from other sites: fine to read
             origin = headers.get("referer")
         if origin is not None and not self.hosts.allows_origin(_origin_of(origin), host):
-            return _refuse(403, "Cross-origin request refused: a page of another site may not change anything "
-                                "here")
+            return _refuse(403, "Cross-origin request refused: a page of another site may not change anything here")
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -211,8 +215,16 @@ class Backoff:
     the client's and the global count. Failures `forget` seconds old are forgotten; at most
     `max_clients` clients are remembered (the global count still sees the others)."""
 
-    def __init__(self, free: int = 5, global_free: int = 30, delay: float = 1.0, max_delay: float = 300.0,
-                 forget: float = 3600.0, max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        free: int = 5,
+        global_free: int = 30,
+        delay: float = 1.0,
+        max_delay: float = 300.0,
+        forget: float = 3600.0,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.free, self.global_free, self.delay, self.max_delay = free, global_free, delay, max_delay
         self.forget, self.max_clients, self.clock = forget, max_clients, clock
         self._clients: OrderedDict[str, _Failures] = OrderedDict()
@@ -268,8 +280,9 @@ class LoginGuard:
         wait = self.backoff.attempt(client)
         if wait > 0:
             seconds = math.ceil(wait)
-            response = _refuse(429, f"Too many failed log-ins: try again in {seconds} s",
-                               headers={"Retry-After": str(seconds)})
+            response = _refuse(
+                429, f"Too many failed log-ins: try again in {seconds} s", headers={"Retry-After": str(seconds)}
+            )
             await response(scope, receive, send)
             return
         status = []
@@ -309,8 +322,9 @@ class UploadQuota:
         await self.app(scope, receive, send)
 
 
-def middleware(hosts: AllowedHosts, backoff: Backoff | None = None,
-               check_room: Callable[[int], None] | None = None) -> list[Middleware]:
+def middleware(
+    hosts: AllowedHosts, backoff: Backoff | None = None, check_room: Callable[[int], None] | None = None
+) -> list[Middleware]:
     """For launch(app_kwargs={"middleware": ...}): the Host and Origin checks, outermost, then the
     log-in back-off (when there is a log-in) and the upload quota (when there is one)."""
     stack = [Middleware(RequestGuard, hosts=hosts)]

@@ -49,8 +49,9 @@ def walk_images(root: Path, max_files: int):
                 yield Path(dirpath, name)
 
 
-def gather_images(files: list | None, folder: Path | None, workspace: Workspace, scratch: Path,
-                  limit: int, max_files: int = 200_000) -> BatchInputs:
+def gather_images(
+    files: list | None, folder: Path | None, workspace: Workspace, scratch: Path, limit: int, max_files: int = 200_000
+) -> BatchInputs:
     batch = BatchInputs(limit)
     if folder is not None:
         if not folder.is_dir():

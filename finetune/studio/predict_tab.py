@@ -54,33 +54,60 @@ def build(studio: Studio) -> PredictTab:
             run = gr.Dropdown(label="Model (run)", elem_id="predict_run", scale=4, allow_custom_value=True)
             top_k = gr.Slider(1, 10, value=3, step=1, label="Top classes shown", elem_id="top_k", scale=2)
             with gr.Column(scale=3):
-                min_conf = gr.Slider(0, 1, value=0, step=0.01, label="Minimum confidence (below it: unknown)",
-                                     elem_id="min_conf")
+                min_conf = gr.Slider(
+                    0, 1, value=0, step=0.01, label="Minimum confidence (below it: unknown)", elem_id="min_conf"
+                )
                 min_note = gr.Markdown(elem_id="min_conf_note")
         with gr.Row():
-            image = image_upload(sources=["upload", "clipboard", "webcam"], label="Drop, paste or take a picture",
-                                elem_id="predict_image", height=320)
+            image = image_upload(
+                sources=["upload", "clipboard", "webcam"],
+                label="Drop, paste or take a picture",
+                elem_id="predict_image",
+                height=320,
+            )
             with gr.Column():
                 label = answer_label(label="Prediction", elem_id="predict_label")
-                why = gr.Checkbox(value=False, label="Why? Show where the model looked (Grad-CAM heatmap)",
-                                  elem_id="predict_why")
-            heatmap = gr.Image(label="Why: the parts of the picture behind the prediction (red = most)",
-                               type="pil", interactive=False, visible=False, elem_id="predict_heatmap", height=320)
-        gr.Markdown(f"#### Many images at once\nAt most {studio.max_batch_images:,} images per request.",
-                    elem_id="batch_heading")
+                why = gr.Checkbox(
+                    value=False, label="Why? Show where the model looked (Grad-CAM heatmap)", elem_id="predict_why"
+                )
+            heatmap = gr.Image(
+                label="Why: the parts of the picture behind the prediction (red = most)",
+                type="pil",
+                interactive=False,
+                visible=False,
+                elem_id="predict_heatmap",
+                height=320,
+            )
+        gr.Markdown(
+            f"#### Many images at once\nAt most {studio.max_batch_images:,} images per request.",
+            elem_id="batch_heading",
+        )
         with gr.Row():
             with gr.Column():
-                files = gr.File(label="Image files and/or .zip files of images", file_count="multiple",
-                                file_types=sorted(IMAGE_EXTENSIONS) + [".zip"], type="filepath", elem_id="batch_files")
-                folder = gr.Textbox(label="…and/or a folder on the server (searched recursively)",
-                                    placeholder="/path/to/images", elem_id="batch_folder")
+                files = gr.File(
+                    label="Image files and/or .zip files of images",
+                    file_count="multiple",
+                    file_types=sorted(IMAGE_EXTENSIONS) + [".zip"],
+                    type="filepath",
+                    elem_id="batch_files",
+                )
+                folder = gr.Textbox(
+                    label="…and/or a folder on the server (searched recursively)",
+                    placeholder="/path/to/images",
+                    elem_id="batch_folder",
+                )
             with gr.Column():
                 batch_btn = gr.Button("Classify all", variant="primary", elem_id="batch_btn")
                 csv = gr.File(label="Predictions as CSV", interactive=False, elem_id="batch_csv")
-        table = gr.Dataframe(label="Predictions", interactive=False, elem_id="batch_table",
-                             headers=["file", "prediction", "best guess", "confidence"])
-    return PredictTab(tab, run, top_k, min_conf, min_note, why, image, label, heatmap, files, folder, batch_btn,
-                      csv, table)
+        table = gr.Dataframe(
+            label="Predictions",
+            interactive=False,
+            elem_id="batch_table",
+            headers=["file", "prediction", "best guess", "confidence"],
+        )
+    return PredictTab(
+        tab, run, top_k, min_conf, min_note, why, image, label, heatmap, files, folder, batch_btn, csv, table
+    )
 
 
 def read_upload(path) -> Image.Image:
@@ -95,8 +122,9 @@ def read_upload(path) -> Image.Image:
     except (Image.DecompressionBombError, FinetuneError) as problem:  # a bomb, too costly, not a regular file
         raise FinetuneError(f"{name}: {problem}") from None
     except Image.UnidentifiedImageError:
-        raise FinetuneError(f"{name} is not an image this app reads: only {', '.join(ACCEPTED_FORMATS)} files "
-                            f"are opened") from None
+        raise FinetuneError(
+            f"{name} is not an image this app reads: only {', '.join(ACCEPTED_FORMATS)} files are opened"
+        ) from None
     except (OSError, ValueError, SyntaxError) as problem:
         raise FinetuneError(f"{name} could not be decoded ({type(problem).__name__}: {problem})") from None
 
@@ -131,13 +159,16 @@ def predict_image(studio: Studio, run=None, image=None, top_k=3, min_conf=None, 
 
             with lock.exclusive():
                 overlay = explain_image(predictor, picture).overlay
-    label = {"label": views.answer_headline(answer, guess, confidence),
-             "confidences": [(views.plain(name), float(p)) for name, p in top]}
+    label = {
+        "label": views.answer_headline(answer, guess, confidence),
+        "confidences": [(views.plain(name), float(p)) for name, p in top],
+    }
     return {"label": label, "heatmap": gr.Image(value=overlay, visible=bool(why))}
 
 
-def predict_batch(studio: Studio, run=None, files=None, top_k=3, folder=None, min_conf=None,
-                  progress=gr.Progress()) -> dict:
+def predict_batch(
+    studio: Studio, run=None, files=None, top_k=3, folder=None, min_conf=None, progress=gr.Progress()
+) -> dict:
     """Classify the images of uploaded files, zips and a server folder (at most max_batch_images);
     the zips are extracted into a temporary folder that is removed afterwards."""
     folder = (folder or "").strip()
@@ -149,13 +180,22 @@ def predict_batch(studio: Studio, run=None, files=None, top_k=3, folder=None, mi
         predictor = studio.predictor(run_dir)
         with studio.workspace.temporary() as scratch, studio.model_lock(predictor).shared():
             progress((0, None), desc="Collecting the images", unit="images")
-            batch = gather_images(files, studio.resolve_path(folder) if folder else None, studio.workspace, scratch,
-                                  studio.max_batch_images, studio.max_scan_files)
+            batch = gather_images(
+                files,
+                studio.resolve_path(folder) if folder else None,
+                studio.workspace,
+                scratch,
+                studio.max_batch_images,
+                studio.max_scan_files,
+            )
             if not batch.paths:
                 raise FinetuneError("no image files found in the upload" + (f" or in {folder}" if folder else ""))
             predictions = predictor.predict_paths(
-                batch.paths, top_k=top_k, min_confidence=None if min_conf is None else float(min_conf),
-                on_progress=lambda done, total: progress((done, total), desc="Classifying", unit="images"))
+                batch.paths,
+                top_k=top_k,
+                min_confidence=None if min_conf is None else float(min_conf),
+                on_progress=lambda done, total: progress((done, total), desc="Classifying", unit="images"),
+            )
         for prediction, name in zip(predictions, batch.names, strict=True):
             prediction.path = name
         name = f"predictions-{run_dir.name}-{datetime.now():%Y%m%d-%H%M%S-%f}.csv"
@@ -178,7 +218,13 @@ def wire(studio: Studio, c: PredictTab) -> None:
     c.why.change(predicting, inputs, outputs, api_name="predict_image_why", **PREDICT)
     threshold = {"min_conf": c.min_conf, "min_note": c.min_note}
     c.run.change(bind(studio, run_threshold, threshold), c.run, output_list(threshold), api_name="run_threshold").then(
-        predicting, inputs, outputs, api_name="predict_image_run", **PREDICT)
+        predicting, inputs, outputs, api_name="predict_image_run", **PREDICT
+    )
     batch = {"table": c.table, "csv": c.csv}
-    c.batch_btn.click(bind(studio, predict_batch, batch), [c.run, c.files, c.top_k, c.folder, c.min_conf],
-                      output_list(batch), api_name="predict_batch", **PREDICT)
+    c.batch_btn.click(
+        bind(studio, predict_batch, batch),
+        [c.run, c.files, c.top_k, c.folder, c.min_conf],
+        output_list(batch),
+        api_name="predict_batch",
+        **PREDICT,
+    )

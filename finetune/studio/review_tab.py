@@ -65,43 +65,77 @@ class ReviewTab:
 
 def build(studio: Studio) -> ReviewTab:
     with gr.Tab("1b. Review", id="review", elem_id="tab_review") as tab:
-        gr.Markdown("The **data doctor** looks for likely label errors, duplicates (and copies that leak from "
-                    "training into validation) and odd images. Decide each finding: your choices are saved as a "
-                    "curation file next to the runs, which training applies. Your folder is never changed.",
-                    elem_id="review_help")
+        gr.Markdown(
+            "The **data doctor** looks for likely label errors, duplicates (and copies that leak from "
+            "training into validation) and odd images. Decide each finding: your choices are saved as a "
+            "curation file next to the runs, which training applies. Your folder is never changed.",
+            elem_id="review_help",
+        )
         with gr.Row():
-            data = gr.Textbox(value=studio.default_data, label="Data folder (the one chosen on the Data tab)",
-                              elem_id="review_data", scale=4)
-            backbone = gr.Dropdown(backbone_choices(studio), value=default_backbone(studio),
-                                   label="Features from", elem_id="review_backbone", scale=3)
+            data = gr.Textbox(
+                value=studio.default_data,
+                label="Data folder (the one chosen on the Data tab)",
+                elem_id="review_data",
+                scale=4,
+            )
+            backbone = gr.Dropdown(
+                backbone_choices(studio),
+                value=default_backbone(studio),
+                label="Features from",
+                elem_id="review_backbone",
+                scale=3,
+            )
         with gr.Row():
             run_btn = gr.Button("Run doctor", variant="primary", elem_id="review_run_btn")
             cancel_btn = gr.Button("Cancel", elem_id="review_cancel_btn")
-        log = gr.Textbox(label="Progress", lines=4, max_lines=8, autoscroll=True, interactive=False,
-                         elem_id="review_log")
+        log = gr.Textbox(
+            label="Progress", lines=4, max_lines=8, autoscroll=True, interactive=False, elem_id="review_log"
+        )
         summary = gr.Markdown(elem_id="review_summary")
         with gr.Row():
             curation = gr.Markdown(elem_id="review_curation")
-            leak_btn = gr.Button("Exclude all leaking val copies", elem_id="review_leak_btn", interactive=False,
-                                 scale=0, min_width=260)
-        position = gr.Markdown(elem_id="review_position")
-        with gr.Row():
-            image = gr.Image(label="Flagged image", type="pil", interactive=False, elem_id="review_image",
-                             height=THUMB, scale=2)
-            with gr.Column(scale=3):
-                details = gr.Markdown(elem_id="review_details")
-                others = gr.Gallery(label="Beside it", columns=4, height=SIDE_THUMB + 60, object_fit="contain",
-                                    allow_preview=False, elem_id="review_others")
-        with gr.Row():
-            prev_btn = gr.Button("← Previous", elem_id="review_prev", interactive=False)
-            keep_btn = gr.Button("Keep", elem_id="review_keep", interactive=False)
-            exclude_btn = gr.Button("Exclude", variant="stop", elem_id="review_exclude", interactive=False)
-            relabel_to = gr.Dropdown(label="Relabel to", choices=[], elem_id="review_relabel_to", min_width=160)
-            relabel_btn = gr.Button("Relabel", elem_id="review_relabel", interactive=False)
-            next_btn = gr.Button("Next →", elem_id="review_next", interactive=False)
+            leak_btn = gr.Button(
+                "Exclude all leaking val copies", elem_id="review_leak_btn", interactive=False, scale=0, min_width=260
+            )
+        position, image, others, details = _finding()
+        prev_btn, next_btn, keep_btn, exclude_btn, relabel_to, relabel_btn = _decisions()
         state = gr.State(None)
-    return ReviewTab(tab, data, backbone, run_btn, cancel_btn, log, summary, curation, leak_btn, position, image,
-                     others, details, prev_btn, next_btn, keep_btn, exclude_btn, relabel_to, relabel_btn, state)
+    return ReviewTab(
+        tab, data, backbone, run_btn, cancel_btn, log, summary, curation, leak_btn, position, image, others, details,
+        prev_btn, next_btn, keep_btn, exclude_btn, relabel_to, relabel_btn, state,
+    )  # fmt: skip
+
+
+def _finding() -> tuple[gr.Markdown, gr.Image, gr.Gallery, gr.Markdown]:
+    """The finding on show: where it is in the list, the image, what is beside it (in ReviewTab's order)."""
+    position = gr.Markdown(elem_id="review_position")
+    with gr.Row():
+        image = gr.Image(
+            label="Flagged image", type="pil", interactive=False, elem_id="review_image", height=THUMB, scale=2
+        )
+        with gr.Column(scale=3):
+            details = gr.Markdown(elem_id="review_details")
+            others = gr.Gallery(
+                label="Beside it",
+                columns=4,
+                height=SIDE_THUMB + 60,
+                object_fit="contain",
+                allow_preview=False,
+                elem_id="review_others",
+            )
+    return position, image, others, details
+
+
+def _decisions() -> tuple[gr.Button, gr.Button, gr.Button, gr.Button, gr.Dropdown, gr.Button]:
+    """The decision buttons, in ReviewTab's order."""
+    with gr.Row():
+        prev_btn = gr.Button("← Previous", elem_id="review_prev", interactive=False)
+        keep_btn = gr.Button("Keep", elem_id="review_keep", interactive=False)
+        exclude_btn = gr.Button("Exclude", variant="stop", elem_id="review_exclude", interactive=False)
+        relabel_to = gr.Dropdown(label="Relabel to", choices=[], elem_id="review_relabel_to", min_width=160)
+        relabel_btn = gr.Button("Relabel", elem_id="review_relabel", interactive=False)
+        next_btn = gr.Button("Next →", elem_id="review_next", interactive=False)
+    return prev_btn, next_btn, keep_btn, exclude_btn, relabel_to, relabel_btn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +151,9 @@ def imagenet_ready(arch: str = TrainConfig.arch) -> bool:
 def backbone_choices(studio: Studio) -> list[tuple[str, str]]:
     imagenet = f"ImageNet {architecture(TrainConfig.arch).title} "
     imagenet += "(recommended)" if imagenet_ready() else "(weights not on this machine)"
-    return ([(imagenet, "imagenet"), ("None: random features (rough; works offline)", "none")]
-            + [(f"Run: {views.plain(label)}", path)
-               for label, path in run_choices(studio.runs_dir, usable_only=True)])
+    return [(imagenet, "imagenet"), ("None: random features (rough; works offline)", "none")] + [
+        (f"Run: {views.plain(label)}", path) for label, path in run_choices(studio.runs_dir, usable_only=True)
+    ]
 
 
 def default_backbone(studio: Studio) -> str:
@@ -141,22 +175,49 @@ def review_items(report: dict, examples: dict[str, list[str]], kept: AbstractSet
     the copy that would go); items whose image was kept in an earlier review are left out."""
     items = []
     for issue in sorted(report["label_issues"], key=lambda i: i["score"]):
-        items.append({"kind": "label", "path": issue["path"], "split": issue["split"], "given": issue["given"],
-                      "suggested": issue["suggested"], "score": issue["score"],
-                      "probability": issue["suggested_probability"],
-                      "others": [(p, issue["suggested"]) for p in examples.get(issue["suggested"], [])
-                                 if p != issue["path"]][:EXAMPLES_PER_CLASS]})
+        items.append(
+            {
+                "kind": "label",
+                "path": issue["path"],
+                "split": issue["split"],
+                "given": issue["given"],
+                "suggested": issue["suggested"],
+                "score": issue["score"],
+                "probability": issue["suggested_probability"],
+                "others": [(p, issue["suggested"]) for p in examples.get(issue["suggested"], []) if p != issue["path"]][
+                    :EXAMPLES_PER_CLASS
+                ],
+            }
+        )
     for group in sorted(report["duplicate_groups"], key=lambda g: not g["leak"]):
         members = list(zip(group["paths"], group["splits"], group["classes"], strict=True))
         focus = duplicate_focus(group)
         path, split, name = members[focus]
-        items.append({"kind": "duplicate", "path": path, "split": split, "given": name, "group_kind": group["kind"],
-                      "leak": group["leak"], "conflict": group["conflict"],
-                      "others": [(p, f"{s} · {c}") for i, (p, s, c) in enumerate(members) if i != focus]})
+        items.append(
+            {
+                "kind": "duplicate",
+                "path": path,
+                "split": split,
+                "given": name,
+                "group_kind": group["kind"],
+                "leak": group["leak"],
+                "conflict": group["conflict"],
+                "others": [(p, f"{s} · {c}") for i, (p, s, c) in enumerate(members) if i != focus],
+            }
+        )
     for issue in report["other_issues"]:
         if issue.get("path"):  # a class-level problem (a small class) is in the summary, not an image to decide
-            items.append({"kind": "other", "path": issue["path"], "split": issue["split"], "given": issue["class"],
-                          "problem": issue["problem"], "detail": issue["detail"], "others": []})
+            items.append(
+                {
+                    "kind": "other",
+                    "path": issue["path"],
+                    "split": issue["split"],
+                    "given": issue["class"],
+                    "problem": issue["problem"],
+                    "detail": issue["detail"],
+                    "others": [],
+                }
+            )
     return [item for item in items if item["path"] not in kept]
 
 
@@ -179,9 +240,15 @@ class Review:
         """The review of a doctor's report (`found`: its to_dict()) on `scan`; images in `kept` are not shown."""
         flagged = {i["path"] for i in found["label_issues"]}
         groups = found["duplicate_groups"]
-        return cls(data=str(scan.root), classes=list(scan.classes), curation=str(curation),
-                   items=review_items(found, class_examples(scan, flagged), kept), groups=groups,
-                   leaks=sum(g["leak"] for g in groups), kept_before=len(kept & _flagged_paths(found)))
+        return cls(
+            data=str(scan.root),
+            classes=list(scan.classes),
+            curation=str(curation),
+            items=review_items(found, class_examples(scan, flagged), kept),
+            groups=groups,
+            leaks=sum(g["leak"] for g in groups),
+            kept_before=len(kept & _flagged_paths(found)),
+        )
 
     @property
     def item(self) -> dict:
@@ -255,8 +322,11 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
 
     def show(stage, done, total):
         if stage != "log":
-            progress((done, total or None), desc=views.scan_progress(stage, done, total),
-                     unit="images" if stage == "check" else "files")
+            progress(
+                (done, total or None),
+                desc=views.scan_progress(stage, done, total),
+                unit="images" if stage == "check" else "files",
+            )
 
     steps = run_cancellable(work, show)
     shown = 0
@@ -283,8 +353,11 @@ def run_review(studio: Studio, data: str | None = None, backbone: str | None = "
         curation = load_or_new_curation(path, scan.root)
     review = Review.of(scan, report.to_dict(), path, kept={d.path for d in curation.decisions if d.action == "keep"})
     lines.append(f"done: {len(review.items)} finding(s) to review")
-    yield {"log": "\n".join(map(views.plain, lines)), "summary": views.review_summary(report, review.kept_before),
-           **render(review, curation)}
+    yield {
+        "log": "\n".join(map(views.plain, lines)),
+        "summary": views.review_summary(report, review.kept_before),
+        **render(review, curation),
+    }
 
 
 def doctor_folder(studio: Studio, root: Path, backbone: str, log, report):
@@ -301,9 +374,15 @@ def doctor_folder(studio: Studio, root: Path, backbone: str, log, report):
         split = {key: config[key] for key in ("val_fraction", "seed") if key in config}
     log(f"scanning {root}")
     scan = scan_dataset(root, **split, max_files=studio.max_scan_files, on_progress=report)
-    result = run_doctor(scan, run=run_dir, weights="imagenet" if run_dir else backbone,
-                        image_size=None if run_dir else IMAGE_SIZE, device=studio.prediction_device(),
-                        cache_dir=default_cache_dir(), log=log)
+    result = run_doctor(
+        scan,
+        run=run_dir,
+        weights="imagenet" if run_dir else backbone,
+        image_size=None if run_dir else IMAGE_SIZE,
+        device=studio.prediction_device(),
+        cache_dir=default_cache_dir(),
+        log=log,
+    )
     return scan, result
 
 
@@ -317,17 +396,35 @@ def _flagged_paths(found: dict) -> set[str]:
 def render(review: Review | None, curation=None) -> dict:
     """The outputs that show the current item (and the curation file line) of `review`."""
     if not review:
-        return {"state": None, "curation": "", "position": "", "image": None, "others": [], "details": "",
-                "relabel_to": gr.Dropdown(choices=[], value=None), **_buttons(False, False, False)}
+        return {
+            "state": None,
+            "curation": "",
+            "position": "",
+            "image": None,
+            "others": [],
+            "details": "",
+            "relabel_to": gr.Dropdown(choices=[], value=None),
+            **_buttons(False, False, False),
+        }
     if curation is None:
         curation = load_or_new_curation(review.curation, review.data)
     decisions = curation.by_path()
     items, index = review.items, review.index
-    outputs = {"state": review, "curation": views.curation_line(review.curation, len(curation.decisions)),
-               "leak_btn": gr.Button(interactive=review.leaks > 0)}
+    outputs = {
+        "state": review,
+        "curation": views.curation_line(review.curation, len(curation.decisions)),
+        "leak_btn": gr.Button(interactive=review.leaks > 0),
+    }
     if not items:
-        return {**outputs, "position": views.NOTHING_TO_REVIEW, "image": None, "others": [], "details": "",
-                "relabel_to": class_dropdown(review.classes), **_buttons(False, False, False)}
+        return {
+            **outputs,
+            "position": views.NOTHING_TO_REVIEW,
+            "image": None,
+            "others": [],
+            "details": "",
+            "relabel_to": class_dropdown(review.classes),
+            **_buttons(False, False, False),
+        }
     item = review.item
     root = Path(review.data)
     done = sum(1 for i in items if i["path"] in decisions)
@@ -343,10 +440,15 @@ def render(review: Review | None, curation=None) -> dict:
         picture = None
         item = {**item, "unreadable": f"{type(problem).__name__}: {problem}"}
     relabel = item.get("suggested") if item["kind"] == "label" else item.get("given")
-    return {**outputs, "position": views.review_position(index, len(items), item, done),
-            "image": picture, "others": others, "details": views.review_details(item, decisions.get(item["path"])),
-            "relabel_to": class_dropdown(review.classes, relabel),
-            **_buttons(index > 0, index < len(items) - 1, True)}
+    return {
+        **outputs,
+        "position": views.review_position(index, len(items), item, done),
+        "image": picture,
+        "others": others,
+        "details": views.review_details(item, decisions.get(item["path"])),
+        "relabel_to": class_dropdown(review.classes, relabel),
+        **_buttons(index > 0, index < len(items) - 1, True),
+    }
 
 
 def class_dropdown(classes: list[str], value: str | None = None) -> gr.Dropdown:
@@ -365,8 +467,11 @@ def enlarged(image, size: int):
 
 
 def _buttons(back: bool, forward: bool, decide: bool) -> dict:
-    return {"prev_btn": gr.Button(interactive=back), "next_btn": gr.Button(interactive=forward),
-            **{name: gr.Button(interactive=decide) for name in ("keep_btn", "exclude_btn", "relabel_btn")}}
+    return {
+        "prev_btn": gr.Button(interactive=back),
+        "next_btn": gr.Button(interactive=forward),
+        **{name: gr.Button(interactive=decide) for name in ("keep_btn", "exclude_btn", "relabel_btn")},
+    }
 
 
 def step(studio: Studio, review: Review | None = None, delta: int = 1) -> dict:
@@ -437,10 +542,21 @@ def follow_data(studio: Studio, path: str | None = None):
 
 
 def item_outputs(c: ReviewTab) -> dict:
-    return {"state": c.state, "curation": c.curation, "leak_btn": c.leak_btn, "position": c.position,
-            "image": c.image, "others": c.others, "details": c.details, "relabel_to": c.relabel_to,
-            "prev_btn": c.prev_btn, "next_btn": c.next_btn, "keep_btn": c.keep_btn, "exclude_btn": c.exclude_btn,
-            "relabel_btn": c.relabel_btn}
+    return {
+        "state": c.state,
+        "curation": c.curation,
+        "leak_btn": c.leak_btn,
+        "position": c.position,
+        "image": c.image,
+        "others": c.others,
+        "details": c.details,
+        "relabel_to": c.relabel_to,
+        "prev_btn": c.prev_btn,
+        "next_btn": c.next_btn,
+        "keep_btn": c.keep_btn,
+        "exclude_btn": c.exclude_btn,
+        "relabel_btn": c.relabel_btn,
+    }
 
 
 def wire(studio: Studio, c: ReviewTab, data_path: gr.Textbox, train_curation: gr.Textbox) -> None:
@@ -448,17 +564,31 @@ def wire(studio: Studio, c: ReviewTab, data_path: gr.Textbox, train_curation: gr
     field (set to this tab's file once a decision is saved)."""
     shown = item_outputs(c)
     running = {**shown, "log": c.log, "summary": c.summary}
-    review = c.run_btn.click(bind(studio, run_review, running), [c.data, c.backbone], output_list(running),
-                             api_name="run_doctor", show_progress_on=[c.summary], **DOCTOR)
+    review = c.run_btn.click(
+        bind(studio, run_review, running),
+        [c.data, c.backbone],
+        output_list(running),
+        api_name="run_doctor",
+        show_progress_on=[c.summary],
+        **DOCTOR,
+    )
     c.cancel_btn.click(None, None, None, cancels=[review], api_visibility="private")
     c.prev_btn.click(bind(studio, previous_item, shown), c.state, output_list(shown), api_name="review_previous")
     c.next_btn.click(bind(studio, next_item, shown), c.state, output_list(shown), api_name="review_next")
     deciding = {**shown, "train_curation": train_curation}
-    for button, handler, inputs in ((c.keep_btn, keep_item, [c.state]), (c.exclude_btn, exclude_item, [c.state]),
-                                    (c.relabel_btn, relabel_item, [c.state, c.relabel_to]),
-                                    (c.leak_btn, exclude_leaks, [c.state])):
-        button.click(bind(studio, handler, deciding), inputs, output_list(deciding),
-                     api_name=f"review_{handler.__name__}", concurrency_id="review_decide", concurrency_limit=1)
-    data_path.change(bind(studio, follow_data), data_path, c.data, api_visibility="private",
-                     show_progress="hidden")
+    for button, handler, inputs in (
+        (c.keep_btn, keep_item, [c.state]),
+        (c.exclude_btn, exclude_item, [c.state]),
+        (c.relabel_btn, relabel_item, [c.state, c.relabel_to]),
+        (c.leak_btn, exclude_leaks, [c.state]),
+    ):
+        button.click(
+            bind(studio, handler, deciding),
+            inputs,
+            output_list(deciding),
+            api_name=f"review_{handler.__name__}",
+            concurrency_id="review_decide",
+            concurrency_limit=1,
+        )
+    data_path.change(bind(studio, follow_data), data_path, c.data, api_visibility="private", show_progress="hidden")
     c.tab.select(bind(studio, refresh_backbones), c.backbone, c.backbone, api_visibility="private")

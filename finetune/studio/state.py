@@ -137,11 +137,20 @@ def folder_problem(error: OSError) -> str:
 class Studio:
     """The app's state; `base_dir` (the app's working directory) is what relative paths mean."""
 
-    def __init__(self, runs_dir: str | Path, workspace: str | Path, default_data: str | Path,
-                 browse_root: str | Path | None = None, *, base_dir: str | Path | None = None,
-                 quota_bytes: int | None = None, max_scan_files: int = MAX_SCAN_FILES,
-                 max_batch_images: int = MAX_BATCH_IMAGES, predictors: int = PREDICTORS_KEPT,
-                 predictor_loader: Callable = load_predictor):
+    def __init__(
+        self,
+        runs_dir: str | Path,
+        workspace: str | Path,
+        default_data: str | Path,
+        browse_root: str | Path | None = None,
+        *,
+        base_dir: str | Path | None = None,
+        quota_bytes: int | None = None,
+        max_scan_files: int = MAX_SCAN_FILES,
+        max_batch_images: int = MAX_BATCH_IMAGES,
+        predictors: int = PREDICTORS_KEPT,
+        predictor_loader: Callable = load_predictor,
+    ):
         self.base_dir = Path(base_dir or os.getcwd()).resolve()
         self.runs_dir = self.resolve_path(runs_dir)
         try:
@@ -202,9 +211,11 @@ class Studio:
         job = self.running_job()
         if job is not None:
             view = job.update()
-            raise FinetuneError(f"A training is already running ({Path(view.run_dir or job.run_dir).name}: "
-                                f"{view.progress_text()}). Wait for it to finish or press Stop first. "
-                                f"One training at a time.")
+            raise FinetuneError(
+                f"A training is already running ({Path(view.run_dir or job.run_dir).name}: "
+                f"{view.progress_text()}). Wait for it to finish or press Stop first. "
+                f"One training at a time."
+            )
         jobs.require_no_training(self.runs_dir)
 
     def start(self, cfg: TrainConfig, processes: int = 1) -> jobs.TrainingJob:

@@ -32,9 +32,11 @@ from . import views
 from .common import bind, output_list, user_errors, warning
 from .state import Studio
 
-WEIGHT_CHOICES = [("ImageNet (pretrained, recommended)", "imagenet"),
-                  ("A weights file I upload (.pth state_dict)", "file"),
-                  ("None: train from scratch", "none")]
+WEIGHT_CHOICES = [
+    ("ImageNet (pretrained, recommended)", "imagenet"),
+    ("A weights file I upload (.pth state_dict)", "file"),
+    ("None: train from scratch", "none"),
+]
 STRATEGY_CHOICES = [(f"{name}: {text}", name) for name, text in STRATEGY_HELP.items()]
 # Fields shown as radio buttons with these labels; other fields with choices are dropdowns of their values.
 CHOICE_LABELS = {"arch": arch_choices(), "strategy": STRATEGY_CHOICES, "weights": WEIGHT_CHOICES}
@@ -108,17 +110,30 @@ def build(studio: Studio) -> TrainTab:
                 for f in placed("left"):
                     settings[f.name] = setting(f, initial[f.name])
                     if f.name == "weights":  # the file to upload and what is known of the weights chosen
-                        weights_file = gr.File(label="Weights file (.pth)", file_types=[".pth", ".pt"],
-                                               type="filepath", visible=False, elem_id="weights_file")
+                        weights_file = gr.File(
+                            label="Weights file (.pth)",
+                            file_types=[".pth", ".pt"],
+                            type="filepath",
+                            visible=False,
+                            elem_id="weights_file",
+                        )
                         weights_note = gr.Markdown(elem_id="weights_note")
             with gr.Column(scale=1):
                 for f in placed("right"):
                     settings[f.name] = setting(f, initial[f.name])
-                device = gr.Markdown(views.device_text(describe_device(resolve_device("auto")), gpus_visible),
-                                     elem_id="device")
+                device = gr.Markdown(
+                    views.device_text(describe_device(resolve_device("auto")), gpus_visible), elem_id="device"
+                )
                 # several GPUs: one training process per GPU (torchrun, DistributedDataParallel)
-                gpus = gr.Number(value=max(1, gpus_visible), minimum=1, maximum=max(1, gpus_visible), precision=0,
-                                 label="GPUs to train on", visible=gpus_visible > 1, elem_id="gpus")
+                gpus = gr.Number(
+                    value=max(1, gpus_visible),
+                    minimum=1,
+                    maximum=max(1, gpus_visible),
+                    precision=0,
+                    label="GPUs to train on",
+                    visible=gpus_visible > 1,
+                    elem_id="gpus",
+                )
         with gr.Accordion("Advanced", open=False, elem_id="train_advanced"):
             for group, title in GROUPS.items():
                 fields = [f for f in placed("advanced") if f.metadata["group"] == group]
@@ -131,29 +146,58 @@ def build(studio: Studio) -> TrainTab:
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop_btn")
         message = gr.Markdown(elem_id="train_message")
         view = live_view()
-    return TrainTab(tab, data_ready, settings, weights_file, weights_note, device, gpus, start_btn, stop_btn, message,
-                    view)
+    return TrainTab(
+        tab, data_ready, settings, weights_file, weights_note, device, gpus, start_btn, stop_btn, message, view
+    )
 
 
 def live_view() -> dict:
     """The components that follow a training: progress, result, curves, confusion matrix, log."""
-    view = {"progress": gr.HTML(views.progress_html(None), elem_id="train_progress"),
-            "result": gr.Markdown(elem_id="train_result")}
+    view = {
+        "progress": gr.HTML(views.progress_html(None), elem_id="train_progress"),
+        "result": gr.Markdown(elem_id="train_result"),
+    }
     with gr.Row():
-        view["loss_plot"] = gr.LinePlot(x="epoch", y="value", color="series", title="Loss", x_title="epoch",
-                                        y_title="loss", elem_id="loss_plot", height=260,
-                                        color_map=views.SERIES_COLOURS, colors_in_legend=[],
-                                        label="Loss: blue = training (running mean in the epoch), "
-                                              "orange = validation (end of each epoch)")
-        view["acc_plot"] = gr.LinePlot(x="epoch", y="value", color="series", title="Accuracy", x_title="epoch",
-                                       y_title="accuracy", y_lim=[0, 1], elem_id="acc_plot", height=260,
-                                       color_map=views.SERIES_COLOURS, colors_in_legend=[],
-                                       label="Accuracy: blue = training, orange = validation")
-    view["matrix"] = gr.Image(label="Confusion matrix (validation, best epoch)", type="filepath", interactive=False,
-                              elem_id="train_matrix", buttons=["download"], visible=False, show_label=False,
-                              height=380)
-    view["log"] = gr.Textbox(label="Log", lines=10, max_lines=20, autoscroll=True, interactive=False,
-                             elem_id="train_log")
+        view["loss_plot"] = gr.LinePlot(
+            x="epoch",
+            y="value",
+            color="series",
+            title="Loss",
+            x_title="epoch",
+            y_title="loss",
+            elem_id="loss_plot",
+            height=260,
+            color_map=views.SERIES_COLOURS,
+            colors_in_legend=[],
+            label="Loss: blue = training (running mean in the epoch), orange = validation (end of each epoch)",
+        )
+        view["acc_plot"] = gr.LinePlot(
+            x="epoch",
+            y="value",
+            color="series",
+            title="Accuracy",
+            x_title="epoch",
+            y_title="accuracy",
+            y_lim=[0, 1],
+            elem_id="acc_plot",
+            height=260,
+            color_map=views.SERIES_COLOURS,
+            colors_in_legend=[],
+            label="Accuracy: blue = training, orange = validation",
+        )
+    view["matrix"] = gr.Image(
+        label="Confusion matrix (validation, best epoch)",
+        type="filepath",
+        interactive=False,
+        elem_id="train_matrix",
+        buttons=["download"],
+        visible=False,
+        show_label=False,
+        height=380,
+    )
+    view["log"] = gr.Textbox(
+        label="Log", lines=10, max_lines=20, autoscroll=True, interactive=False, elem_id="train_log"
+    )
     return view
 
 
@@ -167,17 +211,20 @@ def default_weights(studio: Studio, arch: str = default_of("arch")) -> str:
     return "imagenet" if weights_available(arch, "imagenet")[0] else "none"
 
 
-def check_weights(studio: Studio, arch: str = default_of("arch"), weights: str = "imagenet", weights_file=None,
-                  strategy: str = "all") -> str:
+def check_weights(
+    studio: Studio, arch: str = default_of("arch"), weights: str = "imagenet", weights_file=None, strategy: str = "all"
+) -> str:
     """Say before training whether the chosen weights can be had (and, offline, what to do)."""
     from ..model import imagenet_weights_path, weights_available
 
     imagenet_ok = weights_available(arch, "imagenet")[0]
     expected = imagenet_weights_path(arch)
-    missing = (f"**ImageNet weights for {views.md(arch)} are not on this machine.** The engine looks for "
-               f"{views.code(expected)} and downloads it there on first use, which needs internet access. "
-               f"Offline, copy {views.code(expected.name)} there, choose *A weights file I upload*, or choose "
-               f"*None: train from scratch* (works anywhere, but learns much less from small data).")
+    missing = (
+        f"**ImageNet weights for {views.md(arch)} are not on this machine.** The engine looks for "
+        f"{views.code(expected)} and downloads it there on first use, which needs internet access. "
+        f"Offline, copy {views.code(expected.name)} there, choose *A weights file I upload*, or choose "
+        f"*None: train from scratch* (works anywhere, but learns much less from small data)."
+    )
     if weights == "file":
         if not weights_file:
             return "**Upload a `.pth` file** holding a ResNet state_dict of the chosen architecture."
@@ -187,11 +234,15 @@ def check_weights(studio: Studio, arch: str = default_of("arch"), weights: str =
         return f"Ready: ImageNet weights found at {views.code(expected)}." if imagenet_ok else f"**Warning:** {missing}"
     note = "Ready: training from scratch (no pretrained weights)."
     if strategy == "all":
-        note += (" Strategy *all*, the default without pretrained weights: every layer trains, as layers left "
-                 "frozen would keep their random values.")
+        note += (
+            " Strategy *all*, the default without pretrained weights: every layer trains, as layers left "
+            "frozen would keep their random values."
+        )
     else:
-        note += (f" **Tip:** without pretrained weights the layers that strategy *{views.md(strategy)}* freezes stay "
-                 f"random, so it learns little; choose strategy *all* to train every layer.")
+        note += (
+            f" **Tip:** without pretrained weights the layers that strategy *{views.md(strategy)}* freezes stay "
+            f"random, so it learns little; choose strategy *all* to train every layer."
+        )
     return note if imagenet_ok else note + "\n\nNote: " + missing
 
 
@@ -324,8 +375,10 @@ def start_inputs(c: TrainTab, data_path: gr.Textbox) -> dict:
     """The start_training event's inputs, by parameter name: data, the settings on top and the tab's own
     inputs by rank (the endpoint's order of old, for clients that pass them by position), then the
     Advanced settings as the tab shows them."""
-    ranks = {**{f.name: f.metadata["rank"] for f in studio_fields() if f.metadata["studio"] != "advanced"},
-             **EXTRA_RANKS}
+    ranks = {
+        **{f.name: f.metadata["rank"] for f in studio_fields() if f.metadata["studio"] != "advanced"},
+        **EXTRA_RANKS,
+    }
     extras = {"weights_file": c.weights_file, "gpus": c.gpus}
     on_top = sorted(ranks, key=lambda name: ranks[name])
     advanced = [name for name in c.settings if name not in ranks]
@@ -336,7 +389,8 @@ def keyword_event(event, names) -> object:
     """`event` called with keywords only, each defaulting to None: gradio_client offers a parameter whose
     box starts empty (an optional number) as optional only when the function names it with a default."""
     event.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names])
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
+    )
     return event
 
 
@@ -347,8 +401,12 @@ def wire(studio: Studio, c: TrainTab, data_path: gr.Textbox):
     weights_inputs = [arch, weights, c.weights_file, strategy]
     weights.change(bind(studio, weights_file_visible), weights, c.weights_file, api_name="weights_file_visible")
     checking = bind(studio, check_weights)
-    for trigger, name in ((arch.change, "check_weights"), (weights.change, "check_weights_on_choice"),
-                          (c.weights_file.change, "check_weights_file"), (strategy.change, "check_weights_strategy")):
+    for trigger, name in (
+        (arch.change, "check_weights"),
+        (weights.change, "check_weights_on_choice"),
+        (c.weights_file.change, "check_weights_file"),
+        (strategy.change, "check_weights_strategy"),
+    ):
         trigger(checking, weights_inputs, c.weights_note, api_name=name)
     strategy.change(bind(studio, strategy_lr), strategy, c.settings["lr"], api_name="strategy_lr")
     weights.change(bind(studio, strategy_for_weights), [weights, strategy], strategy, api_name="strategy_for_weights")
@@ -357,10 +415,21 @@ def wire(studio: Studio, c: TrainTab, data_path: gr.Textbox):
     following = follow_outputs(c)
     inputs = start_inputs(c, data_path)
     follow = c.start_btn.click(
-        keyword_event(bind(studio, start_training, started), inputs), inputs_kwargs=inputs,
-        outputs=output_list(started), api_name="start_training", concurrency_id="train_start", concurrency_limit=1,
-    ).success(bind(studio, follow_training, following), None, output_list(following), api_name="follow_training",
-              concurrency_id="follow", concurrency_limit=FOLLOWERS, show_progress="hidden")
+        keyword_event(bind(studio, start_training, started), inputs),
+        inputs_kwargs=inputs,
+        outputs=output_list(started),
+        api_name="start_training",
+        concurrency_id="train_start",
+        concurrency_limit=1,
+    ).success(
+        bind(studio, follow_training, following),
+        None,
+        output_list(following),
+        api_name="follow_training",
+        concurrency_id="follow",
+        concurrency_limit=FOLLOWERS,
+        show_progress="hidden",
+    )
     c.stop_btn.click(bind(studio, stop_training), None, c.message, api_name="stop_training", concurrency_limit=None)
     return follow, weights_inputs
 
@@ -370,5 +439,12 @@ def wire_page_load(studio: Studio, c: TrainTab, demo: gr.Blocks, weights_inputs:
     show the last one)."""
     demo.load(bind(studio, check_weights), weights_inputs, c.weights_note, api_name="initial_weights")
     following = follow_outputs(c)
-    demo.load(bind(studio, follow_training, following), None, output_list(following), api_name="attach_training",
-              concurrency_id="follow", concurrency_limit=FOLLOWERS, show_progress="hidden")
+    demo.load(
+        bind(studio, follow_training, following),
+        None,
+        output_list(following),
+        api_name="attach_training",
+        concurrency_id="follow",
+        concurrency_limit=FOLLOWERS,
+        show_progress="hidden",
+    )

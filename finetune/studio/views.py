@@ -67,12 +67,17 @@ def plain(text) -> str:
 
 
 def data_summary(scan, archive_skipped: int = 0) -> str:
-    layout = ("its own train/ and val/ folders" if scan.layout == "train-val" else
-              f"one folder per class; {round((scan.val_fraction or 0) * 100)}% of each class held out "
-              f"for validation")
-    text = (f"**{len(scan.classes)} classes** in {code(scan.root)} ({layout}): "
-            f"{len(scan.train)} training and {len(scan.val)} validation images"
-            + (f", {len(scan.test)} test images" if scan.test else "") + ".")
+    layout = (
+        "its own train/ and val/ folders"
+        if scan.layout == "train-val"
+        else f"one folder per class; {round((scan.val_fraction or 0) * 100)}% of each class held out for validation"
+    )
+    text = (
+        f"**{len(scan.classes)} classes** in {code(scan.root)} ({layout}): "
+        f"{len(scan.train)} training and {len(scan.val)} validation images"
+        + (f", {len(scan.test)} test images" if scan.test else "")
+        + "."
+    )
     skipped = len(scan.skipped) + archive_skipped
     if skipped:
         text += f" {skipped} file(s) skipped (listed below)."
@@ -82,10 +87,21 @@ def data_summary(scan, archive_skipped: int = 0) -> str:
 def counts_rows(scan) -> list[dict]:
     """One row per class with its images per split and in total, then a total row."""
     counts = scan.counts()
-    rows = [{"class": plain(name), **{split: counts[split][name] for split in counts},
-             "total": sum(counts[split][name] for split in counts)} for name in scan.classes]
-    rows.append({"class": "total", **{split: sum(counts[split].values()) for split in counts},
-                 "total": sum(sum(c.values()) for c in counts.values())})
+    rows = [
+        {
+            "class": plain(name),
+            **{split: counts[split][name] for split in counts},
+            "total": sum(counts[split][name] for split in counts),
+        }
+        for name in scan.classes
+    ]
+    rows.append(
+        {
+            "class": "total",
+            **{split: sum(counts[split].values()) for split in counts},
+            "total": sum(sum(c.values()) for c in counts.values()),
+        }
+    )
     return rows
 
 
@@ -96,8 +112,10 @@ def skipped_rows(scan, archive_skipped: Sequence[tuple[str, str]] = ()) -> list[
 
 
 def data_warnings(scan) -> str:
-    return ("\n\n".join(f"**Warning:** {md(option_names(w))}" for w in scan.warnings)
-            or "No warnings: classes are balanced.")
+    return (
+        "\n\n".join(f"**Warning:** {md(option_names(w))}" for w in scan.warnings)
+        or "No warnings: classes are balanced."
+    )
 
 
 def option_names(text: str) -> str:
@@ -113,8 +131,10 @@ def option_names(text: str) -> str:
 
 def data_ready(scan) -> str:
     names = ", ".join(md(name) for name in scan.classes[:8]) + ("…" if len(scan.classes) > 8 else "")
-    return (f"Training data: {code(scan.root)} · {len(scan.classes)} classes ({names}) · "
-            f"{len(scan.train)} train / {len(scan.val)} val images")
+    return (
+        f"Training data: {code(scan.root)} · {len(scan.classes)} classes ({names}) · "
+        f"{len(scan.train)} train / {len(scan.val)} val images"
+    )
 
 
 def thumbnail_picks(scan, per_class: int = THUMBS_PER_CLASS) -> list[tuple[str, str]]:
@@ -122,8 +142,9 @@ def thumbnail_picks(scan, per_class: int = THUMBS_PER_CLASS) -> list[tuple[str, 
     by_class: dict[int, list[str]] = {}
     for rel, label in scan.train + scan.val:
         by_class.setdefault(label, []).append(rel)
-    return [(rel, plain(name)) for label, name in enumerate(scan.classes)
-            for rel in by_class.get(label, [])[:per_class]]
+    return [
+        (rel, plain(name)) for label, name in enumerate(scan.classes) for rel in by_class.get(label, [])[:per_class]
+    ]
 
 
 def scan_progress(stage: str, done: int, total: int) -> str:
@@ -147,8 +168,10 @@ def progress_html(view, error: str | None = None) -> str:
     text = error or (view.progress_text() if view else "Not started: choose the settings and press Start training.")
     bar = "ft-progress failed" if failed else "ft-progress"
     line = "ft-status ft-error" if failed else "ft-status"
-    return (f'<div class="{bar}"><div style="width:{percent}%"></div></div>'
-            f'<div class="{line}" id="train_status_text">{escape(printable(text))}</div>')
+    return (
+        f'<div class="{bar}"><div style="width:{percent}%"></div></div>'
+        f'<div class="{line}" id="train_status_text">{escape(printable(text))}</div>'
+    )
 
 
 def training_progress(view) -> str:
@@ -166,8 +189,11 @@ def curve_frame(view, metric: str):
     part = frame[frame.metric == metric][["epoch", "value", "series"]]
     if not len(part):
         return None
-    missing = [{"epoch": 0.0, "value": float("nan"), "series": name} for name in ("train", "val")
-               if name not in set(part.series)]
+    missing = [
+        {"epoch": 0.0, "value": float("nan"), "series": name}
+        for name in ("train", "val")
+        if name not in set(part.series)
+    ]
     if missing:
         part = pd.concat([part, pd.DataFrame(missing)], ignore_index=True).astype({"epoch": float, "value": float})
     return part
@@ -179,13 +205,17 @@ def training_result(view) -> tuple[str, Path | None]:
         name = Path(view.run_dir).name
         text = f"### {view.status.capitalize()}: {md(name)}\n{md(view.summary)}"
         if view.status == "stopped":  # on request, or because the loss diverged (its error says so)
-            text += (f"\n\n{md(view.error)}" if view.error
-                     else "\n\nStopped on request; the best model so far was kept and can be used.")
+            text += (
+                f"\n\n{md(view.error)}"
+                if view.error
+                else "\n\nStopped on request; the best model so far was kept and can be used."
+            )
         matrix = Path(view.run_dir) / "confusion_matrix.png"
         return text, matrix if matrix.is_file() else None
     if view.status == "failed":
-        return (f"### Training failed\n{md(view.error)}\n\n"
-                "The app still works: change the settings and start again."), None
+        return (
+            f"### Training failed\n{md(view.error)}\n\nThe app still works: change the settings and start again."
+        ), None
     return "", None
 
 
@@ -195,15 +225,25 @@ def training_result(view) -> tuple[str, Path | None]:
 
 def eval_summary(name: str, info: RunInfo, metrics: dict) -> str:
     topk = ", ".join(f"top-{k} {v:.1%}" for k, v in metrics["top_k_accuracy"].items())
-    return (f"**{md(name)}** ({md(info.get('status', '?'))}, {md(info.get('arch', '?'))} / "
-            f"{md(info.get('strategy', '?'))}): "
-            f"on {metrics['num_images']} validation images, accuracy **{metrics['accuracy']:.1%}**, "
-            f"balanced accuracy {metrics['balanced_accuracy']:.1%}, macro F1 {metrics['macro_f1']:.3f}; {topk}.")
+    return (
+        f"**{md(name)}** ({md(info.get('status', '?'))}, {md(info.get('arch', '?'))} / "
+        f"{md(info.get('strategy', '?'))}): "
+        f"on {metrics['num_images']} validation images, accuracy **{metrics['accuracy']:.1%}**, "
+        f"balanced accuracy {metrics['balanced_accuracy']:.1%}, macro F1 {metrics['macro_f1']:.3f}; {topk}."
+    )
 
 
 def eval_rows(metrics: dict) -> list[dict]:
-    return [{"class": plain(name), "precision": round(m["precision"], 3), "recall": round(m["recall"], 3),
-             "f1": round(m["f1"], 3), "support": m["support"]} for name, m in metrics["per_class"].items()]
+    return [
+        {
+            "class": plain(name),
+            "precision": round(m["precision"], 3),
+            "recall": round(m["recall"], 3),
+            "f1": round(m["f1"], 3),
+            "support": m["support"],
+        }
+        for name, m in metrics["per_class"].items()
+    ]
 
 
 def misclassified_caption(item: dict) -> str:
@@ -220,16 +260,23 @@ def calibration_text(info: RunInfo) -> str:
     """What the run's temperature scaling did on its validation images (run.json "calibration")."""
     c = info.get("calibration")
     if not c:
-        return ("This run has no calibration (trained before finetune calibrated its runs, or without "
-                "validation images): its probabilities are the raw model's, and it always answers.")
+        return (
+            "This run has no calibration (trained before finetune calibrated its runs, or without "
+            "validation images): its probabilities are the raw model's, and it always answers."
+        )
     at = c.get("at_suggested", {})
-    return (f"**Calibration** on {c['val_images']} validation images: temperature {c['temperature']:.3f}, "
-            f"calibration error (ECE) {c['ece_before']:.3f} before, **{c['ece_after']:.3f}** after. "
-            f"Suggested minimum confidence **{c['suggested_min_confidence']:.2f}**: "
-            f"{at.get('answered', 0):.0%} of validation answered, {at.get('accuracy_answered', 0):.1%} of those "
-            f"right; below it Predict says *unknown*."
-            + (" (The temperature is at its bound: validation could not pin it down.)"
-               if c.get("temperature_at_bound") else ""))
+    return (
+        f"**Calibration** on {c['val_images']} validation images: temperature {c['temperature']:.3f}, "
+        f"calibration error (ECE) {c['ece_before']:.3f} before, **{c['ece_after']:.3f}** after. "
+        f"Suggested minimum confidence **{c['suggested_min_confidence']:.2f}**: "
+        f"{at.get('answered', 0):.0%} of validation answered, {at.get('accuracy_answered', 0):.1%} of those "
+        f"right; below it Predict says *unknown*."
+        + (
+            " (The temperature is at its bound: validation could not pin it down.)"
+            if c.get("temperature_at_bound")
+            else ""
+        )
+    )
 
 
 NO_RUN_YET = "No trained run yet: train one on the **2. Train** tab, then pick it here."
@@ -241,10 +288,17 @@ NO_RUN_YET = "No trained run yet: train one on the **2. Train** tab, then pick i
 
 def batch_rows(predictions, top_k: int) -> list[dict]:
     """One row per image: the answer ("unknown" below the minimum confidence), the best guess beside it."""
-    return [{"file": plain(p.path), "prediction": plain(p.answer or ""), "best guess": plain(p.label or ""),
-             "confidence": round(p.confidence, 4) if p.top else None,
-             f"top {top_k}": ", ".join(f"{plain(n)} {v:.2f}" for n, v in p.top), "error": plain(p.error or "")}
-            for p in predictions]
+    return [
+        {
+            "file": plain(p.path),
+            "prediction": plain(p.answer or ""),
+            "best guess": plain(p.label or ""),
+            "confidence": round(p.confidence, 4) if p.top else None,
+            f"top {top_k}": ", ".join(f"{plain(n)} {v:.2f}" for n, v in p.top),
+            "error": plain(p.error or ""),
+        }
+        for p in predictions
+    ]
 
 
 def answer_headline(answer: str, guess: str, confidence: float) -> str:
@@ -254,15 +308,19 @@ def answer_headline(answer: str, guess: str, confidence: float) -> str:
 
 def threshold_note(suggested: float | None) -> str:
     if suggested is None:
-        return ("This run has no calibration (trained before calibration existed): every image gets an answer "
-                "unless you raise the minimum.")
+        return (
+            "This run has no calibration (trained before calibration existed): every image gets an answer "
+            "unless you raise the minimum."
+        )
     return f"Suggested from validation: {suggested:.2f} (below it the answer is *unknown*, with the best guess)."
 
 
 def batch_limit_note(limit: int) -> str:
-    return (f"Only the first {limit:,} images were classified: at most {limit:,} per request. "
-            f"Classify the rest in another request (a smaller folder or fewer files), or use "
-            f"`python -m finetune predict` in a terminal, which has no limit.")
+    return (
+        f"Only the first {limit:,} images were classified: at most {limit:,} per request. "
+        f"Classify the rest in another request (a smaller folder or fewer files), or use "
+        f"`python -m finetune predict` in a terminal, which has no limit."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,15 +337,18 @@ def review_summary(report, kept_before: int = 0) -> str:
     accuracy = check.get("out_of_sample_accuracy")
     groups = report.duplicate_groups
     problems = s.get("other_issues", {})
-    lines = [f"**{s['images']} images, {len(report.classes)} classes** in {code(report.data)}; features from "
-             f"{md(report.backbone)}.",
-             f"- **{len(report.label_issues)}** likely label errors"
-             + (f" (a linear probe on the features gets {accuracy:.0%} right out of sample)" if accuracy is not None
-                else ""),
-             f"- **{len(groups)}** duplicate groups ({sum(g['kind'] == 'exact' for g in groups)} exact, "
-             f"{sum(g['kind'] == 'near' for g in groups)} near): **{s.get('leak_groups', 0)}** leak between "
-             f"splits, {s.get('conflict_groups', 0)} span classes",
-             "- other problems: " + (", ".join(f"{n} {md(p)}" for p, n in sorted(problems.items())) or "none")]
+    lines = [
+        f"**{s['images']} images, {len(report.classes)} classes** in {code(report.data)}; features from "
+        f"{md(report.backbone)}.",
+        f"- **{len(report.label_issues)}** likely label errors"
+        + (
+            f" (a linear probe on the features gets {accuracy:.0%} right out of sample)" if accuracy is not None else ""
+        ),
+        f"- **{len(groups)}** duplicate groups ({sum(g['kind'] == 'exact' for g in groups)} exact, "
+        f"{sum(g['kind'] == 'near' for g in groups)} near): **{s.get('leak_groups', 0)}** leak between "
+        f"splits, {s.get('conflict_groups', 0)} span classes",
+        "- other problems: " + (", ".join(f"{n} {md(p)}" for p, n in sorted(problems.items())) or "none"),
+    ]
     small = [i for i in report.other_issues if not i.get("path")]
     lines += [f"- {md(i['problem'])}: class {md(i['class'])} ({md(i['detail'])})" for i in small[:5]]
     if kept_before:
@@ -297,8 +358,10 @@ def review_summary(report, kept_before: int = 0) -> str:
 
 
 def curation_line(path, decisions: int) -> str:
-    return (f"Decisions are saved at once to {code(path)} ({decisions} so far). Training uses them when this file "
-            f"is given on the Train tab; the data folder itself is never changed.")
+    return (
+        f"Decisions are saved at once to {code(path)} ({decisions} so far). Training uses them when this file "
+        f"is given on the Train tab; the data folder itself is never changed."
+    )
 
 
 def review_position(index: int, total: int, item: dict, decided: int) -> str:
@@ -308,13 +371,20 @@ def review_position(index: int, total: int, item: dict, decided: int) -> str:
 def review_details(item: dict, decision=None) -> str:
     lines = [f"**{code(item['path'])}** ({md(item['split'])}, class **{md(item['given'])}**)"]
     if item["kind"] == "label":
-        lines.append(f"Suggested class: **{md(item['suggested'])}** (probability {item['probability']:.0%}; label "
-                     f"quality {item['score']:.3f}, lower is more suspicious). Beside it: images of "
-                     f"{md(item['suggested'])}.")
+        lines.append(
+            f"Suggested class: **{md(item['suggested'])}** (probability {item['probability']:.0%}; label "
+            f"quality {item['score']:.3f}, lower is more suspicious). Beside it: images of "
+            f"{md(item['suggested'])}."
+        )
     elif item["kind"] == "duplicate":
-        flags = [text for flag, text in (("leak", "**leaks between splits**: the model is validated on a picture it "
-                                                  "trained on"),
-                                         ("conflict", "**the copies are in different classes**")) if item[flag]]
+        flags = [
+            text
+            for flag, text in (
+                ("leak", "**leaks between splits**: the model is validated on a picture it trained on"),
+                ("conflict", "**the copies are in different classes**"),
+            )
+            if item[flag]
+        ]
         lines.append(f"An {md(item['group_kind'])} duplicate; beside it, its copies. " + "; ".join(flags))
     else:
         lines.append(f"{md(item['problem'])}: {md(item['detail'])}")

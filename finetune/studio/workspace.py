@@ -74,9 +74,11 @@ class Workspace:
         return disk_usage(self.root)
 
     def full_message(self, what: str, need: int, used: int) -> str:
-        return (f"The workspace is full: {what} needs {human_size(need)}, and {self.root} already holds "
-                f"{human_size(used)} of its {human_size(self.quota_bytes or 0)} limit. Uploads unused for a "
-                f"day are removed; or start the app with a larger --workspace-quota-gb.")
+        return (
+            f"The workspace is full: {what} needs {human_size(need)}, and {self.root} already holds "
+            f"{human_size(used)} of its {human_size(self.quota_bytes or 0)} limit. Uploads unused for a "
+            f"day are removed; or start the app with a larger --workspace-quota-gb."
+        )
 
     def check_room(self, need: int, what: str) -> None:
         """FinetuneError when writing `need` more bytes would take the workspace over its quota."""
