@@ -364,22 +364,14 @@ def launch(
     reverse proxy's). Never reads sys.argv and never touches signal handlers; it sets GRADIO_TEMP_DIR
     (gradio's upload cache, in the workspace) and narrows PIL's image openers while it runs, and close()
     gives both back. FinetuneError (one line) for what the user must change."""
-    from ..config import FinetuneError
     from ..extras import check_installed
-    from ..paths import default_runs_dir, default_workspace, sample_data
 
     check_installed("gradio")  # found, not imported: gradio is imported once GRADIO_TEMP_DIR is set
     host, port, auth_pair, extra_hosts = _checked_options(host, port, share, auth, allowed_hosts, max_upload_mb)
     if share:
         print(SHARE_NOTICE, flush=True)
-    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    workspace = workspace if workspace is not None else default_workspace(runs_dir)
     quota = int(workspace_quota_gb * 1e9) if workspace_quota_gb > 0 else None
-
-    from .. import data as _engine_data  # noqa: F401 - PIL's pixel limit, before anything decodes
-    from .state import Studio
-
-    studio = Studio(runs_dir, workspace, data if data is not None else sample_data(), browse_root, quota_bytes=quota)
+    studio = _new_studio(runs_dir, workspace, data, browse_root, quota)
     undo: list = []
     demo = None
     try:
@@ -389,44 +381,44 @@ def launch(
         demo = build_app(studio)
         undo.append(_keep_image_openers())
         restrict_image_openers()  # after every import that might register a PIL plugin
-        _serve(
-            demo,
-            studio,
-            host,
-            port,
-            auth_pair,
-            share,
-            inline,
-            height,
-            max_upload_mb,
-            extra_hosts + ([host_of(proxy_url)] if proxy_url else []),
-            quota,
-        )
-        running = RunningStudio(
-            demo,
-            studio,
-            url=local_url(host, port),
-            host=host,
-            port=port,
-            auth=auth_pair is not None,
-            attached=attached,
-            proxy_url=proxy_url,
-            undo=undo,
-        )
-        if share and not running.share_url:
-            raise FinetuneError(
-                "could not make the share link: gradio's share server (gradio.live) did not answer (no internet here?)"
-            )
+        hosts = extra_hosts + ([host_of(proxy_url)] if proxy_url else [])
+        _serve(demo, studio, host, port, auth_pair, share, inline, height, max_upload_mb, hosts, quota)
+        running = _running(demo, studio, host, port, auth_pair is not None, attached, proxy_url, undo, share)
     except BaseException:
         _abandon_start(studio, demo, undo)
         raise
     _close_at_exit(running, undo)
     if not quiet:
-        print(
-            running.banner(
-                ("It is shown below. " if inline else "") + "Stop it with .close() on what launch() returned."
-            ),
-            flush=True,
+        ending = ("It is shown below. " if inline else "") + "Stop it with .close() on what launch() returned."
+        print(running.banner(ending), flush=True)
+    return running
+
+
+def _new_studio(runs_dir, workspace, data, browse_root, quota: int | None):
+    """The Studio over runs_dir (default: finetune.paths'), its workspace (default: beside it) and data
+    (default: the sample data)."""
+    from ..paths import default_runs_dir, default_workspace, sample_data
+
+    runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    workspace = workspace if workspace is not None else default_workspace(runs_dir)
+
+    from .. import data as _engine_data  # noqa: F401 - PIL's pixel limit, before anything decodes
+    from .state import Studio
+
+    return Studio(runs_dir, workspace, data if data is not None else sample_data(), browse_root, quota_bytes=quota)
+
+
+def _running(demo, studio, host: str, port: int, auth: bool, attached, proxy_url, undo: list, share: bool):
+    """The RunningStudio for a served demo; FinetuneError when share was asked for and no link came."""
+    from ..config import FinetuneError
+
+    url = local_url(host, port)
+    running = RunningStudio(
+        demo, studio, url=url, host=host, port=port, auth=auth, attached=attached, proxy_url=proxy_url, undo=undo
+    )
+    if share and not running.share_url:
+        raise FinetuneError(
+            "could not make the share link: gradio's share server (gradio.live) did not answer (no internet here?)"
         )
     return running
 
@@ -526,20 +518,12 @@ def _serve(
     import gradio as gr
 
     from ..config import FinetuneError
-    from .guard import AllowedHosts, Backoff, middleware
     from .views import CSS
 
     # api_open=False: /gradio_api/run/<name> would run a handler at once, outside the queue and so
     # outside every concurrency_limit; gradio_client and the page go through the queue.
     demo.queue(default_concurrency_limit=1, api_open=False)
-    hosts = AllowedHosts.of(
-        host, port, extra_hosts, late=lambda: [demo.share_url] if getattr(demo, "share_url", None) else []
-    )
-    guards = middleware(
-        hosts,
-        Backoff() if auth_pair else None,
-        (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None,
-    )
+    guards = _guards(demo, studio, host, port, auth_pair, extra_hosts, quota)
     try:
         # Served: only the files handlers put in workspace/served (never uploads, data or run folders).
         # share passed always: gradio turns it on by itself in Colab and Kaggle.
@@ -569,6 +553,21 @@ def _serve(
     except OSError as problem:  # the port is taken (gradio's words name its own options), no such address
         why = "it is in use: choose another (port=, --port)" if "empty port" in str(problem) else problem
         raise FinetuneError(f"cannot listen on {host}, port {port}: {why}") from None
+
+
+def _guards(demo, studio, host: str, port: int, auth_pair, extra_hosts: list[str], quota: int | None):
+    """The studio's middleware: allowed hosts (with the share link's once it is known), log-in backoff
+    and, with a quota, upload room."""
+    from .guard import AllowedHosts, Backoff, middleware
+
+    hosts = AllowedHosts.of(
+        host, port, extra_hosts, late=lambda: [demo.share_url] if getattr(demo, "share_url", None) else []
+    )
+    return middleware(
+        hosts,
+        Backoff() if auth_pair else None,
+        (lambda need: studio.workspace.check_room(need, "this upload")) if quota else None,
+    )
 
 
 def host_of(url: str) -> str:
@@ -602,9 +601,8 @@ def _keep_image_openers():
 
 def parse_args(argv=None) -> argparse.Namespace:
     from .. import __version__
-    from ..paths import default_runs_dir, default_workspace, sample_data
+    from ..paths import default_runs_dir, default_workspace
 
-    env = os.environ.get
     parser = argparse.ArgumentParser(
         # argparse names the script: finetune-studio, app.py, or for -m only __main__.py
         prog="python -m finetune.studio" if Path(sys.argv[0]).name == "__main__.py" else None,
@@ -613,6 +611,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(recommended: --auth on the command line is visible to every user of the machine in `ps`).",
     )
     parser.add_argument("--version", action="version", version=f"finetune-studio {__version__}")
+    _add_network_arguments(parser)
+    _add_folder_arguments(parser)
+    args = parser.parse_args(argv)
+    args.runs_dir = args.runs_dir or str(default_runs_dir())
+    args.workspace = args.workspace or str(default_workspace(args.runs_dir))
+    args.host = normalise_host(args.host)
+    if args.max_upload_mb <= 0:
+        parser.error("--max-upload-mb must be positive")
+    from .guard import parse_host_list
+
+    try:
+        args.allowed_hosts = parse_host_list(args.allowed_hosts)
+    except ValueError as problem:
+        parser.error(f"--allowed-hosts (FINETUNE_ALLOWED_HOSTS): {problem}")
+    return args
+
+
+def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    """--host, --port, --allowed-hosts, --auth, --share: where the studio listens and who may reach it."""
+    env = os.environ.get
     parser.add_argument(
         "--host",
         default=env("FINETUNE_HOST", "127.0.0.1"),
@@ -641,6 +659,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the browser cannot reach (Kaggle, a remote Jupyter): anyone with the link reaches the "
         "studio while it runs, so a log-in is required (FINETUNE_AUTH)",
     )
+
+
+def _add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """--runs-dir, --workspace, --data, --browse-root and the upload and workspace limits."""
+    from ..paths import sample_data
+
+    env = os.environ.get
     # Folders relative to where the command runs, never to where finetune is installed (finetune.paths).
     parser.add_argument(
         "--runs-dir", default=None, help="where runs are saved and listed (default: $FINETUNE_RUNS_DIR, else ./runs)"
@@ -674,19 +699,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="disk the workspace may take, in GB; uploads beyond it are refused (also "
         "FINETUNE_WORKSPACE_QUOTA_GB; default 20; 0 = no limit)",
     )
-    args = parser.parse_args(argv)
-    args.runs_dir = args.runs_dir or str(default_runs_dir())
-    args.workspace = args.workspace or str(default_workspace(args.runs_dir))
-    args.host = normalise_host(args.host)
-    if args.max_upload_mb <= 0:
-        parser.error("--max-upload-mb must be positive")
-    from .guard import parse_host_list
-
-    try:
-        args.allowed_hosts = parse_host_list(args.allowed_hosts)
-    except ValueError as problem:
-        parser.error(f"--allowed-hosts (FINETUNE_ALLOWED_HOSTS): {problem}")
-    return args
 
 
 def main(argv=None) -> int:
