@@ -359,16 +359,12 @@ def feature_pipeline(
             f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of {_gb(budget)}"
         )
 
-    views_text = {1: "centre", 2: "centre + flip"}.get(
-        cfg.cache_views, f"centre + flip + {cfg.cache_views - 2} random crops"
-    )
+    views_text = _views_text(cfg.cache_views)
     log(
         f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
         f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} of a {_gb(budget)} budget"
     )
     started = time.perf_counter()
-    train_source = ImageViews(scan.root, scan.train, train_idx, cfg.image_size, cfg.cache_views, cfg.seed)
-    val_source = ImageViews(scan.root, scan.val, val_idx, cfg.image_size, 1, cfg.seed)
     common = dict(
         shape=shape,
         store_dtype=store_dtype,
@@ -379,25 +375,10 @@ def feature_pipeline(
         workers=workers,
         log=log,
     )
-    train_features = compute_features(frozen, train_source, what="caching training features", **common)
-    val_features = compute_features(frozen, val_source, what="caching validation features", **common)
-    train_labels = torch.tensor([scan.train[i][1] for i in train_idx], dtype=torch.long)
-    val_labels = torch.tensor([scan.val[i][1] for i in val_idx], dtype=torch.long)
-    train_set = FeatureCache(train_features, train_labels, cfg.seed, train_idx)
-    val_set = FeatureCache(val_features, val_labels, cfg.seed, val_idx)
+    train_set, val_set = _cache_features(cfg, scan, frozen, train_idx, val_idx, common)
     log(f"feature cache ready in {time.perf_counter() - started:.1f} s")
-
-    def prepare(features: torch.Tensor) -> torch.Tensor:
-        features = features.float() if features.dtype != torch.float32 else features
-        if memory_format == torch.channels_last and features.dim() == 4:
-            features = features.contiguous(memory_format=torch.channels_last)
-        return features
-
-    description = (
-        f"cached frozen features ({'pooled ' if len(shape) == 1 else 'layer3 output '}{what}, "
-        f"{cfg.cache_views} view(s): {views_text}, one picked per image each epoch; {_gb(need)} "
-        f"of a {_gb(budget)} memory budget)"
-    )
+    prepare = _feature_preparer(memory_format)
+    description = _feature_description(cfg, shape, what, views_text, need, budget)
     return Pipeline(
         train_set,
         val_set,
@@ -409,6 +390,52 @@ def feature_pipeline(
         sharded=shard.world_size > 1,
         val_covers_all=shard.world_size == 1,
         kind="features",
+    )
+
+
+def _views_text(cache_views: int) -> str:
+    """The cached views of each training image, in words."""
+    return {1: "centre", 2: "centre + flip"}.get(cache_views, f"centre + flip + {cache_views - 2} random crops")
+
+
+def _cache_features(
+    cfg: TrainConfig,
+    scan: DatasetScan,
+    frozen: nn.Module,
+    train_idx: list[int],
+    val_idx: list[int],
+    common: dict,
+) -> tuple[FeatureCache, FeatureCache]:
+    """The frozen features of this process's training views and validation images, with their labels."""
+    train_source = ImageViews(scan.root, scan.train, train_idx, cfg.image_size, cfg.cache_views, cfg.seed)
+    val_source = ImageViews(scan.root, scan.val, val_idx, cfg.image_size, 1, cfg.seed)
+    train_features = compute_features(frozen, train_source, what="caching training features", **common)
+    val_features = compute_features(frozen, val_source, what="caching validation features", **common)
+    train_labels = torch.tensor([scan.train[i][1] for i in train_idx], dtype=torch.long)
+    val_labels = torch.tensor([scan.val[i][1] for i in val_idx], dtype=torch.long)
+    train_set = FeatureCache(train_features, train_labels, cfg.seed, train_idx)
+    val_set = FeatureCache(val_features, val_labels, cfg.seed, val_idx)
+    return train_set, val_set
+
+
+def _feature_preparer(memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Cached features as the head expects them: float32, channels-last maps where asked."""
+
+    def prepare(features: torch.Tensor) -> torch.Tensor:
+        features = features.float() if features.dtype != torch.float32 else features
+        if memory_format == torch.channels_last and features.dim() == 4:
+            features = features.contiguous(memory_format=torch.channels_last)
+        return features
+
+    return prepare
+
+
+def _feature_description(cfg: TrainConfig, shape, what: str, views_text: str, need: int, budget: int) -> str:
+    """The feature pipeline, in words, for the run's log."""
+    return (
+        f"cached frozen features ({'pooled ' if len(shape) == 1 else 'layer3 output '}{what}, "
+        f"{cfg.cache_views} view(s): {views_text}, one picked per image each epoch; {_gb(need)} "
+        f"of a {_gb(budget)} memory budget)"
     )
 
 
@@ -534,13 +561,7 @@ def pixel_pipeline(
     store, val_pixels = _decode_pixels(root, scan, unique_train, val_idx, size, on_disk, log)
     log(f"pixel cache ready in {time.perf_counter() - started:.1f} s")
 
-    position = {index: k for k, index in enumerate(unique_train)}
-    train_set = PixelCache(
-        _ShardImages(store, position, train_idx),
-        [scan.train[i][1] for i in train_idx],
-        crop=v2.RandomResizedCrop(size, antialias=True),
-    )
-    val_set = PixelCache(val_pixels, [scan.val[i][1] for i in val_idx])
+    train_set, val_set = _pixel_sets(scan, store, val_pixels, unique_train, train_idx, val_idx, size)
     flips = torch.Generator().manual_seed(cfg.seed * 31 + shard.rank)
     prepare_train, scale = _device_transforms(flips, memory_format)
     # In-memory tensors on the CPU: indexing and cropping in the main process beat worker processes
@@ -563,6 +584,26 @@ def pixel_pipeline(
         val_covers_all=shard.world_size == 1,
         kind="pixels",
     )
+
+
+def _pixel_sets(
+    scan: DatasetScan,
+    store,
+    val_pixels,
+    unique_train: list[int],
+    train_idx: list[int],
+    val_idx: list[int],
+    size: int,
+) -> tuple[PixelCache, PixelCache]:
+    """This process's training images (random-resized-cropped each epoch) and validation crops."""
+    position = {index: k for k, index in enumerate(unique_train)}
+    train_set = PixelCache(
+        _ShardImages(store, position, train_idx),
+        [scan.train[i][1] for i in train_idx],
+        crop=v2.RandomResizedCrop(size, antialias=True),
+    )
+    val_set = PixelCache(val_pixels, [scan.val[i][1] for i in val_idx])
+    return train_set, val_set
 
 
 def _pixels_on_disk(need_train: int, need_val: int, budget: int, agree: Callable[[bool], bool]) -> bool:

@@ -279,14 +279,7 @@ def setup_session(
         pipeline.val, cfg.batch_size * 2, False, pipeline.workers, device, cfg.seed, ctx, sharded=pipeline.sharded
     )
 
-    step_module: nn.Module = trainable
-    if ctx.enabled:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.compile:  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs at buckets)
-        step_module = cast(nn.Module, torch.compile(step_module))  # an OptimizedModule, typed as a callable
-
+    step_module = _step_module(cfg, ctx, device, trainable)
     optimizer, scheduler = optimizer_and_schedule(cfg, model, steps_per_epoch=max(1, len(train_loader)))
     scaler = torch.amp.GradScaler("cuda" if device.type == "cuda" else "cpu", enabled=uses_grad_scaler(amp_dtype))
     weight = class_weights(scan).to(device) if cfg.class_weighted_loss else None
@@ -314,6 +307,18 @@ def setup_session(
         emit=emit,
         pipeline_seconds=pipeline_seconds,
     )
+
+
+def _step_module(cfg: TrainConfig, ctx: Distributed, device: torch.device, trainable: nn.Module) -> nn.Module:
+    """The module each step calls: the trainable part, DDP-wrapped when distributed, compiled when asked."""
+    step_module: nn.Module = trainable
+    if ctx.enabled:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:  # after DDP wrapping, as PyTorch recommends (DDPOptimizer splits graphs at buckets)
+        step_module = cast(nn.Module, torch.compile(step_module))  # an OptimizedModule, typed as a callable
+    return step_module
 
 
 def optimizer_and_schedule(
