@@ -30,7 +30,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ARCHS, FinetuneError, TrainConfig, default_of
+from .architectures import architecture
+from .config import FinetuneError, TrainConfig, default_of
 from .events import Event, EventCallback
 from .progress import TerminalProgress, for_environment, in_notebook, shown
 
@@ -516,8 +517,8 @@ def _weights_predictor(weights: Path, classes, arch: str | None, image_size: int
     state = state_dict_from(safe_load(weights, "model"), weights)
     if arch is None:
         arch = infer_arch(state, weights)
-    elif arch not in ARCHS:
-        raise FinetuneError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    else:
+        architecture(arch)  # an unknown name: the one line naming the choices
     model = load_classifier(arch, state, len(names), str(weights))
     return Predictor(model, names, arch, image_size, device=device, source=str(weights))
 

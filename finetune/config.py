@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, architecture
 
 ARCHS = tuple(ARCHITECTURES)  # the --arch names: one row each in architectures.py
 STRATEGIES = ("all", "last", "head")
@@ -265,8 +265,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         self._check_types()
-        if self.arch not in ARCHS:
-            raise FinetuneError(f"unknown architecture {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        architecture(self.arch)  # the one "unknown architecture" line
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise FinetuneError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
         checks = [
