@@ -14,7 +14,11 @@ units, fp16 with a GradScaler on older ones, nothing on the CPU or MPS) and `cha
 the channels_last layout for the model and the inputs where finetune uses it (CUDA and x86 CPUs):
 with both on, the baseline runs at the precision and layout finetune ships with (like-for-like).
 Pinned memory and non_blocking copies, as the classic ImageNet example has them, are used on CUDA
-only (MPS rejects them).
+only (MPS rejects them). On CUDA, cudnn.benchmark is on, as finetune sets it.
+
+Timed ("seconds"): from the start of run_baseline (the scan, loaders, model) to the end of the last
+epoch (each epoch's training and validation pass). There is no final evaluation or calibration here;
+bench/benchmark.py times ours over the same span (its final evaluation and calibration excluded).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class ClassicImages(Dataset):
         return self.transform(image), label
 
 
+TIMED = "start to the end of the last epoch (scan, setup, epochs: training + validation)"
+
+
 def precision_name(amp_dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, str(amp_dtype))
 
@@ -71,6 +78,7 @@ def run_baseline(cfg: TrainConfig, on_epoch=None, amp: bool = False, channels_la
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as finetune.training.train: both pick conv kernels by timing them
         torch.cuda.reset_peak_memory_stats(device)
     amp_dtype, amp_reason = amp_choice(device, amp) if amp else (None, "float32 (the classic script)")
     memory_format = torch.channels_last if channels_last_for(device, channels_last) else torch.preserve_format
@@ -152,6 +160,7 @@ def run_baseline(cfg: TrainConfig, on_epoch=None, amp: bool = False, channels_la
             on_epoch(epoch, history[-1])
     return {
         "seconds": time.perf_counter() - started,
+        "timed": TIMED,
         "first_epoch_s": first_epoch_s,
         "best_val_acc": best_acc,
         "val_acc_history": history,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def test_baseline_in_process(benchmark, tiny, tmp_path, options, layout, monkeyp
     assert result["peak_rss_mb"] > 0 and result["torch_threads"] >= 1
 
 
+def test_ours_is_timed_like_the_baseline(benchmark, tiny, tmp_path):
+    """Both to the end of the last epoch: ours' final evaluation and calibration are reported apart."""
+    result = benchmark.worker("ours", tiny_values(tiny, tmp_path))
+    assert result["timed"] == benchmark.TIMED and "last epoch" in result["timed"]
+    assert 0 < result["seconds"] < result["total_s"] and result["final_evaluation_s"] > 0
+    assert result["seconds"] + result["final_evaluation_s"] <= result["total_s"]
+    assert result["final_val_accuracy"] is not None  # the evaluation ran, outside the timed span
+
+
 def test_like_for_like_options_on_cpu(benchmark):
     # ours uses channels_last on the CPU, so like-for-like differs from classic there and is run
     assert benchmark.like_for_like_options("cpu") == {"amp": True, "channels_last": True}
@@ -122,6 +132,7 @@ def test_markdown_gpu_and_cpu_rows(benchmark):
     assert cpu["speed-up vs classic"] == "**3.00x**" and cpu["speed-up vs like-for-like"] == "**2.00x**"
     assert cpu["best val acc classic / like-for-like / ours"] == "0.900 / 0.900 / 0.900"
     assert "classic (fp32, NCHW); like-for-like (bf16, channels_last or fp32, channels_last); ours (" in table
+    assert f"Time: {benchmark.TIMED}, for every run." in table  # the table says what is timed
 
 
 def test_markdown_without_like_for_like(benchmark):
@@ -156,3 +167,24 @@ def test_baseline_fp16_uses_a_grad_scaler(tiny, tmp_path, monkeypatch):
     assert result["precision"] == "fp16" and result["grad_scaler"] is True
     assert result["amp_reason"] == "fp16 (simulated)" and result["memory_layout"] == "channels_last"
     assert 0.0 <= result["best_val_acc"] <= 1.0
+
+
+def test_feeder_on_a_tiny_generated_dataset(tmp_path, monkeypatch):
+    """bench/feeder.py end to end on a few tiny generated JPEGs: every pipeline timed, the keys there."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the feeder puts the repository and bench/ on it
+    feeder = load("feeder")
+    data, out = tmp_path / "photos", tmp_path / "feeder.json"
+    argv = ["--generate", "imagenet", "--count", "8", "--generate-size", "48x40", "--data", str(data)]
+    argv += ["--image-size", "32", "--batch-size", "2", "--workers", "0", "--batches", "2", "--device", "cpu"]
+    assert feeder.main([*argv, "--json", str(out)]) == 0
+    assert sorted(p.name for p in data.iterdir()) == ["circles", "squares"]
+    assert len(list(data.glob("*/*.jpg"))) == 8
+    report = json.loads(out.read_text())
+    for name in ("classic", "streaming", "pixels", "features"):
+        assert report[f"{name}_images_per_s"] > 0 and report[f"{name}_images_per_s_per_core"] > 0
+        assert report[f"{name}_bytes_per_image"] > 0
+        assert "fell_back" not in report["pipelines"][name]  # each pipeline is the one it is named for
+    assert report["streaming_bytes_per_image"] > 0 and report["uint8_bytes_per_image"] == 3 * 32 * 32
+    assert report["classic_bytes_per_image"] == 4 * 3 * 32 * 32  # float32 crops
+    assert report["pixels_build_s"] > 0 and report["features_build_s"] > 0
+    assert report["cores"] >= 1 and report["data"]["images"] == 8
