@@ -286,7 +286,8 @@ class Model:
 class Run(Model):
     """A run folder: the model it trained (loaded once, when first needed) and what it recorded.
 
-    .path, .status ("completed", "stopped", "early-stopped", "failed", "running"), .classes, .metrics
+    .path, .status ("completed", "stopped", "early-stopped", "failed", "running", or "ended
+    unexpectedly": run.json says running but its processes are gone), .classes, .metrics
     (the final validation metrics, metrics.json), .config (its TrainConfig), .history (one record per
     epoch); predict, evaluate, export and explain."""
 
@@ -312,7 +313,7 @@ class Run(Model):
     # as missing here, and the model itself is checked when it is loaded (Predictor.from_run)
     @property
     def status(self) -> str:
-        return _text(self.info.get("status"), "unknown")
+        return self._run.status()
 
     @property
     def classes(self) -> list[str]:
@@ -375,7 +376,7 @@ class Run(Model):
         info = self.info
         summary = _dict(info.get("summary"))
         strategy = _text(info.get("strategy") or _dict(info.get("config")).get("strategy"), "?")
-        rows = [("status", self.status), ("model", f"{self.arch} / {strategy}")]
+        rows = [("status", self._run.status_text(info)), ("model", f"{self.arch} / {strategy}")]
         if "accuracy" in summary:
             rows.append(
                 (

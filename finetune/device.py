@@ -276,3 +276,65 @@ def versions() -> dict:
         "torchvision": torchvision.__version__,
         "platform": platform.platform(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicting beside a training
+
+# What predicting (or the data doctor's features, or a Grad-CAM) needs free on a GPU before the
+# studio puts a model there: this process's CUDA context on its first use of the GPU (0.3-0.5 GB),
+# ResNet-50's weights and their fp16 copies under autocast (0.15 GB), the activations of a 64-image
+# batch at 224 px (about 5 MB per image at the widest layers: 0.3 GB) and cuDNN's workspace: about
+# 1.2 GB, plus headroom for a larger image size or Grad-CAM's backward pass. Below it the prediction
+# would fail, or take from a training the memory it allocates as it goes.
+INFERENCE_GPU_MARGIN_BYTES = int(1.5 * 2**30)
+
+
+@dataclass(frozen=True)
+class InferenceDevice:
+    """Where to predict, and when it is not the GPU that 'auto' means here, why (`note`, one line for
+    the UI or the log) and a stable `cause` ("training NAME", "memory"), so it is said once."""
+
+    device: torch.device
+    note: str | None = None
+    cause: str | None = None
+
+
+def inference_device(
+    requested: str = "auto",
+    busy: str | None = None,
+    doing: str = "predicting",
+    need_bytes: int = INFERENCE_GPU_MARGIN_BYTES,
+) -> InferenceDevice:
+    """The device for inference beside trainings. A named device is the user's choice and is kept;
+    'auto' means the CPU while `busy` (the name of a training running on this machine: its GPU and
+    its memory are the training's) or while the GPU has less than `need_bytes` free (another
+    program's training, or any other), and the GPU otherwise. The busy check comes first: it
+    creates no CUDA context in this process, which would itself take memory from the training."""
+    device = resolve_device(requested)
+    if requested != "auto" or device.type == "cpu":
+        return InferenceDevice(device)
+    cpu = torch.device("cpu")
+    if busy:
+        return InferenceDevice(cpu, f"the GPU is busy with training {busy}; {doing} on the CPU", f"training {busy}")
+    if device.type != "cuda":
+        return InferenceDevice(device)  # MPS shares the machine's memory: nothing to measure apart
+    try:
+        free = gpu_free_bytes(device)
+    except RuntimeError as error:  # a GPU whose driver cannot answer will not run a model either
+        return InferenceDevice(cpu, f"cannot read the GPU's free memory ({error}); {doing} on the CPU", "memory")
+    if free < need_bytes:
+        return InferenceDevice(
+            cpu,
+            f"the GPU has {free / 2**30:.1f} GiB free, less than the {need_bytes / 2**30:.1f} GiB that "
+            f"{doing} needs (another program holds it); {doing} on the CPU",
+            "memory",
+        )
+    return InferenceDevice(device)
+
+
+def gpu_free_bytes(device: torch.device) -> int:
+    """Memory this process may still take on `device`: what the driver reports free (every process
+    counted) plus what this process's caching allocator holds reserved but unused (ours to reuse)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,14 +20,38 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import FinetuneError, TrainConfig
 from .events import Event, EventFollower, duration, format_event
-from .rundir import FINAL_STATUSES, RunDir, RunInfo, list_runs, live_trainings, run_name
+from .rundir import (  # is_training_process, training_pids: re-exported (they moved to rundir's readers)
+    FINAL_STATUSES,
+    RunDir,
+    gone_training,
+    is_training_process,
+    list_runs,
+    live_trainings,
+    lock_names_run,
+    run_name,
+    training_pids,
+)
 
 USABLE_STATUSES = ("completed", "stopped", "early-stopped")
+KILLED_HERE = "the training was killed because it did not stop in time"
+# The kernel's OOM killer sends SIGKILL, which no handler sees: the process cannot say why it ended,
+# so the studio that started it says it (run.json and the training view). 137: a shell's 128 + 9.
+KILLED_BY_THE_SYSTEM = (
+    "{who} was killed by SIGKILL, most likely by the system because it ran out of memory: try a "
+    "smaller --batch-size, fewer --workers or a lower --memory-budget-gb (dmesg says whether the "
+    "kernel's out-of-memory killer did it)"
+)
+SIGKILL_CODES = (-signal.SIGKILL, 128 + signal.SIGKILL)
+# torchrun's failure report (torch.distributed.elastic ChildFailedError), one block per failed rank,
+# its root cause printed last: "  rank      : 1 (local_rank: 1)" then "  exitcode  : -9 (pid: 4242) ..."
+TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+TORCHRUN_EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,19 +184,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def is_training_process(pid: int) -> bool:
-    """A live process that is a finetune training (not another program that got the pid since)."""
+def _exists(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # a PermissionError says it exists (someone else's)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, someone else's
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True  # no /proc (macOS): trust the signal check
-    return b"finetune" in b" ".join(cmdline) and b"train" in cmdline
+    except PermissionError:
+        pass
+    return True
 
 
 def _signal_groups(pids: list[int], sig: int) -> None:
@@ -251,6 +271,7 @@ class TrainingJob:
         self.view = TrainingView(run_dir=str(run_dir))
         self.started = time.time()
         self.stop_requested = False
+        self.killed_here = False  # this studio sent the SIGKILL (kill): not the system's doing
         self._stderr: deque[str] = deque(maxlen=50)
         self._lock = threading.Lock()
         self.process = None
@@ -267,7 +288,11 @@ class TrainingJob:
     def pids(self) -> list[int]:
         """The training processes (not torchrun itself)."""
         if self.process is None:
-            return [pid for pid in self.attached_pids if is_training_process(pid)]
+            alive = [pid for pid in self.attached_pids if is_training_process(pid)]
+            if alive or not lock_names_run(RunDir(self.run_dir)):
+                return alive
+            # its lock says it trains, under another command line (a notebook's kernel)
+            return [pid for pid in self.attached_pids if _exists(pid)]
         if self.processes > 1:
             return children(self.process.pid)
         return [self.process.pid]
@@ -286,7 +311,7 @@ class TrainingJob:
         for pid in self.pids() or ([self.process.pid] if self.process else []):
             try:
                 os.kill(pid, signal.SIGINT)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
         return True
 
@@ -300,11 +325,12 @@ class TrainingJob:
         while self.running() and time.time() < deadline:
             time.sleep(0.1)
         if self.running():
+            self.killed_here = True
             groups = self.pids() + ([self.process.pid] if self.process is not None else [])
             _signal_groups(groups, signal.SIGKILL)
             if self.process is not None:
                 self.process.wait(10)
-        mark_ended(RunDir(self.run_dir), "the training was killed because it did not stop in time")
+        mark_ended(RunDir(self.run_dir), KILLED_HERE)
 
     def update(self) -> TrainingView:
         """Read new events; when the process has ended, settle the final status."""
@@ -317,12 +343,15 @@ class TrainingJob:
                     self._reader.join(timeout=2)
                 for event in self.follower.poll():
                     self.view.add(event)
+                killed = self.killed_message()
                 if self.view.status not in FINAL_STATUSES:
                     self.view.status = "failed"
                     # a process killed outright cannot mark its run: do it for it
                     mark_ended(RunDir(self.run_dir), self.failure_message())
-                if self.view.status == "failed":
-                    self.view.error = self.failure_message() or self.view.error
+                elif killed is not None:
+                    record_cause(RunDir(self.run_dir), killed)
+                if self.view.status == "failed" or killed is not None:
+                    self.view.error = killed or self.failure_message() or self.view.error
                 if self.config_file is not None:
                     self.config_file.unlink(missing_ok=True)
             return self.view
@@ -331,28 +360,52 @@ class TrainingJob:
         if self.process is None:
             return self.view.error or RunDir(self.run_dir).info().get("error") or "the training process ended"
         code = self.process.returncode
+        killed = self.killed_message()
+        if killed is not None or self.killed_here:
+            return killed or KILLED_HERE
         errors = [line for line in self._stderr if line.startswith("error:")]
         if errors:
             return errors[-1].removeprefix("error:").strip()
         if code is not None and code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-            hint = " (probably out of memory: try a smaller batch size or image size)" if -code == 9 else ""
-            return f"the training process was killed by {name}{hint}"
+            return f"the training process was killed by {name}"
         tail = [line for line in self._stderr if line.strip()]
         last = tail[-1] if tail else ""
         return f"the training process exited with status {code}" + (f": {last}" if last else "")
+
+    def killed_message(self) -> str | None:
+        """Why the training ended when the system killed it with SIGKILL (the process itself, or one
+        of torchrun's ranks, after which torchrun tears the others down and exits 1); None otherwise,
+        and when this studio killed it (`kill`)."""
+        if self.process is None or self.process.returncode is None or self.killed_here:
+            return None
+        if self.process.returncode in SIGKILL_CODES:
+            return KILLED_BY_THE_SYSTEM.format(who="the training process")
+        rank = killed_rank(self._stderr)
+        if rank is None:
+            return None
+        return KILLED_BY_THE_SYSTEM.format(who=f"training process rank {rank[0]} (pid {rank[1]})")
 
     def finished(self) -> bool:
         return not self.running() and self.view.status in FINAL_STATUSES
 
 
+def killed_rank(stderr: Iterable[str]) -> tuple[str, int] | None:
+    """(rank, pid) of the rank that torchrun's failure report names as its root cause (the last
+    block) when SIGKILL ended it; None when there is no such report or another cause."""
+    rank, root = "?", None
+    for line in stderr:
+        if found := TORCHRUN_RANK.match(line):
+            rank = found[1]
+        elif found := TORCHRUN_EXITCODE.match(line):
+            root = (rank, int(found[1]), int(found[2]))
+    if root is None or root[1] != -signal.SIGKILL:
+        return None
+    return root[0], root[2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainings left behind by an earlier studio process
-
-
-def training_pids(info: RunInfo) -> list[int]:
-    """The training's processes that run.json names (an older run: its one "pid")."""
-    return [int(pid) for pid in info.get("pids") or ([info["pid"]] if info.get("pid") else [])]
 
 
 def mark_ended(run: RunDir, reason: str) -> None:
@@ -368,9 +421,22 @@ def mark_ended(run: RunDir, reason: str) -> None:
         logging.getLogger(__name__).warning("could not mark %s as ended: %s", run.name, problem)
 
 
+def record_cause(run: RunDir, cause: str) -> None:
+    """run.json's error becomes `cause` (a rank the system killed) where rank 0 settled the run as
+    stopped or failed while torchrun tore it down (its own error then is only the consequence)."""
+    info = run.info()
+    if info.get("status") not in ("stopped", "failed") or info.get("error") == cause:
+        return
+    try:
+        run.update_info(error=cause)
+    except (OSError, FinetuneError) as problem:
+        logging.getLogger(__name__).warning("could not record in %s why it ended: %s", run.name, problem)
+
+
 def running_trainings(runs_dir: str | Path) -> list[Path]:
     """Runs whose training processes are still alive on this machine (started by an earlier studio,
-    or from a terminal); runs marked running whose processes are gone are marked ended on the way."""
+    or from a terminal); runs marked running whose processes are gone (rundir.gone_training, what
+    readers show as ended unexpectedly) are marked ended on the way."""
     alive = []
     host = os.uname().nodename
     for path in list_runs(runs_dir):
@@ -378,7 +444,7 @@ def running_trainings(runs_dir: str | Path) -> list[Path]:
         info = run.info()
         if info.get("status") != "running" or info.get("host", host) != host:
             continue
-        if any(is_training_process(pid) for pid in training_pids(info)):
+        if gone_training(run, info) is None:
             alive.append(path)
         else:
             mark_ended(run, "the training process ended without finishing (killed, or the machine restarted)")

@@ -36,6 +36,9 @@ except ImportError:  # Windows: trainings are told apart by their pid alone
 
 RUN_FORMAT = "finetune-run/1"
 FINAL_STATUSES = ("completed", "stopped", "early-stopped", "failed")
+# what readers show for a run.json that says "running" whose processes are gone (RunDir.status):
+# a process the kernel kills (the OOM killer's SIGKILL) cannot mark its run, and readers never write
+ENDED_UNEXPECTEDLY = "ended unexpectedly"
 
 
 class RunInfo(TypedDict, total=False):
@@ -250,7 +253,7 @@ class RunDir:
     # -- metrics
     def metrics(self) -> dict:
         if not self.metrics_path.is_file():
-            status = self.info().get("status", "unknown")
+            status = self.status_text()
             raise FinetuneError(
                 f"{self.name} has no evaluation yet (status: {status}); metrics are written when a training ends"
             )
@@ -262,10 +265,35 @@ class RunDir:
             raise FinetuneError(f"{self.metrics_path} does not hold a JSON object")
         return metrics
 
+    def status(self, info: RunInfo | None = None) -> str:
+        """run.json's status as readers show it: ENDED_UNEXPECTEDLY for a run that says "running"
+        on this machine whose processes are gone (`gone_training`), "unknown" when it has none."""
+        return self.status_text(info, detail=False)
+
+    def status_text(self, info: RunInfo | None = None, detail: bool = True, missing: str = "unknown") -> str:
+        """`status()`, with why a run reads as ended: 'ended unexpectedly (process 1234 is gone:
+        killed, out of memory?)'. Nothing is written: the studio marks such a run ended when it
+        looks for trainings to follow (jobs.running_trainings)."""
+        info = self.info() if info is None else info
+        status = info.get("status")
+        gone = gone_training(self, info)
+        if gone is not None:
+            if not detail:
+                return ENDED_UNEXPECTEDLY
+            who = (
+                "its process is"
+                if not gone
+                else f"process {gone[0]} is"
+                if len(gone) == 1
+                else f"processes {', '.join(map(str, gone))} are"
+            )
+            return f"{ENDED_UNEXPECTEDLY} ({who} gone: killed, out of memory?)"
+        return status if isinstance(status, str) else missing
+
     def label(self) -> str:
         """'20250101-120000-resnet34-last · completed · val acc 0.930' for a dropdown."""
         info = self.info()
-        parts = [self.name, info.get("status", "?")]
+        parts = [self.name, self.status_text(info, missing="?")]
         summary = info.get("summary") or {}
         if "accuracy" in summary:
             parts.append(f"val acc {summary['accuracy']:.3f}")
@@ -393,9 +421,10 @@ class TrainingLock:
             self._fd = None
 
 
-def live_trainings(runs_dir: str | Path) -> list[dict]:
+def live_trainings(runs_dir: str | Path, remove_stale: bool = True) -> list[dict]:
     """The lock files' details ({"pid", "host", "started", "data", "run_dir", "lock"}) of the trainings
-    alive in `runs_dir`; the files of trainings that died are removed on the way."""
+    alive in `runs_dir`; the files of trainings that died are removed on the way (unless not
+    `remove_stale`: a reader that only looks)."""
     runs_dir = Path(runs_dir)
     try:
         candidates = sorted(runs_dir.glob(f"{LOCK_PREFIX}*{LOCK_SUFFIX}"))
@@ -415,7 +444,7 @@ def live_trainings(runs_dir: str | Path) -> list[dict]:
             info = info if isinstance(info, dict) else {}
             if _lock_held(fd, info):
                 alive.append({**info, "lock": str(path)})
-            else:
+            elif remove_stale:
                 path.unlink(missing_ok=True)
         except OSError:
             continue
@@ -446,3 +475,74 @@ def _lock_held(fd: int, info: dict) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Whether a run that says "running" still runs (readers only look: nothing here writes)
+
+
+def this_host() -> str:
+    return os.uname().nodename
+
+
+def training_pids(info: RunInfo) -> list[int]:
+    """The training's processes that run.json names (an older run: its one "pid"); only positive
+    integers: a run folder may come from anyone, and a pid of 0 or -1 would signal whole groups."""
+    named: object = info.get("pids") or [info.get("pid")]  # as written, whatever its type
+    if not isinstance(named, list):
+        return []
+    return [pid for pid in named if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0]
+
+
+def is_training_process(pid: int) -> bool:
+    """A live process that is a finetune training (not another program that got the pid since)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (macOS): trust the signal check
+    return b"finetune" in b" ".join(cmdline) and b"train" in cmdline
+
+
+def lock_names_run(run: RunDir) -> bool:
+    """A live training's lock (`TrainingLock`, in the folder above the run, held to the training's
+    end) names this run: it runs, whatever its command line (a notebook's kernel trains too)."""
+    return any(
+        isinstance(lock.get("run_dir"), str) and Path(lock["run_dir"]).name == run.name
+        for lock in live_trainings(run.path.parent, remove_stale=False)
+    )
+
+
+def gone_training(run: RunDir, info: RunInfo) -> list[int] | None:
+    """For a run.json that says "running" on this machine: the pids it names (maybe none) when no
+    live lock names the run and none of them is a live training: killed (the OOM killer's SIGKILL
+    leaves no time to mark the run), or the machine restarted. None while it runs, for any other
+    status, and for another machine's run (its processes cannot be seen from here)."""
+    if info.get("status") != "running" or info.get("host", this_host()) != this_host():
+        return None
+    pids = training_pids(info)
+    if any(is_training_process(pid) for pid in pids) or lock_names_run(run):
+        return None
+    return pids
+
+
+def training_here(runs_dir: str | Path) -> str | None:
+    """The name of a training that runs on this machine's GPU from `runs_dir` (its run folder, or
+    "pid N" while it still scans the images), None when there is none: from the trainings' locks,
+    which every training holds from before its scan to its end (rank 0 for all of torchrun's).
+    A training whose run.json says it runs on the CPU leaves the GPU free. Nothing is written."""
+    for lock in live_trainings(runs_dir, remove_stale=False):
+        if lock.get("host") not in (None, this_host()):
+            continue
+        run_dir = lock.get("run_dir")
+        if not isinstance(run_dir, str):
+            return f"pid {lock.get('pid', '?')}"
+        device = RunDir(Path(runs_dir) / Path(run_dir).name).info().get("device")
+        if not (isinstance(device, str) and device.startswith("CPU")):  # device.describe_device's words
+            return Path(run_dir).name
+    return None

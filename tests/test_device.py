@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import types
 
 import pytest
 import torch
@@ -70,3 +72,60 @@ def test_workers_and_threads_are_shared_by_the_local_processes(monkeypatch):
     assert dev.default_workers(torch.device("cuda")) == 2 and dev.decode_threads() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert dev.default_workers(torch.device("cuda")) == 8
+
+
+def a_gpu_with(monkeypatch, free_bytes: dict) -> None:
+    """One CUDA GPU as torch would report it, with free_bytes["now"] free (nothing ever goes to it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_bytes["now"], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+
+
+def test_inference_leaves_the_gpu_to_a_training_and_to_short_memory(monkeypatch):
+    free = {"now": 40 * 2**30}
+    a_gpu_with(monkeypatch, free)
+    gpu = torch.device("cuda", 0)
+    assert dev.inference_device("auto") == dev.InferenceDevice(gpu)
+    busy = dev.inference_device("auto", busy="20250101-resnet50-last")
+    assert busy.device == torch.device("cpu") and busy.cause == "training 20250101-resnet50-last"
+    assert busy.note == "the GPU is busy with training 20250101-resnet50-last; predicting on the CPU"
+    assert dev.inference_device("cuda", busy="r1").device == gpu, "a device the user names is kept"
+    free["now"] = dev.INFERENCE_GPU_MARGIN_BYTES - 1
+    short = dev.inference_device("auto", doing="computing the image features")
+    assert short.device == torch.device("cpu") and short.cause == "memory"
+    assert "GiB free" in short.note and short.note.endswith("computing the image features on the CPU")
+    free["now"] = dev.INFERENCE_GPU_MARGIN_BYTES
+    assert dev.inference_device("auto").device == gpu
+
+    def broken(device=None):
+        raise RuntimeError("CUDA error: unknown error")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    assert dev.inference_device("auto").device == torch.device("cpu")
+
+
+def test_the_studio_predicts_on_the_cpu_while_any_training_here_holds_the_gpu(tmp_path, monkeypatch):
+    """Its own training, or one from a terminal or torchrun in its runs folder (their lock), and says so once."""
+    from finetune import rundir
+    from finetune.studio.state import Studio
+
+    free = {"now": 40 * 2**30}
+    a_gpu_with(monkeypatch, free)
+    studio = Studio(tmp_path / "runs", tmp_path / "ws", tmp_path, base_dir=tmp_path)
+    assert studio.prediction_device() == "cuda:0" and studio.device_notes.take() is None
+    with rundir.TrainingLock(studio.runs_dir, tmp_path) as lock:  # a terminal's training, still scanning
+        for _ in range(2):
+            assert studio.prediction_device() == "cpu"
+        note = f"the GPU is busy with training pid {os.getpid()}; predicting on the CPU"
+        assert studio.device_notes.take() == note and studio.device_notes.take() is None, "said once"
+        lock.set_run(studio.runs_dir / "from-a-terminal")
+        choice = studio.inference_choice("computing the image features")
+        assert choice.note == "the GPU is busy with training from-a-terminal; computing the image features on the CPU"
+    assert studio.prediction_device() == "cuda:0"
+    studio.job = types.SimpleNamespace(running=lambda: True, run_dir=studio.runs_dir / "the-studios-own")
+    assert studio.prediction_device() == "cpu" and "the-studios-own" in studio.device_notes.take()
+    studio.job = None
+    free["now"] = 2**30
+    assert studio.prediction_device() == "cpu" and "GiB free" in studio.device_notes.take()

@@ -272,3 +272,71 @@ def test_studio_start_up_survives_a_run_it_cannot_mark_and_folders_it_cannot_mak
     blocker.write_text("not a folder")
     with pytest.raises(FinetuneError, match=f"cannot use {blocker / 'runs'}: Not a directory"):
         Studio(blocker / "runs", tmp_path / "workspace", tmp_path)
+
+
+# a stand-in for a training the kernel's OOM killer ends: it marks its run running, then SIGKILL
+KILLED_BY_THE_SYSTEM = (
+    "import json, os, pathlib, sys\n"
+    "run = pathlib.Path(sys.argv[1])\n"
+    "run.mkdir(parents=True)\n"
+    "info = {'status': 'running', 'pids': [os.getpid()], 'host': os.uname().nodename}\n"
+    "(run / 'run.json').write_text(json.dumps(info))\n"
+    "os.kill(os.getpid(), 9)\n"
+)
+
+
+def test_a_training_the_system_kills_leaves_its_run_failed_with_why(tmp_path, monkeypatch):
+    from finetune import jobs
+    from finetune.rundir import RunDir
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(
+        jobs, "train_command", lambda config, processes: [sys.executable, "-c", KILLED_BY_THE_SYSTEM, str(runs / "oom")]
+    )
+    job = TrainingJob(TrainConfig(data=str(tmp_path), weights="none", runs_dir=str(runs), run_name="oom"))
+    assert job.process.wait(30) == -signal.SIGKILL
+    view = job.update()
+    info = RunDir(job.run_dir).info()
+    assert view.status == info["status"] == "failed" and view.error == info["error"]
+    assert info["error"].startswith("the training process was killed by SIGKILL")
+    assert "out of memory" in info["error"] and "--batch-size" in info["error"] and "dmesg" in info["error"]
+
+
+TORCHRUN_REPORT = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+finetune FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2025-01-01_10:00:00
+  host      : node1
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4242) (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4242
+============================================================"""
+
+
+def test_a_rank_the_system_kills_under_torchrun_is_the_cause_in_run_json(tmp_path):
+    """torchrun exits 1 after one rank was SIGKILLed and tears the others down; rank 0 settled the run
+    with only the consequence (a broken collective): the studio records the root cause."""
+    import types
+
+    from finetune.jobs import killed_rank
+    from finetune.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "runs", "resnet18", "all", "torn-down")
+    run.write_info({"status": "failed", "error": "RuntimeError: Connection closed by peer"})
+    run.events.write_text(json.dumps({"type": "error", "message": "RuntimeError: Connection closed by peer"}) + "\n")
+    job = TrainingJob.__new__(TrainingJob)
+    job._follow(TrainConfig(data=str(tmp_path)), run.path, 2, attached_pids=[])
+    job.process = types.SimpleNamespace(returncode=1, pid=1, poll=lambda: 1)
+    job._stderr.extend(["error: RuntimeError: Connection closed by peer", *TORCHRUN_REPORT.splitlines()])
+    view = job.update()
+    cause = "training process rank 1 (pid 4242) was killed by SIGKILL, most likely by the system"
+    assert view.status == "failed" and view.error.startswith(cause) and run.info()["error"].startswith(cause)
+    other_cause = TORCHRUN_REPORT.replace("exitcode  : -9", "exitcode  : 1")
+    assert killed_rank(other_cause.splitlines()) is None and killed_rank([]) is None

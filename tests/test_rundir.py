@@ -178,3 +178,43 @@ def test_two_trainings_hold_locks_side_by_side_and_a_dead_ones_lock_is_stale(tmp
         for holder in (first, second):
             holder.kill()
             holder.wait(10)
+
+
+def test_a_running_run_whose_processes_are_gone_reads_as_ended_unexpectedly(tmp_path):
+    """The OOM killer's SIGKILL leaves run.json at "running": readers say so, and write nothing."""
+    from finetune.rundir import ENDED_UNEXPECTEDLY, TrainingLock, training_pids
+
+    here, gone = os.uname().nodename, 2**22 + 1  # above Linux's largest pid: never a live process
+    run = RunDir.create(tmp_path / "runs", "resnet18", "all", "killed")
+    run.write_info({"status": "running", "pids": [gone], "host": here})
+    before = run.info_path.read_bytes()
+    assert run.status() == ENDED_UNEXPECTEDLY
+    assert run.status_text() == f"ended unexpectedly (process {gone} is gone: killed, out of memory?)"
+    assert run.label() == f"killed · ended unexpectedly (process {gone} is gone: killed, out of memory?)"
+    with pytest.raises(FinetuneError, match="status: ended unexpectedly"):
+        run.metrics()
+    assert run.info_path.read_bytes() == before, "a reader never writes"
+    with TrainingLock(run.path.parent, "/data") as lock:  # a live training's lock names it: it runs
+        lock.set_run(run.path)  # (a notebook's kernel: no finetune on its command line)
+        assert run.status() == "running"
+    run.update_info(pids=[os.getpid()], host="another-machine")  # its processes cannot be seen from here
+    assert run.status() == "running"
+    run.update_info(status="completed")
+    assert run.status() == "completed"
+    assert training_pids({"pids": ["12", 0, -1, True, 7]}) == [7] and training_pids({"pid": 5}) == [5]
+
+
+def test_training_here_names_the_training_that_holds_the_gpu(tmp_path):
+    from finetune.rundir import TrainingLock, training_here
+
+    runs = tmp_path / "runs"
+    assert training_here(runs) is None
+    with TrainingLock(runs, "/data") as lock:
+        assert training_here(runs) == f"pid {os.getpid()}"  # still scanning: no run folder yet
+        run = RunDir.create(runs, "resnet50", "last", "on-the-gpu")
+        run.write_info({"status": "running", "device": "NVIDIA H100 (cuda:0, compute capability 9.0)"})
+        lock.set_run(run.path)
+        assert training_here(runs) == "on-the-gpu"
+        run.update_info(device="CPU (16 cores)")
+        assert training_here(runs) is None, "a training on the CPU leaves the GPU free"
+    assert training_here(runs) is None

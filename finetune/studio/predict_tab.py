@@ -141,6 +141,13 @@ def run_threshold(studio: Studio, run=None) -> dict:
     return {"min_conf": round(float(suggested or 0.0), 2), "min_note": views.threshold_note(suggested)}
 
 
+def say_device_note(studio: Studio) -> None:
+    """Why predictions run on the CPU now (a training holds the GPU), once per cause: a toast."""
+    note = studio.device_notes.take()
+    if note:
+        warning(note)
+
+
 def predict_image(studio: Studio, run=None, image=None, top_k=3, min_conf=None, why=False) -> dict:
     """One image: the answer ("unknown (best guess: ...)" below `min_conf`) and, with `why`, the
     Grad-CAM overlay of the predicted class at the picture's size."""
@@ -149,6 +156,7 @@ def predict_image(studio: Studio, run=None, image=None, top_k=3, min_conf=None, 
     with user_errors():
         picture = read_upload(image)
         predictor = studio.predictor(resolve_run(run, studio.runs_dir))
+        say_device_note(studio)
         lock = studio.model_lock(predictor)
         with lock.shared():
             prediction = predictor.predict_one(picture, int(top_k), None if min_conf is None else float(min_conf))
@@ -178,6 +186,7 @@ def predict_batch(
     with user_errors():
         run_dir = resolve_run(run, studio.runs_dir)
         predictor = studio.predictor(run_dir)
+        say_device_note(studio)
         with studio.workspace.temporary() as scratch, studio.model_lock(predictor).shared():
             progress((0, None), desc="Collecting the images", unit="images")
             batch = gather_images(

@@ -374,12 +374,15 @@ def doctor_folder(studio: Studio, root: Path, backbone: str, log, report):
         split = {key: config[key] for key in ("val_fraction", "seed") if key in config}
     log(f"scanning {root}")
     scan = scan_dataset(root, **split, max_files=studio.max_scan_files, on_progress=report)
+    choice = studio.inference_choice("computing the image features")
+    if choice.note:  # the GPU is a training's: said in this review's log
+        log(choice.note)
     result = run_doctor(
         scan,
         run=run_dir,
         weights="imagenet" if run_dir else backbone,
         image_size=None if run_dir else IMAGE_SIZE,
-        device=studio.prediction_device(),
+        device=str(choice.device),
         cache_dir=default_cache_dir(),
         log=log,
     )

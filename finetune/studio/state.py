@@ -125,6 +125,28 @@ class ModelLock:
                 self._changed.notify_all()
 
 
+class DeviceNotes:
+    """Why predictions left the GPU (device.InferenceDevice.note), said once per cause (a training,
+    short memory), not at every request: logged when the cause changes, and kept until the UI takes it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cause: str | None = None
+        self._unsaid: str | None = None
+
+    def record(self, choice) -> None:
+        with self._lock:
+            if choice.cause != self._cause:
+                self._cause, self._unsaid = choice.cause, choice.note
+                if choice.note:
+                    logging.getLogger(__name__).info("%s", choice.note)
+
+    def take(self) -> str | None:
+        with self._lock:
+            note, self._unsaid = self._unsaid, None
+            return note
+
+
 def folder_problem(error: OSError) -> str:
     """One line for a folder the studio cannot make, read or write."""
     full = disk_full(error)
@@ -164,6 +186,7 @@ class Studio:
         self.job: jobs.TrainingJob | None = None
         self.job_lock = threading.Lock()
         self.predictors = PredictorCache(predictors, predictor_loader)
+        self.device_notes = DeviceNotes()
         self._model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._model_locks_lock = threading.Lock()
 
@@ -256,9 +279,22 @@ class Studio:
         return (Path(job.cfg.data),) if job is not None and job.cfg is not None else ()
 
     # -- predictions
+    def inference_choice(self, doing: str = "predicting"):
+        """device.inference_device for this studio: the CPU while a training runs on this machine
+        (its own, or one from a terminal or torchrun in its runs folder: rundir.training_here) or
+        while the GPU's free memory is short, otherwise what 'auto' means here."""
+        from ..device import inference_device
+        from ..rundir import training_here
+
+        job = self.running_job()
+        busy = job.run_dir.name if job is not None else training_here(self.runs_dir)
+        return inference_device("auto", busy, doing)
+
     def prediction_device(self) -> str:
-        """The CPU while a training runs (the GPU is its), otherwise what 'auto' means here."""
-        return "cpu" if self.training() else resolved_device("auto")
+        """inference_choice's device; its note is said once (device_notes)."""
+        choice = self.inference_choice()
+        self.device_notes.record(choice)
+        return str(choice.device)
 
     def predictor(self, run_dir: str | Path):
         return self.predictors.get(run_dir, self.prediction_device())
