@@ -8,17 +8,28 @@ Written for the machines people train on, most of which this code is never teste
   is slow or fails in cuDNN convolutions; there fp16 with a gradient scaler is the right choice.
 * Apple MPS: no float64 at all, no pinned memory; nothing here puts a float64 tensor on a device,
   and pinned memory / non_blocking copies are used on CUDA only. Mixed precision stays off on MPS.
-* Several processes (torchrun): everything that depends on the machine (free memory, free disk)
-  is decided on rank 0 and broadcast, so every rank takes the same path and the collectives match.
+* Several processes (torchrun), on one machine or several: what depends on the machine (free
+  memory, free disk, the dataset's files) is measured on every rank and settled over all of them
+  (the smallest budget, every rank able to read), so every rank takes the same path and the
+  collectives match. Long work on one rank (rank 0's scan, a cache) is waited for on torchrun's
+  TCP key-value store, never in a collective, whose timeout (NCCL's watchdog: 10 minutes) it would
+  exceed; no second process group is made, so nothing binds to the address of gethostname()
+  (loopback on many hosts) and no GLOO_SOCKET_IFNAME is needed beside NCCL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import platform
 import random
-from dataclasses import dataclass
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -26,9 +37,11 @@ import torch.distributed as dist
 
 from .config import FinetuneError
 
-# How long ranks may wait for rank 0 to scan the images (all the others wait in a collective).
-# The default process-group timeout (10 minutes) would kill a large training before it starts.
+# How long ranks may wait for one another's long work: rank 0's scan of the images, the slowest rank's
+# cache. The default process-group timeout (10 minutes) would kill a large training before it starts.
 SCAN_WAIT = timedelta(hours=int(os.environ.get("FINETUNE_SCAN_WAIT_HOURS", "6")))
+
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -48,6 +61,16 @@ def cores_per_process() -> int:
     return max(1, usable_cores() // local_world_size())
 
 
+def cpu_threads() -> int:
+    """torch's threads for one training process on the CPU under torchrun: its share of the cores.
+    torchrun sets OMP_NUM_THREADS=1 for every process it starts when none is set, which leaves all but
+    a core or two idle; a larger OMP_NUM_THREADS can only be the user's own and is kept."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 1:
+        return int(given)
+    return cores_per_process()
+
+
 # ---------------------------------------------------------------------------------------------
 # Processes
 
@@ -60,6 +83,11 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    # the key-value store every rank reaches (torchrun's TCPStore), under a prefix of this run's; and
+    # how many waits on it this process has made (every rank makes the same ones, in the same order)
+    _store: dist.Store | None = field(default=None, init=False, repr=False, compare=False)
+    _base_store: dist.Store | None = field(default=None, init=False, repr=False, compare=False)
+    _waits: int = field(default=0, init=False, repr=False, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -77,29 +105,149 @@ class Distributed:
         return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), local_world_size())
 
     def init(self, device: torch.device) -> None:
-        """Create the process group (NCCL on GPUs, gloo otherwise) and a gloo group with a long
-        timeout, used only while rank 0 scans the images and the others wait for the result."""
+        """Create the process group: NCCL on GPUs, gloo otherwise, on the store of `connect`. Every rank
+        must train on the same kind of device (one backend), checked first: a mix would hang here."""
         if not self.enabled or dist.is_initialized():
             return
+        main_type = self.share_from_main(device.type, "choosing the device")
+        if device.type != main_type:
+            raise FinetuneError(
+                f"rank {self.rank} on {socket.gethostname()} would train on {device.type} but rank 0 on "
+                f"{main_type}: give every node the same --device"
+            )
+        # the prefix init_process_group gives the store it makes itself (it leaves a given one as it is)
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            "nccl" if device.type == "cuda" else "gloo",
+            store=dist.PrefixStore("default_pg", cast(dist.Store, self._base_store)),
+            rank=self.rank,
+            world_size=self.world_size,
+            device_id=device if device.type == "cuda" else None,
         )
-        self._patient = dist.new_group(backend="gloo", timeout=SCAN_WAIT)
+
+    def connect(self) -> dist.Store:
+        """The store every rank reaches, found as init_process_group("env://") finds it (MASTER_ADDR and
+        MASTER_PORT; torchrun's agent store when it serves them), under a prefix of this training's.
+        Usable before the process group exists (rank 0's resumed configuration travels in it)."""
+        if self._store is None:
+            if dist.is_initialized():  # a process group made elsewhere (a notebook, a test): its store
+                base = dist.distributed_c10d._get_default_store()
+            else:
+                base, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size))
+            # keys of their own for each torchrun restart (--max-restarts) and each training in this
+            # process (the counter is per rank: every rank counts the same trainings)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            generation = base.add(f"finetune/{attempt}/trainings/{self.rank}", 1)
+            self._base_store = base
+            self._store = dist.PrefixStore(f"finetune/{attempt}/{generation}", base)
+        return self._store
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+        self._store = self._base_store = None
 
     def broadcast(self, value, patient: bool = False):
-        """Rank 0's value on every rank. `patient`: the others may wait up to SCAN_WAIT for it."""
+        """Rank 0's value on every rank. `patient`: rank 0 may come after long work; the others wait for
+        it on the store (up to SCAN_WAIT), not in the collective."""
         if not self.enabled:
             return value
+        if patient:
+            self.wait_for_main("its work")
         holder = [value]
-        group = getattr(self, "_patient", None) if patient else None
-        dist.broadcast_object_list(
-            holder, src=0, group=group, device=None if group is not None else self._collective_device()
-        )
+        dist.broadcast_object_list(holder, src=0, device=self._collective_device())
         return holder[0]
+
+    def from_main(self, compute: Callable[[], T], what: str) -> T:
+        """compute() on rank 0, its result on every rank (in one broadcast). The others wait for it on the
+        store, up to SCAN_WAIT, and when it fails on rank 0 they fail too, with its one-line error: not
+        after a collective's timeout, nor when torchrun gets round to stopping them."""
+        if not self.enabled:
+            return compute()
+        value = None
+        if self.is_main:
+            try:
+                value = compute()
+            except BaseException as error:
+                failure = str(error) if isinstance(error, FinetuneError) else f"{type(error).__name__}: {error}"
+                with contextlib.suppress(Exception):  # the others then stop with torchrun
+                    self.wait_for_main(what, failure=failure)
+                raise
+        self.wait_for_main(what)
+        return self.broadcast(value)
+
+    def share_from_main(self, value: T, what: str) -> T:
+        """Rank 0's `value` (small, picklable) on every rank through the store; needs no process group."""
+        if not self.enabled:
+            return value
+        key = self._next_key(what)
+        store = self.connect()
+        if self.is_main:
+            store.set(key, pickle.dumps(value))  # type: ignore[arg-type]  # typed str; bytes pass as they are
+            return value
+        self._await(key, f"rank 0 to finish {what}", SCAN_WAIT)
+        return pickle.loads(store.get(key))
+
+    def wait_for_main(self, what: str, failure: str | None = None, timeout: timedelta = SCAN_WAIT) -> None:
+        """Rank 0 says it is done with `what` (or failed, and why); the others wait for that on the store,
+        up to `timeout`, polling (no collective and its timeout; signals are handled meanwhile), and
+        raise rank 0's failure as a FinetuneError of their own."""
+        if not self.enabled:
+            return
+        key = self._next_key(what)
+        store = self.connect()
+        if self.is_main:
+            store.set(key, "failed:" + failure if failure is not None else "done")
+            return
+        self._await(key, f"rank 0 to finish {what}", timeout)
+        said = store.get(key).decode(errors="replace")
+        if said.startswith("failed:"):
+            raise FinetuneError(f"rank 0 failed while {what}: {said.removeprefix('failed:')}")
+
+    def patient_barrier(self, what: str, timeout: timedelta = SCAN_WAIT) -> None:
+        """Every rank returns once all have come here, after up to `timeout` (not a collective's 10
+        minutes): the end of work whose length differs between ranks, such as building a cache."""
+        if not self.enabled:
+            return
+        key = self._next_key(what)
+        store = self.connect()
+        if store.add(f"{key}/arrived", 1) == self.world_size:
+            store.set(f"{key}/all", "1")
+
+        def whom() -> str:
+            return f"every rank to finish {what} ({store.add(f'{key}/arrived', 0)} of {self.world_size} did)"
+
+        self._await(f"{key}/all", whom, timeout)
+
+    def _next_key(self, what: str) -> str:
+        self._waits += 1
+        return f"{self._waits}:{what}"
+
+    def _await(self, key: str, whom: str | Callable[[], str], timeout: timedelta) -> None:
+        """Until the store holds `key`: short polls, no blocking wait (a TCPStore logs a warning for each
+        wait that times out), so a long wait costs a request per second and Ctrl-C still works."""
+        store = self.connect()
+        deadline = time.monotonic() + timeout.total_seconds()
+        pause = 0.01
+        while not self._holds(store, key, whom):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FinetuneError(
+                    f"rank {self.rank} on {socket.gethostname()} waited {_duration(timeout)} for "
+                    f"{whom() if callable(whom) else whom}: "
+                    f"set FINETUNE_SCAN_WAIT_HOURS to wait longer"
+                )
+            time.sleep(min(pause, left))
+            pause = min(1.0, pause * 2)
+
+    def _holds(self, store: dist.Store, key: str, whom: str | Callable[[], str]) -> bool:
+        try:
+            return store.check([key])
+        except dist.DistError as error:  # the store's host (torchrun on rank 0's node) has gone
+            first = (str(error).splitlines() or [""])[0]
+            raise FinetuneError(
+                f"rank {self.rank} on {socket.gethostname()} lost touch with the other ranks while waiting for "
+                f"{whom if isinstance(whom, str) else 'them'}: {first}"
+            ) from None
 
     def all_gather(self, value) -> list:
         """Every rank's value, in rank order (small picklable values)."""
@@ -139,6 +287,11 @@ class Distributed:
         return (
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         )
+
+
+def _duration(wait: timedelta) -> str:
+    seconds = wait.total_seconds()
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,6 +72,40 @@ def test_workers_and_threads_are_shared_by_the_local_processes(monkeypatch):
     assert dev.default_workers(torch.device("cuda")) == 2 and dev.decode_threads() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert dev.default_workers(torch.device("cuda")) == 8
+    # torch's threads on the CPU under torchrun: its OMP_NUM_THREADS=1 gives way to the share of the cores,
+    # a larger one (the user's own) is kept
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert dev.cpu_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert dev.cpu_threads() == 3
+
+
+def test_waits_on_the_store_name_the_rank_its_node_and_what_rank_0_said():
+    """Without a process group: two ranks' Distributed over one in-process store."""
+    import re
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    main, other = dev.Distributed(0, 2, 0, 2), dev.Distributed(1, 2, 1, 2)
+    main._store = other._store = store
+    where = re.escape(f"rank 1 on {socket.gethostname()}")
+    with pytest.raises(FinetuneError, match=f"{where} waited 0.05 s for rank 0 to finish scanning: set FINETUNE_SCAN"):
+        other.wait_for_main("scanning", timeout=timedelta(milliseconds=50))
+    main.wait_for_main("scanning")
+    # rank 0's failure reaches the others as their own one line, at once
+    main.wait_for_main("reading last.pth", failure="runs/a/last.pth is not a checkpoint finetune wrote")
+    with pytest.raises(FinetuneError, match="^rank 0 failed while reading last.pth: runs/a/last.pth is not a"):
+        other.wait_for_main("reading last.pth", timeout=timedelta(seconds=5))
+    assert main.share_from_main({"device": "cuda"}, "choosing the device") == {"device": "cuda"}
+    assert other.share_from_main({"device": "cpu"}, "choosing the device") == {"device": "cuda"}
+    with pytest.raises(
+        FinetuneError, match=f"{where} waited 0.05 s for every rank to finish caching \\(1 of 2 did\\): set"
+    ):
+        other.patient_barrier("caching", timeout=timedelta(milliseconds=50))
 
 
 def a_gpu_with(monkeypatch, free_bytes: dict) -> None:
