@@ -5,6 +5,7 @@ Every error the user can cause is one line on stderr and exit status 2; never a 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import json
@@ -13,6 +14,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ARCHS, GROUPS, FinetuneError, TrainConfig, cli_fields
@@ -30,35 +32,127 @@ def say(text="", *, err: bool = False, flush: bool = False) -> None:
 # torchrun sends SIGKILL 30 s after SIGTERM: a process that cannot stop in time (stuck in a collective)
 # marks its run and exits a little before that.
 SIGTERM_GRACE_S = 25.0
+# How long the marking of the run may take before the process exits anyway (a lock the stuck main thread
+# holds, such as stderr's when its pipe is full, must not keep it alive past torchrun's SIGKILL).
+GIVE_UP_MARK_S = 3.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNAL_POLL_S = 0.5  # how often the thread that takes the signals looks whether the command is over
 
 
-def install_stop_handlers(stop: threading.Event, progress: TerminalProgress | None = None) -> None:
+def install_stop_handlers(stop: threading.Event, progress: TerminalProgress | None = None) -> Callable[[], None]:
     """First Ctrl-C (or SIGTERM): finish the current batch and keep a usable run. Second: abort.
 
     After a SIGTERM the process has SIGTERM_GRACE_S seconds; if it is still running then, it marks
-    its run as ended (never left at "running") and exits."""
+    its run as ended (never left at "running") and exits. Returns put_back(): the handlers and the
+    signal mask as they were before (for a caller that lives on: a test running the command).
 
-    def give_up() -> None:
+    Python runs a signal handler only when the main thread is back in the interpreter, never while it
+    waits in C++ (an all_reduce whose peer is frozen). So where the platform allows (pthread_sigmask and
+    sigtimedwait: Linux and most Unixes; not macOS or Windows, which keep the handlers alone), a helper
+    thread takes the signals. Call this before other threads start (torch's, numpy's BLAS): each
+    inherits the mask of the thread that starts it, and one without the mask could take a signal that
+    only the stuck main thread would then act on."""
+    react = _stop_reaction(stop, progress)
+
+    def handler(signum, frame):
+        # the fallback where signals are not taken in a thread, and the main thread's side of an abort
+        # (the helper thread interrupts it with _thread.interrupt_main)
+        if react(signum):
+            raise KeyboardInterrupt
+
+    # a handler, never SIG_IGN (a background job's children ignore SIGINT), even where the thread takes
+    # them: POSIX leaves it open whether an ignored signal stays pending while it is blocked
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+
+    def handlers_back() -> None:
+        for signum, before in previous.items():
+            signal.signal(signum, signal.SIG_DFL if before is None else before)
+
+    if not (hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigtimedwait") and hasattr(os, "register_at_fork")):
+        return handlers_back
+    return _take_signals_in_a_thread(react, handlers_back)
+
+
+def _stop_reaction(stop: threading.Event, progress: TerminalProgress | None) -> Callable[[int], bool]:
+    """react(signum) for a SIGINT or SIGTERM, in whichever thread takes it: True when the command should
+    abort (a signal after the first). The first sets `stop`; any SIGTERM starts the grace timer (once:
+    it is left running when the command ends, as the process is going down)."""
+    grace = threading.Timer(SIGTERM_GRACE_S, _give_up, args=(progress,))
+    grace.daemon = True
+    lock = threading.Lock()
+
+    def react(signum: int) -> bool:
+        with lock:
+            if signum == signal.SIGTERM and grace.ident is None:
+                grace.start()
+            if stop.is_set():
+                return True
+            stop.set()
+        say("\nstopping after the current batch (Ctrl-C again to abort)", err=True, flush=True)
+        return False
+
+    return react
+
+
+def _take_signals_in_a_thread(react: Callable[[int], bool], handlers_back: Callable[[], None]) -> Callable[[], None]:
+    """SIGINT and SIGTERM blocked in this thread (and so in every thread it starts from now on) and taken
+    by a daemon thread in sigtimedwait, which acts at once whatever the main thread is doing. Returns
+    put_back(), for the main thread.
+
+    Children: a forked one (DataLoader workers under the fork start method, Linux's default before
+    Python 3.14) gets the previous mask back at once, so torch's worker still ends on its parent's
+    SIGTERM (DataLoader's terminate()). One started by exec (spawn or forkserver workers: Python >= 3.14;
+    subprocesses) keeps SIGINT and SIGTERM blocked: Ctrl-C and torchrun's SIGTERM to the process group
+    pass it by, and it ends as torch's workers always do, on the done event or when its watchdog sees
+    the parent gone (within 5 s), or by torchrun's SIGKILL of the group."""
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    over = threading.Event()
+
+    def unblocked_in_child() -> None:
+        if not over.is_set():  # a hook cannot be unregistered: inert once the command is over
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+    os.register_at_fork(after_in_child=unblocked_in_child)
+
+    def take() -> None:
+        while not over.is_set():
+            info = signal.sigtimedwait(STOP_SIGNALS, SIGNAL_POLL_S)
+            if info is None:
+                continue
+            if over.is_set():  # taken as the command ended: for the handlers put back
+                os.kill(os.getpid(), info.si_signo)
+            elif react(info.si_signo):
+                _thread.interrupt_main()  # its SIGINT handler raises KeyboardInterrupt, as a Ctrl-C did
+
+    taker = threading.Thread(target=take, name="finetune-stop-signals", daemon=True)
+    taker.start()
+
+    def put_back() -> None:
+        over.set()
+        taker.join()
+        handlers_back()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # what is pending now meets those handlers
+
+    return put_back
+
+
+def _give_up(progress: TerminalProgress | None) -> None:
+    """SIGTERM_GRACE_S after a SIGTERM the process is still here, its main thread stuck (in a collective
+    whose peer is frozen, say) and perhaps for ever: rank 0 marks its run as ended, and the process
+    exits at once, before torchrun's SIGKILL."""
+
+    def mark() -> None:
         if progress is not None and progress.run_dir and int(os.environ.get("RANK", "0")) == 0:
             from .jobs import mark_ended
             from .rundir import RunDir
 
             mark_ended(RunDir(progress.run_dir), f"terminated: did not stop within {SIGTERM_GRACE_S:.0f} s of SIGTERM")
         say("error: terminated: could not stop in time", err=True, flush=True)
-        os._exit(143)
 
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        if signum == signal.SIGTERM:
-            timer = threading.Timer(SIGTERM_GRACE_S, give_up)
-            timer.daemon = True
-            timer.start()
-        say("\nstopping after the current batch (Ctrl-C again to abort)", err=True, flush=True)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    marking = threading.Thread(target=mark, daemon=True)
+    marking.start()
+    marking.join(GIVE_UP_MARK_S)
+    os._exit(143)  # 128 + SIGTERM; no clean-up: it would wait on the stuck main thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +168,18 @@ def dataset_folder(data: str, quiet: bool = False) -> str:
 
 
 def cmd_train(args) -> int:
+    stop = threading.Event()
+    progress = TerminalProgress(quiet=args.quiet)
+    put_back = install_stop_handlers(stop, progress)  # first: the threads torch and numpy start inherit its mask
+    try:
+        return _train_command(args, stop, progress)
+    finally:
+        if put_back is not None:  # None: a stand-in that installed nothing
+            put_back()
+
+
+def _train_command(args, stop: threading.Event, progress: TerminalProgress) -> int:
+    """`finetune train`, its stop handlers installed."""
     from .training import resume_config, train
 
     if args.resume:
@@ -84,9 +190,8 @@ def cmd_train(args) -> int:
         cfg = config_from_args(args)
         cfg.data = dataset_folder(cfg.data, args.quiet)
     cfg.validate()
-    stop = threading.Event()
-    progress = TerminalProgress(quiet=args.quiet)
-    install_stop_handlers(stop, progress)
+    if stop.is_set():  # asked to stop before training began: end now rather than leave an empty run
+        raise KeyboardInterrupt
     run_dir = train(cfg, on_event=progress, stop=stop, resume=args.resume)
     say(f"run folder: {run_dir}")
     return 0
