@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import math
 import os
+import platform
+import re
 import shutil
+import subprocess
 import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,7 +63,6 @@ from .data import (
     train_transform,
 )
 from .device import Distributed, decode_threads, non_blocking, pin_memory
-from .fsutil import remove_tree
 
 GiB = 1024**3
 
@@ -92,14 +93,12 @@ class Pipeline:
 
 
 def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux); else free physical pages; else psutil; else 4 GiB."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    """Memory this machine can still give: MemAvailable from /proc/meminfo (Linux); on macOS (no
+    /proc) the free and inactive pages of vm_stat, as psutil counts them, or half of hw.memsize; else
+    free physical pages; else psutil; else 4 GiB."""
+    found = _darwin_available_memory() if platform.system() == "Darwin" else _meminfo_available()
+    if found:
+        return found
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -110,6 +109,37 @@ def available_memory_bytes() -> int:
         return int(psutil.virtual_memory().available)
     except Exception:  # noqa: BLE001 - no way to know: assume a modest machine
         return 4 * GiB
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _darwin_available_memory() -> int | None:
+    """(free + inactive pages) x page size from vm_stat; else half the physical memory (hw.memsize)."""
+    report = _command_output("/usr/bin/vm_stat")
+    page = re.search(r"page size of (\d+) bytes", report)
+    pages = dict(re.findall(r"^Pages (free|inactive):\s+(\d+)\.?\s*$", report, re.MULTILINE))
+    if page and len(pages) == 2:
+        return (int(pages["free"]) + int(pages["inactive"])) * int(page[1])
+    total = _command_output("/usr/sbin/sysctl", "-n", "hw.memsize").strip()
+    return int(total) // 2 if total.isdigit() else None
+
+
+def _command_output(*command: str) -> str:
+    """A system tool's output, "" when it is missing, fails or takes over 2 seconds."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=2, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
 
 
 def memory_budget_bytes(cfg: TrainConfig, local_processes: int = 1) -> int:
@@ -454,19 +484,21 @@ def _header_size(path: Path) -> tuple[int, int]:
 class PixelStore:
     """uint8 images [3, h, w] of varying sizes, in memory or in a memory-mapped temporary file."""
 
-    def __init__(self, on_disk: bool):
-        self.on_disk = on_disk
+    def __init__(self, on_disk: str | Path | None):
+        """`on_disk`: the folder of the memory-mapped file (see pixel_folder), None: in memory. The file
+        has no name (unlinked at once; O_TMPFILE on Linux): its space returns when the store is gone,
+        even from a process that was killed, so a run stopped by the OOM killer leaves no gigabytes."""
+        self.on_disk = on_disk is not None
         self.tensors: list[torch.Tensor] = []
         self.shapes: list[tuple[int, ...]] = []
         self.offsets: list[int] = []
         self._array: np.memmap | None = None
-        self._dir = tempfile.mkdtemp(prefix="finetune-pixels-") if on_disk else None
-        self._path = Path(self._dir, "pixels.u8") if self._dir else None
-        # open across append() calls until close() maps it: no with-block fits
-        self._file = open(self._path, "wb") if self._path else None  # noqa: SIM115
+        self._file = None
+        if on_disk is not None:
+            Path(on_disk).mkdir(parents=True, exist_ok=True)  # another node's runs folder may not exist yet
+            # open across append() calls until close() maps it: no with-block fits
+            self._file = tempfile.TemporaryFile(prefix=".finetune-pixels-", dir=on_disk)  # noqa: SIM115
         self._size = 0
-        if self._dir:
-            weakref.finalize(self, remove_tree, self._dir)
 
     def append(self, image: torch.Tensor) -> None:
         image = image.contiguous()
@@ -479,9 +511,13 @@ class PixelStore:
             self.tensors.append(image)
 
     def close(self) -> None:
-        if self._file is not None and self._path is not None:
-            self._file.close()
-            self._array = np.memmap(self._path, dtype=np.uint8, mode="r", shape=(max(1, self._size),))
+        if self._file is not None:
+            if not self._size:  # an empty file cannot be mapped
+                self._file.write(b"\0")
+            self._file.flush()
+            self._array = np.memmap(self._file, dtype=np.uint8, mode="r", shape=(max(1, self._size),))
+            self._file.close()  # the mapping keeps the unnamed file
+            self._file = None
 
     def __len__(self) -> int:
         return len(self.tensors) if not self.on_disk else len(self.shapes)
@@ -547,9 +583,9 @@ def pixel_pipeline(
     need_train = sum(3 * short * math.ceil(short * max(w, h) / max(1, min(w, h))) for w, h in headers)
     need_val = 3 * size * size * len(val_idx)
     need = need_train + need_val
-    on_disk = _pixels_on_disk(need_train, need_val, budget, agree)
+    on_disk = _pixels_on_disk(need_train, need_val, budget, agree, pixel_folder(cfg))
     where = (
-        f"a memory-mapped file in {tempfile.gettempdir()} (over the {_gb(budget)} memory budget)"
+        f"a memory-mapped file in {on_disk} (over the {_gb(budget)} memory budget)"
         if on_disk
         else f"memory ({_gb(budget)} budget)"
     )
@@ -606,20 +642,60 @@ def _pixel_sets(
     return train_set, val_set
 
 
-def _pixels_on_disk(need_train: int, need_val: int, budget: int, agree: Callable[[bool], bool]) -> bool:
-    """Whether the training pixels go to a memory-mapped file (over the memory budget); DoesNotFit when
-    the disk has no room either. Every process must take the same path (or their batch counts differ
-    and the collectives hang): `agree` settles each choice over all ranks."""
+def pixel_folder(cfg: TrainConfig) -> Path:
+    """Where decoded pixels over the memory budget go: the runs folder, on a disk the user chose for
+    large files, never the temporary folder (/tmp is RAM, tmpfs, on Fedora, Arch and Debian 13)."""
+    return Path(cfg.runs_dir)
+
+
+def _pixels_on_disk(
+    need_train: int, need_val: int, budget: int, agree: Callable[[bool], bool], folder: Path
+) -> Path | None:
+    """The folder for the training pixels' memory-mapped file when they are over the memory budget, None
+    when they fit in it; DoesNotFit when the disk has no room either (a folder in RAM has none). Every
+    process must take the same path (or their batch counts differ and the collectives hang): `agree`
+    settles each choice over all ranks, each of which measures its own disk."""
     need = need_train + need_val
-    on_disk = not agree(need <= budget)
-    if on_disk:
-        free = shutil.disk_usage(tempfile.gettempdir()).free
-        if not agree(need_train <= 0.8 * free and need_val <= budget):
-            raise DoesNotFit(
-                f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} "
-                f"and the free disk space in {tempfile.gettempdir()}"
-            )
-    return on_disk
+    if agree(need <= budget):
+        return None
+    free, why = disk_room(folder)
+    if not agree(need_train <= 0.8 * free and need_val <= budget):
+        raise DoesNotFit(f"decoded pixels need {_gb(need)}, over the memory budget of {_gb(budget)} and {why}")
+    return folder
+
+
+def disk_room(folder: Path, mounts: str = "/proc/mounts") -> tuple[int, str]:
+    """(free bytes, what limits them) for a file in `folder` (or the part of it that exists): none on
+    a file system in RAM (tmpfs, ramfs), whose files would take the memory the budget keeps free."""
+    existing = Path(os.path.realpath(folder))
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    kind = filesystem_type(existing, mounts)
+    if kind in ("tmpfs", "ramfs"):
+        return 0, f"{folder} is in RAM ({kind}), not on a disk"
+    try:
+        return shutil.disk_usage(existing).free, f"the free disk space in {folder}"
+    except OSError as error:
+        return 0, f"no disk space to be had in {folder} ({error.strerror})"
+
+
+def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the file system holding `path` (a resolved path): the longest mount point over it
+    in `mounts` (Linux's table; None where there is none, as on macOS)."""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as table:
+            entries = [line.split() for line in table]
+    except OSError:
+        return None
+    best, kind = -1, None
+    for fields in entries:
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])  # "\040" is a space
+        inside = path == Path(point) or Path(point) in path.parents
+        if inside and len(point) >= best:  # a later mount over the same point hides the earlier one
+            best, kind = len(point), fields[2]
+    return kind
 
 
 def _decode_pixels(
@@ -628,7 +704,7 @@ def _decode_pixels(
     unique_train: list[int],
     val_idx: list[int],
     size: int,
-    on_disk: bool,
+    on_disk: Path | None,
     log: Callable[[str], None],
 ) -> tuple[PixelStore, torch.Tensor]:
     """The training images resized to the short side (a PixelStore), and the validation images as their
@@ -707,14 +783,15 @@ def build_pipeline(
 ) -> Pipeline:
     """The fastest pipeline that fits: cached features (head, last), cached pixels (all), else streamed.
 
-    `ctx`: this process's place among several (torchrun). The memory budget is measured on rank 0
-    only and every choice is agreed by all ranks, so they all take the same pipeline."""
+    `ctx`: this process's place among several (torchrun). The memory budget is the smallest of all
+    ranks' (each node measures its own memory) and every choice is agreed by all ranks, so they all
+    take the same pipeline."""
     ctx = ctx or Distributed()
     reason = ""
     if cfg.cache == "off":
         reason = "cache off"
     else:
-        budget = ctx.broadcast(memory_budget_bytes(cfg, ctx.local_world_size) if ctx.is_main else None)
+        budget = min(ctx.all_gather(memory_budget_bytes(cfg, ctx.local_world_size)))  # the tightest node's
         shard = Shard(ctx.rank, ctx.world_size)
 
         def agree(ok: bool) -> bool:  # True only when it holds on every rank

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from .device import (
     Distributed,
     amp_dtype_for,
     channels_last_for,
+    cpu_threads,
     default_workers,
     describe_device,
     non_blocking,
@@ -271,6 +273,7 @@ def setup_session(
 
     pipeline_start = time.perf_counter()
     pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, ctx)
+    ctx.patient_barrier("building the data pipeline")  # caches take longer on some ranks than NCCL waits
     pipeline_seconds = time.perf_counter() - pipeline_start
     train_loader = make_loader(
         pipeline.train, cfg.batch_size, True, pipeline.workers, device, cfg.seed, ctx, sharded=pipeline.sharded
@@ -498,7 +501,12 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
 
 
 def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | None = None) -> TrainConfig:
-    """The saved configuration of a run; only the number of epochs and the device may change."""
+    """The saved configuration of a run; only the number of epochs and the device may change.
+
+    Under torchrun only rank 0 reads it (on several nodes, the run folder is on rank 0's alone): the
+    other ranks get a stand-in, which train(resume=...) replaces with rank 0's configuration."""
+    if not Distributed.from_env().is_main:
+        return TrainConfig()
     run = RunDir(run_dir)
     config = run.require_info().get("config")
     if not isinstance(config, dict):
@@ -654,8 +662,12 @@ def train(
     notes = [strategy_note] if strategy_note and not resume else []
     stop = stop or threading.Event()
     ctx = Distributed.from_env()
+    if resume:  # rank 0's configuration (see resume_config), through the store: the device depends on it
+        cfg = ctx.share_from_main(cfg, "reading the run's configuration")
     device = resolve_device(cfg.device, ctx)
     ctx.init(device)
+    if ctx.enabled and device.type == "cpu":  # torchrun's OMP_NUM_THREADS=1 leaves all but one core idle
+        torch.set_num_threads(cpu_threads())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -766,27 +778,77 @@ def _train(
 def open_run(
     cfg: TrainConfig, ctx: Distributed, resume_dir: Path | None, emit: EventCallback
 ) -> tuple[RunDir, DatasetScan, nn.Module, object]:
-    """The run folder, its split and its model, and the checkpoint a resumed run continues from (a dict
-    checkpoint_model_state has checked; None for a new run)."""
+    """The run folder, its split and its model, and the checkpoint a resumed run continues from (read_resumed;
+    None for a new run). Rank 0 alone reads the run folder and scans; the others wait for its results
+    (patiently: a scan of many images takes longer than a collective's timeout), then every rank checks
+    that it can read the dataset."""
     if resume_dir is not None:
-        run = RunDir(resume_dir)
-        if not run.last.is_file():
-            raise FinetuneError(f"{resume_dir} has no last.pth to resume from (it stopped before its first epoch)")
-        checkpoint = safe_load(run.last, "checkpoint")
-        state = checkpoint_model_state(run, checkpoint)
-        scan = run.read_split()
+        run = RunDir(resume_dir)  # on several nodes, the folder is on rank 0's only
+        checkpoint, scan = ctx.from_main(functools.partial(read_resumed, run), f"reading {run.last}")
         model = build_model(cfg.arch, len(scan.classes), "none")
-        load_resumed(model, state, run.last)
+        load_resumed(model, checkpoint["model"], run.last)
+        check_data_everywhere(ctx, scan)
         return run, scan, model, checkpoint
-    # rank 0 scans while the others wait (patiently: a scan of many images takes longer than a
-    # collective's timeout), every rank then uses the same split
-    scan = ctx.broadcast(scan_for_training(cfg, ScanProgress(emit)) if ctx.is_main else None, patient=True)
+    scan = ctx.from_main(lambda: scan_for_training(cfg, ScanProgress(emit)), "scanning the images")
+    check_data_everywhere(ctx, scan)
     # the weights before the run folder: unavailable or wrong weights leave no failed run behind
     model = build_model(cfg.arch, len(scan.classes), cfg.weights)
-    run = ctx.broadcast(
-        RunDir.create(cfg.runs_dir, cfg.arch, cfg.resolved_strategy(), cfg.run_name) if ctx.is_main else None
+    run = ctx.from_main(
+        lambda: RunDir.create(cfg.runs_dir, cfg.arch, cfg.resolved_strategy(), cfg.run_name),
+        "creating the run folder",
     )
     return run, scan, model, None
+
+
+def read_resumed(run: RunDir) -> tuple[dict, DatasetScan]:
+    """A resumed run's last.pth, checked, its "model" the whole state_dict (checkpoint_model_state), and
+    its split. Under torchrun rank 0 reads them and broadcasts them whole: one pickled broadcast of a
+    few hundred MB at most (resnet50's model and AdamW moments) before training, which a broadcast per
+    tensor would only replace with hundreds of collectives and a second copy of the structure."""
+    if not run.last.is_file():
+        raise FinetuneError(f"{run.path} has no last.pth to resume from (it stopped before its first epoch)")
+    checkpoint = safe_load(run.last, "checkpoint")
+    state = checkpoint_model_state(run, checkpoint)
+    return {**cast(dict, checkpoint), "model": state}, run.read_split()
+
+
+# How many of the split's files every rank opens before training: spread over the split, the same on
+# every rank, enough to catch a node without the dataset or with another copy of it.
+DATA_SAMPLE = 20
+
+
+def check_data_everywhere(ctx: Distributed, scan: DatasetScan) -> None:
+    """Under torchrun, every rank can read the dataset's folder and a sample of its files (on several
+    nodes, each needs the dataset at the same path); else one line, on every rank, naming the node,
+    the rank and the first path it cannot read."""
+    if not ctx.enabled:
+        return
+    reports = ctx.all_gather((socket.gethostname(), ctx.rank, unreadable_data(scan)))
+    for host, rank, path in reports:
+        if path is not None:
+            raise FinetuneError(
+                f"rank {rank} on {host} cannot read {path}: every node needs the dataset at the same path "
+                f"(a shared folder, or a copy at that path)"
+            )
+
+
+def unreadable_data(scan: DatasetScan) -> str | None:
+    """The dataset's root, or the first of DATA_SAMPLE of its training and validation files, that this
+    process cannot read; None when all can be."""
+    root = Path(scan.root)
+    if not root.is_dir():
+        return str(root)
+    items = [*scan.train, *scan.val]
+    for relative, _ in items[:: max(1, math.ceil(len(items) / DATA_SAMPLE))]:
+        path = root / relative
+        try:
+            if not path.is_file():  # a regular file: opening a FIFO put there would wait
+                return str(path)
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError:
+            return str(path)
+    return None
 
 
 def mark_running(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,10 +149,12 @@ def test_pixel_cache_validation_is_exactly_the_eval_transform(photos, model):
     assert torch.allclose(built.prepare_eval(pixels), expected, atol=1e-6)
 
 
-def test_pixel_cache_on_disk_when_over_budget_holds_the_same_pixels(photos):
-    cfg = config(photos, strategy="all")
+def test_pixel_cache_on_disk_when_over_budget_holds_the_same_pixels(photos, tmp_path):
+    runs = tmp_path / "runs"  # not there yet (another node's runs folder)
+    cfg = config(photos, strategy="all", runs_dir=str(runs))
     scan = scan_dataset(photos, 0.2, 0)
-    args = (cfg, scan, torch.device("cpu"), torch.preserve_format, 0, lambda message: None)
+    messages: list[str] = []
+    args = (cfg, scan, torch.device("cpu"), torch.preserve_format, 0, messages.append)
     in_memory = cache.pixel_pipeline(*args, budget=10**12, shard=cache.Shard(), agree=lambda ok: ok)
     val_bytes = 3 * SIZE * SIZE * len(scan.val)
     on_disk = cache.pixel_pipeline(*args, budget=val_bytes + 1, shard=cache.Shard(), agree=lambda ok: ok)
@@ -159,6 +163,53 @@ def test_pixel_cache_on_disk_when_over_budget_holds_the_same_pixels(photos):
         assert torch.equal(in_memory.train.store[i], on_disk.train.store[i])
     # short side resized to resize_size(SIZE), uint8: later epochs never decode a JPEG again
     assert min(in_memory.train.store[0].shape[1:]) == 73
+    # in the runs folder, not /tmp (RAM on many systems), as a file without a name: nothing to clean up,
+    # even after a kill
+    assert any(f"a memory-mapped file in {runs} " in message for message in messages), messages
+    assert runs.is_dir() and not any(runs.iterdir())
+
+
+def test_pixels_over_the_budget_never_go_to_a_folder_in_ram(tmp_path, monkeypatch):
+    runs = Path(os.path.realpath(tmp_path)) / "my runs"  # /proc/mounts writes its space as \040
+    runs.mkdir()
+    mounts = tmp_path / "mounts"
+    escaped = str(runs).replace(" ", "\\040")
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\ntmpfs {escaped} tmpfs rw,size=4g 0 0\nproc /proc proc rw 0 0\n")
+    assert cache.filesystem_type(runs / "a" / "b", str(mounts)) == "tmpfs"
+    assert cache.filesystem_type(runs.parent, str(mounts)) == "ext4"
+    free, why = cache.disk_room(runs / "not yet", str(mounts))
+    assert free == 0 and f"{runs / 'not yet'} is in RAM (tmpfs)" in why
+    assert cache.disk_room(runs.parent, str(mounts))[0] > 0
+    monkeypatch.setattr(cache, "filesystem_type", lambda path, mounts: "ramfs")
+    assert cache._pixels_on_disk(100, 10, 200, lambda ok: ok, runs) is None  # fits in memory: no disk needed
+    with pytest.raises(cache.DoesNotFit, match="over the memory budget of .* and .* is in RAM \\(ramfs\\)"):
+        cache._pixels_on_disk(100, 10, 50, lambda ok: ok, runs)
+
+
+def test_memory_on_macos_comes_from_vm_stat_else_hw_memsize(monkeypatch):
+    import platform
+    import subprocess
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    outputs = {
+        "/usr/bin/vm_stat": "Mach Virtual Memory Statistics: (page size of 16384 bytes)\n"
+        "Pages free:                               10000.\n"
+        "Pages active:                             50000.\n"
+        "Pages inactive:                           30000.\n"
+        "Pages speculative:                         2000.\n",
+        "/usr/sbin/sysctl": "17179869184\n",
+    }
+
+    def run(command, **kwargs):
+        assert kwargs.get("timeout"), "a system tool that hangs must not hang the training"
+        if command[0] not in outputs:
+            raise FileNotFoundError(command[0])
+        return subprocess.CompletedProcess(command, 0, outputs[command[0]], "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert cache.available_memory_bytes() == (10000 + 30000) * 16384  # free + inactive, as psutil counts
+    del outputs["/usr/bin/vm_stat"]
+    assert cache.available_memory_bytes() == 8 * cache.GiB  # half of hw.memsize (16 GiB)
 
 
 def test_training_crops_come_from_the_cache(photos, model):
