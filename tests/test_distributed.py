@@ -310,3 +310,147 @@ def test_torchrun_shutdown_leaves_no_process_and_no_running_run(tmp_path, how):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# A SIGTERM while the main thread is stuck in C++ (a collective whose peer is frozen): the signal is
+# taken in a helper thread (cli.install_stop_handlers), as a Python handler would never run
+
+
+def _rank_of(pid: int) -> int | None:
+    for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if entry.startswith(b"RANK="):
+            return int(entry[5:])
+    return None
+
+
+def _in_groups(groups: set[int]) -> list[int]:
+    """The live processes (zombies left out) whose process group is one of `groups`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            state, _parent, group = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state != "Z" and int(group) in groups:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_ends_torchrun_whose_other_rank_is_frozen(tmp_path):
+    """Rank 1 frozen with SIGSTOP, so rank 0 waits in a collective for ever; then torchrun gets SIGTERM.
+    Rank 0 takes it in its signal thread, and SIGTERM_GRACE_S later marks the run and exits; torchrun
+    SIGKILLs the frozen rank after its own 30 s: within 45 s no process of theirs is left, and the run
+    is not "running" but names the SIGTERM."""
+    import signal
+    import time
+
+    data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
+    runs = tmp_path / "runs"
+    options = ["--weights", "none", "--strategy", "last", "--epochs", "200", "--batch-size", "2"]
+    options += ["--image-size", "32", "--workers", "0", "--device", "cpu", "--runs-dir", str(runs), "--quiet"]
+    process = torchrun(["-m", "finetune", "train", *options, "--", str(data)], tmp_path)
+    groups = {process.pid}  # torchrun's process group; each rank leads its own
+    try:
+        run, info = _wait_for_training(runs)
+        groups.update(info["pids"])
+        os.kill(next(pid for pid in info["pids"] if _rank_of(pid) == 1), signal.SIGSTOP)
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 45
+        while _in_groups(groups) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _in_groups(groups), "a process was left behind"
+        info = json.loads((run / "run.json").read_text())
+        assert info["status"] in ("stopped", "failed") and "SIGTERM" in info.get("error", ""), info
+    finally:
+        for pid in _in_groups(groups):
+            os.kill(pid, signal.SIGKILL)  # a stopped process dies of it too
+        process.communicate(timeout=30)
+
+
+# The main thread stuck in C for ever, as in an all_reduce whose peer is frozen: a default pthread mutex
+# (all zero bytes, as PTHREAD_MUTEX_INITIALIZER) locked twice; a signal does not end the wait.
+STUCK_IN_C = """
+import ctypes, json, sys, threading
+from pathlib import Path
+from finetune import cli
+from finetune.progress import TerminalProgress
+
+cli.SIGTERM_GRACE_S = 1.0
+run = Path(sys.argv[1])
+run.mkdir()
+(run / "run.json").write_text(json.dumps({"status": "running"}))
+progress = TerminalProgress(quiet=True)
+cli.install_stop_handlers(threading.Event(), progress)
+progress.run_dir = str(run)  # as the start event sets it
+mutex, libc = ctypes.create_string_buffer(64), ctypes.CDLL(None)
+libc.pthread_mutex_lock(mutex)
+print("stuck", flush=True)
+libc.pthread_mutex_lock(mutex)
+"""
+
+# Ctrl-C twice while the main thread runs Python: the first sets stop, the second raises KeyboardInterrupt
+# there; put_back() then leaves the handler and the signal mask as they were.
+INTERRUPTED_TWICE = """
+import signal, threading, time
+from finetune import cli
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job's children start
+before = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+stop = threading.Event()
+put_back = cli.install_stop_handlers(stop)
+print("ready", flush=True)
+try:
+    while True:
+        time.sleep(0.05)
+except KeyboardInterrupt:
+    put_back()
+    after = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    print("aborted", stop.is_set(), after == before, flush=True)
+"""
+
+
+def _started(code: str, *args: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline() in ("stuck\n", "ready\n")
+    return process
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigtimedwait"), reason="signals taken in a thread: Linux")
+def test_sigterm_to_a_main_thread_stuck_in_c_marks_the_run_and_exits(tmp_path):
+    import signal
+
+    process = _started(STUCK_IN_C, str(tmp_path / "run"))
+    try:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err
+    assert "stopping after the current batch" in err and "could not stop in time" in err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "failed" and "SIGTERM" in info["error"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigtimedwait"), reason="signals taken in a thread: Linux")
+def test_a_second_ctrl_c_aborts_and_put_back_restores_the_signals():
+    import signal
+
+    process = _started(INTERRUPTED_TWICE)
+    try:
+        process.send_signal(signal.SIGINT)
+        assert process.stderr is not None
+        while "stopping after the current batch" not in process.stderr.readline():
+            pass
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert out.split() == ["aborted", "True", "True"], err
