@@ -355,11 +355,11 @@ def code_state() -> dict:
             done = subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout if done.returncode == 0 else ""
 
-    changed = git("status", "--porcelain", "--", "finetune")
+    changed = git("status", "--porcelain", "--", "finetune")  # "XY path" lines: the status, then the path
     return {
-        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "commit": git("rev-parse", "--short", "HEAD").strip() or None,
         "modified": [line[3:] for line in changed.splitlines()],
     }
 
@@ -388,6 +388,13 @@ def markdown(report: dict) -> str:
             f"| {name}{note} | {r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} | "
             f"{r['bytes_per_image']:,.0f} | {r['loader_batch']} -> {r['device_batch']} | {r['workers']} | {build} |"
         )
+    code = report.get("code") or {}
+    if code.get("commit"):
+        changed = ", ".join(code["modified"])
+        lines += [
+            "",
+            f"finetune at {code['commit']}" + (f", with uncommitted changes to {changed}." if changed else "."),
+        ]
     if "streaming_vs_classic" in report:
         lines += ["", f"Streaming / classic: **{report['streaming_vs_classic']:.2f}x** images/s (same cores)."]
     lines.append(f"uint8 at {s['image_size']} px: {report['uint8_bytes_per_image']:,} bytes per image.")

@@ -68,6 +68,7 @@ def test_baseline_in_process(benchmark, tiny, tmp_path, options, layout, monkeyp
     assert result["peak_rss_mb"] > 0 and result["torch_threads"] >= 1
 
 
+@pytest.mark.slow  # a whole (tiny) training with its final evaluation
 def test_ours_is_timed_like_the_baseline(benchmark, tiny, tmp_path):
     """Both to the end of the last epoch: ours' final evaluation and calibration are reported apart."""
     result = benchmark.worker("ours", tiny_values(tiny, tmp_path))
