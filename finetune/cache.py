@@ -14,14 +14,21 @@ Which pipeline (chosen by `build_pipeline`, logged, and shown in the run's start
   view (resize, centre crop), view 1 its horizontal flip, views 2.. are RandomResizedCrop(+flip)
   views drawn with a generator seeded by (seed, image index, view), so they do not depend on the
   number of processes or DataLoader workers. Validation features are cached once (the
-  deterministic eval transform), so per-epoch validation only runs the trainable part.
+  deterministic eval transform), so per-epoch validation only runs the trainable part. The cache
+  lives on the GPU when it fits in half its free memory (a batch is then one gather there), else
+  in host memory, gathered into pinned memory in one pass.
 * ``all`` -> **decoded-pixel cache**. Every image is decoded and resized once (short side
   ``resize_size(image_size)``, uint8) into memory, or into a memory-mapped temporary file when it
-  exceeds the memory budget. Each epoch still augments: RandomResizedCrop on the cached uint8
-  pixels per image (dataset), then the random horizontal flip, scaling and normalisation on the
-  device, batched, in ``prepare_train``. Validation images are cached as their eval centre crops.
+  exceeds the memory budget. Each epoch still augments: the loader draws each image's
+  RandomResizedCrop box and flip and slices the box out (`RandomCrops`, `collate_crops`: no
+  resampling on the CPU); the device resizes, flips, scales and normalises the whole batch in
+  ``prepare_train`` (`resize_crops`: one roi_align). Validation images are cached as their eval
+  centre crops.
 * Otherwise (``cache="off"``, a cache larger than the budget, no disk room) -> **streamed images**,
   decoded and augmented every epoch, the frozen part run on every batch.
+
+Every pipeline sends uint8 pixels across processes and the bus; the device scales and normalises
+them (`data.to_model_input`), as timm's fast_collate and prefetcher do.
 
 Several processes (torchrun): every rank caches only its own shard of the images (train padded so
 that every rank has the same number of batches), and the loader must not shard it again
@@ -42,11 +49,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -56,13 +66,14 @@ from .data import (
     IMAGENET_STD,
     DatasetScan,
     ImageListDataset,
-    eval_transform,
+    eval_pixels,
     load_rgb,
     open_image,
     resize_size,
-    train_transform,
+    to_model_input,
+    train_pixels,
 )
-from .device import Distributed, decode_threads, non_blocking, pin_memory
+from .device import Distributed, decode_threads, non_blocking, pin_memory, release_gpu_memory
 
 GiB = 1024**3
 
@@ -77,7 +88,7 @@ class Pipeline:
     val: Dataset
     workers: int
     description: str
-    prepare_train: Callable[[torch.Tensor], torch.Tensor]
+    prepare_train: Callable[[Any], torch.Tensor]  # the loader's inputs (a tensor, or a CropBatch) on the device
     prepare_eval: Callable[[torch.Tensor], torch.Tensor]
     set_epoch: Callable[[int], None] = lambda epoch: None
     # True: train/val already hold only this rank's shard (the loader must not shard them again)
@@ -86,6 +97,10 @@ class Pipeline:
     # evaluation may reuse it (through prepare_eval and the trainable part) instead of decoding again
     val_covers_all: bool = False
     kind: str = "stream"  # "stream", "features" or "pixels" (for tests and the benchmark)
+    # how the training loader makes a batch of `train`'s samples (None: torch's default_collate)
+    collate_train: Callable | None = None
+    # True: the datasets also hand out whole batches (dataset[list of positions]), pinned or on the device
+    batched: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,12 +196,11 @@ class Shard:
 
 
 def frozen_runner(frozen: nn.Module, memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Images on the device -> what the trainable part takes (frozen features, or the images)."""
+    """uint8 images on the device -> what the trainable part takes (frozen features, or the images)."""
     runs_frozen = not isinstance(frozen, nn.Identity)
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
-        if memory_format == torch.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = to_model_input(images, memory_format)
         if not runs_frozen:
             return images
         with torch.no_grad():
@@ -198,15 +212,15 @@ def frozen_runner(frozen: nn.Module, memory_format) -> Callable[[torch.Tensor], 
 def streaming_pipeline(
     cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, memory_format, workers: int, reason: str = ""
 ) -> Pipeline:
-    """Decode and augment every image every epoch; the frozen part runs on every batch."""
+    """Decode and augment every image every epoch; the frozen part runs on every batch. Workers send
+    uint8 crops (3*S*S bytes an image, a quarter of float32's shared memory and bus traffic); scaling
+    and normalising happen batched on the device, as in timm's fast_collate and prefetcher."""
     # JPEG draft decoding: RandomResizedCrop may zoom in, so keep detail up to twice the crop size.
-    train_set = ImageListDataset(scan.root, scan.train, train_transform(cfg.image_size), min_size=cfg.image_size * 2)
-    val_set = ImageListDataset(
-        scan.root, scan.val, eval_transform(cfg.image_size), min_size=resize_size(cfg.image_size)
-    )
+    train_set = ImageListDataset(scan.root, scan.train, train_pixels(cfg.image_size), min_size=cfg.image_size * 2)
+    val_set = ImageListDataset(scan.root, scan.val, eval_pixels(cfg.image_size), min_size=resize_size(cfg.image_size))
     prepare = frozen_runner(frozen, memory_format)
     description = (
-        "streamed images (decoded every epoch"
+        "streamed images (decoded every epoch, uint8 to the device"
         + (", frozen layers run every batch" if not isinstance(frozen, nn.Identity) else "")
         + ")"
     )
@@ -224,7 +238,8 @@ def view_seed(seed: int, index: int, view: int) -> int:
 
 
 class ImageViews(Dataset):
-    """(views [V, 3, S, S] normalised float, label, global index) of one image, decoded once.
+    """(views [V, 3, S, S] uint8, label, global index) of one image, decoded once; `mean` and `std` are
+    what compute_features normalises them with.
 
     View 0: the eval transform (resize to resize_size, centre crop). View 1: its horizontal flip.
     Views 2..V-1: RandomResizedCrop + random flip, seeded per (seed, image index, view).
@@ -264,17 +279,23 @@ class ImageViews(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(view_seed(self.seed, index, view))
                 views.append(self.random_crop(image))
-        stacked = TF.to_dtype(torch.stack(views), torch.float32, scale=True)
-        return TF.normalize(stacked, self.mean, self.std), label, index
+        # uint8 across processes and the bus (a quarter of float32); compute_features normalises on the device
+        return torch.stack(views), label, index
 
 
 class FeatureCache(Dataset):
-    """Cached frozen features [V, N, ...] and labels; each epoch one view per image (seeded)."""
+    """Cached frozen features [V, N, ...] and labels; each epoch one view per image (seeded).
+
+    The training loop takes whole batches (a list of positions: one gather by index): on the GPU when the
+    features live there, else from host memory into a pinned buffer that the copy to the GPU reads
+    asynchronously. Labels and the view choice live beside the features."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, seed: int, indices: list[int]):
-        self.features, self.labels, self.seed = features, labels, seed
+        self.features, self.seed = features, seed
+        self.labels = labels.to(features.device)
         self.indices = indices  # global image index of each row (seeds the view choice)
-        self.choice = torch.zeros(len(labels), dtype=torch.long)
+        self.choice = torch.zeros(len(labels), dtype=torch.long, device=features.device)
+        self.pin = False  # set by the pipeline: pinned batches for a copy to a CUDA GPU
 
     @property
     def num_views(self) -> int:
@@ -286,13 +307,27 @@ class FeatureCache(Dataset):
             return
         generator = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
         every = torch.randint(self.num_views, (max(self.indices) + 1,), generator=generator)
-        self.choice = every[torch.as_tensor(self.indices)]
+        self.choice = every[torch.as_tensor(self.indices)].to(self.features.device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, position: int):
-        return self.features[self.choice[position], position], self.labels[position]
+    def __getitem__(self, position: int | list[int]):
+        """One (features, label); or, given a list of positions, the whole batch in one gather (a
+        loader with batch_size=None and a batch sampler: training.make_loader(batched=True))."""
+        if not isinstance(position, list):
+            return self.features[self.choice[position], position], self.labels[position]
+        index = torch.tensor(position, dtype=torch.long)
+        on_device = self.features.device.type != "cpu"
+        if on_device:  # from pinned memory: a pageable copy would make the host wait for the GPU
+            index = index.pin_memory().to(self.features.device, non_blocking=True)
+        rows = self.choice[index] * self.features.shape[1] + index
+        flat = self.features.view(-1, *self.features.shape[2:])
+        if on_device:
+            return flat.index_select(0, rows), self.labels.index_select(0, index)
+        batch = torch.empty((len(position), *flat.shape[1:]), dtype=flat.dtype, pin_memory=self.pin)
+        labels = torch.empty(len(position), dtype=torch.long, pin_memory=self.pin)
+        return torch.index_select(flat, 0, rows, out=batch), torch.index_select(self.labels, 0, index, out=labels)
 
 
 class Progress:
@@ -327,34 +362,62 @@ def compute_features(
     workers: int,
     log: Callable[[str], None],
     what: str,
+    store_device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Run the frozen part once over every view of every image: features [V, N, *shape] on the CPU."""
+    """Run the frozen part once over every view of every image: features [V, N, *shape] on
+    `store_device` (the CPU unless given). `batch_size` images a forward pass (the user's batch), halved
+    while the device runs out of memory."""
     views, count = source.views, len(source)
-    features = torch.empty((views, count, *shape), dtype=store_dtype)
-    per_batch = max(1, batch_size // views)
+    features = torch.empty((views, count, *shape), dtype=store_dtype, device=store_device or torch.device("cpu"))
     loader = DataLoader(
         source,
-        batch_size=per_batch,
+        batch_size=max(1, batch_size // views),
         num_workers=workers,
         pin_memory=pin_memory(device),
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
     progress = Progress(log, what, count)
+    forward = _halving_forward(frozen, device, amp_dtype, memory_format, source, log)
     done = 0
     frozen.eval()
     for images, _, _ in loader:
         b = images.shape[0]
         images = images.view(b * views, *images.shape[2:]).to(device, non_blocking=non_blocking(device))
-        if memory_format == torch.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = frozen(images)
-        out = out.float().view(b, views, *shape).transpose(0, 1)
-        features[:, done : done + b] = out.to("cpu", dtype=store_dtype).contiguous()
+        out = forward(images).float().view(b, views, *shape).transpose(0, 1)
+        features[:, done : done + b] = out.to(features.device, dtype=store_dtype)
         done += b
         progress.update(done)
     return features
+
+
+def _halving_forward(
+    frozen: nn.Module, device: torch.device, amp_dtype, memory_format, source: ImageViews, log: Callable[[str], None]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 images on the device -> the frozen part's output, in chunks that start at the whole batch and
+    halve (for the rest of the pass) whenever the device runs out of memory."""
+    chunk: int | None = None
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        nonlocal chunk
+        while True:
+            size = min(chunk or images.shape[0], images.shape[0])
+            try:
+                outputs = []
+                for start in range(0, images.shape[0], size):
+                    part = to_model_input(images[start : start + size], memory_format, source.mean, source.std)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        outputs.append(frozen(part))
+                return torch.cat(outputs)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                chunk = size // 2
+                outputs = []
+                release_gpu_memory()
+                log(f"out of memory on the {device.type} at {size} images a pass: caching with {chunk}")
+
+    return forward
 
 
 @torch.no_grad()
@@ -384,15 +447,16 @@ def feature_pipeline(
     train_idx, val_idx = shard.train_indices(len(scan.train)), shard.val_indices(len(scan.val))
     need = per_image * (cfg.cache_views * len(train_idx) + len(val_idx))
     what = f"{'x'.join(map(str, shape))} {str(store_dtype).removeprefix('torch.')}"
-    if not agree(need <= budget):
+    store_device = feature_store_device(need, device, agree)
+    if store_device.type == "cpu" and not agree(need <= budget):
         raise DoesNotFit(
             f"frozen features ({what}) need {_gb(need)} per process, over the memory budget of {_gb(budget)}"
         )
-
+    where = f"the {device.type}'s memory" if store_device != torch.device("cpu") else f"a {_gb(budget)} budget"
     views_text = _views_text(cfg.cache_views)
     log(
         f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
-        f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} of a {_gb(budget)} budget"
+        f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} in {where}"
     )
     started = time.perf_counter()
     common = dict(
@@ -401,26 +465,41 @@ def feature_pipeline(
         device=device,
         amp_dtype=amp_dtype,
         memory_format=memory_format,
-        batch_size=max(cfg.batch_size, 32),
+        batch_size=cfg.batch_size,
         workers=workers,
         log=log,
+        store_device=store_device,
     )
     train_set, val_set = _cache_features(cfg, scan, frozen, train_idx, val_idx, common)
     log(f"feature cache ready in {time.perf_counter() - started:.1f} s")
     prepare = _feature_preparer(memory_format)
-    description = _feature_description(cfg, shape, what, views_text, need, budget)
     return Pipeline(
         train_set,
         val_set,
         0,
-        description,
+        _feature_description(cfg, shape, what, views_text, need, where),
         prepare,
         prepare,
         set_epoch=train_set.set_epoch,
         sharded=shard.world_size > 1,
         val_covers_all=shard.world_size == 1,
         kind="features",
+        batched=True,
     )
+
+
+# The share of a GPU's free memory the feature cache may take: the rest is for training the trainable
+# part (layer4's activations at the user's batch, its gradients and AdamW's moments) beside it.
+GPU_FEATURE_SHARE = 0.5
+
+
+def feature_store_device(need: int, device: torch.device, agree: Callable[[bool], bool]) -> torch.device:
+    """Where the cached features live: on the GPU when they fit in GPU_FEATURE_SHARE of its free memory
+    (every batch is then gathered there, by index, with no copy over the bus), else in host memory."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if agree(need <= GPU_FEATURE_SHARE * free) else torch.device("cpu")
 
 
 def _views_text(cache_views: int) -> str:
@@ -445,6 +524,7 @@ def _cache_features(
     val_labels = torch.tensor([scan.val[i][1] for i in val_idx], dtype=torch.long)
     train_set = FeatureCache(train_features, train_labels, cfg.seed, train_idx)
     val_set = FeatureCache(val_features, val_labels, cfg.seed, val_idx)
+    train_set.pin = val_set.pin = pin_memory(common["device"])
     return train_set, val_set
 
 
@@ -460,12 +540,11 @@ def _feature_preparer(memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
     return prepare
 
 
-def _feature_description(cfg: TrainConfig, shape, what: str, views_text: str, need: int, budget: int) -> str:
+def _feature_description(cfg: TrainConfig, shape, what: str, views_text: str, need: int, where: str) -> str:
     """The feature pipeline, in words, for the run's log."""
     return (
         f"cached frozen features ({'pooled ' if len(shape) == 1 else 'layer3 output '}{what}, "
-        f"{cfg.cache_views} view(s): {views_text}, one picked per image each epoch; {_gb(need)} "
-        f"of a {_gb(budget)} memory budget)"
+        f"{cfg.cache_views} view(s): {views_text}, one picked per image each epoch; {_gb(need)} in {where})"
     )
 
 
@@ -531,19 +610,80 @@ class PixelStore:
 
 
 class PixelCache(Dataset):
-    """Cached uint8 pixels -> (uint8 [3, s, s], label); `crop` (RandomResizedCrop) per epoch, or none."""
+    """Cached uint8 pixels -> (uint8 [3, s, s], label): the validation centre crops, as stored."""
 
-    def __init__(self, store, labels: list[int], crop=None):
-        self.store, self.labels, self.crop = store, labels, crop
+    def __init__(self, store, labels: list[int]):
+        self.store, self.labels = store, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int):
+        return self.store[position], self.labels[position]
+
+
+class CropBatch(NamedTuple):
+    """A batch of training crops still to be resized: what crosses to the device for the pixel cache.
+
+    pixels: uint8 [B, 3, H, W], crop k in pixels[k, :, :h, :w] (its last row and column repeated once
+    beyond it, so that resampling at the edge sees no padding); sizes: int32 [B, 2] (h, w); flips: bool [B]."""
+
+    pixels: torch.Tensor
+    sizes: torch.Tensor
+    flips: torch.Tensor
+
+
+class RandomCrops(Dataset):
+    """Cached uint8 images -> (the RandomResizedCrop region, flip?, label), not yet resized: the box and
+    the flip are drawn here (torch's RNG, as v2.RandomResizedCrop draws them); slicing costs nothing, and
+    the resize, the expensive part, runs batched on the device (`resize_crops`)."""
+
+    scale = (0.08, 1.0)
+    ratio = (3 / 4, 4 / 3)
+
+    def __init__(self, store, labels: list[int]):
+        self.store, self.labels = store, labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, position: int):
         image = self.store[position]
-        if self.crop is not None:
-            image = self.crop(image)
-        return image, self.labels[position]
+        top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        flip = bool(torch.rand(()) < 0.5)
+        return image[:, top : top + h, left : left + w], flip, self.labels[position]
+
+
+def collate_crops(samples: list[tuple[torch.Tensor, bool, int]]) -> tuple[CropBatch, torch.Tensor]:
+    """Crops of different sizes -> one CropBatch (zero-padded to the largest) and the labels."""
+    height = max(crop.shape[1] for crop, _, _ in samples) + 1
+    width = max(crop.shape[2] for crop, _, _ in samples) + 1
+    pixels = torch.zeros((len(samples), 3, height, width), dtype=torch.uint8)
+    for k, (crop, _, _) in enumerate(samples):
+        h, w = crop.shape[1:]
+        pixels[k, :, :h, :w] = crop
+        pixels[k, :, h, :w] = crop[:, -1]  # bilinear sampling near the edge blends with this, not with 0
+        pixels[k, :, : h + 1, w] = pixels[k, :, : h + 1, w - 1]
+    sizes = torch.tensor([crop.shape[1:] for crop, _, _ in samples], dtype=torch.int32)
+    flips = torch.tensor([flip for _, flip, _ in samples], dtype=torch.bool)
+    labels = torch.tensor([label for _, _, label in samples], dtype=torch.long)
+    return CropBatch(pixels, sizes, flips), labels
+
+
+def resize_crops(batch: CropBatch, size: int) -> torch.Tensor:
+    """Every crop of the batch resized to size x size and flipped where drawn, in one kernel on the
+    device: float32 in 0..255. roi_align with aligned=True samples at pixel centres as resize does,
+    and its adaptive sampling grid (ceil(crop / size) points a pixel) averages like antialiasing;
+    no host sync (the boxes are built on the device from the sizes)."""
+    pixels = batch.pixels.float()
+    b = pixels.shape[0]
+    sizes = batch.sizes.to(torch.float32)
+    zeros = torch.zeros(b, device=pixels.device)
+    boxes = torch.stack(
+        [torch.arange(b, device=pixels.device, dtype=torch.float32), zeros, zeros, sizes[:, 1], sizes[:, 0]], 1
+    )
+    crops = roi_align(pixels, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return torch.where(batch.flips.view(-1, 1, 1, 1), crops.flip(-1), crops)
 
 
 def decode_all(
@@ -597,17 +737,17 @@ def pixel_pipeline(
     store, val_pixels = _decode_pixels(root, scan, unique_train, val_idx, size, on_disk, log)
     log(f"pixel cache ready in {time.perf_counter() - started:.1f} s")
 
-    train_set, val_set = _pixel_sets(scan, store, val_pixels, unique_train, train_idx, val_idx, size)
-    flips = torch.Generator().manual_seed(cfg.seed * 31 + shard.rank)
-    prepare_train, scale = _device_transforms(flips, memory_format)
-    # In-memory tensors on the CPU: indexing and cropping in the main process beat worker processes
-    # that would compete with the model for the cores; on a GPU, workers crop while it computes.
+    train_set, val_set = _pixel_sets(scan, store, val_pixels, unique_train, train_idx, val_idx)
+    prepare_train, scale = _device_transforms(size, memory_format)
+    # The loader only slices and pads (the resize runs on the device): the main process keeps up on
+    # the CPU, where workers would compete with the model for the cores; on a GPU a few workers
+    # prepare batches while it computes.
     loader_workers = min(workers, 4) if device.type == "cuda" else 0
     where = "a memory-mapped file" if on_disk else "memory"
     description = (
         f"decoded-pixel cache (uint8, short side {short}, in {where}, {_gb(need)} of a {_gb(budget)} "
-        f"memory budget; RandomResizedCrop per epoch, flip and "
-        f"normalise on the {device.type})"
+        f"memory budget; RandomResizedCrop per epoch: box drawn by the loader, resize, flip and "
+        f"normalise batched on the {device.type})"
     )
     return Pipeline(
         train_set,
@@ -616,6 +756,7 @@ def pixel_pipeline(
         description,
         prepare_train,
         scale,
+        collate_train=collate_crops,
         sharded=shard.world_size > 1,
         val_covers_all=shard.world_size == 1,
         kind="pixels",
@@ -629,15 +770,10 @@ def _pixel_sets(
     unique_train: list[int],
     train_idx: list[int],
     val_idx: list[int],
-    size: int,
-) -> tuple[PixelCache, PixelCache]:
+) -> tuple[RandomCrops, PixelCache]:
     """This process's training images (random-resized-cropped each epoch) and validation crops."""
     position = {index: k for k, index in enumerate(unique_train)}
-    train_set = PixelCache(
-        _ShardImages(store, position, train_idx),
-        [scan.train[i][1] for i in train_idx],
-        crop=v2.RandomResizedCrop(size, antialias=True),
-    )
+    train_set = RandomCrops(_ShardImages(store, position, train_idx), [scan.train[i][1] for i in train_idx])
     val_set = PixelCache(val_pixels, [scan.val[i][1] for i in val_idx])
     return train_set, val_set
 
@@ -746,23 +882,16 @@ class _ShardImages:
 
 
 def _device_transforms(
-    flips: torch.Generator, memory_format
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """prepare_train (a random horizontal flip per image, then scale) and scale (float, normalised, in
+    size: int, memory_format
+) -> tuple[Callable[[CropBatch], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """prepare_train (resize and flip the loader's crops, then scale) and scale (float, normalised, in
     the model's memory format): both run batched on the device."""
-    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
 
     def scale(images: torch.Tensor) -> torch.Tensor:
-        images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean, std)
-        if memory_format == torch.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
+        return to_model_input(images, memory_format)
 
-    def prepare_train(images: torch.Tensor) -> torch.Tensor:
-        # random horizontal flip per image, batched on the device (seeded on the CPU: reproducible)
-        flip = (torch.rand(images.shape[0], generator=flips) < 0.5).to(images.device)
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        return scale(images)
+    def prepare_train(batch: CropBatch) -> torch.Tensor:
+        return to_model_input(resize_crops(batch, size).div_(255), memory_format)
 
     return prepare_train, scale
 

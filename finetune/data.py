@@ -931,28 +931,30 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.RandomResizedCrop(image_size, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+def train_pixels(image_size: int) -> v2.Compose:
+    """The training augmentation as uint8 pixels (RandomResizedCrop, flip): what crosses processes and
+    the bus, a quarter of float32's bytes; `to_model_input` scales and normalises it on the device."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def eval_pixels(image_size: int) -> v2.Compose:
+    """The evaluation view as uint8 pixels: resize the short side, centre crop."""
+    return v2.Compose([v2.ToImage(), v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)])
+
+
+def to_model_input(
+    images: torch.Tensor, memory_format=torch.preserve_format, mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 images (a batch, on the device) -> float32, scaled to [0, 1] and normalised, in the model's
+    memory format. Exactly what ToDtype(scale=True) + Normalize give on the CPU."""
+    images = v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), list(mean), list(std))
+    if memory_format == torch.channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(resize_size(image_size), antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    return v2.Compose([eval_pixels(image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 class ImageListDataset(Dataset):

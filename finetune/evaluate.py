@@ -210,7 +210,7 @@ def predict_logits(model, loader, device: torch.device, amp_dtype=None, channels
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         all_logits.append(logits.float().cpu())
-        all_targets.append(torch.as_tensor(targets))
+        all_targets.append(torch.as_tensor(targets).cpu())  # a cache on the GPU keeps its labels there
     if not all_logits:
         return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
     return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from finetune import cache
 from finetune.config import TrainConfig
 from finetune.data import ImageListDataset, eval_transform, resize_size, scan_dataset
+from finetune.device import Distributed
 from finetune.events import read_events
 from finetune.model import build_model, split_model
-from finetune.training import train
+from finetune.training import make_loader, train
 
 SIZE = 64
 
@@ -214,10 +215,101 @@ def test_memory_on_macos_comes_from_vm_stat_else_hw_memsize(monkeypatch):
 
 def test_training_crops_come_from_the_cache(photos, model):
     *_, built = pipeline_for(config(photos, strategy="all"), model)
-    image, label = built.train[0]
-    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE)
-    batch = built.prepare_train(torch.stack([built.train[i][0] for i in range(4)]))
+    torch.manual_seed(5)
+    crop, flip, label = built.train[0]
+    stored = built.train.store[0]
+    torch.manual_seed(5)  # the same draw: the crop is a plain slice of the cached image, not resampled
+    top, left, h, w = cache.T.RandomResizedCrop.get_params(stored, [0.08, 1.0], [3 / 4, 4 / 3])
+    assert crop.dtype == torch.uint8 and torch.equal(crop, stored[:, top : top + h, left : left + w])
+    assert isinstance(flip, bool) and label == built.train.labels[0]
+    inputs, labels = built.collate_train([built.train[i] for i in range(4)])
+    assert inputs.pixels.dtype == torch.uint8 and labels.tolist() == built.train.labels[:4]
+    batch = built.prepare_train(inputs)
     assert batch.dtype == torch.float32 and batch.shape == (4, 3, SIZE, SIZE)
+
+
+def smooth_image(h: int, w: int) -> torch.Tensor:
+    y, x = torch.linspace(0, 1, h)[:, None], torch.linspace(0, 1, w)[None, :]
+    return torch.stack([255 * y * x, 255 * (1 - y) * x, 255 * torch.sin(6 * x + 3 * y).abs()]).to(torch.uint8)
+
+
+def test_crops_resized_on_the_device_match_torchvision(photos):
+    """One batched roi_align per batch stands in for RandomResizedCrop's per-image antialiased resize."""
+    from torchvision.transforms.v2 import functional as TF
+
+    image = smooth_image(120, 160)
+    boxes = [(0, 0, 120, 160), (10, 20, 60, 90), (50, 60, 20, 15), (0, 0, 120, 100)]  # down- and upscaled
+    samples = [(image[:, t : t + h, x : x + w], k == 1, 0) for k, (t, x, h, w) in enumerate(boxes)]
+    batch, _ = cache.collate_crops(samples)
+    resized = cache.resize_crops(batch, SIZE)
+    for k, (t, x, h, w) in enumerate(boxes):
+        expected = TF.resized_crop(image, t, x, h, w, [SIZE, SIZE], antialias=True).float()
+        if k == 1:
+            expected = expected.flip(-1)
+        difference = (resized[k] - expected).abs()
+        assert difference.mean() < 1.0 and difference.max() < 8, (k, difference.mean(), difference.max())
+
+
+def test_a_small_crop_beside_a_large_one_keeps_its_edges():
+    """Crops are padded to the batch's largest: the padding never bleeds into a smaller crop's edge."""
+    small = torch.full((3, 9, 7), 200, dtype=torch.uint8)
+    batch, _ = cache.collate_crops([(small, False, 0), (smooth_image(50, 60), True, 1)])
+    resized = cache.resize_crops(batch, SIZE)
+    assert torch.allclose(resized[0], torch.full_like(resized[0], 200.0), atol=0.01)
+
+
+def test_streamed_batches_are_uint8_until_the_device(photos, model):
+    cfg = config(photos, strategy="last", cache="off")
+    scan, frozen, _, built = pipeline_for(cfg, model)
+    image, _ = built.train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE)  # 3*S*S bytes, not 4x that
+    pixels = torch.stack([built.val[i][0] for i in range(len(built.val))])
+    assert pixels.dtype == torch.uint8
+    with torch.no_grad():
+        assert torch.allclose(built.prepare_eval(pixels), frozen(eval_images(scan, scan.val)), atol=1e-5)
+
+
+def test_feature_batches_are_gathered_in_one_pass(photos, model):
+    *_, built = pipeline_for(config(photos, strategy="last", cache_views=3), model)
+    built.set_epoch(1)
+    features, labels = built.train[[3, 0, 2]]
+    for row, position in enumerate([3, 0, 2]):
+        expected, label = built.train[position]
+        assert torch.equal(features[row], expected) and labels[row] == label
+    # training's loader hands the batch sampler's lists to the dataset; a plain loader still works
+    loader = make_loader(built.train, 3, False, 0, torch.device("cpu"), 0, Distributed(), batched=True)
+    plain = DataLoader(built.train, batch_size=3)
+    for (batched, batched_labels), (one_by_one, labels) in zip(loader, plain, strict=True):
+        assert torch.equal(batched, one_by_one) and torch.equal(batched_labels, labels)
+
+
+def test_features_stay_on_the_gpu_only_when_they_fit(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * cache.GiB, 80 * cache.GiB))
+    assert cache.feature_store_device(4 * cache.GiB, gpu, lambda ok: ok) == gpu
+    assert cache.feature_store_device(6 * cache.GiB, gpu, lambda ok: ok) == torch.device("cpu")
+    assert cache.feature_store_device(4 * cache.GiB, gpu, lambda ok: False) == torch.device("cpu")  # a rank says no
+    assert cache.feature_store_device(1, torch.device("cpu"), lambda ok: ok) == torch.device("cpu")
+
+
+def test_caching_halves_its_batch_when_the_device_runs_out_of_memory(photos, model):
+    scan = scan_dataset(photos, 0.2, 0)
+    frozen, _ = split_model(model, "head")
+    source = cache.ImageViews(scan.root, scan.train, list(range(len(scan.train))), SIZE, views=2, seed=0)
+    shape = cache.frozen_output_shape(frozen, SIZE, torch.device("cpu"))
+
+    class Small(torch.nn.Module):  # a device that holds at most 3 images a pass
+        def forward(self, images):
+            if images.shape[0] > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return frozen(images)
+
+    messages = []
+    common = (shape, torch.float32, torch.device("cpu"), None, torch.preserve_format)
+    plenty = cache.compute_features(frozen, source, *common, 8, 0, lambda message: None, "x")
+    halved = cache.compute_features(Small(), source, *common, 8, 0, messages.append, "x")
+    assert torch.allclose(plenty, halved, atol=1e-5)
+    assert any("out of memory" in message and "with 2" in message for message in messages)
 
 
 def test_shards_cover_every_image_with_equal_batches():

@@ -535,3 +535,68 @@ def test_a_really_full_disk_at_the_second_checkpoint(dataset, tmp_path):
         assert torch.load(run / "model.pth", weights_only=True)["fc.weight"].shape == (3, 512)
     finally:
         subprocess.run(["umount", "-l", str(runs)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, fp16",
+    [
+        pytest.param(dict(strategy="all"), False, marks=pytest.mark.slow),  # pixel cache: crops on the device
+        pytest.param(dict(strategy="last", cache="off"), False, marks=pytest.mark.slow),  # streamed uint8 images
+        (dict(strategy="head", cache_views=1), True),  # feature cache, fp16 autocast and GradScaler as on a T4
+    ],
+    ids=["pixels", "streaming", "features-fp16"],
+)
+def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch, overrides, fp16):
+    """Syncs as torch sees them (aten._local_scalar_dense: .item(), bool(), float()), counted over each
+    epoch's steps: only the epoch's own reads (its sums, two batch events), never one per step."""
+    from finetune import training
+    from finetune.syncs import count_syncs
+
+    if fp16:  # with the default AdamW, GradScaler.step would .item() its inf check every step
+        monkeypatch.setattr(training, "amp_dtype_for", lambda device, enabled=True: torch.float16)
+    # batch events (each reads the device's sums) at an epoch's first and last batch only: they are
+    # throttled by time, and on a slow CPU every batch would be half a second apart
+    monkeypatch.setattr(training, "BATCH_EVENTS_PER_SECOND", 1e-9)
+    counts, steps = [], []
+    one_epoch = training.train_one_epoch
+
+    def counted(session, *args, **kwargs):
+        with count_syncs("cpu") as syncs:
+            result = one_epoch(session, *args, **kwargs)
+        counts.append(syncs.count)
+        steps.append(session.steps_per_epoch)
+        return result
+
+    monkeypatch.setattr(training, "train_one_epoch", counted)
+    data = make_class_folders(tmp_path / "data", classes=("a", "b"), per_class=24, size=(40, 32))
+    cfg = TrainConfig(
+        data=str(data), runs_dir=str(tmp_path), weights="none", epochs=2, batch_size=2, image_size=32, workers=0
+    )
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    train(cfg)
+    assert steps[0] >= 15 and len(counts) == 2  # enough steps that one sync each would show
+    assert max(counts) <= steps[0] / 10 + 8, counts
+
+
+def test_grad_scaler_steps_the_fused_adamw_without_a_sync():
+    """Why training uses the fused AdamW: GradScaler passes it the scale and the inf check as tensors;
+    any other optimizer makes GradScaler read them back with .item() every step."""
+    from finetune.syncs import count_syncs
+    from finetune.training import adamw_options
+
+    def syncs_per_step(**options) -> float:
+        model = torch.nn.Linear(8, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), **options)
+        scaler = torch.amp.GradScaler("cpu")
+        with count_syncs("cpu") as syncs:
+            for _ in range(5):
+                optimizer.zero_grad()
+                scaler.scale(model(torch.randn(4, 8)).sum()).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        return syncs.count / 5
+
+    assert adamw_options(torch.device("cuda")) == {"fused": True}
+    assert syncs_per_step(**adamw_options(torch.device("cpu"))) == 0
+    assert syncs_per_step(foreach=True) >= 1  # the check can fail
