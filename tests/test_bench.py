@@ -189,3 +189,16 @@ def test_feeder_on_a_tiny_generated_dataset(tmp_path, monkeypatch):
     assert report["classic_bytes_per_image"] == 4 * 3 * 32 * 32  # float32 crops
     assert report["pixels_build_s"] > 0 and report["features_build_s"] > 0
     assert report["cores"] >= 1 and report["data"]["images"] == 8
+
+
+def test_gpu_script_parses_and_runs_the_three_steps():
+    """bench/gpu.sh, what a lent GPU runs first: valid bash, calling selftest, the benchmark and the feeder bench."""
+    import subprocess
+
+    script = BENCH / "gpu.sh"
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = script.read_text()
+    assert "finetune selftest" in text and "--nproc" in text
+    assert "bench/benchmark.py" in text and "bench/feeder.py" in text
+    assert "set -u" in text and "set -e" not in text  # a failing step is recorded, the next one runs
