@@ -73,7 +73,7 @@ from .data import (
     to_model_input,
     train_pixels,
 )
-from .device import Distributed, decode_threads, non_blocking, pin_memory, release_gpu_memory
+from .device import Distributed, decode_threads, gpu_free_bytes, non_blocking, pin_memory, release_gpu_memory
 
 GiB = 1024**3
 
@@ -413,9 +413,10 @@ def _halving_forward(
                 if size == 1:
                     raise
                 chunk = size // 2
-                outputs = []
-                release_gpu_memory()
-                log(f"out of memory on the {device.type} at {size} images a pass: caching with {chunk}")
+            # after the except block: its traceback no longer holds the failed pass's tensors
+            outputs = []
+            release_gpu_memory()
+            log(f"out of memory on the {device.type} at {size} images a pass: caching with {chunk}")
 
     return forward
 
@@ -498,7 +499,7 @@ def feature_store_device(need: int, device: torch.device, agree: Callable[[bool]
     (every batch is then gathered there, by index, with no copy over the bus), else in host memory."""
     if device.type != "cuda":
         return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
+    free = gpu_free_bytes(device)  # memory this process's allocator holds unused (a broadcast's) counts too
     return device if agree(need <= GPU_FEATURE_SHARE * free) else torch.device("cpu")
 
 

@@ -534,7 +534,7 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
     try:
         session.scheduler.load_state_dict(checkpoint["scheduler"])  # keeps the lambdas built for this run's length
         if "optimizer" in checkpoint:
-            session.optimizer.load_state_dict(checkpoint["optimizer"])
+            session.optimizer.load_state_dict(kernel_choice_of(session.optimizer, checkpoint["optimizer"]))
         else:  # in the try: base_lrs come from the file, and another run's count of groups does not fit
             scheduler = session.scheduler
             for group, base_lr, factor in zip(
@@ -553,6 +553,19 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
             "moments rebuild within a few steps), at the learning rate the schedule has reached"
         )
     return TrainState.from_checkpoint(checkpoint)
+
+
+def kernel_choice_of(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """A saved optimizer state with this optimizer's kernel choice (fused, foreach) in its groups:
+    load_state_dict keeps every saved group setting, and a last.pth from a non-fused AdamW would turn
+    the fused one back into a loop, which GradScaler (set up for the fused kernel) then fails on."""
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list):
+        return saved  # load_state_dict names what is wrong
+    kernels = [{key: own[key] for key in ("fused", "foreach") if key in own} for own in optimizer.param_groups]
+    # another count of groups: load_state_dict's own error says so (restore_checkpoint words it)
+    pairs = zip(groups, kernels, strict=False)
+    return {**saved, "param_groups": [{**g, **k} if isinstance(g, dict) else g for g, k in pairs]}
 
 
 def resume_config(run_dir: str | Path, epochs: int | None = None, device: str | None = None) -> TrainConfig:

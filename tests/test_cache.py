@@ -285,7 +285,7 @@ def test_feature_batches_are_gathered_in_one_pass(photos, model):
 
 def test_features_stay_on_the_gpu_only_when_they_fit(monkeypatch):
     gpu = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * cache.GiB, 80 * cache.GiB))
+    monkeypatch.setattr(cache, "gpu_free_bytes", lambda device: 10 * cache.GiB)
     assert cache.feature_store_device(4 * cache.GiB, gpu, lambda ok: ok) == gpu
     assert cache.feature_store_device(6 * cache.GiB, gpu, lambda ok: ok) == torch.device("cpu")
     assert cache.feature_store_device(4 * cache.GiB, gpu, lambda ok: False) == torch.device("cpu")  # a rank says no

@@ -600,3 +600,25 @@ def test_grad_scaler_steps_the_fused_adamw_without_a_sync():
     assert adamw_options(torch.device("cuda")) == {"fused": True}
     assert syncs_per_step(**adamw_options(torch.device("cpu"))) == 0
     assert syncs_per_step(foreach=True) >= 1  # the check can fail
+
+
+def test_a_last_pth_of_a_non_fused_adamw_resumes_into_the_fused_one():
+    """load_state_dict keeps the saved groups' settings: an older last.pth (fused None) would turn the
+    fused AdamW back into a loop, and GradScaler, set up for the fused kernel, fails on that."""
+    from finetune.training import adamw_options, kernel_choice_of
+
+    def model_and_optimizer(**options):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        return model, torch.optim.AdamW(model.parameters(), **options)
+
+    old_model, old = model_and_optimizer()
+    old_model(torch.randn(3, 4)).sum().backward()
+    old.step()
+    model, optimizer = model_and_optimizer(**adamw_options(torch.device("cpu")))
+    optimizer.load_state_dict(kernel_choice_of(optimizer, old.state_dict()))
+    assert optimizer.param_groups[0]["fused"] is True
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    scaler.step(optimizer)  # without kernel_choice_of: "Expected grad_scale and found_inf to be None"
+    scaler.update()
