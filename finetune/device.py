@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -115,10 +115,11 @@ class Distributed:
                 f"rank {self.rank} on {socket.gethostname()} would train on {device.type} but rank 0 on "
                 f"{main_type}: give every node the same --device"
             )
-        # the prefix init_process_group gives the store it makes itself (it leaves a given one as it is)
+        # under this training's prefix: a second training in the same processes (--resume after a
+        # training, a notebook) must not find the first group's addresses (their ports are closed)
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
-            store=dist.PrefixStore("default_pg", cast(dist.Store, self._base_store)),
+            store=dist.PrefixStore("default_pg", self.connect()),
             rank=self.rank,
             world_size=self.world_size,
             device_id=device if device.type == "cuda" else None,
