@@ -400,8 +400,8 @@ signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job's children s
 before = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
 stop = threading.Event()
 put_back = cli.install_stop_handlers(stop)
-print("ready", flush=True)
-try:
+try:  # "ready" inside: a quick second SIGINT may land while print() is still returning
+    print("ready", flush=True)
     while True:
         time.sleep(0.05)
 except KeyboardInterrupt:
