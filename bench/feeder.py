@@ -52,6 +52,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, scan_dataset  # noqa: E402
 from finetune.device import Distributed, describe_device, non_blocking, resolve_device, usable_cores  # noqa: E402
+from finetune.training import to_device  # noqa: E402
 
 PIPELINES = ("classic", "streaming", "pixels", "features")
 SIZES = {"phone": (4000, 3000), "imagenet": (500, 375)}  # a 12-megapixel phone photo; ImageNet's typical photo
@@ -144,15 +145,6 @@ def describe(inputs) -> str:
         return f"{len(inputs)} x {describe(inputs[0])}" if len(inputs) else "nothing"
     parts = ", ".join(f"{name} {describe(part)}" for name, part in zip(fields, inputs, strict=True))
     return f"{type(inputs).__name__}({parts})"
-
-
-def to_device(inputs, device: torch.device, copy_async: bool):
-    """The inputs on the device, as the training step moves them: a tensor, or a (named) tuple or a
-    list of them."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device, non_blocking=copy_async)
-    parts = [to_device(part, device, copy_async) for part in inputs]
-    return type(inputs)(*parts) if hasattr(inputs, "_fields") else type(inputs)(parts)
 
 
 def synchronize(device: torch.device) -> None:
