@@ -10,7 +10,11 @@ pipeline says so: the caches index memory in the main process on the CPU):
   classic    torchvision.datasets.ImageFolder (PIL, full decode) with RandomResizedCrop,
              RandomHorizontalFlip, ToTensor and Normalize (float32) in DataLoader workers, with the
              loader options training uses (pinned memory on CUDA, persistent workers, prefetch 4);
-  streaming  finetune's streamed images: cache "off", strategy "all";
+  streaming  finetune's streamed images: cache "off", strategy "all" (on CUDA, with auto, JPEGs are
+             decoded there by nvJPEG; elsewhere by PIL in the workers);
+  streaming_device  the same with --jpeg-decode device on CUDA (nvJPEG) and workers elsewhere: the
+             other of the two decoders, side by side (on a CPU "device" means libjpeg in the main
+             process, not a speed-up: it shows the cost of the path);
   pixels     finetune's decoded-pixel cache: cache "auto", strategy "all";
   features   finetune's frozen-feature cache: cache "auto", strategy --feature-strategy (weights none,
              a real frozen ResNet front, built once).
@@ -54,7 +58,7 @@ from finetune.data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, scan_dataset
 from finetune.device import Distributed, describe_device, non_blocking, resolve_device, usable_cores  # noqa: E402
 from finetune.training import to_device  # noqa: E402
 
-PIPELINES = ("classic", "streaming", "pixels", "features")
+PIPELINES = ("classic", "streaming", "streaming_device", "pixels", "features")
 SIZES = {"phone": (4000, 3000), "imagenet": (500, 375)}  # a 12-megapixel phone photo; ImageNet's typical photo
 CLASSES = ("circles", "squares")
 
@@ -192,6 +196,8 @@ def time_loader(
         images += targets.numel()
     synchronize(device)
     seconds = time.perf_counter() - started
+    if getattr(loader, "images_crossed", 0):  # decode.DeviceDecoded: JPEG bytes crossed, not its pixels
+        per_image = [loader.bytes_crossed / loader.images_crossed]
     described = describe(inputs)  # the last timed batch, as it left the loader (prepared: as it went on)
     del batches_of  # ends the loader's iteration (its workers stop with the loader)
     return {
@@ -274,6 +280,7 @@ def ours(cfg: TrainConfig, scan: DatasetScan, device: torch.device, batches: int
 
 OURS = {  # name: (strategy, cache, the pipeline kind expected)
     "streaming": ("all", "off", "stream"),
+    "streaming_device": ("all", "off", "stream"),
     "pixels": ("all", "auto", "pixels"),
     "features": (None, "auto", "features"),  # None: --feature-strategy
 }
@@ -295,6 +302,8 @@ def run_pipeline(name: str, args: argparse.Namespace, scan: DatasetScan, device:
         return classic(cfg, scan, device, args.batches)
     strategy, cache_mode, expected = OURS[name]
     cfg = dataclasses.replace(cfg, strategy=strategy or args.feature_strategy, cache=cache_mode)
+    if name == "streaming_device":  # the decoder auto does not pick: nvJPEG's rival is PIL, and back
+        cfg.jpeg_decode = "workers" if device.type == "cuda" else "device"
     cfg.validate()
     result = ours(cfg, scan, device, args.batches, lambda message: print(f"  [{name}] {message}", flush=True))
     if result["kind"] != expected:  # a cache that did not fit streams instead: say so, do not hide it

@@ -25,7 +25,9 @@ Which pipeline (chosen by `build_pipeline`, logged, and shown in the run's start
   ``prepare_train`` (`resize_crops`: one roi_align). Validation images are cached as their eval
   centre crops.
 * Otherwise (``cache="off"``, a cache larger than the budget, no disk room) -> **streamed images**,
-  decoded and augmented every epoch, the frozen part run on every batch.
+  decoded and augmented every epoch, the frozen part run on every batch. On CUDA the training JPEGs
+  cross as their files' bytes and are decoded there with nvJPEG (``cfg.jpeg_decode``, decode.py);
+  elsewhere PIL decodes them in the workers, at a reduced scale (draft) where the crop allows.
 
 Every pipeline sends uint8 pixels across processes and the bus; the device scales and normalises
 them (`data.to_model_input`), as timm's fast_collate and prefetcher do.
@@ -73,6 +75,7 @@ from .data import (
     to_model_input,
     train_pixels,
 )
+from .decode import DeviceDecoded, EncodedImages, collate_encoded, device_decode_problem
 from .device import Distributed, decode_threads, gpu_free_bytes, non_blocking, pin_memory, release_gpu_memory
 
 GiB = 1024**3
@@ -101,6 +104,8 @@ class Pipeline:
     collate_train: Callable | None = None
     # True: the datasets also hand out whole batches (dataset[list of positions]), pinned or on the device
     batched: bool = False
+    # what the training loader's batches go through before the loop (decode.DeviceDecoded), or None
+    feed_train: Callable[[Any], Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,23 +215,56 @@ def frozen_runner(frozen: nn.Module, memory_format) -> Callable[[torch.Tensor], 
 
 
 def streaming_pipeline(
-    cfg: TrainConfig, scan: DatasetScan, frozen: nn.Module, memory_format, workers: int, reason: str = ""
+    cfg: TrainConfig,
+    scan: DatasetScan,
+    frozen: nn.Module,
+    device: torch.device,
+    memory_format,
+    workers: int,
+    log: Callable[[str], None],
+    reason: str = "",
 ) -> Pipeline:
     """Decode and augment every image every epoch; the frozen part runs on every batch. Workers send
-    uint8 crops (3*S*S bytes an image, a quarter of float32's shared memory and bus traffic); scaling
-    and normalising happen batched on the device, as in timm's fast_collate and prefetcher."""
-    # JPEG draft decoding: RandomResizedCrop may zoom in, so keep detail up to twice the crop size.
-    train_set = ImageListDataset(scan.root, scan.train, train_pixels(cfg.image_size), min_size=cfg.image_size * 2)
+    uint8 crops (3*S*S bytes an image, a quarter of float32's shared memory and bus traffic), or the
+    JPEG files' bytes to be decoded on the device (decode.py); scaling and normalising happen batched on
+    the device, as in timm's fast_collate and prefetcher."""
     val_set = ImageListDataset(scan.root, scan.val, eval_pixels(cfg.image_size), min_size=resize_size(cfg.image_size))
     prepare = frozen_runner(frozen, memory_format)
-    description = (
-        "streamed images (decoded every epoch, uint8 to the device"
-        + (", frozen layers run every batch" if not isinstance(frozen, nn.Identity) else "")
-        + ")"
-    )
-    if reason:
-        description += f": {reason}"
+    on_device = decodes_on_device(cfg, device, log)
+    parts = ["decoded every epoch", "uint8 to the device"]
+    if on_device:
+        parts[0] += ", JPEGs on the GPU (nvJPEG)" if device.type == "cuda" else ", JPEGs in the training process"
+    if not isinstance(frozen, nn.Identity):
+        parts.append("frozen layers run every batch")
+    description = f"streamed images ({', '.join(parts)})" + (f": {reason}" if reason else "")
+    if on_device:
+        size = cfg.image_size
+        return Pipeline(
+            EncodedImages(scan.root, scan.train, size),
+            val_set,
+            workers,
+            description,
+            prepare,
+            prepare,
+            collate_train=collate_encoded,
+            feed_train=lambda loader: DeviceDecoded(loader, size, device),
+        )
+    # JPEG draft decoding: RandomResizedCrop may zoom in, so keep detail up to twice the crop size.
+    train_set = ImageListDataset(scan.root, scan.train, train_pixels(cfg.image_size), min_size=cfg.image_size * 2)
     return Pipeline(train_set, val_set, workers, description, prepare, prepare)
+
+
+def decodes_on_device(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> bool:
+    """Whether streamed training JPEGs are decoded in the training process (cfg.jpeg_decode): `auto`
+    does on CUDA when torchvision's nvJPEG decoder works there, and says why not when it does not."""
+    if cfg.jpeg_decode != "auto":
+        return cfg.jpeg_decode == "device"
+    if device.type != "cuda":
+        return False
+    problem = device_decode_problem(device)
+    if problem:
+        log(f"JPEGs are decoded by PIL in the workers: {problem}")
+    return problem is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -938,6 +976,6 @@ def build_pipeline(
             return built
         except DoesNotFit as why:
             reason = str(why)
-    pipeline = streaming_pipeline(cfg, scan, frozen, memory_format, workers, reason)
+    pipeline = streaming_pipeline(cfg, scan, frozen, device, memory_format, workers, log, reason)
     log(f"data pipeline: {pipeline.description}")
     return pipeline

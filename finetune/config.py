@@ -17,6 +17,7 @@ from .architectures import ARCHITECTURES, architecture
 
 ARCHS = tuple(ARCHITECTURES)  # the --arch names: one row each in architectures.py
 STRATEGIES = ("all", "last", "head")
+JPEG_DECODING = ("auto", "device", "workers")
 
 STRATEGY_HELP = {
     "all": "every layer trains (best accuracy with enough data; slowest)",
@@ -227,6 +228,14 @@ class TrainConfig:
         label="Cached views per image",
         ui={"minimum": 1},
     )
+    jpeg_decode: str = option(
+        "auto",
+        "where streamed training JPEGs are decoded: auto (on CUDA the GPU, with nvJPEG; else workers), "
+        "device (in the training process: nvJPEG on CUDA, libjpeg elsewhere) or workers (PIL)",
+        "speed",
+        choices=JPEG_DECODING,
+        label="JPEG decoding when streaming",
+    )
     memory_budget_gb: float | None = option(
         None,
         "memory for caches in GiB (default: half the free RAM)",
@@ -275,6 +284,10 @@ class TrainConfig:
             (32 <= self.image_size <= 1024, f"image size must be between 32 and 1024, got {self.image_size}"),
             (0 < self.val_fraction < 1, f"val fraction must be between 0 and 1, got {self.val_fraction}"),
             (self.cache in ("auto", "off"), f"cache must be 'auto' or 'off', got {self.cache!r}"),
+            (
+                self.jpeg_decode in JPEG_DECODING,
+                f"jpeg decode must be one of {', '.join(JPEG_DECODING)}, got {self.jpeg_decode!r}",
+            ),
             (self.cache_views >= 1, f"cache views must be at least 1, got {self.cache_views}"),
             (self.workers is None or self.workers >= 0, f"workers must be 0 or more, got {self.workers}"),
             (self.early_stopping >= 0, f"early stopping must be 0 or more, got {self.early_stopping}"),

@@ -47,6 +47,7 @@ from .architectures import architecture
 from .calibrate import NonFiniteLogits, calibrate, softmax
 from .config import FinetuneError, TrainConfig, default_strategy
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
+from .decode import DeviceDecoded
 from .device import (
     Distributed,
     amp_dtype_for,
@@ -133,7 +134,7 @@ class Session:
     trainable: nn.Module
     step_module: nn.Module  # trainable, wrapped in DDP and/or compiled
     pipeline: cache.Pipeline
-    train_loader: DataLoader
+    train_loader: DataLoader | DeviceDecoded  # DeviceDecoded: JPEGs decoded on the device
     val_loader: DataLoader
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -271,7 +272,7 @@ def to_device(inputs, device: torch.device, copy_async: bool):
     return type(inputs)(*(part.to(device, non_blocking=copy_async) for part in inputs))
 
 
-def epoch_sampler(loader: DataLoader):
+def epoch_sampler(loader: DataLoader | DeviceDecoded):
     """The sampler that orders a loader's images (inside its batch sampler)."""
     outer = loader.batch_sampler or loader.sampler  # a batched dataset's loader has its batches as sampler
     return getattr(outer, "sampler", outer)
@@ -334,7 +335,7 @@ def setup_session(
 
 def pipeline_loaders(
     cfg: TrainConfig, pipeline: cache.Pipeline, device: torch.device, ctx: Distributed
-) -> tuple[DataLoader, DataLoader]:
+) -> tuple[DataLoader | DeviceDecoded, DataLoader]:
     """The training loader (shuffled, the pipeline's collate) and the validation loader (in order, twice
     the batch: no gradients to keep)."""
     options: dict[str, Any] = dict(sharded=pipeline.sharded, batched=pipeline.batched)
@@ -352,6 +353,8 @@ def pipeline_loaders(
     val_loader = make_loader(
         pipeline.val, cfg.batch_size * 2, False, pipeline.workers, device, cfg.seed, ctx, **options
     )
+    if pipeline.feed_train is not None:  # e.g. JPEG bytes decoded on the device (decode.DeviceDecoded)
+        train_loader = pipeline.feed_train(train_loader)
     return train_loader, val_loader
 
 

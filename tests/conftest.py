@@ -80,6 +80,7 @@ def every_option_config():
         compile=True,
         cache="off",
         cache_views=3,
+        jpeg_decode="workers",
         memory_budget_gb=1.5,
         runs_dir="my-runs",
         run_name="n",

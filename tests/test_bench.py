@@ -181,12 +181,15 @@ def test_feeder_on_a_tiny_generated_dataset(tmp_path, monkeypatch):
     assert sorted(p.name for p in data.iterdir()) == ["circles", "squares"]
     assert len(list(data.glob("*/*.jpg"))) == 8
     report = json.loads(out.read_text())
-    for name in ("classic", "streaming", "pixels", "features"):
+    for name in ("classic", "streaming", "streaming_device", "pixels", "features"):
         assert report[f"{name}_images_per_s"] > 0 and report[f"{name}_images_per_s_per_core"] > 0
         assert report[f"{name}_bytes_per_image"] > 0
         assert "fell_back" not in report["pipelines"][name]  # each pipeline is the one it is named for
     assert report["streaming_bytes_per_image"] > 0 and report["uint8_bytes_per_image"] == 3 * 32 * 32
     assert report["classic_bytes_per_image"] == 4 * 3 * 32 * 32  # float32 crops
+    # JPEGs decoded in the training process: their files' bytes crossed (a few hundred), not pixels
+    assert "JPEGs in the training process" in report["pipelines"]["streaming_device"]["pipeline"]
+    assert 100 < report["streaming_device_bytes_per_image"] < 3 * 48 * 40
     assert report["pixels_build_s"] > 0 and report["features_build_s"] > 0
     assert report["cores"] >= 1 and report["data"]["images"] == 8
 

@@ -36,6 +36,7 @@ def test_selftest_on_the_cpu_passes(tmp_path):
     assert "all: frozen layers: nothing frozen; every trained stage changed (conv1" in out
     assert "last: calibration" in out and "Grad-CAM on cpu" in out
     assert "stream: resume from last.pth" in out and "pipeline: streamed" in out
+    assert "nvJPEG needs CUDA" in out  # the GPU decode check: skipped here
     assert "resnet50 last: cached = full model" in out
     assert "precision: float32" in out and "images/s over" in out
     assert "FAIL" not in out and "all checks passed" in out
@@ -164,3 +165,20 @@ def test_precision_off_cuda_is_float32_without_a_scaler():
         True,
         "float32 (cpu: mixed precision on CUDA only)",
     )
+
+
+def test_the_gpu_decode_check_skips_off_cuda_and_fails_a_run_that_decoded_elsewhere(tmp_path):
+    from finetune.config import TrainConfig
+
+    def trained(device: str, pipeline: str) -> selftest.Trained:
+        timer = selftest.StepTimer()
+        timer.start = {"pipeline": pipeline}
+        return selftest.Trained(tmp_path, TrainConfig(data="d", device=device), timer)
+
+    report = selftest.Report()
+    report.run("stream: JPEGs decoded on the GPU", selftest.check_gpu_decode, trained("cpu", "streamed"), tmp_path)
+    # on CUDA, a stream that fell back to PIL in the workers is reported before any decode is tried
+    gone = trained("cuda", "streamed images (decoded every epoch, uint8 to the device)")
+    report.run("stream: JPEGs decoded on the GPU", selftest.check_gpu_decode, gone, tmp_path)
+    assert [c.verdict for c in report.checks] == ["SKIP", "FAIL"]
+    assert "not decoded on the GPU" in report.table()
