@@ -567,6 +567,39 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     export_parser.set_defaults(func=cmd_export)
 
 
+def cmd_serve(args) -> int:
+    from .serve import ServeLimits, serve
+
+    limits = ServeLimits(max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, max_batch=args.max_batch)
+    serve(args.run, args.host, args.port, args.token, args.device, limits, args.allowed_hosts, log=say)
+    return 0
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    """The `serve` command: a run's model over HTTP for other programs (finetune/serve.py)."""
+    serve_parser = sub.add_parser(
+        "serve",
+        help="answer predictions over HTTP (POST /predict, GET /info, GET /health)",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    serve_parser.add_argument("run", help="run folder")
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback: a token)")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument(
+        "--token", help="the Bearer token requests must carry (default: $FINETUNE_SERVE_TOKEN; `ps` shows this one)"
+    )
+    serve_parser.add_argument("--device", default="auto", help="auto (the CPU while a training has the GPU), cpu, cuda")
+    serve_parser.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body")
+    serve_parser.add_argument("--queue-size", type=int, default=256, help="images waiting for the model (then 503)")
+    serve_parser.add_argument("--max-batch", type=int, default=32, help="images through the model together")
+    serve_parser.add_argument(
+        "--allowed-hosts",
+        default=os.environ.get("FINETUNE_ALLOWED_HOSTS", ""),
+        help="more host names clients may use (a reverse proxy's), comma-separated (also FINETUNE_ALLOWED_HOSTS)",
+    )
+    serve_parser.set_defaults(func=cmd_serve)
+
+
 def _add_scan_command(sub: argparse._SubParsersAction) -> None:
     """The `scan` command; its split options default to TrainConfig's, as train splits."""
     defaults = TrainConfig()
@@ -649,6 +682,7 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     _add_doctor_command(sub)
     _add_evaluate_command(sub)
     _add_export_command(sub)
+    _add_serve_command(sub)
     _add_scan_command(sub)
     _add_selftest_command(sub)
     _add_sample_data_command(sub)
