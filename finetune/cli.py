@@ -568,6 +568,10 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args) -> int:
+    from .extras import require
+
+    for module in ("fastapi", "uvicorn", "multipart"):  # one line naming the extra, not an ImportError
+        require(module)
     from .serve import ServeLimits, serve
 
     limits = ServeLimits(max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, max_batch=args.max_batch)

@@ -29,6 +29,9 @@ EXTRAS = {
     "cleanlab": Extra("the data doctor", "cleanlab", "doctor"),
     "pytorch_grad_cam": Extra("Grad-CAM", "grad-cam", "explain"),
     "onnx": Extra("ONNX export", "onnx", "onnx"),
+    "fastapi": Extra("finetune serve", "fastapi", "serve"),
+    "uvicorn": Extra("finetune serve", "uvicorn", "serve"),
+    "multipart": Extra("finetune serve", "python-multipart", "serve"),
 }
 
 

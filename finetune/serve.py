@@ -344,6 +344,10 @@ def serve(
     log=print,
 ) -> None:
     """Load the model and answer until interrupted (uvicorn; Ctrl-C stops it)."""
+    from .extras import require
+
+    for module in ("fastapi", "uvicorn", "multipart"):
+        require(module)  # one line naming the extra, before the model loads
     import uvicorn
 
     from .device import inference_device
