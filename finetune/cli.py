@@ -335,7 +335,7 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    say(f"wrote {export(args.run, args.format, args.out)}")
+    say(f"wrote {export(args.run, args.format, args.out, args.embed_preprocessing, args.half)}")
     return 0
 
 
@@ -564,13 +564,19 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     export_parser.add_argument("run", help="run folder")
     export_parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
     export_parser.add_argument("--out", help="output file (default: in the run folder)")
+    export_parser.add_argument(
+        "--embed-preprocessing",
+        action="store_true",
+        help="take uint8 RGB crops, normalise inside, return logits and calibrated probabilities",
+    )
+    export_parser.add_argument("--half", action="store_true", help="the model in float16 (outputs float32)")
     export_parser.set_defaults(func=cmd_export)
 
 
 def cmd_serve(args) -> int:
     from .extras import require
 
-    for module in ("fastapi", "uvicorn", "multipart"):  # one line naming the extra, not an ImportError
+    for module in ("fastapi", "uvicorn", "python_multipart"):  # one line naming the extra, not an ImportError
         require(module)
     from .serve import ServeLimits, serve
 
@@ -588,7 +594,7 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     )
     serve_parser.add_argument("run", help="run folder")
     serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback: a token)")
-    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve_parser.add_argument(
         "--token", help="the Bearer token requests must carry (default: $FINETUNE_SERVE_TOKEN; `ps` shows this one)"
     )

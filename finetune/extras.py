@@ -31,7 +31,7 @@ EXTRAS = {
     "onnx": Extra("ONNX export", "onnx", "onnx"),
     "fastapi": Extra("finetune serve", "fastapi", "serve"),
     "uvicorn": Extra("finetune serve", "uvicorn", "serve"),
-    "multipart": Extra("finetune serve", "python-multipart", "serve"),
+    "python_multipart": Extra("finetune serve", "python-multipart", "serve"),
 }
 
 

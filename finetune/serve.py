@@ -346,7 +346,7 @@ def serve(
     """Load the model and answer until interrupted (uvicorn; Ctrl-C stops it)."""
     from .extras import require
 
-    for module in ("fastapi", "uvicorn", "multipart"):
+    for module in ("fastapi", "uvicorn", "python_multipart"):
         require(module)  # one line naming the extra, before the model loads
     import uvicorn
 

@@ -75,3 +75,86 @@ def test_unknown_format_and_missing_run(run, tmp_path):
         export(run, "tflite")
     with pytest.raises(FinetuneError, match="not a run folder"):
         export(tmp_path, "onnx")
+
+
+@pytest.fixture(scope="module")
+def crops(sample_data, run):
+    """uint8 centre crops, as an app hands them to an export with the preprocessing inside."""
+    from finetune.data import eval_pixels
+
+    size = json.loads((run / "run.json").read_text())["image_size"]
+    return torch.stack([eval_pixels(size)(load_rgb(p)) for p in list_images([sample_data])[::12]])
+
+
+def expected_outputs(run, crops):
+    from finetune.data import to_model_input
+
+    predictor = Predictor.from_run(run, device="cpu")
+    logits = reference(run, to_model_input(crops, mean=predictor.transform_mean, std=predictor.transform_std))
+    return logits, torch.softmax(logits / predictor.temperature, dim=1)
+
+
+def test_embedded_preprocessing_takes_uint8_and_gives_calibrated_probabilities(run, crops, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    logits, probabilities = expected_outputs(run, crops)
+    scripted = torch.jit.load(str(export(run, "torchscript", tmp_path / "m.pt", embed_preprocessing=True)))
+    with torch.inference_mode():
+        got_logits, got_probabilities = scripted(crops)
+    torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_probabilities, probabilities, atol=1e-5, rtol=0)
+    path = export(run, "onnx", tmp_path / "m.onnx", embed_preprocessing=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    for batch in (crops, crops[:1]):
+        got_logits, got_probabilities = session.run(["logits", "probabilities"], {"image": batch.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got_logits), logits[: len(batch)], atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(got_probabilities), probabilities[: len(batch)], atol=1e-5, rtol=0)
+    meta = read_metadata(path)
+    assert meta["embedded_preprocessing"] and meta["outputs"] == ["logits", "probabilities"]
+    assert meta["exporter"] == "torch.export (dynamo)"
+
+
+def test_a_half_precision_export_stays_close(run, crops, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    logits, _ = expected_outputs(run, crops)
+    path = export(run, "onnx", tmp_path / "half.onnx", embed_preprocessing=True, half=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got, _ = session.run(["logits", "probabilities"], {"image": crops.numpy()})
+    assert got.dtype.name == "float32" and read_metadata(path)["dtype"] == "float16"
+    assert (torch.from_numpy(got) - logits).abs().max() <= 0.02 * logits.abs().max() + 0.02
+
+
+def test_the_older_onnx_exporter_takes_over_where_torch_export_fails(run, real_images, tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    from finetune import export as export_module
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("unsupported operator in this graph")
+
+    monkeypatch.setattr(export_module, "_torch_export_onnx", fails)
+    path = export(run, "onnx", tmp_path / "old.onnx")
+    assert read_metadata(path)["exporter"].startswith("TorchScript-based (torch.export failed: unsupported operator")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"image": real_images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), reference(run, real_images), atol=1e-4, rtol=0)
+
+
+def test_the_documented_onnxruntime_snippet_answers_as_finetune_predict(run, sample_data, tmp_path, capsys):
+    """docs/cli.md's snippet (Pillow, numpy, onnxruntime: no torch) run as written on an export."""
+    import re
+
+    from conftest import REPO
+
+    pytest.importorskip("onnxruntime")
+    text = (REPO / "docs" / "cli.md").read_text()
+    snippet = re.search(r"<!-- onnx-snippet -->\s*```python\n(.*?)```", text, re.S).group(1)
+    assert not re.search(r"^\s*(import|from)\s+torch", snippet, re.M)  # no torch, no torchvision
+    model = export(run, "onnx", tmp_path / "model.onnx", embed_preprocessing=True)
+    photo = list_images([sample_data])[5]
+    code = snippet.replace('"model.onnx"', repr(str(model))).replace('"photo.jpg"', repr(str(photo)))
+    exec(compile(code, "snippet", "exec"), {"__name__": "snippet"})
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    label, probability = printed.rsplit(" ", 1)
+    expected = Predictor.from_run(run, device="cpu").predict_one(photo, top_k=1)
+    assert label == expected.answer
+    assert abs(float(probability) - expected.confidence) < 0.02

@@ -164,7 +164,7 @@ def test_a_missing_extra_is_one_line_naming_what_to_install(monkeypatch, tmp_pat
     hide(monkeypatch, "onnx")
     for call in (
         lambda: read_metadata(tmp_path / "model.onnx"),
-        lambda: _export_onnx(torch.nn.Linear(1, 1), torch.zeros(1, 1), tmp_path / "model.onnx", "{}"),
+        lambda: _export_onnx(torch.nn.Linear(1, 1), torch.zeros(1, 1), tmp_path / "model.onnx", {}),
     ):
         with pytest.raises(FinetuneError, match=r"^ONNX export needs onnx: pip install 'finetune-studio\[onnx\]'$"):
             call()
