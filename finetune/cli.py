@@ -339,6 +339,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from .paths import default_runs_dir
+    from .runtable import runs_table
+
+    table = runs_table(args.runs_dir or default_runs_dir())
+    say(table.to_json() if args.json else table.text())
+    return 0
+
+
+def _add_runs_command(sub: argparse._SubParsersAction) -> None:
+    """The `runs` command: every run of a runs folder in a table (finetune/runtable.py)."""
+    runs_parser = sub.add_parser(
+        "runs",
+        help="list the runs of a runs folder, newest first: data, model, epochs, accuracy, F1, ECE, status",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    runs_parser.add_argument(
+        "--runs-dir", default=None, help="the runs folder (default: $FINETUNE_RUNS_DIR, else ./runs)"
+    )
+    runs_parser.add_argument("--json", action="store_true", help="machine-readable output (full paths)")
+    runs_parser.set_defaults(func=cmd_runs)
+
+
 def cmd_scan(args) -> int:
     from .data import scan_dataset
 
@@ -557,12 +580,16 @@ def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export_command(sub: argparse._SubParsersAction) -> None:
-    """The `export` command: TorchScript or ONNX."""
+    """The `export` command: TorchScript, ONNX or torch.export's pt2."""
+    from .export import FORMATS
+
     export_parser = sub.add_parser(
         "export", help="export a run's model to TorchScript or ONNX", formatter_class=DefaultsHelpFormatter
     )
     export_parser.add_argument("run", help="run folder")
-    export_parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="file format")
+    export_parser.add_argument(
+        "--format", choices=FORMATS, default="torchscript", help="file format (pt2: torch.export's ExportedProgram)"
+    )
     export_parser.add_argument("--out", help="output file (default: in the run folder)")
     export_parser.add_argument(
         "--embed-preprocessing",
@@ -693,6 +720,7 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     _add_evaluate_command(sub)
     _add_export_command(sub)
     _add_serve_command(sub)
+    _add_runs_command(sub)
     _add_scan_command(sub)
     _add_selftest_command(sub)
     _add_sample_data_command(sub)

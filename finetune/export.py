@@ -29,8 +29,11 @@ from .config import FinetuneError
 from .fsutil import replacing
 from .predict import Predictor
 
-FORMATS = ("torchscript", "onnx")
+# pt2: torch.export's ExportedProgram (torch.export.load(path).module()), where torch is heading;
+# torchscript stays for what only loads TorchScript (C++ libtorch, the classic scripts), deprecated in torch
+FORMATS = ("torchscript", "onnx", "pt2")
 METADATA_KEY = "finetune"
+BATCH = torch.export.Dim("batch", min=1, max=4096)  # torch.export's exports take any batch size
 
 
 def export_metadata(predictor: Predictor) -> dict:
@@ -48,7 +51,7 @@ def export_metadata(predictor: Predictor) -> dict:
     }
 
 
-SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "pt2": ".pt2"}
 
 
 def check_format(fmt: str) -> str:
@@ -121,6 +124,9 @@ def export_predictor(
             with torch.inference_mode():
                 scripted = torch.jit.trace(model, example)
             scripted.save(str(tmp), _extra_files={f"{METADATA_KEY}.json": json.dumps(info)})
+        elif fmt == "pt2":
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: BATCH},))
+            torch.export.save(program, str(tmp), extra_files={f"{METADATA_KEY}.json": json.dumps(info)})
         else:
             _export_onnx(model, example, tmp, info)
     return path
@@ -164,7 +170,7 @@ def _torch_export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outp
             str(path),
             input_names=["image"],
             output_names=outputs,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            dynamic_shapes=({0: BATCH},),
             opset_version=18,
             dynamo=True,
             external_data=False,
@@ -181,5 +187,8 @@ def read_metadata(path: str | Path) -> dict:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         return json.loads(props[METADATA_KEY])
     files = {f"{METADATA_KEY}.json": ""}
-    torch.jit.load(str(path), _extra_files=files)
+    if path.suffix == ".pt2":
+        torch.export.load(str(path), extra_files=files)
+    else:
+        torch.jit.load(str(path), _extra_files=files)
     return json.loads(files[f"{METADATA_KEY}.json"])

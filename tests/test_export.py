@@ -158,3 +158,17 @@ def test_the_documented_onnxruntime_snippet_answers_as_finetune_predict(run, sam
     expected = Predictor.from_run(run, device="cpu").predict_one(photo, top_k=1)
     assert label == expected.answer
     assert abs(float(probability) - expected.confidence) < 0.02
+
+
+def test_a_pt2_export_runs_any_batch_and_carries_the_metadata(run, real_images, crops, tmp_path):
+    path = export(run, "pt2")
+    assert path == run / "model.pt2"
+    program = torch.export.load(str(path)).module()
+    for batch in (real_images, real_images[:1]):
+        torch.testing.assert_close(program(batch), reference(run, real_images)[: len(batch)], atol=1e-4, rtol=0)
+    assert read_metadata(path)["classes"] == json.loads((run / "run.json").read_text())["classes"]
+    embedded = torch.export.load(str(export(run, "pt2", tmp_path / "e.pt2", embed_preprocessing=True))).module()
+    logits, probabilities = expected_outputs(run, crops)
+    got_logits, got_probabilities = embedded(crops)
+    torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_probabilities, probabilities, atol=1e-5, rtol=0)
