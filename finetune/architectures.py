@@ -4,7 +4,7 @@ A row (`Architecture`) names the torchvision builder, the ImageNet weights torch
 it, its label in the studio and its feature sizes; its `Layout`, shared by every ResNet, names the
 stages, where each strategy cuts the network into a frozen front and a trainable back, and the
 Grad-CAM layer. `model.py`, `explain.py`, `config.ARCHS` and the studio read this table and nothing
-else, so a ResNet-18, -101 or -152 is one more row.
+else, so ResNet-18, -101 and -152 are rows like the others.
 
 The module imports neither torch nor torchvision at import time: `config` (the layer every other
 module stands on) derives `ARCHS` from it, and `finetune --help` must stay quick.
@@ -50,6 +50,18 @@ class Weights:
 
         enum_name, member_name = self.enum.split(".")
         return getattr(getattr(models, enum_name), member_name)
+
+
+# --weights names of torchvision's ImageNet weights -> the version. V1 is the default: what the classic
+# scripts download, and it transfers well as fixed features (Kornblith et al. 2019: the regularisation
+# that makes V2 better on ImageNet can hurt frozen-feature transfer). V2 (torchvision's newer recipe,
+# ResNet-50 80.9% top-1 against 76.1%) is the better start for `all` or `last` on enough data.
+IMAGENET_WEIGHTS_NAMES = {"imagenet": "V1", "imagenet-v1": "V1", "imagenet-v2": "V2"}
+
+
+def imagenet_version(weights: str | None) -> str | None:
+    """ "V1" or "V2" for a --weights name of torchvision's ImageNet weights; None for none or a file."""
+    return IMAGENET_WEIGHTS_NAMES.get(weights or "")
 
 
 @dataclass(frozen=True)
@@ -126,9 +138,14 @@ class Architecture:
     title: str  # "ResNet-34"
     note: str  # what to choose it for, shown beside the title
     builder: str  # the torchvision.models function
-    weights: Weights | None  # None: no ImageNet weights known (--weights none or a file only)
+    weights: Weights | None  # ImageNet V1; None: no ImageNet weights known (--weights none or a file only)
     channels: tuple[int, ...]  # each stage's output channels (the last: the head's input features)
     layout: Layout = RESNET
+    weights_v2: Weights | None = None  # torchvision's IMAGENET1K_V2, where it has them
+
+    def imagenet(self, version: str) -> Weights | None:
+        """The ImageNet weights of that version ("V1", "V2"), None where torchvision has none."""
+        return self.weights_v2 if version == "V2" else self.weights
 
     @property
     def label(self) -> str:
@@ -173,25 +190,55 @@ def _ignored_key(key: str, head: str) -> bool:
     return key.startswith(head + ".") or key.endswith(".num_batches_tracked")
 
 
+def _torchvision(arch: str, version: str, file_hash: str) -> Weights:
+    """torchvision's ImageNet weights for a ResNet (the test checks each against torchvision's enum)."""
+    enum = f"ResNet{arch.removeprefix('resnet')}_Weights.IMAGENET1K_{version}"
+    return Weights(enum, f"https://download.pytorch.org/models/{arch}-{file_hash}.pth")
+
+
+BASIC, BOTTLENECK = (64, 64, 128, 256, 512), (64, 256, 512, 1024, 2048)  # each stage's output channels
+
 ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
     {
         arch.name: arch
         for arch in (
             Architecture(
-                "resnet34",
-                "ResNet-34",
-                "faster",
-                "resnet34",
-                Weights("ResNet34_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet34-b627a593.pth"),
-                channels=(64, 64, 128, 256, 512),
+                "resnet18",
+                "ResNet-18",
+                "fastest, smallest",
+                "resnet18",
+                _torchvision("resnet18", "V1", "f37072fd"),
+                BASIC,
+            ),
+            Architecture(
+                "resnet34", "ResNet-34", "faster", "resnet34", _torchvision("resnet34", "V1", "b627a593"), BASIC
             ),
             Architecture(
                 "resnet50",
                 "ResNet-50",
                 "more accurate, slower",
                 "resnet50",
-                Weights("ResNet50_Weights.IMAGENET1K_V1", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
-                channels=(64, 256, 512, 1024, 2048),
+                _torchvision("resnet50", "V1", "0676ba61"),
+                BOTTLENECK,
+                weights_v2=_torchvision("resnet50", "V2", "11ad3fa6"),
+            ),
+            Architecture(
+                "resnet101",
+                "ResNet-101",
+                "deeper, slower",
+                "resnet101",
+                _torchvision("resnet101", "V1", "63fe2227"),
+                BOTTLENECK,
+                weights_v2=_torchvision("resnet101", "V2", "cd907fc2"),
+            ),
+            Architecture(
+                "resnet152",
+                "ResNet-152",
+                "deepest, slowest",
+                "resnet152",
+                _torchvision("resnet152", "V1", "394f9c45"),
+                BOTTLENECK,
+                weights_v2=_torchvision("resnet152", "V2", "f82ba261"),
             ),
         )
     }

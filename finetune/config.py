@@ -145,7 +145,9 @@ class TrainConfig:
     )
     weights: str = option(
         "imagenet",
-        "imagenet (torch hub cache, downloaded when online), none (from scratch), or a .pth state_dict path",
+        "imagenet (torchvision's V1, as the classic scripts; torch hub cache, downloaded when online), "
+        "imagenet-v2 (the newer weights of ResNet-50/101/152: a better start for all or last on enough data), "
+        "none (from scratch), or a .pth state_dict path",
         "model",
         studio="left",
         rank=3,

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .architectures import imagenet_version
 from .config import FinetuneError, TrainConfig
 from .events import Event, EventFollower, duration, format_event
 from .rundir import (  # is_training_process, training_pids: re-exported (they moved to rundir's readers)
@@ -166,7 +167,7 @@ def absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainCon
     values["runs_dir"] = resolve(cfg.runs_dir)
     if cfg.curation:
         values["curation"] = resolve(cfg.curation)
-    if cfg.weights not in ("imagenet", "none"):
+    if cfg.weights != "none" and not imagenet_version(cfg.weights):  # a file
         values["weights"] = resolve(cfg.weights)
     return TrainConfig.from_dict(values)
 

@@ -16,12 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import ARCHITECTURES, Architecture, Weights, architecture, layout_of
+from .architectures import Architecture, Weights, architecture, imagenet_version, layout_of
 from .config import FinetuneError
 from .fsutil import open_user_file
-
-# ImageNet weights: the classic IMAGENET1K_V1 checkpoints (those the classic scripts download).
-IMAGENET_WEIGHTS = {name: arch.weights.member() for name, arch in ARCHITECTURES.items() if arch.weights}
 
 
 def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -33,20 +30,28 @@ def frozen_modules(model: nn.Module, strategy: str) -> list[nn.Module]:
     return [getattr(model, name) for name in layout_of(model).frozen_modules(strategy)]
 
 
-def imagenet_weights(arch: str | Architecture) -> Weights:
-    """The architecture's ImageNet weights; FinetuneError when the table knows none."""
+def imagenet_weights(arch: str | Architecture, weights: str = "imagenet") -> Weights:
+    """The architecture's ImageNet weights of that name (imagenet = imagenet-v1, imagenet-v2);
+    FinetuneError when the table knows none."""
     spec = architecture(arch)
-    if spec.weights is None:
+    version = imagenet_version(weights) or "V1"
+    found = spec.imagenet(version)
+    if found is None and version == "V1":
         raise FinetuneError(
             f"no ImageNet weights are known for {spec.name}: pass --weights PATH to a state_dict "
             f"file, or --weights none to train from scratch"
         )
-    return spec.weights
+    if found is None:
+        raise FinetuneError(
+            f"torchvision has no ImageNet {version} weights for {spec.name} (only ResNet-50, 101 and 152 have "
+            f"them): use --weights imagenet (V1), a state_dict file, or none"
+        )
+    return found
 
 
-def imagenet_weights_path(arch: str | Architecture) -> Path:
+def imagenet_weights_path(arch: str | Architecture, weights: str = "imagenet") -> Path:
     """Where torchvision keeps (and looks for) the downloaded ImageNet checkpoint."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / imagenet_weights(arch).file_name
+    return Path(torch.hub.get_dir()) / "checkpoints" / imagenet_weights(arch, weights).file_name
 
 
 # The most bytes of tensors one weights file may unpack to. ResNet-50, the largest architecture here,
@@ -117,16 +122,17 @@ def safe_load(path: str | Path, what: str = "file") -> object:
             raise FinetuneError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
 
 
-def load_imagenet_state_dict(arch: str | Architecture) -> dict[str, torch.Tensor]:
+def load_imagenet_state_dict(arch: str | Architecture, weights: str = "imagenet") -> dict[str, torch.Tensor]:
     """From the torch hub cache, downloading it there when online; clear error when neither."""
     spec = architecture(arch)
-    path = imagenet_weights_path(spec)
+    path = imagenet_weights_path(spec, weights)
     if not path.is_file():
         try:
-            torch.hub.load_state_dict_from_url(imagenet_weights(spec).url, progress=True, check_hash=True)
+            torch.hub.load_state_dict_from_url(imagenet_weights(spec, weights).url, progress=True, check_hash=True)
         except Exception as error:  # noqa: BLE001 - offline, proxy, disk full: all mean "not available"
+            named = "ImageNet V2 weights" if imagenet_version(weights) == "V2" else "ImageNet weights"
             raise FinetuneError(
-                f"ImageNet weights for {spec.name} are not available: expected {path} and the download "
+                f"{named} for {spec.name} are not available: expected {path} and the download "
                 f"failed ({type(error).__name__}). Put {path.name} there (or set TORCH_HOME), pass "
                 f"--weights PATH to a state_dict file, or --weights none to train from scratch"
             ) from None
@@ -162,10 +168,11 @@ def weights_available(arch: str | Architecture, weights: str) -> tuple[bool, str
     """(ok, message) for the UI and CLI to say before training whether the weights can be had."""
     if weights == "none":
         return True, "training from scratch (no pretrained weights)"
-    if weights == "imagenet":
-        if architecture(arch).weights is None:
-            return False, f"no ImageNet weights are known for {architecture(arch).name}"
-        path = imagenet_weights_path(arch)
+    if imagenet_version(weights):
+        try:
+            path = imagenet_weights_path(arch, weights)
+        except FinetuneError as error:
+            return False, str(error).split(":")[0]
         if path.is_file():
             return True, f"ImageNet weights found at {path}"
         return False, f"ImageNet weights not cached: expected {path} (downloaded on first use when online)"
@@ -178,8 +185,8 @@ def build_model(arch: str | Architecture, num_classes: int, weights: str = "imag
     new head. `arch`: a name in the table, or a row of one's own."""
     spec = architecture(arch)
     model = spec.build()
-    if weights == "imagenet":
-        backbone = load_imagenet_state_dict(spec)
+    if imagenet_version(weights):
+        backbone = load_imagenet_state_dict(spec, weights)
     elif weights in ("none", "", None):
         backbone = None
     else:

@@ -185,12 +185,18 @@ def test_the_architecture_table_agrees_with_torchvision():
     """Each row's weights are torchvision's, its feature sizes what its model computes (on the meta device:
     shapes without memory), and it is what config, the studio and arch inference offer."""
     assert tuple(ARCHITECTURES) == ARCHS and TrainConfig.arch in ARCHS
-    assert arch_choices() == [("ResNet-34 (faster)", "resnet34"), ("ResNet-50 (more accurate, slower)", "resnet50")]
+    assert ARCHS == ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    assert arch_choices()[1] == ("ResNet-34 (faster)", "resnet34")
     for name, arch in ARCHITECTURES.items():
         assert {strategy for strategy, _ in arch.layout.cuts} == set(STRATEGIES)
-        member = arch.weights.member()
-        assert member.url == arch.weights.url and str(member) == arch.weights.enum
-        assert arch.weights.file_name == f"{name}-{arch.weights.hash_prefix}.pth" and len(arch.weights.hash_prefix) == 8
+        for weights in (arch.weights, arch.weights_v2):
+            if weights is None:
+                continue
+            member = weights.member()
+            assert member.url == weights.url and str(member) == weights.enum
+            assert weights.file_name == f"{name}-{weights.hash_prefix}.pth" and len(weights.hash_prefix) == 8
+        # torchvision's newer ImageNet weights, where it has them
+        assert (arch.weights_v2 is not None) == (name in ("resnet50", "resnet101", "resnet152"))
         with torch.device("meta"):
             model = arch.build()
             images = torch.zeros(1, 3, 60, 60)
@@ -200,14 +206,16 @@ def test_the_architecture_table_agrees_with_torchvision():
             assert tuple(frozen(images).shape[1:]) == arch.feature_shape(strategy, 60), (name, strategy)
         assert infer_architecture(model.state_dict()) is arch
         assert infer_arch(model.state_dict(), "w.pth") == name
-    with pytest.raises(FinetuneError, match=r"^w.pth is neither a resnet34 nor a resnet50 state_dict: give arch=$"):
+    with pytest.raises(
+        FinetuneError, match=r"^w.pth is neither a resnet18 nor a resnet34 nor .* state_dict: give arch=$"
+    ):
         infer_arch({"layer1.0.conv1.weight": torch.zeros(1)}, "w.pth")
 
 
 def test_an_architecture_is_one_row(tmp_path):
-    """A ResNet-18 row made here, not in the table, goes through building, freezing, learning rates,
-    Grad-CAM, loading and arch inference with no other code to edit."""
-    resnet18 = Architecture("resnet18", "ResNet-18", "", "resnet18", weights=None, channels=(64, 64, 128, 256, 512))
+    """A row made here, not in the table (a ResNet-18 without weights), goes through building, freezing,
+    learning rates, Grad-CAM, loading and arch inference with no other code to edit."""
+    resnet18 = Architecture("my-resnet18", "ResNet-18", "", "resnet18", weights=None, channels=(64, 64, 128, 256, 512))
     torch.manual_seed(0)
     model = build_model(resnet18, 3, "none")
     assert len(model.layer3) == 2 and model.fc.out_features == 3 and resnet18.label == "ResNet-18"
@@ -232,11 +240,82 @@ def test_an_architecture_is_one_row(tmp_path):
             assert tuple(features.shape[1:]) == resnet18.feature_shape(strategy, 32)
             assert torch.equal(rest(features), model(images))
     state = model.state_dict()
-    assert infer_architecture(state, [*ARCHITECTURES.values(), resnet18]) is resnet18
-    assert infer_architecture(state) is None  # not in the shipped table
+    assert infer_architecture(state, [ARCHITECTURES["resnet34"], resnet18]) is resnet18
+    assert infer_architecture(state) is ARCHITECTURES["resnet18"]  # the table's own row, same layers
     assert torch.equal(load_classifier(resnet18, state, 3, "m.pth").fc.weight, model.fc.weight)
-    assert weights_available(resnet18, "imagenet") == (False, "no ImageNet weights are known for resnet18")
-    with pytest.raises(FinetuneError, match="no ImageNet weights are known for resnet18: pass --weights PATH"):
+    assert weights_available(resnet18, "imagenet") == (False, "no ImageNet weights are known for my-resnet18")
+    with pytest.raises(FinetuneError, match="no ImageNet weights are known for my-resnet18: pass --weights PATH"):
         build_model(resnet18, 3, "imagenet")
-    with pytest.raises(FinetuneError, match=r"^unknown architecture 'resnet18': choose one of resnet34, resnet50$"):
-        build_model("resnet18", 3, "none")
+    with pytest.raises(
+        FinetuneError,
+        match=r"^unknown architecture 'resnet26': choose one of resnet18, resnet34, resnet50, resnet101, resnet152$",
+    ):
+        build_model("resnet26", 3, "none")
+
+
+@pytest.mark.parametrize(
+    "arch, weights, file_name",
+    [
+        ("resnet18", "imagenet", "resnet18-f37072fd.pth"),
+        ("resnet18", "imagenet-v1", "resnet18-f37072fd.pth"),  # the same file: V1 is what imagenet means
+        ("resnet50", "imagenet-v2", "resnet50-11ad3fa6.pth"),
+    ],
+)
+def test_each_imagenet_weights_name_loads_its_own_file(tmp_path, monkeypatch, arch, weights, file_name):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = tmp_path / "hub" / "checkpoints" / file_name
+    assert imagenet_weights_path(arch, weights) == expected
+    expected.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    reference = ARCHITECTURES[arch].build().state_dict()
+    torch.save(reference, expected)
+    assert weights_available(arch, weights) == (True, f"ImageNet weights found at {expected}")
+    model = build_model(arch, 4, weights)
+    assert torch.equal(model.layer4[0].conv1.weight, reference["layer4.0.conv1.weight"])
+    assert model.fc.out_features == 4
+
+
+def test_v2_weights_offline_name_their_file_and_only_the_deep_resnets_have_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FinetuneError) as error:
+        build_model("resnet50", 2, "imagenet-v2")
+    message = str(error.value)
+    assert message.startswith("ImageNet V2 weights for resnet50 are not available")
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in message
+    for arch in ("resnet101", "resnet152"):
+        assert imagenet_weights_path(arch, "imagenet-v2").name != imagenet_weights_path(arch).name
+    with pytest.raises(FinetuneError, match="torchvision has no ImageNet V2 weights for resnet34"):
+        build_model("resnet34", 2, "imagenet-v2")
+    assert weights_available("resnet18", "imagenet-v2") == (
+        False,
+        "torchvision has no ImageNet V2 weights for resnet18 (only ResNet-50, 101 and 152 have them)",
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_trains_from_scratch_at_a_small_size(arch):
+    """One optimizer step of each strategy's trainable part, on 32-px images, from random weights."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    for strategy in STRATEGIES:
+        model = build_model(arch, 2, "none")
+        apply_strategy(model, strategy)
+        frozen, trainable = split_model(model, strategy)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        with torch.no_grad():
+            features = frozen.eval()(images)
+        assert tuple(features.shape[1:]) == ARCHITECTURES[arch].feature_shape(strategy, 32)
+        loss = torch.nn.functional.cross_entropy(trainable.train()(features), labels)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+        after = model.state_dict()
+        assert not torch.equal(after["fc.weight"], before["fc.weight"])
+        frozen_keys = [k for k in before if k.startswith(ARCHITECTURES[arch].layout.frozen_modules(strategy))]
+        assert all(torch.equal(after[k], before[k]) for k in frozen_keys)

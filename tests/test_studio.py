@@ -1323,3 +1323,17 @@ def test_guessing_from_many_clients_is_held_back_together():
     assert waits == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
     now[0] += 4000  # failures this old are forgotten
     assert backoff.attempt("10.9.9.11") == 0
+
+
+def test_the_train_tab_says_which_architectures_have_imagenet_v2_weights(studio, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert any("ImageNet V2" in label for label, value in train_tab.WEIGHT_CHOICES if value == "imagenet-v2")
+    note = train_tab.check_weights(studio, "resnet34", "imagenet-v2")
+    assert note.startswith("**Problem:** torchvision has no ImageNet V2 weights for resnet34")
+    note = train_tab.check_weights(studio, "resnet50", "imagenet-v2")
+    assert note.startswith("**Warning:** **ImageNet V2 weights for resnet50 are not on this machine.**")
+    assert "resnet50-11ad3fa6.pth" in note
+    expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(b"")
+    assert train_tab.check_weights(studio, "resnet50", "imagenet-v2").startswith("Ready: ImageNet weights found at")

@@ -48,7 +48,8 @@ def load_backbone(
 ) -> Backbone:
     """The feature extractor: a run's fine-tuned model (its arch, size and normalisation from run.json),
     else `arch` with `weights` ("imagenet", "none" or a .pth state_dict)."""
-    from ..model import IMAGENET_WEIGHTS, build_model, split_model
+    from ..architectures import imagenet_version
+    from ..model import build_model, imagenet_weights, split_model
 
     if run is not None:
         model_path, info = read_run(run)
@@ -75,14 +76,15 @@ def load_backbone(
             )
         else:
             model = build_model(arch, 2, weights)
-            if weights == "imagenet":
-                identity = f"{arch}:imagenet:{IMAGENET_WEIGHTS[arch]}"
+            named = f"ImageNet {imagenet_version(weights)}" if imagenet_version(weights) else weights
+            if imagenet_version(weights):
+                identity = f"{arch}:imagenet:{imagenet_weights(arch, weights).enum}"
             else:
                 identity = f"{arch}:file:{_file_identity(Path(weights).expanduser())}"
             backbone_of = dict(
                 identity=identity,
                 pretrained=True,
-                description=f"{arch} with {'ImageNet' if weights == 'imagenet' else weights} weights",
+                description=f"{arch} with {named} weights",
             )
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     if size < 32:

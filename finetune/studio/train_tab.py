@@ -34,6 +34,7 @@ from .state import Studio
 
 WEIGHT_CHOICES = [
     ("ImageNet (pretrained, recommended)", "imagenet"),
+    ("ImageNet V2 (newer: ResNet-50/101/152; for all or last on enough data)", "imagenet-v2"),
     ("A weights file I upload (.pth state_dict)", "file"),
     ("None: train from scratch", "none"),
 ]
@@ -218,9 +219,15 @@ def check_weights(
     from ..model import imagenet_weights_path, weights_available
 
     imagenet_ok = weights_available(arch, "imagenet")[0]
-    expected = imagenet_weights_path(arch)
+    if weights == "imagenet-v2":
+        ok, message = weights_available(arch, weights)
+        if ok or "no ImageNet" in message:
+            return ("Ready: " if ok else "**Problem:** ") + views.md(message) + ("." if not ok else "")
+    named = weights if weights == "imagenet-v2" else "imagenet"
+    expected = imagenet_weights_path(arch, named)
     missing = (
-        f"**ImageNet weights for {views.md(arch)} are not on this machine.** The engine looks for "
+        f"**ImageNet {'V2 ' if named == 'imagenet-v2' else ''}weights for {views.md(arch)} are not on this "
+        f"machine.** The engine looks for "
         f"{views.code(expected)} and downloads it there on first use, which needs internet access. "
         f"Offline, copy {views.code(expected.name)} there, choose *A weights file I upload*, or choose "
         f"*None: train from scratch* (works anywhere, but learns much less from small data)."
@@ -232,6 +239,8 @@ def check_weights(
         return ("Ready: " if ok else "**Problem:** ") + views.md(message)
     if weights == "imagenet":
         return f"Ready: ImageNet weights found at {views.code(expected)}." if imagenet_ok else f"**Warning:** {missing}"
+    if weights == "imagenet-v2":  # known for this arch, not on this machine
+        return f"**Warning:** {missing}"
     note = "Ready: training from scratch (no pretrained weights)."
     if strategy == "all":
         note += (
