@@ -8,6 +8,7 @@
     run.export("onnx")                           # -> Path; also "torchscript"
     run.explain("a.jpg")                         # Grad-CAM overlay (a PIL image)
     run = finetune.load("runs/<name>")           # a run folder, or a classic model.pth + class_indices.json
+    finetune.runs()                              # every run of ./runs: .rows, .text(), .to_dict()
     finetune.scan("photos/"); finetune.doctor("photos/")
 
 The engine modules behind them are named for what they hold (training.py, the data_doctor package), so
@@ -43,8 +44,9 @@ if TYPE_CHECKING:
     from .evaluate import Evaluation
     from .predict import Prediction, Predictor
     from .rundir import RunInfo
+    from .runtable import RunsTable
 
-__all__ = ["Model", "Run", "doctor", "load", "scan", "train"]
+__all__ = ["Model", "Run", "doctor", "load", "runs", "scan", "train"]
 
 STOP_MESSAGE = "stopping after the current batch (interrupt again to abort)"
 
@@ -533,6 +535,17 @@ def infer_arch(state: dict, source: Path) -> str:
         names = " nor ".join(f"a {name}" for name in ARCHITECTURES)
         raise FinetuneError(f"{source} is neither {names} state_dict: give arch=")
     return found.name
+
+
+def runs(runs_dir: str | os.PathLike | None = None) -> RunsTable:
+    """Every run of a runs folder (default: $FINETUNE_RUNS_DIR, else ./runs), newest first: what
+    `finetune runs` prints. `.rows` (name, data, arch, strategy, weights, epochs, best_val_acc, macro_f1,
+    ece, images, seconds, status; None where the run does not say), `.text()`, `.to_dict()`; folders
+    without run.json are in `.skipped`, a run.json that cannot be read is a row of status "unreadable"."""
+    from .paths import default_runs_dir
+    from .runtable import runs_table
+
+    return runs_table(default_runs_dir() if runs_dir is None else os.fspath(runs_dir))
 
 
 def scan(

@@ -1,0 +1,168 @@
+"""`finetune runs`, finetune.runs() and finetune.runtable: every run of a runs folder in one table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_class_folders
+
+import finetune
+from finetune.cli import main
+from finetune.config import FinetuneError
+from finetune.rundir import RunDir
+from finetune.runtable import UNREADABLE, duration_text, per_class_f1, runs_table, val_curve
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    """Two tiny trained runs (head for 1 epoch, then all for 2), a run.json that is not JSON, a folder
+    that is no run, and a file (the Review tab's curation.json lives beside the runs)."""
+    from finetune.config import TrainConfig
+    from finetune.training import train
+
+    base = tmp_path_factory.mktemp("runs-table")
+    data = make_class_folders(base / "photos", per_class=4)
+    common = dict(data=str(data), runs_dir=str(base / "runs"), weights="none", batch_size=4, image_size=32)
+    for name, strategy, epochs in (("first", "head", 1), ("second", "all", 2)):
+        cfg = TrainConfig(**common, strategy=strategy, epochs=epochs, workers=0, device="cpu", run_name=name)
+        train(cfg)
+    runs = base / "runs"
+    (runs / "broken").mkdir()
+    (runs / "broken" / "run.json").write_text('{"status": "compl')
+    (runs / "holiday photos").mkdir()
+    (runs / "curation.json").write_text("{}")
+    return runs
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["runs", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_the_table_has_each_run_newest_first_with_what_it_recorded(runs_dir):
+    table = runs_table(runs_dir)
+    trained = [row for row in table.rows if row.status != UNREADABLE]
+    assert [row.name for row in trained] == ["second", "first"]  # trained one after the other
+    for row in trained:
+        info = RunDir(row.path).info()
+        metrics = RunDir(row.path).metrics()
+        counts = json.loads(RunDir(row.path).split_path.read_text())["counts"]
+        assert row.status == "completed" and row.arch == "resnet34" and row.weights == "none"
+        assert row.strategy == info["config"]["strategy"] and row.epochs == row.epochs_done == info["config"]["epochs"]
+        assert row.best_val_acc == info["best"]["val_acc"] and 0 <= row.best_val_acc <= 1
+        assert row.macro_f1 == pytest.approx(metrics["macro_f1"])
+        assert row.ece == pytest.approx(info["calibration"]["ece_after"])
+        assert row.train_images == sum(counts["train"].values()) and row.val_images == sum(counts["val"].values())
+        assert row.images == 8 and row.data == str(runs_dir.parent / "photos")
+        assert row.seconds is not None and row.seconds > 0
+    assert (table.row("first").strategy, table.row("second").strategy) == ("head", "all")
+
+
+@pytest.mark.slow
+def test_a_damaged_folder_is_a_row_and_a_foreign_one_a_note(runs_dir):
+    table = runs_table(runs_dir)
+    broken = table.row("broken")
+    assert broken is not None and broken.status == UNREADABLE and "cannot read" in broken.problem
+    assert broken.arch is None and broken.best_val_acc is None
+    assert table.skipped == ["holiday photos"]  # the file curation.json is neither
+    assert "skipped 1 folder(s) without run.json: holiday photos" in table.text()
+
+
+@pytest.mark.slow
+def test_cli_prints_the_table_and_json_for_scripts(runs_dir, capsys):
+    code, out, err = cli(capsys, "--runs-dir", str(runs_dir))
+    assert code == 0 and not err
+    lines = out.splitlines()
+    for heading in ("run", "data", "arch", "strategy", "weights", "epochs", "best val acc", "macro F1", "ECE"):
+        assert heading in lines[0]
+    assert "images" in lines[0] and "duration" in lines[0] and "status" in lines[0]
+    names = [line.split()[0] for line in lines[1:4]]
+    assert sorted(names) == ["broken", "first", "second"] and names.index("second") < names.index("first")
+    second = next(line for line in lines if line.startswith("second"))
+    assert "completed" in second and "2/2" in second and "photos" in second
+    assert UNREADABLE in next(line for line in lines if line.startswith("broken"))
+
+    code, out, _ = cli(capsys, "--runs-dir", str(runs_dir), "--json")
+    data = json.loads(out)
+    assert code == 0 and data == runs_table(runs_dir).to_dict()
+    first = next(run for run in data["runs"] if run["name"] == "first")
+    assert first["epochs"] == 1 and first["strategy"] == "head" and first["path"] == str(runs_dir / "first")
+
+
+@pytest.mark.slow
+def test_the_api_gives_the_same_table(runs_dir):
+    assert finetune.runs(runs_dir).to_dict() == runs_table(runs_dir).to_dict()
+
+
+@pytest.mark.slow
+def test_curves_and_per_class_f1_for_the_comparison(runs_dir):
+    second = RunDir(runs_dir / "second")
+    assert [epoch for epoch, _ in val_curve(second)] == [1, 2]
+    assert all(0 <= accuracy <= 1 for _, accuracy in val_curve(second))
+    f1 = per_class_f1(second)
+    metrics = second.metrics()
+    assert set(f1) == {"cats", "dogs"} and f1 == {k: v["f1"] for k, v in metrics["per_class"].items()}
+    assert per_class_f1(RunDir(runs_dir / "broken")) == {} and val_curve(RunDir(runs_dir / "broken")) == []
+
+
+@pytest.mark.slow
+def test_names_with_control_characters_reach_the_terminal_escaped(runs_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_dir / "first", runs / "evil\x1b[2J\u202egpj.exe")
+    info = json.loads((runs / "evil\x1b[2J\u202egpj.exe" / "run.json").read_text())
+    info["config"]["data"] = "/data/\x07bell\nnext"
+    (runs / "evil\x1b[2J\u202egpj.exe" / "run.json").write_text(json.dumps(info))
+    for argv in ((), ("--json",)):
+        code, out, _ = cli(capsys, "--runs-dir", str(runs), *argv)
+        assert code == 0
+        assert not any(c in out for c in "\x1b\x07\u202e")
+        if not argv:
+            assert len(out.splitlines()) == 2  # a newline in a name or path does not start a line
+    code, out, _ = cli(capsys, "--runs-dir", str(runs))
+    assert "evil\\x1b[2J\\u202egpj.exe" in out and "bell\\x0anext" in out
+
+
+def test_run_json_of_the_wrong_types_reads_as_unknown(tmp_path, capsys):
+    run = tmp_path / "odd"
+    run.mkdir()
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "created": 5,
+                "status": ["x"],
+                "config": "no",
+                "best": {"val_acc": "high", "epoch": True},
+                "summary": {"macro_f1": None, "num_images": 2.5},
+                "calibration": [1],
+                "history": [{"epoch": 1, "val_acc": 0.5, "images": 3, "seconds": 2}, "junk", {"epoch": "2"}],
+            }
+        )
+    )
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "run.json").write_text("[1, 2]")
+    table = runs_table(tmp_path)
+    odd = table.row("odd")
+    assert odd.status == "unknown" and odd.best_val_acc is None and odd.macro_f1 is None and odd.ece is None
+    assert odd.train_images == 3 and odd.val_images is None and odd.seconds == 2 and odd.data is None
+    assert val_curve(RunDir(run)) == [(1, 0.5)]
+    assert table.row("list").status == UNREADABLE
+    code, out, _ = cli(capsys, "--runs-dir", str(tmp_path))
+    assert code == 0 and "odd" in out and UNREADABLE in out
+
+
+def test_an_empty_or_missing_runs_folder(tmp_path, capsys):
+    code, out, _ = cli(capsys, "--runs-dir", str(tmp_path))
+    assert code == 0 and out.strip() == f"no runs in {tmp_path}"
+    code, out, err = cli(capsys, "--runs-dir", str(tmp_path / "nowhere"))
+    assert code == 2 and not out and err.strip() == f"error: no runs folder at {tmp_path / 'nowhere'}"
+    with pytest.raises(FinetuneError, match="no runs folder"):
+        finetune.runs(tmp_path / "nowhere")
+
+
+def test_durations_read_as_people_write_them():
+    assert [duration_text(s) for s in (None, 4.4, 65, 3599.6, 7325)] == ["", "4s", "1m 05s", "1h 00m", "2h 02m"]
