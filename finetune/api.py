@@ -489,7 +489,7 @@ def load(
 ) -> Model:
     """A run folder -> Run. A classic weights file (a torchvision ResNet state_dict .pth), or a folder that
     holds model.pth without run.json -> Model: its classes from `classes` (a class_indices.json, or the
-    names in index order), else the class_indices.json beside it; `arch` (resnet34 or resnet50) is read
+    names in index order), else the class_indices.json beside it; `arch` (a name of the architectures table) is read
     from the weights when not given; `image_size` defaults to 224."""
     source = Path(path).expanduser()
     if source.is_dir() and (source / "run.json").is_file():
@@ -549,13 +549,18 @@ def runs(runs_dir: str | os.PathLike | None = None) -> RunsTable:
 
 
 def scan(
-    data: str | os.PathLike, val_fraction: float = default_of("val_fraction"), seed: int = default_of("seed")
+    data: str | os.PathLike,
+    val_fraction: float = default_of("val_fraction"),
+    seed: int = default_of("seed"),
+    labels: str | os.PathLike | None = None,
 ) -> DatasetScan:
     """The data report of a folder (or .zip) as training would see it: classes, the train/val(/test)
-    split, skipped files and warnings. In a notebook it shows as the report; `.report()` is the text."""
+    split, skipped files and warnings. In a notebook it shows as the report; `.report()` is the text.
+    `labels`: a CSV of path,label[,split] rows for a flat folder of images."""
     from .data import scan_dataset
 
-    return scan_dataset(_dataset_folder(os.fspath(data), None), val_fraction, seed)
+    root = _dataset_folder(os.fspath(data), None)
+    return scan_dataset(root, val_fraction, seed, labels=os.fspath(labels) if labels is not None else None)
 
 
 def doctor(data: str | os.PathLike, *, progress: bool = True, **options: Any) -> DoctorReport:

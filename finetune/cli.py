@@ -301,6 +301,7 @@ def cmd_doctor(args) -> int:
         batch_size=args.batch_size,
         cache_dir=None if args.no_cache else default_cache_dir(),
         log=log,
+        labels=args.labels,
     )
     say(report.summary_text(limit=args.show))
     if args.json:
@@ -327,6 +328,7 @@ def cmd_evaluate(args) -> int:
         out=args.out,
         held_out_only=args.held_out_only,
         log=lambda line: say(line, err=True),
+        labels=args.labels,
     )
     say(evaluation.summary_text())
     return 0
@@ -365,7 +367,7 @@ def _add_runs_command(sub: argparse._SubParsersAction) -> None:
 def cmd_scan(args) -> int:
     from .data import scan_dataset
 
-    scan = scan_dataset(dataset_folder(args.data, args.json), args.val_fraction, args.seed)
+    scan = scan_dataset(dataset_folder(args.data, args.json), args.val_fraction, args.seed, labels=args.labels)
     say(json.dumps(scan.to_dict(), indent=2) if args.json else scan.report())
     return 0
 
@@ -526,6 +528,7 @@ def _add_doctor_command(sub: argparse._SubParsersAction) -> None:
     )
     doctor_parser.add_argument("data", help="image folder or .zip")
     doctor_parser.add_argument("--run", help="a run trained on DATA: its backbone and split settings")
+    doctor_parser.add_argument("--labels", metavar="FILE.csv", help="path,label[,split] rows instead of class folders")
     doctor_parser.add_argument("--arch", choices=ARCHS, help=f"backbone without --run (default {TrainConfig.arch})")
     doctor_parser.add_argument(
         "--weights", help="imagenet, none (random: rough), or a .pth state_dict (default: imagenet)"
@@ -563,6 +566,9 @@ def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
         "data", help="folder (or .zip) of class subfolders (its test/ or val/ split if it has one)"
     )
     evaluate_parser.add_argument("--out", help="report folder (default: RUN/eval-<data>-<time>)")
+    evaluate_parser.add_argument(
+        "--labels", metavar="FILE.csv", help="path,label[,split] rows instead of class folders (its test rows first)"
+    )
     evaluate_parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     evaluate_parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     evaluate_parser.add_argument(
@@ -657,6 +663,9 @@ def _add_scan_command(sub: argparse._SubParsersAction) -> None:
     )
     scan_parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="for the train/val split, as train's --seed"
+    )
+    scan_parser.add_argument(
+        "--labels", metavar="FILE.csv", help=TrainConfig.__dataclass_fields__["labels"].metadata["help"]
     )
     scan_parser.add_argument("--json", action="store_true", help="machine-readable output")
     scan_parser.set_defaults(func=cmd_scan)

@@ -101,6 +101,15 @@ class TrainConfig:
         positional=True,
         studio=None,
     )  # the studio: chosen on the Data tab
+    labels: str | None = option(
+        None,
+        "a CSV of path,label[,split] rows for a flat folder of images (paths relative to DATA; the "
+        "separator and a header are sniffed), instead of class folders",
+        "data",
+        metavar="FILE.csv",
+        label="Labels file (CSV, optional): path,label[,split] rows instead of class folders",
+        ui={"placeholder": "labels.csv"},
+    )
     val_fraction: float = option(
         0.2,
         "share of each class held out for validation when DATA has no val/ folder",

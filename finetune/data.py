@@ -490,6 +490,7 @@ class DatasetScan:
     val_fraction: float | None = None
     seed: int | None = None
     split_dirs: dict[str, str] = field(default_factory=dict)  # the split folders' names: {"train": "Train", ...}
+    labels_file: str = ""  # the CSV the labels came from (labels.py), "" for class folders
 
     def layout_text(self) -> str:
         """What the scan understood of the folder, in one line."""
@@ -499,6 +500,9 @@ class DatasetScan:
                 f" (seed {self.seed})" if self.seed is not None else ""
             )
 
+        if self.labels_file:
+            given = "the split given in it" if self.val_fraction is None else held_out()
+            return f"labels from {Path(self.labels_file).name} ({len(self.classes)} classes); {given}"
         if not self.split_dirs and self.layout == "class-folders":
             return f"class folders at the top ({len(self.classes)} classes); {held_out()}"
         names = {"train": "train", **({"val": "val"} if self.layout == "train-val" else {}), **self.split_dirs}
@@ -728,14 +732,19 @@ def scan_dataset(
     check: bool = True,
     max_files: int | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    labels: str | Path | None = None,
 ) -> DatasetScan:
     """Find classes and images, check every image, and split train/val when no split is given.
+    `labels`: a CSV of path,label[,split] rows for a flat folder of images (labels.py) instead of
+    class folders.
 
     `max_files`: refuse a folder holding more files than this (counted while walking, so a huge tree
     is refused early). `on_progress(stage, done, total)`: stage "walk" (files seen so far) or "check"
     (images decoded of total); an exception it raises ends the scan (a cancel).
     """
     root = _data_folder(data)
+    if labels:
+        return _scan_labelled_rows(root, Path(labels).expanduser(), val_fraction, seed, check, max_files, on_progress)
     with _readable(root):
         layout_found = detect_layout(root)
     splits = layout_found.splits
@@ -769,6 +778,63 @@ def scan_dataset(
         val_fraction=used_fraction,
         seed=seed if used_fraction else None,
         split_dirs={split: folder.name for split, folder in splits.items() if split != "all"},
+    )
+
+
+def _scan_labelled_rows(
+    root: Path,
+    labels: Path,
+    val_fraction: float,
+    seed: int,
+    check: bool,
+    max_files: int | None,
+    on_progress: Callable[[str, int, int], None] | None,
+) -> DatasetScan:
+    """scan_dataset for a labels file: its rows in place of class folders, then the same checks."""
+    from .labels import read_labels
+
+    if not labels.exists() and (root / labels).is_file():  # a labels file inside the data (or its zip)
+        labels = root / labels
+    rows = read_labels(labels, root)
+    per_split = rows.per_split
+    listed = sum(len(files) for split in per_split.values() for files in split.values())
+    if max_files is not None and listed > max_files:
+        raise FinetuneError(f"{labels} lists {listed:,} images, more than the {max_files:,} allowed here")
+    main = "all" if "all" in per_split else "train"
+    if main not in per_split:
+        raise FinetuneError(f"{labels} gives no training images (rows with split train, or no split)")
+    classes = sorted(per_split[main])
+    for split in ("val", "test"):
+        extra = sorted(set(per_split.get(split, {})) - set(classes))
+        if extra:
+            raise FinetuneError(f"class {extra[0]!r} has {split} rows in {labels} but no training rows")
+    if len(classes) < 2:
+        raise FinetuneError(f"need at least 2 classes in {labels}, found {classes[0]!r} only")
+    good, skipped = _decodable_images(root, per_split, rows.skipped, check, on_progress)
+    for name in classes:
+        if not good[main][name]:
+            raise FinetuneError(f"class {name!r} has no valid image in {labels} ({len(per_split[main][name])} listed)")
+    for split in ("all", "train", "val", "test"):  # every split's classes, each in scan order
+        if split in good:
+            good[split] = {c: good[split].get(c, []) for c in classes}
+    notes = rows.notes + _lookalike_classes(classes)
+    if "val" in per_split:
+        train, val, used_fraction = _labelled(good, "train", classes), _labelled(good, "val", classes), None
+    else:
+        used_fraction = val_fraction
+        train, val = _drawn_split(_labelled(good, main, classes), classes, good[main], val_fraction, seed)
+    return DatasetScan(
+        root=str(root),
+        layout="labels",
+        classes=classes,
+        train=train,
+        val=val,
+        test=_labelled(good, "test", classes),
+        skipped=skipped,
+        warnings=notes + _imbalance_notes(classes, train),
+        val_fraction=used_fraction,
+        seed=seed if used_fraction else None,
+        labels_file=str(labels.resolve()),
     )
 
 
@@ -975,17 +1041,20 @@ class ImageListDataset(Dataset):
 
 
 def scan_labelled_folder(
-    data: str | Path, classes: list[str]
+    data: str | Path, classes: list[str], labels: str | Path | None = None
 ) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
     """Images to evaluate a trained model on: (root, [(relpath, label)], skipped).
 
     Takes the folder's test/ split if it has one, else its val/ split, else every class folder.
-    Class folders must use the model's class names (a subset is fine).
+    Class folders must use the model's class names (a subset is fine). `labels`: a CSV of
+    path,label[,split] rows instead (its test rows if it has some, else its val rows, else all).
     """
     root = Path(data).expanduser()
     if not root.is_dir():
         raise FinetuneError(f"data folder not found: {root}" if not root.exists() else f"not a folder: {root}")
     root = root.resolve()
+    if labels:
+        return _labelled_rows_to_evaluate(root, Path(labels).expanduser(), classes)
     with _readable(root):
         splits = find_splits(root)
     split_dir = splits.get("test") or splits.get("val") or splits.get("all") or splits["train"]
@@ -1005,3 +1074,25 @@ def scan_labelled_folder(
     if not items:
         raise FinetuneError(f"no valid images in class folders under {split_dir}")
     return str(root), items, sorted([*bad.items(), *unusable])
+
+
+def _labelled_rows_to_evaluate(
+    root: Path, labels: Path, classes: list[str]
+) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
+    from .labels import read_labels
+
+    if not labels.exists() and (root / labels).is_file():
+        labels = root / labels
+    rows = read_labels(labels, root)
+    split = next(name for name in ("test", "val", "all", "train") if name in rows.per_split or name == "train")
+    per_class = rows.per_split.get(split, {})
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(per_class) - set(index))
+    if unknown:
+        raise FinetuneError(f"class {unknown[0]!r} in {labels} is not one of the model's classes: {', '.join(classes)}")
+    files = [rel for rels in per_class.values() for rel in rels]
+    bad = check_images(root, files)
+    items = [(rel, index[c]) for c, rels in per_class.items() for rel in rels if rel not in bad]
+    if not items:
+        raise FinetuneError(f"no valid images listed in {labels}")
+    return str(root), items, sorted([*bad.items(), *rows.skipped])

@@ -314,13 +314,15 @@ def evaluate_run(
     held_out_only: bool = False,
     predictor=None,
     log: Callable[[str], None] | None = None,
+    labels: str | Path | None = None,
 ) -> Evaluation:
     """A trained run on a labelled folder or .zip (its test/ or val/ split if it has one): calibrated
     metrics, the calibration report at `min_confidence` (default: the run's suggestion), and the report
     folder `out` (default RUN/eval-<data>-<time>) with metrics.json, confusion_matrix.png, per_class.csv,
     misclassified.csv. Images that were in the run's training split are counted (and, with
     `held_out_only`, left out). `predictor`: the run's model already loaded (a Predictor); `log` gets
-    the extraction's and the skipped files' lines."""
+    the extraction's and the skipped files' lines. `labels`: a CSV of path,label[,split] rows for a
+    flat folder (its test rows, else val rows, else all)."""
     from .archive import dataset_folder
     from .calibrate import held_out_report, softmax
     from .data import scan_labelled_folder
@@ -331,7 +333,7 @@ def evaluate_run(
     if predictor is None:
         predictor = Predictor.from_run(run_dir.path, device)
     threshold = predictor.min_confidence(min_confidence)  # a bad value is refused before the long part
-    root, items, skipped = scan_labelled_folder(dataset_folder(data, log), predictor.classes)
+    root, items, skipped = scan_labelled_folder(dataset_folder(data, log), predictor.classes, labels)
     if log is not None:
         for rel, reason in skipped:
             log(f"skipped {rel}: {reason}")

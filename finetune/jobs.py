@@ -167,6 +167,8 @@ def absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainCon
     values["runs_dir"] = resolve(cfg.runs_dir)
     if cfg.curation:
         values["curation"] = resolve(cfg.curation)
+    if cfg.labels and Path(cfg.labels).expanduser().exists():  # else it is one inside the data folder
+        values["labels"] = resolve(cfg.labels)
     if cfg.weights != "none" and not imagenet_version(cfg.weights):  # a file
         values["weights"] = resolve(cfg.weights)
     return TrainConfig.from_dict(values)

@@ -995,7 +995,7 @@ def scan_for_training(cfg: TrainConfig, on_progress: Callable[[str, int, int], N
     """The split to train on: the folder's scan, with the curation file's decisions applied (the
     folder itself is never changed; split.json and the data report say what was excluded or relabelled).
     `on_progress(stage, done, total)`: see data.scan_dataset."""
-    scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, on_progress=on_progress)
+    scan = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, on_progress=on_progress, labels=cfg.labels)
     if cfg.curation:
         from .curation import apply_curation, load_curation
 

@@ -85,6 +85,7 @@ def every_option_config():
         runs_dir="my-runs",
         run_name="n",
         curation="review/curation.json",
+        labels="labels.csv",
     )
     untested = [f.name for f in cli_fields() if getattr(cfg, f.name) == f.default]
     assert not untested, f"give these options a non-default value in every_option_config: {untested}"

@@ -48,6 +48,7 @@ def run_doctor(
     similarity: float = EMBEDDING_SIMILARITY,
     use_embeddings: bool | None = None,
     log: Log | None = None,
+    labels: str | Path | None = None,
 ) -> DoctorReport:
     """Scan (or take a scan), compute features, and find label issues, duplicates and other problems.
 
@@ -61,7 +62,7 @@ def run_doctor(
     seconds: dict[str, float] = {}
     with _timed(seconds, "total"):
         with _timed(seconds, "scan"):
-            scan = data if isinstance(data, DatasetScan) else _scan(data, run, val_fraction, seed)
+            scan = data if isinstance(data, DatasetScan) else _scan(data, run, val_fraction, seed, labels)
         records = records_of(scan)
         backbone = load_backbone(run, arch, weights, image_size)
         log(
@@ -121,12 +122,16 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     seconds[stage] = time.perf_counter() - mark
 
 
-def _scan(data: str | Path, run: str | Path | None, val_fraction: float, seed: int) -> DatasetScan:
-    """The folder split as the run split it (its recorded val_fraction and seed), else as given."""
+def _scan(
+    data: str | Path, run: str | Path | None, val_fraction: float, seed: int, labels: str | Path | None = None
+) -> DatasetScan:
+    """The folder split as the run split it (its recorded val_fraction, seed and labels file), else as
+    given; `labels`: a CSV of path,label[,split] rows (labels.py)."""
     if run is not None:
         config = read_run(run)[1].get("config") or {}
         val_fraction, seed = config.get("val_fraction", val_fraction), config.get("seed", seed)
-    return scan_dataset(data, val_fraction=val_fraction, seed=seed)
+        labels = labels or config.get("labels")
+    return scan_dataset(data, val_fraction=val_fraction, seed=seed, labels=labels)
 
 
 def _duplicates(
