@@ -185,6 +185,14 @@ class TrainConfig:
         ui={"minimum": 0},
     )
     weight_decay: float = option(0.05, "AdamW weight decay", "optim", ui={"minimum": 0})
+    ema: float = option(
+        0.0,
+        "keep an exponential moving average of the trained weights with this decay (e.g. 0.999; 0: off): it is "
+        "what is validated each epoch and saved as model.pth",
+        "optim",
+        label="EMA decay (0: off)",
+        ui={"minimum": 0, "maximum": 0.99999},
+    )
     label_smoothing: float = option(0.1, "cross-entropy label smoothing", "optim", ui={"minimum": 0, "maximum": 1})
     warmup_epochs: float = option(
         1.0, "linear learning-rate warmup, then cosine decay", "optim", label="Warm-up epochs", ui={"minimum": 0}
@@ -299,6 +307,7 @@ class TrainConfig:
                 self.jpeg_decode in JPEG_DECODING,
                 f"jpeg decode must be one of {', '.join(JPEG_DECODING)}, got {self.jpeg_decode!r}",
             ),
+            (0 <= self.ema < 1, f"ema decay must be 0 (off) or between 0 and 1, got {self.ema}"),
             (self.cache_views >= 1, f"cache views must be at least 1, got {self.cache_views}"),
             (self.workers is None or self.workers >= 0, f"workers must be 0 or more, got {self.workers}"),
             (self.early_stopping >= 0, f"early stopping must be 0 or more, got {self.early_stopping}"),

@@ -61,6 +61,7 @@ from .device import (
     seed_everything,
     versions,
 )
+from .ema import WeightsEMA
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import BestEpoch, EpochRecord, Event, EventCallback, EventWriter, Timing, end_event, epoch_event
 from .model import apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
@@ -145,6 +146,7 @@ class Session:
     workers: int
     emit: EventCallback
     pipeline_seconds: float = 0.0  # building the data pipeline: the feature or pixel cache, if any
+    ema: WeightsEMA | None = None  # --ema: the averaged trainable weights, validated and saved as the model
 
     def log(self, message: str) -> None:
         self.emit({"type": "log", "message": message})
@@ -330,6 +332,7 @@ def setup_session(
         workers=workers,
         emit=emit,
         pipeline_seconds=pipeline_seconds,
+        ema=WeightsEMA(trainable, cfg.ema) if cfg.ema else None,
     )
 
 
@@ -434,7 +437,10 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
     if not session.ctx.is_main:
         return
     model_state = to_cpu(session.model.state_dict())
-    if improved:
+    if improved and session.ema is not None:  # what validate scored; written inside: on a CPU
+        with session.ema.applied():  # the state holds the live tensors, not copies
+            save_atomic(to_cpu(session.model.state_dict()), session.run.model)
+    elif improved:
         save_atomic(model_state, session.run.model)
     if not complete:
         return
@@ -445,9 +451,11 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
         "scaler": session.scaler.state_dict(),
         "rng": torch.get_rng_state(),
         **state.state_dict(),
+        **({"ema": session.ema.state_dict()} if session.ema is not None else {}),
     }
     if final and session.run.model.is_file():
         del checkpoint["optimizer"]
+        checkpoint.pop("ema", None)  # a slim last.pth: resumed, the average starts again from the weights
         trained = trained_keys(model_state, session.cfg.resolved_strategy(), session.cfg.arch)
         checkpoint["model"] = {key: model_state[key] for key in trained}
         checkpoint["base"] = CHECKPOINT_BASE
@@ -458,7 +466,7 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
 # a value of another type would fail deep in torch (or set odd attributes on the scheduler, whose
 # load_state_dict takes every key given) after the run was already marked running.
 CHECKPOINT_FIELDS = {"epoch": int, "history": list, "best": dict, "scheduler": dict, "rng": torch.Tensor}
-CHECKPOINT_OPTIONAL = {"optimizer": dict, "scaler": dict, "epochs_without_gain": int}
+CHECKPOINT_OPTIONAL = {"optimizer": dict, "scaler": dict, "epochs_without_gain": int, "ema": dict}
 
 
 def check_checkpoint(checkpoint: object, path: Path) -> dict:
@@ -546,6 +554,10 @@ def restore_checkpoint(session: Session, checkpoint: dict) -> TrainState:
                 group["lr"] = base_lr * factor(scheduler.last_epoch)
         if checkpoint.get("scaler"):
             session.scaler.load_state_dict(checkpoint["scaler"])
+        if session.ema is not None and "ema" in checkpoint:
+            session.ema.load_state_dict(checkpoint["ema"])
+        elif session.ema is not None:
+            session.log("last.pth holds no weights average: the EMA starts again from the resumed weights")
         torch.set_rng_state(checkpoint["rng"])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as error:
         first = str(error).splitlines()[0] if str(error) else ""
@@ -621,6 +633,8 @@ def train_one_epoch(session: Session, epoch: int, stop: threading.Event, progres
         s.scaler.step(s.optimizer)
         s.scaler.update()
         s.scheduler.step()
+        if s.ema is not None:
+            s.ema.update()
         loss_sum += loss.detach().to(loss_sum.dtype) * targets.numel()
         correct += (logits.detach().argmax(1) == targets).sum()
         count += targets.numel()
@@ -652,7 +666,13 @@ def _stop_requested(ctx: Distributed, stop: threading.Event) -> bool:
 
 @torch.inference_mode()
 def validate(session: Session) -> tuple[float, float]:
-    """(val loss, val accuracy) of the trainable part on the cached or streamed val inputs, over all ranks."""
+    """(val loss, val accuracy) of the trainable part on the cached or streamed val inputs, over all ranks;
+    with --ema, of its averaged weights."""
+    with session.ema.applied() if session.ema is not None else contextlib.nullcontext():
+        return _validate(session)
+
+
+def _validate(session: Session) -> tuple[float, float]:
     s = session
     # DDP's forward leaves each rank with its own BatchNorm statistics; score rank 0's (the saved model)
     s.ctx.broadcast_module_buffers(s.trainable)
