@@ -81,6 +81,7 @@ def every_option_config():
         cache="off",
         cache_views=3,
         jpeg_decode="workers",
+        ema=0.99,
         memory_budget_gb=1.5,
         runs_dir="my-runs",
         run_name="n",
