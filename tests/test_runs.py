@@ -166,3 +166,106 @@ def test_an_empty_or_missing_runs_folder(tmp_path, capsys):
 
 def test_durations_read_as_people_write_them():
     assert [duration_text(s) for s in (None, 4.4, 65, 3599.6, 7325)] == ["", "4s", "1m 05s", "1h 00m", "2h 02m"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The studio's Runs tab, its handlers without a browser (tests/test_browser_runs.py drives the page)
+
+
+@pytest.fixture
+def studio(runs_dir, tmp_path, sample_data):
+    """A Studio over a copy of the module's runs (a test may delete some)."""
+    pytest.importorskip("gradio")
+    from finetune.studio.state import Studio
+
+    shutil.copytree(runs_dir, tmp_path / "runs", symlinks=True)
+    return Studio(tmp_path / "runs", tmp_path / "ws", sample_data, base_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_studio_table_sorts_and_compares(studio):
+    from finetune.studio import runs_tab
+
+    view = runs_tab.runs_view(studio, "name", ["first", "gone"], None)
+    assert list(view["table"]["run"]) == ["broken", "first", "second"]
+    assert list(view["table"].columns)[:3] == ["run", "data", "arch"] and "ECE (cal.)" in view["table"].columns
+    assert "broken" in view["note"] and "holiday photos" in view["note"]
+    assert view["compare"].value == ["first"]  # a run that is gone is no longer ticked
+    assert [name for _, name in view["compare"].choices] == ["second", "first"]  # readable runs only
+    by_f1 = runs_tab.runs_view(studio, "macro F1")["table"]
+    scores = [float(v) for v in by_f1["macro F1"] if v]
+    assert scores == sorted(scores, reverse=True) and list(by_f1["run"])[-1] == "broken"
+
+    assert runs_tab.compare_runs(studio, ["first"])["curves"] is None
+    compared = runs_tab.compare_runs(studio, ["first", "second"])
+    axes = compared["curves"].axes[0]
+    assert [len(line.get_xdata()) for line in axes.lines] == [1, 2]  # one curve a run, an epoch a point
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["first", "second"]
+    f1 = compared["f1"]
+    assert list(f1.columns) == ["class", "first", "second"] and list(f1["class"]) == ["cats", "dogs"]
+    assert f1["second"].tolist() == [round(v, 3) for v in per_class_f1(RunDir(studio.runs_dir / "second")).values()]
+
+
+@pytest.mark.slow
+def test_use_this_run_sets_the_three_run_lists(studio):
+    from finetune.studio import runs_tab
+
+    *lists, message = runs_tab.use_run(studio, "first")
+    assert [dropdown.value for dropdown in lists] == [str(studio.runs_dir / "first")] * 3
+    assert "first" in message
+    with pytest.raises(gr_error(), match="not a run in"):
+        runs_tab.use_run(studio, "../first")
+    with pytest.raises(gr_error(), match="no run.json"):
+        runs_tab.use_run(studio, "holiday photos")
+
+
+def gr_error():
+    import gradio as gr
+
+    return gr.Error
+
+
+@pytest.mark.slow
+def test_delete_asks_first_and_deletes_only_a_run_inside_the_runs_folder(studio, tmp_path):
+    from finetune.studio import runs_tab
+
+    asked = runs_tab.ask_delete(studio, "first")
+    assert asked["pending"] == "first" and "cannot be undone" in asked["confirm_text"]
+    assert (studio.runs_dir / "first").is_dir()  # asking deletes nothing
+    assert runs_tab.cancel_delete(studio)["pending"] is None and (studio.runs_dir / "first").is_dir()
+    done = runs_tab.confirm_delete(studio, "first")
+    assert not (studio.runs_dir / "first").exists() and "Deleted" in done["status"]
+    assert (studio.runs_dir / "second").is_dir()
+
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(studio.runs_dir / "second", outside / "mine")
+    (studio.runs_dir / "link").symlink_to(outside / "mine")
+    for name in ("link", str(outside / "mine"), "../elsewhere/mine", str(studio.runs_dir)):
+        with pytest.raises(gr_error()):
+            runs_tab.confirm_delete(studio, name)
+    assert (outside / "mine" / "model.pth").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_that_trains_is_never_deleted(studio):
+    import os
+
+    from finetune.studio import runs_tab
+
+    info_path = studio.runs_dir / "second" / "run.json"
+    info = json.loads(info_path.read_text())
+    # this test's own process, named by a lock that says it trains that run (what every training holds)
+    from finetune.rundir import TrainingLock
+
+    with TrainingLock(studio.runs_dir, "photos") as lock:
+        lock.set_run(studio.runs_dir / "second")
+        info_path.write_text(json.dumps({**info, "status": "running", "pids": [os.getpid()]}))
+        for handler in (runs_tab.ask_delete, runs_tab.confirm_delete):
+            with pytest.raises(gr_error(), match="is training: stop it first"):
+                handler(studio, "second")
+    assert (studio.runs_dir / "second" / "model.pth").is_file()
+    # another machine's training in a shared runs folder: its processes cannot be seen from here
+    info_path.write_text(json.dumps({**info, "status": "running", "host": "elsewhere", "pids": [1]}))
+    with pytest.raises(gr_error(), match="is training"):
+        runs_tab.confirm_delete(studio, "second")
+    assert (studio.runs_dir / "second").is_dir()

@@ -21,7 +21,7 @@ ALL_INTERFACES = {"0.0.0.0": "all IPv4 interfaces", "::": "all interfaces"}
 def build_app(studio):
     import gradio as gr
 
-    from . import data_tab, evaluate_tab, export_tab, predict_tab, review_tab, train_tab
+    from . import data_tab, evaluate_tab, export_tab, predict_tab, review_tab, runs_tab, train_tab
     from .common import bind, latest_runs, refresh_runs, select_trained_run
 
     with gr.Blocks(title="Finetune Studio", delete_cache=(3600, 86400), analytics_enabled=False) as demo:
@@ -29,13 +29,14 @@ def build_app(studio):
             "# Finetune Studio\nTeach a ResNet your own image classes: **1. Data** → **2. Train** → "
             "**3. Evaluate** → **4. Predict** → **5. Export**. The sample shapes dataset is already "
             "selected: go to *Train* and press *Start training*. *Review data* finds mislabelled, "
-            "duplicated and leaking images before you train.",
+            "duplicated and leaking images before you train. *Runs* compares your runs.",
             elem_id="intro",
         )
         with gr.Tabs(elem_id="tabs"):
             data, review = data_tab.build(studio), review_tab.build(studio)
             train = train_tab.build(studio)
             evaluate, predict, export = evaluate_tab.build(studio), predict_tab.build(studio), export_tab.build(studio)
+            runs = runs_tab.build(studio)
         data_tab.wire(studio, data, demo, ready=train.data_ready)
         review_tab.wire(studio, review, data_path=data.path, train_curation=train.settings["curation"])
         followed, weights_inputs = train_tab.wire(studio, train, data_path=data.path)
@@ -57,6 +58,10 @@ def build_app(studio):
             tab.select(refreshing, run_lists, run_lists, api_visibility="private")
         followed.then(bind(studio, select_trained_run), run_lists, run_lists, api_name="refresh_runs_after_training")
         demo.load(bind(studio, latest_runs), None, run_lists, api_name="initial_runs")
+        # The Runs tab: "Use this run" chooses it in all three; a deleted run leaves them.
+        runs_deleted = runs_tab.wire(studio, runs)
+        runs.use.click(bind(studio, runs_tab.use_run), runs.run, [*run_lists, runs.status], api_name="use_run")
+        runs_deleted.then(refreshing, run_lists, run_lists, api_visibility="private")
     return demo
 
 
