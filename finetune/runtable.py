@@ -133,7 +133,7 @@ class RunsTable:
 
 def runs_table(runs_dir: str | Path) -> RunsTable:
     """Every run folder of `runs_dir`, newest first (run.json's "created", else the folder's time)."""
-    runs_dir = Path(runs_dir).expanduser()
+    runs_dir = Path(runs_dir).expanduser().absolute()  # for scripts: paths that hold from any folder
     if not runs_dir.is_dir():
         raise FinetuneError(f"no runs folder at {runs_dir}")
     try:
