@@ -62,6 +62,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .augment import JITTER, training_input, worker_transforms
 from .config import TrainConfig
 from .data import (
     IMAGENET_MEAN,
@@ -200,12 +201,15 @@ class Shard:
 # Streaming (no cache)
 
 
-def frozen_runner(frozen: nn.Module, memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 images on the device -> what the trainable part takes (frozen features, or the images)."""
+def frozen_runner(
+    frozen: nn.Module, memory_format, to_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 images on the device -> what the trainable part takes (frozen features, or the images).
+    `to_input`: the training's (augment.training_input), else the evaluation's (data.to_model_input)."""
     runs_frozen = not isinstance(frozen, nn.Identity)
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
-        images = to_model_input(images, memory_format)
+        images = to_input(images) if to_input is not None else to_model_input(images, memory_format)
         if not runs_frozen:
             return images
         with torch.no_grad():
@@ -230,6 +234,7 @@ def streaming_pipeline(
     the device, as in timm's fast_collate and prefetcher."""
     val_set = ImageListDataset(scan.root, scan.val, eval_pixels(cfg.image_size), min_size=resize_size(cfg.image_size))
     prepare = frozen_runner(frozen, memory_format)
+    prepare_train = frozen_runner(frozen, memory_format, training_input(cfg.augment, memory_format))
     on_device = decodes_on_device(cfg, device, log)
     parts = ["decoded every epoch", "uint8 to the device"]
     if on_device:
@@ -244,19 +249,24 @@ def streaming_pipeline(
             val_set,
             workers,
             description,
-            prepare,
+            prepare_train,
             prepare,
             collate_train=collate_encoded,
             feed_train=lambda loader: DeviceDecoded(loader, size, device),
         )
     # JPEG draft decoding: RandomResizedCrop may zoom in, so keep detail up to twice the crop size.
-    train_set = ImageListDataset(scan.root, scan.train, train_pixels(cfg.image_size), min_size=cfg.image_size * 2)
-    return Pipeline(train_set, val_set, workers, description, prepare, prepare)
+    train_transform = train_pixels(cfg.image_size, worker_transforms(cfg.augment))
+    train_set = ImageListDataset(scan.root, scan.train, train_transform, min_size=cfg.image_size * 2)
+    return Pipeline(train_set, val_set, workers, description, prepare_train, prepare)
 
 
 def decodes_on_device(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]) -> bool:
     """Whether streamed training JPEGs are decoded in the training process (cfg.jpeg_decode): `auto`
     does on CUDA when torchvision's nvJPEG decoder works there, and says why not when it does not."""
+    if cfg.augment == "strong":  # TrivialAugmentWide runs in the workers, on what they decode
+        if cfg.jpeg_decode == "device" or device.type == "cuda":
+            log("JPEGs are decoded by PIL in the workers: strong augmentation (TrivialAugmentWide) runs there")
+        return False
     if cfg.jpeg_decode != "auto":
         return cfg.jpeg_decode == "device"
     if device.type != "cuda":
@@ -293,13 +303,17 @@ class ImageViews(Dataset):
         seed: int,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        jitter: bool = False,
     ):
         self.root, self.items, self.indices = Path(root), items, indices
         self.image_size, self.views, self.seed = image_size, views, seed
         self.min_size = resize_size(image_size) if views <= 2 else image_size * 2
         self.resize = v2.Resize(resize_size(image_size), antialias=True)
         self.crop = v2.CenterCrop(image_size)
-        self.random_crop = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+        jittered = [v2.ColorJitter(JITTER, JITTER, JITTER)] if jitter else []  # --augment default
+        self.random_crop = v2.Compose(
+            [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *jittered]
+        )
         self.mean, self.std = list(mean), list(std)
 
     def __len__(self) -> int:
@@ -497,18 +511,10 @@ def feature_pipeline(
         f"caching frozen features once: {what} per view, {cfg.cache_views} view(s) ({views_text}) of "
         f"{len(train_idx)} training and 1 of {len(val_idx)} validation images, {_gb(need)} in {where}"
     )
+    _say_unjittered(cfg, per_image * len(train_idx), log)
     started = time.perf_counter()
-    common = dict(
-        shape=shape,
-        store_dtype=store_dtype,
-        device=device,
-        amp_dtype=amp_dtype,
-        memory_format=memory_format,
-        batch_size=cfg.batch_size,
-        workers=workers,
-        log=log,
-        store_device=store_device,
-    )
+    common = dict(shape=shape, store_dtype=store_dtype, device=device, amp_dtype=amp_dtype, log=log)
+    common.update(memory_format=memory_format, batch_size=cfg.batch_size, workers=workers, store_device=store_device)
     train_set, val_set = _cache_features(cfg, scan, frozen, train_idx, val_idx, common)
     log(f"feature cache ready in {time.perf_counter() - started:.1f} s")
     prepare = _feature_preparer(memory_format)
@@ -525,6 +531,15 @@ def feature_pipeline(
         kind="features",
         batched=True,
     )
+
+
+def _say_unjittered(cfg: TrainConfig, bytes_per_view: int, log: Callable[[str], None]) -> None:
+    """--augment default with no random view cached: the jitter would have nowhere to go."""
+    if cfg.augment == "default" and cfg.cache_views <= 2:
+        log(
+            f"--augment default jitters the cached random views, and {cfg.cache_views} view(s) are only the "
+            f"centre and its flip: with --cache-views 3 or more it applies ({_gb(bytes_per_view)} a view)"
+        )
 
 
 # The share of a GPU's free memory the feature cache may take: the rest is for training the trainable
@@ -555,7 +570,10 @@ def _cache_features(
     common: dict,
 ) -> tuple[FeatureCache, FeatureCache]:
     """The frozen features of this process's training views and validation images, with their labels."""
-    train_source = ImageViews(scan.root, scan.train, train_idx, cfg.image_size, cfg.cache_views, cfg.seed)
+    jitter = cfg.augment == "default"
+    train_source = ImageViews(
+        scan.root, scan.train, train_idx, cfg.image_size, cfg.cache_views, cfg.seed, jitter=jitter
+    )
     val_source = ImageViews(scan.root, scan.val, val_idx, cfg.image_size, 1, cfg.seed)
     train_features = compute_features(frozen, train_source, what="caching training features", **common)
     val_features = compute_features(frozen, val_source, what="caching validation features", **common)
@@ -682,6 +700,7 @@ class RandomCrops(Dataset):
 
     def __init__(self, store, labels: list[int]):
         self.store, self.labels = store, labels
+        self.extra: Callable[[torch.Tensor], torch.Tensor] | None = None  # augment strong: TrivialAugmentWide
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -690,7 +709,8 @@ class RandomCrops(Dataset):
         image = self.store[position]
         top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
         flip = bool(torch.rand(()) < 0.5)
-        return image[:, top : top + h, left : left + w], flip, self.labels[position]
+        crop = image[:, top : top + h, left : left + w]
+        return (self.extra(crop) if self.extra is not None else crop), flip, self.labels[position]
 
 
 def collate_crops(samples: list[tuple[torch.Tensor, bool, int]]) -> tuple[CropBatch, torch.Tensor]:
@@ -777,7 +797,8 @@ def pixel_pipeline(
     log(f"pixel cache ready in {time.perf_counter() - started:.1f} s")
 
     train_set, val_set = _pixel_sets(scan, store, val_pixels, unique_train, train_idx, val_idx)
-    prepare_train, scale = _device_transforms(size, memory_format)
+    train_set.extra = v2.Compose(worker_transforms(cfg.augment)) if cfg.augment == "strong" else None
+    prepare_train, scale = _device_transforms(size, memory_format, cfg.augment)
     # The loader only slices and pads (the resize runs on the device): the main process keeps up on
     # the CPU, where workers would compete with the model for the cores; on a GPU a few workers
     # prepare batches while it computes.
@@ -921,16 +942,17 @@ class _ShardImages:
 
 
 def _device_transforms(
-    size: int, memory_format
+    size: int, memory_format, augment: str = "light"
 ) -> tuple[Callable[[CropBatch], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """prepare_train (resize and flip the loader's crops, then scale) and scale (float, normalised, in
-    the model's memory format): both run batched on the device."""
+    """prepare_train (resize and flip the loader's crops, then scale, with the augmentation's device
+    part) and scale (float, normalised, in the model's memory format): both batched on the device."""
+    to_input = training_input(augment, memory_format)
 
     def scale(images: torch.Tensor) -> torch.Tensor:
         return to_model_input(images, memory_format)
 
     def prepare_train(batch: CropBatch) -> torch.Tensor:
-        return to_model_input(resize_crops(batch, size).div_(255), memory_format)
+        return to_input(resize_crops(batch, size).div_(255))
 
     return prepare_train, scale
 
@@ -966,6 +988,8 @@ def build_pipeline(
             return not ctx.any(not ok)
 
         try:
+            if cfg.augment == "strong" and not isinstance(frozen, nn.Identity):
+                raise DoesNotFit("strong augmentation draws new views every epoch, which no cache of fixed views holds")
             if isinstance(frozen, nn.Identity):
                 built = pixel_pipeline(cfg, scan, device, memory_format, workers, log, budget, shard, agree)
             else:

@@ -18,6 +18,7 @@ from .architectures import ARCHITECTURES, architecture
 ARCHS = tuple(ARCHITECTURES)  # the --arch names: one row each in architectures.py
 STRATEGIES = ("all", "last", "head")
 JPEG_DECODING = ("auto", "device", "workers")
+AUGMENTS = ("light", "default", "strong")  # augment.py says what each does, and where
 
 STRATEGY_HELP = {
     "all": "every layer trains (best accuracy with enough data; slowest)",
@@ -185,6 +186,28 @@ class TrainConfig:
         ui={"minimum": 0},
     )
     weight_decay: float = option(0.05, "AdamW weight decay", "optim", ui={"minimum": 0})
+    augment: str = option(
+        "light",
+        "training augmentation: light (RandomResizedCrop and flip, as the classic scripts), default (and a "
+        "little colour jitter), strong (and TrivialAugmentWide and random erasing; head and last then stream)",
+        "optim",
+        choices=AUGMENTS,
+        label="Augmentation",
+    )
+    mixup: float = option(
+        0.0,
+        "MixUp alpha on each batch (all and last; 0: off)",
+        "optim",
+        label="MixUp alpha (0: off)",
+        ui={"minimum": 0},
+    )
+    cutmix: float = option(
+        0.0,
+        "CutMix alpha on each batch (all and last; 0: off; with --mixup each batch takes one of them)",
+        "optim",
+        label="CutMix alpha (0: off)",
+        ui={"minimum": 0},
+    )
     ema: float = option(
         0.0,
         "keep an exponential moving average of the trained weights with this decay (e.g. 0.999; 0: off): it is "
@@ -306,6 +329,15 @@ class TrainConfig:
             (
                 self.jpeg_decode in JPEG_DECODING,
                 f"jpeg decode must be one of {', '.join(JPEG_DECODING)}, got {self.jpeg_decode!r}",
+            ),
+            (self.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}"),
+            (
+                self.mixup >= 0 and self.cutmix >= 0,
+                f"mixup and cutmix must be 0 or more, got {self.mixup}, {self.cutmix}",
+            ),
+            (
+                not (self.mixup or self.cutmix) or self.resolved_strategy() != "head",
+                "mixup and cutmix need strategy all or last: head trains on pooled vectors, with nothing to cut",
             ),
             (0 <= self.ema < 1, f"ema decay must be 0 (off) or between 0 and 1, got {self.ema}"),
             (self.cache_views >= 1, f"cache views must be at least 1, got {self.cache_views}"),

@@ -997,10 +997,12 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
-def train_pixels(image_size: int) -> v2.Compose:
-    """The training augmentation as uint8 pixels (RandomResizedCrop, flip): what crosses processes and
-    the bus, a quarter of float32's bytes; `to_model_input` scales and normalises it on the device."""
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+def train_pixels(image_size: int, extra: list | tuple = ()) -> v2.Compose:
+    """The training augmentation as uint8 pixels (RandomResizedCrop, flip, then `extra`, e.g.
+    augment.worker_transforms): what crosses processes and the bus, a quarter of float32's bytes; the
+    device scales and normalises it (`to_model_input`, augment.training_input)."""
+    crop = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *extra]
+    return v2.Compose([v2.ToImage(), *crop])
 
 
 def eval_pixels(image_size: int) -> v2.Compose:

@@ -44,6 +44,7 @@ from torch.utils.data import (
 
 from . import cache
 from .architectures import architecture
+from .augment import batch_mixing, describe
 from .calibrate import NonFiniteLogits, calibrate, softmax
 from .config import FinetuneError, TrainConfig, default_strategy
 from .data import IMAGENET_MEAN, IMAGENET_STD, DatasetScan, ImageListDataset, eval_transform, resize_size, scan_dataset
@@ -65,7 +66,7 @@ from .ema import WeightsEMA
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import BestEpoch, EpochRecord, Event, EventCallback, EventWriter, Timing, end_event, epoch_event
 from .model import apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
-from .rundir import DiskFull, RunDir, RunInfo, TrainingLock, disk_full, save_atomic
+from .rundir import DiskFull, RunDir, RunInfo, TrainingLock, disk_full, save_atomic, save_safetensors
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
 # done every this many batches, not every batch.
@@ -147,6 +148,8 @@ class Session:
     emit: EventCallback
     pipeline_seconds: float = 0.0  # building the data pipeline: the feature or pixel cache, if any
     ema: WeightsEMA | None = None  # --ema: the averaged trainable weights, validated and saved as the model
+    # --mixup/--cutmix: (inputs, labels) -> (mixed inputs, soft targets), after the frozen part
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def log(self, message: str) -> None:
         self.emit({"type": "log", "message": message})
@@ -300,6 +303,7 @@ def setup_session(
     def log(message: str) -> None:
         emit({"type": "log", "message": message})
 
+    log(f"augmentation: {describe(cfg.augment, cfg.mixup, cfg.cutmix)}")
     pipeline_start = time.perf_counter()
     pipeline = cache.build_pipeline(cfg, scan, frozen, device, amp_dtype, memory_format, workers, log, ctx)
     ctx.patient_barrier("building the data pipeline")  # caches take longer on some ranks than NCCL waits
@@ -333,6 +337,7 @@ def setup_session(
         emit=emit,
         pipeline_seconds=pipeline_seconds,
         ema=WeightsEMA(trainable, cfg.ema) if cfg.ema else None,
+        mix=batch_mixing(cfg.mixup, cfg.cutmix, len(scan.classes)),
     )
 
 
@@ -442,6 +447,8 @@ def save_checkpoint(session: Session, state: TrainState, improved: bool, complet
             save_atomic(to_cpu(session.model.state_dict()), session.run.model)
     elif improved:
         save_atomic(model_state, session.run.model)
+    if improved:  # a resumed run's model.safetensors is of an older epoch now (final_evaluation rewrites it)
+        session.run.safetensors.unlink(missing_ok=True)
     if not complete:
         return
     checkpoint = {
@@ -626,8 +633,10 @@ def train_one_epoch(session: Session, epoch: int, stop: threading.Event, progres
         inputs = to_device(inputs, s.device, copy_async)
         targets = targets.to(s.device, non_blocking=copy_async)
         with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
-            logits = s.step_module(s.pipeline.prepare_train(inputs))
-            loss = s.criterion(logits.float(), targets)
+            inputs = s.pipeline.prepare_train(inputs)
+            inputs, wanted = s.mix(inputs, targets) if s.mix is not None else (inputs, targets)
+            logits = s.step_module(inputs)
+            loss = s.criterion(logits.float(), wanted)
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
         s.scaler.step(s.optimizer)
@@ -1241,7 +1250,9 @@ def final_evaluation(session: Session, state: TrainState) -> dict | None:
     s = session
     if not s.ctx.is_main or not s.run.model.is_file():
         return None
-    s.model.load_state_dict(torch.load(s.run.model, map_location=s.device, weights_only=True))
+    best = torch.load(s.run.model, map_location="cpu", weights_only=True)
+    save_safetensors(best, s.run.safetensors, {"format": "pt", "arch": s.cfg.arch})  # the Hub's format
+    s.model.load_state_dict(best)
     s.model.eval()
     plot_history(state.history, s.run.curves)
     results, temperature = {}, 1.0

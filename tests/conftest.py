@@ -59,7 +59,7 @@ def every_option_config():
     cfg = TrainConfig(
         data="photos",
         arch="resnet50",
-        strategy="head",
+        strategy="last",
         weights="w.pth",
         epochs=2,
         batch_size=3,
@@ -82,6 +82,9 @@ def every_option_config():
         cache_views=3,
         jpeg_decode="workers",
         ema=0.99,
+        augment="strong",
+        mixup=0.2,
+        cutmix=1.0,
         memory_budget_gb=1.5,
         runs_dir="my-runs",
         run_name="n",
