@@ -190,6 +190,7 @@ def test_studio_table_sorts_and_compares(studio):
     assert list(view["table"]["run"]) == ["broken", "first", "second"]
     assert list(view["table"].columns)[:3] == ["run", "data", "arch"] and "ECE (cal.)" in view["table"].columns
     assert "broken" in view["note"] and "holiday photos" in view["note"]
+    assert view["table"]["images"].tolist() == [None, 8, 8]  # numbers (the page's header sort sorts them so)
     assert view["compare"].value == ["first"]  # a run that is gone is no longer ticked
     assert [name for _, name in view["compare"].choices] == ["second", "first"]  # readable runs only
     by_f1 = runs_tab.runs_view(studio, "macro F1")["table"]

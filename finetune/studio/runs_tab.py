@@ -97,11 +97,17 @@ def sorted_rows(rows: list[RunRow], sort: str | None) -> list[RunRow]:
     return sorted(known, key=lambda row: getattr(row, key), reverse=largest_first) + unknown
 
 
+NUMBERS = ("best_val_acc", "macro_f1", "ece", "images")  # numbers on the page: its header sort sorts them so
+
+
 def table_frame(rows: list[RunRow]) -> pd.DataFrame:
-    """The table as the page shows it: every cell text (names through printable)."""
-    return pd.DataFrame([row.cells() for row in rows], columns=[key for key, _ in COLUMNS]).rename(
-        columns=dict(COLUMNS)
-    )
+    """The table as the page shows it: text (names through printable), and numbers where they are
+    (None, an empty cell, where a run does not say)."""
+    frame = pd.DataFrame([row.cells() for row in rows], columns=[key for key, _ in COLUMNS])
+    for key in NUMBERS:
+        values = [getattr(row, key) for row in rows]
+        frame[key] = pd.Series([v if v is None or key == "images" else round(v, 3) for v in values], dtype=object)
+    return frame.rename(columns=dict(COLUMNS))
 
 
 def table_note(rows: list[RunRow], note: str) -> str:
