@@ -337,8 +337,40 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
+    if args.format == "hf":
+        from .hub import export_hf
+
+        if args.embed_preprocessing or args.half:
+            raise FinetuneError(
+                "--format hf holds the plain float32 weights: --embed-preprocessing and --half are not for it"
+            )
+        say(f"wrote {export_hf(args.run, args.out)} (finetune push {args.run} USER/NAME uploads it to the Hub)")
+        return 0
     say(f"wrote {export(args.run, args.format, args.out, args.embed_preprocessing, args.half)}")
     return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    say(f"pushed {args.run} to {push(args.run, args.repo_id, args.private)}")
+    return 0
+
+
+def _add_push_command(sub: argparse._SubParsersAction) -> None:
+    """The `push` command: the hf export of a run uploaded to the Hugging Face Hub (finetune/hub.py)."""
+    push_parser = sub.add_parser(
+        "push",
+        help="upload a run's model folder (export --format hf) to the Hugging Face Hub",
+        formatter_class=DefaultsHelpFormatter,
+        description="Exports RUN as a model folder (weights as safetensors, config.json, a model card) and "
+        "uploads it to the model repository REPO_ID, created when missing. The token is yours: `hf auth login` "
+        "or $HF_TOKEN.",
+    )
+    push_parser.add_argument("run", help="run folder")
+    push_parser.add_argument("repo_id", help="USER/NAME or ORG/NAME on the Hub")
+    push_parser.add_argument("--private", action="store_true", help="create the repository private")
+    push_parser.set_defaults(func=cmd_push)
 
 
 def cmd_runs(args) -> int:
@@ -490,7 +522,7 @@ def _add_predict_command(sub: argparse._SubParsersAction) -> None:
         description="MODEL is a run folder, or a classic state_dict .pth (then --arch, and "
         "--classes unless class_indices.json lies beside it).",
     )
-    predict_parser.add_argument("model", help="run folder or .pth file")
+    predict_parser.add_argument("model", help="run folder, exported model folder (export --format hf) or .pth file")
     predict_parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     predict_parser.add_argument("--top-k", type=int, default=3, help="classes listed per image")
     predict_parser.add_argument("--csv", help="also write the predictions to this CSV file")
@@ -590,13 +622,19 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     from .export import FORMATS
 
     export_parser = sub.add_parser(
-        "export", help="export a run's model to TorchScript or ONNX", formatter_class=DefaultsHelpFormatter
+        "export",
+        help="export a run's model to TorchScript, ONNX, pt2 or a Hugging Face model folder",
+        formatter_class=DefaultsHelpFormatter,
     )
     export_parser.add_argument("run", help="run folder")
     export_parser.add_argument(
-        "--format", choices=FORMATS, default="torchscript", help="file format (pt2: torch.export's ExportedProgram)"
+        "--format",
+        choices=(*FORMATS, "hf"),
+        default="torchscript",
+        help="file format (pt2: torch.export's ExportedProgram; hf: a folder with model.safetensors, "
+        "config.json and a model card)",
     )
-    export_parser.add_argument("--out", help="output file (default: in the run folder)")
+    export_parser.add_argument("--out", help="output file, or folder for hf (default: in the run folder; hf: RUN/hf)")
     export_parser.add_argument(
         "--embed-preprocessing",
         action="store_true",
@@ -641,6 +679,38 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
         help="more host names clients may use (a reverse proxy's), comma-separated (also FINETUNE_ALLOWED_HOSTS)",
     )
     serve_parser.set_defaults(func=cmd_serve)
+
+
+def cmd_suggest(args) -> int:
+    from .suggest import suggest, table, write_outputs
+
+    pool = dataset_folder(args.pool, args.quiet)
+    log = None if args.quiet else (lambda message: say(message, err=True))
+    suggestions, skipped = suggest(args.run, pool, args.n, args.measure, args.device, log=log)
+    for name, reason in skipped:
+        say(f"skipped {name}: {reason}", err=True)
+    say(table(suggestions))
+    for written in write_outputs(suggestions, args.json, args.csv):
+        say(f"wrote {written}")
+    return 0
+
+
+def _add_suggest_command(sub: argparse._SubParsersAction) -> None:
+    """The `suggest` command: which unlabelled images to label next (finetune/suggest.py)."""
+    suggest_parser = sub.add_parser(
+        "suggest",
+        help="which unlabelled images to label next (most uncertain, diverse, none already in the data)",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    suggest_parser.add_argument("run", help="run folder")
+    suggest_parser.add_argument("pool", help="folder or .zip of unlabelled images (only read)")
+    suggest_parser.add_argument("--n", type=int, default=50, help="how many to suggest")
+    suggest_parser.add_argument("--measure", choices=("margin", "entropy"), default="margin", help="uncertainty")
+    suggest_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    suggest_parser.add_argument("--json", metavar="FILE", help="write the suggestions as JSON")
+    suggest_parser.add_argument("--csv", metavar="FILE", help="write the suggestions as CSV")
+    suggest_parser.add_argument("--quiet", action="store_true", help="only the table")
+    suggest_parser.set_defaults(func=cmd_suggest)
 
 
 def _add_scan_command(sub: argparse._SubParsersAction) -> None:
@@ -728,7 +798,9 @@ def build_parser(prog: str = "finetune") -> argparse.ArgumentParser:
     _add_doctor_command(sub)
     _add_evaluate_command(sub)
     _add_export_command(sub)
+    _add_push_command(sub)
     _add_serve_command(sub)
+    _add_suggest_command(sub)
     _add_runs_command(sub)
     _add_scan_command(sub)
     _add_selftest_command(sub)
