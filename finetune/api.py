@@ -364,9 +364,14 @@ class Run(Model):
 
     def export(self, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
         """The model as ONNX ("onnx") or TorchScript ("torchscript"), with its classes, preprocessing and
-        calibration inside; returns the file (default: model.onnx / model.torchscript.pt in the run)."""
+        calibration inside; returns the file (default: model.onnx / model.torchscript.pt in the run).
+        "hf": the Hugging Face model folder (weights, config.json, model card; default RUN/hf)."""
         from .export import export
 
+        if fmt == "hf":
+            from .hub import export_hf
+
+            return export_hf(self.path, Path(out) if out is not None else None)
         return export(self.path, fmt, Path(out) if out else None)
 
     def __repr__(self) -> str:
@@ -487,7 +492,8 @@ def load(
     image_size: int | None = None,
     device: str = "auto",
 ) -> Model:
-    """A run folder -> Run. A classic weights file (a torchvision ResNet state_dict .pth), or a folder that
+    """A run folder -> Run. A folder `finetune export --format hf` wrote (config.json, model.safetensors)
+    -> Model. A classic weights file (a torchvision ResNet state_dict .pth), or a folder that
     holds model.pth without run.json -> Model: its classes from `classes` (a class_indices.json, or the
     names in index order), else the class_indices.json beside it; `arch` (a name of the architectures table) is read
     from the weights when not given; `image_size` defaults to 224."""
@@ -496,6 +502,12 @@ def load(
         if classes is not None or arch is not None or image_size is not None:
             raise FinetuneError(f"{source} is a run folder: its classes, architecture and image size are its own")
         return Run(source, device=device)
+    if source.is_dir() and (source / "config.json").is_file() and not (source / "model.pth").is_file():
+        if classes is not None or arch is not None or image_size is not None:
+            raise FinetuneError(f"{source} is an exported model folder: its config.json says its classes and sizes")
+        from .predict import Predictor
+
+        return Model(source / "model.safetensors", Predictor.from_hf_folder(source, device))
     if source.is_dir():
         if not (source / "model.pth").is_file():
             raise FinetuneError(f"not a run folder (no run.json) and no model.pth in it: {source}")

@@ -32,6 +32,7 @@ EXTRAS = {
     "fastapi": Extra("finetune serve", "fastapi", "serve"),
     "uvicorn": Extra("finetune serve", "uvicorn", "serve"),
     "python_multipart": Extra("finetune serve", "python-multipart", "serve"),
+    "huggingface_hub": Extra("finetune push", "huggingface_hub", "hub"),
 }
 
 

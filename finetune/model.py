@@ -122,6 +122,24 @@ def safe_load(path: str | Path, what: str = "file") -> object:
             raise FinetuneError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
 
 
+def load_safetensors(path: str | Path, what: str = "model") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (a JSON header and raw bytes: no code can run), as a state_dict
+    on the CPU; a file over MAX_WEIGHTS_BYTES or that safetensors refuses is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path).expanduser()
+    with open_user_file(path, what) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_WEIGHTS_BYTES:
+            raise FinetuneError(f"refusing {what} {path}: {size / 1e6:,.0f} MB, more than a ResNet needs")
+        data = file.read()
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise FinetuneError(f"cannot read {what} {path}: not a safetensors file ({error})") from None
+
+
 def load_imagenet_state_dict(arch: str | Architecture, weights: str = "imagenet") -> dict[str, torch.Tensor]:
     """From the torch hub cache, downloading it there when online; clear error when neither."""
     spec = architecture(arch)

@@ -85,7 +85,7 @@ def _collate(batch):
     return images, [i for _, i in good], failed
 
 
-def _check_run_fields(info: Mapping[str, Any], info_path: Path) -> None:
+def check_run_fields(info: Mapping[str, Any], info_path: Path) -> None:
     """One line naming run.json and the field when what a model is loaded with is not what finetune
     writes there (a run folder may come from anyone): its arch, classes, image size, normalisation and
     calibration."""
@@ -170,7 +170,7 @@ class Predictor:
         info = run.require_trained(checkpoint)
         run_dir, info_path = run.path, run.info_path
         weights = run.path / checkpoint
-        _check_run_fields(info, info_path)
+        check_run_fields(info, info_path)
         state = state_dict_from(safe_load(weights, "model"), weights)
         classes = info["classes"]
         class_file = run.class_indices
@@ -192,6 +192,28 @@ class Predictor:
         )
 
     @classmethod
+    def from_hf_folder(cls, folder: str | Path, device: str = "auto") -> Predictor:
+        """A folder `finetune export --format hf` wrote (or one from the Hub): config.json, model.safetensors."""
+        from .hub import WEIGHTS, read_hf_folder
+
+        folder = Path(folder).expanduser()
+        config, state = read_hf_folder(folder)
+        classes = config["classes"]
+        model = load_classifier(config["arch"], state, len(classes), str(folder / WEIGHTS))
+        return cls(
+            model,
+            classes,
+            config["arch"],
+            config["image_size"],
+            config["mean"],
+            config["std"],
+            device,
+            source=str(folder),
+            temperature=config.get("temperature", 1.0),
+            suggested_min_confidence=config.get("min_confidence"),
+        )
+
+    @classmethod
     def from_files(
         cls, weights: str | Path, class_indices: str | Path, arch: str, image_size: int = 224, device: str = "auto"
     ) -> Predictor:
@@ -210,8 +232,11 @@ class Predictor:
         image_size: int = 224,
         device: str = "auto",
     ) -> Predictor:
-        """A run folder, or a .pth file with a class file beside it (or given) and --arch."""
+        """A run folder, an exported model folder (`finetune export --format hf`), or a .pth file with a class
+        file beside it (or given) and --arch."""
         source = Path(source).expanduser()
+        if source.is_dir() and not (source / "run.json").is_file() and (source / "config.json").is_file():
+            return cls.from_hf_folder(source, device)
         if source.is_dir():
             return cls.from_run(source, device)
         if not source.exists():

@@ -3,6 +3,7 @@
 One place knows the layout (`runs/<time>-<arch>-<strategy>/`):
 
     model.pth            best model: a plain torchvision state_dict (CPU tensors)
+    model.safetensors    the same tensors as safetensors (written when the training ends)
     last.pth             resume checkpoint: model, optimizer, scheduler, scaler, epoch, history
     class_indices.json   the classic class map {"0": "daisy", ...}, 4-space indent
     run.json             architecture, classes, preprocessing, config, status, history, summary
@@ -93,6 +94,14 @@ def save_atomic(obj, path: Path) -> None:
     write_atomic(path, lambda sink: torch.save(obj, sink))
 
 
+def save_safetensors(state: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A state_dict as safetensors (the Hub's and timm's format: tensors only, nothing to unpickle)."""
+    from safetensors.torch import save
+
+    data = save({key: tensor.detach().cpu().contiguous() for key, tensor in state.items()}, metadata)
+    write_atomic(path, lambda sink: sink.write(data))
+
+
 def class_indices_json(classes: list[str]) -> str:
     """The classic predict.py class map: {"0": "daisy", ...} with 4-space indentation."""
     return json.dumps({str(i): name for i, name in enumerate(classes)}, indent=4)
@@ -137,6 +146,12 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.path / "model.pth"
+
+    @property
+    def safetensors(self) -> Path:
+        """model.pth's tensors as safetensors, written when the training ends (removed when model.pth
+        changes before that: it never holds another epoch than model.pth)."""
+        return self.path / "model.safetensors"
 
     @property
     def last(self) -> Path:
