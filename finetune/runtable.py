@@ -184,13 +184,14 @@ def run_row(run: RunDir) -> RunRow:
 # What the studio compares: the validation curves and the per-class F1 of a run
 
 
-def val_curve(run: RunDir) -> list[tuple[int, float]]:
-    """(epoch, val accuracy) of every epoch in run.json's history (what the run recorded so far)."""
+def val_curve(run: RunDir, metric: str = "val_acc") -> list[tuple[int, float]]:
+    """(epoch, value) of `metric` ("val_acc", "val_loss", ...) for every epoch in run.json's history
+    (what the run recorded so far)."""
     points = []
     for record in _history(run.info()):
-        epoch, accuracy = _whole(record.get("epoch")), _real(record.get("val_acc"))
-        if epoch is not None and accuracy is not None:
-            points.append((epoch, accuracy))
+        epoch, value = _whole(record.get("epoch")), _real(record.get(metric))
+        if epoch is not None and value is not None:
+            points.append((epoch, value))
     return points
 
 

@@ -199,9 +199,11 @@ def test_studio_table_sorts_and_compares(studio):
 
     assert runs_tab.compare_runs(studio, ["first"])["curves"] is None
     compared = runs_tab.compare_runs(studio, ["first", "second"])
-    axes = compared["curves"].axes[0]
-    assert [len(line.get_xdata()) for line in axes.lines] == [1, 2]  # one curve a run, an epoch a point
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["first", "second"]
+    accuracy, loss = compared["curves"].axes
+    assert [len(line.get_xdata()) for line in accuracy.lines] == [1, 2]  # one curve a run, an epoch a point
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["first", "second"]
+    second_loss = [v for _, v in val_curve(RunDir(studio.runs_dir / "second"), "val_loss")]
+    assert loss.get_ylabel() == "validation loss" and list(loss.lines[1].get_ydata()) == second_loss
     f1 = compared["f1"]
     assert list(f1.columns) == ["class", "first", "second"] and list(f1["class"]) == ["cats", "dogs"]
     assert f1["second"].tolist() == [round(v, 3) for v in per_class_f1(RunDir(studio.runs_dir / "second")).values()]

@@ -141,23 +141,28 @@ def runs_view(studio: Studio, sort: str | None = None, picked: list[str] | None 
 
 
 def curves_figure(runs: list[RunDir]):
-    """Validation accuracy per epoch of each run, in one matplotlib figure."""
+    """Validation accuracy and loss per epoch of each run, side by side in one matplotlib figure."""
     from matplotlib.figure import Figure  # no pyplot: nothing global, the figure goes with its event
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(8, 3.6), layout="constrained")
-    axes = figure.add_subplot()
-    for run in runs:
-        points = val_curve(run)
-        if points:
-            epochs, accuracy = zip(*points, strict=True)
-            # a "$" would start mathtext in the legend: a name is shown as it is
-            axes.plot(epochs, accuracy, marker="o", label=printable(run.name).replace("$", r"\$"))
-    axes.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0, 1.02))
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    if axes.lines:
-        axes.legend(loc="best", fontsize="small")
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    accuracy_axes, loss_axes = figure.subplots(1, 2)
+    for axes, metric, label in (
+        (accuracy_axes, "val_acc", "validation accuracy"),
+        (loss_axes, "val_loss", "validation loss"),
+    ):
+        for run in runs:
+            points = val_curve(run, metric)
+            if points:
+                epochs, values = zip(*points, strict=True)
+                # a "$" would start mathtext in the legend: a name is shown as it is
+                axes.plot(epochs, values, marker="o", label=printable(run.name).replace("$", r"\$"))
+        axes.set(xlabel="epoch", ylabel=label)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    accuracy_axes.set_ylim(0, 1.02)
+    if accuracy_axes.lines:
+        accuracy_axes.legend(loc="best", fontsize="small")
     return figure
 
 
