@@ -263,3 +263,27 @@ def test_push_uploads_the_export_with_the_users_token(trained, monkeypatch, caps
     )
     for name in ("README.md", "config.json"):
         assert str(data).encode() not in calls["files"][name] and str(run).encode() not in calls["files"][name]
+
+
+def test_a_strangers_run_leaks_nothing_into_the_folder(trained, tmp_path):
+    """A linked plot is not followed (the folder may be pushed), a weights path of the user's machine
+    is not written, and a run without metrics, split or calibration still gets an honest card."""
+    from conftest import copy_run
+
+    run = copy_run(trained[0], tmp_path)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\n private")
+    (run / "reliability.png").unlink()
+    (run / "reliability.png").symlink_to(secret)
+    for name in ("metrics.json", "split.json"):
+        (run / name).unlink()
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["weights"] = "/home/alice/private/start.pth"
+    del info["calibration"]
+    (run / "run.json").write_text(json.dumps(info))
+    out = export_hf(run, tmp_path / "out")
+    assert "reliability.png" not in {p.name for p in out.iterdir()}
+    card = (out / "README.md").read_text()
+    assert "alice" not in card and "reliability.png" not in card and "private" not in card
+    assert "no evaluation" in card and "Not calibrated" in card and "could not be read" in card
+    assert Predictor.load(out, device="cpu").temperature == 1.0
