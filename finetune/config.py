@@ -44,6 +44,15 @@ class FinetuneError(Exception):
     """A problem with the user's input: shown as one line, never as a traceback."""
 
 
+def plain_folder_name(name: str) -> bool:
+    """A name that makes one folder inside its parent: "../x" or "/x" would put a run elsewhere."""
+    return (
+        bool(name.strip())
+        and name not in (".", "..")
+        and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+
+
 def default_strategy(weights: str) -> str:
     """The strategy when none is given: `all` from scratch (weights "none"): the layers another strategy
     freezes would stay random, and a head on random features learns next to nothing (chance accuracy on
@@ -340,6 +349,11 @@ class TrainConfig:
                 "mixup and cutmix need strategy all or last: head trains on pooled vectors, with nothing to cut",
             ),
             (0 <= self.ema < 1, f"ema decay must be 0 (off) or between 0 and 1, got {self.ema}"),
+            (
+                self.run_name is None or plain_folder_name(self.run_name),
+                f"run name must be a plain folder name (no / or \\, not . or .., no control characters), "
+                f"got {self.run_name!r}",
+            ),
             (self.cache_views >= 1, f"cache views must be at least 1, got {self.cache_views}"),
             (self.workers is None or self.workers >= 0, f"workers must be 0 or more, got {self.workers}"),
             (self.early_stopping >= 0, f"early stopping must be 0 or more, got {self.early_stopping}"),

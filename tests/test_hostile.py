@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from conftest import run_within
+from conftest import make_class_folders, run_within
 from PIL import Image
 
 import finetune
@@ -390,3 +390,15 @@ def test_the_studios_banner_shows_a_strangers_folder_names_escaped(tmp_path):
     )
     banner = running.banner("Ctrl-C stops it.")
     assert "\x1b" not in banner and "\x07" not in banner and "following the training still running in" in banner
+
+
+@pytest.mark.parametrize("name", ["../outside", "/tmp/elsewhere", "a/b", "..", "tab\there"])
+def test_a_run_name_that_would_leave_the_runs_folder_is_refused(tmp_path, name):
+    from finetune.config import FinetuneError, TrainConfig
+    from finetune.training import train
+
+    data = make_class_folders(tmp_path / "data", per_class=2)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FinetuneError, match="run name must be a plain folder name"):
+        train(TrainConfig(data=str(data), runs_dir=str(tmp_path / "runs"), weights="none", run_name=name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
