@@ -287,3 +287,23 @@ def test_a_strangers_run_leaks_nothing_into_the_folder(trained, tmp_path):
     assert "alice" not in card and "reliability.png" not in card and "private" not in card
     assert "no evaluation" in card and "Not calibrated" in card and "could not be read" in card
     assert Predictor.load(out, device="cpu").temperature == 1.0
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_model_safetensors_of_its_model_pth(trained, tmp_path):
+    from conftest import copy_run
+
+    from finetune.training import resume_config, train
+
+    run = copy_run(trained[0], tmp_path)
+    seen = []
+
+    def on_event(event):  # after each epoch's checkpoint: never a model.safetensors of another epoch
+        if event["type"] == "epoch" and (run / "model.safetensors").is_file():
+            seen.append(load_safetensors(run / "model.safetensors")["fc.weight"])
+            assert torch.equal(seen[-1], torch.load(run / "model.pth", weights_only=True)["fc.weight"])
+
+    assert train(resume_config(run, epochs=3), on_event=on_event, resume=run) == run
+    classic = torch.load(run / "model.pth", map_location="cpu", weights_only=True)
+    tensors = load_safetensors(run / "model.safetensors")
+    assert all(torch.equal(tensors[key], classic[key]) for key in classic)
