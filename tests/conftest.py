@@ -275,7 +275,10 @@ def pytest_runtest_makereport(item, call):
 def sleeper(seconds: int) -> str:
     """`python -c` code for a process that sleeps and ends on SIGINT, as a training does, even when the
     suite was started as a background job of a shell (it ignores SIGINT, and children inherit that)."""
-    return f"import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep({seconds})"
+    return (
+        "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"print('ready', flush=True); time.sleep({seconds})"
+    )  # 'ready': a SIGINT sent before the handler is back would be ignored (wait for the line)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -717,7 +717,10 @@ def elsewhere_app(tmp_path_factory):
     base = tmp_path_factory.mktemp("elsewhere")
     cwd, runs_dir = base / "cwd", base / "runs"
     make_class_folders(cwd / "photos", classes=("cats", "dogs"), per_class=6, size=(64, 64))
-    left = subprocess.Popen([sys.executable, "-c", sleeper(300), "finetune", "train"], start_new_session=True)
+    left = subprocess.Popen(
+        [sys.executable, "-c", sleeper(300), "finetune", "train"], start_new_session=True, stdout=subprocess.PIPE
+    )
+    assert left.stdout is not None and left.stdout.readline() == b"ready\n"  # its SIGINT handler is set
     from finetune.jobs import is_training_process
 
     while not is_training_process(left.pid):

@@ -477,8 +477,13 @@ def running_process(tmp_path: Path) -> subprocess.Popen:
     """A process that looks like a finetune training to the studio (argv: ... finetune train) and
     ends on SIGINT, as a training does."""
     process = subprocess.Popen(
-        [sys.executable, "-c", sleeper(120), "finetune", "train"], start_new_session=True, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", sleeper(120), "finetune", "train"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"  # its SIGINT handler is set
     deadline = time.time() + 10
     while not jobs.is_training_process(process.pid):  # /proc shows the new command line a moment later
         assert time.time() < deadline
