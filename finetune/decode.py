@@ -49,21 +49,33 @@ _END = object()
 
 
 class EncodedBatch(NamedTuple):
-    """A training batch as it crosses from the workers: per image either its JPEG bytes (1-D uint8), to
-    be decoded on the device, or its crop already decoded by PIL (uint8 [3, S, S]).
+    """A training batch as it crosses from the workers, in a few tensors whatever its size (each tensor
+    crossing processes holds a file descriptor while in flight): the JPEGs to decode on the device, one
+    after another in `data` (`lengths` bytes each), and the crops PIL decoded, stacked in `pixels`.
 
-    plans: int64 [B, 7]: encoded?, EXIF orientation, top, left, height, width (the crop box in the
-    oriented image) and the stored image's pixels; flips: bool [B]; paths: each image's file (errors
-    name it)."""
+    plans: int64 [B, PLAN]: on the device?, EXIF orientation, top, left, height, width (the crop box in
+    the oriented image), then the stored image's height and width; flips: bool [B]; paths: each image's
+    file (errors name it). Images keep their order: the k-th encoded plan is the k-th of `lengths`."""
 
-    payloads: list[torch.Tensor]
+    data: torch.Tensor
+    lengths: torch.Tensor
+    pixels: torch.Tensor
     plans: torch.Tensor
     flips: torch.Tensor
     paths: list[str]
 
 
+PLAN = 8
+
+
 class EncodedImages(Dataset):
-    """(JPEG bytes and their crop plan, or a PIL-decoded crop; label) for a list of (path, label)."""
+    """(JPEG bytes and their crop plan, or a PIL-decoded crop; label) for a list of (path, label).
+
+    Which decoder: nvJPEG decodes every pixel, PIL's draft mode skips what a crop of the training size
+    cannot use (DCT scaling, a 12-megapixel photo decoded at 1/4 or 1/8). So a JPEG goes to the device
+    when draft decoding could not reduce it (its short side under twice `draft`, the size PIL keeps),
+    and a larger one is decoded here at a reduced scale: each decoder where it is the faster, and no
+    4 MB photo crosses processes and the bus whole."""
 
     scale = (0.08, 1.0)  # v2.RandomResizedCrop's defaults, which train_pixels uses
     ratio = (3 / 4, 4 / 3)
@@ -72,6 +84,7 @@ class EncodedImages(Dataset):
         self.root = Path(root)
         self.items = list(items)
         self.image_size = image_size
+        self.draft = image_size * 2  # what the PIL streaming path keeps: RandomResizedCrop may zoom in
         self.decode_here = train_pixels(image_size)
 
     def __len__(self) -> int:
@@ -87,12 +100,19 @@ class EncodedImages(Dataset):
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise OSError(f"cannot read {path}: {error}") from None
 
+    def on_device(self, image: Image.Image) -> bool:
+        return (
+            image.format in JPEG_FORMATS
+            and image.mode in DEVICE_MODES
+            and min(image.size) < 2 * self.draft  # draft decoding would not reduce it
+        )
+
     def _read(self, path: Path, label: int):
         with open_image(path) as image:
-            if image.format not in JPEG_FORMATS or image.mode not in DEVICE_MODES:
-                image.draft("RGB", (self.image_size * 2, self.image_size * 2))
+            if not self.on_device(image):
+                image.draft("RGB", (self.draft, self.draft))
                 crop = self.decode_here(_decode(image))
-                return crop, torch.zeros(7, dtype=torch.long), False, str(path), label
+                return crop, torch.zeros(PLAN, dtype=torch.long), False, str(path), label
             _check_exif(_exif_block(image))
             orientation = image.getexif().get(ORIENTATION_TAG, 1)
             orientation = orientation if orientation in range(1, 9) else 1  # as exif_transpose: others ignored
@@ -104,14 +124,24 @@ class EncodedImages(Dataset):
         top, left, h, w = v2.RandomResizedCrop.get_params(
             torch.empty((0, oriented[1], oriented[0])), list(self.scale), list(self.ratio)
         )  # get_params reads only the shape: an empty tensor of it allocates nothing
-        plan = torch.tensor([1, orientation, top, left, h, w, width * height], dtype=torch.long)
+        plan = torch.tensor([1, orientation, top, left, h, w, height, width], dtype=torch.long)
         flip = bool(torch.rand(()) < 0.5)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), plan, flip, str(path), label
 
 
 def collate_encoded(samples: list[tuple]) -> tuple[EncodedBatch, torch.Tensor]:
     payloads, plans, flips, paths, labels = zip(*samples, strict=True)
-    batch = EncodedBatch(list(payloads), torch.stack(plans), torch.tensor(flips, dtype=torch.bool), list(paths))
+    encoded = [payload for payload, plan in zip(payloads, plans, strict=True) if plan[0]]
+    crops = [payload for payload, plan in zip(payloads, plans, strict=True) if not plan[0]]
+    size = crops[0].shape[-1] if crops else 0
+    batch = EncodedBatch(
+        torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8),
+        torch.tensor([len(p) for p in encoded], dtype=torch.long),
+        torch.stack(crops) if crops else torch.empty((0, 3, size, size), dtype=torch.uint8),
+        torch.stack(plans),
+        torch.tensor(flips, dtype=torch.bool),
+        list(paths),
+    )
     return batch, torch.tensor(labels, dtype=torch.long)
 
 
@@ -132,22 +162,27 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 def crop_and_resize(image: torch.Tensor, plan: list[int], flip: bool, size: int) -> torch.Tensor:
     """A decoded image's crop resized to size x size (bilinear, antialiased: v2.RandomResizedCrop's
     resize on tensors) and flipped where drawn, as uint8."""
-    _, orientation, top, left, h, w, _ = plan
+    orientation, top, left, h, w = plan[1:6]
     crop = orient(image, orientation)[:, top : top + h, left : left + w]
     resized = F.interpolate(crop[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
     resized = resized.round_().clamp_(0, 255).to(torch.uint8)
     return resized.flip(-1) if flip else resized
 
 
-def _pil_decode(data: torch.Tensor, path: str) -> torch.Tensor:
-    """The fallback for a JPEG the device decoder rejects: PIL, with exif_transpose undone (the plan's
-    orientation is applied later, as for the device's decode)."""
+def _pil_decode(data: torch.Tensor, path: str, size: tuple[int, int], where: torch.device) -> torch.Tensor:
+    """The fallback for a JPEG the device decoder rejects: PIL, without exif_transpose (the plan's
+    orientation is applied later, as for the device's decode), on `where`."""
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes()), formats=list(JPEG_FORMATS)) as image:
             image.load()
-            return v2.functional.pil_to_tensor(image.convert("RGB"))
+            pixels = v2.functional.pil_to_tensor(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as error:
         raise OSError(f"cannot decode {path}: {error}") from None
+    if tuple(pixels.shape[-2:]) != size:
+        raise OSError(f"cannot decode {path}: its header says {size[1]} x {size[0]}, its pixels differ")
+    if where.type == "cuda":  # from pinned memory: a pageable copy would wait (a sync, in the thread)
+        return pixels.pin_memory().to(where, non_blocking=True)
+    return pixels.to(where)
 
 
 def decode_batch(batch: EncodedBatch, size: int, where: torch.device) -> torch.Tensor:
@@ -157,12 +192,18 @@ def decode_batch(batch: EncodedBatch, size: int, where: torch.device) -> torch.T
     flips = batch.flips.tolist()
     images = torch.empty((len(plans), 3, size, size), dtype=torch.uint8, device=where)
     encoded = [k for k, plan in enumerate(plans) if plan[0]]
-    for k, plan in enumerate(plans):
-        if not plan[0]:
-            images[k].copy_(batch.payloads[k], non_blocking=True)
-    for chunk in _chunks(encoded, [plans[k][6] for k in encoded]):
-        for k, image in zip(chunk, _decode_chunk(batch, chunk, where), strict=True):
-            images[k] = crop_and_resize(image, plans[k], flips[k], size)
+    decoded_here = [k for k, plan in enumerate(plans) if not plan[0]]
+    for k, crop in zip(decoded_here, batch.pixels, strict=True):
+        images[k].copy_(crop, non_blocking=True)
+    payloads = dict(zip(encoded, torch.split(batch.data, batch.lengths.tolist()), strict=True))
+    for chunk in _chunks(encoded, [plans[k][6] * plans[k][7] for k in encoded]):
+        for k, image in zip(chunk, _decode_chunk([payloads[k] for k in chunk], chunk, batch, where), strict=True):
+            try:
+                images[k] = crop_and_resize(image, plans[k], flips[k], size)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:
+                raise OSError(f"cannot resize {batch.paths[k]} on {where}: {error}") from None
     return images
 
 
@@ -179,15 +220,26 @@ def _chunks(positions: list[int], pixels: list[int]) -> Iterator[list[int]]:
         yield chunk
 
 
-def _decode_chunk(batch: EncodedBatch, chunk: list[int], where: torch.device) -> list[torch.Tensor]:
-    data = [batch.payloads[k] for k in chunk]
+def _decode_chunk(data: list[torch.Tensor], chunk: list[int], batch: EncodedBatch, where: torch.device):
+    """The chunk's JPEGs decoded on `where`, each checked against the size its header gave the worker
+    (a file with two frame headers could give nvJPEG and PIL two sizes): PIL decodes what does not fit."""
     if where.type == "cuda":
         _settle(where)
     try:
         decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=where)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:  # one image the decoder cannot take fails the call: each goes to PIL alone
-        decoded = [_pil_decode(data[i], batch.paths[k]).to(where) for i, k in enumerate(chunk)]
-    return decoded
+        if where.type == "cuda":  # the failed call may leave writes queued into memory it had taken
+            torch.cuda.synchronize(where)
+        decoded = [None] * len(chunk)
+    plans = batch.plans[chunk].tolist()
+    return [
+        image
+        if image is not None and tuple(image.shape[-2:]) == (plan[6], plan[7])
+        else _pil_decode(data[i], batch.paths[k], (plan[6], plan[7]), where)
+        for i, (k, image, plan) in enumerate(zip(chunk, decoded, plans, strict=True))
+    ]
 
 
 def _settle(device: torch.device) -> None:
@@ -260,8 +312,8 @@ class DeviceDecoded:
                 for batch, labels in self.loader:
                     if stop.is_set():
                         return
-                    self.bytes_crossed += sum(p.numel() for p in batch.payloads)
-                    self.images_crossed += len(batch.payloads)
+                    self.bytes_crossed += batch.data.numel() + batch.pixels.numel()
+                    self.images_crossed += len(batch.paths)
                     images = decode_batch(batch, self.image_size, where).to(self.device, non_blocking=True)
                     written = None
                     if stream is not None:

@@ -13,7 +13,7 @@ settings training uses there (mixed precision, channels_last, the caches):
 * cached frozen features give the same logits as the full model (within the dtype's tolerance), for
   ResNet-50's wider features too;
 * the streaming pipeline (no cache) trains, and a stopped training resumes from last.pth; on CUDA
-  it decodes the JPEGs with nvJPEG, whose pixels agree with PIL's;
+  it decodes the JPEGs with nvJPEG, whose crops agree with libjpeg's;
 * checkpoints hold CPU tensors and load with a plain `torch.load`, no map_location;
 * prediction agrees with the evaluation written at the end of training;
 * TorchScript and ONNX exports compute what PyTorch computes, Grad-CAM works on the device (SKIP,
@@ -56,7 +56,7 @@ LOGIT_TOLERANCE = {None: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 # Syncs allowed in a steady-state epoch's steps besides the progress reads: the DDP stop check (one
 # per training.STOP_CHECK_EVERY steps) and this many more.
 SYNCS_SPARE = 2
-# nvJPEG against PIL (libjpeg-turbo) on the sample JPEGs: the mean absolute difference per image
+# nvJPEG's crops against libjpeg's (the same boxes) on the sample JPEGs: the mean absolute difference per image
 GPU_DECODE_SAMPLE, GPU_DECODE_TOLERANCE = 12, 3.0
 # A GPU's images/s: this many steady-state steps of this batch (a CPU reports its `all` training's).
 SPEED_STEPS, SPEED_BATCH = 40, 32
@@ -740,11 +740,10 @@ def streaming_checks(report: Report, setup: Setup) -> list[Trained]:
 
 
 def check_gpu_decode(trained: Trained, data: Path):
-    """On CUDA the streamed run decoded its JPEGs with nvJPEG (jpeg_decode auto), and nvJPEG's pixels
-    are libjpeg's (PIL's) within a few levels: its IDCT and chroma upsampling round differently."""
-    from PIL import Image
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2.functional import pil_to_tensor
+    """On CUDA the streamed run decoded its JPEGs with nvJPEG (jpeg_decode auto), and the device path
+    (nvJPEG, orientation, crop, resize, flip) gives libjpeg's crops on the CPU within a few levels for
+    the same crop boxes: the decoders' IDCT and chroma upsampling round differently."""
+    from .decode import EncodedImages, collate_encoded, decode_batch
 
     device = torch.device(trained.cfg.device)
     if device.type != "cuda":
@@ -753,17 +752,15 @@ def check_gpu_decode(trained: Trained, data: Path):
     if "nvJPEG" not in pipeline:
         return False, f"not decoded on the GPU: {pipeline}", None
     files = sorted(data.rglob("*.jpg"))[:GPU_DECODE_SAMPLE]
-    decoded = decode_jpeg(
-        [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files],
-        mode=ImageReadMode.RGB,
-        device=device,
+    images = EncodedImages(data, [(f.relative_to(data).as_posix(), 0) for f in files], trained.cfg.image_size)
+    batch, _ = collate_encoded([images[k] for k in range(len(files))])
+    on_gpu = decode_batch(batch, trained.cfg.image_size, device).cpu().float()
+    on_cpu = decode_batch(batch, trained.cfg.image_size, torch.device("cpu")).float()
+    worst = float((on_gpu - on_cpu).abs().mean((1, 2, 3)).max())
+    detail = (
+        f"{len(files)} sample JPEGs cropped on the GPU: mean difference from libjpeg's crops at most "
+        f"{worst:.2f} levels of 255"
     )
-    worst = 0.0
-    for file, image in zip(files, decoded, strict=True):
-        with Image.open(file) as reference:
-            expected = pil_to_tensor(reference.convert("RGB"))
-        worst = max(worst, (image.cpu().float() - expected.float()).abs().mean().item())
-    detail = f"{len(files)} sample JPEGs: mean difference from PIL at most {worst:.2f} levels of 255"
     return worst <= GPU_DECODE_TOLERANCE, detail, None
 
 

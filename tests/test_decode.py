@@ -86,7 +86,7 @@ def test_a_jpeg_the_decoder_rejects_goes_to_pil_and_a_broken_one_is_named(tmp_pa
     monkeypatch.setattr(decode, "decode_jpeg", rejects)
     batch, _ = batch_of(tmp_path, [("good.jpg", 0)])
     assert decode_batch(batch, 16, CPU).float().mean((2, 3)).sub(torch.tensor(GREEN)).abs().max() < 5
-    batch, _ = batch_of(tmp_path, [("good.jpg", 0), ("broken.jpg", 1)])
+    batch, _ = batch_of(tmp_path, [("good.jpg", 0), ("broken.jpg", 1)], size=256)  # both to the device
     with pytest.raises(OSError, match="broken.jpg"):
         decode_batch(batch, 16, CPU)
     broken.write_bytes(broken.read_bytes()[:300])  # now the header too: the worker names it
@@ -106,7 +106,7 @@ def test_large_photos_are_decoded_a_bounded_number_of_pixels_at_a_time(tmp_path,
 
     monkeypatch.setattr(decode, "decode_jpeg", counted)
     monkeypatch.setattr(decode, "PIXELS_PER_DECODE", 25_000)  # two of these photos a call
-    batch, _ = batch_of(tmp_path, [(f"{k}.jpg", 0) for k in range(5)])
+    batch, _ = batch_of(tmp_path, [(f"{k}.jpg", 0) for k in range(5)], size=64)
     assert decode_batch(batch, 16, CPU).shape[0] == 5
     assert calls == [2, 2, 1]
 
@@ -177,3 +177,33 @@ def test_a_streamed_training_decodes_its_jpegs_in_the_training_process(tmp_path)
     assert record["status"] == "completed" and record["config"]["jpeg_decode"] == "device"
     assert "JPEGs in the training process" in (run / "events.jsonl").read_text()
     assert not decoder_threads()
+
+
+def test_a_photo_draft_decoding_can_shrink_is_decoded_in_the_worker(tmp_path):
+    """nvJPEG decodes every pixel: a phone photo is cheaper through PIL's draft mode, and its 4 MB
+    would cross processes and the bus whole. Only JPEGs draft cannot reduce go to the device."""
+    save(tmp_path / "small.jpg", size=(120, 90))
+    save(tmp_path / "large.jpg", GREEN, size=(1200, 900))
+    batch, _ = batch_of(tmp_path, [("small.jpg", 0), ("large.jpg", 1)], size=32)  # draft keeps 64 px
+    assert batch.plans[:, 0].tolist() == [1, 0]
+    assert batch.pixels.shape == (1, 3, 32, 32) and batch.lengths.tolist() == [len(batch.data)]
+    images = decode_batch(batch, 32, CPU)
+    assert images[1].float().mean((1, 2)).sub(torch.tensor(GREEN)).abs().max() < 5
+
+
+def test_a_decode_of_another_size_than_the_header_said_goes_to_pil_and_oom_is_not_hidden(tmp_path, monkeypatch):
+    save(tmp_path / "a.jpg", RED, size=(60, 40))
+    batch, _ = batch_of(tmp_path, [("a.jpg", 0)])
+
+    def wrong_size(data, **kwargs):
+        return [torch.zeros((3, 7, 7), dtype=torch.uint8) for _ in data]
+
+    monkeypatch.setattr(decode, "decode_jpeg", wrong_size)
+    assert decode_batch(batch, 16, CPU).float().mean((2, 3)).sub(torch.tensor(RED)).abs().max() < 5
+
+    def out_of_memory(data, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(decode, "decode_jpeg", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # not retried image by image through PIL
+        decode_batch(batch, 16, CPU)
