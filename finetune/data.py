@@ -219,7 +219,7 @@ def _check_jpeg(data, size: int) -> None:
     one) or whose EXIF or MPF block would cost too much. A walk over its markers: each segment skipped
     by its length, each scan's data searched through for the next marker; it ends at the first EOI
     (what follows, such as an MPO's second picture, is not decoded)."""
-    scans, allowed, pixels, position = 0, MAX_JPEG_SCANS, 0, 2
+    scans, allowed, pixels, position, frames = 0, MAX_JPEG_SCANS, 0, 2, 0
     while (found := _JPEG_MARKER.search(data, position)) is not None:
         marker, position = data[found.end() - 1], found.end()
         if marker == 0xD9:
@@ -227,7 +227,12 @@ def _check_jpeg(data, size: int) -> None:
         if marker == 0x01 or position + 2 > size:  # TEM has no length
             continue
         length = (data[position] << 8) | data[position + 1]
-        if marker in _JPEG_FRAMES and not pixels and position + 7 <= size:
+        if marker in _JPEG_FRAMES and frames:
+            # PIL takes the last frame header's size, libjpeg and nvJPEG the first: two sizes for one
+            # file would let a picture checked small be decoded large elsewhere
+            raise OSError("malformed JPEG: a second frame header (SOF) in one picture")
+        if marker in _JPEG_FRAMES and position + 7 <= size:
+            frames += 1
             pixels = ((data[position + 3] << 8) | data[position + 4]) * ((data[position + 5] << 8) | data[position + 6])
             if pixels:
                 allowed = max(1, min(MAX_JPEG_SCANS, SCANS_AT_PIXEL_LIMIT * max_pixels() // pixels))

@@ -402,3 +402,26 @@ def test_a_run_name_that_would_leave_the_runs_folder_is_refused(tmp_path, name):
     with pytest.raises(FinetuneError, match="run name must be a plain folder name"):
         train(TrainConfig(data=str(data), runs_dir=str(tmp_path / "runs"), weights="none", run_name=name))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_jpeg_with_two_frame_headers_is_refused(tmp_path):
+    """PIL reads the last frame header's size, libjpeg and nvJPEG the first: a file checked small by one
+    could be decoded large by another (the GPU path decodes with nvJPEG what the worker checked)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from finetune.data import check_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    start = data.index(b"\xff\xc0")
+    end = start + 2 + struct.unpack(">H", data[start + 2 : start + 4])[0]
+    large = bytearray(data[start:end])
+    large[5:9] = struct.pack(">HH", 4000, 4000)
+    (tmp_path / "two.jpg").write_bytes(data[:end] + bytes(large) + data[end:])
+    (tmp_path / "one.jpg").write_bytes(data)
+    assert check_image(tmp_path / "one.jpg") is None
+    assert "a second frame header" in check_image(tmp_path / "two.jpg")
