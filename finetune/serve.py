@@ -110,6 +110,8 @@ class Batcher:
             try:
                 logits = self.predictor.logits(torch.stack([item[0] for item in batch]))
                 for row, (_, top_k, min_confidence, done) in zip(logits, batch, strict=True):
+                    if done.cancelled():  # its client went away: the others still get their answers
+                        continue
                     threshold = self.predictor.min_confidence(min_confidence)
                     [(top, unknown)] = self.predictor._answers(row[None], top_k, threshold)
                     done.set_result((top, unknown))
@@ -117,6 +119,11 @@ class Batcher:
                 for *_, done in batch:
                     if not done.done():
                         done.set_exception(error)
+            except BaseException:  # never a dead batcher with requests waiting on it
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(RuntimeError("the batcher stopped"))
+                raise
 
 
 def decode_upload(predictor: Predictor, data: bytes, name: str, folder: Path) -> torch.Tensor:

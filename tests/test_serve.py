@@ -183,3 +183,15 @@ def test_the_command_refuses_an_exposed_service_in_one_line(tmp_path, monkeypatc
     assert err.count("\n") == 1 and "without a token" in err
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_cancelled_request_does_not_fail_the_others_of_its_batch(predictor):
+    batcher = serve.Batcher(predictor, serve.ServeLimits(max_batch=8, max_wait_ms=200))
+    try:
+        image = torch.zeros(3, 32, 32)
+        gone, kept = batcher.submit(image, 2, None), batcher.submit(image, 2, None)
+        gone.cancel()  # a client that disconnected
+        top, unknown = kept.result(timeout=30)
+        assert len(top) == 2
+    finally:
+        batcher.close()

@@ -396,10 +396,11 @@ def test_the_train_tab_offers_every_option_and_passes_each_on(studio, tmp_path, 
     wanted = {name: getattr(every_option_config(), name) for name in offered}
     train_tab.start_training(studio, data="photos", **wanted)
     got = studio.job.cfg
-    assert {name: getattr(got, name) for name in offered - {"weights", "curation"}} == {
-        name: value for name, value in wanted.items() if name not in ("weights", "curation")
+    assert {name: getattr(got, name) for name in offered - {"weights", "curation", "labels"}} == {
+        name: value for name, value in wanted.items() if name not in ("weights", "curation", "labels")
     }
     assert got.weights.endswith("w.pth") and got.curation == str(tmp_path / "cwd" / "review" / "curation.json")
+    assert got.labels == str(tmp_path / "cwd" / "labels.csv")  # resolved as the data folder is
 
 
 def test_settings_from_the_page_are_checked_and_empty_boxes_are_defaults(studio):
@@ -1342,3 +1343,19 @@ def test_the_train_tab_says_which_architectures_have_imagenet_v2_weights(studio,
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"")
     assert train_tab.check_weights(studio, "resnet50", "imagenet-v2").startswith("Ready: ImageNet weights found at")
+
+
+def test_the_data_tab_scans_a_flat_folder_with_its_labels_csv_and_training_takes_it(studio):
+    folder = studio.base_dir / "flat"
+    for k in range(4):
+        make_image(folder / f"r{k}.png", (220, 30 + k, 30))
+        make_image(folder / f"g{k}.png", (30, 220, 30 + k))
+    rows = [f"r{k}.png,red" for k in range(4)] + [f"g{k}.png,green" for k in range(4)]
+    (folder / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    out = last(data_tab.scan(studio, "flat", "labels.csv"))  # a name inside the folder
+    assert "labels from `labels.csv`" in out["summary"] and "ready" in out
+    assert data_tab.upload_labels(studio, str(folder / "labels.csv")) == str(folder / "labels.csv")
+    cfg = train_tab.training_config(studio, "flat", labels="labels.csv")
+    assert cfg.labels == str(folder / "labels.csv")
+    with pytest.raises(gr.Error, match="labels file not found"):
+        last(data_tab.scan(studio, "flat", "missing.csv"))

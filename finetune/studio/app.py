@@ -44,6 +44,9 @@ def build_app(studio):
         suggesting, curation = bind(studio, review_tab.curation_for), train.settings["curation"]
         data.path.change(suggesting, data.path, curation, api_name="suggest_curation", show_progress="hidden")
         demo.load(suggesting, data.path, curation, api_name="initial_curation", show_progress="hidden")
+        # ... and its labels file is the Data tab's (typed there or uploaded)
+        mirrored = bind(studio, data_tab.same_labels)
+        data.labels.change(mirrored, data.labels, train.settings["labels"], api_visibility="private")
         train_tab.wire_page_load(studio, train, demo, weights_inputs)
         evaluate_tab.wire(studio, evaluate)
         predict_tab.wire(studio, predict)

@@ -25,6 +25,8 @@ class DataTab:
     cancel_btn: gr.Button
     browser: gr.FileExplorer
     zip_in: gr.File
+    labels: gr.Textbox
+    labels_in: gr.File
     summary: gr.Markdown
     warnings: gr.Markdown
     counts: gr.Dataframe
@@ -69,6 +71,7 @@ def build(studio: Studio) -> DataTab:
                     type="filepath",
                     elem_id="zip_upload",
                 )
+                labels, labels_in = _labels_inputs()
         summary = gr.Markdown(elem_id="data_summary")
         warnings = gr.Markdown(elem_id="data_warnings")
         with gr.Row():
@@ -86,30 +89,55 @@ def build(studio: Studio) -> DataTab:
             allow_preview=True,
             elem_id="class_thumbs",
         )
-    return DataTab(
-        tab, path, scan_btn, sample_btn, cancel_btn, browser, zip_in, summary, warnings, counts, skipped, thumbs
+    inputs = (path, scan_btn, sample_btn, cancel_btn, browser, zip_in, labels, labels_in)
+    return DataTab(tab, *inputs, summary, warnings, counts, skipped, thumbs)
+
+
+def _labels_inputs() -> tuple[gr.Textbox, gr.File]:
+    """A labels CSV instead of class folders: a path on the server, or an upload."""
+    labels = gr.Textbox(
+        label="Labels file (optional): a CSV of path,label[,split] for a flat folder",
+        info="On the server, or the name of one inside the folder; instead of class folders.",
+        placeholder="labels.csv",
+        elem_id="data_labels",
     )
+    labels_in = gr.File(
+        label="…or drop the labels CSV", file_types=[".csv", ".tsv", ".txt"], type="filepath", elem_id="labels_upload"
+    )
+    return labels, labels_in
 
 
 # ---------------------------------------------------------------------------------------------
 # Handlers: (studio, ...) -> {name: value}; "ready" is the data line on the Train tab
 
 
-def scan(studio: Studio, path: str | None = None, progress=gr.Progress()):
-    """Scan a folder (relative paths: in the app's working directory) with progress; cancellable."""
+def scan(studio: Studio, path: str | None = None, labels: str | None = None, progress=gr.Progress()):
+    """Scan a folder (relative paths: in the app's working directory) with progress; cancellable.
+    `labels`: a labels CSV (labels_path) instead of class folders."""
     text = (path or "").strip()
     if not text:
         raise gr.Error("Type a folder path on the server, pick one, or upload a .zip.")
-    result = yield from _scan(studio, studio.resolve_path(text), progress)
+    root = studio.resolve_path(text)
+    result = yield from _scan(studio, root, progress, labels=labels_path(studio, root, labels))
     yield result
 
 
-def _scan(studio: Studio, root: Path, progress, archive_skipped=()):
+def labels_path(studio: Studio, root: Path, labels: str | None) -> str | None:
+    """The labels file: one of that name inside the data folder, else a path on the server (relative:
+    in the app's working directory); None for none."""
+    text = (labels or "").strip()
+    if not text:
+        return None
+    inside = root / text
+    return str(inside if not Path(text).is_absolute() and inside.is_file() else studio.resolve_path(text))
+
+
+def _scan(studio: Studio, root: Path, progress, archive_skipped=(), labels: str | None = None):
     """Generator (cancellation points) returning the outputs of a scan of `root`."""
     from ..data import scan_dataset
 
     def work(report):
-        return scan_dataset(root, max_files=studio.max_scan_files, on_progress=report)
+        return scan_dataset(root, max_files=studio.max_scan_files, on_progress=report, labels=labels)
 
     def show(stage, done, total):
         progress(
@@ -143,6 +171,19 @@ def scan_outputs(result, archive_skipped: Sequence[tuple[str, str]] = ()) -> dic
         "warnings": views.data_warnings(result),
         "ready": views.data_ready(result),
     }
+
+
+def same_labels(studio: Studio, text: str | None = None) -> str:
+    """The Train tab's labels file follows the Data tab's."""
+    return text or ""
+
+
+def upload_labels(studio: Studio, file=None):
+    """An uploaded labels CSV: its path goes into the labels box (which scans again and reaches the
+    Train tab)."""
+    if not file:
+        return gr.skip()
+    return str(file if isinstance(file, str) else file.name)
 
 
 def upload_zip(studio: Studio, file=None, progress=gr.Progress()):
@@ -194,15 +235,22 @@ def wire(studio: Studio, c: DataTab, demo: gr.Blocks, ready: gr.Markdown) -> Non
     scanning = bind(studio, scan, outputs)
     absolute = bind(studio, absolute_path)
     shown: dict[str, Any] = dict(show_progress_on=[c.summary])
+    inputs = [c.path, c.labels]
     scans = [
-        c.scan_btn.click(scanning, c.path, output_list(outputs), api_name="scan_folder", **shown),
-        c.path.submit(scanning, c.path, output_list(outputs), api_name="scan_folder_submit", **shown),
+        c.scan_btn.click(scanning, inputs, output_list(outputs), api_name="scan_folder", **shown),
+        c.path.submit(scanning, inputs, output_list(outputs), api_name="scan_folder_submit", **shown),
+        c.labels.submit(scanning, inputs, output_list(outputs), api_name="scan_with_labels", **shown),
     ]
     for event in scans:
         event.success(absolute, c.path, c.path, api_name=False, show_progress="hidden")
     scans.append(
         c.sample_btn.click(bind(studio, sample_data), None, c.path, api_name="use_sample_data").then(
-            scanning, c.path, output_list(outputs), api_name="scan_sample", **shown
+            scanning, inputs, output_list(outputs), api_name="scan_sample", **shown
+        )
+    )
+    scans.append(
+        c.labels_in.upload(bind(studio, upload_labels), c.labels_in, c.labels, api_name="upload_labels").then(
+            scanning, inputs, output_list(outputs), api_name="scan_uploaded_labels", **shown
         )
     )
     with_path = {**outputs, "path": c.path}
@@ -211,7 +259,7 @@ def wire(studio: Studio, c: DataTab, demo: gr.Blocks, ready: gr.Markdown) -> Non
             bind(studio, upload_zip, with_path), c.zip_in, output_list(with_path), api_name="upload_zip", **shown
         )
     )
-    scans.append(demo.load(scanning, c.path, output_list(outputs), api_name="initial_scan", **shown))
+    scans.append(demo.load(scanning, inputs, output_list(outputs), api_name="initial_scan", **shown))
     c.browser.change(bind(studio, pick_folder), c.browser, c.path, api_name="pick_folder")
     # Cancel ends a running scan: its thread stops at the next image it checks.
     c.cancel_btn.click(None, None, None, cancels=[*scans], api_visibility="private")

@@ -313,6 +313,10 @@ def training_config(studio: Studio, data=None, weights_file=None, **settings) ->
         warning(f"{message}. The training will try to download them.")
     elif not ok:
         raise FinetuneError(message)
+    if values.get("labels"):
+        from .data_tab import labels_path
+
+        values["labels"] = labels_path(studio, folder, values["labels"])
     if values.get("curation") is not None:
         from ..curation import load_curation
 

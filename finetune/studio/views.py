@@ -67,11 +67,14 @@ def plain(text) -> str:
 
 
 def data_summary(scan, archive_skipped: int = 0) -> str:
-    layout = (
-        "its own train/ and val/ folders"
-        if scan.layout == "train-val"
-        else f"one folder per class; {round((scan.val_fraction or 0) * 100)}% of each class held out for validation"
-    )
+    held_out = f"{round((scan.val_fraction or 0) * 100)}% of each class held out for validation"
+    if scan.labels_file:
+        given = "the split given in it" if scan.val_fraction is None else held_out
+        layout = f"labels from {code(Path(scan.labels_file).name)}; {given}"
+    elif scan.layout == "train-val":
+        layout = "its own train/ and val/ folders"
+    else:
+        layout = f"one folder per class; {held_out}"
     text = (
         f"**{len(scan.classes)} classes** in {code(scan.root)} ({layout}): "
         f"{len(scan.train)} training and {len(scan.val)} validation images"
