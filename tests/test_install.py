@@ -317,6 +317,8 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
         "doctor",
         "explain",
         "onnx",
+        "serve",
+        "hub",
         "all",
     }
     assert "finetune = finetune.cli:console" in entry_points
