@@ -798,8 +798,7 @@ def _scan_labelled_rows(
     """scan_dataset for a labels file: its rows in place of class folders, then the same checks."""
     from .labels import read_labels
 
-    if not labels.exists() and (root / labels).is_file():  # a labels file inside the data (or its zip)
-        labels = root / labels
+    labels = _labels_file(root, labels)
     rows = read_labels(labels, root)
     per_split = rows.per_split
     listed = sum(len(files) for split in per_split.values() for files in split.values())
@@ -1083,13 +1082,18 @@ def scan_labelled_folder(
     return str(root), items, sorted([*bad.items(), *unusable])
 
 
+def _labels_file(root: Path, labels: Path) -> Path:
+    """The labels file as given, or, when there is none there, the one of that name inside the data
+    folder (or its zip)."""
+    return root / labels if not labels.exists() and (root / labels).is_file() else labels
+
+
 def _labelled_rows_to_evaluate(
     root: Path, labels: Path, classes: list[str]
 ) -> tuple[str, list[tuple[str, int]], list[tuple[str, str]]]:
     from .labels import read_labels
 
-    if not labels.exists() and (root / labels).is_file():
-        labels = root / labels
+    labels = _labels_file(root, labels)
     rows = read_labels(labels, root)
     split = next(name for name in ("test", "val", "all", "train") if name in rows.per_split or name == "train")
     per_class = rows.per_split.get(split, {})

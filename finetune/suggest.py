@@ -20,7 +20,6 @@ The pool is only ever read.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from .config import FinetuneError
 from .data import list_images
+from .data_doctor.duplicates import file_sha256
 from .model import split_model
 from .names import printable
 from .predict import Predictor, _collate, _Files
@@ -58,14 +58,6 @@ def uncertainty(probabilities: torch.Tensor, measure: str = "margin") -> torch.T
     return 1 - (best[:, 0] - best[:, 1])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def known_images(run: Path) -> set[str]:
     """The sha256 of every image the run trained or validated on (from its split.json)."""
     import json
@@ -80,8 +72,8 @@ def known_images(run: Path) -> set[str]:
     known = set()
     for rel, _ in scan.train + scan.val:
         try:
-            known.add(_sha256(root / rel))
-        except OSError:  # moved since: it cannot be in the pool either, under these bytes
+            known.add(file_sha256(root / rel))
+        except (OSError, FinetuneError):  # moved (or replaced by a FIFO) since: not in the pool under these bytes
             continue
     return known
 
@@ -186,8 +178,13 @@ def suggest(
     skipped: list[tuple[str, str]] = []
     files = list_images([pool_dir], skipped)
     known = known_images(run_dir)
-    hashes = {path: _sha256(path) for path in files}
-    fresh = [path for path in files if hashes[path] not in known]
+    hashes: dict[Path, str] = {}
+    for path in files:
+        try:
+            hashes[path] = file_sha256(path)  # never blocks on a FIFO named like an image
+        except (OSError, FinetuneError) as error:
+            skipped.append((printable(str(path)), str(error)))
+    fresh = [path for path in files if path in hashes and hashes[path] not in known]
     if log:
         log(f"{len(files)} pool images, {len(files) - len(fresh)} already in the run's data; scoring {len(fresh)}")
     if not fresh:

@@ -33,6 +33,13 @@ def write(path, text: str, encoding="utf-8"):
     return path
 
 
+def train_from_csv(tmp_path, data, labels) -> int:
+    """`finetune train DATA --labels FILE`, tiny, into tmp_path/runs/csv; its exit status."""
+    options = ["--weights", "none", "--epochs", "1", "--image-size", "32", "--workers", "0", "--batch-size", "4"]
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--run-name", "csv"]
+    return main(["train", str(data), "--labels", str(labels), *options, *runs])
+
+
 def test_a_csv_gives_the_scan_class_folders_would(tmp_path):
     data = tmp_path / "flat"
     rows = flat_folder(data)
@@ -132,29 +139,7 @@ def test_the_command_line_scans_and_trains_from_a_csv(tmp_path, capsys):
     labels = write(tmp_path / "labels.csv", "path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
     assert main(["scan", str(data), "--labels", str(labels)]) == 0
     assert "labels from labels.csv (3 classes)" in capsys.readouterr().out
-    code = main(
-        [
-            "train",
-            str(data),
-            "--labels",
-            str(labels),
-            "--weights",
-            "none",
-            "--epochs",
-            "1",
-            "--image-size",
-            "32",
-            "--workers",
-            "0",
-            "--batch-size",
-            "4",
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            "--run-name",
-            "csv",
-        ]
-    )
-    assert code == 0
+    assert train_from_csv(tmp_path, data, labels) == 0
     run = tmp_path / "runs" / "csv"
     split = json.loads((run / "split.json").read_text())
     assert split["labels_file"] == str(labels) and split["classes"] == ["cat", "dog", "owl"]
@@ -171,29 +156,7 @@ def test_doctor_and_evaluate_read_the_same_csv(tmp_path, capsys):
     labels = write(tmp_path / "labels.csv", "path,label,split\n" + "\n".join(lines) + "\n")
     scan = _scan(data, None, 0.25, 0, labels)  # what `finetune doctor DATA --labels` checks
     assert len(scan.test) == 3 and scan.layout == "labels"
-    code = main(
-        [
-            "train",
-            str(data),
-            "--labels",
-            str(labels),
-            "--weights",
-            "none",
-            "--epochs",
-            "1",
-            "--image-size",
-            "32",
-            "--workers",
-            "0",
-            "--batch-size",
-            "4",
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            "--run-name",
-            "csv",
-        ]
-    )
-    assert code == 0
+    assert train_from_csv(tmp_path, data, labels) == 0
     evaluation = evaluate_run(tmp_path / "runs" / "csv", data, labels=labels, device="cpu")
     assert evaluation.metrics["num_images"] == 3  # the test rows
     with pytest.raises(FinetuneError, match="not one of the model's classes"):
