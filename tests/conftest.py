@@ -323,3 +323,34 @@ def notebook_text(nb) -> str:
             elif "data" in output:
                 parts.append(output["data"].get("text/plain", ""))
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The browser tests' Chromium: one per worker process, here so that every browser test file shares it
+# (a fixture imported into a second module is a second session fixture: two sync_playwright()s in one
+# thread, and the second refuses to start "inside the asyncio loop" of the first)
+
+CHROMIUM = os.environ.get("FINETUNE_CHROMIUM", "/usr/lib/chromium/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost",
+    "--disable-features=AutofillServerCommunication,OptimizationHints,MediaRouter",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by Playwright (skips without either)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set FINETUNE_CHROMIUM)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

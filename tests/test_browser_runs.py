@@ -14,7 +14,6 @@ import urllib.request
 import pytest
 from conftest import REPO, AppServer, free_port, make_class_folders
 from test_browser import ARTIFACTS, LOOPBACK, open_tab
-from test_browser import browser as browser  # the session's Chromium (a fixture: used by name)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
