@@ -1,18 +1,29 @@
 """The curation file: the user's decisions about single images, applied to a scan, never to the folder.
 
-`curation.json` lives next to the runs (never inside the dataset):
+`curation.json` lives next to the runs (never inside the dataset, nor inside a pool):
 
     {"format": "finetune-curation/1", "data": "/abs/path/to/data",
      "decisions": [{"path": "train/roses/1.jpg", "action": "exclude", "note": "leak: ..."},
                    {"path": "train/tulips/7.jpg", "action": "relabel", "label": "roses"},
-                   {"path": "val/daisy/3.jpg", "action": "keep"}]}
+                   {"path": "val/daisy/3.jpg", "action": "keep"},
+                   {"path": "garden/0042.jpg", "action": "add", "label": "roses", "pool": "/abs/path/to/pool"}]}
 
-Paths are relative to the data root, with forward slashes. One decision per path: a later one for
-the same path replaces the earlier (the Review tab changes its mind by appending). `keep` records
-that a flagged image was looked at and is fine (the Review tab then stops showing it); `exclude`
-drops the file from train, val and test; `relabel` moves it to another existing class in whichever
-split it is in. Leaking duplicates (`leak_decisions`) become plain `exclude` decisions for the copies
-outside the earliest split, with a `note` saying which file they duplicate.
+Paths are relative (to the data root, or for an `add` to its pool), with forward slashes. One decision
+per path: a later one for the same path replaces the earlier (the Review tab changes its mind by
+appending). `keep` records that a flagged image was looked at and is fine (the Review tab then stops
+showing it); `exclude` drops the file from train, val and test; `relabel` moves it to another existing
+class in whichever split it is in. Leaking duplicates (`leak_decisions`) become plain `exclude`
+decisions for the copies outside the earliest split, with a `note` saying which file they duplicate.
+
+`add` (the Review tab's Label mode, after `finetune suggest RUN POOL`) puts an image of an unlabelled
+pool folder into train with `label`, an existing class; `pool` is that folder, an absolute resolved
+path, and `path` is relative to it. An add is keyed by (pool, path): the same name in two pools is two
+decisions, and an add never replaces a decision about a data file. A pool may also hold `exclude`
+decisions ("none of these": never trained on). The pool is only read, never changed or copied: the
+training reads the added file where it is (split.json lists it by its absolute path, and its
+curation record's `added` says from which pool, with which class). An added file that leaves its pool
+(a symlink out), is no regular file, cannot be decoded, or has the bytes of an image already in the
+data is skipped and named in the curation report.
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ from .fsutil import read_json, write_text_atomic
 
 CURATION_FORMAT = "finetune-curation/1"
 CURATION_FILE = "curation.json"
-ACTIONS = ("keep", "exclude", "relabel")
+ACTIONS = ("keep", "exclude", "relabel", "add")
+POOL_ACTIONS = ("add", "exclude")  # what a decision about a pool file may be
 SPLIT_ORDER = ("train", "val", "test")
 
 
@@ -37,11 +49,17 @@ SPLIT_ORDER = ("train", "val", "test")
 class Decision:
     path: str
     action: str
-    label: str | None = None  # the new class, for relabel
+    label: str | None = None  # the new class, for relabel; the class, for add
     note: str | None = None  # why (shown in the report), optional
+    pool: str | None = None  # for a file of a pool (add): the pool folder, absolute and resolved
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @property
+    def key(self) -> tuple[str | None, str]:
+        """What one decision is about: (None, path) for a data file, (pool, path) for a pool's."""
+        return (self.pool, self.path)
 
 
 @dataclass
@@ -50,14 +68,42 @@ class Curation:
     decisions: list[Decision] = field(default_factory=list)
     source: str | None = None  # the file it was loaded from (for messages); not saved
 
-    def set(self, path: str, action: str, label: str | None = None, note: str | None = None) -> Decision:
-        """Record a decision, replacing any earlier one for the same path."""
-        decision = _decision({"path": path, "action": action, "label": label, "note": note}, "decision")
-        self.decisions = [d for d in self.decisions if d.path != decision.path] + [decision]
+    def set(
+        self,
+        path: str,
+        action: str,
+        label: str | None = None,
+        note: str | None = None,
+        pool: str | Path | None = None,
+    ) -> Decision:
+        """Record a decision, replacing any earlier one for the same path (of the same pool, for a pool's)."""
+        where = pool_folder(pool) if pool is not None else None
+        decision = _decision({"path": path, "action": action, "label": label, "note": note, "pool": where}, "decision")
+        self._replace(decision)
         return decision
 
+    def remove(self, path: str, pool: str | Path | None = None) -> bool:
+        """Forget the decision about `path` (of `pool`); False when there was none."""
+        key = (pool_folder(pool) if pool is not None else None, normalise_path(path, "decision"))
+        before = len(self.decisions)
+        self.decisions = [d for d in self.decisions if d.key != key]
+        return len(self.decisions) < before
+
+    def _replace(self, decision: Decision) -> None:
+        self.decisions = [d for d in self.decisions if d.key != decision.key] + [decision]
+
     def by_path(self) -> dict[str, Decision]:
-        return {d.path: d for d in self.decisions}
+        """The decisions about the data's own files, by their path (a pool's are in `adds`)."""
+        return {d.path: d for d in self.decisions if d.pool is None}
+
+    def adds(self) -> list[Decision]:
+        """The `add` decisions, in the order they were made."""
+        return [d for d in self.decisions if d.action == "add"]
+
+    def of_pool(self, pool: str | Path) -> dict[str, Decision]:
+        """The decisions about the files of `pool` (add or exclude), by their pool-relative path."""
+        where = pool_folder(pool)
+        return {d.path: d for d in self.decisions if d.pool == where}
 
     def to_dict(self) -> dict:
         return {"format": CURATION_FORMAT, "data": self.data, "decisions": [d.to_dict() for d in self.decisions]}
@@ -73,6 +119,13 @@ def normalise_path(path: object, where: str) -> str:
     return posix.as_posix().removeprefix("./")
 
 
+def pool_folder(pool: str | Path) -> str:
+    """A pool as decisions name it: the folder's absolute, resolved path."""
+    if not isinstance(pool, (str, Path)) or not str(pool).strip():
+        raise FinetuneError(f"the pool must be a folder path, got {pool!r}")
+    return str(Path(pool).expanduser().resolve())
+
+
 def _decision(raw: object, where: str) -> Decision:
     if not isinstance(raw, dict):
         raise FinetuneError(f"{where}: each decision must be an object with path and action")
@@ -83,10 +136,26 @@ def _decision(raw: object, where: str) -> Decision:
     label = raw.get("label")
     if action == "relabel" and (not isinstance(label, str) or not label):
         raise FinetuneError(f"{where}: relabel of {path!r} needs the new class in 'label'")
+    if action == "add" and (not isinstance(label, str) or not label):
+        raise FinetuneError(f"{where}: add of {path!r} needs its class in 'label'")
     note = raw.get("note")
     if note is not None and not isinstance(note, str):
         raise FinetuneError(f"{where}: 'note' of {path!r} must be a string")
-    return Decision(path, action, label if action == "relabel" else None, note)
+    pool = _pool_of(raw.get("pool"), action, path, where)
+    return Decision(path, action, label if action in ("relabel", "add") else None, note, pool)
+
+
+def _pool_of(pool: object, action: str, path: str, where: str) -> str | None:
+    """A decision's pool: required for an add, allowed for an exclude, an absolute path."""
+    if pool is None:
+        if action == "add":
+            raise FinetuneError(f"{where}: add of {path!r} needs the pool folder it is in, in 'pool'")
+        return None
+    if action not in POOL_ACTIONS:
+        raise FinetuneError(f"{where}: a decision about a pool file ({path!r}) must be add or exclude, not {action}")
+    if not isinstance(pool, str) or not Path(pool).expanduser().is_absolute():
+        raise FinetuneError(f"{where}: 'pool' of {path!r} must be the pool folder's absolute path, got {pool!r}")
+    return pool_folder(pool)
 
 
 def new_curation(data: str | Path) -> Curation:
@@ -106,8 +175,7 @@ def load_curation(path: str | Path) -> Curation:
         raise FinetuneError(f"{path}: 'decisions' must be a list")
     curation = Curation(raw["data"], source=str(path))
     for number, item in enumerate(raw["decisions"], start=1):
-        decision = _decision(item, f"{path}, decision {number}")
-        curation.decisions = [d for d in curation.decisions if d.path != decision.path] + [decision]
+        curation._replace(_decision(item, f"{path}, decision {number}"))
     return curation
 
 
@@ -117,14 +185,16 @@ def load_or_new_curation(path: str | Path, data_root: str | Path) -> Curation:
 
 
 def save_curation(curation: Curation, path: str | Path) -> Path:
-    """Write atomically (a reader never sees half a file); refuses a place inside the dataset."""
+    """Write atomically (a reader never sees half a file); refuses a place inside the dataset or a pool."""
     path = Path(path).expanduser()
-    data_root = Path(curation.data).expanduser().resolve()
     target = path.resolve()
-    if target == data_root or data_root in target.parents:
-        raise FinetuneError(
-            f"the curation file must not be inside the dataset {data_root}: {path} (keep it next to the runs)"
-        )
+    pools = sorted({d.pool for d in curation.decisions if d.pool is not None})
+    for kind, folder in [("dataset", curation.data)] + [("pool", pool) for pool in pools]:
+        root = Path(folder).expanduser().resolve()
+        if target == root or root in target.parents:
+            raise FinetuneError(
+                f"the curation file must not be inside the {kind} {root}: {path} (keep it next to the runs)"
+            )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(curation.to_dict(), indent=2) + "\n")  # two pages may save at once
@@ -282,7 +352,7 @@ def leak_decisions(duplicate_groups: list[dict]) -> list[Decision]:
 
 def add_decisions(curation: Curation, decisions: list[Decision]) -> Curation:
     for decision in decisions:
-        curation.set(decision.path, decision.action, decision.label, decision.note)
+        curation.set(decision.path, decision.action, decision.label, decision.note, decision.pool)
     return curation
 
 
