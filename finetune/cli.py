@@ -476,7 +476,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                 dest=f.name,
                 default=None,
                 type=types[base],
-                choices=meta["choices"],
+                choices=None if meta["many"] else meta["choices"],  # a list: TrainConfig.validate checks its names
                 metavar=meta["metavar"],
                 help=meta["help"] + shown,
             )

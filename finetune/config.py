@@ -19,6 +19,7 @@ ARCHS = tuple(ARCHITECTURES)  # the --arch names: one row each in architectures.
 STRATEGIES = ("all", "last", "head")
 JPEG_DECODING = ("auto", "device", "workers")
 AUGMENTS = ("light", "default", "strong")  # augment.py says what each does, and where
+REPORTERS = ("tensorboard", "mlflow")  # --report-to: reporting.py says what each writes where
 
 STRATEGY_HELP = {
     "all": "every layer trains (best accuracy with enough data; slowest)",
@@ -74,6 +75,7 @@ def option(
     label: str | None = None,
     info: str | None = None,
     ui: dict | None = None,
+    many: bool = False,
 ):
     """A TrainConfig field with what the command line and the studio need to offer it.
 
@@ -82,7 +84,8 @@ def option(
     top, ordered by `rank`, which also orders the start_training endpoint's parameters), "advanced"
     (the Advanced accordion, in its group), or None (not offered). `label` names it there (default:
     from the field's name), `info` explains it (default: `help`, under Advanced only) and `ui` holds
-    further properties of its component (bounds, a placeholder)."""
+    further properties of its component (bounds, a placeholder). `many`: the value is a comma-separated
+    list of `choices` ("none": none of them; `listed` reads it), a multiple choice in the studio."""
     return field(
         default=default,
         metadata={
@@ -97,6 +100,7 @@ def option(
             "label": label,
             "info": info,
             "ui": ui or {},
+            "many": many,
         },
     )
 
@@ -305,6 +309,17 @@ class TrainConfig:
     run_name: str | None = option(
         None, "run folder name (default: <time>-<arch>-<strategy>)", "output", label="Run folder name"
     )
+    report_to: str = option(
+        "none",
+        "also report the metrics of each epoch, and the run's plots and files at its end, to: none, or one or "
+        "more of tensorboard (event files in the run folder's tensorboard/) and mlflow ($MLFLOW_TRACKING_URI, "
+        "else sqlite:///RUNS_DIR/mlflow.db), comma-separated",
+        "output",
+        choices=REPORTERS,
+        many=True,
+        metavar="LIST",
+        label="Report to",
+    )
     extra: dict = field(default_factory=dict)  # free-form notes kept in run.json; not an option (nor in the studio)
 
     def __post_init__(self) -> None:
@@ -315,6 +330,9 @@ class TrainConfig:
             from .paths import default_runs_dir
 
             self.runs_dir = str(default_runs_dir())
+        reporters: object = self.report_to  # the API takes a list too: report_to=["tensorboard", "mlflow"]
+        if isinstance(reporters, (list, tuple)) and all(isinstance(name, str) for name in reporters):
+            self.report_to = ",".join(reporters) if reporters else "none"
 
     def head_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.resolved_strategy()]
@@ -361,7 +379,20 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise FinetuneError(message)
+        self._check_reporters()
         return self
+
+    def _check_reporters(self) -> None:
+        """Each --report-to name known, and its library installed (one line naming the extra to install)."""
+        for name in listed(self.report_to):
+            if name not in REPORTERS:
+                raise FinetuneError(
+                    f"report to {self.report_to!r}: unknown {name!r}, give none or a comma-separated list of "
+                    f"{', '.join(REPORTERS)}"
+                )
+        from .reporting import check_installed  # here: reporting imports this module
+
+        check_installed(listed(self.report_to))
 
     def _check_types(self) -> None:
         """Values from a config file or the studio must have the field's type ("5" is not an epoch count)."""
@@ -415,6 +446,13 @@ class TrainConfig:
             return cls(**values)
         except TypeError as error:
             raise FinetuneError(f"{path}: {error}") from None
+
+
+def listed(value: str) -> list[str]:
+    """The names of a comma-separated option (`option(many=True)`): "tensorboard, mlflow" -> ["tensorboard",
+    "mlflow"]; "none" or "" -> []."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    return [] if names == ["none"] else names
 
 
 def default_of(name: str) -> Any:

@@ -33,6 +33,11 @@ EXTRAS = {
     "uvicorn": Extra("finetune serve", "uvicorn", "serve"),
     "python_multipart": Extra("finetune serve", "python-multipart", "serve"),
     "huggingface_hub": Extra("finetune push", "huggingface_hub", "hub"),
+    "tensorboard": Extra("--report-to tensorboard", "tensorboard", "tensorboard"),
+    "mlflow": Extra("--report-to mlflow", "mlflow", "mlflow"),
+    # a local MLflow store (sqlite:///..., the default) needs these beside mlflow-skinny (mlflow brings them)
+    "sqlalchemy": Extra("a local MLflow store", "sqlalchemy", "mlflow"),
+    "alembic": Extra("a local MLflow store", "alembic", "mlflow"),
 }
 
 

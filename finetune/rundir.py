@@ -11,6 +11,7 @@ One place knows the layout (`runs/<time>-<arch>-<strategy>/`):
     data_report.txt      the same as text
     events.jsonl         every training event (events.py)
     metrics.json, confusion_matrix.png, training_curves.png, per_class.csv, misclassified.csv
+    tensorboard/         --report-to tensorboard: the event files (reporting.py)
 
 Every write goes through a temporary file and a rename, so a reader (the studio, while the
 training writes) never sees half a file. A write that fails (a full disk) removes its temporary
@@ -81,6 +82,7 @@ class RunInfo(TypedDict, total=False):
     cache: str
     calibration: dict[str, Any]  # calibrate.calibrate's record: temperature, suggested_min_confidence, ...
     error: str  # why it failed or stopped early
+    mlflow_run_id: str  # --report-to mlflow: the run's id in its tracking store (never the store's URI)
 
 
 def write_json(path: Path, data) -> None:
@@ -192,6 +194,11 @@ class RunDir:
     @property
     def reliability(self) -> Path:
         return self.path / "reliability.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        """--report-to tensorboard's event files (`tensorboard --logdir runs` shows every run's)."""
+        return self.path / "tensorboard"
 
     def is_run(self) -> bool:
         return self.info_path.is_file()

@@ -66,6 +66,7 @@ from .ema import WeightsEMA
 from .evaluate import compute_metrics, plot_history, predict_logits, summary_line, write_reports
 from .events import BestEpoch, EpochRecord, Event, EventCallback, EventWriter, Timing, end_event, epoch_event
 from .model import apply_strategy, build_model, param_groups, safe_load, split_model, state_dict_from
+from .reporting import Reporting
 from .rundir import DiskFull, RunDir, RunInfo, TrainingLock, disk_full, save_atomic, save_safetensors
 
 # Under DDP every rank must agree whether to stop, which costs a collective (and a host-GPU sync):
@@ -857,6 +858,8 @@ def _train(
     event_file = EventWriter(run.events) if ctx.is_main else None
     if event_file:
         listeners.insert(0, functools.partial(write_event, event_file))  # in the file before anyone reacts to it
+    reporting = Reporting.open(cfg, run, emit, enabled=ctx.is_main)  # --report-to, rank 0 only
+    listeners.insert(1, reporting)  # after the file, before on_event (which may raise)
     try:
         mark_running(cfg, ctx, device, run, scan, checkpoint is None, notes, pids, emit)
         return _run_epochs(cfg, ctx, device, run, scan, model, checkpoint, emit, stop, started)
@@ -868,6 +871,7 @@ def _train(
             raise replacement from None
         raise
     finally:
+        reporting.close()
         if event_file:
             try:
                 event_file.close()

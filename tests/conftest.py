@@ -90,6 +90,7 @@ def every_option_config():
         run_name="n",
         curation="review/curation.json",
         labels="labels.csv",
+        report_to="tensorboard,mlflow",  # never trained on: a round trip through the CLI, a config file and the studio
     )
     untested = [f.name for f in cli_fields() if getattr(cfg, f.name) == f.default]
     assert not untested, f"give these options a non-default value in every_option_config: {untested}"

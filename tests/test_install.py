@@ -46,7 +46,12 @@ def test_studio_command_is_installed(tmp_path):
 DISTRIBUTION = "finetune-studio"
 # Imported only inside a try, each with a fallback (a notebook's, Colab's, a faster check): not dependencies.
 OPTIONAL_PROBES = {"IPython", "google", "psutil", "onnxruntime", "ipywidgets"}
-DISTRIBUTION_OF = {"PIL": "pillow", "sklearn": "scikit-learn", "pytorch_grad_cam": "grad-cam"}
+DISTRIBUTION_OF = {
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "pytorch_grad_cam": "grad-cam",
+    "mlflow": "mlflow-skinny",
+}
 
 
 def project() -> dict:
@@ -91,7 +96,7 @@ def declared_extras() -> dict[str, dict]:
 def test_requirements_txt_is_the_core_and_every_extra_with_honest_bounds():
     assert project()["name"] == DISTRIBUTION
     core, extras = requirements(project()["dependencies"]), declared_extras()
-    assert {"studio", "doctor", "explain", "onnx", "serve", "all"} <= set(extras)
+    assert {"studio", "doctor", "explain", "onnx", "serve", "tensorboard", "mlflow", "all"} <= set(extras)
     each = {name: spec for extra, reqs in extras.items() if extra != "all" for name, spec in reqs.items()}
     assert extras["all"] == each
     assert requirements((REPO / "requirements.txt").read_text().splitlines()) == {**core, **each}
@@ -319,6 +324,8 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
         "onnx",
         "serve",
         "hub",
+        "tensorboard",
+        "mlflow",
         "all",
     }
     assert "finetune = finetune.cli:console" in entry_points
@@ -347,7 +354,9 @@ def test_the_wheel_installs_elsewhere_and_trains_into_the_current_folder_without
     assert installed_wheel.returncode == 0, installed_wheel.stderr[-3000:]
     site = Path(where)
     # as installed without extras (`pip install finetune-studio`): every optional library hidden at start-up
-    hidden = ", ".join(repr(module) for module in ("gradio", "cleanlab", "pytorch_grad_cam", "onnx"))
+    hidden = ", ".join(
+        repr(module) for module in ("gradio", "cleanlab", "pytorch_grad_cam", "onnx", "tensorboard", "mlflow")
+    )
     Path(where, "zz_no_extras.pth").write_text(f"import sys; sys.modules.update(dict.fromkeys([{hidden}]))\n")
 
     elsewhere = tmp_path / "elsewhere"

@@ -25,6 +25,7 @@ from ..config import (
     default_of,
     default_strategy,
     field_type,
+    listed,
     studio_fields,
     studio_label,
 )
@@ -85,6 +86,8 @@ def setting(f: dataclasses.Field, value) -> gr.Component:
     props = dict(label=studio_label(f), info=info, elem_id=ELEM_IDS.get(f.name, f.name), **meta["ui"])
     if f.name in CHOICE_LABELS:
         return gr.Radio(CHOICE_LABELS[f.name], value=value, **props)
+    if meta["many"]:  # a comma-separated list of choices: a multiple choice (none ticked: "none")
+        return gr.Dropdown(list(meta["choices"]), value=listed(value), multiselect=True, **props)
     if meta["choices"]:
         return gr.Dropdown(list(meta["choices"]), value=value, **props)
     if base == "bool":
@@ -285,6 +288,8 @@ def config_values(settings: dict) -> dict:
             value = None
         elif base == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)
+        elif offered[name].metadata["many"] and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value) if value else "none"
         values[name] = value
     return values
 
