@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import queue
@@ -305,6 +306,8 @@ class MLflowReporter:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\.")
         from mlflow.tracking import MlflowClient
 
+        # its "Creating initial MLflow database tables..." would interleave with the training's own lines
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(self.uri)
         run_id = self.continued() or self.create()
         self.run_id = run_id

@@ -106,21 +106,33 @@ def test_the_studio_offers_report_to_as_a_multiple_choice():
 
 @pytest.mark.slow
 def test_tensorboard_and_mlflow_read_back_what_the_training_reported(tmp_path, monkeypatch):
+    """A training stopped after its first epoch (MLflow: KILLED), then resumed to its second: one MLflow
+    run, FINISHED, and both epochs in either reader."""
+    import threading
+
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from finetune.training import resume_config, train
 
     uri = f"sqlite:///{tmp_path / 'tracking.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "shapes")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # MLflow keeps a store's artifacts where it is started (./mlruns)
-    run_path, logs = train_logging(tiny(tmp_path, report_to="tensorboard,mlflow"))
-    run = RunDir(run_path)
+    stop = threading.Event()
+    run = RunDir(
+        train(tiny(tmp_path, report_to="tensorboard,mlflow"), lambda e: e["type"] == "epoch" and stop.set(), stop)
+    )
+    client = MlflowClient(uri)
+    first = run.require_info()
+    assert first["status"] == "stopped" and first["epochs_done"] == 1
+    assert client.get_run(first["mlflow_run_id"]).info.status == "KILLED"
+    run_path, logs = train_logging(resume_config(run.path, epochs=2), resume=run.path)
     info = run.require_info()
     history = info["history"]
-    assert info["status"] == "completed" and not [
-        line for line in logs if line.startswith("warning: ") and "mlflow" in line
-    ]
+    assert info["status"] == "completed" and info["mlflow_run_id"] == first["mlflow_run_id"]
+    assert not [line for line in logs if line.startswith("warning: ") and "reporting" in line]
 
     board = EventAccumulator(str(run.tensorboard))
     board.Reload()
@@ -138,7 +150,6 @@ def test_tensorboard_and_mlflow_read_back_what_the_training_reported(tmp_path, m
         assert (shown.width, shown.height) == plot.size
     assert any(tag.startswith("config") for tag in tags["tensors"])  # add_text: a text summary
 
-    client = MlflowClient(uri)
     mlflow_run = client.get_run(info["mlflow_run_id"])
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.run_name == run.name
     assert client.get_experiment(mlflow_run.info.experiment_id).name == "shapes"
