@@ -33,10 +33,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 from .config import FinetuneError
-from .data import DatasetScan
+from .data import DatasetScan, check_image, is_image_file
+from .data_doctor.duplicates import file_sha256
 from .fsutil import read_json, write_text_atomic
+from .labels import file_inside
+from .names import printable, unsafe_name_reason
 
 CURATION_FORMAT = "finetune-curation/1"
 CURATION_FILE = "curation.json"
@@ -217,17 +221,65 @@ class CuratedScan(DatasetScan):
     def report(self) -> str:
         return super().report() + ("\n" + curation_report(self.curation) if self.curation else "")
 
+    @classmethod
+    def from_dict(cls, data: dict) -> CuratedScan:
+        """split.json of a curated run. Its added pool images are in train by their absolute paths, and
+        each must be one of its curation record's `added` (pool, path): nothing else may lie outside the
+        root (a run folder may come from anyone)."""
+        allowed = recorded_adds(data.get("curation") if isinstance(data, dict) else None)
+        train = data.get("train") if isinstance(data, dict) else None
+        if not allowed or not isinstance(train, list):
+            return cast(CuratedScan, super().from_dict(data))
+
+        def is_added(item: object) -> bool:
+            return isinstance(item, (list, tuple)) and len(item) == 2 and item[0] in allowed
+
+        scan = cast(CuratedScan, super().from_dict({**data, "train": [i for i in train if not is_added(i)]}))
+        added = [(item[0], item[1]) for item in train if is_added(item)]
+        if not all(isinstance(lb, int) and not isinstance(lb, bool) and 0 <= lb < len(scan.classes) for _, lb in added):
+            raise ValueError("its added pool images' labels are not class indices")
+        scan.train = scan.train + added
+        return scan
+
+
+def added_item(pool: str, path: str) -> str:
+    """How an added pool image is named in the split (the scan's train list, split.json): its absolute
+    path, which `Path(scan.root) / item` leaves as it is, so every reader of the split finds the file."""
+    return (Path(pool) / path).as_posix()
+
+
+def recorded_adds(record: object) -> set[str]:
+    """The split items a curation record's `added` allows; ValueError when the list is malformed."""
+    entries = record.get("added") if isinstance(record, dict) else None
+    if not isinstance(entries, list):
+        return set()
+    items = set()
+    for entry in entries:
+        pool = entry.get("pool") if isinstance(entry, dict) else None
+        if not isinstance(pool, str) or not Path(pool).is_absolute():
+            raise ValueError("its curation's 'added' is not a list of pool files")
+        try:
+            items.add(added_item(pool, normalise_path(entry.get("path"), "added")))
+        except FinetuneError as error:
+            raise ValueError(str(error)) from None
+    return items
+
 
 def curation_report(record: dict) -> str:
+    added, not_added = record.get("added", []), record.get("not_added", [])
     lines = [
         f"Curation: {record.get('file') or 'decisions'}: {len(record['excluded'])} excluded, "
-        f"{len(record['relabelled'])} relabelled, {record['kept']} kept as they are"
+        f"{len(record['relabelled'])} relabelled, "
+        + (f"{len(added)} added from a pool, " if added or not_added else "")
+        + f"{record['kept']} kept as they are"
     ]
     lines += [
         f"  excluded {e['path']} ({e['split']}, {e['class']}){': ' + e['note'] if e.get('note') else ''}"
         for e in record["excluded"]
     ]
     lines += [f"  relabelled {r['path']} ({r['split']}): {r['from']} -> {r['to']}" for r in record["relabelled"]]
+    lines += [f"  added {printable(added_item(a['pool'], a['path']))} (train): {a['class']}" for a in added]
+    lines += [f"  not added {printable(added_item(a['pool'], a['path']))}: {a['reason']}" for a in not_added]
     if record["unknown"]:
         lines.append(
             f"  {len(record['unknown'])} decision(s) name files not in this dataset (ignored): "
@@ -238,76 +290,144 @@ def curation_report(record: dict) -> str:
 
 
 def apply_curation(scan: DatasetScan, curation: Curation) -> CuratedScan:
-    """A new scan with the decisions applied (the given scan and the folder are left alone).
+    """A new scan with the decisions applied (the given scan, the folder and the pools are left alone).
 
     The split itself does not move: excluded files leave their split, relabelled files stay in theirs
-    with the new class. Decisions for paths the scan does not have (deleted, skipped as unreadable)
-    are listed under `unknown`, not an error: the data changed since the review."""
+    with the new class, added pool images join train (by their absolute paths: `added_item`). Decisions
+    for paths the scan does not have (deleted, skipped as unreadable) are listed under `unknown`, not an
+    error: the data changed since the review. Added files that may not be read, or that are already in
+    the data, are listed under `not_added` with the reason."""
     where = curation.source or CURATION_FILE
     decisions = curation.by_path()
     index = {name: i for i, name in enumerate(scan.classes)}
-    _check_relabels(where, decisions, index)
-    excluded: list[dict] = []
-    relabelled: list[dict] = []
-    kept = 0
-    seen: set[str] = set()
-    new_splits: dict[str, list[tuple[str, int]]] = {}
-    for split in SPLIT_ORDER:
-        kept_items = []
-        for rel, label in getattr(scan, split):
-            chosen = decisions.get(rel)
-            seen.add(rel)
-            if chosen is None:
-                kept_items.append((rel, label))
-                continue
-            if chosen.action == "exclude":
-                excluded.append(
-                    {
-                        "path": rel,
-                        "split": split,
-                        "class": scan.classes[label],
-                        **({"note": chosen.note} if chosen.note else {}),
-                    }
-                )
-                continue
-            # a relabel's label is a class of this scan: checked above
-            new = index[chosen.label] if chosen.action == "relabel" and chosen.label is not None else label
-            if new != label:
-                relabelled.append({"path": rel, "split": split, "from": scan.classes[label], "to": chosen.label})
-            else:
-                kept += 1  # a keep, or a relabel to the class it already has
-            kept_items.append((rel, new))
-        new_splits[split] = kept_items
-    unknown = sorted(set(decisions) - seen)
-    record = {
-        "file": curation.source,
-        "format": CURATION_FORMAT,
-        "excluded": excluded,
-        "relabelled": relabelled,
-        "kept": kept,
-        "unknown": unknown,
-    }
+    _check_labels(where, curation.decisions, index)
+    record: dict = {"file": curation.source, "format": CURATION_FORMAT, "excluded": [], "relabelled": [], "kept": 0}
+    new_splits = {split: _curated_split(scan, split, decisions, index, record) for split in SPLIT_ORDER}
+    present = {rel for split in SPLIT_ORDER for rel, _ in getattr(scan, split)}
+    record["unknown"] = sorted(set(decisions) - present)
+    record["added"], record["not_added"] = _pool_images(scan.root, curation.adds(), new_splits)
+    new_splits["train"] = new_splits["train"] + [
+        (added_item(a["pool"], a["path"]), index[a["class"]]) for a in record["added"]
+    ]
 
-    notes = _curated_notes(where, scan, curation, new_splits, unknown)
+    notes = _curated_notes(where, scan, curation, new_splits, record)
     base = {f.name: copy.deepcopy(getattr(scan, f.name)) for f in dataclasses.fields(DatasetScan)}
     return CuratedScan(**{**base, **new_splits, "warnings": notes, "curation": record})
 
 
+def _curated_split(
+    scan: DatasetScan, split: str, decisions: dict[str, Decision], index: dict[str, int], record: dict
+) -> list[tuple[str, int]]:
+    """One split's items with the data files' decisions applied; what changed goes into `record`."""
+    kept_items = []
+    for rel, label in getattr(scan, split):
+        chosen = decisions.get(rel)
+        if chosen is None:
+            kept_items.append((rel, label))
+            continue
+        if chosen.action == "exclude":
+            note = {"note": chosen.note} if chosen.note else {}
+            record["excluded"].append({"path": rel, "split": split, "class": scan.classes[label], **note})
+            continue
+        # a relabel's label is a class of this scan: checked by _check_labels
+        new = index[chosen.label] if chosen.action == "relabel" and chosen.label is not None else label
+        if new != label:
+            record["relabelled"].append({"path": rel, "split": split, "from": scan.classes[label], "to": chosen.label})
+        else:
+            record["kept"] += 1  # a keep, or a relabel to the class it already has
+        kept_items.append((rel, new))
+    return kept_items
+
+
 # ---------------------------------------------------------------------------------------------
-# Decisions from the data doctor
+# Added pool images
 
 
-def _check_relabels(where: str, decisions: dict[str, Decision], index: dict[str, int]) -> None:
-    for decision in decisions.values():
-        if decision.action == "relabel" and decision.label not in index:
+def _pool_images(root: str, adds: list[Decision], splits: dict[str, list[tuple[str, int]]]) -> tuple[list, list]:
+    """(added, not added) records of the add decisions: a file joins when it may be read as any data
+    file (`pool_file_problem`) and its bytes are neither a data image's nor an earlier add's."""
+    added: list[dict] = []
+    not_added: list[dict] = []
+    digests: dict[int, str] = {}
+    for number, decision in enumerate(adds):
+        entry = {"path": decision.path, "pool": decision.pool, "class": decision.label}
+        reason = pool_file_problem(decision)
+        if reason is None:
+            try:
+                digests[number] = file_sha256(Path(cast(str, decision.pool)) / decision.path)
+            except (OSError, FinetuneError) as error:
+                reason = f"cannot be read: {getattr(error, 'strerror', None) or error}"
+        if reason is not None:
+            not_added.append({**entry, "reason": reason})
+    in_data = _data_digests(Path(root), splits, adds, digests)
+    first: dict[str, str] = {}
+    for number, digest in digests.items():
+        decision = adds[number]
+        entry = {"path": decision.path, "pool": decision.pool, "class": decision.label}
+        where = added_item(cast(str, decision.pool), decision.path)
+        if digest in in_data:
+            not_added.append({**entry, "reason": f"already in the data (the same image as {in_data[digest]})"})
+        elif digest in first:
+            not_added.append({**entry, "reason": f"the same image as {first[digest]}, added already"})
+        else:
+            first[digest] = where
+            added.append(entry)
+    return added, not_added
+
+
+def pool_file_problem(decision: Decision) -> str | None:
+    """Why the added file may not be trained on (None: it may): the rules of any data file. Inside its
+    pool after symlinks are resolved, a regular file (never a FIFO), an image by its name and
+    decodable within the format and pixel limits (data.check_image)."""
+    pool = Path(cast(str, decision.pool))
+    if not pool.is_dir():
+        return "its pool folder is not there"
+    reason = unsafe_name_reason(decision.path)
+    if reason is not None:
+        return reason
+    if not is_image_file(decision.path):
+        return "not an image file (by its name)"
+    reason = file_inside(pool.resolve(), decision.path, "the pool")
+    if reason is not None:
+        return reason
+    return check_image(pool / decision.path)
+
+
+def _data_digests(
+    root: Path, splits: dict[str, list[tuple[str, int]]], adds: list[Decision], digests: dict[int, str]
+) -> dict[str, str]:
+    """{sha256: data file} of the data files that may be an added file's copy: only those of an added
+    file's byte size are read (a stat per data file, not a hash)."""
+    sizes = set()
+    for number in digests:
+        try:
+            sizes.add((Path(cast(str, adds[number].pool)) / adds[number].path).stat().st_size)
+        except OSError:
+            continue
+    found: dict[str, str] = {}
+    for split in SPLIT_ORDER:
+        for rel, _ in splits[split]:
+            try:
+                if (root / rel).stat().st_size in sizes:
+                    found.setdefault(file_sha256(root / rel), rel)
+            except (OSError, FinetuneError):  # gone or swapped since the scan: training will say so
+                continue
+    return found
+
+
+def _check_labels(where: str, decisions: list[Decision], index: dict[str, int]) -> None:
+    """A relabel's or an add's class must be one of the scan's."""
+    for decision in decisions:
+        if decision.action in ("relabel", "add") and decision.label not in index:
+            pool = f" (pool {decision.pool})" if decision.pool else ""
             raise FinetuneError(
-                f"{where}: relabel of {decision.path!r} to {decision.label!r}: not a class of "
+                f"{where}: {decision.action} of {decision.path!r}{pool} to {decision.label!r}: not a class of "
                 f"this dataset ({', '.join(index)})"
             )
 
 
 def _curated_notes(
-    where: str, scan: DatasetScan, curation: Curation, new_splits: dict[str, list[tuple[str, int]]], unknown: list[str]
+    where: str, scan: DatasetScan, curation: Curation, new_splits: dict[str, list[tuple[str, int]]], record: dict
 ) -> list[str]:
     """The scan's warnings and what the curation changed that a user should know; no training image
     left in a class is an error."""
@@ -318,11 +438,20 @@ def _curated_notes(
     for i, name in enumerate(scan.classes):
         if any(lb == i for _, lb in scan.val) and not any(lb == i for _, lb in new_splits["val"]):
             notes.append(f"after the curation class {name!r} has no validation image; its metrics will be empty")
-    if unknown:
-        notes.append(f"the curation names {len(unknown)} file(s) that are not in the data (ignored)")
+    if record["unknown"]:
+        notes.append(f"the curation names {len(record['unknown'])} file(s) that are not in the data (ignored)")
+    if record["not_added"]:
+        notes.append(
+            f"{len(record['not_added'])} of the curation's {len(record['added']) + len(record['not_added'])} "
+            "added pool image(s) were not added (the curation report says why)"
+        )
     if Path(curation.data).expanduser().resolve() != Path(scan.root).resolve():
         notes.append(f"the curation was made for {curation.data}, applied to {scan.root} (paths are relative)")
     return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions from the data doctor
 
 
 def leak_decisions(duplicate_groups: list[dict]) -> list[Decision]:

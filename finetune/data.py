@@ -481,7 +481,8 @@ def _split_item(item, key: str, num_classes: int) -> bool:
 class DatasetScan:
     """What is in the user's folder, how it is split, and what was skipped.
 
-    Paths are relative to `root`, so the split (saved as split.json) can be reproduced.
+    Paths are relative to `root`, so the split (saved as split.json) can be reproduced; only the pool
+    images a curation adds to train are absolute (curation.added_item: `Path(root) / item` is the file).
     """
 
     root: str

@@ -5,6 +5,7 @@ and the Python API)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -280,10 +281,13 @@ def in_training_split(run, root: str | Path, rels: list[str]) -> set[str] | None
     hint = (extraction.folder.name, extraction.sha256) if extraction is not None else None
     key, inside = _data_key(root, hint)
     train_key, train_inside = _data_key(Path(split.root), hint)
+    # pool images a curation added: in the split by their absolute paths (curation.added_item)
+    pooled = {Path(rel) for rel, _ in split.train if os.path.isabs(rel)}
+    from_pools = {rel for rel in rels if root / rel in pooled}
     if key != train_key:
-        return set()
+        return from_pools
     trained = {train_inside / rel for rel, _ in split.train}
-    return {rel for rel in rels if inside / rel in trained}
+    return from_pools | {rel for rel in rels if inside / rel in trained}
 
 
 def check_report_folder(folder: Path, root: str | Path) -> None:

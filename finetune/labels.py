@@ -20,7 +20,7 @@ import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 
 from .config import FinetuneError
 from .fsutil import NotRegularFile, open_regular
@@ -191,15 +191,25 @@ def inside(root: Path, rel: str) -> str | None:
         return "an absolute path: paths in a labels file are relative to the data folder"
     if ".." in pure.parts:
         return "the path leaves the data folder (..)"
-    target = root / pure
+    reason = file_inside(root, pure)
+    return "listed in the labels file but not found" if reason == NOT_FOUND else reason
+
+
+NOT_FOUND = "not found"
+
+
+def file_inside(root: Path, rel: str | PurePath, folder: str = "the data folder") -> str | None:
+    """Why the file `rel` of the resolved folder `root` may not be read (None: it may): NOT_FOUND, a
+    symlink that leads out of `folder` (as it is named in the reason), or not a regular file (a FIFO
+    would block its reader). Also the curation's pool files (curation.apply_curation)."""
     try:
-        resolved = target.resolve(strict=True)
+        resolved = (root / rel).resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError):
-        return "listed in the labels file but not found"
+        return NOT_FOUND
     except (OSError, RuntimeError) as error:  # a symlink loop, a name too long
         return f"cannot be read: {error}"
     if not resolved.is_relative_to(root):
-        return "a link that leads out of the data folder"
+        return f"a link that leads out of {folder}"
     if not resolved.is_file():
         return "not a file"
     return None

@@ -113,11 +113,16 @@ def data_section(classes: list[str], info: dict, split) -> list[str]:
 def curation_line(curation: dict) -> str:
     if not curation:
         return "No curation file was applied: every readable image of the folder was used with its folder's label."
-    leaks = curation.get("leaks_removed")
+    leaks, added = curation.get("leaks_removed"), curation.get("added")
     return (
         f"Curated: {number(curation.get('excluded'), 'd')} image(s) excluded, "
         f"{number(curation.get('relabelled'), 'd')} relabelled, "
-        f"{len(leaks) if isinstance(leaks, list) else 0} copy(ies) leaking between train and val taken out of val."
+        f"{len(leaks) if isinstance(leaks, list) else 0} copy(ies) leaking between train and val taken out of val"
+        + (
+            f", {len(added)} unlabelled image(s) labelled and added to train."
+            if isinstance(added, list) and added
+            else "."
+        )
     )
 
 

@@ -29,8 +29,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import FinetuneError
+from .curation import Curation
 from .data import list_images
 from .data_doctor.duplicates import file_sha256
+from .labels import file_inside
 from .model import split_model
 from .names import printable
 from .predict import Predictor, _collate, _Files
@@ -59,15 +61,11 @@ def uncertainty(probabilities: torch.Tensor, measure: str = "margin") -> torch.T
 
 
 def known_images(run: Path) -> set[str]:
-    """The sha256 of every image the run trained or validated on (from its split.json)."""
-    import json
+    """The sha256 of every image the run trained or validated on (from its split.json: the pool images
+    a curation added to it too)."""
+    from .rundir import RunDir
 
-    from .data import DatasetScan
-
-    try:
-        scan = DatasetScan.from_dict(json.loads((run / "split.json").read_text()))
-    except (OSError, ValueError) as error:
-        raise FinetuneError(f"cannot read {run / 'split.json'}: {error}") from None
+    scan = RunDir(run).read_split()  # a curated split's added pool images by their absolute paths
     root = Path(scan.root)
     known = set()
     for rel, _ in scan.train + scan.val:
@@ -76,6 +74,33 @@ def known_images(run: Path) -> set[str]:
         except (OSError, FinetuneError):  # moved (or replaced by a FIFO) since: not in the pool under these bytes
             continue
     return known
+
+
+def decided_in(curation: str | Path | Curation | None, pool: Path) -> set[str]:
+    """The pool-relative paths of `pool` that `curation` has a decision about."""
+    if curation is None:
+        return set()
+    from .curation import load_curation
+
+    loaded = curation if isinstance(curation, Curation) else load_curation(curation)
+    return set(loaded.of_pool(pool))
+
+
+def pool_hashes(pool: Path, files: list[Path], skipped: list[tuple[str, str]]) -> dict[Path, str]:
+    """{file: sha256} of the pool's files that may be read; the others are named in `skipped`."""
+    hashes: dict[Path, str] = {}
+    inside = pool.resolve()
+    for path in files:
+        # a link out of the pool is not the pool's (an add of it would be refused: curation.pool_file_problem)
+        reason = file_inside(inside, path.relative_to(pool), "the pool")
+        if reason is not None:
+            skipped.append((printable(str(path)), reason))
+            continue
+        try:
+            hashes[path] = file_sha256(path)  # never blocks on a FIFO named like an image
+        except (OSError, FinetuneError) as error:
+            skipped.append((printable(str(path)), str(error)))
+    return hashes
 
 
 @torch.inference_mode()
@@ -165,8 +190,11 @@ def suggest(
     batch_size: int = 64,
     top_k: int = 3,
     log: Callable[[str], None] | None = None,
+    curation: str | Path | Curation | None = None,
 ) -> tuple[list[Suggestion], list[tuple[str, str]]]:
-    """The n images of `pool` most worth labelling for `run`'s model, and the pool's files skipped."""
+    """The n images of `pool` most worth labelling for `run`'s model, and the pool's files skipped.
+    With `curation` (a curation file, or a Curation), the pool's files decided there (added, or
+    excluded as none of the classes) are left out too: labelled since the run, not to be asked again."""
     if n < 1:
         raise FinetuneError(f"n must be at least 1, got {n}")
     if measure not in MEASURES:
@@ -178,15 +206,19 @@ def suggest(
     skipped: list[tuple[str, str]] = []
     files = list_images([pool_dir], skipped)
     known = known_images(run_dir)
-    hashes: dict[Path, str] = {}
-    for path in files:
-        try:
-            hashes[path] = file_sha256(path)  # never blocks on a FIFO named like an image
-        except (OSError, FinetuneError) as error:
-            skipped.append((printable(str(path)), str(error)))
-    fresh = [path for path in files if path in hashes and hashes[path] not in known]
+    hashes = pool_hashes(pool_dir, files, skipped)
+    decided = decided_in(curation, pool_dir)
+    fresh = [
+        path
+        for path in files
+        if path in hashes and hashes[path] not in known and path.relative_to(pool_dir).as_posix() not in decided
+    ]
     if log:
-        log(f"{len(files)} pool images, {len(files) - len(fresh)} already in the run's data; scoring {len(fresh)}")
+        log(
+            f"{len(files)} pool images, {len(files) - len(fresh)} already in the run's data"
+            + (" or decided in the curation" if decided else "")
+            + f"; scoring {len(fresh)}"
+        )
     if not fresh:
         return [], skipped
     probabilities, features, kept = _score(predictor, fresh, batch_size, skipped)

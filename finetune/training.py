@@ -931,8 +931,8 @@ def check_data_everywhere(ctx: Distributed, scan: DatasetScan) -> None:
     for host, rank, path in reports:
         if path is not None:
             raise FinetuneError(
-                f"rank {rank} on {host} cannot read {path}: every node needs the dataset at the same path "
-                f"(a shared folder, or a copy at that path)"
+                f"rank {rank} on {host} cannot read {path}: every node needs the dataset (and the pools a "
+                f"curation adds from) at the same path (a shared folder, or a copy at that path)"
             )
 
 
@@ -943,7 +943,8 @@ def unreadable_data(scan: DatasetScan) -> str | None:
     if not root.is_dir():
         return str(root)
     items = [*scan.train, *scan.val]
-    for relative, _ in items[:: max(1, math.ceil(len(items) / DATA_SAMPLE))]:
+    added = [item for item in scan.train if os.path.isabs(item[0])]  # a curation's pool images: other folders
+    for relative, _ in items[:: max(1, math.ceil(len(items) / DATA_SAMPLE))] + added[:DATA_SAMPLE]:
         path = root / relative
         try:
             if not path.is_file():  # a regular file: opening a FIFO put there would wait
@@ -1071,6 +1072,8 @@ def curation_summary(record: dict) -> dict:
         "relabelled": len(record["relabelled"]),
         "leaks_removed": leaks,
         "unknown_paths": len(record["unknown"]),
+        "added": record.get("added", []),  # pool images trained on: path (in the pool), pool, class
+        "not_added": len(record.get("not_added", [])),
     }
 
 
