@@ -137,14 +137,14 @@ class Reporting:
         """Let every reporter finish (at most CLOSE_TIMEOUT_S for all), then say what they left to say."""
         for worker in self.workers:
             worker.put(None)
-        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        deadline, later = time.monotonic() + CLOSE_TIMEOUT_S, self.on_training.put
         try:
             for worker in self.workers:
                 worker.thread.join(max(0.0, deadline - time.monotonic()))
                 if worker.thread.is_alive():
-                    self.warn(f"{worker.name}: not done after {CLOSE_TIMEOUT_S:.0f} s, left unfinished")
+                    later(functools.partial(self.warn, f"{worker.name}: not done after {CLOSE_TIMEOUT_S:g} s, left"))
         except KeyboardInterrupt:  # the training is over: a Ctrl-C here only stops the waiting
-            self.warn("stopped waiting for the reporters: what they had not sent is left out")
+            later(functools.partial(self.warn, "stopped waiting for the reporters: what they had not sent is left out"))
         self.run_pending()
 
 

@@ -250,3 +250,53 @@ def test_warnings_leave_out_passwords_in_urls():
         "POST https://host:5000/api failed; see http://x"
     )
     assert json.loads(json.dumps(redact("sqlite:////tmp/a.db"))) == "sqlite:////tmp/a.db"
+
+
+def test_a_failing_reporter_is_dropped_after_one_warning_and_a_stuck_one_is_not_waited_for(tmp_path, monkeypatch):
+    import threading
+
+    from finetune import reporting
+
+    seen: list[str] = []
+    release = threading.Event()
+
+    class Failing:
+        name = "tensorboard"
+
+        def __init__(self, run, cfg, on_training):
+            pass
+
+        def handle(self, event):
+            seen.append(event["type"])
+            if event["type"] == "epoch":
+                raise OSError("no space left on device")
+
+        def close(self, ok):
+            seen.append(f"closed ok={ok}")
+
+    class Stuck(Failing):
+        name = "mlflow"
+
+        def handle(self, event):
+            release.wait(30)  # a server that never answers
+
+        def close(self, ok):
+            pass
+
+    monkeypatch.setitem(reporting.REPORTER_TYPES, "tensorboard", Failing)
+    monkeypatch.setitem(reporting.REPORTER_TYPES, "mlflow", Stuck)
+    monkeypatch.setattr(reporting, "CLOSE_TIMEOUT_S", 0.5)
+    logs: list[str] = []
+    cfg = TrainConfig(runs_dir=str(tmp_path), report_to="tensorboard,mlflow,tensorboard")  # each reporter once
+    reports = reporting.Reporting.open(cfg, RunDir(tmp_path / "run"), lambda e: logs.append(e["message"]))
+    for event in ({"type": "start"}, {"type": "batch"}, epoch(1), epoch(2), {"type": "end"}):
+        reports(event)
+    started = time.monotonic()
+    reports.close()
+    release.set()
+    assert time.monotonic() - started < 5
+    assert seen == ["start", "epoch", "closed ok=False"]  # no batch events; nothing after the failure
+    assert logs == [
+        "warning: tensorboard reporting stopped for this run: OSError: no space left on device",
+        "warning: mlflow: not done after 0.5 s, left",
+    ]
