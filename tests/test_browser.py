@@ -212,3 +212,38 @@ def test_stop_during_training_and_second_start_says_why(page, app_server):
     page.locator("#stop_btn").click()
     page.locator("#train_result").filter(has_text="Stopped").wait_for(timeout=60_000)
     assert "best model so far was kept" in page.locator("#train_result").inner_text()
+
+
+def test_label_mode_labels_a_suggested_image(page, app_server, tiny_run, tmp_path):
+    """Review → Label new images: a pool and a run, Suggest, the image with one button per class;
+    a class button saves an `add` at once and shows the next; Skip saves nothing."""
+    import shutil
+
+    from conftest import make_image
+
+    from finetune.curation import default_curation_path, load_curation
+
+    run = Path(shutil.copytree(tiny_run, app_server.runs_dir / "label-mode-run", symlinks=True))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "created": "2000-01-01T00:00:00"}))  # never the newest
+    for i, colour in enumerate([(200, 90, 90), (90, 180, 100), (130, 120, 50)]):  # none a training image
+        make_image(tmp_path / "pool" / f"p{i}.png", colour)
+    open_tab(page, "1b. Review")
+    page.get_by_role("tab", name="Label new images").click()
+    page.locator("#label_pool textarea, #label_pool input").first.fill(str(tmp_path / "pool"))
+    page.locator("#label_run input").click()
+    page.get_by_role("option", name=re.compile("label-mode-run")).click()
+    set_number(page, "label_n", 2)
+    page.locator("#label_suggest_btn").click()
+    page.locator("#label_position").filter(has_text="Image 1 of 2").wait_for(timeout=60_000)
+    page.locator("#label_image img").wait_for()
+    assert page.locator("#label_class_0").inner_text() == "cats" and page.locator("#label_class_2").count() == 0
+    assert "cats" in page.locator("#label_guesses").inner_text()
+    page.locator("#label_class_1").click()
+    page.locator("#label_position").filter(has_text="Image 2 of 2").wait_for()
+    path = default_curation_path(app_server.runs_dir, json.loads((run / "split.json").read_text())["root"])
+    [decision] = load_curation(path).decisions
+    assert (decision.action, decision.label, decision.pool) == ("add", "dogs", str((tmp_path / "pool").resolve()))
+    page.locator("#label_skip").click()
+    page.locator("#label_position").filter(has_text="All 2 suggested image(s) seen; 1 decided").wait_for()
+    assert len(load_curation(path).decisions) == 1

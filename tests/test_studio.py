@@ -29,7 +29,17 @@ from finetune.config import FinetuneError, TrainConfig  # noqa: E402
 from finetune.names import printable  # noqa: E402
 from finetune.predict import Prediction  # noqa: E402
 from finetune.studio import app as studio_app  # noqa: E402
-from finetune.studio import common, data_tab, evaluate_tab, export_tab, predict_tab, review_tab, train_tab, views  # noqa: E402
+from finetune.studio import (  # noqa: E402
+    common,
+    data_tab,
+    evaluate_tab,
+    export_tab,
+    label_mode,
+    predict_tab,
+    review_tab,
+    train_tab,
+    views,
+)
 from finetune.studio.state import PredictorCache, Studio  # noqa: E402
 from finetune.studio.workspace import UNUSED_SECONDS, Workspace  # noqa: E402
 
@@ -1359,3 +1369,126 @@ def test_the_data_tab_scans_a_flat_folder_with_its_labels_csv_and_training_takes
     assert cfg.labels == str(folder / "labels.csv")
     with pytest.raises(gr.Error, match="labels file not found"):
         last(data_tab.scan(studio, "flat", "missing.csv"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Review tab's Label mode
+
+
+def label_pool(root: Path, k: int = 6) -> Path:
+    """k distinct pictures (random pixels: the tiny run is unsure about them in different degrees)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i in range(k):
+        root.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(root / f"p{i}.png")
+    return root
+
+
+def test_label_mode_suggests_by_uncertainty_and_saves_each_decision_at_once(studio, tmp_path, tiny_run):
+    """The pool (typed relative to the app's folder) ranked by the run's model, most uncertain first;
+    a class button writes an `add` with the pool-relative path and the resolved pool, Skip writes
+    nothing, None of these a pool `exclude`; a new suggestion leaves the decided images out; the
+    images go to the browser as PIL thumbnails; the pool is unchanged."""
+    from conftest import copy_run
+    from PIL import Image
+
+    from finetune.curation import load_curation
+
+    run = copy_run(tiny_run, studio.runs_dir)
+    pool = label_pool(tmp_path / "cwd" / "pool")
+    before = tree_digest(pool)
+    with pytest.raises(gr.Error, match="pool folder not found"):
+        last(label_mode.suggest_pool(studio, str(run), "missing", 5))
+    with pytest.raises(gr.Error, match="between 1 and"):
+        last(label_mode.suggest_pool(studio, str(run), "pool", 0))
+    with pytest.raises(gr.Error, match="first"):
+        label_mode.skip_image(studio, None)
+    out = last(label_mode.suggest_pool(studio, str(run), "pool", 4))
+    session, path = out["state"], studio.runs_dir / "curation.json"
+    scores = [item["uncertainty"] for item in session.items]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+    assert session.pool == str(pool.resolve()) and session.classes == ["cats", "dogs"]
+    assert "**4** image(s)" in out["status"] and "Image 1 of 4" in out["position"]
+    assert isinstance(out["image"], Image.Image) and all(isinstance(p, Image.Image) for p, _ in out["examples"])
+    assert {caption for _, caption in out["examples"]} == {"cats", "dogs"}
+    assert set(out["guesses"]) == {"cats", "dogs"} and abs(sum(out["guesses"].values()) - 1) < 1e-4
+    assert [out[f"slot_{i}"].value for i in range(2)] == ["cats", "dogs"] and not out["slot_2"].visible
+    first, second, third = (item["path"] for item in session.items[:3])
+
+    out = label_mode.label_slot(studio, session, 1)
+    assert out["train_curation"] == str(path) and out["state"].index == 1
+    saved = path.read_bytes()
+    out = label_mode.skip_image(studio, out["state"])
+    assert path.read_bytes() == saved and out["state"].index == 2 and "train_curation" not in out
+    out = label_mode.none_of_these(studio, out["state"])
+    raw = json.loads(path.read_text())
+    assert raw["data"] == str(Path(session.data)) and len(raw["decisions"]) == 2
+    added, excluded = raw["decisions"]
+    assert {k: added[k] for k in ("path", "action", "label", "pool")} == {
+        "path": first, "action": "add", "label": "dogs", "pool": str(pool.resolve())
+    }  # fmt: skip
+    assert (excluded["path"], excluded["action"], excluded["pool"]) == (third, "exclude", str(pool.resolve()))
+    back = label_mode.previous_image(studio, label_mode.previous_image(studio, out["state"])["state"])
+    assert back["state"].index == 1 and "Decided" not in back["details"]  # the skipped one
+    shown = label_mode.render(back["state"].at(0))
+    assert "Decided: labelled dogs" in shown["details"]
+    with pytest.raises(gr.Error, match="one of the run's classes"):
+        label_mode.label_as(studio, out["state"], "wolves")
+    out = label_mode.label_as(studio, out["state"], "cats")  # the fourth: then all done
+    assert "All 4 suggested image(s) seen; 3 decided" in out["position"] and out["image"] is None
+    assert not out["skip_btn"].interactive and out["prev_btn"].interactive
+    assert len(load_curation(path).adds()) == 2
+
+    again = last(label_mode.suggest_pool(studio, str(run), str(pool), 10))
+    paths = [item["path"] for item in again["state"].items]
+    assert second in paths and not {first, third} & set(paths)  # decided: not asked again; skipped: asked
+    assert tree_digest(pool) == before
+
+
+def test_label_mode_shows_hostile_pool_and_class_names_as_text(studio, tmp_path, page_html):
+    """A pool file and classes named like links, LaTeX, code and markup: the Label mode shows each as
+    text; the buttons and the class list keep the real names for the decisions."""
+    classes = [CONTROL_CLASS, *HOSTILE_CLASSES]
+    name = "www.evil.example/[Session expired](http:evil.example) <img src=x onerror=alert(1)> $$x$$.png"
+    pool = tmp_path / HOSTILE_ROOT
+    make_image(pool / name)
+    make_image(tmp_path / "data" / "a.png")
+    top = [(c, 1 / len(classes)) for c in classes]
+    session = label_mode.Labelling(
+        run=str(tmp_path / "runs" / "run <img src=x>"),
+        pool=str(pool.resolve()),
+        data=str(tmp_path / "data"),
+        classes=classes,
+        curation=str(tmp_path / "runs" / "curation.json"),
+        items=[{"path": name, "uncertainty": 0.9, "top": top}],
+        examples={c: [str(tmp_path / "data" / "a.png")] for c in classes},
+    )
+    shown = label_mode.render(session)
+    assert shown["image"] is not None and len(shown["examples"]) == label_mode.GUESSES_SHOWN
+    assert [value for _, value in shown["other"].choices] == classes
+    out = label_mode.label_slot(studio, session, 2)
+    status = views.label_status(session.pool, session.run, 1, ["`tick` www.x.y"], [(name, "<b>bad</b>")])
+    assert shown["position"].startswith("### Image 1 of 1")  # numbers only: the one heading
+    markdown = [shown["details"], out["position"], status]  # the last: "all done", naming the files
+    buttons = [shown[f"slot_{i}"].value for i in range(len(classes))]
+    assert buttons == [printable(c) for c in classes]
+    texts = buttons + list(shown["guesses"]) + [c for _, c in shown["examples"]]
+    texts += [label for label, _ in shown["other"].choices]
+    assert_text_only(page_html, markdown, texts)
+    decision = json.loads(Path(session.curation).read_text())["decisions"][0]
+    assert (decision["path"], decision["label"]) == (name, classes[2])  # the real names
+
+
+def test_label_mode_takes_a_pool_as_a_zip_into_the_workspace(studio, tmp_path):
+    """An uploaded pool .zip is extracted (its images only) into the workspace; its folder fills the box."""
+    archive = tmp_path / "pool.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(make_image(tmp_path / "a.png"), "pool/a.png")
+        z.writestr("pool/run.html", "<script>alert(1)</script>")
+    folder = Path(label_mode.upload_pool(studio, str(archive)))
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name[0] != "."]
+    assert folder.is_relative_to(studio.workspace.uploads) and files == ["pool/a.png"]
+    assert label_mode.upload_pool(studio, None) == gr.skip()

@@ -6,6 +6,9 @@ finetune.curation); the dataset folder is only read, never changed. Training app
 Order: likely label errors (most suspicious first), duplicate groups (those leaking between splits
 first), then other problems of single images. An image kept once is not shown again on the next run.
 Images reach the browser as PIL thumbnails (gradio's own cache), never as paths into the dataset.
+
+Its second sub-tab, **Label new images**, is label_mode: the images of an unlabelled pool a run's
+model would learn the most from, labelled one click each into the same curation file.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..curation import (
     save_curation,
 )
 from ..rundir import RunDir, resolve_run, run_choices
-from . import views
+from . import label_mode, views
 from .common import Cancelled, bind, output_list, run_cancellable, thumbnail, user_errors
 from .state import Studio
 
@@ -61,48 +64,61 @@ class ReviewTab:
     relabel_to: gr.Dropdown
     relabel_btn: gr.Button
     state: gr.State
+    label_tab: gr.Tab  # the Label mode's sub-tab
+    label: label_mode.LabelMode
 
 
 def build(studio: Studio) -> ReviewTab:
-    with gr.Tab("1b. Review", id="review", elem_id="tab_review") as tab:
-        gr.Markdown(
-            "The **data doctor** looks for likely label errors, duplicates (and copies that leak from "
-            "training into validation) and odd images. Decide each finding: your choices are saved as a "
-            "curation file next to the runs, which training applies. Your folder is never changed.",
-            elem_id="review_help",
+    """Two modes, as sub-tabs: the doctor's findings, and labelling new images (label_mode)."""
+    with gr.Tab("1b. Review", id="review", elem_id="tab_review") as tab, gr.Tabs(elem_id="review_modes"):
+        with gr.Tab("Findings", id="review_findings", elem_id="review_findings_tab"):
+            findings = _findings(studio)
+        with gr.Tab("Label new images", id="review_label", elem_id="review_label_tab") as label_tab:
+            label = label_mode.build(studio)
+    return ReviewTab(tab=tab, label_tab=label_tab, label=label, **findings)
+
+
+def _findings(studio: Studio) -> dict[str, Any]:
+    """The doctor's mode: its inputs, progress, summary, the finding on show and the decisions (by
+    their names in ReviewTab)."""
+    gr.Markdown(
+        "The **data doctor** looks for likely label errors, duplicates (and copies that leak from "
+        "training into validation) and odd images. Decide each finding: your choices are saved as a "
+        "curation file next to the runs, which training applies. Your folder is never changed.",
+        elem_id="review_help",
+    )
+    with gr.Row():
+        data = gr.Textbox(
+            value=studio.default_data,
+            label="Data folder (the one chosen on the Data tab)",
+            elem_id="review_data",
+            scale=4,
         )
-        with gr.Row():
-            data = gr.Textbox(
-                value=studio.default_data,
-                label="Data folder (the one chosen on the Data tab)",
-                elem_id="review_data",
-                scale=4,
-            )
-            backbone = gr.Dropdown(
-                backbone_choices(studio),
-                value=default_backbone(studio),
-                label="Features from",
-                elem_id="review_backbone",
-                scale=3,
-            )
-        with gr.Row():
-            run_btn = gr.Button("Run doctor", variant="primary", elem_id="review_run_btn")
-            cancel_btn = gr.Button("Cancel", elem_id="review_cancel_btn")
-        log = gr.Textbox(
-            label="Progress", lines=4, max_lines=8, autoscroll=True, interactive=False, elem_id="review_log"
+        backbone = gr.Dropdown(
+            backbone_choices(studio),
+            value=default_backbone(studio),
+            label="Features from",
+            elem_id="review_backbone",
+            scale=3,
         )
-        summary = gr.Markdown(elem_id="review_summary")
-        with gr.Row():
-            curation = gr.Markdown(elem_id="review_curation")
-            leak_btn = gr.Button(
-                "Exclude all leaking val copies", elem_id="review_leak_btn", interactive=False, scale=0, min_width=260
-            )
-        position, image, others, details = _finding()
-        prev_btn, next_btn, keep_btn, exclude_btn, relabel_to, relabel_btn = _decisions()
-        state = gr.State(None)
-    return ReviewTab(
-        tab, data, backbone, run_btn, cancel_btn, log, summary, curation, leak_btn, position, image, others, details,
-        prev_btn, next_btn, keep_btn, exclude_btn, relabel_to, relabel_btn, state,
+    with gr.Row():
+        run_btn = gr.Button("Run doctor", variant="primary", elem_id="review_run_btn")
+        cancel_btn = gr.Button("Cancel", elem_id="review_cancel_btn")
+    log = gr.Textbox(label="Progress", lines=4, max_lines=8, autoscroll=True, interactive=False, elem_id="review_log")
+    summary = gr.Markdown(elem_id="review_summary")
+    with gr.Row():
+        curation = gr.Markdown(elem_id="review_curation")
+        leak_btn = gr.Button(
+            "Exclude all leaking val copies", elem_id="review_leak_btn", interactive=False, scale=0, min_width=260
+        )
+    position, image, others, details = _finding()
+    prev_btn, next_btn, keep_btn, exclude_btn, relabel_to, relabel_btn = _decisions()
+    state = gr.State(None)
+    return dict(
+        data=data, backbone=backbone, run_btn=run_btn, cancel_btn=cancel_btn, log=log, summary=summary,
+        curation=curation, leak_btn=leak_btn, position=position, image=image, others=others, details=details,
+        prev_btn=prev_btn, next_btn=next_btn, keep_btn=keep_btn, exclude_btn=exclude_btn, relabel_to=relabel_to,
+        relabel_btn=relabel_btn, state=state,
     )  # fmt: skip
 
 
@@ -595,3 +611,4 @@ def wire(studio: Studio, c: ReviewTab, data_path: gr.Textbox, train_curation: gr
         )
     data_path.change(bind(studio, follow_data), data_path, c.data, api_visibility="private", show_progress="hidden")
     c.tab.select(bind(studio, refresh_backbones), c.backbone, c.backbone, api_visibility="private")
+    label_mode.wire(studio, c.label, c.label_tab, train_curation)

@@ -405,3 +405,49 @@ def decision_note(item: dict) -> str:
     if item["kind"] == "duplicate":
         return f"review: {item['group_kind']} duplicate" + (" (leak)" if item["leak"] else "")
     return f"review: {item['problem']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Label mode (the Review tab's "Label new images")
+
+
+def label_status(pool: str, run: str, suggested: int, lines: Sequence[str], skipped: Sequence) -> str:
+    """What the suggestion found: how many images, from which pool, for which run."""
+    text = [
+        f"**{suggested}** image(s) of {code(pool)} to label, most uncertain first, for the model of "
+        f"{code(Path(run).name)}."
+    ]
+    text += [f"- {md(line)}" for line in lines]
+    if skipped:
+        named = ", ".join(f"{code(path)} ({md(reason)})" for path, reason in list(skipped)[:5])
+        text.append(f"- {len(skipped)} pool file(s) skipped: {named}" + (" …" if len(skipped) > 5 else ""))
+    if not suggested:
+        text.append("- Nothing to suggest: every pool image is in the run's data already, or decided.")
+    return "\n".join(text)
+
+
+def label_position(index: int, total: int, decided: int) -> str:
+    return f"### Image {index + 1} of {total}  \n{decided} of {total} decided"
+
+
+def label_details(item: dict, decision, curation: str) -> str:
+    guess, probability = item["top"][0]
+    lines = [
+        f"**{code(item['path'])}** (in the pool)",
+        f"The model's best guess: **{md(guess)}** ({probability:.0%}); uncertainty {item['uncertainty']:.2f} "
+        "(1 is a tie). Beside it: training images of its best guesses.",
+    ]
+    if decision is not None:
+        what = f"labelled {md(decision.label)}" if decision.action == "add" else "none of these"
+        lines.append(f"✔ **Decided: {what}** (in {code(curation)}; click another class to change it)")
+    return "\n\n".join(lines)
+
+
+def label_finished(total: int, decided: int, curation: str, data: str) -> str:
+    if not total:
+        return ""
+    return (
+        f"**All {total} suggested image(s) seen; {decided} decided.** The decisions are in {code(curation)}: "
+        f"train on {code(data)} with that curation file (the Train tab's curation field) to add them, or "
+        "suggest more."
+    )
