@@ -353,8 +353,14 @@ class MLflowReporter:
         self.client.log_batch(self.run_id, metrics=[Metric(key, value, stamp, step) for key, value in values.items()])
 
     def close(self, ok: bool) -> None:
-        if ok and self.run_id is not None:
-            self.client.set_terminated(self.run_id, self.status or "FAILED")
+        """End the MLflow run, also after a failure of this reporter (a failed artifact upload, a metric
+        refused): else it stays RUNNING in the store forever. A server gone away is tried once (5 s),
+        not through MLflow's minutes of retries."""
+        if self.run_id is None:
+            return
+        if not ok:
+            check_reachable(self.uri)
+        self.client.set_terminated(self.run_id, self.status or "FAILED")
 
 
 def config_params(cfg: TrainConfig) -> dict[str, str]:

@@ -300,3 +300,29 @@ def test_a_failing_reporter_is_dropped_after_one_warning_and_a_stuck_one_is_not_
         "warning: tensorboard reporting stopped for this run: OSError: no space left on device",
         "warning: mlflow: not done after 0.5 s, left",
     ]
+
+
+@pytest.mark.slow
+def test_a_failed_artifact_upload_still_ends_the_mlflow_run(tmp_path, monkeypatch):
+    """A reporter failing after its run began (here the artifacts) is one warning, and the MLflow run
+    still ends (not RUNNING forever), with the status the training's end gave it."""
+    from mlflow.tracking import MlflowClient
+
+    from finetune.reporting import Reporting
+
+    def refused(*args, **kwargs):
+        raise OSError("the artifact store said no")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(MlflowClient, "log_artifact", refused)
+    run = synthetic_run(tmp_path, "artifacts-refused")
+    logs: list[str] = []
+    reporting = Reporting.open(TrainConfig(runs_dir=str(tmp_path / "runs"), report_to="mlflow"), run,
+                               lambda e: logs.append(e["message"]))  # fmt: skip
+    end = {"type": "end", "status": "completed", "best": {"epoch": 1}, "metrics": {"accuracy": 0.5}}
+    for event in ({"type": "start"}, epoch(1), end):
+        reporting({**event, "time": time.time()})
+    reporting.close()
+    assert logs == ["warning: mlflow reporting stopped for this run: OSError: the artifact store said no"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert client.get_run(run.require_info()["mlflow_run_id"]).info.status == "FINISHED"
