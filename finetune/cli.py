@@ -644,14 +644,25 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     export_parser.set_defaults(func=cmd_export)
 
 
+SERVE_OPTIONS = {  # ServeLimits fields offered as options (their defaults are ServeLimits')
+    "max_upload_mb": "largest request body (413 beyond it, counted as it arrives)",
+    "max_files": "images in one request (413 beyond)",
+    "queue_size": "images waiting for the model (then 503)",
+    "max_batch": "images through the model together",
+    "max_connections": "open connections and requests in flight (then 503)",
+    "read_timeout_s": "seconds a request's head may take to arrive (and a body's start; slow clients are cut)",
+}
+
+
 def cmd_serve(args) -> int:
     from .extras import require
 
     for module in ("fastapi", "uvicorn", "python_multipart"):  # one line naming the extra, not an ImportError
         require(module)
-    from .serve import ServeLimits, serve
+    from .serve import serve
+    from .serve_limits import ServeLimits
 
-    limits = ServeLimits(max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, max_batch=args.max_batch)
+    limits = ServeLimits(**{name: getattr(args, name) for name in SERVE_OPTIONS})
     serve(args.run, args.host, args.port, args.token, args.device, limits, args.allowed_hosts, log=say)
     return 0
 
@@ -670,9 +681,13 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
         "--token", help="the Bearer token requests must carry (default: $FINETUNE_SERVE_TOKEN; `ps` shows this one)"
     )
     serve_parser.add_argument("--device", default="auto", help="auto (the CPU while a training has the GPU), cpu, cuda")
-    serve_parser.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body")
-    serve_parser.add_argument("--queue-size", type=int, default=256, help="images waiting for the model (then 503)")
-    serve_parser.add_argument("--max-batch", type=int, default=32, help="images through the model together")
+    from .serve_limits import ServeLimits  # light: a dataclass, not the web stack
+
+    defaults = ServeLimits()
+    for name, help_text in SERVE_OPTIONS.items():
+        value = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        serve_parser.add_argument(flag, type=type(value), default=value, help=help_text)
     serve_parser.add_argument(
         "--allowed-hosts",
         default=os.environ.get("FINETUNE_ALLOWED_HOSTS", ""),

@@ -45,7 +45,7 @@ class Running:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         app = serve.create_app(service, "127.0.0.1", self.port)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(serve.server_config(app, "127.0.0.1", self.port, service.limits))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.service = service
         self.url = f"http://127.0.0.1:{self.port}"
@@ -195,3 +195,164 @@ def test_a_cancelled_request_does_not_fail_the_others_of_its_batch(predictor):
         assert len(top) == 2
     finally:
         batcher.close()
+
+
+def raw_exchange(port: int, head: bytes, chunks=(), pause: float = 0.0, timeout: float = 10.0) -> bytes:
+    """Send a request's bytes as given (the head, then each chunk), and read until the server closes:
+    what a client that breaks the rules sees."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        try:
+            conn.sendall(head)
+            for chunk in chunks:
+                conn.sendall(chunk)
+                time.sleep(pause)
+        except OSError:  # the server cut us off: its answer is still there to read
+            pass
+        received = b""
+        try:
+            while data := conn.recv(65536):
+                received += data
+        except OSError:
+            pass
+    return received
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_slow_clients_are_cut_and_cannot_hold_the_service(predictor):
+    limits = serve.ServeLimits(max_connections=3, read_timeout_s=0.5, min_upload_rate=1000)
+    with Running(serve.Service(predictor, limits, token=None)) as running:
+        slow = [socket.create_connection(("127.0.0.1", running.port), timeout=5) for _ in range(3)]
+        for conn in slow:  # slowloris: a head that never ends
+            conn.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.1)
+        files = {"f": ("r.png", png(COLOURS[0]))}
+        assert post(running.url, files).status_code == 503  # the connections are all taken...
+        started = time.monotonic()
+        for conn in slow:
+            assert conn.recv(100) == b""  # ...until the head's deadline closes each of them
+            conn.close()
+        assert time.monotonic() - started < 3
+        assert post(running.url, files).status_code == 200
+        # A body that trickles: its deadline is read_timeout_s, plus 1 s per min_upload_rate bytes.
+        head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        started = time.monotonic()
+        trickle = [multipart_parts()[0]] + [b"\0" * 10] * 20  # a file's bytes, 10 every 0.1 s
+        answer = raw_exchange(running.port, head + b"Content-Length: 5000\r\n\r\n", trickle, pause=0.1)
+        assert status_of(answer) == 408 and b"too slowly" in answer
+        assert time.monotonic() - started < 2.5  # cut, and the connection closed, not left open
+
+
+def test_body_framing_is_refused_and_a_chunked_body_is_cut_at_the_limit(predictor):
+    limits = serve.ServeLimits(max_upload_mb=0.01)  # 10,000 bytes
+    with Running(serve.Service(predictor, limits, token=None)) as running:
+        head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        two = raw_exchange(running.port, head + b"Content-Length: 10\r\nContent-Length: 20\r\n\r\n0123456789")
+        assert status_of(two) == 400
+        both = head + b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+        assert status_of(raw_exchange(running.port, both, [b"a\r\n0123456789\r\n0\r\n\r\n"])) == 400
+        chunk = b"3e8\r\n" + b"\0" * 1000 + b"\r\n"  # 1,000 bytes a chunk, no Content-Length
+        start = multipart_parts()[0]
+        opening = f"{len(start):x}\r\n".encode() + start + b"\r\n"  # a file part whose bytes never end
+        cut = raw_exchange(running.port, head + b"Transfer-Encoding: chunked\r\n\r\n", [opening] + [chunk] * 1000)
+        assert status_of(cut) == 413 and b"over the limit of 0.01 MB" in cut
+        counted = int(cut.split(b"cut at ")[1].split(b" bytes")[0].replace(b",", b""))
+        # Read to the limit and what uvicorn had in hand then (it stops reading at 64 KiB): not all 1 MB.
+        assert 10_000 < counted < 200_000
+        small = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in multipart_parts()) + b"0\r\n\r\n"
+        fine = raw_exchange(running.port, head + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n", [small])
+        assert status_of(fine) == 200 and b'"predictions"' in fine
+
+
+def multipart_parts() -> list[bytes]:
+    image = png(COLOURS[1])
+    return [b'--x\r\nContent-Disposition: form-data; name="f"; filename="g.png"\r\n\r\n', image, b"\r\n--x--\r\n"]
+
+
+def test_the_body_limit_refuses_two_framings_even_where_the_server_lets_them_through():
+    """h11 merges identical Content-Length headers; behind another server the middleware still refuses."""
+    limit = 1000
+    assert serve.framing_refusal([(b"content-length", b"5"), (b"content-length", b"5")], limit)[0] == 400
+    assert serve.framing_refusal([(b"content-length", b"5"), (b"transfer-encoding", b"chunked")], limit)[0] == 400
+    assert serve.framing_refusal([(b"content-length", b"-5")], limit)[0] == 400
+    assert serve.framing_refusal([(b"content-length", b"1001")], limit)[0] == 413
+    assert serve.framing_refusal([(b"content-length", b"1000")], limit) is None
+    assert serve.framing_refusal([(b"transfer-encoding", b"chunked")], limit) is None
+
+
+def test_a_non_finite_model_output_is_an_error_in_json_never_a_label(predictor, monkeypatch):
+    real = predictor.logits
+
+    def broken_on_red(images):  # NaN for the reddish images, a proper answer for the others
+        out = real(images).clone()
+        out[images[:, 0].mean(dim=(1, 2)) > images[:, 2].mean(dim=(1, 2))] = float("nan")
+        return out
+
+    monkeypatch.setattr(predictor, "logits", broken_on_red)
+    with Running(serve.Service(predictor, serve.ServeLimits(), token=None)) as running:
+        only = post(running.url, [("f", ("red.png", png(COLOURS[0]), "image/png"))])
+        assert only.status_code == 500  # the service's failure, not the client's: JSON all the same
+        [entry] = only.json()["predictions"]
+        assert entry == {"filename": "red.png", "error": entry["error"]} and "not finite" in entry["error"]
+        mixed = post(running.url, [("a", ("red.png", png(COLOURS[0]))), ("b", ("blue.png", png(COLOURS[2])))])
+        assert mixed.status_code == 200
+        red, blue = mixed.json()["predictions"]
+        assert "not finite" in red["error"] and "confidence" not in red
+        assert blue["best_guess"] in predictor.classes and 0 <= blue["confidence"] <= 1
+        inf = post(running.url, [("f", ("r.png", png(COLOURS[0])))])  # the service goes on
+        assert inf.status_code == 500 and inf.headers["content-type"] == "application/json"
+
+
+def test_errors_name_the_clients_file_and_never_a_server_path(predictor):
+    service = serve.Service(predictor, serve.ServeLimits(), token=None)
+    with Running(service) as running:
+        name = b"../secret\t\x1b[31mnotes.png"  # sent raw: httpx would percent-encode what a hostile client need not
+        for data in (b"not an image at all", b"GIF89a" + b"\0" * 30, b"\x89PNG\r\n\x1a\n" + b"x" * 40):
+            body = b'--x\r\nContent-Disposition: form-data; name="f"; filename="' + name + b'"\r\n\r\n'
+            body += data + b"\r\n--x--\r\n"
+            response = httpx.post(
+                f"{running.url}/predict", content=body, headers={"Content-Type": "multipart/form-data; boundary=x"}
+            )
+            assert response.status_code == 422
+            [entry] = response.json()["predictions"]
+            assert entry["filename"] == "../secret[31mnotes.png"  # control characters dropped
+            assert str(service.folder) not in response.text and "upload-" not in response.text
+            assert "/tmp" not in entry["error"] and "\n" not in entry["error"]
+    assert serve.client_name("") == "image" and len(serve.client_name("a" * 1000)) == serve.MAX_NAME
+
+
+def test_files_per_request_and_repeated_options_are_bounded(predictor):
+    service = serve.Service(predictor, serve.ServeLimits(max_files=2), token=None)
+    with Running(service) as running:
+        three = [(f"f{k}", (f"{k}.png", png(COLOURS[k]))) for k in range(3)]
+        refused = post(running.url, three)
+        assert refused.status_code == 413 and "at most 2" in refused.json()["error"]
+        assert post(running.url, three[:2]).status_code == 200
+        twice = httpx.post(f"{running.url}/predict?top_k=1&top_k=2", files=three[:1])
+        assert twice.status_code == 422 and "once" in twice.json()["error"]
+        assert httpx.get(f"{running.url}/info").json()["limits"]["max_files_per_request"] == 2
+    assert service.batcher.batch_sizes.maxlen == serve.RECENT_BATCHES  # a long-lived service keeps the latest
+
+
+def test_the_command_takes_its_defaults_from_serve_limits_without_loading_the_web_stack():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from finetune.cli import build_parser\n"
+        "args = build_parser().parse_args(['serve', 'RUN'])\n"
+        "print(sorted(m for m in ('starlette', 'fastapi', 'uvicorn', 'finetune.serve') if m in sys.modules))\n"
+        "print(args.max_upload_mb, args.queue_size, args.max_batch, args.max_files, args.max_connections)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    limits = serve.ServeLimits()
+    assert (
+        out[1]
+        == f"{limits.max_upload_mb} {limits.queue_size} {limits.max_batch} {limits.max_files} {limits.max_connections}"
+    )
+    with pytest.raises(FinetuneError, match="read timeout s must be positive"):
+        serve.ServeLimits(read_timeout_s=0).check()
