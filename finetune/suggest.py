@@ -61,14 +61,15 @@ def uncertainty(probabilities: torch.Tensor, measure: str = "margin") -> torch.T
 
 
 def known_images(run: Path) -> set[str]:
-    """The sha256 of every image the run trained or validated on (from its split.json: the pool images
-    a curation added to it too)."""
+    """The sha256 of every image of the run's data (from its split.json: the pool images a curation
+    added to it too). Its test images too: an add of one is refused (curation: already in the data),
+    so suggesting it would only waste a click."""
     from .rundir import RunDir
 
     scan = RunDir(run).read_split()  # a curated split's added pool images by their absolute paths
     root = Path(scan.root)
     known = set()
-    for rel, _ in scan.train + scan.val:
+    for rel, _ in scan.train + scan.val + scan.test:
         try:
             known.add(file_sha256(root / rel))
         except (OSError, FinetuneError):  # moved (or replaced by a FIFO) since: not in the pool under these bytes

@@ -80,3 +80,17 @@ def pytest_approx(value):
     import pytest
 
     return pytest.approx(value, abs=1e-6)
+
+
+def test_the_runs_test_images_are_known_too(tmp_path):
+    """A pool copy of a test image is not suggested: training would refuse its add (already in the data)."""
+    from finetune.data_doctor.duplicates import file_sha256
+    from finetune.suggest import known_images
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    for split, colour in (("train", (1, 2, 3)), ("val", (50, 60, 70)), ("test", (200, 10, 10))):
+        make_image(data / split / "a" / "x.png", colour)
+    run.mkdir()
+    items = {split: [[f"{split}/a/x.png", 0]] for split in ("train", "val", "test")}
+    (run / "split.json").write_text(json.dumps({"root": str(data), "classes": ["a"], "layout": "splits", **items}))
+    assert known_images(run) == {file_sha256(data / split / "a" / "x.png") for split in items}
