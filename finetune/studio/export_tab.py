@@ -1,6 +1,8 @@
-"""5. Export: download a run's class map and weights, export TorchScript or ONNX, zip the run folder.
-Every file handed out is a file of the run (or a zip made of one), served from the workspace's
-served/ folder, never from the runs folder itself."""
+"""5. Export: download a run's class map and weights, export TorchScript or ONNX, zip the run folder,
+or zip a Hugging Face model folder (`finetune export --format hf`). Every file handed out is a file of
+the run (or a zip made of one or of an export), served from the workspace's served/ folder, never from
+the runs folder itself; an hf folder is built in the workspace's inputs/ (never served, removed when
+the zip is made) and nothing is written into the run."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class ExportTab:
     torchscript_btn: gr.Button
     onnx_btn: gr.Button
     zip_btn: gr.Button
+    hf_btn: gr.Button
     files: gr.File
 
 
@@ -51,13 +54,14 @@ def build(studio: Studio) -> ExportTab:
             torchscript_btn = gr.Button("Export TorchScript", elem_id="export_torchscript_btn")
             onnx_btn = gr.Button("Export ONNX", elem_id="export_onnx_btn")
             zip_btn = gr.Button("Zip the whole run folder", elem_id="export_zip_btn")
+            hf_btn = gr.Button("Hugging Face model folder (zip)", elem_id="export_hf_btn")
         files = gr.File(
             label="Exported files (click a name to download)",
             file_count="multiple",
             interactive=False,
             elem_id="exported_files",
         )
-    return ExportTab(tab, run, classes, model, torchscript_btn, onnx_btn, zip_btn, files)
+    return ExportTab(tab, run, classes, model, torchscript_btn, onnx_btn, zip_btn, hf_btn, files)
 
 
 def _run(studio: Studio, run: str | None) -> RunDir:
@@ -68,9 +72,14 @@ def _run(studio: Studio, run: str | None) -> RunDir:
 def exported(studio: Studio, run: RunDir) -> list[str] | None:
     """The exports made so far for this run, ready to download."""
     made = [studio.serve_run_file(run.path / name) for name in EXPORTED_NAMES]
-    archive = studio.workspace.served / "exports" / f"{run.name}.zip"
-    made.append(str(archive) if archive.is_file() else None)
+    for archive in (studio.workspace.served / "exports" / name for name in zip_names(run)):
+        made.append(str(archive) if archive.is_file() else None)
     return [path for path in made if path] or None
+
+
+def zip_names(run: RunDir) -> tuple[str, str]:
+    """The names of the run folder's zip and of its hf folder's zip in served/exports/."""
+    return f"{run.name}.zip", f"{run.name}-hf.zip"
 
 
 def export_files(studio: Studio, run: str | None = None) -> dict:
@@ -107,23 +116,46 @@ def export_onnx(studio: Studio, run: str | None = None):
     return export_model(studio, run, "onnx")
 
 
-def export_zip(studio: Studio, run: str | None = None):
-    run_dir = _run(studio, run)
+def _not_training(studio: Studio, run_dir: RunDir, what: str) -> None:
     job = studio.running_job()
     if job is not None and job.run_dir.resolve() == run_dir.path:
-        raise error(f"{run_dir.name} is still training: zip it when it has finished")
+        raise error(f"{run_dir.name} is still training: {what} it when it has finished")
+
+
+def _zip_into(studio: Studio, name: str, root_dir: Path, base_dir: str, need: int) -> None:
+    """root_dir/base_dir zipped into served/exports/name: a partial file of its own (two zips of one
+    run may be made at once), renamed into place complete, so a download never gets half a zip."""
     with user_errors():
-        target = studio.workspace.output("exports", f"{run_dir.name}.zip", need=disk_usage(run_dir.path))
-    # A partial file of its own (two zips of one run may be made at once), renamed into place
-    # complete: a download never gets half a zip.
+        target = studio.workspace.output("exports", name, need=need)
     handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".zip")
     os.close(handle)
     try:
-        shutil.make_archive(partial[: -len(".zip")], "zip", root_dir=run_dir.path.parent, base_dir=run_dir.name)
+        shutil.make_archive(partial[: -len(".zip")], "zip", root_dir=root_dir, base_dir=base_dir)
         os.replace(partial, target)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+
+
+def export_zip(studio: Studio, run: str | None = None):
+    run_dir = _run(studio, run)
+    _not_training(studio, run_dir, "zip")
+    _zip_into(studio, zip_names(run_dir)[0], run_dir.path.parent, run_dir.name, disk_usage(run_dir.path))
+    return exported(studio, run_dir)
+
+
+def export_hf_zip(studio: Studio, run: str | None = None):
+    """The run's Hugging Face model folder (weights, config.json, model card, class map, plots) as a
+    zip whose one folder is RUN-hf: unzip it and upload it to the Hub as it is (huggingface-cli upload)."""
+    from ..hub import export_hf
+
+    run_dir = _run(studio, run)
+    _not_training(studio, run_dir, "export")
+    name = zip_names(run_dir)[1]
+    with studio.workspace.temporary() as scratch:
+        with user_errors():
+            folder = export_hf(run_dir.path, scratch / name[: -len(".zip")])
+        _zip_into(studio, name, scratch, folder.name, disk_usage(folder))
     return exported(studio, run_dir)
 
 
@@ -133,3 +165,4 @@ def wire(studio: Studio, c: ExportTab) -> None:
     c.torchscript_btn.click(bind(studio, export_torchscript), c.run, c.files, api_name="export_torchscript", **EXPORTS)
     c.onnx_btn.click(bind(studio, export_onnx), c.run, c.files, api_name="export_onnx", **EXPORTS)
     c.zip_btn.click(bind(studio, export_zip), c.run, c.files, api_name="export_zip", **EXPORTS)
+    c.hf_btn.click(bind(studio, export_hf_zip), c.run, c.files, api_name="export_hf", **EXPORTS)
