@@ -1482,6 +1482,40 @@ def test_label_mode_shows_hostile_pool_and_class_names_as_text(studio, tmp_path,
     assert (decision["path"], decision["label"]) == (name, classes[2])  # the real names
 
 
+def test_a_click_meant_for_the_image_before_decides_nothing(studio, tmp_path):
+    """Two buttons clicked before the page showed the next image: the queue runs the second on the
+    session's next image, which the user never saw. The page's hidden label_shown names the image the
+    click was for: another is refused, nothing saved."""
+    pool = tmp_path / "pool"
+    for name in ("a.png", "b.png"):
+        make_image(pool / name)
+    session = label_mode.Labelling(
+        run=str(tmp_path / "runs" / "r"),
+        pool=str(pool.resolve()),
+        data=str(tmp_path / "data"),
+        classes=["cats", "dogs"],
+        curation=str(tmp_path / "runs" / "curation.json"),
+        items=[
+            {"path": name, "uncertainty": 0.5, "top": [("cats", 0.5), ("dogs", 0.5)]} for name in ("a.png", "b.png")
+        ],
+        examples={},
+    )
+    assert label_mode.render(session)["shown"] == "a.png"
+    out = label_mode.label_slot(studio, session, 0, "a.png")
+    assert out["state"].index == 1 and out["shown"] == "b.png"
+    saved = Path(session.curation).read_bytes()
+    for late in (
+        lambda: label_mode.label_slot(studio, out["state"], 1, "a.png"),
+        lambda: label_mode.label_as(studio, out["state"], "dogs", "a.png"),
+        lambda: label_mode.none_of_these(studio, out["state"], "a.png"),
+    ):
+        with pytest.raises(gr.Error, match="nothing saved"):
+            late()
+    assert Path(session.curation).read_bytes() == saved
+    done = label_mode.none_of_these(studio, out["state"], "b.png")
+    assert done["shown"] == "" and len(json.loads(Path(session.curation).read_text())["decisions"]) == 2
+
+
 def test_label_mode_takes_a_pool_as_a_zip_into_the_workspace(studio, tmp_path):
     """An uploaded pool .zip is extracted (its images only) into the workspace; its folder fills the box."""
     archive = tmp_path / "pool.zip"

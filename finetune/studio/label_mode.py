@@ -63,6 +63,7 @@ class LabelMode:
     skip_btn: gr.Button
     none_btn: gr.Button
     state: gr.State
+    shown: gr.Textbox  # hidden: the pool path of the image the page shows (a decision names what it was for)
 
 
 def build(studio: Studio) -> LabelMode:
@@ -112,8 +113,9 @@ def build(studio: Studio) -> LabelMode:
                 elem_id="label_examples",
             )
     controls = _controls()
+    shown = gr.Textbox(visible="hidden", elem_id="label_shown")
     return LabelMode(run, pool, pool_zip, n, suggest_btn, cancel_btn, status, position, image, guesses, details,
-                     examples, *controls, gr.State(None))  # fmt: skip
+                     examples, *controls, gr.State(None), shown)  # fmt: skip
 
 
 def _controls() -> tuple[list[gr.Button], gr.Dropdown, gr.Button, gr.Button, gr.Button, gr.Button]:
@@ -274,26 +276,29 @@ def runs_list(studio: Studio, current: str | None = None) -> gr.Dropdown:
     return run_dropdown(studio, current)
 
 
-def label_as(studio: Studio, session: Labelling | None = None, label: str | None = None) -> dict:
-    """Save the image on show as an `add` of class `label` (at once), and show the next."""
-    session = current(session)
+def label_as(
+    studio: Studio, session: Labelling | None = None, label: str | None = None, shown: str | None = None
+) -> dict:
+    """Save the image on show as an `add` of class `label` (at once), and show the next. `shown`: the
+    image the page showed when clicked (see `current`)."""
+    session = current(session, shown)
     if label not in session.classes:
         raise gr.Error("Choose one of the run's classes.")
     return record(studio, session, "add", label)
 
 
-def label_slot(studio: Studio, session: Labelling | None = None, slot: int = 0) -> dict:
+def label_slot(studio: Studio, session: Labelling | None = None, slot: int = 0, shown: str | None = None) -> dict:
     """A class button: the class shown on button `slot`."""
-    classes = current(session).slot_classes()
+    classes = current(session, shown).slot_classes()
     if not 0 <= int(slot) < len(classes):
         raise gr.Error("That button has no class.")
-    return label_as(studio, session, classes[int(slot)])
+    return label_as(studio, session, classes[int(slot)], shown)
 
 
-def none_of_these(studio: Studio, session: Labelling | None = None) -> dict:
+def none_of_these(studio: Studio, session: Labelling | None = None, shown: str | None = None) -> dict:
     """The image is of none of the classes: an `exclude` of the pool's file (never trained on, never
     suggested again)."""
-    return record(studio, current(session), "exclude", None, NONE_NOTE)
+    return record(studio, current(session, shown), "exclude", None, NONE_NOTE)
 
 
 def skip_image(studio: Studio, session: Labelling | None = None) -> dict:
@@ -308,9 +313,14 @@ def previous_image(studio: Studio, session: Labelling | None = None) -> dict:
     return render(session.at(session.index - 1))
 
 
-def current(session: Labelling | None) -> Labelling:
+def current(session: Labelling | None, shown: str | None = None) -> Labelling:
+    """The session, with an image on show. `shown` (the page's hidden label_shown, None: not checked)
+    must be that image: a second click before the page showed the next image (two buttons, the
+    queue keeps them in order) would otherwise decide an image the user has not seen."""
     if not session or not session.items:
         raise gr.Error("Press 'Suggest images to label' first: there is no image to label yet.")
+    if shown is not None and (session.done or shown != session.item["path"]):
+        raise gr.Error("That click was for the image before: nothing saved. Decide the image on show.")
     if session.done:
         raise gr.Error("Every suggested image is done: suggest more, or go back with Previous.")
     return session
@@ -338,13 +348,17 @@ def record(studio: Studio, session: Labelling, action: str, label: str | None, n
 def render(session: Labelling | None, curation: Curation | None = None) -> dict:
     """The outputs that show the session's current image, its guesses and its buttons."""
     if not session:
-        return {**_empty(""), **_slots([]), "state": None, "other": gr.Dropdown(choices=[], value=None)}
+        return {**_empty(""), **_slots([]), "state": None, "other": gr.Dropdown(choices=[], value=None), "shown": ""}
     if curation is None:
         with user_errors():
             curation = load_or_new_curation(session.curation, session.data)
     decided = curation.of_pool(session.pool)
     total, done = len(session.items), sum(1 for i in session.items if i["path"] in decided)
-    common = {"state": session, "other": _class_list(session.classes)}
+    common = {
+        "state": session,
+        "other": _class_list(session.classes),
+        "shown": "" if session.done else session.item["path"],
+    }
     if session.done:
         message = views.label_finished(total, done, session.curation, session.data)
         return {**common, **_empty(message, back=total > 0), **_slots([])}
@@ -429,6 +443,7 @@ def outputs(c: LabelMode) -> dict:
         "label_btn": c.label_btn,
         "skip_btn": c.skip_btn,
         "none_btn": c.none_btn,
+        "shown": c.shown,
     }
     return {**shown, **{f"slot_{i}": button for i, button in enumerate(c.slots)}}
 
@@ -453,14 +468,14 @@ def wire(studio: Studio, c: LabelMode, tab: gr.Tab, train_curation: gr.Textbox) 
     deciding = {**shown, "train_curation": train_curation}
     decide: dict[str, Any] = dict(concurrency_id="review_decide", concurrency_limit=1)
     for button, handler, inputs, name in (
-        (c.label_btn, label_as, [c.state, c.other], "label_as"),
-        (c.none_btn, none_of_these, [c.state], "label_none_of_these"),
+        (c.label_btn, label_as, [c.state, c.other, c.shown], "label_as"),
+        (c.none_btn, none_of_these, [c.state, c.shown], "label_none_of_these"),
     ):
         button.click(bind(studio, handler, deciding), inputs, output_list(deciding), api_name=name, **decide)
     for slot, button in enumerate(c.slots):
         button.click(
             bind(studio, label_slot, deciding),
-            [c.state, gr.State(slot)],
+            [c.state, gr.State(slot), c.shown],
             output_list(deciding),
             api_visibility="private",
             **decide,
