@@ -1516,6 +1516,27 @@ def test_a_click_meant_for_the_image_before_decides_nothing(studio, tmp_path):
     assert done["shown"] == "" and len(json.loads(Path(session.curation).read_text())["decisions"]) == 2
 
 
+def test_a_running_trainings_pools_are_in_use_so_the_workspace_keeps_them(studio, tmp_path):
+    """An uploaded pool a running training adds images from is not cleaned up under it."""
+    from types import SimpleNamespace
+
+    from finetune.curation import new_curation, save_curation
+
+    pool, data = tmp_path / "pool", tmp_path / "data"
+    make_image(pool / "a.png")
+    curation = new_curation(data)
+    curation.set("a.png", "add", "cats", pool=pool)
+    path = save_curation(curation, tmp_path / "runs" / "curation.json")
+    cfg = TrainConfig(data=str(data), curation=str(path), runs_dir=str(tmp_path / "runs"))
+    studio.job = SimpleNamespace(running=lambda: True, cfg=cfg)
+    try:
+        assert studio.in_use() == (data, pool.resolve())
+        path.write_text("{")  # unreadable now: the data folder still
+        assert studio.in_use() == (data,)
+    finally:
+        studio.job = None
+
+
 def test_label_mode_takes_a_pool_as_a_zip_into_the_workspace(studio, tmp_path):
     """An uploaded pool .zip is extracted (its images only) into the workspace; its folder fills the box."""
     archive = tmp_path / "pool.zip"

@@ -274,9 +274,20 @@ class Studio:
             self.job.kill()
 
     def in_use(self) -> tuple[Path, ...]:
-        """Data a running training reads (kept by the workspace clean-up)."""
+        """Data a running training reads (kept by the workspace clean-up): its data folder, and the
+        pools its curation adds images from (an uploaded pool is in the workspace too)."""
         job = self.running_job()
-        return (Path(job.cfg.data),) if job is not None and job.cfg is not None else ()
+        if job is None or job.cfg is None:
+            return ()
+        pools: list[Path] = []
+        if job.cfg.curation:
+            from ..curation import load_curation
+
+            try:
+                pools = sorted({Path(d.pool) for d in load_curation(job.cfg.curation).adds() if d.pool})
+            except (FinetuneError, OSError):  # unreadable now: the training read it when it started
+                pools = []
+        return (Path(job.cfg.data), *pools)
 
     # -- predictions
     def inference_choice(self, doing: str = "predicting"):
