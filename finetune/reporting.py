@@ -332,7 +332,7 @@ class MLflowReporter:
         created = self.client.create_run(
             self.experiment_id(), run_name=self.run.name, tags={"finetune.run_dir": str(self.run.path)}
         )
-        run_id = created.info.run_id
+        run_id = self.run_id = created.info.run_id  # from now on close() ends it, whatever fails next
         params = [Param(key, value) for key, value in config_params(self.cfg).items()]
         self.client.log_batch(run_id, params=params)
         return run_id

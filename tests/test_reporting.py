@@ -326,3 +326,26 @@ def test_a_failed_artifact_upload_still_ends_the_mlflow_run(tmp_path, monkeypatc
     assert logs == ["warning: mlflow reporting stopped for this run: OSError: the artifact store said no"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     assert client.get_run(run.require_info()["mlflow_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_params_refused_at_the_start_still_end_the_created_mlflow_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from finetune.reporting import Reporting
+
+    def refused(*args, **kwargs):
+        raise OSError("params said no")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(MlflowClient, "log_batch", refused)
+    run = synthetic_run(tmp_path, "params-refused")
+    logs: list[str] = []
+    reporting = Reporting.open(TrainConfig(runs_dir=str(tmp_path / "runs"), report_to="mlflow"), run,
+                               lambda e: logs.append(e["message"]))  # fmt: skip
+    reporting({"type": "start", "time": time.time()})
+    reporting.close()
+    assert logs == ["warning: mlflow reporting stopped for this run: OSError: params said no"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [created] = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
+    assert created.info.status == "FAILED"
