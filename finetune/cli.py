@@ -701,7 +701,7 @@ def cmd_suggest(args) -> int:
 
     pool = dataset_folder(args.pool, args.quiet)
     log = None if args.quiet else (lambda message: say(message, err=True))
-    suggestions, skipped = suggest(args.run, pool, args.n, args.measure, args.device, log=log)
+    suggestions, skipped = suggest(args.run, pool, args.n, args.measure, args.device, log=log, curation=args.curation)
     for name, reason in skipped:
         say(f"skipped {name}: {reason}", err=True)
     say(table(suggestions))
@@ -724,6 +724,9 @@ def _add_suggest_command(sub: argparse._SubParsersAction) -> None:
     suggest_parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     suggest_parser.add_argument("--json", metavar="FILE", help="write the suggestions as JSON")
     suggest_parser.add_argument("--csv", metavar="FILE", help="write the suggestions as CSV")
+    suggest_parser.add_argument(
+        "--curation", metavar="FILE", help="curation file: leave out the pool images decided there since the run"
+    )
     suggest_parser.add_argument("--quiet", action="store_true", help="only the table")
     suggest_parser.set_defaults(func=cmd_suggest)
 

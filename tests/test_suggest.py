@@ -63,6 +63,17 @@ def test_the_command_writes_json_and_a_csv_a_spreadsheet_cannot_run(tmp_path, ti
     rows = list(csv.reader(out_csv.open()))
     assert rows[0] == ["rank", "path", "uncertainty", "best_guess", "probability"] and len(rows) == 6
     assert all(not row[1].startswith("=") for row in rows[1:])
+    # --curation: a pool image decided since the run (here: none of the classes) is not asked again
+    from finetune.curation import new_curation, save_curation
+
+    decided = rows[1][1]
+    curation = new_curation(tmp_path / "data")
+    curation.set(decided, "exclude", pool=str(pool.resolve()))
+    save_curation(curation, tmp_path / "curation.json")
+    out_json.unlink()
+    assert main([*args, "--curation", str(tmp_path / "curation.json"), "--quiet"]) == 0
+    again = [s["path"] for s in json.loads(out_json.read_text())["suggestions"]]
+    assert len(again) == 5 and decided not in again
 
 
 def test_uncertainty_and_the_diverse_pick():
