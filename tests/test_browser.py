@@ -198,7 +198,7 @@ def test_hostile_names_are_shown_as_text(page, tmp_path):
     box.fill("/no/<img src=x onerror=alert(1)>")
     page.locator("#scan_btn").click()
     toast = page.locator(".toast-body").filter(has_text="not found")
-    toast.wait_for()
+    toast.wait_for(timeout=90_000)  # a loaded CI machine took longer than the default 30 s here
     assert "<img src=x onerror=alert(1)>" in toast.inner_text() and toast.locator("img").count() == 0
 
 
