@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ARCHS, GROUPS, FinetuneError, TrainConfig, cli_fields
+from .config import ARCHS, EXPORT_FORMATS, GROUPS, FinetuneError, TrainConfig, cli_fields
 from .progress import TerminalProgress, shown  # shown: each line through names.printable
 
 # ---------------------------------------------------------------------------------------------
@@ -179,10 +179,11 @@ def cmd_train(args) -> int:
 
 
 def _train_command(args, stop: threading.Event, progress: TerminalProgress) -> int:
-    """`finetune train`, its stop handlers installed."""
-    from .training import resume_config, train
-
+    """`finetune train`, its stop handlers installed. A mistyped option or folder is said before torch
+    loads (seconds), as training imports it."""
     if args.resume:
+        from .training import resume_config
+
         cfg = resume_config(args.resume, epochs=args.epochs, device=args.device)
     else:
         if not args.data and not args.config:
@@ -190,6 +191,8 @@ def _train_command(args, stop: threading.Event, progress: TerminalProgress) -> i
         cfg = config_from_args(args)
         cfg.data = dataset_folder(cfg.data, args.quiet)
     cfg.validate()
+    from .training import train
+
     if stop.is_set():  # asked to stop before training began: end now rather than leave an empty run
         raise KeyboardInterrupt
     run_dir = train(cfg, on_event=progress, stop=stop, resume=args.resume)
@@ -619,8 +622,6 @@ def _add_evaluate_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_export_command(sub: argparse._SubParsersAction) -> None:
     """The `export` command: TorchScript, ONNX or torch.export's pt2."""
-    from .export import FORMATS
-
     export_parser = sub.add_parser(
         "export",
         help="export a run's model to TorchScript, ONNX, pt2 or a Hugging Face model folder",
@@ -629,7 +630,7 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     export_parser.add_argument("run", help="run folder")
     export_parser.add_argument(
         "--format",
-        choices=(*FORMATS, "hf"),
+        choices=(*EXPORT_FORMATS, "hf"),
         default="torchscript",
         help="file format (pt2: torch.export's ExportedProgram; hf: a folder with model.safetensors, "
         "config.json and a model card)",

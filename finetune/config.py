@@ -20,6 +20,10 @@ STRATEGIES = ("all", "last", "head")
 JPEG_DECODING = ("auto", "device", "workers")
 AUGMENTS = ("light", "default", "strong")  # augment.py says what each does, and where
 REPORTERS = ("tensorboard", "mlflow")  # --report-to: reporting.py says what each writes where
+# export's file formats, here so that the command line lists them without importing torch (export.py does).
+# pt2: torch.export's ExportedProgram (torch.export.load(path).module()), where torch is heading;
+# torchscript stays for what only loads TorchScript (C++ libtorch, the classic scripts), deprecated in torch
+EXPORT_FORMATS = ("torchscript", "onnx", "pt2")
 
 STRATEGY_HELP = {
     "all": "every layer trains (best accuracy with enough data; slowest)",

@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import EXPORT_FORMATS as FORMATS
 from .config import FinetuneError
 from .fsutil import replacing
 from .predict import Predictor
 
-# pt2: torch.export's ExportedProgram (torch.export.load(path).module()), where torch is heading;
-# torchscript stays for what only loads TorchScript (C++ libtorch, the classic scripts), deprecated in torch
-FORMATS = ("torchscript", "onnx", "pt2")
 METADATA_KEY = "finetune"
 BATCH = torch.export.Dim("batch", min=1, max=4096)  # torch.export's exports take any batch size
 
