@@ -43,23 +43,51 @@ def cli_here(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (("train", "/no/such/folder", "--weights", "none"), "error: data folder not found: /no/such/folder"),
-        (("train",), "error: give a DATA folder"),
-        (("predict", "/no/such/run", "x.jpg"), "error: model not found: /no/such/run"),
-        (("evaluate", "/no/such/run", "data"), "error: not a run folder"),
-        (("export", "/no/such/run"), "error: not a run folder"),
-        (("train", "data", "--epochs", "0"), "error: epochs must be at least 1, got 0"),
-    ],
-)
-def test_errors_are_one_line_without_traceback(args, message):
-    result = cli(*args)
+ONE_LINE_ERRORS = [
+    (("train", "/no/such/folder", "--weights", "none"), "error: data folder not found: /no/such/folder"),
+    (("train",), "error: give a DATA folder"),
+    (("predict", "/no/such/run", "x.jpg"), "error: model not found: /no/such/run"),
+    (("evaluate", "/no/such/run", "data"), "error: not a run folder"),
+    (("export", "/no/such/run"), "error: not a run folder"),
+    (("train", "data", "--epochs", "0"), "error: epochs must be at least 1, got 0"),
+]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == message or result.stderr.strip().startswith(message)
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", ONE_LINE_ERRORS)
+def test_errors_are_one_line_without_traceback(args, message, capsys):
+    assert_one_line_error(cli_here(capsys, *args), message)
+
+
+@pytest.mark.slow
+def test_an_error_from_the_installed_entry_point_is_one_line_too():
+    """The same through `python -m finetune` (a fresh interpreter: nothing of the suite's set up)."""
+    args, message = ONE_LINE_ERRORS[0]
+    assert_one_line_error(cli(*args), message)
+
+
+def test_help_and_version_answer_without_loading_torch():
+    """Every command's --help (and a mistyped `finetune train`) answers in a fraction of a second: the
+    parser and the first checks import neither torch nor the web stack."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from finetune.cli import build_parser, main\n"
+        "parser = build_parser()\n"
+        "for command in [[]] + [[name] for name in parser._subparsers._group_actions[0].choices]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        parser.parse_args([*command, '--help'])\n"
+        "with contextlib.redirect_stderr(io.StringIO()):\n"
+        "    assert main(['train']) == 2\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'numpy', 'gradio', 'fastapi') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
