@@ -160,8 +160,10 @@ def sample_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """ONE finished run, trained once per session (per worker under xdist) for the tests that only need a
-    run to read, predict with or export: two colours, 32 px, one epoch, weights="none". Shared, so never
-    written to: a test that writes into a run takes its own with copy_run."""
+    run to read, predict with or export: two colours, 32 px, one epoch, weights="none", ResNet-18 (the
+    smallest row of the table: what these tests check is the same for every architecture, and its
+    exports trace in half the time). Shared, so never written to: a test that writes into a run takes
+    its own with copy_run."""
     from finetune.config import TrainConfig
     from finetune.training import train
 
@@ -171,6 +173,7 @@ def tiny_run(tmp_path_factory) -> Path:
         TrainConfig(
             data=str(data),
             runs_dir=str(base / "runs"),
+            arch="resnet18",
             weights="none",
             strategy="last",
             epochs=1,

@@ -30,6 +30,20 @@ def real_images(sample_data, run):
     return torch.stack([eval_transform(size)(load_rgb(p)) for p in paths])
 
 
+@pytest.fixture(scope="module")
+def onnx_export(run, tmp_path_factory):
+    """One plain ONNX export for the tests that read it (torch.export's exporter takes seconds a call)."""
+    pytest.importorskip("onnxruntime")
+    return export(run, "onnx", tmp_path_factory.mktemp("onnx") / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def embedded_onnx_export(run, tmp_path_factory):
+    """One ONNX export with the preprocessing inside, shared likewise."""
+    pytest.importorskip("onnxruntime")
+    return export(run, "onnx", tmp_path_factory.mktemp("onnx") / "model.onnx", embed_preprocessing=True)
+
+
 def reference(run, images):
     predictor = Predictor.from_run(run, device="cpu")
     with torch.inference_mode():
@@ -45,24 +59,19 @@ def test_torchscript_matches_pytorch(run, real_images):
     torch.testing.assert_close(got, reference(run, real_images), atol=1e-4, rtol=0)
 
 
-def test_onnx_matches_pytorch_with_any_batch_size(run, real_images, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    path = export(run, "onnx", tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def test_onnx_matches_pytorch_with_any_batch_size(run, real_images, onnx_export):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_export), providers=["CPUExecutionProvider"])
     expected = reference(run, real_images)
     for batch in (real_images, real_images[:1]):
         (got,) = session.run(["logits"], {"image": batch.numpy()})
         torch.testing.assert_close(torch.from_numpy(got), expected[: len(batch)], atol=1e-4, rtol=0)
 
 
-def test_exports_carry_classes_and_calibration(run, tmp_path):
-    import json
-
+def test_exports_carry_classes_and_calibration(run, tmp_path, onnx_export):
     info = json.loads((run / "run.json").read_text())
-    paths = [export(run, "torchscript", tmp_path / "m.pt")]
-    if __import__("importlib").util.find_spec("onnx"):
-        paths.append(export(run, "onnx", tmp_path / "m.onnx"))
-    for path in paths:
+    for path in (export(run, "torchscript", tmp_path / "m.pt"), onnx_export):
         meta = read_metadata(path)
         assert meta["classes"] == info["classes"] and meta["image_size"] == 32 == info["image_size"]
         assert meta["temperature"] == info["calibration"]["temperature"]
@@ -94,15 +103,18 @@ def expected_outputs(run, crops):
     return logits, torch.softmax(logits / predictor.temperature, dim=1)
 
 
-def test_embedded_preprocessing_takes_uint8_and_gives_calibrated_probabilities(run, crops, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+def test_embedded_preprocessing_takes_uint8_and_gives_calibrated_probabilities(
+    run, crops, tmp_path, embedded_onnx_export
+):
+    import onnxruntime as ort
+
     logits, probabilities = expected_outputs(run, crops)
     scripted = torch.jit.load(str(export(run, "torchscript", tmp_path / "m.pt", embed_preprocessing=True)))
     with torch.inference_mode():
         got_logits, got_probabilities = scripted(crops)
     torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(got_probabilities, probabilities, atol=1e-5, rtol=0)
-    path = export(run, "onnx", tmp_path / "m.onnx", embed_preprocessing=True)
+    path = embedded_onnx_export
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(uint8)"
     for batch in (crops, crops[:1]):
@@ -139,17 +151,16 @@ def test_the_older_onnx_exporter_takes_over_where_torch_export_fails(run, real_i
     torch.testing.assert_close(torch.from_numpy(got), reference(run, real_images), atol=1e-4, rtol=0)
 
 
-def test_the_documented_onnxruntime_snippet_answers_as_finetune_predict(run, sample_data, tmp_path, capsys):
+def test_the_documented_onnxruntime_snippet_answers_as_finetune_predict(run, sample_data, embedded_onnx_export, capsys):
     """docs/cli.md's snippet (Pillow, numpy, onnxruntime: no torch) run as written on an export."""
     import re
 
     from conftest import REPO
 
-    pytest.importorskip("onnxruntime")
     text = (REPO / "docs" / "cli.md").read_text()
     snippet = re.search(r"<!-- onnx-snippet -->\s*```python\n(.*?)```", text, re.S).group(1)
     assert not re.search(r"^\s*(import|from)\s+torch", snippet, re.M)  # no torch, no torchvision
-    model = export(run, "onnx", tmp_path / "model.onnx", embed_preprocessing=True)
+    model = embedded_onnx_export
     photo = list_images([sample_data])[5]
     code = snippet.replace('"model.onnx"', repr(str(model))).replace('"photo.jpg"', repr(str(photo)))
     exec(compile(code, "snippet", "exec"), {"__name__": "snippet"})
