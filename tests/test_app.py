@@ -19,7 +19,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError, AuthenticationError  # noqa: E402
 
 FAST = dict(
-    arch="resnet34", strategy="head", weights="none", weights_file=None, batch_size=16, lr=0.01, image_size=64, seed=0
+    arch="resnet18", strategy="head", weights="none", weights_file=None, batch_size=16, lr=0.01, image_size=64, seed=0
 )
 
 # gradio_client's httpx default (5 s) is short for a server answering its API info while the other

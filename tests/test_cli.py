@@ -191,6 +191,8 @@ def test_train_predict_evaluate_export_from_the_terminal(tmp_path, capsys):
     result = cli(
         "train",
         data,
+        "--arch",
+        "resnet18",
         "--weights",
         "none",
         "--epochs",
@@ -286,6 +288,8 @@ def test_doctor_finds_leaks_and_writes_a_curation_file(tmp_path, capsys):
     result = cli(
         "doctor",
         data,
+        "--arch",
+        "resnet18",
         "--weights",
         "none",
         "--image-size",

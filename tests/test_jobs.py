@@ -190,6 +190,7 @@ def test_two_process_training_under_torchrun_stops_cleanly(tmp_path):
     data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
     cfg = TrainConfig(
         data=str(data),
+        arch="resnet18",
         weights="none",
         epochs=50,
         batch_size=2,
