@@ -20,7 +20,7 @@ import finetune
 
 HOSTILE = "<img src=x onerror=alert(1)>"  # a class folder a stranger named
 CLASSES = ("cats", "dogs", HOSTILE)
-TINY = dict(weights="none", image_size=32, batch_size=4, workers=0)  # ImageNet weights cannot be downloaded here
+TINY = dict(arch="resnet18", weights="none", image_size=32, batch_size=4, workers=0)  # no ImageNet weights here
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_snippet_runs_as_written(trained, monkeypatch):
-    """The README's lines, on the module's run (resnet34/head and 1 epoch rather than resnet50/last/5: the
+    """The README's lines, on the module's run (resnet18/head and 1 epoch rather than resnet50/last/5: the
     calls are what is tested)."""
     run, photos = trained["run"], trained["photos"]
     monkeypatch.chdir(photos)  # the snippet's relative names
@@ -94,7 +94,7 @@ def test_a_classic_weights_file_predicts_and_says_what_it_cannot_do(trained, tmp
     (classic / "model.pth").write_bytes((run.path / "model.pth").read_bytes())
     (classic / "class_indices.json").write_bytes((run.path / "class_indices.json").read_bytes())
     model = finetune.load(classic / "model.pth", image_size=32)  # the architecture is read from the weights
-    assert not isinstance(model, finetune.Run) and model.arch == "resnet34" and model.classes == run.classes
+    assert not isinstance(model, finetune.Run) and model.arch == "resnet18" and model.classes == run.classes
     image = trained["photos"] / "cats" / "img_0.png"
     # the same weights, preprocessing and classes; only the run's calibration (temperature) differs
     assert model.predict(image)[0].label == run.predict(image)[0].label
@@ -178,7 +178,7 @@ STOPPED_BY_SIGINT = textwrap.dedent("""
             sent.set()  # from another thread, as a terminal or a notebook's interrupt button would
             threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
 
-    run = finetune.train(sys.argv[1], runs_dir=sys.argv[2], epochs=3, strategy="head", weights="none",
+    run = finetune.train(sys.argv[1], runs_dir=sys.argv[2], epochs=3, strategy="head", arch="resnet18", weights="none",
                          image_size=32, batch_size=2, workers=0, on_event=on_event)
     print("status", run.status, "model", (run.path / "model.pth").is_file(),
           "restored", signal.getsignal(signal.SIGINT) is before)

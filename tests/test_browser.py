@@ -68,8 +68,9 @@ def choose(page, elem_id: str, label_text: str) -> None:
 
 
 def fast_settings(page, epochs: int) -> None:
-    """weights none, the head strategy, 64-pixel images: a training of a few seconds."""
+    """ResNet-18, weights none, the head strategy, 64-pixel images: a training of a few seconds."""
     open_tab(page, "2. Train")
+    choose(page, "arch", "ResNet-18")
     choose(page, "weights", "None: train")  # first: choosing None selects strategy all
     choose(page, "strategy", "head: only")
     set_number(page, "epochs", epochs)

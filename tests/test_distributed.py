@@ -33,6 +33,8 @@ def test_torchrun_two_cpu_processes_write_one_normal_run(tmp_path, strategy):
         "finetune",
         "train",
         str(data),
+        "--arch",
+        "resnet18",  # the smallest row: DDP's code is the same for each
         "--weights",
         "none",
         "--strategy",
@@ -125,8 +127,8 @@ def test_ranks_with_different_memory_readings_agree_on_one_pipeline(tmp_path):
         "rank = int(os.environ['RANK'])\n"
         "cache.available_memory_bytes = lambda: [8 * 1024**3, 1024][rank]\n"
         "from finetune.cli import main\n"
-        f"code = main(['train', '--weights', 'none', '--strategy', 'last', '--epochs', '2', '--batch-size', '4',"
-        f" '--image-size', '64', '--workers', '0', '--device', 'cpu', '--runs-dir', {str(runs)!r},"
+        f"code = main(['train', '--arch', 'resnet18', '--weights', 'none', '--strategy', 'last', '--epochs', '2',"
+        f" '--batch-size', '4', '--image-size', '64', '--workers', '0', '--device', 'cpu', '--runs-dir', {str(runs)!r},"
         f" '--quiet', '--', {str(data)!r}])\n"
         "if code:\n"
         "    sys.exit(code)\n"
@@ -270,6 +272,8 @@ def test_torchrun_shutdown_leaves_no_process_and_no_running_run(tmp_path, how):
             "-m",
             "finetune",
             "train",
+            "--arch",
+            "resnet18",
             "--weights",
             "none",
             "--strategy",
@@ -348,7 +352,7 @@ def test_sigterm_ends_torchrun_whose_other_rank_is_frozen(tmp_path):
 
     data = make_class_folders(tmp_path / "data", classes=("red", "green"), per_class=8)
     runs = tmp_path / "runs"
-    options = ["--weights", "none", "--strategy", "last", "--epochs", "200", "--batch-size", "2"]
+    options = ["--arch", "resnet18", "--weights", "none", "--strategy", "last", "--epochs", "200", "--batch-size", "2"]
     options += ["--image-size", "32", "--workers", "0", "--device", "cpu", "--runs-dir", str(runs), "--quiet"]
     process = torchrun(["-m", "finetune", "train", *options, "--", str(data)], tmp_path)
     groups = {process.pid}  # torchrun's process group; each rank leads its own
