@@ -392,8 +392,8 @@ studio = finetune.studio.launch(port=int(os.environ["T_PORT"]), runs_dir=os.envi
 assert response.status == 200 and config["version"], config
 assert signal.getsignal(signal.SIGINT) is sigint  # the kernel's own (its interrupt button)
 print("config answered", response.status)""",
-    """run = finetune.train(os.environ["T_DATA"], epochs=1, image_size=32, weights="none", strategy="all",
-                    batch_size=4, device="cpu", workers=0, runs_dir=os.environ["T_RUNS"])
+    """run = finetune.train(os.environ["T_DATA"], epochs=1, image_size=32, arch="resnet18", weights="none",
+                    strategy="all", batch_size=4, device="cpu", workers=0, runs_dir=os.environ["T_RUNS"])
 print("trained", run.path)""",
     """studio.close()
 print("closed", repr(studio))""",
