@@ -19,9 +19,10 @@ run: setup
 	$(PY) app.py $(ARGS)
 
 # one pytest-xdist worker per core (TEST_WORKERS=0: none); a file's tests stay on one worker, so the
-# runs and the app its module fixtures start are made once
+# runs and the app its module fixtures start are made once; the files go out in tests/conftest.py's
+# order (the most slow tests first), not xdist's (the most tests first)
 TEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PYTEST) $(ARGS)
