@@ -77,11 +77,14 @@ def train(client, data, epochs=1, **overrides):
 @pytest.fixture(scope="module")
 def trained(client, app_server, sample_data):
     """One short training on the sample data; returns (run path, streamed updates)."""
+    # the worker's studio is shared with other files (the browser tests copy runs into it), so the run is
+    # the one this training made, not the last name in the folder
+    before = set(app_server.runs_dir.iterdir())
     train(client, sample_data, epochs=1)
     updates = follow(client)
-    runs = sorted(p for p in app_server.runs_dir.iterdir() if (p / "run.json").is_file())
-    assert runs, app_server.log_tail()
-    return runs[-1], updates
+    runs = [p for p in set(app_server.runs_dir.iterdir()) - before if (p / "run.json").is_file()]
+    assert len(runs) == 1, app_server.log_tail()
+    return runs[0], updates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +247,7 @@ def test_training_streams_progress_curves_and_result(trained):
 @pytest.mark.slow
 def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, trained, app_server, sample_data):
     run_dir, _ = trained
+    before = set(app_server.runs_dir.iterdir())
     train(client, sample_data, epochs=300)
     with pytest.raises(AppError, match="already running"):
         train(client, sample_data, epochs=1)
@@ -258,9 +262,9 @@ def test_stop_and_one_training_at_a_time_and_predict_stays_responsive(client, tr
     updates = follow(client, timeout=120)
     assert "stopped" in status_text(updates[-1])
     assert "kept" in updates[-1][4]
-    newest = sorted(p for p in app_server.runs_dir.iterdir() if (p / "run.json").is_file())[-1]
-    info = json.loads((newest / "run.json").read_text())
-    assert info["status"] == "stopped" and (newest / "model.pth").is_file()
+    (stopped,) = set(app_server.runs_dir.iterdir()) - before
+    info = json.loads((stopped / "run.json").read_text())
+    assert info["status"] == "stopped" and (stopped / "model.pth").is_file()
     assert client.predict(api_name="/stop_training") == "No training is running."
 
 
