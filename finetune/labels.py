@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
@@ -28,6 +29,8 @@ from .names import printable, unsafe_name_reason
 
 MAX_LABELS_BYTES = 64 * 1024**2  # ~1 million rows of typical paths: far more than anyone labels by hand
 DELIMITERS = ",;\t|"
+SNIFF_CHARS, SNIFF_LINES = 4096, 20
+DRIVE = re.compile(r"[A-Za-z]:")  # C:... (Windows), but not 8:30am.png
 PATH_HEADERS = ("path", "file", "filename", "file_name", "image", "image_path")
 LABEL_HEADERS = ("label", "class", "category", "target")
 SPLIT_HEADERS = ("split", "set", "subset", "fold")
@@ -76,7 +79,9 @@ def read_text(path: Path) -> str:
 
 
 def _rows(text: str, path: Path) -> Iterator[tuple[int, list[str]]]:
-    sample = text[:65536]
+    # a few lines are enough to tell the separator, and csv.Sniffer's regexes take quadratic time
+    # (a crafted 64 KB sample costs half a minute of CPU)
+    sample = "".join(text[:SNIFF_CHARS].splitlines(keepends=True)[:SNIFF_LINES])
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=DELIMITERS)
     except csv.Error:
@@ -126,6 +131,9 @@ def read_labels(labels: str | Path, root: Path) -> LabelRows:
         if reason:
             result.skipped.append((rel, f"{reason} (row {number} of {path.name})"))
             continue
+        # one file, however it is written (./a.png, a.png/, .//a.png, a link to it): one key, so that
+        # two labels of it are a conflict and it cannot be in train and val at once
+        rel = canonical(root, rel)
         if rel in seen and seen[rel][0] != label:
             conflicts.setdefault(rel, {seen[rel][0]}).add(label)
             continue
@@ -167,8 +175,12 @@ def _row(
     else:
         extra = [c for c in row[header_width:] if c]
     if extra:
+        cells = [label, *extra]
+        shown = ", ".join(repr(printable(c)[:40]) for c in cells[:3]) + (
+            f" and {len(cells) - 3} more" if len(cells) > 3 else ""
+        )
         raise FinetuneError(
-            f"row {number} of {path} gives several labels ({', '.join(repr(c) for c in [label, *extra])}): "
+            f"row {number} of {path} gives several labels ({shown}): "
             f"multi-label classification is not supported, one label per image"
         )
     if not rel:
@@ -187,7 +199,7 @@ def inside(root: Path, rel: str) -> str | None:
     """Why `rel` may not be read as a file under `root` (None: it may): absolute, climbing out with
     `..`, a symlink that leads out, or not a file."""
     pure = PurePosixPath(rel)
-    if pure.is_absolute() or (len(rel) > 1 and rel[1] == ":") or rel.startswith("//"):
+    if pure.is_absolute() or DRIVE.match(rel) or rel.startswith("//"):
         return "an absolute path: paths in a labels file are relative to the data folder"
     if ".." in pure.parts:
         return "the path leaves the data folder (..)"
@@ -196,6 +208,12 @@ def inside(root: Path, rel: str) -> str | None:
 
 
 NOT_FOUND = "not found"
+
+
+def canonical(root: Path, rel: str) -> str:
+    """The path of the file `rel` names under `root` (one `inside` allowed), relative to root's
+    resolved folder, with links and ./ resolved."""
+    return (root / rel).resolve(strict=True).relative_to(root.resolve()).as_posix()
 
 
 def file_inside(root: Path, rel: str | PurePath, folder: str = "the data folder") -> str | None:

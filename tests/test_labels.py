@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 from conftest import make_image, tree_digest
@@ -106,6 +107,46 @@ def test_a_hostile_csv_is_refused_row_by_row_and_nothing_outside_is_read(tmp_pat
     assert "img_cat_0.png" not in used and len(used) == 11 and not any("secret" in p for p in used)
     assert any("conflict" in warning for warning in scan.warnings)
     assert tree_digest(data) == before  # the folder is only read
+
+
+def test_one_file_written_several_ways_is_one_file(tmp_path):
+    """./a.png, a.png/, .//a.png and a link inside the folder name one file: a second label of it is a
+    conflict, and it is never in train and val at once."""
+    data = tmp_path / "flat"
+    rows = flat_folder(data)
+    os.symlink("img_owl_0.png", data / "alias.png")  # a link that stays inside
+    make_image(data / "8:30am.png", PALETTE["cat"])  # a colon that is not a drive letter
+    ways = [
+        ("./img_cat_0.png", "dog"),
+        ("img_cat_1.png/", "dog"),
+        (".//img_dog_0.png", "dog", "val"),  # the same label, another split: still one file
+        ("alias.png", "cat"),
+        ("8:30am.png", "cat"),
+    ]
+    lines = [f"{p},{c},train" for p, c in rows] + [",".join(row) + ("" if len(row) == 3 else ",train") for row in ways]
+    scan = scan_dataset(data, labels=write(tmp_path / "labels.csv", "path,label,split\n" + "\n".join(lines) + "\n"))
+    reasons = dict(scan.skipped)
+    for name in ("img_cat_0.png", "img_cat_1.png", "img_owl_0.png"):
+        assert "conflict" in reasons[name], scan.skipped
+    used = [path for path, _ in scan.train + scan.val]
+    assert len(used) == len(set(used)) and set(used) <= {p for p, _ in rows} | {"8:30am.png"}
+    assert "img_dog_0.png" in [path for path, _ in scan.train] and "8:30am.png" in used
+    drive = write(tmp_path / "drive.csv", "C:/x.png,cat\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    assert "absolute path" in dict(scan_dataset(data, labels=drive).skipped)["C:/x.png"]
+
+
+def test_a_crafted_csv_costs_no_time_to_sniff_and_its_error_stays_one_short_line(tmp_path):
+    """csv.Sniffer's regexes are quadratic: 64 KB of ',"a' took ~30 s to sniff, and each of its cells
+    went into the multi-label message."""
+    data = tmp_path / "flat"
+    flat_folder(data, per_class=1)
+    crafted = write(tmp_path / "crafted.csv", ',"a' * 21845)
+    started = time.monotonic()
+    with pytest.raises(FinetuneError) as raised:
+        scan_dataset(data, labels=crafted)
+    assert time.monotonic() - started < 10  # unguarded: ~30 s here
+    message = str(raised.value)
+    assert "multi-label" in message and "more" in message and len(message) < 400 and "\n" not in message
 
 
 def test_multi_label_rows_an_oversized_file_and_a_fifo_say_so_in_one_line(tmp_path):
