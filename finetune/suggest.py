@@ -209,16 +209,20 @@ def suggest(
     known = known_images(run_dir)
     hashes = pool_hashes(pool_dir, files, skipped)
     decided = decided_in(curation, pool_dir)
+    readable = [path for path in files if path in hashes]  # the others are in `skipped`, with why
+    in_data = [path for path in readable if hashes[path] in known]
     fresh = [
-        path
-        for path in files
-        if path in hashes and hashes[path] not in known and path.relative_to(pool_dir).as_posix() not in decided
+        path for path in readable if hashes[path] not in known and path.relative_to(pool_dir).as_posix() not in decided
     ]
     if log:
         log(
-            f"{len(files)} pool images, {len(files) - len(fresh)} already in the run's data"
-            + (" or decided in the curation" if decided else "")
-            + f"; scoring {len(fresh)}"
+            pool_counts(
+                len(files),
+                len(files) - len(readable),
+                len(in_data),
+                len(readable) - len(in_data) - len(fresh),
+                len(fresh),
+            )
         )
     if not fresh:
         return [], skipped
@@ -232,6 +236,16 @@ def suggest(
         rel = kept[index].relative_to(pool_dir).as_posix()
         suggestions.append(Suggestion(rel, float(scores[index]), top))
     return suggestions, skipped
+
+
+def pool_counts(files: int, skipped: int, in_data: int, decided: int, fresh: int) -> str:
+    """What happened to the pool's images, each cause counted apart (a FIFO is not 'in the data')."""
+    parts = [f"{in_data} already in the run's data"]
+    if decided:
+        parts.append(f"{decided} decided in the curation")
+    if skipped:
+        parts.append(f"{skipped} skipped (not readable as an image here: listed below)")
+    return f"{files} pool images, {', '.join(parts)}; scoring {fresh}"
 
 
 def write_outputs(
@@ -260,7 +274,7 @@ def write_outputs(
 
 def table(suggestions: list[Suggestion]) -> str:
     if not suggestions:
-        return "nothing to suggest: every pool image is already in the run's data"
+        return "nothing to suggest: no pool image is left to score (the counts above say why)"
     lines = ["rank  uncertainty  path  (best guesses)"]
     for rank, s in enumerate(suggestions, start=1):
         guesses = ", ".join(f"{printable(c)} {p:.2f}" for c, p in s.top)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,3 +106,20 @@ def test_the_runs_test_images_are_known_too(tmp_path):
     items = {split: [[f"{split}/a/x.png", 0]] for split in ("train", "val", "test")}
     (run / "split.json").write_text(json.dumps({"root": str(data), "classes": ["a"], "layout": "splits", **items}))
     assert known_images(run) == {file_sha256(data / split / "a" / "x.png") for split in items}
+
+
+def test_files_it_cannot_read_are_counted_as_skipped_not_as_in_the_data(tmp_path, tiny_run):
+    """A FIFO and a link out of the pool are skipped and said so; they are not 'already in the data'."""
+    import os
+
+    pool = _mk(tmp_path / "pool")
+    os.mkfifo(pool / "fifo.png")
+    os.symlink(make_image(tmp_path / "outside.png", (1, 2, 3)), pool / "link.png")
+    said = []
+    suggestions, skipped = suggest(tiny_run, pool, n=5, device="cpu", log=said.append)
+    reasons = {Path(name).name: why for name, why in skipped}
+    assert suggestions == [] and reasons == {"fifo.png": "not a file", "link.png": "a link that leads out of the pool"}
+    assert "0 already in the run's data" in said[0] and "2 skipped" in said[0] and "scoring 0" in said[0]
+    from finetune.suggest import table
+
+    assert "already in the run's data" not in table(suggestions)
