@@ -4,19 +4,25 @@ File and class names come from the user (or from whoever made their zip). A cell
 `=`, `+`, `-` or `@` is a formula to Excel, LibreOffice and Google Sheets (`=HYPERLINK(...)` sends
 data away when clicked, DDE formulas can run programs), and a leading tab or carriage return can
 hide such a start. As OWASP recommends, those text cells get a leading `'`, which spreadsheets
-show as text. Numbers the project formats itself are written as numbers, never escaped.
+show as text. A spreadsheet set to another separator (`;` in German or French locales, a tab, `|`)
+splits `a;=1+1.png` into `a` and the formula `=1+1.png`, so a formula start after any of those
+separators (and spaces or quotes) gets its `'` too. Numbers the project formats itself are written
+as numbers, never escaped.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from .fsutil import write_text_atomic
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# a separator some spreadsheet may split on, then what would start a cell there as a formula
+INNER_FORMULA = re.compile(r"([,;\t|][ \"]*)(?=[=+\-@\t\r])")
 
 
 class Number(str):
@@ -33,7 +39,7 @@ def escape_cell(value):
         return ""
     if isinstance(value, (Number, bool, int, float)):
         return value
-    text = str(value)
+    text = INNER_FORMULA.sub(r"\1'", str(value))
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 

@@ -468,7 +468,7 @@ def test_prediction_csv_escapes_formula_names_and_keeps_numbers(tmp_path):
         "0.050000",
         "",
     ]
-    assert rows[2] == ["'\t=1+1.png", "", "", "", "", "", "", "", "'=cannot decode"]
+    assert rows[2] == ["'\t'=1+1.png", "", "", "", "", "", "", "", "'=cannot decode"]
     assert rows[3] == ["plain.png", "cats", "cats", "1.000000", "dogs", "0.000000", "'\rowls", "0.000000", ""]
 
 
@@ -490,6 +490,19 @@ def test_evaluation_csvs_escape_formula_names_and_keep_numbers(tmp_path):
     assert wrong[1] == ["'" + FORMULA_FILE, "'+cmd", "'@SUM(1)", "0.900000"]
     assert wrong[2] == ["'=cmd|' /C calc'!A0.png", "'@SUM(1)", "'+cmd", "0.800000"]
     assert (tmp_path / "test_metrics.json").is_file() and (tmp_path / "test_confusion_matrix.png").is_file()
+
+
+def test_a_formula_after_another_separator_is_escaped_too(tmp_path):
+    """A spreadsheet that splits on ';' (German, French locales), tabs or '|' sees `a;=2+5;.png` as
+    three cells, the second a formula: every cell such a split could start gets its '."""
+    from finetune.csvfile import write_csv
+
+    names = ["a;=2+5;.png", 'b; "@SUM(1)".png', "c|+1.png", "d\t-1.png", "e,=1.png", "f;g.png", "h-i=j.png"]
+    rows = read_rows(write_csv(tmp_path / "x.csv", ["path"], [[name] for name in names]))
+    for separator in ";|\t,":
+        cells = [cell.strip(' "') for row in rows[1:] for cell in row[0].split(separator)]
+        assert not any(cell.startswith(("=", "+", "-", "@")) for cell in cells), (separator, cells)
+    assert [row[0] for row in rows[6:]] == ["f;g.png", "h-i=j.png"]  # nothing to escape: unchanged
 
 
 def test_formula_file_and_class_names_from_a_real_folder(tmp_path):
