@@ -36,6 +36,7 @@ from typing import NoReturn
 from .config import FinetuneError
 from .data import IMAGE_EXTENSIONS, is_ignored
 from .fsutil import human_size, open_user_file, remove_tree, walk
+from .labels import MAX_LABELS_BYTES
 from .names import printable, unsafe_name_reason
 
 MAX_ENTRIES = 100_000
@@ -44,6 +45,7 @@ MAX_RATIO = 200  # uncompressed / compressed, per entry and overall (images hard
 RATIO_MIN_BYTES = 1024 * 1024  # ratios of entries smaller than this are not checked (tiny text files)
 MAX_DEPTH = 32  # path parts of an entry (folders and the file): real datasets nest a few levels
 MAX_NAME_BYTES = 255  # one file or folder name, in UTF-8 (what Linux and macOS file systems allow)
+LABELS_EXTENSIONS = {".csv", ".tsv"}  # written too, up to MAX_LABELS_BYTES each: see _skip_reason
 MAX_PATH_BYTES = 1024  # a whole entry's path, in UTF-8: well inside PATH_MAX (4096) under any folder
 MANIFEST = ".complete"  # hidden, so scans never take it for data
 BLOCK = 4096  # a file takes whole blocks on disk, however small it is
@@ -117,13 +119,15 @@ def _shown(name: str, limit: int = 120) -> str:
 
 
 def _skip_reason(parts: tuple[str, ...]) -> tuple[str, str] | None:
-    """(what to name, why) when an entry is not written; None for an image file."""
+    """(what to name, why) when an entry is not written; None for an image file or a labels file
+    (a flat folder's `metadata.csv` travels in its zip: `--labels metadata.csv` finds it there)."""
     for depth, part in enumerate(parts[:-1]):
         if is_ignored(part):  # __MACOSX/ holds one ._ file per image: name the folder once
             return "/".join(parts[: depth + 1]) + "/", "hidden or system folder"
     if is_ignored(parts[-1]):
         return "/".join(parts), "hidden or system file"
-    if PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_EXTENSIONS:
+    suffix = PurePosixPath(parts[-1]).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS and suffix not in LABELS_EXTENSIONS:
         return "/".join(parts), "not an image file"
     return None
 
@@ -192,6 +196,9 @@ def check_zip(
         unsafe = next(filter(None, map(unsafe_name_reason, parts)), None)
         if unsafe is not None:
             raise FinetuneError(f"{source}: refusing entry {_shown(info.filename)}: {unsafe}")
+        if PurePosixPath(parts[-1]).suffix.lower() in LABELS_EXTENSIONS and info.file_size > MAX_LABELS_BYTES:
+            skipped.append((printable("/".join(parts)), "too large to be a labels file"))
+            continue
         total += info.file_size
         compressed += info.compress_size
         if total > max_total_bytes:
@@ -207,8 +214,10 @@ def check_zip(
         files.append((info, parts))
     _check_overall_ratio(path, source, total, compressed, max_ratio)
     _check_overlaps(path, infos, source)
-    if not files:
-        _no_files(source, skipped, not_images)
+    labels_files = [parts for _, parts in files if PurePosixPath(parts[-1]).suffix.lower() in LABELS_EXTENSIONS]
+    if len(labels_files) == len(files):  # nothing but labels files: still no images
+        named_labels = [(printable("/".join(parts)), "not an image file") for parts in labels_files]
+        _no_files(source, skipped + named_labels, not_images + len(labels_files))
     return ZipContents(files, skipped, total)
 
 

@@ -256,3 +256,37 @@ def test_dataset_folder_extracts_a_zip_once_and_returns_a_folder_as_given(tmp_pa
         os.mkfifo(tmp_path / "pipe.zip")
         with pytest.raises(FinetuneError, match="refusing zip file .*pipe.zip: not a regular file"):
             run_within(10, lambda: dataset_folder(tmp_path / "pipe.zip"), [tmp_path / "pipe.zip"])
+
+
+def test_a_labels_csv_travels_in_its_zip_and_is_found_there(tmp_path, monkeypatch):
+    """A flat folder of images with Hugging Face's metadata.csv, zipped: the CSV is extracted beside
+    the images (the docs promise `--labels metadata.csv` finds it there); a zip of nothing but a CSV
+    is still 'no image files', and a CSV too large to be a labels file is skipped, not written."""
+    from conftest import make_image
+
+    from finetune.archive import dataset_folder
+    from finetune.labels import MAX_LABELS_BYTES
+
+    flat = tmp_path / "flat"
+    rows = []
+    for name, colour in (("cat", (220, 40, 40)), ("dog", (40, 200, 60))):
+        for i in range(3):
+            make_image(flat / f"{name}_{i}.png", tuple(min(255, v + 9 * i) for v in colour))
+            rows.append(f"{name}_{i}.png,{name}")
+    (flat / "metadata.csv").write_text("file_name,label\n" + "\n".join(rows) + "\n")
+    monkeypatch.setenv("FINETUNE_DATASETS", str(tmp_path / "datasets"))
+    root = Path(dataset_folder(zip_folder(flat, tmp_path / "flat.zip")))
+    assert (root / "metadata.csv").read_bytes() == (flat / "metadata.csv").read_bytes()
+    scan = scan_dataset(root, labels=Path("metadata.csv"))
+    assert scan.classes == ["cat", "dog"] and len(scan.train + scan.val) == 6
+    only_csv = zip_entries(tmp_path / "only.zip", {"metadata.csv": b"file_name,label\na.png,cat\n"})
+    with pytest.raises(FinetuneError, match=r"contains no image files .*metadata\.csv"):
+        check_zip(only_csv)
+    big = zip_entries(
+        tmp_path / "big.zip",
+        {"a.png": (flat / "cat_0.png").read_bytes(), "huge.csv": b"a" * (MAX_LABELS_BYTES + 1)},
+        zipfile.ZIP_DEFLATED,
+    )
+    contents = check_zip(big, max_ratio=10**6)
+    assert [parts for _, parts in contents.files] == [("a.png",)]
+    assert contents.skipped == [("huge.csv", "too large to be a labels file")]
