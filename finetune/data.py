@@ -952,18 +952,21 @@ def _imbalance_notes(classes: list[str], train: list[tuple[str, int]]) -> list[s
 
 
 def _lookalike_classes(classes: list[str]) -> list[str]:
-    """Warnings for classes that differ only in letter case or in Unicode normalisation ('café' typed
-    as one character or as 'e' and an accent): most likely one class split in two. Kept apart."""
+    """Warnings for classes that differ only in letter case, in Unicode normalisation ('café' typed
+    as one character or as 'e' and an accent) or in invisible characters (a zero-width space pasted
+    into a label): most likely one class split in two. Kept apart."""
     groups: dict[str, list[str]] = {}
     for name in classes:
-        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+        groups.setdefault(_visible(name).casefold(), []).append(name)
     notes = []
     for names in groups.values():
         if len(names) < 2:
             continue
+        shown = " and ".join(ascii(n) for n in names)  # the escapes show how they differ
         if len({unicodedata.normalize("NFC", n) for n in names}) < len(names):
-            shown = " and ".join(ascii(n) for n in names)  # the escapes show how they differ
             how = "only in how their accents are stored (Unicode normalisation)"
+        elif len({_visible(n) for n in names}) < len(names):
+            how = "only in invisible characters (zero-width spaces, joiners or marks)"
         else:
             shown = " and ".join(f"'{printable(n)}'" for n in names)
             how = "only in letter case"
@@ -972,6 +975,11 @@ def _lookalike_classes(classes: list[str]) -> list[str]:
             f"if they are meant to be one"
         )
     return notes
+
+
+def _visible(name: str) -> str:
+    """The name as it looks: NFC, without format characters (Unicode category Cf: U+200B, U+FEFF...)."""
+    return "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c) != "Cf")
 
 
 def list_images(paths: list[str | Path], skipped: list[tuple[str, str]] | None = None) -> list[Path]:

@@ -768,6 +768,9 @@ def test_classes_differing_only_in_case_or_normalisation_are_kept_apart_with_a_w
     assert len(case) == 1 and "'Cat'" in case[0] and "'cat'" in case[0]
     assert len(accents) == 1 and r"'caf\xe9'" in accents[0] and r"'cafe\u0301'" in accents[0]
     assert tree_digest(root) == before
+    # a zero-width space pasted into a label: the two print the same
+    hidden = scan_dataset(make_class_folders(tmp_path / "d2", classes=("owl", "owl\u200b"))).warnings
+    assert any("invisible characters" in w and r"'owl\u200b'" in w and "'owl'" in w for w in hidden), hidden
 
 
 # ---------------------------------------------------------------------------------------------
