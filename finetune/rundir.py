@@ -211,7 +211,7 @@ class RunDir:
         """run.json, or {} while it does not exist (or is being replaced), or holds no JSON object."""
         try:
             info = json.loads(self.info_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # also an int of over 4300 digits, nesting too deep
             return {}
         return cast(RunInfo, info) if isinstance(info, dict) else {}
 
@@ -220,7 +220,7 @@ class RunDir:
             raise FinetuneError(f"not a run folder (no run.json): {self.path}")
         try:
             info = json.loads(self.info_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or a 4300-digit int
             raise FinetuneError(f"cannot read {self.info_path}: {error}") from None
         if not isinstance(info, dict):  # a list or a number: every reader expects the run's fields
             raise FinetuneError(f"{self.info_path} does not hold a JSON object: not a finetune run")
@@ -266,7 +266,7 @@ class RunDir:
         """The data folder the run was trained on (from split.json), None when unknown."""
         try:
             return json.loads(self.split_path.read_text())["root"]
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, TypeError, ValueError, RecursionError):  # TypeError: a list, not an object
             return None
 
     def write_class_indices(self, classes: list[str]) -> None:
@@ -281,7 +281,7 @@ class RunDir:
             )
         try:
             metrics = json.loads(self.metrics_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # as require_info
             raise FinetuneError(f"cannot read {self.metrics_path}: {error}") from None
         if not isinstance(metrics, dict):
             raise FinetuneError(f"{self.metrics_path} does not hold a JSON object")
@@ -316,9 +316,11 @@ class RunDir:
         """'20250101-120000-resnet34-last · completed · val acc 0.930' for a dropdown."""
         info = self.info()
         parts = [self.name, self.status_text(info, missing="?")]
-        summary = info.get("summary") or {}
-        if "accuracy" in summary:
-            parts.append(f"val acc {summary['accuracy']:.3f}")
+        summary: object = info.get("summary")
+        accuracy = summary.get("accuracy") if isinstance(summary, dict) else None
+        # only a fraction: a run.json from anyone may hold text, true, NaN, Infinity or a 400-digit int
+        if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1:
+            parts.append(f"val acc {accuracy:.3f}")
         return " · ".join(parts)
 
 
@@ -334,9 +336,9 @@ def list_runs(runs_dir: str | Path) -> list[Path]:
     found = [p for p in runs_dir.iterdir() if p.is_dir() and RunDir(p).is_run()]
 
     def created(p: Path) -> tuple[str, str]:
-        stamp = RunDir(p).info().get("created") or datetime.fromtimestamp(p.stat().st_mtime).isoformat(
-            timespec="seconds"
-        )
+        stamp: object = RunDir(p).info().get("created")
+        if not isinstance(stamp, str) or not stamp:  # a number or a list would not sort beside the others
+            stamp = datetime.fromtimestamp(p.stat().st_mtime).isoformat(timespec="seconds")
         return stamp, p.name
 
     return sorted(found, key=created, reverse=True)
@@ -509,18 +511,19 @@ def this_host() -> str:
 
 def training_pids(info: RunInfo) -> list[int]:
     """The training's processes that run.json names (an older run: its one "pid"); only positive
-    integers: a run folder may come from anyone, and a pid of 0 or -1 would signal whole groups."""
+    integers that fit a pid_t: a run folder may come from anyone, a pid of 0 or -1 would signal whole
+    groups, and a wider one is no process (os.kill would raise OverflowError)."""
     named: object = info.get("pids") or [info.get("pid")]  # as written, whatever its type
     if not isinstance(named, list):
         return []
-    return [pid for pid in named if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0]
+    return [pid for pid in named if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31]
 
 
 def is_training_process(pid: int) -> bool:
     """A live process that is a finetune training (not another program that got the pid since)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # wider than a pid_t: no process has it
         return False
     except PermissionError:  # alive, someone else's
         return False

@@ -10,6 +10,7 @@ writes, and every field of run.json is checked for its type before it is shown (
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -103,8 +104,9 @@ class RunsTable:
         }
 
     def to_json(self) -> str:
-        # ASCII only: a control or bidi character of a name reaches a terminal as its \u escape
-        return json.dumps(self.to_dict(), indent=2)
+        # ASCII only: a control or bidi character of a name reaches a terminal as its \u escape;
+        # strict JSON for scripts (the rows hold only finite numbers: _real): never an Infinity
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def note(self) -> str:
         if not self.skipped:
@@ -215,7 +217,7 @@ def per_class_f1(run: RunDir) -> dict[str, float]:
 
 def duration_text(seconds: float | None) -> str:
     """12s, 3m 05s, 2h 07m."""
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # int(inf) raises: unknown, as None
         return ""
     whole = int(round(seconds))
     if whole < 60:
@@ -265,7 +267,7 @@ def _train_images(info: RunInfo) -> int | None:
 def _epoch_seconds(info: RunInfo) -> float | None:
     seconds = [_real(record.get("seconds")) for record in _history(info)]
     known = [s for s in seconds if s is not None]
-    return sum(known) if known else None
+    return _real(sum(known)) if known else None  # a sum of huge ones may overflow to inf
 
 
 def _dict(value: Any) -> dict:
@@ -277,10 +279,18 @@ def _text(value: Any) -> str | None:
 
 
 def _whole(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    # a count or an epoch: a negative one, or one wider than a float holds exactly (gradio's orjson
+    # refuses ints over 64 bits, and a sum of two must still fit), is unknown
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+        return None
+    return value
 
 
 def _real(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN: unknown
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int of 400 digits
+        return None
+    return number if math.isfinite(number) else None  # NaN, Infinity: unknown (and no strict JSON)

@@ -218,3 +218,84 @@ def test_training_here_names_the_training_that_holds_the_gpu(tmp_path):
         run.update_info(device="CPU (16 cores)")
         assert training_here(runs) is None, "a training on the CPU leaves the GPU free"
     assert training_here(runs) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# A run.json from a stranger: a bad field reads as unknown, and the runs beside it are still found
+
+
+def write_run(runs_dir, name, text) -> Path:
+    run = runs_dir / name
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    return run
+
+
+def test_a_created_that_is_no_text_sorts_by_the_folder_time(tmp_path):
+    from finetune import jobs
+    from finetune.rundir import TrainingLock
+
+    runs = tmp_path / "runs"
+    good = make_run(runs, "good", "2025-01-01T10:00:00", status="running")
+    for name, created in (("number", 5), ("list", [1]), ("empty", "")):
+        write_run(runs, name, {"status": "completed", "created": created})
+    assert sorted(p.name for p in list_runs(runs)) == ["empty", "good", "list", "number"]
+    assert list_runs(runs)[-1] == good  # the others sort by their folders' time: today, newer
+    assert len(run_choices(runs)) == 4
+    with TrainingLock(runs, "/data") as lock:  # the good run trains: the studio still finds it
+        lock.set_run(good)
+        assert jobs.running_trainings(runs) == [good]
+        with pytest.raises(FinetuneError, match=r"already running \(good\)"):
+            jobs.require_no_training(runs)
+
+
+def test_a_pid_too_wide_for_the_system_is_no_process(tmp_path):
+    from finetune import jobs
+    from finetune.rundir import ENDED_UNEXPECTEDLY, is_training_process, training_pids
+
+    huge = 10**20  # os.kill raises OverflowError for it
+    assert training_pids({"pids": [huge, 2**31, 7]}) == [7] and training_pids({"pid": huge}) == []
+    assert is_training_process(huge) is False
+    runs = tmp_path / "runs"
+    run = write_run(runs, "wide", {"status": "running", "pids": [huge], "host": os.uname().nodename})
+    good = make_run(runs, "good", "2025-01-01T10:00:00")
+    assert RunDir(run).status() == ENDED_UNEXPECTEDLY
+    assert jobs.running_trainings(runs) == [] and RunDir(run).info()["status"] != "running"
+    assert list_runs(runs) == [run, good]
+
+
+@pytest.mark.parametrize(
+    "summary", ["no", [0.9], {"accuracy": "high"}, {"accuracy": True}, {"accuracy": None}, {"accuracy": [1]}]
+)
+def test_a_label_leaves_out_an_accuracy_that_is_no_number(tmp_path, summary):
+    runs = tmp_path / "runs"
+    write_run(runs, "odd", {"status": "completed", "created": "2025-02-01T10:00:00", "summary": summary})
+    make_run(runs, "good", "2025-01-01T10:00:00", accuracy=0.25)
+    assert [label for label, _ in run_choices(runs)] == ["odd · completed", "good · completed · val acc 0.250"]
+
+
+@pytest.mark.parametrize("accuracy", ["Infinity", "-Infinity", "NaN", "1" + "0" * 400, "-0.5"])
+def test_a_label_leaves_out_an_accuracy_that_is_not_finite(tmp_path, accuracy):
+    run = write_run(tmp_path, "odd", '{"status": "completed", "summary": {"accuracy": ' + accuracy + "}}")
+    assert RunDir(run).label() == "odd · completed"
+
+
+@pytest.mark.parametrize("text", ['{"status": "completed", "epochs": 1' + "0" * 5000 + "}", "[" * 100_000])
+def test_a_run_json_that_python_cannot_parse_is_unreadable_not_a_crash(tmp_path, text):
+    """An int of over 4300 digits raises ValueError (not JSONDecodeError), deep nesting RecursionError."""
+    runs = tmp_path / "runs"
+    run = RunDir(write_run(runs, "odd", text))
+    (run.path / "metrics.json").write_text(text)
+    (run.path / "split.json").write_text(text)
+    make_run(runs, "good", "2025-01-01T10:00:00")
+    assert run.info() == {} and run.data_root() is None
+    with pytest.raises(FinetuneError, match="cannot read"):
+        run.require_info()
+    assert [p.name for p in list_runs(runs)] == ["odd", "good"]  # odd by its folder's time: today
+    assert RunDir(runs / "good").label() == "good · completed · val acc 0.500"
+
+
+def test_data_root_of_a_split_that_is_no_object_is_unknown(tmp_path):
+    run = RunDir(make_run(tmp_path, "r", "2025-01-01T10:00:00"))
+    run.split_path.write_text("[1, 2]")
+    assert run.data_root() is None

@@ -272,3 +272,96 @@ def test_a_run_that_trains_is_never_deleted(studio):
     with pytest.raises(gr_error(), match="is training"):
         runs_tab.confirm_delete(studio, "second")
     assert (studio.runs_dir / "second").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers no training writes (a run.json from anyone): unknown, never a traceback
+
+HUGE = "1" + "0" * 400  # float() of it raises OverflowError
+
+
+def hostile_runs(runs: Path) -> Path:
+    """Runs whose numbers are infinite, too wide for a float or for 64 bits, beside a good one."""
+    runs.mkdir()
+    texts = {
+        "infinite": '{"status": "completed", "seconds": Infinity, "best": {"val_acc": -Infinity, "epoch": '
+        + HUGE
+        + "}}",
+        "wide": f'{{"status": "completed", "best": {{"val_acc": {HUGE}}}, "summary": {{"macro_f1": {HUGE}, '
+        f'"num_images": {10**20}}}}}',
+        "history": json.dumps(
+            {
+                "status": "completed",
+                "config": {"epochs": 10**20},
+                "epochs_done": -1,
+                "history": [
+                    {"epoch": 10**20, "val_acc": 0.5, "val_loss": 1.0, "images": 10**20, "seconds": 1e308},
+                    {"epoch": 1, "val_acc": 0.6, "val_loss": -1e308, "images": 4, "seconds": 1e308},
+                    {"epoch": 2, "val_acc": 0.7, "val_loss": 1e308, "images": 2**53},
+                ],
+            }
+        ),
+        "good": json.dumps(
+            {
+                "status": "completed",
+                "created": "2025-01-01T10:00:00",
+                "seconds": 65,
+                "best": {"val_acc": 0.75},
+                "history": [{"epoch": 1, "val_acc": 0.75, "val_loss": 0.5}],
+            }
+        ),
+    }
+    for name, text in texts.items():
+        (runs / name).mkdir()
+        (runs / name / "run.json").write_text(text)
+    return runs
+
+
+def test_numbers_out_of_range_read_as_unknown(tmp_path, capsys):
+    runs = hostile_runs(tmp_path / "runs")
+    table = runs_table(runs)
+    assert [row.name for row in table.rows][-1] == "good" and table.row("good").best_val_acc == 0.75
+    infinite, wide, history = table.row("infinite"), table.row("wide"), table.row("history")
+    assert infinite.seconds is None and infinite.best_val_acc is None and infinite.best_epoch is None
+    assert wide.best_val_acc is None and wide.macro_f1 is None and wide.val_images is None
+    assert history.epochs is None and history.epochs_done is None and history.train_images == 4
+    assert history.seconds is None, "1e308 + 1e308 overflows to inf: unknown"
+    assert val_curve(RunDir(runs / "history")) == [(1, 0.6), (2, 0.7)]
+    assert duration_text(float("inf")) == duration_text(float("nan")) == ""
+    code, out, err = cli(capsys, "--runs-dir", str(runs))
+    assert code == 0 and not err and len(out.splitlines()) == 5 and "1m 05s" in out
+
+
+def test_runs_json_is_strict_json(tmp_path, capsys):
+    runs = hostile_runs(tmp_path / "runs")
+
+    def refuse(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    code, out, _ = cli(capsys, "--runs-dir", str(runs), "--json")
+    assert code == 0 and "Infinity" not in out
+    rows = json.loads(out, parse_constant=refuse)["runs"]
+    assert [row["name"] for row in rows][-1] == "good" and all(row["seconds"] is None for row in rows[:-1])
+
+
+def test_the_runs_tab_shows_and_plots_out_of_range_numbers(tmp_path):
+    """The table reaches the page through orjson (which refuses ints over 64 bits), the curves
+    through matplotlib (whose axis overflows on a span of -1e308 to 1e308)."""
+    gr = pytest.importorskip("gradio")
+    import io
+
+    import orjson
+
+    from finetune.studio import runs_tab
+
+    runs = hostile_runs(tmp_path / "runs")
+    table = runs_table(runs)
+    frame = runs_tab.table_frame(table.rows)
+    assert list(frame["run"])[-1] == "good" and frame["images"].tolist()[:3] == [None, None, 4]
+    orjson.dumps(gr.Dataframe().postprocess(frame).model_dump(), option=orjson.OPT_SERIALIZE_NUMPY)
+    compared = [RunDir(runs / name) for name in ("history", "good", "infinite")]
+    figure = runs_tab.curves_figure(compared)
+    figure.savefig(io.BytesIO(), format="png")
+    accuracy, loss = figure.axes
+    assert [list(line.get_xdata()) for line in accuracy.lines] == [[1, 2], [1]]
+    assert [list(line.get_ydata()) for line in loss.lines] == [[0.5]]  # the losses of +-1e308 are left out

@@ -32,6 +32,7 @@ SORTS = {
     "status": ("status", False),
 }
 MAX_COMPARED = 8  # curves beyond this many are a tangle
+PLOTTED = 1e300  # the largest value a curve shows (two runs' -1e308 and 1e308 break the axis)
 
 
 @dataclass
@@ -152,7 +153,8 @@ def curves_figure(runs: list[RunDir]):
         (loss_axes, "val_loss", "validation loss"),
     ):
         for run in runs:
-            points = val_curve(run, metric)
+            # a run.json may hold any finite number: past this, matplotlib's axis span overflows
+            points = [(epoch, value) for epoch, value in val_curve(run, metric) if abs(value) <= PLOTTED]
             if points:
                 epochs, values = zip(*points, strict=True)
                 # a "$" would start mathtext in the legend: a name is shown as it is
