@@ -494,7 +494,7 @@ def default_curation_path(runs_dir: str | Path, data_root: str | Path) -> Path:
     plain = runs / CURATION_FILE
     try:
         owner = json.loads(plain.read_text(encoding="utf-8")).get("data")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return plain  # absent or unreadable: the plain name (an unreadable one fails clearly on load)
     if owner is None or Path(owner).expanduser().resolve() == root:
         return plain

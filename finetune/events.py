@@ -267,7 +267,7 @@ class EventFollower:
         for line in data[: end + 1].splitlines():
             try:
                 event = parse_event(json.loads(line))
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON or not UTF-8, a 4300-digit int, too deep
                 continue
             if event is not None:
                 events.append(event)

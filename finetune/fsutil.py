@@ -260,8 +260,9 @@ def read_json(path: str | Path, what: str) -> object:
         data = file.read()
     try:
         return json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinetuneError(f"{what} {path} is not valid JSON: {error}") from None
+    # ValueError: also not UTF-8, or an int of over 4300 digits; RecursionError: nesting too deep
+    except (ValueError, RecursionError) as error:
+        raise FinetuneError(f"{what} {path} is not valid JSON: {str(error)[:200]}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def is_hf_folder(path: str | Path) -> bool:
     config = Path(path) / CONFIG
     try:
         data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # not JSON, a 4300-digit int, nesting too deep
         return False
     return isinstance(data, dict) and data.get("format") == HF_FORMAT
 

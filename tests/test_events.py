@@ -120,3 +120,28 @@ def test_every_event_a_training_emits_is_its_typed_dict(tiny_run, tmp_path, monk
         assert kind.__required_keys__ <= event.keys() <= kind.__required_keys__ | kind.__optional_keys__, event
         hints = get_type_hints(kind)
         assert all(conforms(value, hints[key]) for key, value in event.items()), (event, hints)
+
+
+def test_a_line_json_cannot_hold_as_python_is_skipped_not_a_crash(tmp_path):
+    """A run folder from anyone: a line that is not UTF-8, an int of 5,000 digits (Python refuses to
+    read it: ValueError) or nesting too deep for the parser (RecursionError) is skipped like any other
+    bad line, and the events around it still come."""
+    path = tmp_path / "events.jsonl"
+    good = b'{"type": "log", "message": "a"}\n'
+    path.write_bytes(good + b'{"type": "log", "message": "\xff"}\n' + b"[" * 200_000 + b"\n")
+    with open(path, "ab") as f:
+        f.write(b'{"type": "log", "message": ' + b"9" * 5000 + b"}\n" + good)
+    assert EventFollower(path).poll() == [{"type": "log", "message": "a"}] * 2
+
+
+def test_a_json_file_the_user_names_fails_in_one_line_however_it_is_broken(tmp_path):
+    import pytest
+
+    from finetune.config import FinetuneError
+    from finetune.fsutil import read_json
+
+    for name, data in (("deep.json", b"[" * 200_000), ("wide.json", b"9" * 5000), ("bytes.json", b'"\xff"')):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(FinetuneError, match=f"config file .*{name} is not valid JSON") as raised:
+            read_json(tmp_path / name, "config file")
+        assert len(str(raised.value)) < 400
