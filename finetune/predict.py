@@ -17,6 +17,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, ImageTooLarge, eval_transform, lo
 from .device import amp_dtype_for, channels_last_for, default_workers, non_blocking, pin_memory, resolve_device
 from .fsutil import read_json
 from .model import load_classifier, safe_load, state_dict_from
+from .names import printable
 from .rundir import RunDir
 
 
@@ -114,6 +115,32 @@ def check_run_fields(info: Mapping[str, Any], info_path: Path) -> None:
             raise FinetuneError(f"{info_path}: its {key!r} is not one finetune writes ({info.get(key)!r:.80})")
     if any(v <= 0 for v in info.get("std", [1, 1, 1])):
         raise FinetuneError(f"{info_path}: its 'std' must be positive")
+    problem = class_names_problem(info["classes"])
+    if problem is not None:
+        raise FinetuneError(f"{info_path}: {problem}")
+    suggested = (info.get("calibration") or {}).get("suggested_min_confidence")
+    if suggested is not None and not (number(suggested) and 0 <= suggested <= 1):  # nan is in no range
+        raise FinetuneError(
+            f"{info_path}: its calibration's 'suggested_min_confidence' must be a number from 0 to 1 or null, "
+            f"got {suggested!r:.80}"
+        )
+
+
+def class_names_problem(classes: list[str]) -> str | None:
+    """Why a model's class names cannot be its labels, or None. Any text is a label (shown through
+    names.printable), but each is written as UTF-8 (CSV, JSON, an export) and told apart by its name."""
+    seen: set[str] = set()
+    for name in classes:
+        if not name:
+            return "a class name is empty"
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: valid in JSON as an escape, in no UTF-8 file
+            return f"class '{printable(name)}' is not valid UTF-8"
+        if name in seen:
+            return f"class '{printable(name)}' is named twice"
+        seen.add(name)
+    return None
 
 
 class Predictor:

@@ -116,15 +116,15 @@ class Batcher:
 
     def _run(self) -> None:
         while not self._closed.is_set():
-            batch = self._next_batch()
+            # A future marked running can no longer be cancelled (a client gone, a request refused as busy), so
+            # setting its answer cannot raise and fail the rest of the batch; one cancelled before is left out.
+            batch = [item for item in self._next_batch() if item[3].set_running_or_notify_cancel()]
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
             try:
                 logits = self.predictor.logits(torch.stack([item[0] for item in batch]))
                 for row, (_, top_k, min_confidence, done) in zip(logits, batch, strict=True):
-                    if done.cancelled():  # its client went away: the others still get their answers
-                        continue
                     self._answer(row, top_k, min_confidence, done)
             except Exception as error:  # noqa: BLE001 - each waiting request gets the error, the service goes on
                 for *_, done in batch:
@@ -520,11 +520,17 @@ async def _answer(item) -> tuple[dict[str, Any], bool]:
 
 
 def check_exposure(host: str, token: str | None) -> str | None:
-    """The token to use: required (and long enough) when listening beyond loopback."""
+    """The token to use: required (and long enough) when listening beyond loopback; one a header can carry."""
     from .studio.app import is_loopback
 
     if token is not None and len(token) < MIN_TOKEN_LENGTH:
         raise FinetuneError(f"the token has {len(token)} characters: use at least {MIN_TOKEN_LENGTH}")
+    # Headers arrive decoded as Latin-1 and the token is compared stripped: any other token never matches.
+    if token is not None and not all("!" <= char <= "~" for char in token):
+        raise FinetuneError(
+            "the token must be printable ASCII without spaces (letters, digits, punctuation): "
+            "a request's Authorization header could never carry it as it is"
+        )
     if token is None and not is_loopback(host):
         raise FinetuneError(
             f"refusing to listen on {host} without a token: anyone who can reach this machine could use "

@@ -3,6 +3,7 @@ defaults from here without loading FastAPI/starlette into every `finetune --help
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .config import FinetuneError
@@ -24,9 +25,18 @@ class ServeLimits:
     def check(self) -> ServeLimits:
         for field in fields(self):
             value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(
+                value
+            ):  # nan passes every comparison below; inf overflows sizes and timers
+                raise FinetuneError(f"{field.name.replace('_', ' ')} must be a finite number, got {value}")
             if field.name == "max_wait_ms":
                 if value < 0:
                     raise FinetuneError(f"max wait must be 0 or more milliseconds, got {value}")
             elif value <= 0:
                 raise FinetuneError(f"{field.name.replace('_', ' ')} must be positive, got {value}")
+        if self.max_files > self.queue_size:  # while the model is busy, all of a request's images wait in the queue
+            raise FinetuneError(
+                f"max files ({self.max_files}) is more than the queue size ({self.queue_size}): a request with "
+                "more images than the queue holds would be refused as busy however often it is retried"
+            )
         return self

@@ -239,6 +239,41 @@ def with_calibration(run, tmp_path, temperature: float, suggested: float | None)
     return copy
 
 
+def test_a_suggested_min_confidence_that_is_not_one_is_refused_at_load(trained_run, tmp_path):
+    """Else the run loads, and `finetune serve` answers /info and every /predict without a threshold 500."""
+    run, _ = trained_run
+    for k, bad in enumerate([5, "0.5", True, -0.1, [0.5]]):
+        copy = with_calibration(run, tmp_path / str(k), 1.0, bad)
+        with pytest.raises(FinetuneError) as caught:
+            Predictor.from_run(copy, device="cpu")
+        message = str(caught.value)
+        assert message.startswith(f"{copy / 'run.json'}: ") and "suggested_min_confidence" in message
+        assert repr(bad) in message and "\n" not in message
+    for k, good in enumerate([None, 1]):
+        assert Predictor.from_run(with_calibration(run, tmp_path / f"ok{k}", 1.0, good), device="cpu")
+
+
+def test_class_names_no_file_can_hold_or_that_cannot_be_told_apart_are_refused(trained_run, tmp_path):
+    """A lone surrogate is valid JSON ("\\udcff") but no UTF-8 file: the CSV and the export would crash."""
+    run, _ = trained_run
+    for k, (classes, said) in enumerate(
+        [
+            (["blue", "\udcff", "red"], "class '\\udcff' is not valid UTF-8"),
+            (["blue", "", "red"], "a class name is empty"),
+            (["blue", "red", "red"], "class 'red' is named twice"),
+        ]
+    ):
+        copy = tmp_path / str(k)
+        shutil.copytree(run, copy)
+        info = json.loads((copy / "run.json").read_text())
+        (copy / "run.json").write_text(json.dumps({**info, "classes": classes}))
+        (copy / "class_indices.json").write_text(json.dumps(dict(enumerate(classes))))
+        with pytest.raises(FinetuneError) as caught:
+            Predictor.from_run(copy, device="cpu")
+        assert str(caught.value) == f"{copy / 'run.json'}: {said}"
+        str(caught.value).encode("utf-8")  # the message itself can be printed
+
+
 def test_the_runs_temperature_calibrates_every_probability(trained_run, tmp_path):
     run, data = trained_run
     assert json.loads((run / "run.json").read_text())["calibration"]["temperature"] > 0  # training fitted one

@@ -125,7 +125,9 @@ def test_an_image_over_the_pixel_limit_is_refused_undecoded(predictor, monkeypat
 
 
 def test_limits_a_large_body_and_a_full_queue(predictor, monkeypatch):
-    service = serve.Service(predictor, serve.ServeLimits(max_upload_mb=0.01, queue_size=1, max_batch=1), token=None)
+    service = serve.Service(
+        predictor, serve.ServeLimits(max_upload_mb=0.01, queue_size=1, max_batch=1, max_files=1), token=None
+    )
     release = threading.Event()
     real = predictor.logits
 
@@ -176,6 +178,18 @@ def test_listening_beyond_loopback_needs_a_long_token():
     assert serve.check_exposure("0.0.0.0", "x" * 16) == "x" * 16
 
 
+def test_a_token_no_request_could_carry_is_refused_at_start_up(tmp_path, monkeypatch, capsys):
+    for token in ("ünïcödé-token-123456", " padded-token-123456", "padded-token-123456\n", "two words-token-1234"):
+        with pytest.raises(FinetuneError, match="printable ASCII without spaces") as caught:
+            serve.check_exposure("0.0.0.0", token)
+        assert token.strip() not in str(caught.value)  # a secret is not echoed
+    assert serve.check_exposure("0.0.0.0", "Aa0!~-_.token-1234") == "Aa0!~-_.token-1234"
+    monkeypatch.setenv(serve.TOKEN_ENV, "ünïcödé-token-123456")
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "printable ASCII" in err
+
+
 def test_the_command_refuses_an_exposed_service_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(serve.TOKEN_ENV, raising=False)
     assert main(["serve", str(tmp_path), "--host", "0.0.0.0"]) == 2
@@ -193,6 +207,31 @@ def test_a_cancelled_request_does_not_fail_the_others_of_its_batch(predictor):
         gone.cancel()  # a client that disconnected
         top, unknown = kept.result(timeout=30)
         assert len(top) == 2
+    finally:
+        batcher.close()
+
+
+def test_a_request_withdrawn_while_its_batch_is_answered_does_not_fail_the_others(predictor, monkeypatch):
+    """A request refused as busy cancels its queued images: one cancelled between the batcher's look at it
+    and its answer must not turn the other clients' answers in that batch into errors."""
+    batcher = serve.Batcher(predictor, serve.ServeLimits(max_batch=2, max_wait_ms=5000))
+    futures: list = []
+    ready = threading.Event()
+    real = predictor._answers
+
+    def answers_while_withdrawn(*args):
+        ready.wait(10)
+        futures[0].cancel()  # the refused request's client, on the event loop, mid-batch
+        return real(*args)
+
+    monkeypatch.setattr(predictor, "_answers", answers_while_withdrawn)
+    try:
+        image = torch.zeros(3, 32, 32)
+        futures += [batcher.submit(image, 2, None), batcher.submit(image, 2, None)]
+        ready.set()
+        top, _ = futures[1].result(timeout=30)
+        assert len(top) == 2
+        assert list(batcher.batch_sizes) == [2]
     finally:
         batcher.close()
 
@@ -346,6 +385,23 @@ def test_the_commands_defaults_are_serve_limits():
     assert args.max_files == serve.ServeLimits().max_files and args.read_timeout_s == 20.0
     with pytest.raises(FinetuneError, match="read timeout s must be positive"):
         serve.ServeLimits(read_timeout_s=0).check()
+
+
+def test_limits_that_are_not_finite_or_cannot_be_met_are_refused_in_one_line(tmp_path, capsys):
+    for name in ("max_upload_mb", "read_timeout_s", "max_wait_ms", "queue_size"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(FinetuneError, match=f"^{name.replace('_', ' ')} must be a finite number"):
+                serve.ServeLimits(**{name: value}).check()
+    with pytest.raises(FinetuneError, match=r"max files \(4\) is more than the queue size \(2\)"):
+        serve.ServeLimits(queue_size=2, max_batch=1, max_files=4).check()
+    assert serve.ServeLimits(queue_size=4, max_files=4).check().max_files == 4
+    for option in ("--max-upload-mb", "--read-timeout-s"):
+        for value in ("nan", "inf"):
+            assert main(["serve", str(tmp_path), option, value]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "must be a finite number" in err
+    assert main(["serve", str(tmp_path), "--queue-size", "2", "--max-files", "4"]) == 2
+    assert "more than the queue size" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a fresh Python (torch's import: seconds)
