@@ -127,13 +127,13 @@ def read_labels(labels: str | Path, root: Path) -> LabelRows:
             result.skipped.append(parsed)
             continue
         rel, label, split = parsed
-        reason = inside(root, rel)
-        if reason:
-            result.skipped.append((rel, f"{reason} (row {number} of {path.name})"))
+        found = inside(root, rel)
+        if isinstance(found, str):
+            result.skipped.append((rel, f"{found} (row {number} of {path.name})"))
             continue
         # one file, however it is written (./a.png, a.png/, .//a.png, a link to it): one key, so that
         # two labels of it are a conflict and it cannot be in train and val at once
-        rel = canonical(root, rel)
+        rel = found.relative_to(root).as_posix()
         if rel in seen and seen[rel][0] != label:
             conflicts.setdefault(rel, {seen[rel][0]}).add(label)
             continue
@@ -195,31 +195,31 @@ def _row(
     return rel, label, SPLIT_NAMES.get(split, "")
 
 
-def inside(root: Path, rel: str) -> str | None:
-    """Why `rel` may not be read as a file under `root` (None: it may): absolute, climbing out with
-    `..`, a symlink that leads out, or not a file."""
+def inside(root: Path, rel: str) -> Path | str:
+    """The file `rel` names under the resolved folder `root` (links and ./ resolved), or why it may
+    not be read: absolute, climbing out with `..`, a symlink that leads out, or not a file."""
     pure = PurePosixPath(rel)
     if pure.is_absolute() or DRIVE.match(rel) or rel.startswith("//"):
         return "an absolute path: paths in a labels file are relative to the data folder"
     if ".." in pure.parts:
         return "the path leaves the data folder (..)"
-    reason = file_inside(root, pure)
-    return "listed in the labels file but not found" if reason == NOT_FOUND else reason
+    found = resolved_inside(root, pure)
+    return "listed in the labels file but not found" if found == NOT_FOUND else found
 
 
 NOT_FOUND = "not found"
-
-
-def canonical(root: Path, rel: str) -> str:
-    """The path of the file `rel` names under `root` (one `inside` allowed), relative to root's
-    resolved folder, with links and ./ resolved."""
-    return (root / rel).resolve(strict=True).relative_to(root.resolve()).as_posix()
 
 
 def file_inside(root: Path, rel: str | PurePath, folder: str = "the data folder") -> str | None:
     """Why the file `rel` of the resolved folder `root` may not be read (None: it may): NOT_FOUND, a
     symlink that leads out of `folder` (as it is named in the reason), or not a regular file (a FIFO
     would block its reader). Also the curation's pool files (curation.apply_curation)."""
+    found = resolved_inside(root, rel, folder)
+    return found if isinstance(found, str) else None
+
+
+def resolved_inside(root: Path, rel: str | PurePath, folder: str = "the data folder") -> Path | str:
+    """The file `rel` of the resolved folder `root`, resolved, or why it may not be read (file_inside)."""
     try:
         resolved = (root / rel).resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError):
@@ -230,4 +230,4 @@ def file_inside(root: Path, rel: str | PurePath, folder: str = "the data folder"
         return f"a link that leads out of {folder}"
     if not resolved.is_file():
         return "not a file"
-    return None
+    return resolved
