@@ -38,7 +38,7 @@ from typing import cast
 from .config import FinetuneError
 from .data import DatasetScan, check_image, is_image_file
 from .data_doctor.duplicates import file_sha256
-from .fsutil import read_json, write_text_atomic
+from .fsutil import JSON_ERRORS, read_json, write_text_atomic
 from .labels import file_inside
 from .names import printable, unsafe_name_reason
 
@@ -494,7 +494,7 @@ def default_curation_path(runs_dir: str | Path, data_root: str | Path) -> Path:
     plain = runs / CURATION_FILE
     try:
         owner = json.loads(plain.read_text(encoding="utf-8")).get("data")
-    except (OSError, ValueError, AttributeError, RecursionError):
+    except (OSError, AttributeError, *JSON_ERRORS):
         return plain  # absent or unreadable: the plain name (an unreadable one fails clearly on load)
     if owner is None or Path(owner).expanduser().resolve() == root:
         return plain

@@ -24,6 +24,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
 
+from .fsutil import JSON_ERRORS
+
 
 class LogEvent(TypedDict):
     type: Literal["log"]
@@ -267,7 +269,7 @@ class EventFollower:
         for line in data[: end + 1].splitlines():
             try:
                 event = parse_event(json.loads(line))
-            except (ValueError, RecursionError):  # not JSON or not UTF-8, a 4300-digit int, too deep
+            except JSON_ERRORS:
                 continue
             if event is not None:
                 events.append(event)

@@ -253,6 +253,11 @@ def open_user_file(path: str | Path, what: str) -> BinaryIO:
         raise FinetuneError(f"cannot read {what} {path}: {error.strerror or error}") from None
 
 
+# What json.loads raises on a file from anyone: ValueError (not JSON, not UTF-8, an int of over 4300
+# digits, which Python refuses to convert) and RecursionError (arrays nested too deep for the parser).
+JSON_ERRORS = (ValueError, RecursionError)
+
+
 def read_json(path: str | Path, what: str) -> object:
     """The JSON value in a file the user named; every failure is one line naming `what` and the path:
     not found, not a regular file (a FIFO would block the reader for ever), unreadable, not JSON."""
@@ -260,8 +265,7 @@ def read_json(path: str | Path, what: str) -> object:
         data = file.read()
     try:
         return json.loads(data.decode("utf-8"))
-    # ValueError: also not UTF-8, or an int of over 4300 digits; RecursionError: nesting too deep
-    except (ValueError, RecursionError) as error:
+    except JSON_ERRORS as error:
         raise FinetuneError(f"{what} {path} is not valid JSON: {str(error)[:200]}") from None
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .config import FinetuneError
-from .fsutil import read_json, write_text_atomic
+from .fsutil import JSON_ERRORS, read_json, write_text_atomic
 from .rundir import RunDir, class_indices_json, save_safetensors
 
 HF_FORMAT = "finetune-hf/1"
@@ -63,7 +63,7 @@ def is_hf_folder(path: str | Path) -> bool:
     config = Path(path) / CONFIG
     try:
         data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
-    except (OSError, ValueError, RecursionError):  # not JSON, a 4300-digit int, nesting too deep
+    except (OSError, *JSON_ERRORS):
         return False
     return isinstance(data, dict) and data.get("format") == HF_FORMAT
 

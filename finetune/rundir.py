@@ -29,7 +29,7 @@ from typing import Any, TypedDict, Unpack, cast
 
 from .config import FinetuneError
 from .events import EVENTS_FILE, BestEpoch, EpochRecord
-from .fsutil import DiskFull, disk_full, write_atomic, write_text_atomic  # noqa: F401 - re-exported
+from .fsutil import JSON_ERRORS, DiskFull, disk_full, write_atomic, write_text_atomic  # noqa: F401 - re-exported
 
 try:
     import fcntl
@@ -211,7 +211,7 @@ class RunDir:
         """run.json, or {} while it does not exist (or is being replaced), or holds no JSON object."""
         try:
             info = json.loads(self.info_path.read_text())
-        except (OSError, ValueError, RecursionError):  # also an int of over 4300 digits, nesting too deep
+        except (OSError, *JSON_ERRORS):
             return {}
         return cast(RunInfo, info) if isinstance(info, dict) else {}
 
@@ -220,7 +220,7 @@ class RunDir:
             raise FinetuneError(f"not a run folder (no run.json): {self.path}")
         try:
             info = json.loads(self.info_path.read_text())
-        except (OSError, ValueError, RecursionError) as error:  # ValueError: not JSON, or a 4300-digit int
+        except (OSError, *JSON_ERRORS) as error:
             raise FinetuneError(f"cannot read {self.info_path}: {error}") from None
         if not isinstance(info, dict):  # a list or a number: every reader expects the run's fields
             raise FinetuneError(f"{self.info_path} does not hold a JSON object: not a finetune run")
@@ -266,7 +266,7 @@ class RunDir:
         """The data folder the run was trained on (from split.json), None when unknown."""
         try:
             return json.loads(self.split_path.read_text())["root"]
-        except (OSError, KeyError, TypeError, ValueError, RecursionError):  # TypeError: a list, not an object
+        except (OSError, KeyError, TypeError, *JSON_ERRORS):  # TypeError: a list, not an object
             return None
 
     def write_class_indices(self, classes: list[str]) -> None:
@@ -281,7 +281,7 @@ class RunDir:
             )
         try:
             metrics = json.loads(self.metrics_path.read_text())
-        except (OSError, ValueError, RecursionError) as error:  # as require_info
+        except (OSError, *JSON_ERRORS) as error:
             raise FinetuneError(f"cannot read {self.metrics_path}: {error}") from None
         if not isinstance(metrics, dict):
             raise FinetuneError(f"{self.metrics_path} does not hold a JSON object")
