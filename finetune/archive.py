@@ -126,10 +126,13 @@ def _skip_reason(parts: tuple[str, ...]) -> tuple[str, str] | None:
             return "/".join(parts[: depth + 1]) + "/", "hidden or system folder"
     if is_ignored(parts[-1]):
         return "/".join(parts), "hidden or system file"
-    suffix = PurePosixPath(parts[-1]).suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS and suffix not in LABELS_EXTENSIONS:
+    if PurePosixPath(parts[-1]).suffix.lower() not in IMAGE_EXTENSIONS and not _is_labels_file(parts):
         return "/".join(parts), "not an image file"
     return None
+
+
+def _is_labels_file(parts: tuple[str, ...]) -> bool:
+    return PurePosixPath(parts[-1]).suffix.lower() in LABELS_EXTENSIONS
 
 
 def _check_overlaps(path: Path, infos: list[zipfile.ZipInfo], source: str) -> None:
@@ -196,7 +199,7 @@ def check_zip(
         unsafe = next(filter(None, map(unsafe_name_reason, parts)), None)
         if unsafe is not None:
             raise FinetuneError(f"{source}: refusing entry {_shown(info.filename)}: {unsafe}")
-        if PurePosixPath(parts[-1]).suffix.lower() in LABELS_EXTENSIONS and info.file_size > MAX_LABELS_BYTES:
+        if _is_labels_file(parts) and info.file_size > MAX_LABELS_BYTES:
             skipped.append((printable("/".join(parts)), "too large to be a labels file"))
             continue
         total += info.file_size
@@ -214,7 +217,7 @@ def check_zip(
         files.append((info, parts))
     _check_overall_ratio(path, source, total, compressed, max_ratio)
     _check_overlaps(path, infos, source)
-    labels_files = [parts for _, parts in files if PurePosixPath(parts[-1]).suffix.lower() in LABELS_EXTENSIONS]
+    labels_files = [parts for _, parts in files if _is_labels_file(parts)]
     if len(labels_files) == len(files):  # nothing but labels files: still no images
         named_labels = [(printable("/".join(parts)), "not an image file") for parts in labels_files]
         _no_files(source, skipped + named_labels, not_images + len(labels_files))

@@ -25,9 +25,8 @@ class ServeLimits:
     def check(self) -> ServeLimits:
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(
-                value
-            ):  # nan passes every comparison below; inf overflows sizes and timers
+            # nan passes every comparison below; inf overflows sizes and timers
+            if isinstance(value, float) and not math.isfinite(value):
                 raise FinetuneError(f"{field.name.replace('_', ' ')} must be a finite number, got {value}")
             if field.name == "max_wait_ms":
                 if value < 0:
